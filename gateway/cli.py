@@ -1,0 +1,212 @@
+"""``ctwa-gateway``: argv -> settings -> logging -> run.
+
+Subcommands: ``serve`` (the HTTP gateway), ``send`` (run events through the pipeline without
+HTTP; ``--dry-run`` writes nothing) and ``check-config`` (what a config would load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TextIO
+
+import msgspec
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError, GatewayError
+from gateway.logs import configure_logging
+from gateway.meta_body import DEFAULT_PARTNER_AGENT, meta_request_body
+from gateway.models import ErrorBody
+from gateway.pipeline import Pipeline, check_normalizers
+from gateway.plugin_manager import Plugins, build_plugins
+from gateway.render import conversion_response
+from gateway.store import Store
+from gateway.validation import decode_conversion
+
+__all__ = ["main"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctwa-gateway",
+        description="Capture Click-to-WhatsApp click ids and report conversions to Meta.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP gateway")
+    serve.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+    serve.add_argument("--host", help="override [server] host")
+    serve.add_argument("--port", type=int, help="override [server] port")
+
+    send = sub.add_parser("send", help="run events through the pipeline without HTTP")
+    send.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+    send.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="store and send nothing; print each event's outcome and exact Meta payload",
+    )
+    send.add_argument("events", help="a JSON file (one object, or JSON lines), or - for stdin")
+
+    check = sub.add_parser("check-config", help="validate a config file and print what it loads")
+    check.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    env = os.environ if environ is None else environ
+    try:
+        settings = load_settings(args.config)
+        configure_logging(settings.logging.level, settings.logging.format)
+        plugins = build_plugins(settings)
+        if args.command == "serve":
+            return _serve(settings, plugins, env, args.host, args.port)
+        if args.command == "send":
+            return asyncio.run(_send(settings, plugins, args.events, dry_run=args.dry_run))
+        return _check_config(settings, plugins, env, sys.stdout)
+    except ConfigError as exc:
+        print(f"ctwa-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(
+    settings: Settings, plugins: Plugins, env: Mapping[str, str], host: str | None, port: int | None
+) -> int:
+    app = create_app(settings, plugins, environ=env)
+    host = host or settings.server.host
+    port = settings.server.port if port is None else port
+    print(f"ctwa-gateway listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    # access_log=None: aiohttp's access log writes IPs, query strings and user agents; the
+    # canonical request line replaces it.
+    web.run_app(app, host=host, port=port, access_log=None, print=None)
+    return 0
+
+
+def _read_events(source: str) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(line number, JSON bytes)``: one object, or one per line (JSON lines)."""
+    data = sys.stdin.buffer.read() if source == "-" else open(source, "rb").read()  # noqa: SIM115
+    stripped = data.strip()
+    if not stripped:
+        return
+    try:
+        msgspec.json.decode(stripped)
+    except msgspec.DecodeError:
+        for number, line in enumerate(data.splitlines(), start=1):
+            if line.strip():
+                yield number, line
+    else:
+        yield 1, stripped
+
+
+def _error_line(number: int, exc: GatewayError) -> dict[str, Any]:
+    body = ErrorBody(
+        error=exc.message, type=exc.type, code=exc.code, param=exc.param, details=exc.details
+    )
+    return {"line": number, "status": "error", "httpStatus": exc.status, "error": body}
+
+
+async def _send(settings: Settings, plugins: Plugins, source: str, *, dry_run: bool) -> int:
+    check_normalizers(settings, plugins)
+    plugins.check_config(settings)
+    try:
+        events = list(_read_events(source))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {source}: {exc.strerror}") from None
+    store = await Store.open(settings.store_path(), max_batch=settings.store.group_commit_max)
+    failed = 0
+    try:
+        pipeline = Pipeline(settings, plugins, store)
+        for number, raw in events:
+            try:
+                line = await _send_one(pipeline, number, raw, dry_run=dry_run)
+            except GatewayError as exc:
+                failed += 1
+                line = _error_line(number, exc)
+            sys.stdout.write(_encode(line).decode() + "\n")
+    finally:
+        await store.close()
+    return 1 if failed else 0
+
+
+async def _send_one(
+    pipeline: Pipeline, number: int, raw: bytes, *, dry_run: bool
+) -> dict[str, Any]:
+    request = decode_conversion(raw)
+    account = pipeline.account(request.account_id)
+    if not dry_run:
+        outcome = await pipeline.handle(request, account)
+        return {"line": number, **msgspec.to_builtins(conversion_response(outcome))}
+    existing = await pipeline.store.find_event(account.id, request.event_id)
+    prepared = await pipeline.prepare(request, account)
+    states = pipeline.plugins.accept(prepared)
+    payload = next(
+        (s.payload for s in states.values() if s.payload is not None),
+        meta_request_body(
+            [prepared.event],
+            partner_agent=DEFAULT_PARTNER_AGENT,
+            test_event_code=prepared.test_event_code,
+        ),
+    )
+    return {
+        "line": number,
+        "status": "dry_run",
+        "eventId": request.event_id,
+        "conversationId": prepared.conversation.id,
+        # A real send of this eventId would be answered from the stored event, not resent.
+        "alreadyStored": existing is not None,
+        "payload": payload,
+    }
+
+
+def _check_config(settings: Settings, plugins: Plugins, env: Mapping[str, str], out: TextIO) -> int:
+    problems: list[str] = []
+    try:
+        plugins.check_config(settings)
+        check_normalizers(settings, plugins)
+    except ConfigError as exc:
+        problems.append(str(exc))
+
+    def present(name: str | None) -> str:
+        if name is None:
+            return "not configured"
+        return f"${name} is {'set' if env.get(name) else 'NOT SET'}"
+
+    w = out.write
+    w(f"config: {settings.source}\n")
+    w(
+        f"server: http://{settings.server.host}:{settings.server.port}"
+        f" (max body {settings.server.max_body_bytes} bytes)\n"
+    )
+    w(f"store: {settings.store_path()}\n")
+    w("accounts:\n")
+    for account in settings.accounts:
+        w(
+            f"  - {account.id}: waba {account.waba_id}, phone number {account.phone_number_id},"
+            f" dataset {account.dataset_id or '(none)'},"
+            f" access token {present(account.access_token_env)}\n"
+        )
+    w("api keys:\n")
+    for key in settings.auth.keys:
+        w(f"  - {key.name}: {present(key.key_env)}, accounts {', '.join(key.accounts)}\n")
+        if not env.get(key.key_env):
+            problems.append(f"API key {key.name!r}: environment variable {key.key_env} is not set")
+    origins = plugins.origins()
+    for role in ("resolvers", "normalizers", "sinks"):
+        w(f"{role}:\n")
+        for name in plugins.roles[role]:
+            w(f"  - {name} ({origins[name]})\n")
+    w(f"event names: {', '.join(settings.events.allowed_names)}\n")
+    if problems:
+        for problem in problems:
+            w(f"problem: {problem}\n")
+        return 1
+    w("ok\n")
+    return 0

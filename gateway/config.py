@@ -1,0 +1,202 @@
+"""The Structs that ``config.toml`` decodes into, and :func:`load_settings`.
+
+Secrets never live in the file: it names the environment variables that hold them
+(``key_env``, ``access_token_env``), and only :mod:`gateway.auth` and the sinks read those.
+Every error names the file and the ``$.path`` of the offending value.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_EVENT_NAMES",
+    "AccountConfig",
+    "AuthConfig",
+    "AuthKeyConfig",
+    "EventsConfig",
+    "LoggingConfig",
+    "PluginsConfig",
+    "ServerConfig",
+    "Settings",
+    "StoreConfig",
+    "load_settings",
+    "parse_settings",
+]
+
+# Zernio's live-verified list for Graph v25.0 (META.md §1); Meta's FAQ names more, hence the
+# allowlist is configurable rather than a Literal.
+DEFAULT_EVENT_NAMES = ("LeadSubmitted", "Purchase", "AddToCart", "InitiateCheckout", "ViewContent")
+
+SEVEN_DAYS_S = 7 * 24 * 3600
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
+
+
+class ConfigStruct(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base for config tables: a misspelled key is an error, not a silent default."""
+
+
+class ServerConfig(ConfigStruct, frozen=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+
+
+class StoreConfig(ConfigStruct, frozen=True):
+    path: str = "var/ctwa-gateway.sqlite3"
+    # The most write operations one transaction carries (group commit).
+    group_commit_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+
+
+class AccountConfig(ConfigStruct, frozen=True):
+    id: Name
+    waba_id: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,32}$")]
+    phone_number_id: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,32}$")]
+    dataset_id: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,32}$")] | None = None
+    access_token_env: EnvName | None = None
+
+
+class AuthKeyConfig(ConfigStruct, frozen=True):
+    name: Name
+    key_env: EnvName
+    accounts: Annotated[list[Name], msgspec.Meta(min_length=1)]
+
+
+class AuthConfig(ConfigStruct, frozen=True):
+    keys: list[AuthKeyConfig] = msgspec.field(default_factory=list)
+
+
+class PluginsConfig(ConfigStruct, frozen=True):
+    resolvers: list[Name] = msgspec.field(default_factory=lambda: ["conversation_id", "phone"])
+    normalizers: list[Name] = msgspec.field(
+        default_factory=lambda: [
+            "business_messaging",
+            "event_time",
+            "email",
+            "external_id",
+            "custom_data",
+            "test_event_code",
+        ]
+    )
+    sinks: Annotated[list[Name], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["log"]
+    )
+
+
+class EventsConfig(ConfigStruct, frozen=True):
+    allowed_names: Annotated[list[Name], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_EVENT_NAMES)
+    )
+    max_future_skew_s: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 300
+    # Meta rejects the whole request for an event older than 7 days (subcode 2804003).
+    max_age_s: Annotated[int, msgspec.Meta(ge=60, le=SEVEN_DAYS_S)] = SEVEN_DAYS_S
+
+
+class LoggingConfig(ConfigStruct, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(ConfigStruct, frozen=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    accounts: list[AccountConfig] = msgspec.field(default_factory=list)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    plugins: PluginsConfig = msgspec.field(default_factory=PluginsConfig)
+    events: EventsConfig = msgspec.field(default_factory=EventsConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    # The raw ``[plugins.<name>]`` tables; each plugin decodes its own into its Config Struct.
+    plugin_tables: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    # Where the file was read from, for messages and for resolving relative paths.
+    source: str = "<memory>"
+
+    def account(self, account_id: str) -> AccountConfig | None:
+        """Return the configured account with this id, if any."""
+        for account in self.accounts:
+            if account.id == account_id:
+                return account
+        return None
+
+    def store_path(self) -> Path:
+        """Return the SQLite path, relative paths taken from the config file's folder."""
+        path = Path(self.store.path)
+        if path.is_absolute() or self.source == "<memory>":
+            return path
+        return Path(self.source).parent / path
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read and validate a config file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_settings(data, source=str(path))
+
+
+def parse_settings(data: dict[str, Any], *, source: str = "<memory>") -> Settings:
+    """Validate an already-parsed config mapping (what tests and ``load_settings`` use)."""
+    data = dict(data)
+    plugins = dict(data.get("plugins") or {})
+    # Sub-tables of [plugins] belong to the plugins themselves; the lists stay ours.
+    tables = {k: v for k, v in plugins.items() if isinstance(v, dict)}
+    data["plugins"] = {k: v for k, v in plugins.items() if not isinstance(v, dict)}
+    data["plugin_tables"] = tables
+    data["source"] = source
+    try:
+        settings = msgspec.convert(data, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    _check_references(settings)
+    return settings
+
+
+def _check_references(settings: Settings) -> None:
+    """Check what one table says about another: ids unique, keys naming real accounts."""
+    src = settings.source
+    seen: set[str] = set()
+    for i, account in enumerate(settings.accounts):
+        if account.id in seen:
+            raise ConfigError(
+                f"{src}: duplicate account id {account.id!r} - at `$.accounts[{i}].id`"
+            )
+        seen.add(account.id)
+    numbers: set[str] = set()
+    for i, account in enumerate(settings.accounts):
+        if account.phone_number_id in numbers:
+            raise ConfigError(
+                f"{src}: phone_number_id {account.phone_number_id!r} is used by two accounts"
+                f" - at `$.accounts[{i}].phone_number_id`"
+            )
+        numbers.add(account.phone_number_id)
+    names: set[str] = set()
+    for i, key in enumerate(settings.auth.keys):
+        if key.name in names:
+            raise ConfigError(
+                f"{src}: duplicate key name {key.name!r} - at `$.auth.keys[{i}].name`"
+            )
+        names.add(key.name)
+        for j, account_id in enumerate(key.accounts):
+            if account_id != "*" and account_id not in seen:
+                raise ConfigError(
+                    f"{src}: key {key.name!r} names unknown account {account_id!r}; "
+                    f'use an id from [[accounts]] or "*" - at `$.auth.keys[{i}].accounts[{j}]`'
+                )
+    for kind in ("resolvers", "normalizers", "sinks"):
+        listed: list[str] = getattr(settings.plugins, kind)
+        dupes = sorted({n for n in listed if listed.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"{src}: {kind} lists {dupes[0]!r} twice - at `$.plugins.{kind}`")

@@ -1,0 +1,18 @@
+"""The typed ``web.AppKey``s through which handlers reach the app's shared objects."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.auth import KeyRing
+from gateway.config import Settings
+from gateway.pipeline import Pipeline
+from gateway.plugin_manager import Plugins
+
+__all__ = ["KEYS", "PIPELINE", "PLUGINS", "SETTINGS"]
+
+SETTINGS = web.AppKey("settings", Settings)
+PLUGINS = web.AppKey("plugins", Plugins)
+KEYS = web.AppKey("keys", KeyRing)
+# Set by the store's cleanup context: it exists only while the store is open.
+PIPELINE = web.AppKey("pipeline", Pipeline)

@@ -1,0 +1,105 @@
+"""The records plugins see and return: conversations, prepared events, sink states.
+
+These are the gateway's own vocabulary, independent of HTTP and of SQLite; the store maps them
+to rows and the views map them to wire Structs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from gateway.config import AccountConfig
+from gateway.models import ConversionRequest
+
+__all__ = [
+    "STATUS_PRECEDENCE",
+    "Conversation",
+    "DeliveryStatus",
+    "PreparedEvent",
+    "SinkState",
+    "StoredEvent",
+    "overall_status",
+]
+
+DeliveryStatus = Literal["dry_run", "pending", "delivered", "failed", "expired"]
+
+
+class Conversation(msgspec.Struct, frozen=True, kw_only=True):
+    """A WhatsApp conversation of one account with one phone, and its captured click."""
+
+    id: str
+    account_id: str
+    wa_id: str
+    created_at: float
+    last_inbound_at: float | None = None
+    ctwa_clid: str | None = None
+    ctwa_captured_at: float | None = None
+    # When the person tapped the ad: the timestamp of the message that carried the referral.
+    ctwa_clicked_at: float | None = None
+    ctwa_source_id: str | None = None
+    ctwa_source_url: str | None = None
+    ctwa_headline: str | None = None
+    ctwa_source_type: str | None = None
+
+
+class PreparedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated request, its conversation and the Meta event the normalizers built."""
+
+    request: ConversionRequest
+    account: AccountConfig
+    conversation: Conversation
+    # One element of Meta's ``data`` array, hashed fields only.
+    event: dict[str, Any]
+    test_event_code: str | None
+    received_at: float
+
+
+class SinkState(msgspec.Struct, frozen=True, kw_only=True):
+    """What one sink did, or will do, with one event."""
+
+    status: DeliveryStatus
+    # The exact request body this sink sent or would send to Meta.
+    payload: dict[str, Any] | None = None
+    attempts: int = 0
+    error: str | None = None
+    error_code: str | None = None
+    trace_id: str | None = None
+    events_received: int = 0
+
+
+class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An accepted event as the store holds it, with each sink's state."""
+
+    pk: int
+    account_id: str
+    event_id: str
+    event_name: str
+    conversation_id: str
+    event_time: int
+    status: str
+    event: dict[str, Any]
+    test_event_code: str | None
+    received_at: float
+    duration_ms: float
+    deliveries: dict[str, SinkState]
+
+
+# Which state an event shows when its sinks disagree: the one needing attention first.
+STATUS_PRECEDENCE: tuple[DeliveryStatus, ...] = (
+    "failed",
+    "expired",
+    "pending",
+    "delivered",
+    "dry_run",
+)
+
+
+def overall_status(states: dict[str, SinkState]) -> str:
+    """Return the event's status from its sinks' states."""
+    present = {state.status for state in states.values()}
+    for status in STATUS_PRECEDENCE:
+        if status in present:
+            return status
+    return "pending"

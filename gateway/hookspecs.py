@@ -1,0 +1,100 @@
+"""The plugin API: the markers and every ``gateway_*`` hook, documented.
+
+A plugin is a module (or an object returned by the module's ``make_plugin(config)``) with
+functions marked ``@hookimpl``. ``config.toml`` lists plugins by name in three ordered lists,
+``[plugins] resolvers``, ``normalizers`` and ``sinks``; the gateway calls a plugin's hooks only
+for the roles it is listed in, in the listed order. A name is looked up in the ``ctwa_gateway``
+entry-point group first, then among the built-ins in ``plugins/``.
+
+If the plugin module defines ``Config`` (a :class:`msgspec.Struct`), its ``[plugins.<name>]``
+table is decoded into it at startup (errors name the ``$.path``) and passed to every hook as
+``config``. Arguments are passed by keyword: an implementation may take only the ones it needs.
+
+pluggy is synchronous. Hooks that may need I/O return ``None`` or an awaitable, and the spec
+says what the host awaits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from gateway.config import AccountConfig, Settings
+    from gateway.domain import Conversation, PreparedEvent, SinkState, StoredEvent
+    from gateway.draft import EventDraft
+    from gateway.models import ConversionRequest
+    from gateway.store import Store
+
+__all__ = ["PROJECT", "hookimpl", "hookspec"]
+
+PROJECT = "ctwa_gateway"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def gateway_check_config(config: Any, settings: Settings) -> None:
+    """Check this plugin's settings against the whole configuration at startup.
+
+    Raise :class:`gateway.errors.ConfigError` with a message naming the ``$.path`` to stop
+    startup (e.g. ``test_mode`` without a ``test_event_code``). Called once per listed plugin.
+    """
+
+
+@hookspec(firstresult=True)
+def gateway_resolve_conversation(
+    request: ConversionRequest, account: AccountConfig, store: Store, config: Any
+) -> Awaitable[Conversation] | None:
+    """Find the conversation a conversion belongs to (resolvers, in configured order).
+
+    Decide synchronously: return ``None`` if this resolver does not apply to the request (e.g.
+    no ``conversationId``), so the next one is asked. Return an awaitable to claim it; the host
+    awaits it, and it resolves to the :class:`~gateway.domain.Conversation` or raises
+    :class:`gateway.errors.NotFound` naming the request field that found nothing. Whether the
+    conversation has a ``ctwa_clid`` is the host's concern (422), not the resolver's.
+    """
+    return None
+
+
+@hookspec
+def gateway_normalize_event(
+    draft: EventDraft,
+    request: ConversionRequest,
+    account: AccountConfig,
+    conversation: Conversation,
+    now: float,
+    config: Any,
+) -> None:
+    """Build the Meta event in ``draft`` (normalizers, in configured order), in place.
+
+    ``draft.event`` is one element of Meta's ``data`` array; ``draft.user_data`` and
+    ``draft.custom_data`` are its sub-objects; ``draft.test_event_code`` is the request-level
+    code. Personal data must be hashed here: after the last normalizer the host refuses an
+    event whose ``user_data`` carries an unhashed ``em``, ``ph`` or ``external_id``.
+    """
+
+
+@hookspec
+def gateway_accept_event(event: PreparedEvent, config: Any) -> SinkState:  # type: ignore[empty-body]
+    """Say, before the event is stored, the state this sink starts it in (sinks).
+
+    Runs before the commit and must not do I/O. A dry-run sink answers ``dry_run`` with the
+    ``payload`` it would send; a delivering sink answers ``pending``. The state is committed
+    together with the event, so an accepted event is never without its sinks' states.
+    """
+
+
+@hookspec
+def gateway_deliver_event(
+    event: StoredEvent, state: SinkState, config: Any
+) -> Awaitable[SinkState | None] | None:
+    """Act on an event after it has been committed (sinks; never for duplicates).
+
+    Return ``None`` when there is nothing to do, or an awaitable the host awaits; it resolves
+    to the sink's new :class:`~gateway.domain.SinkState` (which the host stores) or ``None``
+    if the state did not change.
+    """
+    return None

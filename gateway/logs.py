@@ -1,0 +1,79 @@
+"""structlog configuration and the redaction that keeps personal data and secrets out of logs.
+
+The gateway logs ids, counts and durations, never bodies or user data; the redaction processor
+is the net under that rule, for a key someone adds by mistake.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+__all__ = ["REDACTED", "configure_logging", "redact"]
+
+REDACTED = "[redacted]"
+# Keys whose values are personal data or secrets, wherever they appear at the top of an event.
+_SENSITIVE = frozenset(
+    {
+        "access_token",
+        "api_key",
+        "app_secret",
+        "authorization",
+        "body",
+        "email",
+        "external_id",
+        "externalid",
+        "key",
+        "phone",
+        "phone_e164",
+        "phonee164",
+        "secret",
+        "token",
+        "wa_id",
+    }
+)
+
+
+def redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Replace the values of sensitive keys."""
+    for key in event_dict:
+        if key.lower() in _SENSITIVE:
+            event_dict[key] = REDACTED
+    return event_dict
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Configure structlog once for the process: JSON when not on a TTY, console on one."""
+    out = stream if stream is not None else sys.stderr
+    json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+    ]
+    if json:
+        # show_locals=False: frame locals would put request bodies and secrets in the log.
+        processors.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        )
+        processors.append(structlog.processors.JSONRenderer())
+    else:
+        # plain_traceback prints no locals either.
+        processors.append(
+            structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        )
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,131 @@
+"""Request id, one canonical log line per request, and every error as a JSON envelope.
+
+No client input reaches the client as a traceback: anything unexpected becomes a 500 envelope
+quoting the request id, and the traceback goes to the log (without frame locals).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
+from gateway.models import ENCODER, ErrorBody
+
+__all__ = ["REQUEST_ID_HEADER", "error_response", "middlewares"]
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = structlog.get_logger()
+
+
+def error_response(exc: GatewayError, *, headers: dict[str, str] | None = None) -> web.Response:
+    """Render ``exc`` as Zernio's error envelope."""
+    body = ErrorBody(
+        error=exc.message, type=exc.type, code=exc.code, param=exc.param, details=exc.details
+    )
+    return web.Response(
+        body=ENCODER.encode(body),
+        status=exc.status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the request an id and write its canonical log line."""
+    supplied = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = supplied if _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    response = await handler(request)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    log.info(
+        "request",
+        method=request.method,
+        route=_route(request),
+        status=response.status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+    )
+    return response
+
+
+def make_error_middleware(max_body_bytes: int) -> Middleware:
+    """Return the middleware that turns every error into an envelope with the right status."""
+
+    @web.middleware
+    async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            structlog.contextvars.bind_contextvars(error_code=exc.code, error_param=exc.param)
+            return error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            error = _from_http(exc, request, max_body_bytes)
+            structlog.contextvars.bind_contextvars(error_code=error.code)
+            return error_response(error, headers=_allow(exc))
+        except Exception:
+            log.exception("unhandled_error", route=_route(request))
+            return error_response(
+                GatewayError(
+                    "Internal error. Retry, and report the X-Request-Id if it persists.",
+                    code="internal_error",
+                )
+            )
+
+    return error_middleware
+
+
+def _route(request: web.Request) -> str | None:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
+
+
+def _from_http(exc: web.HTTPException, request: web.Request, limit: int) -> GatewayError:
+    if exc.status == 413:
+        return PayloadTooLarge(
+            f"The body is larger than the {limit} bytes this gateway accepts; send one event"
+            " per request.",
+            details={"maxBodyBytes": limit},
+        )
+    if exc.status == 404:
+        return NotFound(
+            f"No endpoint at {request.method} {request.path}; see the README for the API.",
+            code="route_not_found",
+        )
+    if exc.status == 405:
+        allowed = sorted(getattr(exc, "allowed_methods", ()))
+        return InvalidRequest(
+            f"{request.method} is not allowed here; use {', '.join(allowed)}.",
+            code="method_not_allowed",
+            status=405,
+            details={"allowed": allowed},
+        )
+    return InvalidRequest(exc.reason, code=f"http_{exc.status}", status=exc.status)
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str] | None:
+    allowed = getattr(exc, "allowed_methods", None)
+    return {"Allow": ", ".join(sorted(allowed))} if allowed else None
+
+
+def middlewares(*, max_body_bytes: int) -> list[Middleware]:
+    """Return the middlewares, outermost first."""
+    return [context_middleware, make_error_middleware(max_body_bytes)]

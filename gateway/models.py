@@ -1,0 +1,131 @@
+"""Wire Structs: the HTTP API's requests, responses and errors, and their encoders.
+
+The request side follows Zernio's ``SendWhatsAppConversionRequest`` (camelCase, unknown fields
+rejected by name) so an existing Zernio client works unchanged; the response side is Zernio's
+shape plus fields of our own that say what happened (``eventId``, ``status``, ``payload``...).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+__all__ = [
+    "CONVERSION_DECODER",
+    "ENCODER",
+    "ConversionRequest",
+    "ConversionResponse",
+    "DeliveryView",
+    "ErrorBody",
+    "EventList",
+    "EventSummary",
+    "Failure",
+]
+
+# Bounds on what a client may send: generous for real data, small enough that nothing a client
+# sends can make a row or a log line unreasonably large.
+AccountId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+EventName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+ConversationId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Phone = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+Money = Annotated[float, msgspec.Meta(ge=0)]
+Currency = Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+ContentId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+ContentIds = Annotated[list[ContentId], msgspec.Meta(max_length=1000)]
+Email = Annotated[str, msgspec.Meta(min_length=1, max_length=320)]
+ExternalId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+TestCode = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+EventStatus = Literal["pending", "dry_run", "delivered", "failed", "expired", "queued"]
+
+
+class WireStruct(
+    msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True, kw_only=True
+):
+    """Base for everything on our own HTTP wire."""
+
+
+class ConversionRequest(WireStruct, frozen=True):
+    """``POST /v1/whatsapp/conversions``: one conversion event, Zernio's request shape."""
+
+    account_id: AccountId
+    event_name: EventName
+    event_id: EventId
+    conversation_id: ConversationId | None = None
+    phone_e164: Phone | None = None
+    value: Money | None = None
+    currency: Currency | None = None
+    content_ids: ContentIds | None = None
+    email: Email | None = None
+    external_id: ExternalId | None = None
+    test_code: TestCode | None = None
+    # Unix seconds; a float is accepted (and floored) because Zernio's type is "number".
+    event_time: float | None = None
+
+
+class Failure(WireStruct, frozen=True):
+    event_index: int
+    event_id: str
+    message: str
+    code: str
+
+
+class DeliveryView(WireStruct, frozen=True):
+    """One sink's state for one event."""
+
+    sink: str
+    status: str
+    attempts: int = 0
+    error: str | None = None
+    trace_id: str | None = None
+
+
+class ConversionResponse(WireStruct, frozen=True):
+    """Zernio's answer shape, plus what the gateway did with the event."""
+
+    platform: str
+    events_received: int
+    events_failed: int
+    failures: list[Failure]
+    trace_id: str | None
+    event_id: str
+    status: str
+    duplicate: bool
+    conversation_id: str
+    deliveries: list[DeliveryView]
+    # For dry runs: the exact request body that would be POSTed to Meta.
+    payload: dict[str, Any] | None = None
+
+
+class EventSummary(WireStruct, frozen=True):
+    """One row of ``GET /v1/whatsapp/conversions``."""
+
+    timestamp: str
+    event_name: str
+    conversation_id: str
+    events_received: int
+    events_failed: int
+    trace_id: str | None
+    duration_ms: float
+    event_id: str
+    status: str
+
+
+class EventList(WireStruct, frozen=True):
+    events: list[EventSummary]
+
+
+class ErrorBody(WireStruct, frozen=True):
+    """Zernio's error envelope."""
+
+    error: str
+    type: str
+    code: str
+    param: str | None = None
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+CONVERSION_DECODER = msgspec.json.Decoder(ConversionRequest)
+ENCODER = msgspec.json.Encoder()

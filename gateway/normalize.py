@@ -1,0 +1,81 @@
+"""Meta's customer-information rules: normalize, then SHA-256 (lowercase hex).
+
+Shared by validation (is this plausibly an email?), the resolvers (phone digits) and the
+normalizer plugins (what goes into ``user_data``), so every part applies the same rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+__all__ = [
+    "hash_email",
+    "hash_external_id",
+    "hash_phone",
+    "is_sha256_hex",
+    "normalize_email",
+    "normalize_phone",
+    "sha256_hex",
+]
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# Separators people type in phone numbers; anything else (letters) makes the number invalid.
+_PHONE_SEPARATORS = re.compile(r"[\s\-().]")
+
+
+def sha256_hex(value: str) -> str:
+    """Return the lowercase hex SHA-256 of ``value`` encoded as UTF-8."""
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+def is_sha256_hex(value: str) -> bool:
+    """Tell whether ``value`` already is a SHA-256 digest as Meta expects it."""
+    return _SHA256_HEX.match(value) is not None
+
+
+def normalize_email(value: str) -> str:
+    """Trim and lowercase, per Meta's table (``John_Smith@gmail.com`` -> lowercase)."""
+    return value.strip().lower()
+
+
+def normalize_phone(value: str) -> str | None:
+    """Return digits only with the country code, or ``None`` if it is not a plausible number.
+
+    ``+``, spaces, dashes, dots and parentheses are tolerated and dropped; leading zeros are
+    not a country code, so they are stripped as Meta's table says.
+    """
+    stripped = _PHONE_SEPARATORS.sub("", value.strip())
+    stripped = stripped.removeprefix("+")
+    if not stripped.isascii() or not stripped.isdigit():
+        return None
+    digits = stripped.lstrip("0")
+    if not 8 <= len(digits) <= 15:
+        return None
+    return digits
+
+
+def hash_email(value: str) -> str:
+    """Return Meta's ``em``: an existing digest as is, else SHA-256 of the normalized email."""
+    if is_sha256_hex(value):
+        return value
+    return sha256_hex(normalize_email(value))
+
+
+def hash_phone(value: str) -> str | None:
+    """Return Meta's ``ph``: an existing digest as is, else SHA-256 of the digits."""
+    if is_sha256_hex(value):
+        return value
+    digits = normalize_phone(value)
+    return None if digits is None else sha256_hex(digits)
+
+
+def hash_external_id(value: str) -> str:
+    """Return Meta's ``external_id``: an existing digest as is, else SHA-256 of it lowercased.
+
+    Not trimmed: other channels (pixel, app events) hash the id as it is, and the same person
+    must hash to the same value everywhere for Meta to match them.
+    """
+    if is_sha256_hex(value):
+        return value
+    return sha256_hex(value.lower())

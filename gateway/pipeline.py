@@ -1,0 +1,197 @@
+"""validate -> resolve -> normalize -> persist -> deliver, with no HTTP in sight.
+
+The HTTP view and the CLI's ``send`` both drive this; what it returns is an :class:`Outcome`
+that each renders in its own way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import structlog
+
+from gateway.config import AccountConfig, Settings
+from gateway.domain import Conversation, PreparedEvent, SinkState, StoredEvent, overall_status
+from gateway.draft import EventDraft, IncompleteEvent
+from gateway.errors import ConfigError, InvalidRequest, NotFound, Unprocessable
+from gateway.models import ConversionRequest
+from gateway.plugin_manager import Plugins
+from gateway.store import NewEvent, Store
+from gateway.validation import check_conversion
+
+__all__ = ["Outcome", "Pipeline", "check_normalizers"]
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one conversion request."""
+
+    event: StoredEvent
+    duplicate: bool
+
+    @property
+    def dry_run_payload(self) -> dict[str, Any] | None:
+        """The exact Meta request body the first dry-run sink would send."""
+        for state in self.event.deliveries.values():
+            if state.status == "dry_run" and state.payload is not None:
+                return state.payload
+        return None
+
+
+class Pipeline:
+    """Everything between a decoded request and its stored, delivered outcome."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        plugins: Plugins,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.store = store
+        self.clock = clock
+
+    def account(self, account_id: str) -> AccountConfig:
+        """Return the configured account or raise 404."""
+        account = self.settings.account(account_id)
+        if account is None:
+            raise NotFound(
+                f"Unknown account {account_id!r}; use an id from the gateway's [[accounts]].",
+                code="account_not_found",
+                param="accountId",
+            )
+        return account
+
+    async def prepare(self, request: ConversionRequest, account: AccountConfig) -> PreparedEvent:
+        """Validate, resolve and normalize; nothing is written."""
+        now = self.clock()
+        check_conversion(request, self.settings.events, now=now)
+        conversation = await self.plugins.resolve(request, account, self.store)
+        if conversation is None:
+            raise InvalidRequest(
+                "None of the configured resolvers can find a conversation from this request;"
+                f" resolvers: {', '.join(self.plugins.roles['resolvers']) or 'none'}."
+                " Send `conversationId`.",
+                code="unresolvable",
+                param="conversationId",
+            )
+        if not conversation.ctwa_clid:
+            raise Unprocessable(
+                "The resolved conversation has no captured ctwa_clid",
+                code="missing_ctwa_clid",
+                param="conversationId" if request.conversation_id else "phoneE164",
+                details={"conversationId": conversation.id},
+            )
+        draft = EventDraft()
+        self.plugins.normalize(draft, request, account, conversation, now)
+        return PreparedEvent(
+            request=request,
+            account=account,
+            conversation=conversation,
+            event=draft.finish(),
+            test_event_code=draft.test_event_code,
+            received_at=now,
+        )
+
+    async def handle(
+        self, request: ConversionRequest, account: AccountConfig, *, started: float | None = None
+    ) -> Outcome:
+        """Run the whole pipeline; the outcome is committed before this returns."""
+        existing = await self.store.find_event(account.id, request.event_id)
+        if existing is not None:
+            return Outcome(event=existing, duplicate=True)
+        prepared = await self.prepare(request, account)
+        return await self.submit(prepared, started=started)
+
+    async def submit(self, prepared: PreparedEvent, *, started: float | None = None) -> Outcome:
+        """Store the prepared event with its sinks' states, then let the sinks act on it."""
+        states = self.plugins.accept(prepared)
+        request = prepared.request
+        begun = prepared.received_at if started is None else started
+        new = NewEvent(
+            account_id=prepared.account.id,
+            event_id=request.event_id,
+            event_name=request.event_name,
+            conversation_id=prepared.conversation.id,
+            event_time=int(prepared.event["event_time"]),
+            event=prepared.event,
+            test_event_code=prepared.test_event_code,
+            received_at=prepared.received_at,
+            duration_ms=round((self.clock() - begun) * 1000, 3),
+            deliveries=states,
+        )
+        stored, duplicate = await self.store.insert_event(new)
+        if duplicate:
+            return Outcome(event=stored, duplicate=True)
+        stored = await self._deliver(stored)
+        return Outcome(event=stored, duplicate=False)
+
+    async def _deliver(self, stored: StoredEvent) -> StoredEvent:
+        pending = self.plugins.deliver(stored)
+        if not pending:
+            return stored
+        names = list(pending)
+        results = await asyncio.gather(*pending.values(), return_exceptions=True)
+        changed: dict[str, SinkState] = {}
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException):
+                # A failing sink never blocks another; its state stays as committed.
+                log.error(
+                    "sink_failed",
+                    sink=name,
+                    event_id=stored.event_id,
+                    error_type=type(result).__name__,
+                )
+                continue
+            if result is not None:
+                changed[name] = result
+        if not changed:
+            return stored
+        await self.store.update_deliveries(stored.pk, changed)
+        deliveries = {**stored.deliveries, **changed}
+        return msgspec.structs.replace(
+            stored, deliveries=deliveries, status=overall_status(deliveries)
+        )
+
+
+def check_normalizers(settings: Settings, plugins: Plugins) -> None:
+    """Build a sample event with the normalizers; raise ConfigError if Meta would refuse it.
+
+    Run at startup, so a normalizer list missing ``business_messaging`` stops the gateway
+    instead of failing every request.
+    """
+    now = time.time()
+    account = settings.accounts[0] if settings.accounts else None
+    if account is None:
+        return
+    sample = ConversionRequest(
+        account_id=account.id,
+        event_name=settings.events.allowed_names[0],
+        event_id="startup-check",
+        conversation_id="conv_startup_check",
+        email="startup-check@example.com",
+        external_id="startup-check",
+    )
+    conversation = Conversation(
+        id="conv_startup_check",
+        account_id=account.id,
+        wa_id="10000000000",
+        created_at=now,
+        ctwa_clid="startup-check-clid",
+    )
+    draft = EventDraft()
+    plugins.normalize(draft, sample, account, conversation, now)
+    try:
+        draft.finish()
+    except IncompleteEvent as exc:
+        raise ConfigError(f"{settings.source}: [plugins] normalizers: {exc}") from None

@@ -1,0 +1,247 @@
+"""Build the PluginManager from config, and :class:`Plugins`, the only caller of ``pm.hook``.
+
+Each plugin is called through a caller of its own, so a plugin runs only in the roles it is
+listed in (a module that is both a normalizer and a sink but listed only as a sink never
+normalizes) and in exactly the listed order, whatever the registration order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import pkgutil
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import pluggy
+
+from gateway import hookspecs
+from gateway.config import AccountConfig, Settings
+from gateway.domain import Conversation, PreparedEvent, SinkState, StoredEvent
+from gateway.draft import EventDraft
+from gateway.errors import ConfigError
+from gateway.models import ConversionRequest
+from gateway.store import Store
+
+__all__ = ["ENTRY_POINT_GROUP", "Plugins", "build_plugins", "builtin_plugin_names"]
+
+ENTRY_POINT_GROUP = "ctwa_gateway"
+_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_ROLES = ("resolvers", "normalizers", "sinks")
+_ROLE_HOOKS = {
+    "resolvers": ("gateway_resolve_conversation",),
+    "normalizers": ("gateway_normalize_event",),
+    "sinks": ("gateway_accept_event", "gateway_deliver_event"),
+}
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    name: str
+    plugin: object
+    config: Any
+    origin: str
+
+
+def builtin_plugin_names() -> list[str]:
+    """Return the names of the plugins shipped in ``plugins/``."""
+    import plugins
+
+    return sorted(m.name for m in pkgutil.iter_modules(plugins.__path__) if not m.ispkg)
+
+
+def _find(name: str, role: str) -> tuple[object, str]:
+    """Return the plugin object (module or entry-point target) for ``name``, and its origin."""
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"plugin name {name!r} in [plugins] {role} is not a valid name"
+            " (lowercase letters, digits and underscores)"
+        )
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name):
+        return ep.load(), f"entry point {ep.value}"
+    try:
+        module = importlib.import_module(f"plugins.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"plugins.{name}":
+            raise
+        raise ConfigError(
+            f"unknown plugin {name!r} in [plugins] {role}: no entry point named {name!r} in"
+            f" group {ENTRY_POINT_GROUP!r} and no built-in of that name"
+            f" (built-ins: {', '.join(builtin_plugin_names())})"
+        ) from None
+    return module, f"built-in plugins.{name}"
+
+
+def _load(name: str, role: str, settings: Settings) -> _Loaded:
+    target, origin = _find(name, role)
+    table = settings.plugin_tables.get(name, {})
+    config_type = getattr(target, "Config", None)
+    config: Any = None
+    if config_type is not None:
+        try:
+            config = msgspec.convert(table, config_type)
+        except msgspec.ValidationError as exc:
+            text = str(exc).replace("`$", f"`$.plugins.{name}", 1)
+            raise ConfigError(f"{settings.source}: plugin {name!r}: {text}") from None
+    elif table:
+        raise ConfigError(
+            f"{settings.source}: plugin {name!r} takes no settings; remove [plugins.{name}]"
+        )
+    factory = getattr(target, "make_plugin", None)
+    plugin = factory(config) if callable(factory) else target
+    return _Loaded(name=name, plugin=plugin, config=config, origin=origin)
+
+
+class Plugins:
+    """Typed facade over the PluginManager: what the pipeline and the app call."""
+
+    def __init__(
+        self, pm: pluggy.PluginManager, loaded: list[_Loaded], roles: dict[str, list[str]]
+    ):
+        self.pm = pm
+        self._loaded = {item.name: item for item in loaded}
+        self.roles = roles
+        names = [item.name for item in loaded]
+
+        def only(name: str, hook: str) -> Callable[..., Any]:
+            others = [self.pm.get_plugin(n) for n in names if n != name]
+            return self.pm.subset_hook_caller(hook, remove_plugins=others)
+
+        self._resolvers = [
+            (n, only(n, "gateway_resolve_conversation"), self.config(n)) for n in roles["resolvers"]
+        ]
+        self._normalizers = [
+            (n, only(n, "gateway_normalize_event"), self.config(n)) for n in roles["normalizers"]
+        ]
+        self._accept = [
+            (n, only(n, "gateway_accept_event"), self.config(n)) for n in roles["sinks"]
+        ]
+        self._deliver = {n: only(n, "gateway_deliver_event") for n in roles["sinks"]}
+        self._check = [(n, only(n, "gateway_check_config")) for n in names]
+
+    @property
+    def sink_names(self) -> list[str]:
+        return list(self.roles["sinks"])
+
+    def config(self, name: str) -> Any:
+        """Return the decoded ``[plugins.<name>]`` settings of a loaded plugin."""
+        return self._loaded[name].config
+
+    def origins(self) -> dict[str, str]:
+        """Return where each loaded plugin came from (entry point or built-in)."""
+        return {name: item.origin for name, item in self._loaded.items()}
+
+    def check_config(self, settings: Settings) -> None:
+        """Let every plugin check its settings; raises ConfigError."""
+        for name, caller in self._check:
+            caller(config=self.config(name), settings=settings)
+
+    async def resolve(
+        self, request: ConversionRequest, account: AccountConfig, store: Store
+    ) -> Conversation | None:
+        """Ask the resolvers in order; ``None`` if none of them applies."""
+        for _, caller, config in self._resolvers:
+            found: Awaitable[Conversation] | None = caller(
+                request=request, account=account, store=store, config=config
+            )
+            if found is not None:
+                return await found
+        return None
+
+    def normalize(
+        self,
+        draft: EventDraft,
+        request: ConversionRequest,
+        account: AccountConfig,
+        conversation: Conversation,
+        now: float,
+    ) -> None:
+        """Run the normalizers in order over ``draft``."""
+        for _, caller, config in self._normalizers:
+            caller(
+                draft=draft,
+                request=request,
+                account=account,
+                conversation=conversation,
+                now=now,
+                config=config,
+            )
+
+    def accept(self, event: PreparedEvent) -> dict[str, SinkState]:
+        """Return each sink's starting state for ``event``."""
+        states: dict[str, SinkState] = {}
+        for name, caller, config in self._accept:
+            results: list[SinkState] = caller(event=event, config=config)
+            if len(results) != 1:
+                raise RuntimeError(f"sink {name!r} returned {len(results)} states, not 1")
+            states[name] = results[0]
+        return states
+
+    def deliver(self, event: StoredEvent) -> dict[str, Awaitable[SinkState | None]]:
+        """Start each sink's delivery of a committed event; return what there is to await."""
+        pending: dict[str, Awaitable[SinkState | None]] = {}
+        for name, caller in self._deliver.items():
+            state = event.deliveries.get(name)
+            if state is None:
+                continue
+            for result in caller(event=event, state=state, config=self.config(name)):
+                if result is not None:
+                    pending[name] = result
+        return pending
+
+
+def build_plugins(settings: Settings, *, extra: Mapping[str, object] | None = None) -> Plugins:
+    """Load the plugins ``settings`` lists and return the facade; raises ConfigError.
+
+    ``extra`` maps names to plugin objects that take precedence over the lookup; tests use it
+    to add fakes without installing anything.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    roles = {role: list(getattr(settings.plugins, role)) for role in _ROLES}
+    loaded: list[_Loaded] = []
+    for role in _ROLES:
+        for name in roles[role]:
+            if pm.has_plugin(name):
+                continue
+            if extra and name in extra:
+                item = _Loaded(name=name, plugin=extra[name], config=None, origin="given")
+            else:
+                item = _load(name, role, settings)
+            pm.register(item.plugin, name=name)
+            loaded.append(item)
+    # A misspelled hook name in any plugin fails here, at startup, not at the first request.
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(f"plugin {exc.plugin!r}: {exc}") from None
+    for role, hooks in _ROLE_HOOKS.items():
+        for name in roles[role]:
+            impls = [
+                impl
+                for hook in hooks
+                for impl in getattr(pm.hook, hook).get_hookimpls()
+                if impl.plugin_name == name
+            ]
+            if not impls:
+                raise ConfigError(
+                    f"plugin {name!r} is listed in [plugins] {role} but implements none of"
+                    f" {', '.join(hooks)}"
+                )
+            _check_sync(name, impls, role)
+    return Plugins(pm, loaded, roles)
+
+
+def _check_sync(name: str, impls: list[pluggy.HookImpl], role: str) -> None:
+    # An async def on a "return None or an awaitable" hook always claims the call (a coroutine
+    # is never None), so it is refused at startup rather than silently winning every time.
+    for impl in impls:
+        if inspect.iscoroutinefunction(impl.function):
+            raise ConfigError(
+                f"plugin {name!r} ({role}): {impl.function.__name__} must be a plain def that"
+                " returns None or an awaitable, not an async def"
+            )

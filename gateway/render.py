@@ -1,0 +1,79 @@
+"""Map stored outcomes to the wire Structs of Zernio's response shapes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from gateway.domain import StoredEvent
+from gateway.models import ConversionResponse, DeliveryView, EventSummary, Failure
+from gateway.pipeline import Outcome
+
+__all__ = ["PLATFORM", "conversion_response", "event_summary", "iso_time"]
+
+# Zernio's platform tag for Meta's conversion endpoints.
+PLATFORM = "metaads"
+
+
+def iso_time(ts: float) -> str:
+    """Return ``ts`` as an ISO 8601 UTC timestamp with milliseconds."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _counts(event: StoredEvent) -> tuple[int, int, list[Failure], str | None]:
+    received = max((s.events_received for s in event.deliveries.values()), default=0)
+    failures = [
+        Failure(
+            event_index=0,
+            event_id=event.event_id,
+            message=f"{sink}: {state.error or state.status}",
+            code=state.error_code or state.status,
+        )
+        for sink, state in event.deliveries.items()
+        if state.status in ("failed", "expired")
+    ]
+    trace = next((s.trace_id for s in event.deliveries.values() if s.trace_id), None)
+    return received, 1 if failures else 0, failures, trace
+
+
+def conversion_response(outcome: Outcome) -> ConversionResponse:
+    """Return the answer to ``POST /v1/whatsapp/conversions``."""
+    event = outcome.event
+    received, failed, failures, trace = _counts(event)
+    return ConversionResponse(
+        platform=PLATFORM,
+        events_received=received,
+        events_failed=failed,
+        failures=failures,
+        trace_id=trace,
+        event_id=event.event_id,
+        status=event.status,
+        duplicate=outcome.duplicate,
+        conversation_id=event.conversation_id,
+        deliveries=[
+            DeliveryView(
+                sink=sink,
+                status=state.status,
+                attempts=state.attempts,
+                error=state.error,
+                trace_id=state.trace_id,
+            )
+            for sink, state in event.deliveries.items()
+        ],
+        payload=outcome.dry_run_payload,
+    )
+
+
+def event_summary(event: StoredEvent) -> EventSummary:
+    """Return one row of the conversions history."""
+    received, failed, _, trace = _counts(event)
+    return EventSummary(
+        timestamp=iso_time(event.received_at),
+        event_name=event.event_name,
+        conversation_id=event.conversation_id,
+        events_received=received,
+        events_failed=failed,
+        trace_id=trace,
+        duration_ms=event.duration_ms,
+        event_id=event.event_id,
+        status=event.status,
+    )

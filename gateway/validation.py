@@ -1,0 +1,222 @@
+"""Turn a request body into a checked :class:`ConversionRequest`, or a 400 that says how to fix it.
+
+Structural rules (types, lengths, unknown fields) live in the Structs of :mod:`gateway.models`;
+the rules that need configuration or a clock (event allowlist, time window) live here. msgspec's
+messages can quote the rejected value, so they go back to the client who sent it but only the
+field path is logged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import cache
+
+import msgspec
+import pycountry
+
+from gateway.config import EventsConfig
+from gateway.errors import InvalidRequest
+from gateway.models import CONVERSION_DECODER, ConversionRequest
+from gateway.normalize import is_sha256_hex, normalize_phone
+
+__all__ = ["check_conversion", "decode_conversion", "iso_currencies", "validation_error"]
+
+# Event names Meta refuses for business messaging (subcode 2804066) with what to send instead.
+_REPLACEMENTS = {"Lead": "LeadSubmitted", "CompleteRegistration": "LeadSubmitted"}
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# Anything this large is a millisecond (or microsecond) timestamp: 1e11 s is the year 5138.
+_MILLISECONDS_FLOOR = 100_000_000_000
+
+_FIELD_HINTS = {
+    "accountId": "Send the id of an account from the gateway's [[accounts]] config.",
+    "eventName": "Send one of the allowed event names, e.g. Purchase or LeadSubmitted.",
+    "eventId": "Send a stable, unique id for this conversion (1-256 characters); it deduplicates.",
+    "conversationId": "Send a conversation id the gateway returned (1-128 characters).",
+    "phoneE164": "Send the phone number with country code, digits only, e.g. 16505551234.",
+    "value": "Send a finite, non-negative number, e.g. 49.99.",
+    "currency": "Send a 3-letter ISO 4217 code, e.g. USD.",
+    "contentIds": "Send a list of non-empty product id strings (at most 1000).",
+    "email": "Send the customer's email address (at most 320 characters).",
+    "externalId": "Send your customer id as a string (1-256 characters).",
+    "testCode": "Send the test event code from Events Manager, e.g. TEST12345.",
+    "eventTime": "Send Unix time in seconds, e.g. 1764000000.",
+}
+_FIELDS = ", ".join(_FIELD_HINTS)
+_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_NAMED = re.compile(r"`(?P<name>[^`]+)`")
+
+
+@cache
+def iso_currencies() -> frozenset[str]:
+    """Return the active ISO 4217 codes (pycountry's maintained list), minus the no-money ones."""
+    # XXX means "no currency" and XTS is reserved for testing: neither is a conversion value.
+    return frozenset(c.alpha_3 for c in pycountry.currencies) - {"XXX", "XTS"}
+
+
+def validation_error(exc: msgspec.ValidationError) -> InvalidRequest:
+    """Translate a msgspec error into an :class:`InvalidRequest` naming the field."""
+    text = str(exc)
+    match = _PATH.match(text)
+    assert match is not None  # the pattern matches any string
+    msg, path = match["msg"], (match["path"] or "").lstrip(".")
+    param: str | None = path or None
+    if msg.startswith(("Object missing required field", "Object contains unknown field")):
+        named = _NAMED.search(msg)
+        if named:
+            param = f"{path}.{named['name']}" if path else named["name"]
+    if param is None:
+        return InvalidRequest(
+            f"The body must be one JSON object with the conversion's fields: {msg}.",
+            code="invalid_body",
+        )
+    top = re.split(r"[.\[]", param, maxsplit=1)[0]
+    if msg.startswith("Object contains unknown field"):
+        camel = _camel(top)
+        hint = (
+            f"Did you mean `{camel}`? Fields are camelCase."
+            if camel in _FIELD_HINTS and camel != top
+            else f"Remove it; accepted fields are: {_FIELDS}."
+        )
+        return InvalidRequest(f"Unknown field `{param}`. {hint}", code="unknown_field", param=param)
+    if msg.startswith("Object missing required field"):
+        return InvalidRequest(
+            f"`{param}` is required. {_FIELD_HINTS.get(top, '')}".strip(),
+            code="missing_field",
+            param=param,
+        )
+    return InvalidRequest(
+        f"Invalid `{param}`: {msg}. {_FIELD_HINTS.get(top, '')}".strip(),
+        code="invalid_field",
+        param=param,
+    )
+
+
+def decode_conversion(body: bytes) -> ConversionRequest:
+    """Decode the JSON body into a :class:`ConversionRequest` or raise a 400."""
+    try:
+        return CONVERSION_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        raise validation_error(exc) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(
+            f"The body is not valid JSON ({exc}). Send one JSON object, UTF-8 encoded.",
+            code="invalid_json",
+        ) from None
+
+
+def check_conversion(request: ConversionRequest, events: EventsConfig, *, now: float) -> None:
+    """Apply the rules a Struct cannot express; raise :class:`InvalidRequest` on the first."""
+    if request.conversation_id is None and request.phone_e164 is None:
+        raise InvalidRequest(
+            "Send `conversationId` or `phoneE164` so the gateway can find the conversation"
+            " (and its click id) this conversion belongs to.",
+            code="missing_conversation",
+            param="conversationId",
+        )
+    _check_event_name(request.event_name, events.allowed_names)
+    if request.phone_e164 is not None and normalize_phone(request.phone_e164) is None:
+        raise InvalidRequest(
+            "Invalid `phoneE164`: expected an international number of 8 to 15 digits with"
+            " its country code (a leading + or spaces and dashes are fine), e.g. 16505551234.",
+            code="invalid_phone",
+            param="phoneE164",
+        )
+    if request.value is not None and not math.isfinite(request.value):
+        raise InvalidRequest(
+            "Invalid `value`: must be a finite number.", code="invalid_value", param="value"
+        )
+    _check_money(request)
+    if request.email is not None:
+        email = request.email.strip()
+        if not (is_sha256_hex(email) or _EMAIL.match(email)):
+            raise InvalidRequest(
+                "Invalid `email`: expected an address like name@example.com (or its SHA-256"
+                " hex digest).",
+                code="invalid_email",
+                param="email",
+            )
+    for i, content_id in enumerate(request.content_ids or ()):
+        if not content_id.strip():
+            raise InvalidRequest(
+                f"Invalid `contentIds[{i}]`: product ids must not be blank.",
+                code="invalid_content_id",
+                param=f"contentIds[{i}]",
+            )
+    if request.external_id is not None and not request.external_id.strip():
+        raise InvalidRequest(
+            "Invalid `externalId`: must not be blank.", code="invalid_field", param="externalId"
+        )
+    if request.event_time is not None:
+        _check_event_time(request.event_time, events, now=now)
+
+
+def _check_event_name(name: str, allowed: list[str]) -> None:
+    if name in allowed:
+        return
+    replacement = _REPLACEMENTS.get(name)
+    if replacement is not None and replacement in allowed:
+        message = (
+            f"Meta rejects `{name}` for business messaging (subcode 2804066); use"
+            f" `{replacement}` for leads."
+        )
+    else:
+        message = f"`eventName` {name!r} is not allowed; use one of: {', '.join(allowed)}."
+    raise InvalidRequest(
+        message, code="invalid_event_name", param="eventName", details={"allowed": list(allowed)}
+    )
+
+
+def _check_money(request: ConversionRequest) -> None:
+    currency = request.currency
+    if currency is not None and currency.strip().upper() not in iso_currencies():
+        raise InvalidRequest(
+            f"Invalid `currency` {currency!r}: expected an ISO 4217 code such as USD, EUR or BRL.",
+            code="invalid_currency",
+            param="currency",
+        )
+    if request.value is not None and currency is None:
+        raise InvalidRequest(
+            "`currency` is required when `value` is sent: Meta cannot read a value without it.",
+            code="missing_currency",
+            param="currency",
+        )
+    if request.event_name == "Purchase" and (request.value is None or currency is None):
+        missing = "value" if request.value is None else "currency"
+        raise InvalidRequest(
+            f"`{missing}` is required for Purchase events: Meta needs both value and currency.",
+            code="missing_field",
+            param=missing,
+        )
+
+
+def _check_event_time(event_time: float, events: EventsConfig, *, now: float) -> None:
+    if event_time >= _MILLISECONDS_FLOOR:
+        raise InvalidRequest(
+            f"Invalid `eventTime` {event_time:.0f}: this looks like milliseconds; send Unix"
+            f" seconds (divide by 1000, e.g. {int(event_time // 1000)}).",
+            code="event_time_milliseconds",
+            param="eventTime",
+        )
+    if event_time > now + events.max_future_skew_s:
+        raise InvalidRequest(
+            f"Invalid `eventTime`: {event_time - now:.0f} s in the future (allowed skew"
+            f" {events.max_future_skew_s} s). Send the time the conversion happened, or omit"
+            " it to use now.",
+            code="event_time_in_future",
+            param="eventTime",
+        )
+    if event_time < now - events.max_age_s:
+        raise InvalidRequest(
+            f"Invalid `eventTime`: older than {events.max_age_s // 86400} days; Meta rejects"
+            " the whole request for such events (subcode 2804003). Only recent conversions can"
+            " be reported.",
+            code="event_time_too_old",
+            param="eventTime",
+        )
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
