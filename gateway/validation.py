@@ -99,7 +99,8 @@ def decode_conversion(body: bytes) -> ConversionRequest:
         return CONVERSION_DECODER.decode(body)
     except msgspec.ValidationError as exc:
         raise validation_error(exc) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError (not a DecodeError) for invalid UTF-8 in strings.
         raise InvalidRequest(
             f"The body is not valid JSON ({exc}). Send one JSON object, UTF-8 encoded.",
             code="invalid_json",

@@ -1,0 +1,157 @@
+"""Shared fixtures: a real app on a real SQLite file, with logs captured as JSON lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.config import Settings, parse_settings
+from gateway.context import PIPELINE
+from gateway.domain import Conversation
+from gateway.logs import configure_logging
+from gateway.plugin_manager import build_plugins
+from gateway.store import Store, new_conversation_id
+
+API_KEY = "test-key-0123456789abcdef"
+SCOPED_KEY = "scoped-key-0123456789abcdef"
+ENV = {"CTWA_TEST_KEY": API_KEY, "CTWA_SCOPED_KEY": SCOPED_KEY}
+WABA_ID = "102290129340398"
+PHONE_NUMBER_ID = "106540352242922"
+# The click id of Meta's documented CTWA message example (../shared/fixtures).
+CLID = (
+    "Aff-n8ZTODiE79d22KtAwQKj9e_mIEOOj27vDVwFjN80dp4_0NiNhEgpGo0AHemvuSoifXaytfTzcchptiErTKCqTrJ"
+    "5nW1h7IHYeYymGb5K5J5iTROpBhWAGaIAeUzHL50"
+)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+def base_config(db: Path) -> dict[str, Any]:
+    """Return a config mapping like config.toml's, on ``db``."""
+    return {
+        "store": {"path": str(db)},
+        "accounts": [
+            {
+                "id": "acme",
+                "waba_id": WABA_ID,
+                "phone_number_id": PHONE_NUMBER_ID,
+                "dataset_id": "1234567890",
+                "access_token_env": "CTWA_ACME_TOKEN",
+            },
+            {"id": "other", "waba_id": "200000000000001", "phone_number_id": "300000000000001"},
+        ],
+        "auth": {
+            "keys": [
+                {"name": "admin", "key_env": "CTWA_TEST_KEY", "accounts": ["*"]},
+                {"name": "scoped", "key_env": "CTWA_SCOPED_KEY", "accounts": ["other"]},
+            ]
+        },
+        "plugins": {"sinks": ["log"]},
+    }
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "gateway.sqlite3"
+
+
+@pytest.fixture
+def config(db_path: Path) -> dict[str, Any]:
+    return base_config(db_path)
+
+
+class LogCapture:
+    """The JSON log lines written during a test."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.text.splitlines() if line.strip()]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line.get("event") == name]
+
+
+@pytest.fixture(autouse=True)
+def logs() -> LogCapture:
+    capture = LogCapture()
+    configure_logging("debug", "json", stream=capture.stream)
+    return capture
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any, config: dict[str, Any]) -> ClientFactory:
+    """Return a factory: ``await make_client(**config overrides)`` -> client on the real app."""
+
+    async def factory(
+        *,
+        settings: Settings | None = None,
+        extra: dict[str, object] | None = None,
+        **overrides: Any,
+    ) -> TestClient[web.Request, web.Application]:
+        if settings is None:
+            settings = parse_settings({**config, **overrides})
+        plugins = build_plugins(settings, extra=extra)
+        app = create_app(settings, plugins, environ=ENV)
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+        return client
+
+    return factory
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> TestClient[web.Request, web.Application]:
+    return await make_client()
+
+
+def store_of(client: TestClient[web.Request, web.Application]) -> Store:
+    """Return the store of the app behind ``client``."""
+    return client.app[PIPELINE].store
+
+
+async def add_conversation(
+    store: Store,
+    *,
+    account_id: str = "acme",
+    wa_id: str = "16505551234",
+    clid: str | None = CLID,
+    last_inbound_at: float | None = None,
+) -> Conversation:
+    """Store a conversation as the webhook would."""
+    now = time.time()
+    return await store.add_conversation(
+        Conversation(
+            id=new_conversation_id(),
+            account_id=account_id,
+            wa_id=wa_id,
+            created_at=now,
+            last_inbound_at=last_inbound_at or now,
+            ctwa_clid=clid,
+            ctwa_captured_at=now if clid else None,
+            ctwa_clicked_at=now if clid else None,
+            ctwa_source_id="120226305854810726" if clid else None,
+            ctwa_source_type="ad" if clid else None,
+        )
+    )
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(db_path)
+    yield opened
+    await opened.close()

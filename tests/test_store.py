@@ -1,0 +1,121 @@
+"""The store: group commit, durability, duplicates and migrations on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from gateway.domain import SinkState
+from gateway.store import MIGRATIONS, NewEvent, Store
+from tests.conftest import add_conversation
+
+
+def new_event(event_id: str, account_id: str = "acme", status: str = "dry_run") -> NewEvent:
+    return NewEvent(
+        account_id=account_id,
+        event_id=event_id,
+        event_name="Purchase",
+        conversation_id="conv_1",
+        event_time=int(time.time()),
+        event={"event_name": "Purchase", "event_id": event_id},
+        test_event_code=None,
+        received_at=time.time(),
+        duration_ms=1.0,
+        deliveries={"log": SinkState(status=status, payload={"data": [event_id]})},  # type: ignore[arg-type]
+    )
+
+
+async def test_concurrent_writes_share_transactions(store: Store) -> None:
+    results = await asyncio.gather(*(store.insert_event(new_event(f"e{i}")) for i in range(500)))
+    assert all(not duplicate for _, duplicate in results)
+    assert len({event.pk for event, _ in results}) == 500
+    # Group commit: far fewer transactions than writes.
+    assert store.writer.ops == 500
+    assert store.writer.batches < 50
+
+
+async def test_committed_events_survive_reopen(db_path: Path) -> None:
+    store = await Store.open(db_path)
+    await asyncio.gather(*(store.insert_event(new_event(f"e{i}")) for i in range(50)))
+    await store.close()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (50,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    again = await Store.open(db_path)
+    try:
+        found = await again.find_event("acme", "e7")
+        assert found is not None
+        assert found.deliveries["log"].payload == {"data": ["e7"]}
+    finally:
+        await again.close()
+
+
+async def test_duplicate_in_one_batch_returns_the_first(store: Store) -> None:
+    a, b = await asyncio.gather(
+        store.insert_event(new_event("same")), store.insert_event(new_event("same"))
+    )
+    assert sorted([a[1], b[1]]) == [False, True]
+    assert a[0].pk == b[0].pk
+
+
+async def test_a_failing_write_does_not_fail_its_batch(store: Store) -> None:
+    # A sink state the schema refuses (NOT NULL status) makes only this write fail.
+    broken = SinkState(status=None)  # type: ignore[arg-type]
+    bad = msgspec.structs.replace(new_event("bad"), deliveries={"log": broken})
+    results = await asyncio.gather(
+        store.insert_event(new_event("ok1")),
+        store.insert_event(bad),
+        store.insert_event(new_event("ok2")),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert not isinstance(results[0], BaseException)
+    assert not isinstance(results[2], BaseException)
+    assert await store.find_event("acme", "ok1") is not None
+    assert await store.find_event("acme", "ok2") is not None
+    assert await store.find_event("acme", "bad") is None
+
+
+async def test_update_deliveries_recomputes_status(store: Store) -> None:
+    event, _ = await store.insert_event(new_event("e", status="pending"))
+    assert event.status == "pending"
+    await store.update_deliveries(event.pk, {"log": SinkState(status="delivered", trace_id="T")})
+    found = await store.find_event("acme", "e")
+    assert found is not None
+    assert found.status == "delivered"
+    assert found.deliveries["log"].trace_id == "T"
+    await store.update_deliveries(event.pk, {"meta": SinkState(status="failed", error="x")})
+    found = await store.find_event("acme", "e")
+    assert found is not None
+    assert found.status == "failed"
+
+
+async def test_migrations_run_once(db_path: Path) -> None:
+    for _ in range(2):
+        store = await Store.open(db_path)
+        await store.close()
+    with sqlite3.connect(db_path) as conn:
+        versions = conn.execute("SELECT version FROM schema_migrations").fetchall()
+    assert versions == [(i + 1,) for i in range(len(MIGRATIONS))]
+
+
+async def test_phone_lookup_prefers_clicks_then_recency(store: Store) -> None:
+    now = time.time()
+    await add_conversation(store, clid="a", last_inbound_at=now - 100)
+    b = await add_conversation(store, clid="b", last_inbound_at=now - 10)
+    await add_conversation(store, clid=None, last_inbound_at=now)
+    found = await store.latest_conversation_for_phone("acme", "16505551234")
+    assert found == b
+    assert await store.latest_conversation_for_phone("other", "16505551234") is None
+
+
+async def test_writes_after_close_are_refused(db_path: Path) -> None:
+    store = await Store.open(db_path)
+    await store.close()
+    with pytest.raises(RuntimeError, match="not running"):
+        await store.insert_event(new_event("late"))
