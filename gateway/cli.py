@@ -11,6 +11,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
@@ -92,7 +93,7 @@ def _serve(
 
 def _read_events(source: str) -> Iterator[tuple[int, bytes]]:
     """Yield ``(line number, JSON bytes)``: one object, or one per line (JSON lines)."""
-    data = sys.stdin.buffer.read() if source == "-" else open(source, "rb").read()  # noqa: SIM115
+    data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     stripped = data.strip()
     if not stripped:
         return

@@ -1,0 +1,159 @@
+"""The command line: send --dry-run, send, check-config, and python -m gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from gateway.cli import main
+from gateway.store import Store
+from tests.conftest import API_KEY, CLID, ENV, WABA_ID, add_conversation, base_config
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    raw = base_config(tmp_path / "cli.sqlite3")
+    path = tmp_path / "gateway.toml"
+    path.write_bytes(tomli_w.dumps(raw).encode())
+    return path
+
+
+def seed(db: Path) -> str:
+    async def run() -> str:
+        store = await Store.open(db)
+        try:
+            return (await add_conversation(store)).id
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def event(conversation_id: str, event_id: str = "e1", **extra: Any) -> dict[str, Any]:
+    return {
+        "accountId": "acme",
+        "eventName": "Purchase",
+        "eventId": event_id,
+        "conversationId": conversation_id,
+        "value": 10,
+        "currency": "EUR",
+        **extra,
+    }
+
+
+def output(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_dry_run_prints_payload_and_stores_nothing(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conversation_id = seed(tmp_path / "cli.sqlite3")
+    events = tmp_path / "event.json"
+    events.write_text(json.dumps(event(conversation_id)))
+
+    code = main(["send", "--config", str(config_file), "--dry-run", str(events)], environ=ENV)
+
+    (line,) = output(capsys)
+    assert code == 0
+    assert line["status"] == "dry_run"
+    assert line["conversationId"] == conversation_id
+    data = line["payload"]["data"][0]
+    assert data["user_data"] == {"whatsapp_business_account_id": WABA_ID, "ctwa_clid": CLID}
+    assert data["custom_data"] == {"currency": "EUR", "value": 10.0}
+    assert line["alreadyStored"] is False
+
+    async def count() -> int:
+        store = await Store.open(tmp_path / "cli.sqlite3")
+        try:
+            return len(await store.recent_events("acme", 10))
+        finally:
+            await store.close()
+
+    assert asyncio.run(count()) == 0
+
+
+def test_json_lines_report_each_event(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conversation_id = seed(tmp_path / "cli.sqlite3")
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        "\n".join(
+            [
+                json.dumps(event(conversation_id, "a")),
+                json.dumps(event(conversation_id, "b", eventName="Lead")),
+                json.dumps(event("conv_nope", "c")),
+            ]
+        )
+    )
+    code = main(["send", "--config", str(config_file), "--dry-run", str(events)], environ=ENV)
+    lines = output(capsys)
+    assert code == 1
+    assert [line["status"] for line in lines] == ["dry_run", "error", "error"]
+    assert lines[1]["error"]["code"] == "invalid_event_name"
+    assert lines[1]["line"] == 2
+    assert lines[2]["httpStatus"] == 404
+
+
+def test_send_without_dry_run_stores_and_dedupes(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conversation_id = seed(tmp_path / "cli.sqlite3")
+    events = tmp_path / "event.json"
+    events.write_text(json.dumps(event(conversation_id)))
+    assert main(["send", "--config", str(config_file), str(events)], environ=ENV) == 0
+    assert main(["send", "--config", str(config_file), str(events)], environ=ENV) == 0
+    first, second = output(capsys)
+    assert (first["duplicate"], second["duplicate"]) == (False, True)
+    assert first["status"] == "dry_run"
+
+
+def test_check_config_reports_secrets_without_values(
+    config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["check-config", "--config", str(config_file)], environ=ENV)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "$CTWA_TEST_KEY is set" in out
+    assert "$CTWA_ACME_TOKEN is NOT SET" in out
+    assert "sinks:\n  - log (built-in plugins.log)" in out
+    assert API_KEY not in out
+    assert out.endswith("ok\n")
+
+
+def test_check_config_fails_on_a_missing_key(
+    config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check-config", "--config", str(config_file)], environ={}) == 1
+    assert "problem: API key 'admin'" in capsys.readouterr().out
+
+
+def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[server]\nport = 'x'\n")
+    assert main(["check-config", "--config", str(path)], environ={}) == 2
+    assert "$.server.port" in capsys.readouterr().err
+
+
+def test_python_m_gateway_reads_stdin(config_file: Path, tmp_path: Path) -> None:
+    conversation_id = seed(tmp_path / "cli.sqlite3")
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "send", "--config", str(config_file), "--dry-run", "-"],
+        input=json.dumps(event(conversation_id)) + "\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["payload"]["data"][0]["event_id"] == "e1"

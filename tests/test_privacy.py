@@ -1,0 +1,112 @@
+"""Sentinel personal data and secrets sent through every endpoint and the CLI never reach a log.
+
+The stored event keeps only hashes; the raw email and external id are not in the database file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.cli import main
+from gateway.store import Store
+from tests.conftest import API_KEY, AUTH, ENV, LogCapture, add_conversation, base_config, store_of
+
+Client = TestClient[web.Request, web.Application]
+EMAIL = "Sentinel.Person@Leak-Check.example"
+PHONE = "+1 650 555 0199"
+PHONE_DIGITS = "16505550199"
+EXTERNAL = "SENTINEL-EXT-777"
+SENTINELS = [EMAIL, EMAIL.lower(), EXTERNAL, EXTERNAL.lower(), PHONE, PHONE_DIGITS, API_KEY]
+
+
+def conversion(event_id: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "accountId": "acme",
+        "eventName": "Purchase",
+        "eventId": event_id,
+        "phoneE164": PHONE,
+        "email": EMAIL,
+        "externalId": EXTERNAL,
+        "value": 5,
+        "currency": "USD",
+        **extra,
+    }
+
+
+def assert_clean(text: str) -> None:
+    for sentinel in SENTINELS:
+        assert sentinel not in text, f"{sentinel!r} leaked"
+
+
+async def test_http_logs_and_database_carry_no_pii(
+    client: Client, logs: LogCapture, db_path: Path
+) -> None:
+    await add_conversation(store_of(client), wa_id=PHONE_DIGITS)
+    url = "/v1/whatsapp/conversions"
+    ok = await client.post(url, json=conversion("ok"), headers=AUTH)
+    assert ok.status == 200
+    dup = await client.post(url, json=conversion("ok"), headers=AUTH)
+    assert dup.status == 200
+    # Failures of every kind, each quoting sentinel data back to its sender only.
+    bad_email = await client.post(url, json=conversion("e2", email=EMAIL + " nope"), headers=AUTH)
+    assert bad_email.status == 400
+    unknown = await client.post(url, json=conversion("e3", bogus=EMAIL), headers=AUTH)
+    assert unknown.status == 400
+    wrong_type = await client.post(url, json=conversion("e4", externalId=[EXTERNAL]), headers=AUTH)
+    assert wrong_type.status == 400
+    no_conv = await client.post(
+        url, json=conversion("e5", phoneE164="+1 650 555 0100"), headers=AUTH
+    )
+    assert no_conv.status == 404
+    bad_key = await client.post(
+        url, json=conversion("e6"), headers={"Authorization": f"Bearer {API_KEY}x"}
+    )
+    assert bad_key.status == 401
+    history = await client.get(url, params={"accountId": "acme"}, headers=AUTH)
+    assert history.status == 200
+
+    assert len(logs.events("request")) == 8
+    assert logs.events("dry_run_payload")
+    assert_clean(logs.text)
+
+    await client.close()  # flush and close the store before reading the file
+    stored = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    assert EMAIL.lower().encode() not in stored
+    assert EXTERNAL.encode() not in stored
+    assert EXTERNAL.lower().encode() not in stored
+
+
+def test_cli_output_and_logs_carry_no_pii(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "cli.sqlite3"
+    config = tmp_path / "gateway.toml"
+    config.write_bytes(tomli_w.dumps(base_config(db)).encode())
+
+    async def seed() -> None:
+        store = await Store.open(db)
+        await add_conversation(store, wa_id=PHONE_DIGITS)
+        await store.close()
+
+    asyncio.run(seed())
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        json.dumps(conversion("a")) + "\n" + json.dumps(conversion("b", email="x")) + "\n"
+    )
+    main(["send", "--config", str(config), "--dry-run", str(events)], environ=ENV)
+    main(["send", "--config", str(config), str(events)], environ=ENV)
+    main(["check-config", "--config", str(config)], environ=ENV)
+    captured = capsys.readouterr()
+    assert_clean(captured.err)
+    # stdout is the operator's own report: hashed payloads and errors, never raw values,
+    # except where an error quotes what the operator's own file said.
+    lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+    assert_clean(json.dumps([line for line in lines if line.get("status") != "error"]))
