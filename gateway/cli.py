@@ -66,7 +66,11 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     env = os.environ if environ is None else environ
     try:
         settings = load_settings(args.config)
-        configure_logging(settings.logging.level, settings.logging.format)
+        # Only the long-running server caches its loggers; one-shot commands stay
+        # reconfigurable (tests call main() many times in one process).
+        configure_logging(
+            settings.logging.level, settings.logging.format, cache=args.command == "serve"
+        )
         plugins = build_plugins(settings)
         if args.command == "serve":
             return _serve(settings, plugins, env, args.host, args.port)

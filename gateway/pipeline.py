@@ -18,7 +18,7 @@ import structlog
 from gateway.config import AccountConfig, Settings
 from gateway.domain import Conversation, PreparedEvent, SinkState, StoredEvent, overall_status
 from gateway.draft import EventDraft, IncompleteEvent
-from gateway.errors import ConfigError, InvalidRequest, NotFound, Unprocessable
+from gateway.errors import ConfigError, GatewayError, InvalidRequest, NotFound, Unprocessable
 from gateway.models import ConversionRequest
 from gateway.plugin_manager import Plugins
 from gateway.store import NewEvent, Store
@@ -106,11 +106,20 @@ class Pipeline:
     async def handle(
         self, request: ConversionRequest, account: AccountConfig, *, started: float | None = None
     ) -> Outcome:
-        """Run the whole pipeline; the outcome is committed before this returns."""
-        existing = await self.store.find_event(account.id, request.event_id)
-        if existing is not None:
-            return Outcome(event=existing, duplicate=True)
-        prepared = await self.prepare(request, account)
+        """Run the whole pipeline; the outcome is committed before this returns.
+
+        A repeated ``eventId`` gets the stored outcome back. The common case, a new event, pays
+        no lookup for that: the insert itself detects the duplicate, and only a request that
+        fails preparation checks whether it is a retry of one already accepted (a retry after
+        the conversation changed, or past Meta's 7 days, still gets its original answer).
+        """
+        try:
+            prepared = await self.prepare(request, account)
+        except GatewayError:
+            existing = await self.store.find_event(account.id, request.event_id)
+            if existing is not None:
+                return Outcome(event=existing, duplicate=True)
+            raise
         return await self.submit(prepared, started=started)
 
     async def submit(self, prepared: PreparedEvent, *, started: float | None = None) -> Outcome:

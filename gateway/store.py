@@ -8,6 +8,7 @@ the WhatsApp id (the phone number) because resolving by ``phoneE164`` needs it.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import Sequence
@@ -123,10 +124,10 @@ class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
 class _InsertEvent(WriteOp[tuple[int, bool]]):
     """Insert an event unless its ``(account, eventId)`` exists; say which happened."""
 
-    def __init__(self, new: NewEvent) -> None:
+    def __init__(self, new: NewEvent, token: str) -> None:
         self.new = new
         # Tells our row from one a concurrent request inserted first.
-        self.token = secrets.token_hex(8)
+        self.token = token
 
     @classmethod
     async def apply_many(cls, conn: aiosqlite.Connection, ops: Sequence[WriteOp[Any]]) -> list[Any]:
@@ -161,12 +162,13 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
             chunk = key_list[start : start + 400]
             where = " OR ".join("(account_id = ? AND event_id = ?)" for _ in chunk)
             params = [v for key in chunk for v in key]
-            async with conn.execute(
+            found_rows = await _fetch(
+                conn,
                 f"SELECT account_id, event_id, pk, insert_token FROM events WHERE {where}",
                 params,
-            ) as cur:
-                for account_id, event_id, pk, token in await cur.fetchall():
-                    found[(account_id, event_id)] = (pk, token)
+            )
+            for account_id, event_id, pk, token in found_rows:
+                found[(account_id, event_id)] = (pk, token)
         results: list[tuple[int, bool]] = []
         rows: list[tuple[Any, ...]] = []
         for op in mine:
@@ -257,6 +259,9 @@ class Store:
         self._reader = reader_conn
         self._writer_conn = writer_conn
         self.writer = GroupCommitWriter(writer_conn, max_batch=max_batch)
+        # Insert tokens: unique per open store, without a syscall per event.
+        self._token_prefix = secrets.token_hex(8)
+        self._tokens = itertools.count(1)
 
     @classmethod
     async def open(cls, path: str | Path, *, max_batch: int = 1000) -> Store:
@@ -296,32 +301,33 @@ class Store:
 
     async def get_conversation(self, account_id: str, conversation_id: str) -> Conversation | None:
         """Return the conversation with this id on this account."""
-        async with self._reader.execute(
+        rows = await _fetch(
+            self._reader,
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ? AND account_id = ?",
             (conversation_id, account_id),
-        ) as cur:
-            row = await cur.fetchone()
-        return None if row is None else _conversation(row)
+        )
+        return _conversation(rows[0]) if rows else None
 
     async def latest_conversation_for_phone(
         self, account_id: str, wa_id: str
     ) -> Conversation | None:
         """Return the most recent conversation with a click id, else the most recent one."""
-        async with self._reader.execute(
+        rows = await _fetch(
+            self._reader,
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
             " WHERE account_id = ? AND wa_id = ?"
             " ORDER BY ctwa_clid IS NOT NULL DESC, COALESCE(last_inbound_at, created_at) DESC,"
             " created_at DESC LIMIT 1",
             (account_id, wa_id),
-        ) as cur:
-            row = await cur.fetchone()
-        return None if row is None else _conversation(row)
+        )
+        return _conversation(rows[0]) if rows else None
 
     # -- events ----------------------------------------------------------------------------
 
     async def insert_event(self, new: NewEvent) -> tuple[StoredEvent, bool]:
         """Store ``new`` unless its eventId exists; return the stored event and ``duplicate``."""
-        pk, duplicate = await self.writer.submit(_InsertEvent(new))
+        token = f"{self._token_prefix}{next(self._tokens):x}"
+        pk, duplicate = await self.writer.submit(_InsertEvent(new, token))
         if duplicate:
             existing = await self._event_by_pk(pk)
             assert existing is not None  # rows are never deleted
@@ -348,30 +354,27 @@ class Store:
 
     async def find_event(self, account_id: str, event_id: str) -> StoredEvent | None:
         """Return the stored event with this eventId on this account."""
-        async with self._reader.execute(
+        rows = await _fetch(
+            self._reader,
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND event_id = ?",
             (account_id, event_id),
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        return (await self._with_deliveries([row]))[0]
+        )
+        return (await self._with_deliveries(list(rows)))[0] if rows else None
 
     async def recent_events(self, account_id: str, limit: int) -> list[StoredEvent]:
         """Return the account's most recent events, newest first."""
-        async with self._reader.execute(
+        rows = await _fetch(
+            self._reader,
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? ORDER BY pk DESC LIMIT ?",
             (account_id, limit),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return await self._with_deliveries(list(rows))
 
     async def _event_by_pk(self, pk: int) -> StoredEvent | None:
-        async with self._reader.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE pk = ?", (pk,)
-        ) as cur:
-            row = await cur.fetchone()
-        return None if row is None else (await self._with_deliveries([row]))[0]
+        rows = await _fetch(
+            self._reader, f"SELECT {_EVENT_COLUMNS} FROM events WHERE pk = ?", (pk,)
+        )
+        return (await self._with_deliveries(list(rows)))[0] if rows else None
 
     async def _with_deliveries(self, rows: list[Any]) -> list[StoredEvent]:
         if not rows:
@@ -379,31 +382,22 @@ class Store:
         pks = [row[0] for row in rows]
         marks = ",".join("?" * len(pks))
         states: dict[int, dict[str, SinkState]] = {pk: {} for pk in pks}
-        async with self._reader.execute(
+        found = await _fetch(
+            self._reader,
             "SELECT event_pk, sink, status, attempts, payload, error, error_code, trace_id,"
             f" events_received FROM deliveries WHERE event_pk IN ({marks})",
             pks,
-        ) as cur:
-            for (
-                pk,
-                sink,
-                status,
-                attempts,
-                payload,
-                error,
-                code,
-                trace,
-                received,
-            ) in await cur.fetchall():
-                states[pk][sink] = SinkState(
-                    status=status,
-                    attempts=attempts,
-                    payload=None if payload is None else _decode_payload(payload),
-                    error=error,
-                    error_code=code,
-                    trace_id=trace,
-                    events_received=received,
-                )
+        )
+        for pk, sink, status, attempts, payload, error, code, trace, received in found:
+            states[pk][sink] = SinkState(
+                status=status,
+                attempts=attempts,
+                payload=None if payload is None else _decode_payload(payload),
+                error=error,
+                error_code=code,
+                trace_id=trace,
+                events_received=received,
+            )
         return [
             StoredEvent(
                 pk=row[0],
@@ -421,6 +415,12 @@ class Store:
             )
             for row in rows
         ]
+
+
+async def _fetch(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    """Run a query and fetch every row in one trip to the connection's thread."""
+    # execute_fetchall: a cursor's execute/fetch/close would be three trips.
+    return list(await conn.execute_fetchall(sql, params))
 
 
 def _conversation(row: Any) -> Conversation:

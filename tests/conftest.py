@@ -90,7 +90,7 @@ class LogCapture:
 @pytest.fixture(autouse=True)
 def logs() -> LogCapture:
     capture = LogCapture()
-    configure_logging("debug", "json", stream=capture.stream)
+    configure_logging("debug", "json", stream=capture.stream, cache=False)
     return capture
 
 

@@ -361,3 +361,17 @@ async def test_canonical_line_per_request(client: Client, logs: Any) -> None:
     assert line["account"] == "acme"
     assert line["event_id"] == "order-991"
     assert line["duration_ms"] >= 0
+
+
+async def test_a_retry_that_would_now_fail_still_gets_its_original_answer(client: Client) -> None:
+    conversation = await add_conversation(store_of(client))
+    first = await (await client.post(URL, json=purchase(conversation.id), headers=AUTH)).json()
+    # The retry names a conversation that does not exist (and a time Meta would now refuse):
+    # it is still the same eventId, so the caller hears what happened the first time.
+    retry = purchase("conv_gone", eventTime=time.time() - 30 * 86400)
+    resp = await client.post(URL, json=retry, headers=AUTH)
+    again = await resp.json()
+    assert resp.status == 200, again
+    assert again["duplicate"] is True
+    assert again["conversationId"] == first["conversationId"]
+    assert again["payload"] == first["payload"]
