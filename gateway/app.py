@@ -5,19 +5,24 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
+import structlog
 from aiohttp import web
 
 from gateway.auth import KeyRing
 from gateway.config import Settings
-from gateway.context import KEYS, PIPELINE, PLUGINS, SETTINGS
+from gateway.context import KEYS, PIPELINE, PLUGINS, SETTINGS, WEBHOOK_SECRETS
 from gateway.middlewares import middlewares
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins
+from gateway.signature import WebhookSecrets
 from gateway.store import Store
 from gateway.validation import iso_currencies
-from gateway.views import routes
+from gateway.views import routes as api_routes
+from gateway.webhook import routes as webhook_routes
 
 __all__ = ["create_app"]
+
+log = structlog.get_logger()
 
 
 def create_app(
@@ -33,13 +38,20 @@ def create_app(
     check_normalizers(settings, plugins)
     iso_currencies()  # load the currency list now rather than on the first request
 
-    app = web.Application(
-        client_max_size=settings.server.max_body_bytes,
-        middlewares=middlewares(max_body_bytes=settings.server.max_body_bytes),
-    )
+    secrets = WebhookSecrets.from_config(settings.webhook, environ)
+    if secrets.app_secret is None:
+        log.warning(
+            "webhook_disabled",
+            reason="no app secret: [webhook] app_secret_env is unset or names an empty variable;"
+            " every notification will be refused with 503",
+        )
+    # aiohttp's own limit is the larger of the routes'; each route enforces its own.
+    largest = max(settings.server.max_body_bytes, settings.webhook.max_body_bytes)
+    app = web.Application(client_max_size=largest, middlewares=middlewares(max_body_bytes=largest))
     app[SETTINGS] = settings
     app[PLUGINS] = plugins
     app[KEYS] = keys
+    app[WEBHOOK_SECRETS] = secrets
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = await Store.open(settings.store_path(), max_batch=settings.store.group_commit_max)
@@ -50,5 +62,6 @@ def create_app(
             await store.close()
 
     app.cleanup_ctx.append(store_ctx)
-    app.add_routes(routes)
+    app.add_routes(api_routes)
+    app.add_routes(webhook_routes)
     return app

@@ -26,6 +26,7 @@ __all__ = [
     "ServerConfig",
     "Settings",
     "StoreConfig",
+    "WebhookConfig",
     "load_settings",
     "parse_settings",
 ]
@@ -98,6 +99,16 @@ class EventsConfig(ConfigStruct, frozen=True):
     max_future_skew_s: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 300
     # Meta rejects the whole request for an event older than 7 days (subcode 2804003).
     max_age_s: Annotated[int, msgspec.Meta(ge=60, le=SEVEN_DAYS_S)] = SEVEN_DAYS_S
+    # How long after the ad click a conversion still attributes (Meta: 7 days for CTWA).
+    attribution_window_s: Annotated[int, msgspec.Meta(ge=60, le=90 * 86400)] = SEVEN_DAYS_S
+
+
+class WebhookConfig(ConfigStruct, frozen=True):
+    # Unset: the handshake answers 403 and every notification 503 (fail closed, Meta retries).
+    verify_token_env: EnvName | None = None
+    app_secret_env: EnvName | None = None
+    # Meta batches up to 1,000 updates in one POST.
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
 
 
 class LoggingConfig(ConfigStruct, frozen=True):
@@ -112,6 +123,7 @@ class Settings(ConfigStruct, frozen=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     plugins: PluginsConfig = msgspec.field(default_factory=PluginsConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
+    webhook: WebhookConfig = msgspec.field(default_factory=WebhookConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     # The raw ``[plugins.<name>]`` tables; each plugin decodes its own into its Config Struct.
     plugin_tables: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
@@ -124,6 +136,22 @@ class Settings(ConfigStruct, frozen=True):
             if account.id == account_id:
                 return account
         return None
+
+    def account_for_number(
+        self, phone_number_id: str | None, waba_id: str | None
+    ) -> AccountConfig | None:
+        """Return the account a webhook change belongs to: by phone number id, else by WABA.
+
+        The WABA id alone is used only when exactly one account has it (one WABA may hold
+        several numbers, each its own account).
+        """
+        if phone_number_id:
+            for account in self.accounts:
+                if account.phone_number_id == phone_number_id:
+                    return account
+            return None
+        matches = [a for a in self.accounts if a.waba_id == waba_id]
+        return matches[0] if len(matches) == 1 else None
 
     def store_path(self) -> Path:
         """Return the SQLite path, relative paths taken from the config file's folder."""

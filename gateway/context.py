@@ -8,11 +8,13 @@ from gateway.auth import KeyRing
 from gateway.config import Settings
 from gateway.pipeline import Pipeline
 from gateway.plugin_manager import Plugins
+from gateway.signature import WebhookSecrets
 
-__all__ = ["KEYS", "PIPELINE", "PLUGINS", "SETTINGS"]
+__all__ = ["KEYS", "PIPELINE", "PLUGINS", "SETTINGS", "WEBHOOK_SECRETS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 PLUGINS = web.AppKey("plugins", Plugins)
 KEYS = web.AppKey("keys", KeyRing)
+WEBHOOK_SECRETS = web.AppKey("webhook_secrets", WebhookSecrets)
 # Set by the store's cleanup context: it exists only while the store is open.
 PIPELINE = web.AppKey("pipeline", Pipeline)

@@ -42,6 +42,12 @@ class Conversation(msgspec.Struct, frozen=True, kw_only=True):
     ctwa_source_url: str | None = None
     ctwa_headline: str | None = None
     ctwa_source_type: str | None = None
+    # How the click id was captured: "message" (a referral) or "automatic_event".
+    ctwa_capture_source: str | None = None
+
+    def click_time(self) -> float | None:
+        """When the ad was clicked, as best known."""
+        return self.ctwa_clicked_at or self.ctwa_captured_at
 
 
 class PreparedEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,6 +60,9 @@ class PreparedEvent(msgspec.Struct, frozen=True, kw_only=True):
     event: dict[str, Any]
     test_event_code: str | None
     received_at: float
+    # The click is older than the attribution window: Meta will take the event but will not
+    # credit the ad with it.
+    attribution_window_expired: bool = False
 
 
 class SinkState(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,6 +93,7 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
     received_at: float
     duration_ms: float
     deliveries: dict[str, SinkState]
+    attribution_window_expired: bool = False
 
 
 # Which state an event shows when its sinks disagree: the one needing attention first.

@@ -20,8 +20,8 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     NotFound,
-    PayloadTooLarge,
 )
+from gateway.http_body import too_large
 from gateway.models import ENCODER, ErrorBody
 
 __all__ = ["REQUEST_ID_HEADER", "error_response", "middlewares"]
@@ -118,11 +118,7 @@ def _route(request: web.Request) -> str | None:
 
 def _from_http(exc: web.HTTPException, request: web.Request, limit: int) -> GatewayError:
     if exc.status == 413:
-        return PayloadTooLarge(
-            f"The body is larger than the {limit} bytes this gateway accepts; send one event"
-            " per request.",
-            details={"maxBodyBytes": limit},
-        )
+        return too_large(limit)
     if exc.status == 404:
         return NotFound(
             f"No endpoint at {request.method} {request.path}; see the README for the API.",

@@ -14,6 +14,9 @@ import msgspec
 __all__ = [
     "CONVERSION_DECODER",
     "ENCODER",
+    "ConversationList",
+    "ConversationMetadata",
+    "ConversationView",
     "ConversionRequest",
     "ConversionResponse",
     "DeliveryView",
@@ -95,6 +98,8 @@ class ConversionResponse(WireStruct, frozen=True):
     duplicate: bool
     conversation_id: str
     deliveries: list[DeliveryView]
+    # The click is older than Meta's attribution window: delivered, but it will not attribute.
+    attribution_window_expired: bool
     # For dry runs: the exact request body that would be POSTed to Meta.
     payload: dict[str, Any] | None = None
 
@@ -111,10 +116,39 @@ class EventSummary(WireStruct, frozen=True):
     duration_ms: float
     event_id: str
     status: str
+    attribution_window_expired: bool
 
 
 class EventList(WireStruct, frozen=True):
     events: list[EventSummary]
+
+
+class ConversationMetadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The click a conversation carries, under Zernio's (snake_case) metadata keys."""
+
+    ctwa_clid: str | None = None
+    ctwa_captured_at: str | None = None
+    ctwa_clicked_at: str | None = None
+    ctwa_source_id: str | None = None
+    ctwa_source_url: str | None = None
+    ctwa_headline: str | None = None
+    ctwa_source_type: str | None = None
+    ctwa_capture_source: str | None = None
+
+
+class ConversationView(WireStruct, frozen=True):
+    """One conversation; its ``id`` is what ``conversationId`` takes."""
+
+    id: str
+    account_id: str
+    phone_e164: str
+    metadata: ConversationMetadata
+    created_at: str
+    last_inbound_at: str | None
+
+
+class ConversationList(WireStruct, frozen=True):
+    conversations: list[ConversationView]
 
 
 class ErrorBody(WireStruct, frozen=True):

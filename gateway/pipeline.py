@@ -94,13 +94,18 @@ class Pipeline:
             )
         draft = EventDraft()
         self.plugins.normalize(draft, request, account, conversation, now)
+        event = draft.finish()
+        clicked = conversation.click_time()
+        window = self.settings.events.attribution_window_s
         return PreparedEvent(
             request=request,
             account=account,
             conversation=conversation,
-            event=draft.finish(),
+            event=event,
             test_event_code=draft.test_event_code,
             received_at=now,
+            attribution_window_expired=clicked is not None
+            and int(event["event_time"]) - clicked > window,
         )
 
     async def handle(
@@ -138,6 +143,7 @@ class Pipeline:
             received_at=prepared.received_at,
             duration_ms=round((self.clock() - begun) * 1000, 3),
             deliveries=states,
+            attribution_window_expired=prepared.attribution_window_expired,
         )
         stored, duplicate = await self.store.insert_event(new)
         if duplicate:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from gateway.domain import StoredEvent
-from gateway.models import ConversionResponse, DeliveryView, EventSummary, Failure
+from gateway.domain import Conversation, StoredEvent
+from gateway.models import (
+    ConversationMetadata,
+    ConversationView,
+    ConversionResponse,
+    DeliveryView,
+    EventSummary,
+    Failure,
+)
 from gateway.pipeline import Outcome
 
-__all__ = ["PLATFORM", "conversion_response", "event_summary", "iso_time"]
+__all__ = ["PLATFORM", "conversation_view", "conversion_response", "event_summary", "iso_time"]
 
 # Zernio's platform tag for Meta's conversion endpoints.
 PLATFORM = "metaads"
@@ -59,6 +66,7 @@ def conversion_response(outcome: Outcome) -> ConversionResponse:
             )
             for sink, state in event.deliveries.items()
         ],
+        attribution_window_expired=event.attribution_window_expired,
         payload=outcome.dry_run_payload,
     )
 
@@ -76,4 +84,31 @@ def event_summary(event: StoredEvent) -> EventSummary:
         duration_ms=event.duration_ms,
         event_id=event.event_id,
         status=event.status,
+        attribution_window_expired=event.attribution_window_expired,
+    )
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else iso_time(ts)
+
+
+def conversation_view(conversation: Conversation) -> ConversationView:
+    """Return a conversation as the conversations API shows it."""
+    c = conversation
+    return ConversationView(
+        id=c.id,
+        account_id=c.account_id,
+        phone_e164=c.wa_id,
+        metadata=ConversationMetadata(
+            ctwa_clid=c.ctwa_clid,
+            ctwa_captured_at=_iso(c.ctwa_captured_at),
+            ctwa_clicked_at=_iso(c.ctwa_clicked_at),
+            ctwa_source_id=c.ctwa_source_id,
+            ctwa_source_url=c.ctwa_source_url,
+            ctwa_headline=c.ctwa_headline,
+            ctwa_source_type=c.ctwa_source_type,
+            ctwa_capture_source=c.ctwa_capture_source,
+        ),
+        created_at=iso_time(c.created_at),
+        last_inbound_at=_iso(c.last_inbound_at),
     )

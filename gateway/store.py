@@ -1,4 +1,4 @@
-"""The Store: SQLite (WAL, synchronous=FULL) through aiosqlite, and its migrations.
+"""The Store: SQLite (WAL, synchronous=FULL) through aiosqlite.
 
 One connection writes, through :class:`~gateway.writer.GroupCommitWriter`; another reads, so
 reads never queue behind a commit. What is stored is what delivery needs: the normalized
@@ -18,6 +18,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 
+from gateway.capture import CaptureBatch, CaptureOp, CaptureResult
 from gateway.domain import (
     STATUS_PRECEDENCE,
     Conversation,
@@ -25,70 +26,18 @@ from gateway.domain import (
     StoredEvent,
     overall_status,
 )
+from gateway.schema import (
+    CONVERSATION_COLUMNS,
+    EVENT_COLUMNS,
+    INSERT_CONVERSATION,
+    conversation_from_row,
+    conversation_params,
+    fetch_rows,
+    migrate,
+)
 from gateway.writer import GroupCommitWriter, WriteOp
 
-__all__ = ["MIGRATIONS", "NewEvent", "Store"]
-
-# Append only: a released migration is never edited, a change is a new entry.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE conversations (
-        id TEXT PRIMARY KEY,
-        account_id TEXT NOT NULL,
-        wa_id TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        last_inbound_at REAL,
-        ctwa_clid TEXT,
-        ctwa_captured_at REAL,
-        ctwa_clicked_at REAL,
-        ctwa_source_id TEXT,
-        ctwa_source_url TEXT,
-        ctwa_headline TEXT,
-        ctwa_source_type TEXT
-    );
-    CREATE INDEX conversations_by_phone
-        ON conversations (account_id, wa_id, last_inbound_at DESC);
-    CREATE TABLE events (
-        pk INTEGER PRIMARY KEY,
-        account_id TEXT NOT NULL,
-        event_id TEXT NOT NULL,
-        event_name TEXT NOT NULL,
-        conversation_id TEXT NOT NULL,
-        event_time INTEGER NOT NULL,
-        status TEXT NOT NULL,
-        event BLOB NOT NULL,
-        test_event_code TEXT,
-        received_at REAL NOT NULL,
-        duration_ms REAL NOT NULL,
-        insert_token TEXT NOT NULL,
-        UNIQUE (account_id, event_id)
-    );
-    CREATE INDEX events_recent ON events (account_id, pk DESC);
-    CREATE TABLE deliveries (
-        event_pk INTEGER NOT NULL REFERENCES events (pk),
-        sink TEXT NOT NULL,
-        status TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        payload BLOB,
-        error TEXT,
-        error_code TEXT,
-        trace_id TEXT,
-        events_received INTEGER NOT NULL DEFAULT 0,
-        updated_at REAL NOT NULL,
-        PRIMARY KEY (event_pk, sink)
-    ) WITHOUT ROWID;
-    CREATE INDEX deliveries_open ON deliveries (sink, status) WHERE status = 'pending';
-    """,
-)
-
-_CONVERSATION_COLUMNS = (
-    "id, account_id, wa_id, created_at, last_inbound_at, ctwa_clid, ctwa_captured_at,"
-    " ctwa_clicked_at, ctwa_source_id, ctwa_source_url, ctwa_headline, ctwa_source_type"
-)
-_EVENT_COLUMNS = (
-    "pk, account_id, event_id, event_name, conversation_id, event_time, status, event,"
-    " test_event_code, received_at, duration_ms"
-)
+__all__ = ["NewEvent", "Store"]
 
 # overall_status() in SQL: the first status in precedence order that any sink of the event has.
 _STATUS_SQL = (
@@ -99,11 +48,6 @@ _STATUS_SQL = (
 
 _json_encode = msgspec.json.Encoder().encode
 _decode_payload = msgspec.json.Decoder(dict[str, Any]).decode
-
-
-def new_conversation_id() -> str:
-    """Return a fresh, unguessable conversation id."""
-    return "conv_" + secrets.token_hex(12)
 
 
 class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,6 +63,7 @@ class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
     received_at: float
     duration_ms: float
     deliveries: dict[str, SinkState]
+    attribution_window_expired: bool = False
 
 
 class _InsertEvent(WriteOp[tuple[int, bool]]):
@@ -135,8 +80,9 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
         now = time.time()
         await conn.executemany(
             "INSERT INTO events (account_id, event_id, event_name, conversation_id, event_time,"
-            " status, event, test_event_code, received_at, duration_ms, insert_token)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (account_id, event_id) DO NOTHING",
+            " status, event, test_event_code, received_at, duration_ms, insert_token,"
+            " attribution_window_expired) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (account_id, event_id) DO NOTHING",
             [
                 (
                     op.new.account_id,
@@ -150,6 +96,7 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
                     op.new.received_at,
                     op.new.duration_ms,
                     op.token,
+                    op.new.attribution_window_expired,
                 )
                 for op in mine
             ],
@@ -162,7 +109,7 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
             chunk = key_list[start : start + 400]
             where = " OR ".join("(account_id = ? AND event_id = ?)" for _ in chunk)
             params = [v for key in chunk for v in key]
-            found_rows = await _fetch(
+            found_rows = await fetch_rows(
                 conn,
                 f"SELECT account_id, event_id, pk, insert_token FROM events WHERE {where}",
                 params,
@@ -192,24 +139,7 @@ class _InsertConversation(WriteOp[None]):
         self.conversation = conversation
 
     async def apply(self, conn: aiosqlite.Connection) -> None:
-        c = self.conversation
-        await conn.execute(
-            f"INSERT INTO conversations ({_CONVERSATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                c.id,
-                c.account_id,
-                c.wa_id,
-                c.created_at,
-                c.last_inbound_at,
-                c.ctwa_clid,
-                c.ctwa_captured_at,
-                c.ctwa_clicked_at,
-                c.ctwa_source_id,
-                c.ctwa_source_url,
-                c.ctwa_headline,
-                c.ctwa_source_type,
-            ),
-        )
+        await conn.execute(INSERT_CONVERSATION, conversation_params(self.conversation))
 
 
 class _UpdateDeliveries(WriteOp[None]):
@@ -275,7 +205,7 @@ class Store:
             await writer.execute("PRAGMA synchronous = FULL")
             await writer.execute("PRAGMA busy_timeout = 5000")
             await writer.execute("PRAGMA foreign_keys = ON")
-            await _migrate(writer)
+            await migrate(writer)
             reader = await aiosqlite.connect(path, isolation_level=None)
         except BaseException:
             await writer.close()
@@ -299,28 +229,56 @@ class Store:
         await self.writer.submit(_InsertConversation(conversation))
         return conversation
 
+    async def capture(self, batch: CaptureBatch, *, window_s: int) -> CaptureResult:
+        """Apply a webhook notification's records in one transaction."""
+        return await self.writer.submit(CaptureOp(batch, window_s=window_s))
+
     async def get_conversation(self, account_id: str, conversation_id: str) -> Conversation | None:
         """Return the conversation with this id on this account."""
-        rows = await _fetch(
+        rows = await fetch_rows(
             self._reader,
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ? AND account_id = ?",
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ? AND account_id = ?",
             (conversation_id, account_id),
         )
-        return _conversation(rows[0]) if rows else None
+        return conversation_from_row(rows[0]) if rows else None
 
     async def latest_conversation_for_phone(
         self, account_id: str, wa_id: str
     ) -> Conversation | None:
         """Return the most recent conversation with a click id, else the most recent one."""
-        rows = await _fetch(
+        rows = await fetch_rows(
             self._reader,
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
             " WHERE account_id = ? AND wa_id = ?"
             " ORDER BY ctwa_clid IS NOT NULL DESC, COALESCE(last_inbound_at, created_at) DESC,"
             " created_at DESC LIMIT 1",
             (account_id, wa_id),
         )
-        return _conversation(rows[0]) if rows else None
+        return conversation_from_row(rows[0]) if rows else None
+
+    async def find_conversation(self, conversation_id: str) -> Conversation | None:
+        """Return the conversation with this id, whatever its account."""
+        rows = await fetch_rows(
+            self._reader,
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
+            (conversation_id,),
+        )
+        return conversation_from_row(rows[0]) if rows else None
+
+    async def recent_conversations(
+        self, account_id: str, *, wa_id: str | None, limit: int
+    ) -> list[Conversation]:
+        """Return the account's conversations (for one phone, if given), newest first."""
+        where, params = "account_id = ?", [account_id]
+        if wa_id is not None:
+            where, params = "account_id = ? AND wa_id = ?", [account_id, wa_id]
+        rows = await fetch_rows(
+            self._reader,
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE {where}"
+            " ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [conversation_from_row(row) for row in rows]
 
     # -- events ----------------------------------------------------------------------------
 
@@ -345,6 +303,7 @@ class Store:
             received_at=new.received_at,
             duration_ms=new.duration_ms,
             deliveries=dict(new.deliveries),
+            attribution_window_expired=new.attribution_window_expired,
         )
         return event, False
 
@@ -354,25 +313,25 @@ class Store:
 
     async def find_event(self, account_id: str, event_id: str) -> StoredEvent | None:
         """Return the stored event with this eventId on this account."""
-        rows = await _fetch(
+        rows = await fetch_rows(
             self._reader,
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND event_id = ?",
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE account_id = ? AND event_id = ?",
             (account_id, event_id),
         )
         return (await self._with_deliveries(list(rows)))[0] if rows else None
 
     async def recent_events(self, account_id: str, limit: int) -> list[StoredEvent]:
         """Return the account's most recent events, newest first."""
-        rows = await _fetch(
+        rows = await fetch_rows(
             self._reader,
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? ORDER BY pk DESC LIMIT ?",
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE account_id = ? ORDER BY pk DESC LIMIT ?",
             (account_id, limit),
         )
         return await self._with_deliveries(list(rows))
 
     async def _event_by_pk(self, pk: int) -> StoredEvent | None:
-        rows = await _fetch(
-            self._reader, f"SELECT {_EVENT_COLUMNS} FROM events WHERE pk = ?", (pk,)
+        rows = await fetch_rows(
+            self._reader, f"SELECT {EVENT_COLUMNS} FROM events WHERE pk = ?", (pk,)
         )
         return (await self._with_deliveries(list(rows)))[0] if rows else None
 
@@ -382,7 +341,7 @@ class Store:
         pks = [row[0] for row in rows]
         marks = ",".join("?" * len(pks))
         states: dict[int, dict[str, SinkState]] = {pk: {} for pk in pks}
-        found = await _fetch(
+        found = await fetch_rows(
             self._reader,
             "SELECT event_pk, sink, status, attempts, payload, error, error_code, trace_id,"
             f" events_received FROM deliveries WHERE event_pk IN ({marks})",
@@ -411,45 +370,8 @@ class Store:
                 test_event_code=row[8],
                 received_at=row[9],
                 duration_ms=row[10],
+                attribution_window_expired=bool(row[11]),
                 deliveries=states[row[0]],
             )
             for row in rows
         ]
-
-
-async def _fetch(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
-    """Run a query and fetch every row in one trip to the connection's thread."""
-    # execute_fetchall: a cursor's execute/fetch/close would be three trips.
-    return list(await conn.execute_fetchall(sql, params))
-
-
-def _conversation(row: Any) -> Conversation:
-    return Conversation(
-        id=row[0],
-        account_id=row[1],
-        wa_id=row[2],
-        created_at=row[3],
-        last_inbound_at=row[4],
-        ctwa_clid=row[5],
-        ctwa_captured_at=row[6],
-        ctwa_clicked_at=row[7],
-        ctwa_source_id=row[8],
-        ctwa_source_url=row[9],
-        ctwa_headline=row[10],
-        ctwa_source_type=row[11],
-    )
-
-
-async def _migrate(conn: aiosqlite.Connection) -> None:
-    await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
-    async with conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cur:
-        row = await cur.fetchone()
-    current = int(row[0]) if row else 0
-    for version, script in enumerate(MIGRATIONS, start=1):
-        if version <= current:
-            continue
-        # executescript commits first; the version row goes in the same script so a crash
-        # between them cannot leave a half-applied migration recorded as done.
-        await conn.executescript(
-            f"BEGIN IMMEDIATE; {script}; INSERT INTO schema_migrations VALUES ({version}); COMMIT;"
-        )

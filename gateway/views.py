@@ -10,10 +10,12 @@ from aiohttp import web
 
 from gateway.auth import ApiKey, KeyRing
 from gateway.config import AccountConfig
-from gateway.context import KEYS, PIPELINE
-from gateway.errors import InvalidRequest, UnsupportedMediaType
-from gateway.models import ENCODER, EventList
-from gateway.render import conversion_response, event_summary
+from gateway.context import KEYS, PIPELINE, SETTINGS
+from gateway.errors import InvalidRequest, NotFound
+from gateway.http_body import read_json_body
+from gateway.models import ENCODER, ConversationList, EventList
+from gateway.normalize import normalize_phone
+from gateway.render import conversation_view, conversion_response, event_summary
 from gateway.validation import decode_conversion
 
 __all__ = ["json_response", "routes"]
@@ -41,17 +43,6 @@ def account_for(request: web.Request, key: ApiKey, account_id: str) -> AccountCo
     return request.app[PIPELINE].account(account_id)
 
 
-async def read_json_body(request: web.Request) -> bytes:
-    """Return the raw body of a JSON request, or raise 415 (not JSON) / 413 (too large)."""
-    if request.content_type != "application/json":
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got {request.content_type or 'none'!r};"
-            " send `-H 'Content-Type: application/json'`.",
-            param="Content-Type",
-        )
-    return await request.read()
-
-
 def query_account_id(request: web.Request) -> str:
     """Return the required ``accountId`` query parameter, or raise 400."""
     account_id = request.query.get("accountId", "")
@@ -62,6 +53,22 @@ def query_account_id(request: web.Request) -> str:
             param="accountId",
         )
     return account_id
+
+
+def query_phone(request: web.Request) -> str | None:
+    """Return the optional ``phoneE164`` filter as digits, or raise 400."""
+    raw = request.query.get("phoneE164")
+    if raw is None:
+        return None
+    digits = normalize_phone(raw)
+    if digits is None:
+        raise InvalidRequest(
+            "Invalid `phoneE164`: expected an international number of 8 to 15 digits with its"
+            " country code, e.g. 16505551234.",
+            code="invalid_phone",
+            param="phoneE164",
+        )
+    return digits
 
 
 def query_limit(request: web.Request) -> int:
@@ -82,7 +89,7 @@ def query_limit(request: web.Request) -> int:
 async def post_conversion(request: web.Request) -> web.Response:
     started = time.time()
     key = authenticate(request)
-    body = await read_json_body(request)
+    body = await read_json_body(request, request.app[SETTINGS].server.max_body_bytes)
     conversion = decode_conversion(body)
     structlog.contextvars.bind_contextvars(event_id=conversion.event_id)
     account = account_for(request, key, conversion.account_id)
@@ -99,3 +106,31 @@ async def list_conversions(request: web.Request) -> web.Response:
     account = account_for(request, key, query_account_id(request))
     events = await request.app[PIPELINE].store.recent_events(account.id, query_limit(request))
     return json_response(EventList(events=[event_summary(e) for e in events]))
+
+
+@routes.get("/v1/whatsapp/conversations")
+async def list_conversations(request: web.Request) -> web.Response:
+    key = authenticate(request)
+    account = account_for(request, key, query_account_id(request))
+    conversations = await request.app[PIPELINE].store.recent_conversations(
+        account.id, wa_id=query_phone(request), limit=query_limit(request)
+    )
+    return json_response(
+        ConversationList(conversations=[conversation_view(c) for c in conversations])
+    )
+
+
+@routes.get("/v1/whatsapp/conversations/{conversation_id}")
+async def get_conversation(request: web.Request) -> web.Response:
+    key = authenticate(request)
+    conversation_id = request.match_info["conversation_id"]
+    conversation = await request.app[PIPELINE].store.find_conversation(conversation_id)
+    # Another account's conversation is "not found" to this key: ids reveal nothing.
+    if conversation is None or not key.allows(conversation.account_id):
+        raise NotFound(
+            f"Conversation {conversation_id[:128]!r} not found.",
+            code="conversation_not_found",
+            param="conversationId",
+        )
+    structlog.contextvars.bind_contextvars(account=conversation.account_id)
+    return json_response(conversation_view(conversation))

@@ -19,7 +19,8 @@ from gateway.context import PIPELINE
 from gateway.domain import Conversation
 from gateway.logs import configure_logging
 from gateway.plugin_manager import build_plugins
-from gateway.store import Store, new_conversation_id
+from gateway.schema import new_conversation_id
+from gateway.store import Store
 
 API_KEY = "test-key-0123456789abcdef"
 SCOPED_KEY = "scoped-key-0123456789abcdef"

@@ -11,7 +11,8 @@ import msgspec
 import pytest
 
 from gateway.domain import SinkState
-from gateway.store import MIGRATIONS, NewEvent, Store
+from gateway.schema import MIGRATIONS
+from gateway.store import NewEvent, Store
 from tests.conftest import add_conversation
 
 

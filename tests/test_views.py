@@ -186,6 +186,7 @@ async def test_history_lists_newest_first_in_zernio_shape(client: Client) -> Non
         "durationMs",
         "eventId",
         "status",
+        "attributionWindowExpired",
     }
     assert row["eventName"] == "Purchase"
     assert row["conversationId"] == conversation.id

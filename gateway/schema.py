@@ -1,0 +1,152 @@
+"""The database schema: the migrations list, and how rows map to the domain records."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import aiosqlite
+
+from gateway.domain import Conversation
+
+__all__ = [
+    "CONVERSATION_COLUMNS",
+    "EVENT_COLUMNS",
+    "INSERT_CONVERSATION",
+    "MIGRATIONS",
+    "MUTABLE_CONVERSATION_FIELDS",
+    "conversation_from_row",
+    "conversation_params",
+    "fetch_rows",
+    "migrate",
+    "new_conversation_id",
+]
+
+# Append only: a released migration is never edited, a change is a new entry.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL,
+        wa_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        last_inbound_at REAL,
+        ctwa_clid TEXT,
+        ctwa_captured_at REAL,
+        ctwa_clicked_at REAL,
+        ctwa_source_id TEXT,
+        ctwa_source_url TEXT,
+        ctwa_headline TEXT,
+        ctwa_source_type TEXT
+    );
+    CREATE INDEX conversations_by_phone
+        ON conversations (account_id, wa_id, last_inbound_at DESC);
+    CREATE TABLE events (
+        pk INTEGER PRIMARY KEY,
+        account_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        event_name TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        event_time INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        event BLOB NOT NULL,
+        test_event_code TEXT,
+        received_at REAL NOT NULL,
+        duration_ms REAL NOT NULL,
+        insert_token TEXT NOT NULL,
+        UNIQUE (account_id, event_id)
+    );
+    CREATE INDEX events_recent ON events (account_id, pk DESC);
+    CREATE TABLE deliveries (
+        event_pk INTEGER NOT NULL REFERENCES events (pk),
+        sink TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        payload BLOB,
+        error TEXT,
+        error_code TEXT,
+        trace_id TEXT,
+        events_received INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (event_pk, sink)
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_open ON deliveries (sink, status) WHERE status = 'pending';
+    """,
+    """
+    ALTER TABLE conversations ADD COLUMN ctwa_capture_source TEXT;
+    CREATE INDEX conversations_recent ON conversations (account_id, created_at DESC);
+    ALTER TABLE events ADD COLUMN attribution_window_expired INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE webhook_messages (
+        wamid TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        received_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE automatic_events (
+        pk INTEGER PRIMARY KEY,
+        account_id TEXT NOT NULL,
+        wamid TEXT NOT NULL,
+        event_name TEXT NOT NULL,
+        ctwa_clid TEXT,
+        custom_data BLOB,
+        occurred_at REAL,
+        conversation_id TEXT,
+        received_at REAL NOT NULL,
+        UNIQUE (account_id, wamid, event_name)
+    );
+    """,
+)
+
+# The conversations columns, in the order of Conversation's fields.
+CONVERSATION_FIELDS: tuple[str, ...] = Conversation.__struct_fields__
+CONVERSATION_COLUMNS = ", ".join(CONVERSATION_FIELDS)
+INSERT_CONVERSATION = (
+    f"INSERT INTO conversations ({CONVERSATION_COLUMNS})"
+    f" VALUES ({', '.join('?' * len(CONVERSATION_FIELDS))})"
+)
+# What capture may change on an existing conversation.
+MUTABLE_CONVERSATION_FIELDS: tuple[str, ...] = tuple(
+    f for f in CONVERSATION_FIELDS if f not in {"id", "account_id", "wa_id", "created_at"}
+)
+EVENT_COLUMNS = (
+    "pk, account_id, event_id, event_name, conversation_id, event_time, status, event,"
+    " test_event_code, received_at, duration_ms, attribution_window_expired"
+)
+
+
+def new_conversation_id() -> str:
+    """Return a fresh, unguessable conversation id."""
+    return "conv_" + secrets.token_hex(12)
+
+
+async def fetch_rows(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    """Run a query and fetch every row in one trip to the connection's thread."""
+    # execute_fetchall: a cursor's execute/fetch/close would be three trips.
+    return list(await conn.execute_fetchall(sql, params))
+
+
+def conversation_from_row(row: Any) -> Conversation:
+    """Return the Conversation a ``SELECT CONVERSATION_COLUMNS`` row holds."""
+    return Conversation(**dict(zip(CONVERSATION_FIELDS, row, strict=True)))
+
+
+def conversation_params(conversation: Conversation) -> tuple[Any, ...]:
+    """Return a conversation's values in ``CONVERSATION_COLUMNS`` order."""
+    return tuple(getattr(conversation, field) for field in CONVERSATION_FIELDS)
+
+
+async def migrate(conn: aiosqlite.Connection) -> None:
+    """Apply the migrations this database has not seen yet."""
+    await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+    async with conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cur:
+        row = await cur.fetchone()
+    current = int(row[0]) if row else 0
+    for version, script in enumerate(MIGRATIONS, start=1):
+        if version <= current:
+            continue
+        # executescript commits first; the version row goes in the same script so a crash
+        # between them cannot leave a half-applied migration recorded as done.
+        await conn.executescript(
+            f"BEGIN IMMEDIATE; {script}; INSERT INTO schema_migrations VALUES ({version}); COMMIT;"
+        )

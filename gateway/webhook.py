@@ -1,0 +1,91 @@
+"""WhatsApp Cloud API webhook: the verification handshake and signed notifications.
+
+Bytes first, signature second, decoding third: nothing unsigned is parsed, let alone stored.
+The answer comes after the notification's single transaction has committed, so a 200 means
+Meta may forget it; any failure before that lets Meta retry (it does for 7 days).
+"""
+
+from __future__ import annotations
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from gateway.capture import extract
+from gateway.context import PIPELINE, SETTINGS, WEBHOOK_SECRETS
+from gateway.errors import Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
+from gateway.http_body import read_body
+from gateway.models import ENCODER
+from gateway.signature import signature_matches
+from gateway.webhook_models import ENVELOPE_DECODER
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+log = structlog.get_logger()
+
+_MAX_CHALLENGE = 256
+
+
+@routes.get("/webhooks/whatsapp")
+async def verify(request: web.Request) -> web.Response:
+    """Meta's subscription handshake: echo ``hub.challenge`` if the verify token is ours."""
+    query = request.query
+    secrets = request.app[WEBHOOK_SECRETS]
+    challenge = query.get("hub.challenge", "")
+    if (
+        query.get("hub.mode") != "subscribe"
+        or not secrets.token_matches(query.get("hub.verify_token", ""))
+        or not 0 < len(challenge) <= _MAX_CHALLENGE
+    ):
+        log.warning("webhook_verification_refused", configured=secrets.verify_token is not None)
+        raise Forbidden(
+            "Verification refused: hub.mode must be subscribe and hub.verify_token must equal"
+            " the secret named by [webhook] verify_token_env.",
+            code="verification_failed",
+        )
+    return web.Response(text=challenge, content_type="text/plain")
+
+
+@routes.post("/webhooks/whatsapp")
+async def notify(request: web.Request) -> web.Response:
+    """Verify, decode and capture one notification (up to 1,000 updates) in one transaction."""
+    settings = request.app[SETTINGS]
+    app_secret = request.app[WEBHOOK_SECRETS].app_secret
+    if app_secret is None:
+        # Fail closed; 503 makes Meta retry, so nothing is lost while the secret is set up.
+        raise ServiceUnavailable(
+            "Webhook not configured: set the app secret in the variable [webhook]"
+            " app_secret_env names.",
+            code="webhook_not_configured",
+        )
+    body = await read_body(request, settings.webhook.max_body_bytes)
+    if not signature_matches(app_secret, body, request.headers.get("X-Hub-Signature-256")):
+        log.warning(
+            "webhook_signature_rejected",
+            present="X-Hub-Signature-256" in request.headers,
+            body_bytes=len(body),
+        )
+        raise Unauthorized(
+            "Invalid or missing X-Hub-Signature-256: it must be sha256=<hex HMAC-SHA256 of the"
+            " exact body with the app secret>.",
+            code="invalid_signature",
+        )
+    try:
+        envelope = ENVELOPE_DECODER.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise InvalidRequest(
+            "Malformed notification: the body is not valid JSON.", code="invalid_notification"
+        ) from None
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(
+            f"Malformed notification: {exc}.", code="invalid_notification"
+        ) from None
+    batch = extract(envelope, settings)
+    window = settings.events.attribution_window_s
+    result = await request.app[PIPELINE].store.capture(batch, window_s=window)
+    if batch.unknown_numbers:
+        # Business phone number ids (or WABA ids), not personal data.
+        log.warning("webhook_unknown_numbers", ids=sorted(set(batch.unknown_numbers))[:20])
+    log.info("webhook_captured", **msgspec.structs.asdict(result))
+    return web.Response(body=ENCODER.encode(result), content_type="application/json")
