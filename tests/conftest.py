@@ -24,7 +24,14 @@ from gateway.store import Store
 
 API_KEY = "test-key-0123456789abcdef"
 SCOPED_KEY = "scoped-key-0123456789abcdef"
-ENV = {"CTWA_TEST_KEY": API_KEY, "CTWA_SCOPED_KEY": SCOPED_KEY}
+APP_SECRET = "test-app-secret-0123456789"
+VERIFY_TOKEN = "test-verify-token"
+ENV = {
+    "CTWA_TEST_KEY": API_KEY,
+    "CTWA_SCOPED_KEY": SCOPED_KEY,
+    "CTWA_APP_SECRET": APP_SECRET,
+    "CTWA_VERIFY_TOKEN": VERIFY_TOKEN,
+}
 WABA_ID = "102290129340398"
 PHONE_NUMBER_ID = "106540352242922"
 # The click id of Meta's documented CTWA message example (../shared/fixtures).
@@ -58,6 +65,7 @@ def base_config(db: Path) -> dict[str, Any]:
             ]
         },
         "plugins": {"sinks": ["log"]},
+        "webhook": {"verify_token_env": "CTWA_VERIFY_TOKEN", "app_secret_env": "CTWA_APP_SECRET"},
     }
 
 

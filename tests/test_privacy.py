@@ -17,14 +17,16 @@ from aiohttp.test_utils import TestClient
 
 from gateway.cli import main
 from gateway.store import Store
-from tests.conftest import API_KEY, AUTH, ENV, LogCapture, add_conversation, base_config, store_of
+from tests.conftest import API_KEY, AUTH, ENV, LogCapture, add_conversation, base_config
+from tests.payloads import encode, message, messages_change, notification, referral, signed
 
 Client = TestClient[web.Request, web.Application]
 EMAIL = "Sentinel.Person@Leak-Check.example"
 PHONE = "+1 650 555 0199"
 PHONE_DIGITS = "16505550199"
 EXTERNAL = "SENTINEL-EXT-777"
-SENTINELS = [EMAIL, EMAIL.lower(), EXTERNAL, EXTERNAL.lower(), PHONE, PHONE_DIGITS, API_KEY]
+NAME = "Sentinel Profilename"
+SENTINELS = [EMAIL, EMAIL.lower(), EXTERNAL, EXTERNAL.lower(), PHONE, PHONE_DIGITS, API_KEY, NAME]
 
 
 def conversion(event_id: str, **extra: Any) -> dict[str, Any]:
@@ -49,7 +51,12 @@ def assert_clean(text: str) -> None:
 async def test_http_logs_and_database_carry_no_pii(
     client: Client, logs: LogCapture, db_path: Path
 ) -> None:
-    await add_conversation(store_of(client), wa_id=PHONE_DIGITS)
+    # Captured through the webhook, with a sentinel profile name; and once with a bad signature.
+    msg = message(PHONE_DIGITS, "wamid.P1", ref=referral("privacy-click"))
+    body = encode(notification(messages_change([msg], names={PHONE_DIGITS: NAME})))
+    bad = await client.post("/webhooks/whatsapp", data=body, headers={"X-Hub-Signature-256": "x"})
+    assert bad.status == 401
+    assert (await client.post("/webhooks/whatsapp", data=body, headers=signed(body))).status == 200
     url = "/v1/whatsapp/conversions"
     ok = await client.post(url, json=conversion("ok"), headers=AUTH)
     assert ok.status == 200
@@ -72,13 +79,20 @@ async def test_http_logs_and_database_carry_no_pii(
     assert bad_key.status == 401
     history = await client.get(url, params={"accountId": "acme"}, headers=AUTH)
     assert history.status == 200
+    conversations = await client.get(
+        "/v1/whatsapp/conversations",
+        params={"accountId": "acme", "phoneE164": PHONE},
+        headers=AUTH,
+    )
+    assert conversations.status == 200
 
-    assert len(logs.events("request")) == 8
+    assert len(logs.events("request")) == 11
     assert logs.events("dry_run_payload")
     assert_clean(logs.text)
 
     await client.close()  # flush and close the store before reading the file
     stored = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    assert NAME.encode() not in stored
     assert EMAIL.lower().encode() not in stored
     assert EXTERNAL.encode() not in stored
     assert EXTERNAL.lower().encode() not in stored
