@@ -203,6 +203,10 @@ def _check_config(settings: Settings, plugins: Plugins, env: Mapping[str, str], 
         w(f"  - {key.name}: {present(key.key_env)}, accounts {', '.join(key.accounts)}\n")
         if not env.get(key.key_env):
             problems.append(f"API key {key.name!r}: environment variable {key.key_env} is not set")
+    w(
+        f"webhook: app secret {present(settings.webhook.app_secret_env)},"
+        f" verify token {present(settings.webhook.verify_token_env)}\n"
+    )
     origins = plugins.origins()
     for role in ("resolvers", "normalizers", "sinks"):
         w(f"{role}:\n")
