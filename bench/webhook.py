@@ -154,7 +154,8 @@ def main() -> None:
         f" {args.concurrency} in flight, loopback"
     )
     print(
-        f"{'target':<26}{'messages/s':>12}{'p50 ms/post':>13}{'max ms':>9}{'server CPU s':>14}{'ratio':>8}"
+        f"{'target':<26}{'messages/s':>12}{'p50 ms/post':>13}{'max ms':>9}"
+        f"{'server CPU s':>14}{'ratio':>8}"
     )
     for label, (elapsed, latencies, cpu) in results.items():
         rate = args.posts * PER_POST / elapsed
