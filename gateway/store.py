@@ -18,6 +18,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 
+from gateway.batch_reader import BatchedLookup
 from gateway.capture import CaptureBatch, CaptureOp, CaptureResult
 from gateway.domain import (
     STATUS_PRECEDENCE,
@@ -191,6 +192,7 @@ class Store:
         self.writer = GroupCommitWriter(writer_conn, max_batch=max_batch)
         # Insert tokens: unique per open store, without a syscall per event.
         self._token_prefix = secrets.token_hex(8)
+        self._conversations = BatchedLookup(self._conversations_by_id)
         self._tokens = itertools.count(1)
 
     @classmethod
@@ -219,6 +221,7 @@ class Store:
     async def close(self) -> None:
         """Flush pending writes and close both connections."""
         await self.writer.close()
+        await self._conversations.drain()
         await self._reader.close()
         await self._writer_conn.close()
 
@@ -235,12 +238,19 @@ class Store:
 
     async def get_conversation(self, account_id: str, conversation_id: str) -> Conversation | None:
         """Return the conversation with this id on this account."""
+        conversation = await self._conversations.get(conversation_id)
+        if conversation is None or conversation.account_id != account_id:
+            return None
+        return conversation
+
+    async def _conversations_by_id(self, ids: Sequence[str]) -> dict[str, Conversation]:
         rows = await fetch_rows(
             self._reader,
-            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ? AND account_id = ?",
-            (conversation_id, account_id),
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
+            f" WHERE id IN ({','.join('?' * len(ids))})",
+            ids,
         )
-        return conversation_from_row(rows[0]) if rows else None
+        return {row[0]: conversation_from_row(row) for row in rows}
 
     async def latest_conversation_for_phone(
         self, account_id: str, wa_id: str
