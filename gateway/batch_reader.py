@@ -28,6 +28,7 @@ class BatchedLookup(Generic[K, V]):
         self._waiting: dict[K, list[asyncio.Future[V | None]]] = {}
         self._scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.fetches = 0
 
     def get(self, key: K) -> asyncio.Future[V | None]:
         """Return a future of the value for ``key`` (``None`` if there is none)."""
@@ -53,6 +54,7 @@ class BatchedLookup(Generic[K, V]):
     async def _answer(
         self, keys: list[K], waiting: dict[K, list[asyncio.Future[V | None]]]
     ) -> None:
+        self.fetches += 1
         try:
             found = await self._fetch(keys)
         except Exception as exc:

@@ -192,7 +192,7 @@ class Store:
         self.writer = GroupCommitWriter(writer_conn, max_batch=max_batch)
         # Insert tokens: unique per open store, without a syscall per event.
         self._token_prefix = secrets.token_hex(8)
-        self._conversations = BatchedLookup(self._conversations_by_id)
+        self.conversation_lookups = BatchedLookup(self._conversations_by_id)
         self._tokens = itertools.count(1)
 
     @classmethod
@@ -221,7 +221,7 @@ class Store:
     async def close(self) -> None:
         """Flush pending writes and close both connections."""
         await self.writer.close()
-        await self._conversations.drain()
+        await self.conversation_lookups.drain()
         await self._reader.close()
         await self._writer_conn.close()
 
@@ -238,7 +238,7 @@ class Store:
 
     async def get_conversation(self, account_id: str, conversation_id: str) -> Conversation | None:
         """Return the conversation with this id on this account."""
-        conversation = await self._conversations.get(conversation_id)
+        conversation = await self.conversation_lookups.get(conversation_id)
         if conversation is None or conversation.account_id != account_id:
             return None
         return conversation
