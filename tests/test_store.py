@@ -132,4 +132,4 @@ async def test_lookups_in_one_turn_share_a_query(store: Store) -> None:
     none = await asyncio.gather(
         store.get_conversation("acme", "conv_missing"), store.get_conversation("other", made[0].id)
     )
-    assert none == [None, None]
+    assert list(none) == [None, None]
