@@ -15,6 +15,7 @@ from gateway.models import ConversionRequest
 
 __all__ = [
     "STATUS_PRECEDENCE",
+    "Attempt",
     "Conversation",
     "DeliveryStatus",
     "PreparedEvent",
@@ -76,6 +77,23 @@ class SinkState(msgspec.Struct, frozen=True, kw_only=True):
     error_code: str | None = None
     trace_id: str | None = None
     events_received: int = 0
+    # Meta's non-fatal ``messages`` (e.g. an event_time it discarded).
+    warnings: list[str] | None = None
+
+
+class Attempt(msgspec.Struct, frozen=True, kw_only=True):
+    """One try of one sink to deliver one event."""
+
+    sink: str
+    attempt: int
+    at: float
+    outcome: str
+    http_status: int | None = None
+    error_code: str | None = None
+    message: str | None = None
+    trace_id: str | None = None
+    batch_size: int = 1
+    duration_ms: float = 0.0
 
 
 class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):

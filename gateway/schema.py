@@ -7,17 +7,22 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiosqlite
+import msgspec
 
-from gateway.domain import Conversation
+from gateway.domain import STATUS_PRECEDENCE, Conversation, SinkState
 
 __all__ = [
     "CONVERSATION_COLUMNS",
+    "DELIVERY_COLUMNS",
     "EVENT_COLUMNS",
     "INSERT_CONVERSATION",
+    "INSERT_DELIVERY",
     "MIGRATIONS",
     "MUTABLE_CONVERSATION_FIELDS",
+    "UPDATE_EVENT_STATUS",
     "conversation_from_row",
     "conversation_params",
+    "delivery_row",
     "fetch_rows",
     "migrate",
     "new_conversation_id",
@@ -96,6 +101,31 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (account_id, wamid, event_name)
     );
     """,
+    """
+    ALTER TABLE deliveries ADD COLUMN next_attempt_at REAL;
+    ALTER TABLE deliveries ADD COLUMN warnings BLOB;
+    DROP INDEX deliveries_open;
+    CREATE INDEX deliveries_due ON deliveries (sink, next_attempt_at) WHERE status = 'pending';
+    CREATE TABLE delivery_attempts (
+        event_pk INTEGER NOT NULL,
+        sink TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        at REAL NOT NULL,
+        outcome TEXT NOT NULL,
+        http_status INTEGER,
+        error_code TEXT,
+        message TEXT,
+        trace_id TEXT,
+        batch_size INTEGER NOT NULL,
+        duration_ms REAL NOT NULL,
+        PRIMARY KEY (event_pk, sink, attempt)
+    ) WITHOUT ROWID;
+    CREATE TABLE datasets (
+        account_id TEXT PRIMARY KEY,
+        dataset_id TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 )
 
 # The conversations columns, in the order of Conversation's fields.
@@ -113,6 +143,39 @@ EVENT_COLUMNS = (
     "pk, account_id, event_id, event_name, conversation_id, event_time, status, event,"
     " test_event_code, received_at, duration_ms, attribution_window_expired"
 )
+
+
+DELIVERY_COLUMNS = (
+    "event_pk, sink, status, attempts, payload, error, error_code, trace_id, events_received,"
+    " warnings, next_attempt_at, updated_at"
+)
+INSERT_DELIVERY = f"INSERT INTO deliveries ({DELIVERY_COLUMNS}) VALUES ({', '.join('?' * 12)})"
+# overall_status() in SQL: the first status in precedence order that any sink of the event has.
+UPDATE_EVENT_STATUS = (
+    "UPDATE events SET status = COALESCE((SELECT status FROM deliveries WHERE event_pk = ?"
+    " ORDER BY CASE status "
+    + " ".join(f"WHEN '{s}' THEN {i}" for i, s in enumerate(STATUS_PRECEDENCE))
+    + " ELSE 99 END LIMIT 1), 'pending') WHERE pk = ?"
+)
+_encode = msgspec.json.Encoder().encode
+
+
+def delivery_row(pk: int, sink: str, state: SinkState, now: float) -> tuple[Any, ...]:
+    """Return a deliveries row; a pending delivery is due at once."""
+    return (
+        pk,
+        sink,
+        state.status,
+        state.attempts,
+        None if state.payload is None else _encode(state.payload),
+        state.error,
+        state.error_code,
+        state.trace_id,
+        state.events_received,
+        None if state.warnings is None else _encode(state.warnings),
+        now if state.status == "pending" else None,
+        now,
+    )
 
 
 def new_conversation_id() -> str:

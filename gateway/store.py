@@ -21,18 +21,21 @@ import msgspec
 from gateway.batch_reader import BatchedLookup
 from gateway.capture import CaptureBatch, CaptureOp, CaptureResult
 from gateway.domain import (
-    STATUS_PRECEDENCE,
     Conversation,
     SinkState,
     StoredEvent,
     overall_status,
 )
+from gateway.outbox import Outbox
 from gateway.schema import (
     CONVERSATION_COLUMNS,
     EVENT_COLUMNS,
     INSERT_CONVERSATION,
+    INSERT_DELIVERY,
+    UPDATE_EVENT_STATUS,
     conversation_from_row,
     conversation_params,
+    delivery_row,
     fetch_rows,
     migrate,
 )
@@ -40,15 +43,9 @@ from gateway.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["NewEvent", "Store"]
 
-# overall_status() in SQL: the first status in precedence order that any sink of the event has.
-_STATUS_SQL = (
-    "COALESCE((SELECT status FROM deliveries WHERE event_pk = ? ORDER BY CASE status "
-    + " ".join(f"WHEN '{s}' THEN {i}" for i, s in enumerate(STATUS_PRECEDENCE))
-    + " ELSE 99 END LIMIT 1), 'pending')"
-)
-
 _json_encode = msgspec.json.Encoder().encode
 _decode_payload = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_warnings = msgspec.json.Decoder(list[str]).decode
 
 
 class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,13 +122,9 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
             results.append((pk, duplicate))
             if not duplicate:
                 rows.extend(
-                    _delivery_row(pk, sink, state, now) for sink, state in op.new.deliveries.items()
+                    delivery_row(pk, sink, state, now) for sink, state in op.new.deliveries.items()
                 )
-        await conn.executemany(
-            "INSERT INTO deliveries (event_pk, sink, status, attempts, payload, error,"
-            " error_code, trace_id, events_received, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            rows,
-        )
+        await conn.executemany(INSERT_DELIVERY, rows)
         return results
 
 
@@ -153,28 +146,10 @@ class _UpdateDeliveries(WriteOp[None]):
     async def apply(self, conn: aiosqlite.Connection) -> None:
         now = time.time()
         await conn.executemany(
-            "INSERT OR REPLACE INTO deliveries (event_pk, sink, status, attempts, payload, error,"
-            " error_code, trace_id, events_received, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            [_delivery_row(self.pk, sink, state, now) for sink, state in self.states.items()],
+            INSERT_DELIVERY.replace("INSERT", "INSERT OR REPLACE", 1),
+            [delivery_row(self.pk, sink, state, now) for sink, state in self.states.items()],
         )
-        await conn.execute(
-            f"UPDATE events SET status = {_STATUS_SQL} WHERE pk = ?", (self.pk, self.pk)
-        )
-
-
-def _delivery_row(pk: int, sink: str, state: SinkState, now: float) -> tuple[Any, ...]:
-    return (
-        pk,
-        sink,
-        state.status,
-        state.attempts,
-        None if state.payload is None else _json_encode(state.payload),
-        state.error,
-        state.error_code,
-        state.trace_id,
-        state.events_received,
-        now,
-    )
+        await conn.execute(UPDATE_EVENT_STATUS, (self.pk, self.pk))
 
 
 class Store:
@@ -193,6 +168,7 @@ class Store:
         # Insert tokens: unique per open store, without a syscall per event.
         self._token_prefix = secrets.token_hex(8)
         self.conversation_lookups = BatchedLookup(self._conversations_by_id)
+        self.outbox = Outbox(reader_conn, self.writer)
         self._tokens = itertools.count(1)
 
     @classmethod
@@ -354,10 +330,10 @@ class Store:
         found = await fetch_rows(
             self._reader,
             "SELECT event_pk, sink, status, attempts, payload, error, error_code, trace_id,"
-            f" events_received FROM deliveries WHERE event_pk IN ({marks})",
+            f" events_received, warnings FROM deliveries WHERE event_pk IN ({marks})",
             pks,
         )
-        for pk, sink, status, attempts, payload, error, code, trace, received in found:
+        for pk, sink, status, attempts, payload, error, code, trace, received, warn in found:
             states[pk][sink] = SinkState(
                 status=status,
                 attempts=attempts,
@@ -366,6 +342,7 @@ class Store:
                 error_code=code,
                 trace_id=trace,
                 events_received=received,
+                warnings=None if warn is None else _decode_warnings(warn),
             )
         return [
             StoredEvent(

@@ -1,0 +1,231 @@
+"""The outbox: pending deliveries as the store holds them, for sinks that deliver later.
+
+An accepted event's delivery row is committed with status ``pending`` (and due at once) in the
+same transaction as the event. A dispatcher asks :meth:`Outbox.due` for work, sends it, and
+records each outcome with :meth:`Outbox.record` (one transaction per batch, with one attempt
+row per event). Nothing here knows about Meta.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from gateway.domain import Attempt, SinkState
+from gateway.schema import UPDATE_EVENT_STATUS, fetch_rows
+from gateway.writer import GroupCommitWriter, WriteOp
+
+__all__ = ["AttemptResult", "Outbox", "OutboxItem"]
+
+_decode_event = msgspec.json.Decoder(dict[str, Any]).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class OutboxItem(msgspec.Struct, frozen=True, kw_only=True):
+    """A pending delivery with what sending it needs."""
+
+    pk: int
+    account_id: str
+    event_id: str
+    event: dict[str, Any]
+    test_event_code: str | None
+    event_time: int
+    attempts: int
+
+
+class AttemptResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The new state of one delivery after one attempt, and that attempt's record."""
+
+    pk: int
+    state: SinkState
+    attempt: Attempt | None
+    # When to try again (status pending); None for a final state.
+    next_attempt_at: float | None = None
+
+
+class _Record(WriteOp[None]):
+    def __init__(self, sink: str, results: Sequence[AttemptResult]) -> None:
+        self.sink = sink
+        self.results = results
+
+    async def apply(self, conn: aiosqlite.Connection) -> None:
+        now = time.time()
+        await conn.executemany(
+            "UPDATE deliveries SET status = ?, attempts = ?, error = ?, error_code = ?,"
+            " trace_id = ?, events_received = ?, warnings = ?, next_attempt_at = ?,"
+            " updated_at = ? WHERE event_pk = ? AND sink = ?",
+            [
+                (
+                    r.state.status,
+                    r.state.attempts,
+                    r.state.error,
+                    r.state.error_code,
+                    r.state.trace_id,
+                    r.state.events_received,
+                    None if r.state.warnings is None else _encode(r.state.warnings),
+                    r.next_attempt_at,
+                    now,
+                    r.pk,
+                    self.sink,
+                )
+                for r in self.results
+            ],
+        )
+        await conn.executemany(
+            "INSERT OR REPLACE INTO delivery_attempts (event_pk, sink, attempt, at, outcome,"
+            " http_status, error_code, message, trace_id, batch_size, duration_ms)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    r.pk,
+                    self.sink,
+                    a.attempt,
+                    a.at,
+                    a.outcome,
+                    a.http_status,
+                    a.error_code,
+                    a.message,
+                    a.trace_id,
+                    a.batch_size,
+                    a.duration_ms,
+                )
+                for r in self.results
+                if (a := r.attempt) is not None
+            ],
+        )
+        await conn.executemany(UPDATE_EVENT_STATUS, [(r.pk, r.pk) for r in self.results])
+
+
+class _Requeue(WriteOp[int]):
+    def __init__(
+        self, account_id: str, sinks: Sequence[str], statuses: Sequence[str], since: float
+    ) -> None:
+        self.args = (account_id, sinks, statuses, since)
+
+    async def apply(self, conn: aiosqlite.Connection) -> int:
+        account_id, sinks, statuses, since = self.args
+        now = time.time()
+        sink_marks = ",".join("?" * len(sinks))
+        status_marks = ",".join("?" * len(statuses))
+        where = (
+            f"sink IN ({sink_marks}) AND status IN ({status_marks}) AND event_pk IN"
+            " (SELECT pk FROM events WHERE account_id = ? AND received_at >= ?)"
+        )
+        params = [*sinks, *statuses, account_id, since]
+        pks = [
+            row[0]
+            for row in await fetch_rows(
+                conn, f"SELECT DISTINCT event_pk FROM deliveries WHERE {where}", params
+            )
+        ]
+        cursor = await conn.execute(
+            "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, error = NULL,"
+            f" error_code = NULL, updated_at = ? WHERE {where}",
+            [now, now, *params],
+        )
+        await conn.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
+        return cursor.rowcount
+
+
+class _SaveDataset(WriteOp[None]):
+    def __init__(self, account_id: str, dataset_id: str) -> None:
+        self.row = (account_id, dataset_id, time.time())
+
+    async def apply(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute(
+            "INSERT INTO datasets (account_id, dataset_id, created_at) VALUES (?,?,?)"
+            " ON CONFLICT (account_id) DO UPDATE SET dataset_id = excluded.dataset_id",
+            self.row,
+        )
+
+
+class Outbox:
+    """Queries and writes of pending deliveries, over the store's connections."""
+
+    def __init__(self, reader: aiosqlite.Connection, writer: GroupCommitWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def due(
+        self, sink: str, *, now: float, limit: int, exclude: set[int]
+    ) -> list[OutboxItem]:
+        """Return up to ``limit`` deliveries of ``sink`` due by ``now``, oldest first."""
+        rows = await fetch_rows(
+            self._reader,
+            "SELECT e.pk, e.account_id, e.event_id, e.event, e.test_event_code, e.event_time,"
+            " d.attempts FROM deliveries d JOIN events e ON e.pk = d.event_pk"
+            " WHERE d.sink = ? AND d.status = 'pending' AND d.next_attempt_at <= ?"
+            " ORDER BY d.next_attempt_at, d.event_pk LIMIT ?",
+            (sink, now, limit + len(exclude)),
+        )
+        items = [
+            OutboxItem(
+                pk=row[0],
+                account_id=row[1],
+                event_id=row[2],
+                event=_decode_event(row[3]),
+                test_event_code=row[4],
+                event_time=row[5],
+                attempts=row[6],
+            )
+            for row in rows
+            if row[0] not in exclude
+        ]
+        return items[:limit]
+
+    async def next_due(self, sink: str) -> float | None:
+        """Return when the earliest pending delivery of ``sink`` is due."""
+        rows = await fetch_rows(
+            self._reader,
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE sink = ? AND status = 'pending'",
+            (sink,),
+        )
+        return rows[0][0] if rows else None
+
+    async def pending(self, sink: str) -> int:
+        """Return how many deliveries of ``sink`` are pending."""
+        rows = await fetch_rows(
+            self._reader,
+            "SELECT COUNT(*) FROM deliveries WHERE sink = ? AND status = 'pending'",
+            (sink,),
+        )
+        return int(rows[0][0])
+
+    async def record(self, sink: str, results: Sequence[AttemptResult]) -> None:
+        """Store the outcomes of one attempt (one transaction)."""
+        if results:
+            await self._writer.submit(_Record(sink, results))
+
+    async def requeue(
+        self, account_id: str, *, sinks: Sequence[str], statuses: Sequence[str], since: float
+    ) -> int:
+        """Make matching deliveries pending again; return how many. Delivered ones never."""
+        wanted = [s for s in statuses if s != "delivered"]
+        if not wanted or not sinks:
+            return 0
+        return await self._writer.submit(_Requeue(account_id, sinks, wanted, since))
+
+    async def attempts(self, pk: int) -> list[Attempt]:
+        """Return every attempt made for an event, oldest first."""
+        rows = await fetch_rows(
+            self._reader,
+            "SELECT sink, attempt, at, outcome, http_status, error_code, message, trace_id,"
+            " batch_size, duration_ms FROM delivery_attempts WHERE event_pk = ?"
+            " ORDER BY at, sink, attempt",
+            (pk,),
+        )
+        fields = Attempt.__struct_fields__
+        return [Attempt(**dict(zip(fields, row, strict=True))) for row in rows]
+
+    async def datasets(self) -> dict[str, str]:
+        """Return the dataset ids stored per account (from ``POST /v1/whatsapp/dataset``)."""
+        rows = await fetch_rows(self._reader, "SELECT account_id, dataset_id FROM datasets", ())
+        return {row[0]: row[1] for row in rows}
+
+    async def save_dataset(self, account_id: str, dataset_id: str) -> None:
+        """Remember an account's dataset id."""
+        await self._writer.submit(_SaveDataset(account_id, dataset_id))
