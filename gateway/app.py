@@ -12,10 +12,10 @@ from gateway.auth import KeyRing
 from gateway.config import Settings
 from gateway.context import KEYS, PIPELINE, PLUGINS, SETTINGS, WEBHOOK_SECRETS
 from gateway.middlewares import middlewares
-from gateway.pipeline import Pipeline, check_normalizers
+from gateway.pipeline import check_normalizers
 from gateway.plugin_manager import Plugins
+from gateway.runtime import running
 from gateway.signature import WebhookSecrets
-from gateway.store import Store
 from gateway.validation import iso_currencies
 from gateway.views import routes as api_routes
 from gateway.webhook import routes as webhook_routes
@@ -34,7 +34,7 @@ def create_app(
 ) -> web.Application:
     """Return the application; configuration errors raise ConfigError here, before serving."""
     keys = KeyRing.from_config(settings.auth, environ)
-    plugins.check_config(settings)
+    plugins.check_config(settings, environ)
     check_normalizers(settings, plugins)
     iso_currencies()  # load the currency list now rather than on the first request
 
@@ -53,15 +53,13 @@ def create_app(
     app[KEYS] = keys
     app[WEBHOOK_SECRETS] = secrets
 
-    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = await Store.open(settings.store_path(), max_batch=settings.store.group_commit_max)
-        app[PIPELINE] = Pipeline(settings, plugins, store, clock=clock)
-        try:
+    async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with running(settings, plugins, environ, clock=clock) as pipeline:
+            app[PIPELINE] = pipeline
             yield
-        finally:
-            await store.close()
 
-    app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(runtime_ctx)
     app.add_routes(api_routes)
     app.add_routes(webhook_routes)
+    app.add_routes(plugins.routes())
     return app

@@ -26,7 +26,7 @@ from gateway.models import ErrorBody
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
 from gateway.render import conversion_response
-from gateway.store import Store
+from gateway.runtime import running
 from gateway.validation import decode_conversion
 
 __all__ = ["main"]
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         if args.command == "serve":
             return _serve(settings, plugins, env, args.host, args.port)
         if args.command == "send":
-            return asyncio.run(_send(settings, plugins, args.events, dry_run=args.dry_run))
+            return asyncio.run(_send(settings, plugins, env, args.events, dry_run=args.dry_run))
         return _check_config(settings, plugins, env, sys.stdout)
     except ConfigError as exc:
         print(f"ctwa-gateway: configuration error: {exc}", file=sys.stderr)
@@ -118,17 +118,17 @@ def _error_line(number: int, exc: GatewayError) -> dict[str, Any]:
     return {"line": number, "status": "error", "httpStatus": exc.status, "error": body}
 
 
-async def _send(settings: Settings, plugins: Plugins, source: str, *, dry_run: bool) -> int:
+async def _send(
+    settings: Settings, plugins: Plugins, env: Mapping[str, str], source: str, *, dry_run: bool
+) -> int:
     check_normalizers(settings, plugins)
-    plugins.check_config(settings)
+    plugins.check_config(settings, env)
     try:
         events = list(_read_events(source))
     except OSError as exc:
         raise ConfigError(f"cannot read {source}: {exc.strerror}") from None
-    store = await Store.open(settings.store_path(), max_batch=settings.store.group_commit_max)
     failed = 0
-    try:
-        pipeline = Pipeline(settings, plugins, store)
+    async with running(settings, plugins, env, start_plugins=not dry_run) as pipeline:
         for number, raw in events:
             try:
                 line = await _send_one(pipeline, number, raw, dry_run=dry_run)
@@ -136,8 +136,6 @@ async def _send(settings: Settings, plugins: Plugins, source: str, *, dry_run: b
                 failed += 1
                 line = _error_line(number, exc)
             sys.stdout.write(_encode(line).decode() + "\n")
-    finally:
-        await store.close()
     return 1 if failed else 0
 
 
@@ -174,7 +172,7 @@ async def _send_one(
 def _check_config(settings: Settings, plugins: Plugins, env: Mapping[str, str], out: TextIO) -> int:
     problems: list[str] = []
     try:
-        plugins.check_config(settings)
+        plugins.check_config(settings, env)
         check_normalizers(settings, plugins)
     except ConfigError as exc:
         problems.append(str(exc))

@@ -16,10 +16,12 @@ says what the host awaits.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.config import AccountConfig, Settings
@@ -36,12 +38,30 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def gateway_check_config(config: Any, settings: Settings) -> None:
+def gateway_check_config(config: Any, settings: Settings, environ: Mapping[str, str]) -> None:
     """Check this plugin's settings against the whole configuration at startup.
 
     Raise :class:`gateway.errors.ConfigError` with a message naming the ``$.path`` to stop
-    startup (e.g. ``test_mode`` without a ``test_event_code``). Called once per listed plugin.
+    startup (e.g. ``test_mode`` without a ``test_event_code``, or an account whose token
+    variable is unset). ``environ`` is where secrets come from. Called once per listed plugin.
     """
+
+
+@hookspec
+def gateway_lifespan(
+    name: str, config: Any, settings: Settings, store: Store, environ: Mapping[str, str]
+) -> AbstractAsyncContextManager[None] | None:
+    """Return an async context manager for the plugin's resources, or ``None``.
+
+    The host enters it after the store is open and before serving (start sessions, background
+    tasks), and exits it on shutdown before the store closes (drain them). ``name`` is the
+    name the plugin is listed under.
+    """
+
+
+@hookspec
+def gateway_register_routes(name: str, config: Any) -> list[web.RouteDef] | None:
+    """Return extra HTTP routes the plugin serves, or ``None``."""
 
 
 @hookspec(firstresult=True)
@@ -89,12 +109,15 @@ def gateway_accept_event(event: PreparedEvent, config: Any) -> SinkState:  # typ
 
 @hookspec
 def gateway_deliver_event(
-    event: StoredEvent, state: SinkState, config: Any
+    event: StoredEvent, state: SinkState, sink: str, store: Store, config: Any
 ) -> Awaitable[SinkState | None] | None:
     """Act on an event after it has been committed (sinks; never for duplicates).
 
-    Return ``None`` when there is nothing to do, or an awaitable the host awaits; it resolves
-    to the sink's new :class:`~gateway.domain.SinkState` (which the host stores) or ``None``
-    if the state did not change.
+    Return ``None`` when there is nothing to do, or an awaitable the host awaits before it
+    answers the request; it resolves to the sink's current :class:`~gateway.domain.SinkState`,
+    which the host reports, or ``None`` if nothing changed yet. The sink owns its delivery
+    state from here: it stores changes itself (``store.update_deliveries`` or the outbox),
+    so an outcome reached after the request was answered is kept too. ``sink`` is the name the
+    plugin is listed under. The awaitable should bound its own wait.
     """
     return None

@@ -42,7 +42,7 @@ class AttemptResult(msgspec.Struct, frozen=True, kw_only=True):
 
     pk: int
     state: SinkState
-    attempt: Attempt | None
+    attempts: list[Attempt] = msgspec.field(default_factory=list)
     # When to try again (status pending); None for a final state.
     next_attempt_at: float | None = None
 
@@ -94,7 +94,7 @@ class _Record(WriteOp[None]):
                     a.duration_ms,
                 )
                 for r in self.results
-                if (a := r.attempt) is not None
+                for a in r.attempts
             ],
         )
         await conn.executemany(UPDATE_EVENT_STATUS, [(r.pk, r.pk) for r in self.results])
@@ -129,6 +129,21 @@ class _Requeue(WriteOp[int]):
         )
         await conn.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
         return cursor.rowcount
+
+
+class _Defer(WriteOp[None]):
+    def __init__(self, sink: str, account_ids: Sequence[str], until: float) -> None:
+        self.args = (sink, account_ids, until)
+
+    async def apply(self, conn: aiosqlite.Connection) -> None:
+        sink, account_ids, until = self.args
+        marks = ",".join("?" * len(account_ids))
+        await conn.execute(
+            "UPDATE deliveries SET next_attempt_at = MAX(next_attempt_at, ?)"
+            " WHERE sink = ? AND status = 'pending' AND event_pk IN"
+            f" (SELECT pk FROM events WHERE account_id IN ({marks}))",
+            [until, sink, *account_ids],
+        )
 
 
 class _SaveDataset(WriteOp[None]):
@@ -220,6 +235,10 @@ class Outbox:
         )
         fields = Attempt.__struct_fields__
         return [Attempt(**dict(zip(fields, row, strict=True))) for row in rows]
+
+    async def defer(self, sink: str, account_ids: Sequence[str], until: float) -> None:
+        """Hold every pending delivery of these accounts until ``until`` (throttling)."""
+        await self._writer.submit(_Defer(sink, account_ids, until))
 
     async def datasets(self) -> dict[str, str]:
         """Return the dataset ids stored per account (from ``POST /v1/whatsapp/dataset``)."""

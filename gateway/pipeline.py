@@ -152,7 +152,8 @@ class Pipeline:
         return Outcome(event=stored, duplicate=False)
 
     async def _deliver(self, stored: StoredEvent) -> StoredEvent:
-        pending = self.plugins.deliver(stored)
+        """Let the sinks act on a committed event; return it with the states they report."""
+        pending = self.plugins.deliver(stored, self.store)
         if not pending:
             return stored
         names = list(pending)
@@ -172,7 +173,7 @@ class Pipeline:
                 changed[name] = result
         if not changed:
             return stored
-        await self.store.update_deliveries(stored.pk, changed)
+        # The sinks stored these themselves; the host only reports them.
         deliveries = {**stored.deliveries, **changed}
         return msgspec.structs.replace(
             stored, deliveries=deliveries, status=overall_status(deliveries)

@@ -13,11 +13,13 @@ import inspect
 import pkgutil
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import pluggy
+from aiohttp import web
 
 from gateway import hookspecs
 from gateway.config import AccountConfig, Settings
@@ -128,6 +130,16 @@ class Plugins:
             for item in loaded
             if (call := _one(pm, item.name, "gateway_check_config"))
         ]
+        self._lifespans = [
+            (item.name, call, self.config(item.name))
+            for item in loaded
+            if (call := _one(pm, item.name, "gateway_lifespan"))
+        ]
+        self._routes = [
+            (item.name, call, self.config(item.name))
+            for item in loaded
+            if (call := _one(pm, item.name, "gateway_register_routes"))
+        ]
 
     @property
     def sink_names(self) -> list[str]:
@@ -141,10 +153,28 @@ class Plugins:
         """Return where each loaded plugin came from (entry point or built-in)."""
         return {name: item.origin for name, item in self._loaded.items()}
 
-    def check_config(self, settings: Settings) -> None:
+    def check_config(self, settings: Settings, environ: Mapping[str, str]) -> None:
         """Let every plugin check its settings; raises ConfigError."""
         for call, config in self._check:
-            call(config=config, settings=settings)
+            call(config=config, settings=settings, environ=environ)
+
+    def lifespans(
+        self, settings: Settings, store: Store, environ: Mapping[str, str]
+    ) -> list[AbstractAsyncContextManager[None]]:
+        """Return the plugins' resource lifetimes, in load order."""
+        found = []
+        for name, call, config in self._lifespans:
+            cm = call(name=name, config=config, settings=settings, store=store, environ=environ)
+            if cm is not None:
+                found.append(cm)
+        return found
+
+    def routes(self) -> list[web.RouteDef]:
+        """Return the routes plugins add."""
+        found: list[web.RouteDef] = []
+        for name, call, config in self._routes:
+            found.extend(call(name=name, config=config) or [])
+        return found
 
     async def resolve(
         self, request: ConversionRequest, account: AccountConfig, store: Store
@@ -187,14 +217,16 @@ class Plugins:
             states[name] = state
         return states
 
-    def deliver(self, event: StoredEvent) -> dict[str, Awaitable[SinkState | None]]:
+    def deliver(self, event: StoredEvent, store: Store) -> dict[str, Awaitable[SinkState | None]]:
         """Start each sink's delivery of a committed event; return what there is to await."""
         pending: dict[str, Awaitable[SinkState | None]] = {}
         for name, call in self._deliver.items():
             state = event.deliveries.get(name)
             if state is None:
                 continue
-            result = call(event=event, state=state, config=self.config(name))
+            result = call(
+                event=event, state=state, sink=name, store=store, config=self.config(name)
+            )
             if result is not None:
                 pending[name] = result
         return pending

@@ -1,0 +1,240 @@
+"""Meta's Graph API as the gateway uses it: POST events and datasets, and what errors mean.
+
+Every reply is classified (META.md §2): ``ok``; ``transient`` (5xx, timeouts, dropped
+connections, non-JSON bodies, ``is_transient``, codes 1, 2, 341) and ``throttled`` (HTTP 429,
+codes 4, 17, 32, 613, 80004), both retried; ``permanent`` (code 100 and its subcodes, 190, 10,
+200-299, any other 4xx), never retried. The token travels in the ``Authorization`` header, never
+in a URL, so no access log anywhere sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from typing import Any, Literal
+
+import aiohttp
+import msgspec
+
+__all__ = ["GraphClient", "GraphError", "GraphReply", "explain"]
+
+Kind = Literal["ok", "transient", "throttled", "permanent"]
+
+_TRANSIENT_CODES = frozenset({1, 2, 341})
+_THROTTLE_CODES = frozenset({4, 17, 32, 613, 80004})
+
+
+class GraphError(msgspec.Struct, frozen=True, kw_only=True):
+    """Meta's ``error`` object (unknown fields ignored)."""
+
+    message: str = ""
+    type: str | None = None
+    code: int | None = None
+    error_subcode: int | None = None
+    is_transient: bool | None = None
+    error_user_title: str | None = None
+    error_user_msg: str | None = None
+    fbtrace_id: str | None = None
+
+
+class _ErrorBody(msgspec.Struct, frozen=True):
+    error: GraphError
+
+
+class _EventsBody(msgspec.Struct, frozen=True):
+    events_received: int | None = None
+    messages: list[Any] = msgspec.field(default_factory=list)
+    fbtrace_id: str | None = None
+
+
+class _IdBody(msgspec.Struct, frozen=True):
+    id: str
+
+
+_error_decoder = msgspec.json.Decoder(_ErrorBody)
+_events_decoder = msgspec.json.Decoder(_EventsBody)
+_id_decoder = msgspec.json.Decoder(_IdBody)
+_encode = msgspec.json.Encoder().encode
+
+
+class GraphReply(msgspec.Struct, frozen=True, kw_only=True):
+    """What one Graph request came to."""
+
+    kind: Kind
+    http_status: int | None = None
+    events_received: int | None = None
+    warnings: list[str] = msgspec.field(default_factory=list)
+    trace_id: str | None = None
+    error: GraphError | None = None
+    # Why a request did not get a Graph answer at all (timeout, connection, not JSON).
+    transport: str | None = None
+    retry_after: float | None = None
+    new_id: str | None = None
+    duration_ms: float = 0.0
+
+    def error_code(self) -> str:
+        """Return ``code`` or ``code/subcode`` (or what went wrong in transport)."""
+        if self.error is not None and self.error.code is not None:
+            sub = self.error.error_subcode
+            return f"{self.error.code}/{sub}" if sub else str(self.error.code)
+        if self.transport:
+            return self.transport
+        return f"http_{self.http_status}"
+
+    def is_event_level(self) -> bool:
+        """Tell whether one bad event could explain the rejection (worth splitting a batch)."""
+        e = self.error
+        return (
+            self.kind == "permanent" and e is not None and e.code == 100 and e.error_subcode != 33
+        )
+
+
+def classify(http_status: int, error: GraphError | None) -> Kind:
+    """Return what a Graph answer means for retrying."""
+    if error is None:
+        return "ok" if 200 <= http_status < 300 else "transient"
+    if http_status == 429 or error.code in _THROTTLE_CODES:
+        return "throttled"
+    if error.is_transient or error.code in _TRANSIENT_CODES or http_status >= 500:
+        return "transient"
+    return "permanent"
+
+
+def explain(reply: GraphReply) -> str:
+    """Return an actionable reason for a failed reply."""
+    e = reply.error
+    if e is None:
+        return {
+            "timeout": "Meta did not answer in time",
+            "connection": "could not reach Meta (connection failed or was dropped)",
+            "not_json": f"Meta answered HTTP {reply.http_status} with a body that is not JSON",
+        }.get(reply.transport or "", f"Meta answered HTTP {reply.http_status}")
+    code, sub = e.code, e.error_subcode
+    detail = e.error_user_msg or e.message
+    if code == 190:
+        return (
+            "the access token is invalid or expired: put a new system-user token in the"
+            f" account's access_token_env, then run `ctwa-gateway replay` ({detail})"
+        )
+    if code == 100 and sub == 33:
+        return (
+            "the dataset does not exist or this token cannot reach it: check the account's"
+            f" dataset_id, or POST /v1/whatsapp/dataset ({detail})"
+        )
+    if code == 10 or (code is not None and 200 <= code <= 299):
+        return (
+            "permission denied: the token needs ads_management and whatsapp_business_management"
+            f" on this WABA and dataset ({detail})"
+        )
+    if sub == 2804066:
+        return f"Meta does not accept this event name for business messaging ({detail})"
+    if sub == 2804087:
+        return f"invalid ctwa_clid: not a click id of this WABA's ads ({detail})"
+    if sub == 2804003:
+        return f"the event is older than 7 days ({detail})"
+    if sub == 2804063:
+        return f"messaging_channel is missing ({detail})"
+    return detail or f"Meta error {reply.error_code()}"
+
+
+def appsecret_proof(app_secret: bytes, token: str) -> str:
+    """Return Graph's ``appsecret_proof``: HMAC-SHA256 of the token with the app secret."""
+    return hmac.new(app_secret, token.encode(), hashlib.sha256).hexdigest()
+
+
+class GraphClient:
+    """POSTs to one Graph API base URL and version, with a shared session."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        graph_url: str,
+        api_version: str,
+        timeout_s: float,
+        app_secret: bytes | None = None,
+    ) -> None:
+        self.session = session
+        self.base = f"{graph_url.rstrip('/')}/{api_version}"
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.app_secret = app_secret
+
+    async def send_events(self, dataset_id: str, token: str, body: dict[str, Any]) -> GraphReply:
+        """POST ``body`` to ``/{dataset_id}/events``."""
+        return await self._post(f"{self.base}/{dataset_id}/events", token, body, _events_decoder)
+
+    async def create_dataset(self, waba_id: str, token: str) -> GraphReply:
+        """POST ``/{waba_id}/dataset``: Meta creates the WABA's dataset or returns it."""
+        return await self._post(f"{self.base}/{waba_id}/dataset", token, {}, _id_decoder)
+
+    async def _post(
+        self, url: str, token: str, body: dict[str, Any], decoder: msgspec.json.Decoder[Any]
+    ) -> GraphReply:
+        payload = dict(body)
+        if self.app_secret is not None:
+            payload["appsecret_proof"] = appsecret_proof(self.app_secret, token)
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        started = time.perf_counter()
+        try:
+            async with self.session.post(
+                url, data=_encode(payload), headers=headers, timeout=self.timeout
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
+        except TimeoutError:
+            return GraphReply(kind="transient", transport="timeout", duration_ms=_ms(started))
+        except aiohttp.ClientError:
+            return GraphReply(kind="transient", transport="connection", duration_ms=_ms(started))
+        return _reply(status, raw, decoder, retry_after, _ms(started))
+
+
+def _reply(
+    status: int,
+    raw: bytes,
+    decoder: msgspec.json.Decoder[Any],
+    retry_after: float | None,
+    duration_ms: float,
+) -> GraphReply:
+    common: dict[str, Any] = {
+        "http_status": status,
+        "retry_after": retry_after,
+        "duration_ms": duration_ms,
+    }
+    try:
+        error = _error_decoder.decode(raw).error
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        error = None
+    if error is not None:
+        return GraphReply(
+            kind=classify(status, error), error=error, trace_id=error.fbtrace_id, **common
+        )
+    if not 200 <= status < 300:
+        return GraphReply(kind=classify(status, None), transport="not_json", **common)
+    try:
+        ok = decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        return GraphReply(kind="transient", transport="not_json", **common)
+    if isinstance(ok, _IdBody):
+        return GraphReply(kind="ok", new_id=ok.id, **common)
+    return GraphReply(
+        kind="ok",
+        events_received=ok.events_received,
+        warnings=[_encode(m).decode() if not isinstance(m, str) else m for m in ok.messages],
+        trace_id=ok.fbtrace_id,
+        **common,
+    )
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
