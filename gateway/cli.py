@@ -22,7 +22,7 @@ from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, GatewayError
 from gateway.logs import configure_logging
 from gateway.meta_body import DEFAULT_PARTNER_AGENT, meta_request_body
-from gateway.models import ErrorBody
+from gateway.middlewares import error_body
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
 from gateway.render import conversion_response
@@ -112,9 +112,7 @@ def _read_events(source: str) -> Iterator[tuple[int, bytes]]:
 
 
 def _error_line(number: int, exc: GatewayError) -> dict[str, Any]:
-    body = ErrorBody(
-        error=exc.message, type=exc.type, code=exc.code, param=exc.param, details=exc.details
-    )
+    body = error_body(exc)
     return {"line": number, "status": "error", "httpStatus": exc.status, "error": body}
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidRequest",
     "NotFound",
     "PayloadTooLarge",
+    "PlatformError",
     "ServiceUnavailable",
     "Unauthorized",
     "Unprocessable",
@@ -116,6 +117,22 @@ class Unprocessable(GatewayError):
     status = 422
     type = "invalid_request_error"
     default_code = "unprocessable"
+
+
+class PlatformError(GatewayError):
+    """Meta refused or failed a request made on the caller's behalf (502)."""
+
+    status = 502
+    type = "platform_error"
+    default_code = "platform_error"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, platform_error: Any = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.platform = "metaads"
+        # Meta's raw error object, for the caller to act on (never carries our token).
+        self.platform_error = platform_error
 
 
 class ServiceUnavailable(GatewayError):

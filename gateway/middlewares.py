@@ -20,9 +20,10 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     NotFound,
+    PlatformError,
 )
 from gateway.http_body import too_large
-from gateway.models import ENCODER, ErrorBody
+from gateway.models import ENCODER, ErrorBody, PlatformErrorBody
 
 __all__ = ["REQUEST_ID_HEADER", "error_response", "middlewares"]
 
@@ -35,14 +36,29 @@ log = structlog.get_logger()
 
 def error_response(exc: GatewayError, *, headers: dict[str, str] | None = None) -> web.Response:
     """Render ``exc`` as Zernio's error envelope."""
-    body = ErrorBody(
-        error=exc.message, type=exc.type, code=exc.code, param=exc.param, details=exc.details
-    )
+    body = error_body(exc)
     return web.Response(
         body=ENCODER.encode(body),
         status=exc.status,
         content_type="application/json",
         headers=headers,
+    )
+
+
+def error_body(exc: GatewayError) -> ErrorBody:
+    """Return the envelope for ``exc`` (with Meta's error for upstream failures)."""
+    if isinstance(exc, PlatformError):
+        return PlatformErrorBody(
+            error=exc.message,
+            type=exc.type,
+            code=exc.code,
+            param=exc.param,
+            details=exc.details,
+            platform=exc.platform,
+            platform_error=exc.platform_error,
+        )
+    return ErrorBody(
+        error=exc.message, type=exc.type, code=exc.code, param=exc.param, details=exc.details
     )
 
 

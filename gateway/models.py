@@ -14,16 +14,20 @@ import msgspec
 __all__ = [
     "CONVERSION_DECODER",
     "ENCODER",
+    "AttemptView",
     "ConversationList",
     "ConversationMetadata",
     "ConversationView",
     "ConversionRequest",
     "ConversionResponse",
+    "DeliveryDetail",
     "DeliveryView",
     "ErrorBody",
+    "EventDetail",
     "EventList",
     "EventSummary",
     "Failure",
+    "PlatformErrorBody",
 ]
 
 # Bounds on what a client may send: generous for real data, small enough that nothing a client
@@ -117,6 +121,49 @@ class EventSummary(WireStruct, frozen=True):
     event_id: str
     status: str
     attribution_window_expired: bool
+    attempts: int
+    error: str | None
+
+
+class AttemptView(WireStruct, frozen=True):
+    sink: str
+    attempt: int
+    at: str
+    outcome: str
+    http_status: int | None
+    error_code: str | None
+    message: str | None
+    trace_id: str | None
+    batch_size: int
+    duration_ms: float
+
+
+class DeliveryDetail(WireStruct, frozen=True):
+    sink: str
+    status: str
+    attempts: int
+    error: str | None
+    error_code: str | None
+    trace_id: str | None
+    warnings: list[str] | None
+
+
+class EventDetail(WireStruct, frozen=True):
+    """``GET /v1/whatsapp/conversions/{eventId}``: one event with every attempt."""
+
+    event_id: str
+    account_id: str
+    event_name: str
+    conversation_id: str
+    status: str
+    timestamp: str
+    event_time: int
+    attribution_window_expired: bool
+    deliveries: list[DeliveryDetail]
+    attempts: list[AttemptView]
+    # The Meta event as stored (hashed fields only).
+    event: dict[str, Any]
+    test_event_code: str | None
 
 
 class EventList(WireStruct, frozen=True):
@@ -159,6 +206,13 @@ class ErrorBody(WireStruct, frozen=True):
     code: str
     param: str | None = None
     details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class PlatformErrorBody(ErrorBody, frozen=True):
+    """The envelope for upstream failures: Meta's own error passed through."""
+
+    platform: str = "metaads"
+    platform_error: Any = None
 
 
 CONVERSION_DECODER = msgspec.json.Decoder(ConversionRequest)

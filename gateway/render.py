@@ -4,18 +4,28 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from gateway.domain import Conversation, StoredEvent
+from gateway.domain import Attempt, Conversation, StoredEvent
 from gateway.models import (
+    AttemptView,
     ConversationMetadata,
     ConversationView,
     ConversionResponse,
+    DeliveryDetail,
     DeliveryView,
+    EventDetail,
     EventSummary,
     Failure,
 )
 from gateway.pipeline import Outcome
 
-__all__ = ["PLATFORM", "conversation_view", "conversion_response", "event_summary", "iso_time"]
+__all__ = [
+    "PLATFORM",
+    "conversation_view",
+    "conversion_response",
+    "event_detail",
+    "event_summary",
+    "iso_time",
+]
 
 # Zernio's platform tag for Meta's conversion endpoints.
 PLATFORM = "metaads"
@@ -53,7 +63,8 @@ def conversion_response(outcome: Outcome) -> ConversionResponse:
         failures=failures,
         trace_id=trace,
         event_id=event.event_id,
-        status=event.status,
+        # Zernio's word for "accepted, not yet delivered"; the history says pending.
+        status="queued" if event.status == "pending" else event.status,
         duplicate=outcome.duplicate,
         conversation_id=event.conversation_id,
         deliveries=[
@@ -85,6 +96,51 @@ def event_summary(event: StoredEvent) -> EventSummary:
         event_id=event.event_id,
         status=event.status,
         attribution_window_expired=event.attribution_window_expired,
+        attempts=max((s.attempts for s in event.deliveries.values()), default=0),
+        error=next((s.error for s in event.deliveries.values() if s.error), None),
+    )
+
+
+def event_detail(event: StoredEvent, attempts: list[Attempt]) -> EventDetail:
+    """Return one event with each sink's state and every attempt."""
+    return EventDetail(
+        event_id=event.event_id,
+        account_id=event.account_id,
+        event_name=event.event_name,
+        conversation_id=event.conversation_id,
+        status=event.status,
+        timestamp=iso_time(event.received_at),
+        event_time=event.event_time,
+        attribution_window_expired=event.attribution_window_expired,
+        deliveries=[
+            DeliveryDetail(
+                sink=sink,
+                status=s.status,
+                attempts=s.attempts,
+                error=s.error,
+                error_code=s.error_code,
+                trace_id=s.trace_id,
+                warnings=s.warnings,
+            )
+            for sink, s in event.deliveries.items()
+        ],
+        attempts=[
+            AttemptView(
+                sink=a.sink,
+                attempt=a.attempt,
+                at=iso_time(a.at),
+                outcome=a.outcome,
+                http_status=a.http_status,
+                error_code=a.error_code,
+                message=a.message,
+                trace_id=a.trace_id,
+                batch_size=a.batch_size,
+                duration_ms=a.duration_ms,
+            )
+            for a in attempts
+        ],
+        event=event.event,
+        test_event_code=event.test_event_code,
     )
 
 

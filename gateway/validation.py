@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from functools import cache
+from typing import TypeVar
 
 import msgspec
 import pycountry
@@ -20,7 +21,15 @@ from gateway.errors import InvalidRequest
 from gateway.models import CONVERSION_DECODER, ConversionRequest
 from gateway.normalize import is_sha256_hex, normalize_phone
 
-__all__ = ["check_conversion", "decode_conversion", "iso_currencies", "validation_error"]
+__all__ = [
+    "check_conversion",
+    "decode_body",
+    "decode_conversion",
+    "iso_currencies",
+    "validation_error",
+]
+
+T = TypeVar("T")
 
 # Event names Meta refuses for business messaging (subcode 2804066) with what to send instead.
 _REPLACEMENTS = {"Lead": "LeadSubmitted", "CompleteRegistration": "LeadSubmitted"}
@@ -95,8 +104,13 @@ def validation_error(exc: msgspec.ValidationError) -> InvalidRequest:
 
 def decode_conversion(body: bytes) -> ConversionRequest:
     """Decode the JSON body into a :class:`ConversionRequest` or raise a 400."""
+    return decode_body(body, CONVERSION_DECODER)
+
+
+def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode a JSON request body with ``decoder`` or raise a 400 naming the field."""
     try:
-        return CONVERSION_DECODER.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise validation_error(exc) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:

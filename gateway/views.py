@@ -15,7 +15,7 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.http_body import read_json_body
 from gateway.models import ENCODER, ConversationList, EventList
 from gateway.normalize import normalize_phone
-from gateway.render import conversation_view, conversion_response, event_summary
+from gateway.render import conversation_view, conversion_response, event_detail, event_summary
 from gateway.validation import decode_conversion
 
 __all__ = ["json_response", "routes"]
@@ -97,7 +97,9 @@ async def post_conversion(request: web.Request) -> web.Response:
     structlog.contextvars.bind_contextvars(
         event_status=outcome.event.status, duplicate=outcome.duplicate
     )
-    return json_response(conversion_response(outcome))
+    # 202: accepted and stored, not delivered yet (retrying, or the wait ran out).
+    status = 202 if outcome.event.status == "pending" else 200
+    return json_response(conversion_response(outcome), status=status)
 
 
 @routes.get("/v1/whatsapp/conversions")
@@ -106,6 +108,23 @@ async def list_conversions(request: web.Request) -> web.Response:
     account = account_for(request, key, query_account_id(request))
     events = await request.app[PIPELINE].store.recent_events(account.id, query_limit(request))
     return json_response(EventList(events=[event_summary(e) for e in events]))
+
+
+@routes.get("/v1/whatsapp/conversions/{event_id}")
+async def get_conversion(request: web.Request) -> web.Response:
+    key = authenticate(request)
+    account = account_for(request, key, query_account_id(request))
+    event_id = request.match_info["event_id"]
+    store = request.app[PIPELINE].store
+    event = await store.find_event(account.id, event_id)
+    if event is None:
+        raise NotFound(
+            f"No event {event_id[:256]!r} on account {account.id!r}.",
+            code="event_not_found",
+            param="eventId",
+        )
+    attempts = await store.outbox.attempts(event.pk)
+    return json_response(event_detail(event, attempts))
 
 
 @routes.get("/v1/whatsapp/conversations")

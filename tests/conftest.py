@@ -25,12 +25,16 @@ from gateway.store import Store
 API_KEY = "test-key-0123456789abcdef"
 SCOPED_KEY = "scoped-key-0123456789abcdef"
 APP_SECRET = "test-app-secret-0123456789"
+ACME_TOKEN = "EAAG-acme-token-0123456789"
+OTHER_TOKEN = "EAAG-other-token-0123456789"
 VERIFY_TOKEN = "test-verify-token"
 ENV = {
     "CTWA_TEST_KEY": API_KEY,
     "CTWA_SCOPED_KEY": SCOPED_KEY,
     "CTWA_APP_SECRET": APP_SECRET,
     "CTWA_VERIFY_TOKEN": VERIFY_TOKEN,
+    "CTWA_ACME_TOKEN": ACME_TOKEN,
+    "CTWA_OTHER_TOKEN": OTHER_TOKEN,
 }
 WABA_ID = "102290129340398"
 PHONE_NUMBER_ID = "106540352242922"
@@ -56,7 +60,13 @@ def base_config(db: Path) -> dict[str, Any]:
                 "dataset_id": "1234567890",
                 "access_token_env": "CTWA_ACME_TOKEN",
             },
-            {"id": "other", "waba_id": "200000000000001", "phone_number_id": "300000000000001"},
+            {
+                "id": "other",
+                "waba_id": "200000000000001",
+                "phone_number_id": "300000000000001",
+                "dataset_id": "2222222222",
+                "access_token_env": "CTWA_OTHER_TOKEN",
+            },
         ],
         "auth": {
             "keys": [

@@ -187,6 +187,8 @@ async def test_history_lists_newest_first_in_zernio_shape(client: Client) -> Non
         "eventId",
         "status",
         "attributionWindowExpired",
+        "attempts",
+        "error",
     }
     assert row["eventName"] == "Purchase"
     assert row["conversationId"] == conversation.id

@@ -1,0 +1,229 @@
+"""Sink: deliver to Meta's Conversions API for Business Messaging, through a durable outbox.
+
+An accepted event is committed as ``pending`` with the event itself; the dispatcher
+(:mod:`gateway.dispatcher`) batches, sends, retries and records the outcome. The request that
+brought the event waits up to ``respond_within_ms`` for the first attempt: delivered or
+permanently rejected answer 200 in Zernio's shape, anything else 202 ``queued``.
+
+Also serves the dataset endpoints (``GET``/``POST /v1/whatsapp/dataset``), which talk to the
+same Graph API with the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Annotated
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from gateway import (
+    ConfigError,
+    PreparedEvent,
+    Settings,
+    SinkState,
+    Store,
+    StoredEvent,
+    Unprocessable,
+    hookimpl,
+)
+from gateway.config import AccountConfig
+from gateway.context import SETTINGS
+from gateway.dispatcher import Dispatcher, DispatchSettings, Route
+from gateway.errors import PlatformError
+from gateway.graph import GraphClient, explain
+from gateway.http_body import read_json_body
+from gateway.meta_body import DEFAULT_PARTNER_AGENT
+from gateway.validation import decode_body
+from gateway.views import account_for, authenticate, json_response, query_account_id
+
+EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
+SEVEN_DAYS_S = 7 * 86400
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    graph_url: Annotated[str, msgspec.Meta(pattern=r"^https?://")] = "https://graph.facebook.com"
+    api_version: Annotated[str, msgspec.Meta(pattern=r"^v[0-9]+\.[0-9]+$")] = "v25.0"
+    partner_agent: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = DEFAULT_PARTNER_AGENT
+    # Meta takes up to 1,000 events per request.
+    batch_max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1000
+    linger_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 20
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+    retry_base_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
+    retry_cap_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 600.0
+    # Meta refuses events older than 7 days: past this an event expires instead of retrying.
+    max_age_s: Annotated[int, msgspec.Meta(ge=60, le=SEVEN_DAYS_S)] = SEVEN_DAYS_S
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    # How long a conversion request waits for its event's first attempt before answering 202.
+    respond_within_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 3000
+    shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 10.0
+    # For appsecret_proof, when the app requires it.
+    app_secret_env: EnvName | None = None
+
+
+class DatasetRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
+    account_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class DatasetAnswer(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
+    dataset_id: str | None
+    created: bool | None = None
+
+
+class MetaCapiSink:
+    """The plugin object: one per app, holding the dispatcher while the app runs."""
+
+    # test_mode forces a code and leaves the dataset endpoints to meta_capi.
+    forced_test_event_code: str | None = None
+    serves_datasets = True
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.dispatcher: Dispatcher | None = None
+        self.graph: GraphClient | None = None
+        self.tokens: dict[str, str] = {}
+        self.stored_datasets: dict[str, str] = {}
+        self.store: Store | None = None
+
+    def dataset_for(self, account: AccountConfig) -> str | None:
+        """Return the account's dataset id: configured, else created through the API."""
+        return account.dataset_id or self.stored_datasets.get(account.id)
+
+    @hookimpl
+    def gateway_check_config(self, settings: Settings, environ: Mapping[str, str]) -> None:
+        for i, account in enumerate(settings.accounts):
+            where = f"`$.accounts[{i}].access_token_env`"
+            if not account.access_token_env:
+                raise ConfigError(
+                    f"{settings.source}: account {account.id!r} has no access_token_env; the"
+                    f" Meta sink needs a token for every account - at {where}"
+                )
+            if not environ.get(account.access_token_env):
+                raise ConfigError(
+                    f"{settings.source}: account {account.id!r}: environment variable"
+                    f" {account.access_token_env} is not set (named at {where})"
+                )
+        secret = self.config.app_secret_env
+        if secret and not environ.get(secret):
+            raise ConfigError(f"{settings.source}: environment variable {secret} is not set")
+
+    @hookimpl
+    def gateway_lifespan(
+        self, name: str, settings: Settings, store: Store, environ: Mapping[str, str]
+    ) -> AbstractAsyncContextManager[None]:
+        return self._lifespan(name, settings, store, environ)
+
+    @asynccontextmanager
+    async def _lifespan(
+        self, name: str, settings: Settings, store: Store, environ: Mapping[str, str]
+    ) -> AsyncIterator[None]:
+        c = self.config
+        secret = environ.get(c.app_secret_env, "") if c.app_secret_env else ""
+        self.tokens = {a.id: environ.get(a.access_token_env or "", "") for a in settings.accounts}
+        self.stored_datasets = await store.outbox.datasets()
+        self.store = store
+        routes = {
+            a.id: Route(dataset, self.tokens[a.id])
+            for a in settings.accounts
+            if (dataset := self.dataset_for(a)) and self.tokens[a.id]
+        }
+        async with aiohttp.ClientSession() as session:
+            self.graph = GraphClient(
+                session,
+                graph_url=c.graph_url,
+                api_version=c.api_version,
+                timeout_s=c.timeout_s,
+                app_secret=secret.encode() if secret else None,
+            )
+            dispatcher = Dispatcher(
+                sink=name,
+                outbox=store.outbox,
+                graph=self.graph,
+                routes=routes,
+                settings=DispatchSettings(
+                    batch_max=c.batch_max,
+                    linger_s=c.linger_ms / 1000,
+                    retry_base_s=c.retry_base_s,
+                    retry_cap_s=c.retry_cap_s,
+                    max_age_s=c.max_age_s,
+                    max_in_flight=c.max_in_flight,
+                    partner_agent=c.partner_agent,
+                    forced_test_event_code=self.forced_test_event_code,
+                ),
+            )
+            dispatcher.start()
+            self.dispatcher = dispatcher
+            try:
+                yield
+            finally:
+                self.dispatcher = None
+                await dispatcher.stop(c.shutdown_grace_s)
+
+    @hookimpl
+    def gateway_accept_event(self, event: PreparedEvent) -> SinkState:
+        if self.dispatcher is not None and self.dataset_for(event.account) is None:
+            raise Unprocessable(
+                f"Account {event.account.id!r} has no dataset: set its dataset_id, or create"
+                " one with POST /v1/whatsapp/dataset.",
+                code="no_dataset",
+                param="accountId",
+            )
+        return SinkState(status="pending")
+
+    @hookimpl
+    def gateway_deliver_event(
+        self, event: StoredEvent, state: SinkState
+    ) -> Awaitable[SinkState | None] | None:
+        if state.status != "pending" or self.dispatcher is None:
+            return None
+        self.dispatcher.notify()
+        return self.dispatcher.outcome(event.pk, self.config.respond_within_ms / 1000)
+
+    @hookimpl
+    def gateway_register_routes(self) -> list[web.RouteDef] | None:
+        if not self.serves_datasets:
+            return None
+        return [
+            web.get("/v1/whatsapp/dataset", self.get_dataset),
+            web.post("/v1/whatsapp/dataset", self.post_dataset),
+        ]
+
+    # -- dataset endpoints ---------------------------------------------------------------------
+
+    async def get_dataset(self, request: web.Request) -> web.Response:
+        key = authenticate(request)
+        account = account_for(request, key, query_account_id(request))
+        return json_response(DatasetAnswer(dataset_id=self.dataset_for(account)))
+
+    async def post_dataset(self, request: web.Request) -> web.Response:
+        key = authenticate(request)
+        body = await read_json_body(request, request.app[SETTINGS].server.max_body_bytes)
+        wanted = decode_body(body, _DATASET_DECODER)
+        account = account_for(request, key, wanted.account_id)
+        known = self.dataset_for(account)
+        if known is not None:
+            return json_response(DatasetAnswer(dataset_id=known, created=False))
+        # Both are set while the app serves.
+        assert self.graph is not None
+        assert self.store is not None
+        reply = await self.graph.create_dataset(account.waba_id, self.tokens[account.id])
+        if reply.kind != "ok" or reply.new_id is None:
+            raise PlatformError(
+                f"Meta refused to create the dataset: {explain(reply)}",
+                code="platform_error",
+                platform_error=msgspec.to_builtins(reply.error) if reply.error else None,
+            )
+        await self.store.outbox.save_dataset(account.id, reply.new_id)
+        self.stored_datasets[account.id] = reply.new_id
+        if self.dispatcher is not None and self.tokens.get(account.id):
+            self.dispatcher.routes[account.id] = Route(reply.new_id, self.tokens[account.id])
+        return json_response(DatasetAnswer(dataset_id=reply.new_id, created=True))
+
+
+_DATASET_DECODER = msgspec.json.Decoder(DatasetRequest)
+
+
+def make_plugin(config: Config) -> MetaCapiSink:
+    return MetaCapiSink(config)
