@@ -140,6 +140,9 @@ class Dispatcher:
 
     async def _run(self) -> None:
         while not self._stopping:
+            # Cleared before looking for work: a notify() that lands while we look is kept,
+            # and the wait below returns at once.
+            self._wake.clear()
             try:
                 await self._dispatch_due()
                 next_due = await self.outbox.next_due(self.sink)
@@ -150,7 +153,6 @@ class Dispatcher:
             timeout = 60.0 if next_due is None else max(0.0, next_due - self.clock())
             if self._in_flight and timeout == 0.0:
                 timeout = 60.0  # what is due is in flight; a finishing batch wakes us
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(timeout, 60.0))
 

@@ -67,7 +67,7 @@ class DatasetRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True,
     account_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
-class DatasetAnswer(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
+class DatasetAnswer(msgspec.Struct, rename="camel", frozen=True, kw_only=True, omit_defaults=True):
     dataset_id: str | None
     created: bool | None = None
 

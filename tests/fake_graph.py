@@ -73,8 +73,13 @@ class FakeGraph:
     def _error(
         self, status: int, code: int, message: str, subcode: int | None = None, **extra: Any
     ) -> web.Response:
-        error = {"message": message, "type": "OAuthException", "code": code,
-                 "fbtrace_id": self._trace_id(), **extra}  # fmt: skip
+        error = {
+            "message": message,
+            "type": "OAuthException",
+            "code": code,
+            "fbtrace_id": self._trace_id(),
+            **extra,
+        }
         if subcode is not None:
             error["error_subcode"] = subcode
         return web.json_response({"error": error}, status=status)
@@ -146,8 +151,13 @@ class FakeGraph:
                 continue
             accepted += 1
             self.received.append(
-                Received(dataset_id, token, payload.get("test_event_code"),
-                         payload.get("partner_agent"), event)  # fmt: skip
+                Received(
+                    dataset_id,
+                    token,
+                    payload.get("test_event_code"),
+                    payload.get("partner_agent"),
+                    event,
+                )
             )
         if self.failures and self.failures[0] == "count":
             self.failures.popleft()

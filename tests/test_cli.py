@@ -15,7 +15,7 @@ import tomli_w
 
 from gateway.cli import main
 from gateway.store import Store
-from tests.conftest import API_KEY, CLID, ENV, WABA_ID, add_conversation, base_config
+from tests.conftest import ACME_TOKEN, API_KEY, CLID, ENV, WABA_ID, add_conversation, base_config
 
 
 @pytest.fixture
@@ -124,7 +124,8 @@ def test_check_config_reports_secrets_without_values(
     out = capsys.readouterr().out
     assert code == 0
     assert "$CTWA_TEST_KEY is set" in out
-    assert "$CTWA_ACME_TOKEN is NOT SET" in out
+    assert "$CTWA_ACME_TOKEN is set" in out
+    assert ACME_TOKEN not in out
     assert "sinks:\n  - log (built-in plugins.log)" in out
     assert API_KEY not in out
     assert out.endswith("ok\n")

@@ -36,24 +36,6 @@ async def test_log_sink_writes_the_payload_once(make_client: ClientFactory, logs
     assert line["payload"]["data"][0]["user_data"]["ctwa_clid"] == CLID
 
 
-async def test_test_mode_forces_its_code(
-    make_client: ClientFactory, config: dict[str, Any]
-) -> None:
-    settings = parse_settings(
-        {**config, "plugins": {"sinks": ["test_mode"], "test_mode": {"test_event_code": "TEST777"}}}
-    )
-    client = await make_client(settings=settings)
-    conversation = await add_conversation(store_of(client))
-    resp = await client.post(
-        "/v1/whatsapp/conversions", json=lead(conversation.id, testCode="OTHER"), headers=AUTH
-    )
-    body = await resp.json()
-    assert resp.status == 200, body
-    assert body["payload"]["test_event_code"] == "TEST777"
-    assert body["deliveries"][0]["sink"] == "test_mode"
-    assert body["status"] == "dry_run"
-
-
 @pytest.mark.parametrize("table", [{}, {"test_event_code": "  "}])
 def test_test_mode_refuses_to_start_without_a_code(
     config: dict[str, Any], table: dict[str, Any]

@@ -1,0 +1,359 @@
+"""The meta_capi sink against a fake Graph API on loopback: every failure mode's final state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.config import parse_settings
+from gateway.context import PIPELINE
+from gateway.models import ConversionRequest
+from tests.conftest import (
+    ACME_TOKEN,
+    AUTH,
+    CLID,
+    OTHER_TOKEN,
+    WABA_ID,
+    ClientFactory,
+    LogCapture,
+    add_conversation,
+    store_of,
+)
+from tests.fake_graph import BAD_CLID, FakeGraph
+
+Client = TestClient[web.Request, web.Application]
+URL = "/v1/whatsapp/conversions"
+ACME_DATASET = "1234567890"
+OTHER_DATASET = "2222222222"
+MakeMeta = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+def fake() -> FakeGraph:
+    return FakeGraph(tokens={ACME_DATASET: ACME_TOKEN, OTHER_DATASET: OTHER_TOKEN})
+
+
+@pytest.fixture
+async def graph_server(aiohttp_server: Any, fake: FakeGraph) -> TestServer:
+    server: TestServer = await aiohttp_server(fake.app())
+    return server
+
+
+@pytest.fixture
+def make_meta(
+    make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer
+) -> MakeMeta:
+    async def factory(sinks: list[str] | None = None, **meta: Any) -> Client:
+        table = {
+            "graph_url": str(graph_server.make_url("")).rstrip("/"),
+            "timeout_s": 0.5,
+            "retry_base_s": 0.05,
+            "retry_cap_s": 0.2,
+            "linger_ms": 5,
+            "respond_within_ms": 2000,
+            **meta,
+        }
+        plugins: dict[str, Any] = {"sinks": sinks or ["meta_capi"], "meta_capi": table}
+        if "test_mode" in (sinks or []):
+            plugins["test_mode"] = {**table, "test_event_code": "TEST777"}
+        return await make_client(settings=parse_settings({**config, "plugins": plugins}))
+
+    return factory
+
+
+def lead(conversation_id: str, event_id: str = "L1", **extra: Any) -> dict[str, Any]:
+    return {
+        "accountId": "acme",
+        "eventName": "LeadSubmitted",
+        "eventId": event_id,
+        "conversationId": conversation_id,
+        **extra,
+    }
+
+
+async def settle(client: Client, event_id: str, account: str = "acme") -> dict[str, Any]:
+    """Poll the event until no delivery is pending; return its detail."""
+    for _ in range(200):
+        resp = await client.get(f"{URL}/{event_id}", params={"accountId": account}, headers=AUTH)
+        detail: dict[str, Any] = await resp.json()
+        if detail["status"] != "pending":
+            return detail
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{event_id} still pending: {detail}")
+
+
+async def test_delivered_answers_with_metas_result(
+    make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
+) -> None:
+    client = await make_meta()
+    conversation = await add_conversation(store_of(client))
+
+    resp = await client.post(URL, json=lead(conversation.id, email="a@b.co"), headers=AUTH)
+
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body["status"] == "delivered"
+    assert (body["eventsReceived"], body["eventsFailed"], body["failures"]) == (1, 0, [])
+    assert body["traceId"] == "fbtrace-1"
+    (got,) = fake.received
+    assert got.token == ACME_TOKEN
+    assert got.partner_agent == "ctwa-gateway"
+    assert got.event["user_data"]["ctwa_clid"] == CLID
+    assert got.event["user_data"]["whatsapp_business_account_id"] == WABA_ID
+    # The token went in a header: no URL (which access logs keep) ever carried it.
+    assert all(ACME_TOKEN not in q for q in fake.url_queries)
+    assert ACME_TOKEN not in logs.text
+    detail = await settle(client, "L1")
+    assert detail["deliveries"][0]["traceId"] == "fbtrace-1"
+    assert [a["outcome"] for a in detail["attempts"]] == ["delivered"]
+
+
+async def test_permanent_rejection_is_200_with_failures(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    client = await make_meta()
+    conversation = await add_conversation(store_of(client), clid=BAD_CLID)
+
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body["status"] == "failed"
+    assert body["eventsFailed"] == 1
+    (failure,) = body["failures"]
+    assert failure["code"] == "100/2804087"
+    assert "invalid ctwa_clid" in failure["message"]
+    assert len(fake.requests) == 1  # never retried
+
+
+@pytest.mark.parametrize(
+    "mode", ["500", "timeout", "html", "drop", "transient", "throttle4", "throttle17", "429"]
+)
+async def test_transient_failures_retry_until_delivered(
+    make_meta: MakeMeta, fake: FakeGraph, mode: str
+) -> None:
+    client = await make_meta(respond_within_ms=1500)
+    conversation = await add_conversation(store_of(client))
+    fake.fail(mode)
+
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+
+    body = await resp.json()
+    assert resp.status == 202, body
+    assert body["status"] == "queued"
+    assert body["deliveries"][0]["error"].startswith("will retry")
+    detail = await settle(client, "L1")
+    assert detail["status"] == "delivered"
+    assert [a["outcome"] for a in detail["attempts"]][-1] == "delivered"
+    assert len(detail["attempts"]) == 2
+    assert fake.event_ids() == ["L1"]
+
+
+async def test_throttling_one_dataset_does_not_hold_another(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    client = await make_meta(retry_base_s=0.25, retry_cap_s=1.0)
+    store = store_of(client)
+    acme = await add_conversation(store)
+    other = await add_conversation(store, account_id="other")
+    fake.fail("throttle4")
+    held = await client.post(URL, json=lead(acme.id, "A1"), headers=AUTH)
+    assert held.status == 202
+    resp = await client.post(URL, json=lead(other.id, "B1", accountId="other"), headers=AUTH)
+    assert resp.status == 200
+    assert (await resp.json())["status"] == "delivered"
+    assert fake.event_ids() == ["B1"]
+    assert (await settle(client, "A1"))["status"] == "delivered"
+
+
+@pytest.mark.parametrize(
+    ("mode", "words", "code"),
+    [
+        ("token190", "access token is invalid or expired", "190"),
+        ("dataset33", "dataset does not exist", "100/33"),
+        ("permission10", "permission denied", "10"),
+    ],
+)
+async def test_account_level_errors_fail_without_retry_or_split(
+    make_meta: MakeMeta, fake: FakeGraph, mode: str, words: str, code: str
+) -> None:
+    client = await make_meta()
+    conversation = await add_conversation(store_of(client))
+    fake.fail(mode)
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    body = await resp.json()
+    assert body["status"] == "failed"
+    assert body["failures"][0]["code"] == code
+    assert words in body["failures"][0]["message"]
+    assert len(fake.requests) == 1
+
+
+async def test_one_bad_event_among_999_is_isolated(make_meta: MakeMeta, fake: FakeGraph) -> None:
+    client = await make_meta(respond_within_ms=0, linger_ms=200)
+    store = store_of(client)
+    good = await add_conversation(store)
+    bad = await add_conversation(store, wa_id="447700900123", clid=BAD_CLID)
+    pipeline = client.app[PIPELINE]
+    account = pipeline.settings.accounts[0]
+    requests = [
+        ConversionRequest(
+            account_id="acme",
+            event_name="LeadSubmitted",
+            event_id=f"E{i}",
+            conversation_id=bad.id if i == 500 else good.id,
+        )
+        for i in range(1000)
+    ]
+    await asyncio.gather(*(pipeline.handle(r, account) for r in requests))
+
+    for _ in range(200):
+        events = await store.recent_events("acme", 1000)
+        if all(e.status != "pending" for e in events):
+            break
+        await asyncio.sleep(0.05)
+    statuses = {e.event_id: e.status for e in events}
+    assert statuses.pop("E500") == "failed"
+    assert set(statuses.values()) == {"delivered"}
+    assert len(statuses) == 999
+    assert sorted(fake.event_ids()) == sorted(statuses)  # each good one exactly once
+    failed = await store.find_event("acme", "E500")
+    assert failed is not None
+    assert failed.deliveries["meta_capi"].error_code == "100/2804087"
+    # Bisection: about 2 * log2(1000) requests, not 1000.
+    assert len(fake.requests) <= 25
+
+
+async def test_expires_rather_than_retrying_past_max_age(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    client = await make_meta(max_age_s=60, retry_base_s=30, retry_cap_s=60)
+    conversation = await add_conversation(store_of(client))
+    fake.fail("500")
+    resp = await client.post(
+        URL, json=lead(conversation.id, eventTime=time.time() - 50), headers=AUTH
+    )
+    body = await resp.json()
+    assert body["status"] == "expired"
+    assert "older than" in body["failures"][0]["message"]
+    assert fake.received == []
+
+
+async def test_meta_warnings_and_count_mismatch_are_kept(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    client = await make_meta()
+    conversation = await add_conversation(store_of(client))
+    fake.fail("count")
+    await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    detail = await settle(client, "L1")
+    assert detail["status"] == "delivered"
+    assert detail["deliveries"][0]["warnings"] == ["events_received 0 of 1 sent"]
+
+
+async def test_each_sink_keeps_its_own_state(make_meta: MakeMeta, fake: FakeGraph) -> None:
+    client = await make_meta(sinks=["log", "meta_capi"])
+    conversation = await add_conversation(store_of(client))
+    fake.fail("token190")
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    body = await resp.json()
+    assert {d["sink"]: d["status"] for d in body["deliveries"]} == {
+        "log": "dry_run",
+        "meta_capi": "failed",
+    }
+    assert body["status"] == "failed"
+
+
+async def test_test_mode_sends_with_its_code(make_meta: MakeMeta, fake: FakeGraph) -> None:
+    client = await make_meta(sinks=["test_mode"])
+    conversation = await add_conversation(store_of(client))
+    resp = await client.post(URL, json=lead(conversation.id, testCode="OTHER"), headers=AUTH)
+    assert (await resp.json())["status"] == "delivered"
+    (got,) = fake.received
+    assert got.test_event_code == "TEST777"
+
+
+async def test_account_without_dataset_is_422(
+    make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer
+) -> None:
+    config["accounts"][0].pop("dataset_id")
+    settings = parse_settings(
+        {
+            **config,
+            "plugins": {
+                "sinks": ["meta_capi"],
+                "meta_capi": {"graph_url": str(graph_server.make_url(""))},
+            },
+        }
+    )
+    client = await make_client(settings=settings)
+    conversation = await add_conversation(store_of(client))
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    body = await resp.json()
+    assert resp.status == 422
+    assert body["code"] == "no_dataset"
+
+
+async def test_dataset_endpoints(
+    make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer, fake: FakeGraph
+) -> None:
+    config["accounts"][0].pop("dataset_id")
+    settings = parse_settings(
+        {
+            **config,
+            "plugins": {
+                "sinks": ["meta_capi"],
+                "meta_capi": {"graph_url": str(graph_server.make_url(""))},
+            },
+        }
+    )
+    client = await make_client(settings=settings)
+    url = "/v1/whatsapp/dataset"
+    got = await client.get(url, params={"accountId": "acme"}, headers=AUTH)
+    assert (await got.json()) == {"datasetId": None}
+    assert (await (await client.get(url, params={"accountId": "other"}, headers=AUTH)).json()) == {
+        "datasetId": OTHER_DATASET
+    }
+
+    fake.fail("token190")
+    refused = await client.post(url, json={"accountId": "acme"}, headers=AUTH)
+    answer = await refused.json()
+    assert refused.status == 502
+    assert answer["type"] == "platform_error"
+    assert answer["platform"] == "metaads"
+    assert answer["platformError"]["code"] == 190
+
+    created = await client.post(url, json={"accountId": "acme"}, headers=AUTH)
+    assert (await created.json()) == {"datasetId": f"ds-{WABA_ID}", "created": True}
+    again = await client.post(url, json={"accountId": "acme"}, headers=AUTH)
+    assert (await again.json()) == {"datasetId": f"ds-{WABA_ID}", "created": False}
+    assert fake.datasets_created == [WABA_ID]
+    stored = await client.get(url, params={"accountId": "acme"}, headers=AUTH)
+    assert (await stored.json()) == {"datasetId": f"ds-{WABA_ID}"}
+
+    # The new dataset is used for delivery straight away.
+    fake.tokens[f"ds-{WABA_ID}"] = ACME_TOKEN
+    conversation = await add_conversation(store_of(client))
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    assert (await resp.json())["status"] == "delivered"
+    assert fake.received[0].dataset_id == f"ds-{WABA_ID}"
+
+    bad = await client.post(url, json={"accountId": "acme", "x": 1}, headers=AUTH)
+    assert (await bad.json())["param"] == "x"
+    assert (await client.post(url, json={"accountId": "acme"})).status == 401
+
+
+async def test_missing_token_stops_startup(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> None:
+    from gateway.errors import ConfigError
+
+    config["accounts"][1]["access_token_env"] = "CTWA_NOT_SET_ANYWHERE"
+    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"]}})
+    with pytest.raises(ConfigError, match="CTWA_NOT_SET_ANYWHERE is not set"):
+        await make_client(settings=settings)
