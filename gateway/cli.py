@@ -11,6 +11,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,6 +35,12 @@ __all__ = ["main"]
 _encode = msgspec.json.Encoder().encode
 
 
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default="config.toml", help="config file (default: %(default)s)"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctwa-gateway",
@@ -42,12 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP gateway")
-    serve.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+    _add_config(serve)
     serve.add_argument("--host", help="override [server] host")
     serve.add_argument("--port", type=int, help="override [server] port")
 
     send = sub.add_parser("send", help="run events through the pipeline without HTTP")
-    send.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+    _add_config(send)
     send.add_argument(
         "--dry-run",
         action="store_true",
@@ -55,8 +62,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     send.add_argument("events", help="a JSON file (one object, or JSON lines), or - for stdin")
 
+    replay = sub.add_parser(
+        "replay",
+        help="re-queue failed (or expired) deliveries after a fix; delivered ones never",
+        description="Make matching deliveries pending again so the running gateway sends them"
+        " (within seconds). Use after fixing a token or dataset. Delivered events are never"
+        " re-sent; events older than Meta's 7 days will expire again.",
+    )
+    _add_config(replay)
+    replay.add_argument("--account", required=True, help="account id from [[accounts]]")
+    replay.add_argument(
+        "--status",
+        action="append",
+        choices=["failed", "expired"],
+        help="which deliveries to re-queue (repeatable; default: failed)",
+    )
+    replay.add_argument(
+        "--since",
+        type=_since,
+        default=0.0,
+        help="only events received at or after this time (ISO 8601, or Unix seconds)",
+    )
+    replay.add_argument("--sink", action="append", help="only these sinks (default: all)")
+
     check = sub.add_parser("check-config", help="validate a config file and print what it loads")
-    check.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+    _add_config(check)
     return parser
 
 
@@ -76,6 +106,8 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
             return _serve(settings, plugins, env, args.host, args.port)
         if args.command == "send":
             return asyncio.run(_send(settings, plugins, env, args.events, dry_run=args.dry_run))
+        if args.command == "replay":
+            return asyncio.run(_replay(settings, plugins, args))
         return _check_config(settings, plugins, env, sys.stdout)
     except ConfigError as exc:
         print(f"ctwa-gateway: configuration error: {exc}", file=sys.stderr)
@@ -165,6 +197,37 @@ async def _send_one(
         "alreadyStored": existing is not None,
         "payload": payload,
     }
+
+
+def _since(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither ISO 8601 (2026-11-24T10:00:00Z) nor Unix seconds"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+async def _replay(settings: Settings, plugins: Plugins, args: argparse.Namespace) -> int:
+    if settings.account(args.account) is None:
+        raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
+    sinks = args.sink or plugins.sink_names
+    statuses = args.status or ["failed"]
+    async with running(settings, plugins, {}, start_plugins=False) as pipeline:
+        count = await pipeline.store.outbox.requeue(
+            args.account, sinks=sinks, statuses=statuses, since=args.since
+        )
+    print(
+        f"re-queued {count} deliveries of account {args.account!r}"
+        f" ({', '.join(statuses)}; sinks {', '.join(sinks)}); a running gateway sends them"
+        " within seconds"
+    )
+    return 0
 
 
 def _check_config(settings: Settings, plugins: Plugins, env: Mapping[str, str], out: TextIO) -> int:

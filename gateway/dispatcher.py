@@ -49,6 +49,9 @@ class DispatchSettings:
     max_in_flight: int
     partner_agent: str
     forced_test_event_code: str | None = None
+    # The longest the dispatcher sleeps without looking: work another process queued
+    # (``ctwa-gateway replay``) is picked up within this many seconds.
+    poll_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -150,11 +153,15 @@ class Dispatcher:
                 # A store error must not kill the dispatcher: log, back off, try again.
                 log.exception("dispatcher_error", sink=self.sink)
                 next_due = self.clock() + 1.0
-            timeout = 60.0 if next_due is None else max(0.0, next_due - self.clock())
+            timeout = (
+                self.settings.poll_s if next_due is None else max(0.0, next_due - self.clock())
+            )
             if self._in_flight and timeout == 0.0:
-                timeout = 60.0  # what is due is in flight; a finishing batch wakes us
+                timeout = (
+                    self.settings.poll_s
+                )  # what is due is in flight; a finishing batch wakes us
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(timeout, 60.0))
+                await asyncio.wait_for(self._wake.wait(), min(timeout, self.settings.poll_s))
 
     async def _dispatch_due(self) -> None:
         s = self.settings

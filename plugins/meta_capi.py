@@ -59,6 +59,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     # How long a conversion request waits for its event's first attempt before answering 202.
     respond_within_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 3000
     shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 10.0
+    # How often an idle dispatcher looks for work queued by another process (replay).
+    poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=300)] = 5.0
     # For appsecret_proof, when the app requires it.
     app_secret_env: EnvName | None = None
 
@@ -151,6 +153,7 @@ class MetaCapiSink:
                     max_in_flight=c.max_in_flight,
                     partner_agent=c.partner_agent,
                     forced_test_event_code=self.forced_test_event_code,
+                    poll_s=c.poll_s,
                 ),
             )
             dispatcher.start()

@@ -357,3 +357,38 @@ async def test_missing_token_stops_startup(
     settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"]}})
     with pytest.raises(ConfigError, match="CTWA_NOT_SET_ANYWHERE is not set"):
         await make_client(settings=settings)
+
+
+async def test_replay_resends_failed_never_delivered(
+    make_meta: MakeMeta, fake: FakeGraph, config: dict[str, Any], tmp_path: Any
+) -> None:
+    import sys
+
+    import tomli_w
+
+    client = await make_meta(poll_s=0.1)
+    conversation = await add_conversation(store_of(client))
+    ok = await client.post(URL, json=lead(conversation.id, "OK1"), headers=AUTH)
+    assert (await ok.json())["status"] == "delivered"
+    fake.fail("token190")
+    bad = await client.post(URL, json=lead(conversation.id, "FAIL1"), headers=AUTH)
+    assert (await bad.json())["status"] == "failed"
+
+    # The operator fixes the token, then replays from another process.
+    settings_file = tmp_path / "gateway.toml"
+    settings_file.write_bytes(
+        tomli_w.dumps({**config, "plugins": {"sinks": ["meta_capi"]}}).encode()
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "replay", "--config", str(settings_file),
+        "--account", "acme", "--status", "failed", "--status", "expired",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert "re-queued 1 deliveries" in out.decode()
+
+    detail = await settle(client, "FAIL1")
+    assert detail["status"] == "delivered"
+    assert [a["outcome"] for a in detail["attempts"]] == ["permanent", "delivered"]
+    assert sorted(fake.event_ids()) == ["FAIL1", "OK1"]
