@@ -278,20 +278,19 @@ async def test_test_mode_sends_with_its_code(make_meta: MakeMeta, fake: FakeGrap
     assert got.test_event_code == "TEST777"
 
 
+async def without_acme_dataset(
+    make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer
+) -> Client:
+    """Return a client on an app whose account ``acme`` has no configured dataset."""
+    config["accounts"][0].pop("dataset_id")
+    plugins = {"sinks": ["meta_capi"], "meta_capi": {"graph_url": str(graph_server.make_url(""))}}
+    return await make_client(settings=parse_settings({**config, "plugins": plugins}))
+
+
 async def test_account_without_dataset_is_422(
     make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer
 ) -> None:
-    config["accounts"][0].pop("dataset_id")
-    settings = parse_settings(
-        {
-            **config,
-            "plugins": {
-                "sinks": ["meta_capi"],
-                "meta_capi": {"graph_url": str(graph_server.make_url(""))},
-            },
-        }
-    )
-    client = await make_client(settings=settings)
+    client = await without_acme_dataset(make_client, config, graph_server)
     conversation = await add_conversation(store_of(client))
     resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
     body = await resp.json()
@@ -302,17 +301,7 @@ async def test_account_without_dataset_is_422(
 async def test_dataset_endpoints(
     make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer, fake: FakeGraph
 ) -> None:
-    config["accounts"][0].pop("dataset_id")
-    settings = parse_settings(
-        {
-            **config,
-            "plugins": {
-                "sinks": ["meta_capi"],
-                "meta_capi": {"graph_url": str(graph_server.make_url(""))},
-            },
-        }
-    )
-    client = await make_client(settings=settings)
+    client = await without_acme_dataset(make_client, config, graph_server)
     url = "/v1/whatsapp/dataset"
     got = await client.get(url, params={"accountId": "acme"}, headers=AUTH)
     assert (await got.json()) == {"datasetId": None}
