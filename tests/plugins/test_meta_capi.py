@@ -381,3 +381,23 @@ async def test_replay_resends_failed_never_delivered(
     assert detail["status"] == "delivered"
     assert [a["outcome"] for a in detail["attempts"]] == ["permanent", "delivered"]
     assert sorted(fake.event_ids()) == ["FAIL1", "OK1"]
+
+
+async def test_an_event_name_meta_refuses_fails_with_its_reason(
+    make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer, fake: FakeGraph
+) -> None:
+    # An operator widened the allowlist to a name Meta does not take for business messaging.
+    config["events"] = {"allowed_names": ["LeadSubmitted", "Contact"]}
+    plugins = {"sinks": ["meta_capi"], "meta_capi": {"graph_url": str(graph_server.make_url(""))}}
+    client = await make_client(settings=parse_settings({**config, "plugins": plugins}))
+    conversation = await add_conversation(store_of(client))
+    resp = await client.post(URL, json=lead(conversation.id, eventName="Contact"), headers=AUTH)
+    body = await resp.json()
+    assert resp.status == 200
+    assert body["status"] == "failed"
+    assert body["failures"][0]["code"] == "100/2804066"
+    assert "does not accept this event name" in body["failures"][0]["message"]
+    history = await client.get(URL, params={"accountId": "acme"}, headers=AUTH)
+    (row,) = (await history.json())["events"]
+    assert (row["status"], row["attempts"]) == ("failed", 1)
+    assert "event name" in row["error"]
