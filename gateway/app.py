@@ -10,8 +10,11 @@ from aiohttp import web
 
 from gateway.auth import KeyRing
 from gateway.config import Settings
-from gateway.context import KEYS, PIPELINE, PLUGINS, SETTINGS, WEBHOOK_SECRETS
+from gateway.context import KEYS, METRICS, METRICS_KEY, PIPELINE, PLUGINS, SETTINGS, WEBHOOK_SECRETS
+from gateway.errors import ConfigError
+from gateway.metrics import Metrics
 from gateway.middlewares import middlewares
+from gateway.ops_views import routes as ops_routes
 from gateway.pipeline import check_normalizers
 from gateway.plugin_manager import Plugins
 from gateway.runtime import running
@@ -47,19 +50,37 @@ def create_app(
         )
     # aiohttp's own limit is the larger of the routes'; each route enforces its own.
     largest = max(settings.server.max_body_bytes, settings.webhook.max_body_bytes)
-    app = web.Application(client_max_size=largest, middlewares=middlewares(max_body_bytes=largest))
+    metrics = Metrics()
+    keys.on_limited = lambda key: metrics.rate_limited.labels(key.name).inc()
+    app = web.Application(
+        client_max_size=largest, middlewares=middlewares(max_body_bytes=largest, metrics=metrics)
+    )
+    app[METRICS] = metrics
+    app[METRICS_KEY] = _metrics_key(settings, environ)
     app[SETTINGS] = settings
     app[PLUGINS] = plugins
     app[KEYS] = keys
     app[WEBHOOK_SECRETS] = secrets
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with running(settings, plugins, environ, clock=clock) as pipeline:
+        async with running(settings, plugins, environ, clock=clock, metrics=metrics) as pipeline:
             app[PIPELINE] = pipeline
             yield
 
     app.cleanup_ctx.append(runtime_ctx)
     app.add_routes(api_routes)
     app.add_routes(webhook_routes)
+    app.add_routes(ops_routes)
     app.add_routes(plugins.routes())
     return app
+
+
+def _metrics_key(settings: Settings, environ: Mapping[str, str]) -> str:
+    """Return the key /metrics requires ("" when open); a named but unset variable is an error."""
+    name = settings.metrics.key_env
+    if name is None:
+        return ""
+    value = environ.get(name, "")
+    if not value:
+        raise ConfigError(f"[metrics] key_env names {name}, which is not set")
+    return value

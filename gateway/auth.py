@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+import math
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gateway.config import AuthConfig
-from gateway.errors import ConfigError, Forbidden, Unauthorized
+from gateway.errors import ConfigError, Forbidden, RateLimited, Unauthorized
 
 __all__ = ["ApiKey", "KeyRing"]
 
@@ -19,16 +21,24 @@ class ApiKey:
 
     name: str
     accounts: frozenset[str]
+    rate_per_s: float | None = None
+    burst: int | None = None
 
     def allows(self, account_id: str) -> bool:
         return "*" in self.accounts or account_id in self.accounts
 
 
 class KeyRing:
-    """Maps presented bearer tokens to configured keys."""
+    """Maps presented bearer tokens to configured keys, and meters each key's rate."""
 
-    def __init__(self, keys: Mapping[bytes, ApiKey]) -> None:
+    def __init__(
+        self, keys: Mapping[bytes, ApiKey], *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._keys = dict(keys)
+        self._clock = clock
+        # Token buckets: key name -> (tokens left, when last refilled).
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self.on_limited: Callable[[ApiKey], None] | None = None
 
     @classmethod
     def from_config(cls, auth: AuthConfig, environ: Mapping[str, str]) -> KeyRing:
@@ -46,7 +56,12 @@ class KeyRing:
                     f"API key {key.name!r}: the value of {key.key_env} is shorter than 16"
                     " characters; use a long random key (e.g. `openssl rand -hex 24`)"
                 )
-            keys[_digest(secret)] = ApiKey(name=key.name, accounts=frozenset(key.accounts))
+            keys[_digest(secret)] = ApiKey(
+                name=key.name,
+                accounts=frozenset(key.accounts),
+                rate_per_s=key.rate_per_s,
+                burst=key.burst or (max(1, int(key.rate_per_s)) if key.rate_per_s else None),
+            )
         return cls(keys)
 
     def authenticate(self, authorization: str | None) -> ApiKey:
@@ -66,8 +81,30 @@ class KeyRing:
         # Compare digests so the time taken does not depend on how much of a key matched.
         for known, key in self._keys.items():
             if hmac.compare_digest(known, digest):
+                self._meter(key)
                 return key
         raise Unauthorized("Unauthorized: unknown API key.", code="invalid_api_key")
+
+    def _meter(self, key: ApiKey) -> None:
+        """Take one token from the key's bucket, or raise 429 saying when to come back."""
+        if key.rate_per_s is None or key.burst is None:
+            return
+        now = self._clock()
+        tokens, last = self._buckets.get(key.name, (float(key.burst), now))
+        tokens = min(float(key.burst), tokens + (now - last) * key.rate_per_s)
+        if tokens < 1.0:
+            self._buckets[key.name] = (tokens, now)
+            wait = (1.0 - tokens) / key.rate_per_s
+            if self.on_limited is not None:
+                self.on_limited(key)
+            error = RateLimited(
+                f"Rate limit: API key {key.name!r} may send {key.rate_per_s:g} requests per"
+                f" second (bursts of {key.burst}); retry after {wait:.2f} s.",
+                details={"retryAfterSeconds": round(wait, 3)},
+            )
+            error.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            raise error
+        self._buckets[key.name] = (tokens - 1.0, now)
 
     @staticmethod
     def authorize(key: ApiKey, account_id: str) -> None:

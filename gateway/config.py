@@ -22,6 +22,7 @@ __all__ = [
     "AuthKeyConfig",
     "EventsConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "PluginsConfig",
     "ServerConfig",
     "Settings",
@@ -69,6 +70,9 @@ class AuthKeyConfig(ConfigStruct, frozen=True):
     name: Name
     key_env: EnvName
     accounts: Annotated[list[Name], msgspec.Meta(min_length=1)]
+    # Token bucket per key: sustained requests per second and burst; unset = unlimited.
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=100_000)] | None = None
+    burst: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
 
 
 class AuthConfig(ConfigStruct, frozen=True):
@@ -111,6 +115,11 @@ class WebhookConfig(ConfigStruct, frozen=True):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
 
 
+class MetricsConfig(ConfigStruct, frozen=True):
+    # Unset: /metrics is open (bind the server to a private interface, or set a key).
+    key_env: EnvName | None = None
+
+
 class LoggingConfig(ConfigStruct, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -124,6 +133,7 @@ class Settings(ConfigStruct, frozen=True):
     plugins: PluginsConfig = msgspec.field(default_factory=PluginsConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
     webhook: WebhookConfig = msgspec.field(default_factory=WebhookConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     # The raw ``[plugins.<name>]`` tables; each plugin decodes its own into its Config Struct.
     plugin_tables: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)

@@ -32,6 +32,7 @@ import structlog
 from gateway.domain import Attempt, SinkState
 from gateway.graph import GraphClient, GraphReply, explain
 from gateway.meta_body import meta_request_body
+from gateway.metrics import Metrics
 from gateway.outbox import AttemptResult, Outbox, OutboxItem
 
 __all__ = ["DispatchSettings", "Dispatcher", "Route"]
@@ -73,9 +74,11 @@ class Dispatcher:
         graph: GraphClient,
         routes: dict[str, Route],
         settings: DispatchSettings,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.sink = sink
+        self.metrics = metrics or Metrics()
         self.outbox = outbox
         self.graph = graph
         self.routes = routes
@@ -202,7 +205,10 @@ class Dispatcher:
         finally:
             self._in_flight.difference_update(item.pk for item in batch)
             self._wake.set()
+        accounts = {item.pk: item.account_id for item in batch}
         for result in results:
+            outcome = "retry" if result.state.status == "pending" else result.state.status
+            self.metrics.events_outcome.labels(accounts[result.pk], self.sink, outcome).inc()
             self._settle(result.pk, result.state)
 
     def _settle(self, pk: int, state: SinkState) -> None:
@@ -245,6 +251,9 @@ class Dispatcher:
         )
         reply = await self.graph.send_events(route.dataset_id, route.token, body)
         self.batches_sent += 1
+        self.metrics.meta_seconds.labels(reply.kind).observe(reply.duration_ms / 1000)
+        if reply.kind != "ok":
+            self.metrics.meta_errors.labels(reply.error_code()).inc()
         now = self.clock()
         for item in items:
             tries[item.pk].append(

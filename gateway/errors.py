@@ -19,6 +19,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "PlatformError",
+    "RateLimited",
     "ServiceUnavailable",
     "Unauthorized",
     "Unprocessable",
@@ -49,6 +50,8 @@ class GatewayError(Exception):
         super().__init__(message)
         if status is not None:
             self.status = status
+        # Extra response headers (Retry-After on 429 and 503).
+        self.headers: dict[str, str] = {}
         self.message = message
         self.code = code or self.default_code
         self.param = param
@@ -133,6 +136,14 @@ class PlatformError(GatewayError):
         self.platform = "metaads"
         # Meta's raw error object, for the caller to act on (never carries our token).
         self.platform_error = platform_error
+
+
+class RateLimited(GatewayError):
+    """The key is over its request rate (429)."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limited"
 
 
 class ServiceUnavailable(GatewayError):

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from gateway.config import AccountConfig, Settings
     from gateway.domain import Conversation, PreparedEvent, SinkState, StoredEvent
     from gateway.draft import EventDraft
+    from gateway.metrics import Metrics
     from gateway.models import ConversionRequest
     from gateway.store import Store
 
@@ -49,14 +50,24 @@ def gateway_check_config(config: Any, settings: Settings, environ: Mapping[str, 
 
 @hookspec
 def gateway_lifespan(
-    name: str, config: Any, settings: Settings, store: Store, environ: Mapping[str, str]
+    name: str,
+    config: Any,
+    settings: Settings,
+    store: Store,
+    environ: Mapping[str, str],
+    metrics: Metrics,
 ) -> AbstractAsyncContextManager[None] | None:
     """Return an async context manager for the plugin's resources, or ``None``.
 
     The host enters it after the store is open and before serving (start sessions, background
     tasks), and exits it on shutdown before the store closes (drain them). ``name`` is the
-    name the plugin is listed under.
+    name the plugin is listed under; ``metrics`` is the app's :class:`gateway.metrics.Metrics`.
     """
+
+
+@hookspec
+def gateway_check_ready(name: str, config: Any) -> str | None:
+    """Return ``None`` if the plugin can do its work, or what stops it (``GET /readyz``)."""
 
 
 @hookspec

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 
@@ -21,8 +22,10 @@ from gateway.errors import (
     InvalidRequest,
     NotFound,
     PlatformError,
+    ServiceUnavailable,
 )
 from gateway.http_body import too_large
+from gateway.metrics import Metrics
 from gateway.models import ENCODER, ErrorBody, PlatformErrorBody
 
 __all__ = ["REQUEST_ID_HEADER", "error_response", "middlewares"]
@@ -62,7 +65,7 @@ def error_body(exc: GatewayError) -> ErrorBody:
     )
 
 
-def make_context_middleware() -> Middleware:
+def make_context_middleware(metrics: Metrics) -> Middleware:
     """Return the middleware that gives each request an id and writes its canonical log line."""
     # A random per-app prefix and a counter: unique like uuid4, without a getrandom() syscall
     # on every request.
@@ -76,25 +79,30 @@ def make_context_middleware() -> Middleware:
             request_id = supplied
         else:
             request_id = f"{prefix}{next(counter):016x}"
-        return await _in_context(request, handler, request_id)
+        return await _in_context(request, handler, request_id, metrics)
 
     return context_middleware
 
 
 async def _in_context(
-    request: web.Request, handler: Handler, request_id: str
+    request: web.Request, handler: Handler, request_id: str, metrics: Metrics
 ) -> web.StreamResponse:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
     response = await handler(request)
     response.headers[REQUEST_ID_HEADER] = request_id
+    elapsed = time.perf_counter() - started
+    # Unmatched paths share one label: a scanner must not mint a time series per URL.
+    route = _route(request) or "unmatched"
+    metrics.requests.labels(route, str(response.status)).inc()
+    metrics.request_seconds.labels(route).observe(elapsed)
     log.info(
         "request",
         method=request.method,
-        route=_route(request),
+        route=route,
         status=response.status,
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        duration_ms=round(elapsed * 1000, 3),
     )
     return response
 
@@ -108,7 +116,20 @@ def make_error_middleware(max_body_bytes: int) -> Middleware:
             return await handler(request)
         except GatewayError as exc:
             structlog.contextvars.bind_contextvars(error_code=exc.code, error_param=exc.param)
-            return error_response(exc)
+            return error_response(exc, headers=exc.headers or None)
+        except (sqlite3.Error, ValueError) as exc:
+            if isinstance(exc, ValueError) and "Connection closed" not in str(exc):
+                raise
+            # Disk full, database locked past its timeout, store closing: nothing was
+            # acknowledged, so the client may retry safely (duplicates are answered as such).
+            log.error("store_unavailable", error_type=type(exc).__name__, route=_route(request))
+            unavailable = ServiceUnavailable(
+                "The store cannot take writes right now (disk full or database locked); nothing"
+                " was accepted. Retry shortly.",
+                code="store_unavailable",
+            )
+            structlog.contextvars.bind_contextvars(error_code=unavailable.code)
+            return error_response(unavailable, headers={"Retry-After": "1"})
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -156,6 +177,6 @@ def _allow(exc: web.HTTPException) -> dict[str, str] | None:
     return {"Allow": ", ".join(sorted(allowed))} if allowed else None
 
 
-def middlewares(*, max_body_bytes: int) -> list[Middleware]:
+def middlewares(*, max_body_bytes: int, metrics: Metrics) -> list[Middleware]:
     """Return the middlewares, outermost first."""
-    return [make_context_middleware(), make_error_middleware(max_body_bytes)]
+    return [make_context_middleware(metrics), make_error_middleware(max_body_bytes)]

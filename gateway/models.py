@@ -20,6 +20,8 @@ __all__ = [
     "ConversationView",
     "ConversionRequest",
     "ConversionResponse",
+    "DatasetAnswer",
+    "DatasetRequest",
     "DeliveryDetail",
     "DeliveryView",
     "ErrorBody",
@@ -27,6 +29,7 @@ __all__ = [
     "EventList",
     "EventSummary",
     "Failure",
+    "Health",
     "PlatformErrorBody",
 ]
 
@@ -213,6 +216,24 @@ class PlatformErrorBody(ErrorBody, frozen=True):
 
     platform: str = "metaads"
     platform_error: Any = None
+
+
+class DatasetRequest(WireStruct, frozen=True):
+    """``POST /v1/whatsapp/dataset``."""
+
+    account_id: AccountId
+
+
+class DatasetAnswer(msgspec.Struct, rename="camel", frozen=True, kw_only=True, omit_defaults=True):
+    dataset_id: str | None
+    created: bool | None = None
+
+
+class Health(WireStruct, frozen=True):
+    """``GET /healthz`` and ``GET /readyz``."""
+
+    status: str
+    checks: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 CONVERSION_DECODER = msgspec.json.Decoder(ConversionRequest)

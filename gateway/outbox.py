@@ -210,6 +210,24 @@ class Outbox:
         )
         return int(rows[0][0])
 
+    async def stats(
+        self,
+    ) -> tuple[dict[str, tuple[int, float | None]], list[tuple[str, str, str, int]]]:
+        """Return pending (count, oldest received_at) per sink, and counts per status."""
+        pending = await fetch_rows(
+            self._reader,
+            "SELECT d.sink, COUNT(*), MIN(e.received_at) FROM deliveries d"
+            " JOIN events e ON e.pk = d.event_pk WHERE d.status = 'pending' GROUP BY d.sink",
+            (),
+        )
+        by_status = await fetch_rows(
+            self._reader,
+            "SELECT e.account_id, d.sink, d.status, COUNT(*) FROM deliveries d"
+            " JOIN events e ON e.pk = d.event_pk GROUP BY e.account_id, d.sink, d.status",
+            (),
+        )
+        return {row[0]: (row[1], row[2]) for row in pending}, [tuple(r) for r in by_status]
+
     async def record(self, sink: str, results: Sequence[AttemptResult]) -> None:
         """Store the outcomes of one attempt (one transaction)."""
         if results:

@@ -19,6 +19,7 @@ from gateway.config import AccountConfig, Settings
 from gateway.domain import Conversation, PreparedEvent, SinkState, StoredEvent, overall_status
 from gateway.draft import EventDraft, IncompleteEvent
 from gateway.errors import ConfigError, GatewayError, InvalidRequest, NotFound, Unprocessable
+from gateway.metrics import Metrics
 from gateway.models import ConversionRequest
 from gateway.plugin_manager import Plugins
 from gateway.store import NewEvent, Store
@@ -55,11 +56,13 @@ class Pipeline:
         store: Store,
         *,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.plugins = plugins
         self.store = store
         self.clock = clock
+        self.metrics = metrics or Metrics()
 
     def account(self, account_id: str) -> AccountConfig:
         """Return the configured account or raise 404."""
@@ -123,6 +126,7 @@ class Pipeline:
         except GatewayError:
             existing = await self.store.find_event(account.id, request.event_id)
             if existing is not None:
+                self.metrics.events_duplicate.labels(account.id).inc()
                 return Outcome(event=existing, duplicate=True)
             raise
         return await self.submit(prepared, started=started)
@@ -147,7 +151,10 @@ class Pipeline:
         )
         stored, duplicate = await self.store.insert_event(new)
         if duplicate:
+            self.metrics.events_duplicate.labels(new.account_id).inc()
             return Outcome(event=stored, duplicate=True)
+        for sink in states:
+            self.metrics.events_accepted.labels(new.account_id, sink).inc()
         stored = await self._deliver(stored)
         return Outcome(event=stored, duplicate=False)
 

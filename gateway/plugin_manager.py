@@ -26,6 +26,7 @@ from gateway.config import AccountConfig, Settings
 from gateway.domain import Conversation, PreparedEvent, SinkState, StoredEvent
 from gateway.draft import EventDraft
 from gateway.errors import ConfigError
+from gateway.metrics import Metrics
 from gateway.models import ConversionRequest
 from gateway.store import Store
 
@@ -135,6 +136,11 @@ class Plugins:
             for item in loaded
             if (call := _one(pm, item.name, "gateway_lifespan"))
         ]
+        self._ready = [
+            (item.name, call, self.config(item.name))
+            for item in loaded
+            if (call := _one(pm, item.name, "gateway_check_ready"))
+        ]
         self._routes = [
             (item.name, call, self.config(item.name))
             for item in loaded
@@ -159,15 +165,31 @@ class Plugins:
             call(config=config, settings=settings, environ=environ)
 
     def lifespans(
-        self, settings: Settings, store: Store, environ: Mapping[str, str]
+        self, settings: Settings, store: Store, environ: Mapping[str, str], metrics: Metrics
     ) -> list[AbstractAsyncContextManager[None]]:
         """Return the plugins' resource lifetimes, in load order."""
         found = []
         for name, call, config in self._lifespans:
-            cm = call(name=name, config=config, settings=settings, store=store, environ=environ)
+            cm = call(
+                name=name,
+                config=config,
+                settings=settings,
+                store=store,
+                environ=environ,
+                metrics=metrics,
+            )
             if cm is not None:
                 found.append(cm)
         return found
+
+    def readiness_problems(self) -> dict[str, str]:
+        """Return, per plugin that is not ready, what stops it."""
+        problems: dict[str, str] = {}
+        for name, call, config in self._ready:
+            problem = call(name=name, config=config)
+            if problem:
+                problems[name] = problem
+        return problems
 
     def routes(self) -> list[web.RouteDef]:
         """Return the routes plugins add."""

@@ -8,6 +8,7 @@ the WhatsApp id (the phone number) because resolving by ``phoneE164`` needs it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 import time
@@ -136,6 +137,13 @@ class _InsertConversation(WriteOp[None]):
         await conn.execute(INSERT_CONVERSATION, conversation_params(self.conversation))
 
 
+class _Ping(WriteOp[None]):
+    """Nothing but the writer's own BEGIN IMMEDIATE / COMMIT: proves the file takes writes."""
+
+    async def apply(self, conn: aiosqlite.Connection) -> None:
+        return None
+
+
 class _UpdateDeliveries(WriteOp[None]):
     """Replace some sinks' states of one event and recompute the event's status."""
 
@@ -193,6 +201,10 @@ class Store:
         store = cls(writer, reader, max_batch=max_batch)
         store.writer.start()
         return store
+
+    async def ping(self, timeout_s: float = 2.0) -> None:
+        """Commit an empty transaction through the writer; raise if it cannot in time."""
+        await asyncio.wait_for(self.writer.submit(_Ping()), timeout_s)
 
     async def close(self) -> None:
         """Flush pending writes and close both connections."""

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from gateway.capture import extract
-from gateway.context import PIPELINE, SETTINGS, WEBHOOK_SECRETS
+from gateway.context import METRICS, PIPELINE, SETTINGS, WEBHOOK_SECRETS
 from gateway.errors import Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
 from gateway.http_body import read_body
 from gateway.models import ENCODER
@@ -61,6 +61,7 @@ async def notify(request: web.Request) -> web.Response:
         )
     body = await read_body(request, settings.webhook.max_body_bytes)
     if not signature_matches(app_secret, body, request.headers.get("X-Hub-Signature-256")):
+        request.app[METRICS].webhook_signature_failures.inc()
         log.warning(
             "webhook_signature_rejected",
             present="X-Hub-Signature-256" in request.headers,
@@ -87,5 +88,8 @@ async def notify(request: web.Request) -> web.Response:
     if batch.unknown_numbers:
         # Business phone number ids (or WABA ids), not personal data.
         log.warning("webhook_unknown_numbers", ids=sorted(set(batch.unknown_numbers))[:20])
+    metrics = request.app[METRICS]
+    metrics.webhook_messages.inc(result.messages)
+    metrics.webhook_clicks.inc(result.clicks_captured + result.clicks_recovered)
     log.info("webhook_captured", **msgspec.structs.asdict(result))
     return web.Response(body=ENCODER.encode(result), content_type="application/json")

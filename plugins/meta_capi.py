@@ -36,6 +36,8 @@ from gateway.errors import PlatformError
 from gateway.graph import GraphClient, explain
 from gateway.http_body import read_json_body
 from gateway.meta_body import DEFAULT_PARTNER_AGENT
+from gateway.metrics import Metrics
+from gateway.models import DatasetAnswer, DatasetRequest
 from gateway.validation import decode_body
 from gateway.views import account_for, authenticate, json_response, query_account_id
 
@@ -63,15 +65,6 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=300)] = 5.0
     # For appsecret_proof, when the app requires it.
     app_secret_env: EnvName | None = None
-
-
-class DatasetRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
-    account_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-
-
-class DatasetAnswer(msgspec.Struct, rename="camel", frozen=True, kw_only=True, omit_defaults=True):
-    dataset_id: str | None
-    created: bool | None = None
 
 
 class MetaCapiSink:
@@ -113,13 +106,29 @@ class MetaCapiSink:
 
     @hookimpl
     def gateway_lifespan(
-        self, name: str, settings: Settings, store: Store, environ: Mapping[str, str]
+        self,
+        name: str,
+        settings: Settings,
+        store: Store,
+        environ: Mapping[str, str],
+        metrics: Metrics,
     ) -> AbstractAsyncContextManager[None]:
-        return self._lifespan(name, settings, store, environ)
+        return self._lifespan(name, settings, store, environ, metrics)
+
+    @hookimpl
+    def gateway_check_ready(self) -> str | None:
+        if self.dispatcher is None or not self.dispatcher.running:
+            return "the delivery dispatcher is not running"
+        return None
 
     @asynccontextmanager
     async def _lifespan(
-        self, name: str, settings: Settings, store: Store, environ: Mapping[str, str]
+        self,
+        name: str,
+        settings: Settings,
+        store: Store,
+        environ: Mapping[str, str],
+        metrics: Metrics,
     ) -> AsyncIterator[None]:
         c = self.config
         secret = environ.get(c.app_secret_env, "") if c.app_secret_env else ""
@@ -144,6 +153,7 @@ class MetaCapiSink:
                 outbox=store.outbox,
                 graph=self.graph,
                 routes=routes,
+                metrics=metrics,
                 settings=DispatchSettings(
                     batch_max=c.batch_max,
                     linger_s=c.linger_ms / 1000,

@@ -1,0 +1,82 @@
+"""Prometheus metrics, on a registry of the app's own (no process-global default registry).
+
+Counters and histograms move as things happen; the outbox gauges and the events-by-status
+gauge are read from the store when ``/metrics`` is scraped, so they are right after a restart.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Every metric the gateway exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "ctwa_http_requests", "HTTP requests by route and status.", ["route", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "ctwa_http_request_duration_seconds", "HTTP request latency by route.", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.events_accepted = Counter(
+            "ctwa_events_accepted", "Conversion events accepted (stored).", ["account", "sink"],
+            registry=r,
+        )  # fmt: skip
+        self.events_duplicate = Counter(
+            "ctwa_events_duplicate", "Conversion requests answered from a stored eventId.",
+            ["account"], registry=r,
+        )  # fmt: skip
+        self.events_outcome = Counter(
+            "ctwa_events_outcome",
+            "Delivery outcomes recorded (delivered, failed, expired, retry).",
+            ["account", "sink", "outcome"], registry=r,
+        )  # fmt: skip
+        self.events_by_status = Gauge(
+            "ctwa_events_stored", "Stored events by sink and delivery status.",
+            ["account", "sink", "status"], registry=r,
+        )  # fmt: skip
+        self.outbox_depth = Gauge(
+            "ctwa_outbox_pending", "Deliveries waiting to be sent, by sink.", ["sink"],
+            registry=r,
+        )  # fmt: skip
+        self.outbox_oldest = Gauge(
+            "ctwa_outbox_oldest_pending_age_seconds",
+            "Age of the oldest pending delivery, by sink (0 when none).", ["sink"], registry=r,
+        )  # fmt: skip
+        self.meta_seconds = Histogram(
+            "ctwa_meta_request_duration_seconds", "Graph API request latency by outcome.",
+            ["kind"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.meta_errors = Counter(
+            "ctwa_meta_errors", "Graph API errors by code (code/subcode, or transport).",
+            ["code"], registry=r,
+        )  # fmt: skip
+        self.webhook_messages = Counter(
+            "ctwa_webhook_messages", "Inbound messages processed (new, not duplicates).",
+            registry=r,
+        )  # fmt: skip
+        self.webhook_clicks = Counter(
+            "ctwa_webhook_clicks_captured", "Click ids captured (from messages or recovered).",
+            registry=r,
+        )  # fmt: skip
+        self.webhook_signature_failures = Counter(
+            "ctwa_webhook_signature_failures", "Notifications refused for their signature.",
+            registry=r,
+        )  # fmt: skip
+        self.rate_limited = Counter(
+            "ctwa_rate_limited", "Requests refused by the per-key rate limit.", ["key"],
+            registry=r,
+        )  # fmt: skip
+
+    def render(self) -> bytes:
+        """Return the Prometheus text exposition."""
+        return generate_latest(self.registry)

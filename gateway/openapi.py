@@ -1,0 +1,241 @@
+"""The OpenAPI 3.1 document, generated from the wire Structs (never written by hand).
+
+Schemas come from :func:`msgspec.json.schema_components` over the same Structs the handlers
+decode and encode, so the document cannot drift from the code. Each operation lists its
+parameters, body, answers and errors; :func:`build_openapi` includes exactly the routes the
+app serves (plugin routes too), and a route without documentation is a test failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from gateway.capture import CaptureResult
+from gateway.models import (
+    ConversationList,
+    ConversationView,
+    ConversionRequest,
+    ConversionResponse,
+    DatasetAnswer,
+    DatasetRequest,
+    ErrorBody,
+    EventDetail,
+    EventList,
+    Health,
+    PlatformErrorBody,
+)
+from gateway.webhook_models import Envelope
+
+__all__ = ["EXAMPLES", "OPERATIONS", "Operation", "build_openapi"]
+
+_REF = "#/components/schemas/{name}"
+
+# Documented examples; the test suite decodes each with its Struct.
+EXAMPLES: dict[str, tuple[type[Any], dict[str, Any]]] = {
+    "purchase": (
+        ConversionRequest,
+        {
+            "accountId": "demo",
+            "eventName": "Purchase",
+            "eventId": "order-991",
+            "phoneE164": "16505551234",
+            "value": 49.99,
+            "currency": "USD",
+            "contentIds": ["sku-1"],
+            "email": "john_smith@gmail.com",
+        },
+    ),
+    "lead": (
+        ConversionRequest,
+        {
+            "accountId": "demo",
+            "eventName": "LeadSubmitted",
+            "eventId": "lead-17",
+            "conversationId": "conv_5f0c1a2b3c4d5e6f7a8b9c0d",
+        },
+    ),
+    "dataset": (DatasetRequest, {"accountId": "demo"}),
+}
+
+
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    request: type[Any] | None = None
+    example: str | None = None
+    answers: dict[int, type[Any] | str] = field(default_factory=dict)
+    query: tuple[tuple[str, bool, str], ...] = ()
+    path_params: tuple[str, ...] = ()
+    headers: tuple[tuple[str, bool, str], ...] = ()
+    auth: bool = True
+
+
+_CLIENT_ERRORS: dict[int, type[Any] | str] = {
+    400: ErrorBody,
+    401: ErrorBody,
+    403: ErrorBody,
+    404: ErrorBody,
+    429: ErrorBody,
+}
+_ACCOUNT = ("accountId", True, "An account id from [[accounts]].")
+_LIMIT = ("limit", False, "1-200, default 50.")
+
+OPERATIONS: dict[tuple[str, str], Operation] = {
+    ("POST", "/v1/whatsapp/conversions"): Operation(
+        "Report a conversion (Zernio's SendWhatsAppConversionRequest).",
+        request=ConversionRequest,
+        example="purchase",
+        answers={
+            200: ConversionResponse,
+            202: ConversionResponse,
+            **_CLIENT_ERRORS,
+            413: ErrorBody,
+            415: ErrorBody,
+            422: ErrorBody,
+            503: ErrorBody,
+        },
+    ),
+    ("GET", "/v1/whatsapp/conversions"): Operation(
+        "The account's most recent events, newest first.",
+        answers={200: EventList, **_CLIENT_ERRORS},
+        query=(_ACCOUNT, _LIMIT),
+    ),
+    ("GET", "/v1/whatsapp/conversions/{event_id}"): Operation(
+        "One event with each sink's state and every attempt.",
+        answers={200: EventDetail, **_CLIENT_ERRORS},
+        query=(_ACCOUNT,),
+        path_params=("event_id",),
+    ),
+    ("GET", "/v1/whatsapp/conversations"): Operation(
+        "Conversations, newest first, optionally for one phone.",
+        answers={200: ConversationList, **_CLIENT_ERRORS},
+        query=(_ACCOUNT, ("phoneE164", False, "Digits with country code."), _LIMIT),
+    ),
+    ("GET", "/v1/whatsapp/conversations/{conversation_id}"): Operation(
+        "One conversation; its id is what conversationId takes.",
+        answers={200: ConversationView, **_CLIENT_ERRORS},
+        path_params=("conversation_id",),
+    ),
+    ("GET", "/v1/whatsapp/dataset"): Operation(
+        "The account's dataset id (meta_capi sink).",
+        answers={200: DatasetAnswer, **_CLIENT_ERRORS},
+        query=(_ACCOUNT,),
+    ),
+    ("POST", "/v1/whatsapp/dataset"): Operation(
+        "Create or fetch the WABA's dataset at Meta (meta_capi sink).",
+        request=DatasetRequest,
+        example="dataset",
+        answers={200: DatasetAnswer, **_CLIENT_ERRORS, 415: ErrorBody, 502: PlatformErrorBody},
+    ),
+    ("GET", "/webhooks/whatsapp"): Operation(
+        "Meta's verification handshake: echoes hub.challenge.",
+        answers={200: "text/plain", 403: ErrorBody},
+        query=(
+            ("hub.mode", True, "subscribe"),
+            ("hub.verify_token", True, "The token from [webhook] verify_token_env."),
+            ("hub.challenge", True, "Echoed back."),
+        ),
+        auth=False,
+    ),
+    ("POST", "/webhooks/whatsapp"): Operation(
+        "WhatsApp Cloud API notifications, signed with the app secret.",
+        request=Envelope,
+        answers={
+            200: CaptureResult,
+            400: ErrorBody,
+            401: ErrorBody,
+            413: ErrorBody,
+            503: ErrorBody,
+        },
+        headers=(("X-Hub-Signature-256", True, "sha256=<hex HMAC-SHA256 of the body>"),),
+        auth=False,
+    ),
+    ("GET", "/metrics"): Operation(
+        "Prometheus metrics (bearer key if [metrics] key_env is set).",
+        answers={200: "text/plain", 401: ErrorBody},
+    ),
+    ("GET", "/healthz"): Operation("The process is alive.", answers={200: Health}, auth=False),
+    ("GET", "/readyz"): Operation(
+        "The store takes writes and every plugin (dispatchers) runs.",
+        answers={200: Health, 503: ErrorBody},
+        auth=False,
+    ),
+    ("GET", "/openapi.json"): Operation(
+        "This document.", answers={200: "application/json"}, auth=False
+    ),
+}
+
+
+def _served(app: web.Application) -> list[tuple[str, str]]:
+    served: list[tuple[str, str]] = []
+    for route in app.router.routes():
+        resource = route.resource
+        if route.method == "HEAD" or resource is None:
+            continue
+        served.append((route.method, resource.canonical))
+    return served
+
+
+def build_openapi(app: web.Application, *, title: str, version: str) -> dict[str, Any]:
+    """Return the OpenAPI 3.1 document for the routes ``app`` serves."""
+    served = _served(app)
+    types: list[type[Any]] = []
+    for key in served:
+        op = OPERATIONS.get(key)
+        if op is None:
+            continue
+        if op.request is not None:
+            types.append(op.request)
+        types.extend(t for t in op.answers.values() if isinstance(t, type))
+    unique = list(dict.fromkeys(types))
+    refs, components = msgspec.json.schema_components(unique, ref_template=_REF)
+    ref_of = dict(zip(unique, refs, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path in served:
+        op = OPERATIONS.get((method, path))
+        doc = _operation(op, ref_of) if op else {"summary": "Undocumented route."}
+        paths.setdefault(path, {})[method.lower()] = doc
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _operation(op: Operation, ref_of: dict[type[Any], dict[str, Any]]) -> dict[str, Any]:
+    doc: dict[str, Any] = {"summary": op.summary, "responses": {}}
+    params = [
+        {"name": n, "in": "query", "required": req, "description": d, "schema": {"type": "string"}}
+        for n, req, d in op.query
+    ]
+    params += [
+        {"name": n, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+        for n in op.path_params
+    ]
+    params += [
+        {"name": n, "in": "header", "required": req, "description": d, "schema": {"type": "string"}}
+        for n, req, d in op.headers
+    ]
+    if params:
+        doc["parameters"] = params
+    if op.request is not None:
+        media: dict[str, Any] = {"schema": ref_of[op.request]}
+        if op.example:
+            media["example"] = EXAMPLES[op.example][1]
+        doc["requestBody"] = {"required": True, "content": {"application/json": media}}
+    for status, answer in sorted(op.answers.items()):
+        if isinstance(answer, str):
+            content = {answer: {"schema": {"type": "string" if "text" in answer else "object"}}}
+        else:
+            content = {"application/json": {"schema": ref_of[answer]}}
+        doc["responses"][str(status)] = {"description": str(status), "content": content}
+    doc["security"] = [{"apiKey": []}] if op.auth else []
+    return doc

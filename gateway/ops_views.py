@@ -1,0 +1,88 @@
+"""Operator endpoints: ``/metrics``, ``/healthz``, ``/readyz`` and ``/openapi.json``."""
+
+from __future__ import annotations
+
+import hmac
+import importlib.metadata
+import time
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.context import METRICS, METRICS_KEY, PIPELINE, PLUGINS
+from gateway.errors import ServiceUnavailable, Unauthorized
+from gateway.models import ENCODER, Health
+from gateway.openapi import build_openapi
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+log = structlog.get_logger()
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """The process answers: nothing else is checked (a liveness probe)."""
+    return _json(Health(status="ok"))
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """The store takes writes and every plugin that runs in the background is running."""
+    problems: dict[str, str] = {}
+    try:
+        await request.app[PIPELINE].store.ping()
+    except Exception as exc:
+        problems["store"] = f"not writable ({type(exc).__name__})"
+    problems.update(request.app[PLUGINS].readiness_problems())
+    if problems:
+        raise ServiceUnavailable(
+            "Not ready: " + "; ".join(f"{name}: {why}" for name, why in problems.items()),
+            code="not_ready",
+            details={"checks": problems},
+        )
+    checks = {"store": "ok", **dict.fromkeys(request.app[PLUGINS].roles["sinks"], "ok")}
+    return _json(Health(status="ready", checks=checks))
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition; outbox and status gauges are read from the store now."""
+    key = request.app[METRICS_KEY]
+    if key:
+        presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(presented.encode(), key.encode()):
+            raise Unauthorized(
+                "Unauthorized: /metrics needs `Authorization: Bearer <metrics key>`.",
+                code="invalid_metrics_key",
+            )
+    m = request.app[METRICS]
+    pending, by_status = await request.app[PIPELINE].store.outbox.stats()
+    now = time.time()
+    for sink in request.app[PLUGINS].sink_names:
+        count, oldest = pending.get(sink, (0, None))
+        m.outbox_depth.labels(sink).set(count)
+        m.outbox_oldest.labels(sink).set(0.0 if oldest is None else max(0.0, now - oldest))
+    m.events_by_status.clear()
+    for account, sink, status, count in by_status:
+        m.events_by_status.labels(account, sink, status).set(count)
+    return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document of the routes this app serves."""
+    try:
+        version = importlib.metadata.version("ctwa-gateway")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0"
+    return _json_dict(build_openapi(request.app, title="ctwa-gateway", version=version))
+
+
+def _json(value: Health) -> web.Response:
+    return web.Response(body=ENCODER.encode(value), content_type="application/json")
+
+
+def _json_dict(value: dict[str, object]) -> web.Response:
+    return web.Response(body=ENCODER.encode(value), content_type="application/json")
