@@ -79,7 +79,8 @@ class AutomaticEventsValue(MetaStruct, frozen=True):
 
 class Change(MetaStruct, frozen=True):
     field: str
-    value: msgspec.Raw = msgspec.Raw(b"null")
+    # Decoded later, by ``field``: each field has its own shape.
+    value: msgspec.Raw
 
 
 class Entry(MetaStruct, frozen=True):

@@ -121,12 +121,13 @@ def make_client(aiohttp_client: Any, config: dict[str, Any]) -> ClientFactory:
         *,
         settings: Settings | None = None,
         extra: dict[str, object] | None = None,
+        environ: dict[str, str] | None = None,
         **overrides: Any,
     ) -> TestClient[web.Request, web.Application]:
         if settings is None:
             settings = parse_settings({**config, **overrides})
         plugins = build_plugins(settings, extra=extra)
-        app = create_app(settings, plugins, environ=ENV)
+        app = create_app(settings, plugins, environ=ENV if environ is None else environ)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
         return client
 

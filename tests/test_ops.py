@@ -1,0 +1,171 @@
+"""Operator endpoints, rate limits and store failures, through the real app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.config import parse_settings
+from gateway.openapi import EXAMPLES
+from tests.conftest import AUTH, ENV, SCOPED_KEY, ClientFactory, add_conversation, store_of
+from tests.payloads import encode, message, messages_change, notification, referral, signed
+
+Client = TestClient[web.Request, web.Application]
+URL = "/v1/whatsapp/conversions"
+
+
+def lead(conversation_id: str, event_id: str) -> dict[str, Any]:
+    return {
+        "accountId": "acme",
+        "eventName": "LeadSubmitted",
+        "eventId": event_id,
+        "conversationId": conversation_id,
+    }
+
+
+async def test_healthz_and_readyz(client: Client) -> None:
+    assert (await (await client.get("/healthz")).json()) == {"status": "ok", "checks": {}}
+    ready = await client.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["checks"] == {"store": "ok", "log": "ok"}
+
+
+async def test_readyz_is_503_when_the_store_refuses_writes(client: Client) -> None:
+    store = store_of(client)
+    await store._writer_conn.execute("PRAGMA query_only = ON")
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 503
+    assert body["code"] == "not_ready"
+    assert "store" in body["details"]["checks"]
+    await store._writer_conn.execute("PRAGMA query_only = OFF")
+    assert (await client.get("/readyz")).status == 200
+
+
+async def test_metrics_count_what_happened(client: Client) -> None:
+    conversation = await add_conversation(store_of(client))
+    await client.post(URL, json=lead(conversation.id, "m1"), headers=AUTH)
+    await client.post(URL, json=lead(conversation.id, "m1"), headers=AUTH)
+    await client.post(URL, json=lead("conv_nope", "m2"), headers=AUTH)
+    body = encode(
+        notification(messages_change([message("16505550300", "wamid.M", ref=referral("c"))]))
+    )
+    await client.post("/webhooks/whatsapp", data=body, headers=signed(body))
+    await client.post("/webhooks/whatsapp", data=body, headers={"X-Hub-Signature-256": "sha256=0"})
+
+    resp = await client.get("/metrics")
+    text = await resp.text()
+    assert resp.status == 200
+    assert resp.content_type == "text/plain"
+    assert 'ctwa_http_requests_total{route="/v1/whatsapp/conversions",status="200"} 2.0' in text
+    assert 'ctwa_http_requests_total{route="/v1/whatsapp/conversions",status="404"} 1.0' in text
+    assert 'ctwa_events_accepted_total{account="acme",sink="log"} 1.0' in text
+    assert 'ctwa_events_duplicate_total{account="acme"} 1.0' in text
+    assert 'ctwa_events_stored{account="acme",sink="log",status="dry_run"} 1.0' in text
+    assert 'ctwa_outbox_pending{sink="log"} 0.0' in text
+    assert "ctwa_webhook_messages_total 1.0" in text
+    assert "ctwa_webhook_clicks_captured_total 1.0" in text
+    assert "ctwa_webhook_signature_failures_total 1.0" in text
+    assert "ctwa_http_request_duration_seconds_bucket" in text
+
+
+async def test_metrics_can_require_a_key(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> None:
+    settings = parse_settings({**config, "metrics": {"key_env": "CTWA_METRICS_KEY"}})
+    client = await make_client(
+        settings=settings, environ={**ENV, "CTWA_METRICS_KEY": "metrics-key-0123456789"}
+    )
+    assert (await client.get("/metrics")).status == 401
+    assert (await client.get("/metrics", headers=AUTH)).status == 401
+    ok = await client.get("/metrics", headers={"Authorization": "Bearer metrics-key-0123456789"})
+    assert ok.status == 200
+
+
+async def test_openapi_documents_every_route_and_examples_decode(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> None:
+    # With the Meta sink, so plugin routes (datasets) are in the app too.
+    settings = parse_settings(
+        {
+            **config,
+            "plugins": {"sinks": ["meta_capi"], "meta_capi": {"graph_url": "http://127.0.0.1:9"}},
+        }
+    )
+    client = await make_client(settings=settings)
+    doc = await (await client.get("/openapi.json")).json()
+    assert doc["openapi"] == "3.1.0"
+    served = {
+        (route.method.lower(), route.resource.canonical)
+        for route in client.app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    assert served == documented
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert op["summary"] != "Undocumented route.", (method, path)
+            assert op["responses"], (method, path)
+    assert "ConversionRequest" in doc["components"]["schemas"]
+    for name, (struct, example) in EXAMPLES.items():
+        msgspec.convert(example, struct)  # raises if a documented example is wrong
+        assert name
+    body = doc["paths"]["/v1/whatsapp/conversions"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["example"]["eventName"] == "Purchase"
+
+
+async def test_rate_limit_per_key(make_client: ClientFactory, config: dict[str, Any]) -> None:
+    config["auth"]["keys"][0].update(rate_per_s=0.5, burst=2)
+    client = await make_client(settings=parse_settings(config))
+    params = {"accountId": "acme"}
+    statuses = [(await client.get(URL, params=params, headers=AUTH)).status for _ in range(2)]
+    assert statuses == [200, 200]
+    resp = await client.get(URL, params=params, headers=AUTH)
+    body = await resp.json()
+    assert resp.status == 429
+    assert body["type"] == "rate_limit_error"
+    assert body["code"] == "rate_limited"
+    assert int(resp.headers["Retry-After"]) >= 1
+    # Another key is not starved by this one.
+    other = await client.get(
+        URL, params={"accountId": "other"}, headers={"Authorization": f"Bearer {SCOPED_KEY}"}
+    )
+    assert other.status == 200
+    metrics = await (await client.get("/metrics")).text()
+    assert 'ctwa_rate_limited_total{key="admin"} 1.0' in metrics
+
+
+async def test_a_full_disk_is_503_and_loses_nothing_acknowledged(client: Client) -> None:
+    store = store_of(client)
+    conversation = await add_conversation(store)
+    pages = await store._writer_conn.execute_fetchall("PRAGMA page_count", ())
+    await store._writer_conn.execute(f"PRAGMA max_page_count = {next(iter(pages))[0] + 2}")
+    acknowledged = []
+    refused = 0
+    for i in range(300):
+        resp = await client.post(URL, json=lead(conversation.id, f"d{i}"), headers=AUTH)
+        if resp.status == 200:
+            acknowledged.append(f"d{i}")
+        else:
+            body = await resp.json()
+            assert resp.status == 503, body
+            assert body["code"] == "store_unavailable"
+            assert resp.headers["Retry-After"] == "1"
+            refused += 1
+    assert refused > 0
+    await store._writer_conn.execute("PRAGMA max_page_count = 1073741823")
+    for event_id in acknowledged:
+        assert await store.find_event("acme", event_id) is not None
+    # Room again: the refused ones go through on retry.
+    resp = await client.post(URL, json=lead(conversation.id, "d299"), headers=AUTH)
+    assert resp.status == 200
+    assert (await client.get("/readyz")).status == 200
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/openapi.json"])
+async def test_probes_need_no_key(client: Client, path: str) -> None:
+    assert (await client.get(path)).status == 200
