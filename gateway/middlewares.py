@@ -115,7 +115,9 @@ def make_error_middleware(max_body_bytes: int) -> Middleware:
         try:
             return await handler(request)
         except GatewayError as exc:
-            structlog.contextvars.bind_contextvars(error_code=exc.code, error_param=exc.param)
+            # The param is a field path the client chose (unknown keys): bounded in the log.
+            param = None if exc.param is None else exc.param[:100]
+            structlog.contextvars.bind_contextvars(error_code=exc.code, error_param=param)
             return error_response(exc, headers=exc.headers or None)
         except (sqlite3.Error, ValueError) as exc:
             if isinstance(exc, ValueError) and "Connection closed" not in str(exc):

@@ -48,6 +48,17 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
+# How many cases each fuzzer ran (tests/test_fuzz.py), printed after the run.
+FUZZ_CASES = pytest.StashKey[dict[str, int]]()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    cases = config.stash.get(FUZZ_CASES, None)
+    if cases:
+        counts = ", ".join(f"{name} {count}" for name, count in sorted(cases.items()))
+        terminalreporter.write_line(f"fuzz cases run: {counts}")
+
+
 def base_config(db: Path) -> dict[str, Any]:
     """Return a config mapping like config.toml's, on ``db``."""
     return {

@@ -1,0 +1,224 @@
+"""Hostile input against the real server: no input produces a 5xx or an unhandled exception.
+
+A real gateway process (log sink) serves on loopback; hypothesis throws conversion requests,
+webhook envelopes and raw bytes at it, and schemathesis walks every operation of its own
+``/openapi.json``. The server's log is checked for unhandled errors at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+import tomli_w
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.signature import sign
+from tests.conftest import API_KEY, APP_SECRET, ENV, FUZZ_CASES, base_config
+from tests.test_crash import free_port
+
+EXAMPLES = int(os.environ.get("CTWA_FUZZ_EXAMPLES", "150"))
+
+
+@dataclass
+class Live:
+    url: str
+    log: Path
+    cases: dict[str, int]
+
+
+def request(
+    live: Live, method: str, path: str, body: bytes | None, headers: dict[str, str]
+) -> tuple[int, bytes]:
+    # S310: the URL is the loopback server this module started.
+    req = urllib.request.Request(live.url + path, data=body, method=method, headers=headers)  # noqa: S310
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback only
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Live]:
+    folder = tmp_path_factory.mktemp("fuzz")
+    port = free_port()
+    config = base_config(folder / "fuzz.sqlite3")
+    config["server"] = {"host": "127.0.0.1", "port": port}
+    config["logging"] = {"format": "json", "level": "info"}
+    path = folder / "gateway.toml"
+    path.write_bytes(tomli_w.dumps(config).encode())
+    log = folder / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+            env={**os.environ, **ENV}, stdout=out, stderr=out,
+        )  # fmt: skip
+    # Shared with conftest's terminal summary, which reports how many cases ran.
+    live = Live(f"http://127.0.0.1:{port}", log, pytestconfig.stash.setdefault(FUZZ_CASES, {}))
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(live.url + "/healthz", timeout=1).close()  # noqa: S310
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield live
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    # Nothing the fuzzers sent may have surfaced as an unhandled error.
+    # Split on \n only: JSON strings may hold U+2028 and friends, which splitlines() breaks on.
+    text = log.read_text(encoding="utf-8")
+    lines = [json.loads(line) for line in text.split("\n") if line.startswith("{")]
+    assert not [line for line in lines if line.get("event") == "unhandled_error"]
+    assert proc.returncode == 0
+
+
+def check(status: int, body: bytes) -> None:
+    assert status < 500, body[:500]
+    if status >= 400:
+        envelope = json.loads(body)
+        assert {"error", "type", "code", "param", "details"} <= set(envelope)
+
+
+leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+)
+json_value = st.recursive(
+    leaf,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+conversion = st.fixed_dictionaries(
+    {},
+    optional={
+        "accountId": st.sampled_from(["acme", "other", "nope"]) | json_value,
+        "eventName": st.sampled_from(["Purchase", "LeadSubmitted", "Lead", ""]) | json_value,
+        "eventId": st.text(max_size=300) | json_value,
+        "conversationId": st.text(max_size=200) | json_value,
+        "phoneE164": st.sampled_from(["+1 650 555 1234", "12", "x"]) | st.text(max_size=40),
+        "value": st.floats(allow_nan=False, allow_infinity=False) | json_value,
+        "currency": st.sampled_from(["USD", "usd", "XXX", "ABCD"]) | json_value,
+        "contentIds": st.lists(st.text(max_size=5), max_size=4) | json_value,
+        "email": st.emails() | json_value,
+        "externalId": json_value,
+        "testCode": json_value,
+        "eventTime": st.floats(allow_nan=False, allow_infinity=False) | st.integers() | json_value,
+        "extraField": json_value,
+    },
+)
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(body=conversion)
+def test_conversion_bodies(live: Live, body: dict[str, Any]) -> None:
+    live.cases["conversion"] = live.cases.get("conversion", 0) + 1
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    check(*request(live, "POST", "/v1/whatsapp/conversions", json.dumps(body).encode(), headers))
+
+
+@FUZZ
+@given(
+    raw=st.binary(max_size=300),
+    content_type=st.sampled_from(["application/json", "text/plain", ""]),
+)
+def test_raw_bytes(live: Live, raw: bytes, content_type: str) -> None:
+    live.cases["raw"] = live.cases.get("raw", 0) + 1
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": content_type}
+    check(*request(live, "POST", "/v1/whatsapp/conversions", raw, headers))
+
+
+message = st.fixed_dictionaries(
+    {"from": st.text(max_size=20), "id": st.text(max_size=30), "timestamp": st.text(max_size=12)},
+    optional={
+        "referral": st.dictionaries(
+            st.sampled_from(["ctwa_clid", "source_id", "headline"]), json_value
+        )
+    },
+)
+envelope = st.fixed_dictionaries(
+    {
+        "object": st.sampled_from(["whatsapp_business_account", "page"]),
+        "entry": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "id": st.sampled_from(["102290129340398", "1"]),
+                    "changes": st.lists(
+                        st.fixed_dictionaries(
+                            {
+                                "field": st.sampled_from(["messages", "automatic_events", "x"]),
+                                "value": st.fixed_dictionaries(
+                                    {},
+                                    optional={
+                                        "metadata": st.fixed_dictionaries(
+                                            {
+                                                "phone_number_id": st.sampled_from(
+                                                    ["106540352242922", "9"]
+                                                )
+                                            }
+                                        ),
+                                        "messages": st.lists(message, max_size=3) | json_value,
+                                        "statuses": st.lists(json_value, max_size=2),
+                                        "automatic_events": st.lists(json_value, max_size=2),
+                                    },
+                                )
+                                | json_value,
+                            }
+                        ),
+                        max_size=3,
+                    ),
+                }
+            ),
+            max_size=3,
+        ),
+    }
+)
+
+
+@FUZZ
+@given(payload=envelope | json_value)
+def test_signed_webhook_bodies(live: Live, payload: Any) -> None:
+    live.cases["webhook"] = live.cases.get("webhook", 0) + 1
+    body = json.dumps(payload).encode()
+    headers = {"X-Hub-Signature-256": sign(APP_SECRET.encode(), body)}
+    check(*request(live, "POST", "/webhooks/whatsapp", body, headers))
+
+
+def test_openapi_operations(live: Live) -> None:
+    """Schemathesis: cases generated from our own OpenAPI document, for every operation."""
+    schema = schemathesis.openapi.from_url(live.url + "/openapi.json")
+    operations = []
+    for result in schema.get_all_operations():
+        assert isinstance(result, schemathesis.core.result.Ok), result
+        operations.append(result.ok())
+    assert len(operations) >= 10
+    for operation in operations:
+
+        @settings(max_examples=max(10, EXAMPLES // 5), deadline=None)
+        @given(case=operation.as_strategy())
+        def run(case: Any) -> None:
+            live.cases["openapi"] = live.cases.get("openapi", 0) + 1
+            response = case.call(headers={"Authorization": f"Bearer {API_KEY}"})
+            assert response.status_code < 500, (case.method, case.path, response.text[:500])
+
+        run()
