@@ -3,69 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import tomli_w
 from aiohttp.test_utils import TestServer
 
 from gateway.store import Store
-from tests.conftest import ACME_TOKEN, API_KEY, ENV, add_conversation, base_config
+from tests.conftest import ACME_TOKEN, API_KEY, add_conversation
 from tests.fake_graph import FakeGraph
+from tests.live import free_port, start, write_config
 
 EVENTS = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def write_config(path: Path, db: Path, port: int, graph_url: str) -> None:
-    config: dict[str, Any] = base_config(db)
-    config["server"] = {"host": "127.0.0.1", "port": port}
-    config["plugins"] = {
-        "sinks": ["meta_capi"],
-        "meta_capi": {
-            "graph_url": graph_url,
-            "timeout_s": 1.0,
-            "retry_base_s": 0.2,
-            "retry_cap_s": 0.5,
-            "respond_within_ms": 100,
-            "poll_s": 0.2,
-            "linger_ms": 10,
-        },
-    }
-    config["logging"] = {"format": "json", "level": "warning"}
-    path.write_bytes(tomli_w.dumps(config).encode())
-
-
-async def start(config: Path, port: int, log: Path) -> asyncio.subprocess.Process:
-    out = log.open("ab")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config),
-        env={**os.environ, **ENV}, stdout=out, stderr=out,
-    )  # fmt: skip
-    out.close()
-    for _ in range(300):
-        if proc.returncode is not None:
-            raise AssertionError(log.read_text()[-3000:])
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return proc
-    raise AssertionError("the server did not start")
 
 
 async def test_sigkill_while_meta_is_down_loses_and_duplicates_nothing(

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from gateway.signature import sign
 from tests.conftest import API_KEY, APP_SECRET, ENV, FUZZ_CASES, base_config
-from tests.test_crash import free_port
+from tests.live import free_port
 
 EXAMPLES = int(os.environ.get("CTWA_FUZZ_EXAMPLES", "150"))
 
