@@ -51,7 +51,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     partner_agent: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = DEFAULT_PARTNER_AGENT
     # Meta takes up to 1,000 events per request.
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1000
-    linger_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 20
+    linger_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 5
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
     retry_base_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
     retry_cap_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 600.0
