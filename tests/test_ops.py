@@ -10,7 +10,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.config import parse_settings
+from gateway.context import PLUGINS
 from gateway.openapi import EXAMPLES
+from plugins.meta_capi import MetaCapiSink
 from tests.conftest import AUTH, ENV, SCOPED_KEY, ClientFactory, add_conversation, store_of
 from tests.payloads import encode, message, messages_change, notification, referral, signed
 
@@ -169,3 +171,20 @@ async def test_a_full_disk_is_503_and_loses_nothing_acknowledged(client: Client)
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/openapi.json"])
 async def test_probes_need_no_key(client: Client, path: str) -> None:
     assert (await client.get(path)).status == 200
+
+
+async def test_readyz_is_503_when_the_dispatcher_is_not_running(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> None:
+    plugins = {"sinks": ["meta_capi"], "meta_capi": {"graph_url": "http://127.0.0.1:9"}}
+    client = await make_client(settings=parse_settings({**config, "plugins": plugins}))
+    ready = await client.get("/readyz")
+    assert (await ready.json())["checks"] == {"store": "ok", "meta_capi": "ok"}
+    sink = client.app[PLUGINS].pm.get_plugin("meta_capi")
+    assert isinstance(sink, MetaCapiSink)
+    assert sink.dispatcher is not None
+    await sink.dispatcher.stop(1)
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 503
+    assert body["details"]["checks"] == {"meta_capi": "the delivery dispatcher is not running"}
