@@ -93,7 +93,6 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.batches_sent = 0
 
     @property
     def running(self) -> bool:
@@ -251,7 +250,6 @@ class Dispatcher:
             test_event_code=code,
         )
         reply = await self.graph.send_events(route.dataset_id, route.token, body)
-        self.batches_sent += 1
         self.metrics.meta_seconds.labels(reply.kind).observe(reply.duration_ms / 1000)
         if reply.kind != "ok":
             self.metrics.meta_errors.labels(reply.error_code()).inc()

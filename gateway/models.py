@@ -7,7 +7,7 @@ shape plus fields of our own that say what happened (``eventId``, ``status``, ``
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 
@@ -47,8 +47,6 @@ ContentIds = Annotated[list[ContentId], msgspec.Meta(max_length=1000)]
 Email = Annotated[str, msgspec.Meta(min_length=1, max_length=320)]
 ExternalId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 TestCode = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-
-EventStatus = Literal["pending", "dry_run", "delivered", "failed", "expired", "queued"]
 
 
 class WireStruct(

@@ -36,10 +36,6 @@ class WriteOp(Generic[T]):
         return [await op.apply(conn) for op in ops]
 
 
-class _Closed(Exception):
-    pass
-
-
 class GroupCommitWriter:
     """Owns the write connection; :meth:`submit` is the only way to write."""
 
