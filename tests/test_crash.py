@@ -74,3 +74,38 @@ async def test_sigkill_while_meta_is_down_loses_and_duplicates_nothing(
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 30)
     assert code == 0, log.read_text()[-2000:]
+
+
+async def test_sigterm_finishes_requests_in_flight(tmp_path: Path, aiohttp_server: Any) -> None:
+    db = tmp_path / "term.sqlite3"
+    store = await Store.open(db)
+    conversation = await add_conversation(store)
+    await store.close()
+    # Meta answers slowly, so the request is still waiting for its delivery when SIGTERM comes.
+    fake = FakeGraph(tokens={"1234567890": ACME_TOKEN}, delay_s=0.6)
+    graph: TestServer = await aiohttp_server(fake.app())
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    write_config(config, db, port, str(graph.make_url("")).rstrip("/"), respond_within_ms=5000)
+    log = tmp_path / "server.log"
+    proc = await start(config, port, log)
+    body = {
+        "accountId": "acme",
+        "eventName": "LeadSubmitted",
+        "eventId": "in-flight",
+        "conversationId": conversation.id,
+    }
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{port}/v1/whatsapp/conversions"
+        request = asyncio.create_task(
+            session.post(url, json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+        )
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        resp = await request
+        answer = await resp.json()
+        resp.release()
+    assert resp.status == 200, answer
+    assert answer["status"] == "delivered"
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert fake.event_ids() == ["in-flight"]
