@@ -65,89 +65,80 @@ def error_body(exc: GatewayError) -> ErrorBody:
     )
 
 
-def make_context_middleware(metrics: Metrics) -> Middleware:
-    """Return the middleware that gives each request an id and writes its canonical log line."""
+def make_middleware(max_body_bytes: int, metrics: Metrics) -> Middleware:
+    """Return the middleware: request id, errors as envelopes, and the canonical log line."""
     # A random per-app prefix and a counter: unique like uuid4, without a getrandom() syscall
     # on every request.
     prefix = secrets.token_hex(8)
     counter = itertools.count(1)
 
     @web.middleware
-    async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         supplied = request.headers.get(REQUEST_ID_HEADER, "")
         if _VALID_REQUEST_ID.match(supplied):
             request_id = supplied
         else:
             request_id = f"{prefix}{next(counter):016x}"
-        return await _in_context(request, handler, request_id, metrics)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        response = await _answer(request, handler, max_body_bytes)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        elapsed = time.perf_counter() - started
+        # Unmatched paths share one label: a scanner must not mint a time series per URL.
+        route = _route(request) or "unmatched"
+        metrics.requests.labels(route, str(response.status)).inc()
+        metrics.request_seconds.labels(route).observe(elapsed)
+        log.info(
+            "request",
+            method=request.method,
+            route=route,
+            status=response.status,
+            duration_ms=round(elapsed * 1000, 3),
+        )
+        return response
 
-    return context_middleware
+    return middleware
 
 
-async def _in_context(
-    request: web.Request, handler: Handler, request_id: str, metrics: Metrics
+async def _answer(
+    request: web.Request, handler: Handler, max_body_bytes: int
 ) -> web.StreamResponse:
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-    started = time.perf_counter()
-    response = await handler(request)
-    response.headers[REQUEST_ID_HEADER] = request_id
-    elapsed = time.perf_counter() - started
-    # Unmatched paths share one label: a scanner must not mint a time series per URL.
-    route = _route(request) or "unmatched"
-    metrics.requests.labels(route, str(response.status)).inc()
-    metrics.request_seconds.labels(route).observe(elapsed)
-    log.info(
-        "request",
-        method=request.method,
-        route=route,
-        status=response.status,
-        duration_ms=round(elapsed * 1000, 3),
-    )
-    return response
-
-
-def make_error_middleware(max_body_bytes: int) -> Middleware:
-    """Return the middleware that turns every error into an envelope with the right status."""
-
-    @web.middleware
-    async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except GatewayError as exc:
-            # The param is a field path the client chose (unknown keys): bounded in the log.
-            param = None if exc.param is None else exc.param[:100]
-            structlog.contextvars.bind_contextvars(error_code=exc.code, error_param=param)
-            return error_response(exc, headers=exc.headers or None)
-        except (sqlite3.Error, ValueError) as exc:
-            if isinstance(exc, ValueError) and "Connection closed" not in str(exc):
-                raise
-            # Disk full, database locked past its timeout, store closing: nothing was
-            # acknowledged, so the client may retry safely (duplicates are answered as such).
-            log.error("store_unavailable", error_type=type(exc).__name__, route=_route(request))
-            unavailable = ServiceUnavailable(
-                "The store cannot take writes right now (disk full or database locked); nothing"
-                " was accepted. Retry shortly.",
-                code="store_unavailable",
+    """Run the handler; turn every error into an envelope with the right status."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        # The param is a field path the client chose (unknown keys): bounded in the log.
+        param = None if exc.param is None else exc.param[:100]
+        structlog.contextvars.bind_contextvars(error_code=exc.code, error_param=param)
+        return error_response(exc, headers=exc.headers or None)
+    except (sqlite3.Error, ValueError) as exc:
+        if isinstance(exc, ValueError) and "Connection closed" not in str(exc):
+            raise
+        # Disk full, database locked past its timeout, store closing: nothing was
+        # acknowledged, so the client may retry safely (duplicates are answered as such).
+        log.error("store_unavailable", error_type=type(exc).__name__, route=_route(request))
+        unavailable = ServiceUnavailable(
+            "The store cannot take writes right now (disk full or database locked); nothing"
+            " was accepted. Retry shortly.",
+            code="store_unavailable",
+        )
+        structlog.contextvars.bind_contextvars(error_code=unavailable.code)
+        return error_response(unavailable, headers={"Retry-After": "1"})
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = _from_http(exc, request, max_body_bytes)
+        structlog.contextvars.bind_contextvars(error_code=error.code)
+        return error_response(error, headers=_allow(exc))
+    except Exception:
+        log.exception("unhandled_error", route=_route(request))
+        return error_response(
+            GatewayError(
+                "Internal error. Retry, and report the X-Request-Id if it persists.",
+                code="internal_error",
             )
-            structlog.contextvars.bind_contextvars(error_code=unavailable.code)
-            return error_response(unavailable, headers={"Retry-After": "1"})
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            error = _from_http(exc, request, max_body_bytes)
-            structlog.contextvars.bind_contextvars(error_code=error.code)
-            return error_response(error, headers=_allow(exc))
-        except Exception:
-            log.exception("unhandled_error", route=_route(request))
-            return error_response(
-                GatewayError(
-                    "Internal error. Retry, and report the X-Request-Id if it persists.",
-                    code="internal_error",
-                )
-            )
-
-    return error_middleware
+        )
 
 
 def _route(request: web.Request) -> str | None:
@@ -180,5 +171,5 @@ def _allow(exc: web.HTTPException) -> dict[str, str] | None:
 
 
 def middlewares(*, max_body_bytes: int, metrics: Metrics) -> list[Middleware]:
-    """Return the middlewares, outermost first."""
-    return [make_context_middleware(metrics), make_error_middleware(max_body_bytes)]
+    """Return the app's middlewares (one: each layer costs every request a coroutine)."""
+    return [make_middleware(max_body_bytes, metrics)]
