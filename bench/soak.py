@@ -98,9 +98,11 @@ async def load(
     return run
 
 
-async def delivered(fake_url: str) -> int:
+async def delivered(fake_url: str) -> tuple[int, int]:
+    """Return (distinct events received, events received again) from the fake."""
     async with aiohttp.ClientSession() as session, session.get(fake_url) as resp:
-        return int((await resp.json())["received"])
+        stats = await resp.json()
+        return int(stats["received"]), int(stats["repeats"])
 
 
 def pct(values: list[float], p: int) -> float:
@@ -166,7 +168,8 @@ def main() -> None:
                         f"http://127.0.0.1:{port}/metrics",
                     )
                 )
-                sent_to_meta = asyncio.run(delivered(fake_stats)) - before
+                after = asyncio.run(delivered(fake_stats))
+                sent_to_meta, repeats = after[0] - before[0], after[1] - before[1]
     print(f"soak: {args.seconds:.0f} s per target, {args.concurrency} connections, loopback")
     print(
         f"{'target':<30}{'accepted/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'peak RSS MB':>13}{'ratio':>7}"
@@ -180,7 +183,8 @@ def main() -> None:
         )
     print(
         f"delivered to the fake Graph API: {sent_to_meta / gateway.seconds:.0f} events/s"
-        f" ({sent_to_meta} of {gateway.accepted} accepted during the run; errors {gateway.errors})"
+        f" ({sent_to_meta} of {gateway.accepted} accepted during the run; errors"
+        f" {gateway.errors}; sent twice: {repeats})"
     )
     print("t (s)   gateway RSS MB   outbox pending")
     step = max(1, len(gateway.samples) // 12)

@@ -190,9 +190,11 @@ class Dispatcher:
                 task.add_done_callback(self._sends.discard)
 
     async def _due(self, limit: int) -> list[OutboxItem]:
-        return await self.outbox.due(
-            self.sink, now=self.clock(), limit=limit, exclude=self._in_flight
-        )
+        # A snapshot taken before the read: a batch that completes while the read is under way
+        # leaves the in-flight set, but the read may still show its events as pending. Judged
+        # against the live set they would be sent again.
+        in_flight = frozenset(self._in_flight)
+        return await self.outbox.due(self.sink, now=self.clock(), limit=limit, exclude=in_flight)
 
     async def _send(self, route: Route, code: str | None, batch: list[OutboxItem]) -> None:
         try:

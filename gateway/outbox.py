@@ -166,7 +166,7 @@ class Outbox:
         self._writer = writer
 
     async def due(
-        self, sink: str, *, now: float, limit: int, exclude: set[int]
+        self, sink: str, *, now: float, limit: int, exclude: frozenset[int]
     ) -> list[OutboxItem]:
         """Return up to ``limit`` deliveries of ``sink`` due by ``now``, oldest first."""
         rows = await fetch_rows(

@@ -401,3 +401,37 @@ async def test_an_event_name_meta_refuses_fails_with_its_reason(
     (row,) = (await history.json())["events"]
     assert (row["status"], row["attempts"]) == ("failed", 1)
     assert "event name" in row["error"]
+
+
+async def test_no_event_is_sent_twice_under_load(make_meta: MakeMeta, fake: FakeGraph) -> None:
+    # Small batches, several in flight, a slow Meta: the dispatcher reads the outbox while
+    # batches complete, the race where a stale read could resend a just-delivered event.
+    client = await make_meta(batch_max=7, max_in_flight=4, linger_ms=1, respond_within_ms=0)
+    fake.delay_s = 0.005
+    conversation = await add_conversation(store_of(client))
+    pipeline = client.app[PIPELINE]
+    account = pipeline.settings.accounts[0]
+    for round_ in range(10):
+        await asyncio.gather(
+            *(
+                pipeline.handle(
+                    ConversionRequest(
+                        account_id="acme",
+                        event_name="LeadSubmitted",
+                        event_id=f"R{round_}-{i}",
+                        conversation_id=conversation.id,
+                    ),
+                    account,
+                )
+                for i in range(60)
+            )
+        )
+        await asyncio.sleep(0.01)
+    for _ in range(400):
+        if len(set(fake.event_ids())) >= 600:
+            break
+        await asyncio.sleep(0.025)
+    await asyncio.sleep(0.2)
+    ids = fake.event_ids()
+    assert len(set(ids)) == 600
+    assert len(ids) == 600, f"{len(ids) - len(set(ids))} events sent twice"
