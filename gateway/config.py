@@ -113,6 +113,9 @@ class WebhookConfig(ConfigStruct, frozen=True):
     app_secret_env: EnvName | None = None
     # Meta batches up to 1,000 updates in one POST.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
+    # How long message ids are kept for deduplication (Meta retries for up to 7 days) and
+    # for linking automatic events to their conversation.
+    message_retention_days: Annotated[int, msgspec.Meta(ge=8, le=3650)] = 30
 
 
 class MetricsConfig(ConfigStruct, frozen=True):

@@ -144,6 +144,17 @@ class _Ping(WriteOp[None]):
         return None
 
 
+class _PruneMessages(WriteOp[int]):
+    def __init__(self, before: float) -> None:
+        self.before = before
+
+    async def apply(self, conn: aiosqlite.Connection) -> int:
+        cursor = await conn.execute(
+            "DELETE FROM webhook_messages WHERE received_at < ?", (self.before,)
+        )
+        return cursor.rowcount
+
+
 class _UpdateDeliveries(WriteOp[None]):
     """Replace some sinks' states of one event and recompute the event's status."""
 
@@ -201,6 +212,10 @@ class Store:
         store = cls(writer, reader, max_batch=max_batch)
         store.writer.start()
         return store
+
+    async def prune_messages(self, before: float) -> int:
+        """Forget webhook message ids received before ``before``; return how many."""
+        return await self.writer.submit(_PruneMessages(before))
 
     async def ping(self, timeout_s: float = 2.0) -> None:
         """Commit an empty transaction through the writer; raise if it cannot in time."""

@@ -133,3 +133,23 @@ async def test_lookups_in_one_turn_share_a_query(store: Store) -> None:
         store.get_conversation("acme", "conv_missing"), store.get_conversation("other", made[0].id)
     )
     assert list(none) == [None, None]
+
+
+async def test_old_webhook_message_ids_are_pruned(store: Store) -> None:
+    from gateway.capture import CaptureBatch, InboundMessage
+
+    batch = CaptureBatch(
+        messages=[
+            InboundMessage(
+                account_id="acme", wa_id="16505550001", wamid=f"wamid.{i}", timestamp=1.0,
+                referral=None,
+            )
+            for i in range(3)
+        ]
+    )  # fmt: skip
+    await store.capture(batch, window_s=604800)
+    assert await store.prune_messages(time.time() - 60) == 0  # received just now: kept
+    assert await store.prune_messages(time.time() + 60) == 3
+    # Forgotten ids are new again: the conversation is still the same one.
+    again = await store.capture(batch, window_s=604800)
+    assert (again.messages, again.conversations_created) == (3, 0)
