@@ -175,12 +175,30 @@ class Dispatcher:
             await asyncio.sleep(s.linger_s)
             items = await self._due(capacity)
         groups: dict[tuple[str, str, str | None], list[OutboxItem]] = {}
+        unroutable: list[OutboxItem] = []
         for item in items:
             route = self.routes.get(item.account_id)
             if route is None:
-                continue  # accounts without a route are refused at accept time
+                # Accepted while the account had a dataset, which config no longer gives it.
+                unroutable.append(item)
+                continue
             code = s.forced_test_event_code or item.test_event_code
             groups.setdefault((route.dataset_id, route.token, code), []).append(item)
+        if unroutable:
+            await self.outbox.record(
+                self.sink,
+                [
+                    self._final(
+                        item,
+                        "failed",
+                        [],
+                        error=f"account {item.account_id!r} has no dataset or token now: fix"
+                        " its [[accounts]] entry, then run `ctwa-gateway replay`",
+                        code="no_route",
+                    )
+                    for item in unroutable
+                ],
+            )
         for (dataset_id, token, code), group in groups.items():
             for start in range(0, len(group), s.batch_max):
                 batch = group[start : start + s.batch_max]
@@ -323,6 +341,7 @@ class Dispatcher:
         *,
         error: str,
         reply: GraphReply | None = None,
+        code: str | None = None,
     ) -> AttemptResult:
         return AttemptResult(
             pk=item.pk,
@@ -330,7 +349,7 @@ class Dispatcher:
                 status=status,  # type: ignore[arg-type]
                 attempts=item.attempts + len(attempts),
                 error=error,
-                error_code=reply.error_code() if reply else "expired",
+                error_code=reply.error_code() if reply else (code or status),
                 trace_id=reply.trace_id if reply else None,
             ),
             attempts=attempts,

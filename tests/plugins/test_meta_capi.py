@@ -12,8 +12,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.config import parse_settings
-from gateway.context import PIPELINE
+from gateway.context import PIPELINE, PLUGINS
 from gateway.models import ConversionRequest
+from plugins.meta_capi import MetaCapiSink
 from tests.conftest import (
     ACME_TOKEN,
     AUTH,
@@ -435,3 +436,20 @@ async def test_no_event_is_sent_twice_under_load(make_meta: MakeMeta, fake: Fake
     ids = fake.event_ids()
     assert len(set(ids)) == 600
     assert len(ids) == 600, f"{len(ids) - len(set(ids))} events sent twice"
+
+
+async def test_events_of_an_account_that_lost_its_dataset_fail_instead_of_spinning(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    client = await make_meta(respond_within_ms=0)
+    conversation = await add_conversation(store_of(client))
+    sink = client.app[PLUGINS].pm.get_plugin("meta_capi")
+    assert isinstance(sink, MetaCapiSink)
+    assert sink.dispatcher is not None
+    # As if a restart came up with the account's dataset removed from config.
+    del sink.dispatcher.routes["acme"]
+    await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    detail = await settle(client, "L1")
+    assert detail["status"] == "failed"
+    assert "has no dataset or token now" in detail["deliveries"][0]["error"]
+    assert fake.requests == []
