@@ -221,6 +221,8 @@ class Dispatcher:
             await self.outbox.record(self.sink, results)
         except Exception:
             log.exception("dispatcher_batch_error", sink=self.sink, events=len(batch))
+            # Hold the batch back a while: a fault that repeats must not become a busy loop.
+            await self._hold(batch)
             return
         finally:
             self._in_flight.difference_update(item.pk for item in batch)
@@ -230,6 +232,26 @@ class Dispatcher:
             outcome = "retry" if result.state.status == "pending" else result.state.status
             self.metrics.events_outcome.labels(accounts[result.pk], self.sink, outcome).inc()
             self._settle(result.pk, result.state)
+
+    async def _hold(self, batch: list[OutboxItem]) -> None:
+        until = self.clock() + self.settings.retry_cap_s
+        held = [
+            AttemptResult(
+                pk=item.pk,
+                state=SinkState(
+                    status="pending",
+                    attempts=item.attempts,
+                    error="will retry: internal error while sending (see the gateway log)",
+                    error_code="internal",
+                ),
+                next_attempt_at=until,
+            )
+            for item in batch
+        ]
+        try:
+            await self.outbox.record(self.sink, held)
+        except Exception:
+            log.exception("dispatcher_hold_failed", sink=self.sink, events=len(batch))
 
     def _settle(self, pk: int, state: SinkState) -> None:
         self._recent[pk] = state

@@ -453,3 +453,31 @@ async def test_events_of_an_account_that_lost_its_dataset_fail_instead_of_spinni
     assert detail["status"] == "failed"
     assert "has no dataset or token now" in detail["deliveries"][0]["error"]
     assert fake.requests == []
+
+
+async def test_an_unexpected_fault_holds_the_batch_back(
+    make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
+) -> None:
+    client = await make_meta(respond_within_ms=0, retry_cap_s=60)
+    conversation = await add_conversation(store_of(client))
+    sink = client.app[PLUGINS].pm.get_plugin("meta_capi")
+    assert isinstance(sink, MetaCapiSink)
+    assert sink.dispatcher is not None
+    calls = 0
+
+    async def broken(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("a bug")
+
+    # A bug in our own code, injected: Meta itself is still the real fake server.
+    sink.dispatcher.graph.send_events = broken  # type: ignore[method-assign, assignment]
+    await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    await asyncio.sleep(0.5)
+    assert calls == 1  # held back, not retried in a loop
+    detail = await (
+        await client.get(f"{URL}/L1", params={"accountId": "acme"}, headers=AUTH)
+    ).json()
+    assert detail["status"] == "pending"
+    assert detail["deliveries"][0]["error"].startswith("will retry: internal error")
+    assert logs.events("dispatcher_batch_error")
