@@ -271,12 +271,7 @@ class Store:
 
     async def find_conversation(self, conversation_id: str) -> Conversation | None:
         """Return the conversation with this id, whatever its account."""
-        rows = await fetch_rows(
-            self._reader,
-            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
-            (conversation_id,),
-        )
-        return conversation_from_row(rows[0]) if rows else None
+        return await self.conversation_lookups.get(conversation_id)
 
     async def recent_conversations(
         self, account_id: str, *, wa_id: str | None, limit: int
