@@ -1,16 +1,17 @@
-"""Click-id capture: from a verified webhook notification to stored conversations.
+"""Click-id capture: a notification's records applied to conversations, in one transaction.
 
-:func:`extract` turns Meta's envelope into plain records (which account, which phone, which
-message, which referral); :class:`CaptureOp` applies a whole notification in one transaction of
-the group-commit writer, so a batch of 1,000 messages is one commit and nothing is half-written.
+:func:`~gateway.webhook_extract.extract` turns the bytes into records and problems;
+:class:`CaptureOp` applies them inside one transaction of the group-commit writer, together
+with the notification's archive row, so a batch of 1,000 messages is one commit and nothing
+is half-written. Who a message is from (phone, BSUID, both) is :mod:`gateway.identities`.
 
 Rules (META.md §3):
 
 - the message id (``wamid``) is the idempotency key: a message seen before changes nothing;
 - capture is one-shot: a conversation's ``ctwa_clid`` is never overwritten. A click on a new ad
   after the first click's attribution window has closed starts a new conversation for that
-  phone (the old one keeps its click), so a returning customer is attributed to the ad that
-  brought them back;
+  person (the old one keeps its click and its last inbound time), so a returning customer is
+  attributed to the ad that brought them back;
 - a referral without ``ctwa_clid`` (WhatsApp Status ads) records the ad, not a click id;
 - an ``automatic_events`` entry whose message belongs to a conversation without a click id
   fills it in (the recovery path Zernio documents), and is kept for the history.
@@ -26,9 +27,9 @@ from typing import TypeVar
 import aiosqlite
 import msgspec
 
-from gateway.config import Settings
+from gateway.archive import NewNotification, Reprocess, claim, record_new, record_reprocessed
 from gateway.domain import Conversation
-from gateway.errors import InvalidRequest
+from gateway.identities import Identities
 from gateway.schema import (
     CONVERSATION_COLUMNS,
     INSERT_CONVERSATION,
@@ -36,52 +37,30 @@ from gateway.schema import (
     conversation_from_row,
     conversation_params,
     fetch_rows,
-    new_conversation_id,
 )
-from gateway.webhook_models import (
-    AUTOMATIC_EVENTS_DECODER,
-    MESSAGES_DECODER,
-    AutomaticEventsValue,
-    Envelope,
-    MessagesValue,
-    Metadata,
-    Referral,
-)
+from gateway.webhook_extract import CaptureBatch, DetectedEvent, InboundMessage, Problem
+from gateway.webhook_models import Referral
 from gateway.writer import WriteOp
 
-__all__ = ["CaptureBatch", "CaptureOp", "CaptureResult", "extract"]
+__all__ = ["CaptureOp", "CaptureResult", "ProblemView"]
 
 T = TypeVar("T")
 _CHUNK = 400  # under SQLite's bound-variable limit
-_MAX_TEXT = 2048  # ad texts and URLs are Meta's; bound what one row can hold
+# Problems listed in the answer; the archive keeps them all.
+_MAX_LISTED = 50
 _encode = msgspec.json.Encoder().encode
+_UPDATE_CONVERSATION = (
+    f"UPDATE conversations SET ({', '.join(MUTABLE_CONVERSATION_FIELDS)})"
+    f" = ({', '.join('?' * len(MUTABLE_CONVERSATION_FIELDS))}) WHERE id = ?"
+)
 
 
-class InboundMessage(msgspec.Struct, frozen=True, kw_only=True):
-    account_id: str
-    wa_id: str
-    wamid: str
-    timestamp: float
-    referral: Referral | None
+class ProblemView(msgspec.Struct, frozen=True, kw_only=True):
+    """An unprocessed part, as the webhook's answer lists it."""
 
-
-class DetectedEvent(msgspec.Struct, frozen=True, kw_only=True):
-    account_id: str
-    wamid: str
-    event_name: str
-    ctwa_clid: str | None
-    custom_data: dict[str, object] | None
-    occurred_at: float | None
-
-
-class CaptureBatch(msgspec.Struct, kw_only=True):
-    """What one notification carries, by account."""
-
-    messages: list[InboundMessage] = msgspec.field(default_factory=list)
-    automatic: list[DetectedEvent] = msgspec.field(default_factory=list)
-    unknown_numbers: list[str] = msgspec.field(default_factory=list)
-    statuses: int = 0
-    ignored_changes: int = 0
+    path: str
+    code: str
+    reason: str
 
 
 class CaptureResult(msgspec.Struct, kw_only=True, rename="camel"):
@@ -90,6 +69,8 @@ class CaptureResult(msgspec.Struct, kw_only=True, rename="camel"):
     messages: int = 0
     duplicates: int = 0
     conversations_created: int = 0
+    conversations_merged: int = 0
+    identity_changes: int = 0
     clicks_captured: int = 0
     referrals_ignored: int = 0
     referrals_without_click: int = 0
@@ -98,99 +79,12 @@ class CaptureResult(msgspec.Struct, kw_only=True, rename="camel"):
     statuses: int = 0
     unknown_numbers: int = 0
     ignored_changes: int = 0
-
-
-def _decode(raw: msgspec.Raw, decoder: msgspec.json.Decoder[T], path: str) -> T:
-    try:
-        return decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        text = str(exc).replace("`$", f"`$.{path}", 1)
-        if " - at `" not in text:
-            text += f" - at `$.{path}`"
-        raise InvalidRequest(
-            f"Malformed notification: {text}", code="invalid_notification"
-        ) from None
-
-
-def _seconds(value: object, path: str) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return float(value)
-    raise InvalidRequest(
-        f"Malformed notification: `$.{path}` is not a Unix timestamp.",
-        code="invalid_notification",
-    )
-
-
-def extract(envelope: Envelope, settings: Settings) -> CaptureBatch:
-    """Return the records in ``envelope``; raise InvalidRequest naming a malformed path."""
-    batch = CaptureBatch()
-    for i, entry in enumerate(envelope.entry):
-        for j, change in enumerate(entry.changes):
-            path = f"entry[{i}].changes[{j}].value"
-            if change.field == "messages":
-                messages = _decode(change.value, MESSAGES_DECODER, path)
-                account_id = _account(batch, settings, messages.metadata, entry.id)
-                if account_id is not None:
-                    _messages(batch, messages, account_id, path)
-            elif change.field == "automatic_events":
-                detected = _decode(change.value, AUTOMATIC_EVENTS_DECODER, path)
-                account_id = _account(batch, settings, detected.metadata, entry.id)
-                if account_id is not None:
-                    _automatic(batch, detected, account_id, path)
-            else:
-                batch.ignored_changes += 1
-    return batch
-
-
-def _account(
-    batch: CaptureBatch, settings: Settings, metadata: Metadata | None, waba_id: str
-) -> str | None:
-    number = metadata.phone_number_id if metadata else None
-    account = settings.account_for_number(number, waba_id)
-    if account is None:
-        batch.unknown_numbers.append(number or waba_id)
-        return None
-    return account.id
-
-
-def _messages(batch: CaptureBatch, value: MessagesValue, account_id: str, path: str) -> None:
-    batch.statuses += len(value.statuses)
-    for k, message in enumerate(value.messages):
-        where = f"{path}.messages[{k}]"
-        wa_id = message.from_
-        if not (wa_id.isascii() and wa_id.isdigit() and 6 <= len(wa_id) <= 20):
-            raise InvalidRequest(
-                f"Malformed notification: `$.{where}.from` is not a WhatsApp id.",
-                code="invalid_notification",
-            )
-        batch.messages.append(
-            InboundMessage(
-                account_id=account_id,
-                wa_id=wa_id,
-                wamid=message.id,
-                timestamp=_seconds(message.timestamp, f"{where}.timestamp"),
-                referral=message.referral,
-            )
-        )
-
-
-def _automatic(
-    batch: CaptureBatch, value: AutomaticEventsValue, account_id: str, path: str
-) -> None:
-    for k, event in enumerate(value.automatic_events):
-        where = f"{path}.automatic_events[{k}].timestamp"
-        batch.automatic.append(
-            DetectedEvent(
-                account_id=account_id,
-                wamid=event.id,
-                event_name=event.event_name,
-                ctwa_clid=event.ctwa_clid or None,
-                custom_data=event.custom_data,
-                occurred_at=None if event.timestamp is None else _seconds(event.timestamp, where),
-            )
-        )
+    # Parts recorded as not processed (listed by `ctwa-gateway webhooks list`).
+    unprocessed: int = 0
+    problems: list[ProblemView] = msgspec.field(default_factory=list)
+    # The archive row (None when the archive is off); "pending": stored, processed later.
+    notification_id: int | None = None
+    archive_status: str | None = None
 
 
 def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
@@ -198,94 +92,131 @@ def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
         yield items[start : start + _CHUNK]
 
 
-def _text(value: str | None) -> str | None:
-    return None if value is None else value[:_MAX_TEXT]
-
-
 def _with_referral(
     conversation: Conversation, referral: Referral, clicked_at: float, now: float
 ) -> Conversation:
-    click = referral.ctwa_clid or None
+    click = referral.ctwa_clid
     return msgspec.structs.replace(
         conversation,
         ctwa_clid=click,
         ctwa_captured_at=now if click else None,
         ctwa_clicked_at=clicked_at,
-        ctwa_source_id=_text(referral.source_id),
-        ctwa_source_url=_text(referral.source_url),
-        ctwa_headline=_text(referral.headline),
-        ctwa_source_type=_text(referral.source_type),
+        ctwa_source_id=referral.source_id,
+        ctwa_source_url=referral.source_url,
+        ctwa_headline=referral.headline,
+        ctwa_source_type=referral.source_type,
         ctwa_capture_source="message" if click else None,
     )
 
 
-class CaptureOp(WriteOp[CaptureResult]):
-    """Apply one notification's records inside the writer's transaction."""
+def result_with_problems(result: CaptureResult, problems: Sequence[Problem]) -> CaptureResult:
+    """Fill the answer's problem counts and list."""
+    result.unprocessed = len(problems)
+    result.unknown_numbers = sum(1 for p in problems if p.code == "unknown_number")
+    result.problems = [
+        ProblemView(path=p.path, code=p.code, reason=p.reason) for p in problems[:_MAX_LISTED]
+    ]
+    return result
 
-    def __init__(self, batch: CaptureBatch, *, window_s: int, now: float | None = None) -> None:
+
+class CaptureOp(WriteOp[CaptureResult]):
+    """Apply one notification's records (and archive it) inside the writer's transaction."""
+
+    def __init__(
+        self,
+        batch: CaptureBatch,
+        *,
+        window_s: int,
+        archive: NewNotification | Reprocess | None = None,
+        now: float | None = None,
+    ) -> None:
         self.batch = batch
         self.window_s = window_s
+        self.archive = archive
         self.now = time.time() if now is None else now
 
     async def apply(self, conn: aiosqlite.Connection) -> CaptureResult:
         batch = self.batch
-        result = CaptureResult(
-            statuses=batch.statuses,
-            unknown_numbers=len(batch.unknown_numbers),
-            ignored_changes=batch.ignored_changes,
+        result = result_with_problems(
+            CaptureResult(statuses=batch.statuses, ignored_changes=batch.ignored_changes),
+            batch.problems,
         )
+        if isinstance(self.archive, Reprocess) and not await claim(conn, self.archive):
+            result.archive_status = "skipped"  # another process reprocessed it meanwhile
+            return result
         fresh = await self._fresh_messages(conn, result)
-        current = await self._current_conversations(conn, fresh)
-        created: dict[str, Conversation] = {}
-        updated: dict[str, Conversation] = {}
+        identities = Identities(await self._live_conversations(conn, fresh), now=self.now)
         links: list[tuple[str, str, str, float]] = []
         for message in fresh:
-            key = (message.account_id, message.wa_id)
-            conversation = current.get(key)
-            if conversation is None:
-                conversation = Conversation(
-                    id=new_conversation_id(),
-                    account_id=message.account_id,
-                    wa_id=message.wa_id,
-                    created_at=self.now,
+            conversation = identities.conversation_for(message)
+            if message.change is not None:
+                result.identity_changes += 1
+            else:
+                if message.referral is not None:
+                    conversation = self._refer(conversation, message, identities, result)
+                conversation = msgspec.structs.replace(
+                    conversation,
+                    last_inbound_at=max(conversation.last_inbound_at or 0.0, message.timestamp),
                 )
-                created[conversation.id] = conversation
-                result.conversations_created += 1
-            conversation = msgspec.structs.replace(
-                conversation,
-                last_inbound_at=max(conversation.last_inbound_at or 0.0, message.timestamp),
-            )
-            if message.referral is not None:
-                conversation = self._refer(conversation, message, created, updated, result)
-            current[key] = conversation
-            (created if conversation.id in created else updated)[conversation.id] = conversation
+                identities.update(conversation)
             links.append((message.wamid, message.account_id, conversation.id, self.now))
+        result.conversations_created = len(identities.created)
+        result.conversations_merged = identities.merged
+        await self._write(conn, identities, links)
+        for event in batch.automatic:
+            await self._automatic(conn, event, result)
+        if isinstance(self.archive, NewNotification):
+            result.notification_id = await record_new(conn, self.archive, batch.problems, self.now)
+            result.archive_status = "partial" if batch.problems else "processed"
+        elif isinstance(self.archive, Reprocess):
+            result.notification_id = self.archive.pk
+            result.archive_status = await record_reprocessed(
+                conn, self.archive, batch.problems, self.now
+            )
+        return result
+
+    async def _write(
+        self,
+        conn: aiosqlite.Connection,
+        identities: Identities,
+        links: list[tuple[str, str, str, float]],
+    ) -> None:
+        # At most one live conversation per phone and per BSUID is a unique index, checked
+        # row by row: rows that give up or change identifiers step aside first.
+        rekeyed = identities.rekeyed()
+        if rekeyed:
+            await conn.executemany(
+                "UPDATE conversations SET superseded_by = '~' WHERE id = ?",
+                [(cid,) for cid in rekeyed],
+            )
         await conn.executemany(
-            INSERT_CONVERSATION, [conversation_params(c) for c in created.values()]
-        )
-        await conn.executemany(
-            f"UPDATE conversations SET ({', '.join(MUTABLE_CONVERSATION_FIELDS)})"
-            f" = ({', '.join('?' * len(MUTABLE_CONVERSATION_FIELDS))}) WHERE id = ?",
+            _UPDATE_CONVERSATION,
             [
                 (*(getattr(c, f) for f in MUTABLE_CONVERSATION_FIELDS), c.id)
-                for c in updated.values()
+                for c in identities.changed()
             ],
         )
+        await conn.executemany(
+            INSERT_CONVERSATION,
+            [conversation_params(identities.by_id[cid]) for cid in identities.created],
+        )
+        if identities.aliases:
+            await conn.executemany(
+                "INSERT OR IGNORE INTO conversation_aliases (account_id, kind, value,"
+                " conversation_id, replaced_at) VALUES (?,?,?,?,?)",
+                identities.aliases,
+            )
         await conn.executemany(
             "INSERT INTO webhook_messages (wamid, account_id, conversation_id, received_at)"
             " VALUES (?,?,?,?)",
             links,
         )
-        for event in batch.automatic:
-            await self._automatic(conn, event, result)
-        return result
 
     def _refer(
         self,
         conversation: Conversation,
         message: InboundMessage,
-        created: dict[str, Conversation],
-        updated: dict[str, Conversation],
+        identities: Identities,
         result: CaptureResult,
     ) -> Conversation:
         referral = message.referral
@@ -303,17 +234,18 @@ class CaptureOp(WriteOp[CaptureResult]):
             referral.ctwa_clid != conversation.ctwa_clid
             and message.timestamp - clicked > self.window_s
         ):
-            # The old click can no longer attribute: keep it on its conversation, start anew.
-            (created if conversation.id in created else updated)[conversation.id] = conversation
-            fresh = Conversation(
-                id=new_conversation_id(),
-                account_id=conversation.account_id,
-                wa_id=conversation.wa_id,
-                created_at=self.now,
+            # The old click can no longer attribute: it stays, untouched, on its conversation;
+            # the person's next messages go to a new one with the new click.
+            fresh = identities.start(
+                conversation.account_id, phone=conversation.wa_id, bsuid=conversation.bsuid
+            )
+            identities.supersede(conversation, fresh.id)
+            fresh = msgspec.structs.replace(
+                fresh,
+                parent_bsuid=conversation.parent_bsuid,
+                username=conversation.username,
                 last_inbound_at=message.timestamp,
             )
-            created[fresh.id] = fresh
-            result.conversations_created += 1
             result.clicks_captured += 1
             return _with_referral(fresh, referral, message.timestamp, self.now)
         result.referrals_ignored += 1
@@ -343,26 +275,33 @@ class CaptureOp(WriteOp[CaptureResult]):
         fresh.sort(key=lambda m: m.timestamp)
         return fresh
 
-    async def _current_conversations(
+    async def _live_conversations(
         self, conn: aiosqlite.Connection, messages: list[InboundMessage]
-    ) -> dict[tuple[str, str], Conversation]:
-        phones: dict[str, list[str]] = defaultdict(list)
-        for account_id, wa_id in dict.fromkeys((m.account_id, m.wa_id) for m in messages):
-            phones[account_id].append(wa_id)
-        current: dict[tuple[str, str], Conversation] = {}
-        for account_id, wa_ids in phones.items():
-            for chunk in _chunks(wa_ids):
+    ) -> list[Conversation]:
+        """Load the live conversations of every identifier the messages mention."""
+        keys: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for m in messages:
+            phones = [m.phone]
+            bsuids = [m.bsuid]
+            if m.change is not None:
+                phones.append(m.change.new_phone)
+                bsuids += [m.change.new_bsuid, m.change.previous_bsuid]
+            keys[(m.account_id, "wa_id")].extend(p for p in phones if p)
+            keys[(m.account_id, "bsuid")].extend(b for b in bsuids if b)
+        found: dict[str, Conversation] = {}
+        for (account_id, column), values in keys.items():
+            for chunk in _chunks(list(dict.fromkeys(values))):
                 rows = await fetch_rows(
                     conn,
                     f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE account_id = ?"
-                    f" AND wa_id IN ({','.join('?' * len(chunk))}) ORDER BY created_at, rowid",
+                    f" AND {column} IN ({','.join('?' * len(chunk))})"
+                    " AND superseded_by IS NULL",
                     [account_id, *chunk],
                 )
-                # Ordered oldest first, so each phone ends with its newest conversation.
                 for row in rows:
                     conversation = conversation_from_row(row)
-                    current[(account_id, conversation.wa_id)] = conversation
-        return current
+                    found[conversation.id] = conversation
+        return list(found.values())
 
     async def _automatic(
         self, conn: aiosqlite.Connection, event: DetectedEvent, result: CaptureResult

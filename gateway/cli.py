@@ -1,7 +1,8 @@
 """``ctwa-gateway``: argv -> settings -> logging -> run.
 
 Subcommands: ``serve`` (the HTTP gateway), ``send`` (run events through the pipeline without
-HTTP; ``--dry-run`` writes nothing) and ``check-config`` (what a config would load).
+HTTP; ``--dry-run`` writes nothing), ``replay`` (re-queue failed deliveries), ``webhooks list``
+and ``webhooks reprocess`` (the notification archive) and ``check-config``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, GatewayError
+from gateway.inbox import reprocess
 from gateway.logs import configure_logging
 from gateway.meta_body import DEFAULT_PARTNER_AGENT, meta_request_body
 from gateway.middlewares import error_body
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
-from gateway.render import conversion_response
+from gateway.render import conversion_response, iso_time
 from gateway.runtime import running
 from gateway.validation import decode_conversion
 
@@ -85,6 +87,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--sink", action="append", help="only these sinks (default: all)")
 
+    webhooks = sub.add_parser(
+        "webhooks",
+        help="the archive of signed notifications: list what was not processed, reprocess it",
+    )
+    actions = webhooks.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser(
+        "list", help="archived notifications with unprocessed parts (or pending), and why"
+    )
+    reprocess_cmd = actions.add_parser(
+        "reprocess",
+        help="process archived notifications again (after an upgrade or a config change)",
+        description="Re-run the unprocessed parts of archived notifications, and pending ones"
+        " whole. Idempotent: a message already captured is not captured twice, a click id"
+        " already set is not overwritten. Safe while the gateway runs.",
+    )
+    for command in (listing, reprocess_cmd):
+        _add_config(command)
+        command.add_argument("--account", help="only parts of this account (id from [[accounts]])")
+        command.add_argument(
+            "--since",
+            type=_since,
+            default=0.0,
+            help="only notifications received at or after this time (ISO 8601, or Unix seconds)",
+        )
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+
     check = sub.add_parser("check-config", help="validate a config file and print what it loads")
     _add_config(check)
     return parser
@@ -108,6 +137,8 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
             return asyncio.run(_send(settings, plugins, env, args.events, dry_run=args.dry_run))
         if args.command == "replay":
             return asyncio.run(_replay(settings, plugins, args))
+        if args.command == "webhooks":
+            return asyncio.run(_webhooks(settings, plugins, args))
         return _check_config(settings, plugins, env, sys.stdout)
     except ConfigError as exc:
         print(f"ctwa-gateway: configuration error: {exc}", file=sys.stderr)
@@ -227,6 +258,43 @@ async def _replay(settings: Settings, plugins: Plugins, args: argparse.Namespace
         f" ({', '.join(statuses)}; sinks {', '.join(sinks)}); a running gateway sends them"
         " within seconds"
     )
+    return 0
+
+
+async def _webhooks(settings: Settings, plugins: Plugins, args: argparse.Namespace) -> int:
+    account = None
+    if args.account is not None:
+        account = settings.account(args.account)
+        if account is None:
+            raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
+    async with running(settings, plugins, {}, start_plugins=False) as pipeline:
+        store = pipeline.store
+        if args.action == "reprocess":
+            report = await reprocess(store, settings, since=args.since, account=account)
+            print(
+                f"reprocessed {report.notifications} notifications: {report.processed} now fully"
+                f" processed, {report.partial} still partial, {report.failed} failed"
+                f" ({report.skipped} taken by another process); {report.messages} messages and"
+                f" {report.clicks_captured} click ids captured"
+            )
+            return 1 if report.failed else 0
+        accounts = None if account is None else [(account.id, account.phone_number_id)]
+        found = await store.open_notifications(
+            since=args.since, accounts=accounts, limit=max(1, args.limit)
+        )
+    for notification in found:
+        if args.json:
+            print(_encode(notification).decode())
+            continue
+        print(
+            f"#{notification.pk} {iso_time(notification.received_at)} {notification.status}"
+            f" attempts={notification.attempts} request={notification.request_id or '-'}"
+            + (f" error={notification.error}" if notification.error else "")
+        )
+        for problem in notification.problems:
+            print(f"    {problem.path}  [{problem.code}]  {problem.reason}")
+    if not found and not args.json:
+        print("no archived notification has unprocessed parts")
     return 0
 
 

@@ -116,6 +116,10 @@ class WebhookConfig(ConfigStruct, frozen=True):
     # How long message ids are kept for deduplication (Meta retries for up to 7 days) and
     # for linking automatic events to their conversation.
     message_retention_days: Annotated[int, msgspec.Meta(ge=8, le=3650)] = 30
+    # Every signed notification is stored as received (so no click id is lost to a part we
+    # could not process, and `webhooks reprocess` can run it again). Off only on purpose.
+    archive: bool = True
+    archive_retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 30
 
 
 class MetricsConfig(ConfigStruct, frozen=True):
@@ -236,6 +240,14 @@ def _check_references(settings: Settings) -> None:
                     f"{src}: key {key.name!r} names unknown account {account_id!r}; "
                     f'use an id from [[accounts]] or "*" - at `$.auth.keys[{i}].accounts[{j}]`'
                 )
+    webhook = settings.webhook
+    if webhook.archive_retention_days > webhook.message_retention_days:
+        # Reprocessing relies on remembered message ids never to capture a message twice.
+        raise ConfigError(
+            f"{src}: archive_retention_days ({webhook.archive_retention_days}) must not exceed"
+            f" message_retention_days ({webhook.message_retention_days}); raise the latter too"
+            " - at `$.webhook.archive_retention_days`"
+        )
     for kind in ("resolvers", "normalizers", "sinks"):
         listed: list[str] = getattr(settings.plugins, kind)
         dupes = sorted({n for n in listed if listed.count(n) > 1})

@@ -28,12 +28,22 @@ DeliveryStatus = Literal["dry_run", "pending", "delivered", "failed", "expired"]
 
 
 class Conversation(msgspec.Struct, frozen=True, kw_only=True):
-    """A WhatsApp conversation of one account with one phone, and its captured click."""
+    """A WhatsApp conversation of one account with one person, and its captured click.
+
+    The person is known by phone (``wa_id``), by business-scoped user id (``bsuid``), or both
+    (META.md §3b). At most one conversation per phone and per BSUID of an account is live
+    (``superseded_by`` is None): that is where the person's next message goes.
+    """
 
     id: str
     account_id: str
-    wa_id: str
     created_at: float
+    # The phone as WhatsApp sends it (digits with country code); None while Meta withholds it.
+    wa_id: str | None = None
+    bsuid: str | None = None
+    parent_bsuid: str | None = None
+    # The latest WhatsApp username, for display only: usernames change, never a key.
+    username: str | None = None
     last_inbound_at: float | None = None
     ctwa_clid: str | None = None
     ctwa_captured_at: float | None = None
@@ -45,6 +55,9 @@ class Conversation(msgspec.Struct, frozen=True, kw_only=True):
     ctwa_source_type: str | None = None
     # How the click id was captured: "message" (a referral) or "automatic_event".
     ctwa_capture_source: str | None = None
+    # The conversation that took over this one's identifiers (a new click after the
+    # attribution window, two conversations found to be one person, a recycled number).
+    superseded_by: str | None = None
 
     def click_time(self) -> float | None:
         """When the ad was clicked, as best known."""

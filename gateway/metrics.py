@@ -68,6 +68,16 @@ class Metrics:
             "ctwa_webhook_clicks_captured", "Click ids captured (from messages or recovered).",
             registry=r,
         )  # fmt: skip
+        self.webhook_unprocessed = Counter(
+            "ctwa_webhook_unprocessed",
+            "Parts of signed notifications not processed (archived; see `webhooks list`).",
+            ["code"], registry=r,
+        )  # fmt: skip
+        self.webhook_archive_open = Gauge(
+            "ctwa_webhook_archive_open",
+            "Archived notifications not fully processed, by status (partial, pending).",
+            ["status"], registry=r,
+        )  # fmt: skip
         self.webhook_signature_failures = Counter(
             "ctwa_webhook_signature_failures", "Notifications refused for their signature.",
             registry=r,

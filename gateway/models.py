@@ -189,10 +189,17 @@ class ConversationView(WireStruct, frozen=True):
 
     id: str
     account_id: str
-    phone_e164: str
+    # The phone as WhatsApp sends it; null while Meta withholds it (a user with a username).
+    phone_e164: str | None
+    business_scoped_user_id: str | None
+    parent_business_scoped_user_id: str | None
+    # The latest WhatsApp username, for display.
+    username: str | None
     metadata: ConversationMetadata
     created_at: str
     last_inbound_at: str | None
+    # The conversation that now receives this person's messages, if not this one.
+    superseded_by: str | None = None
 
 
 class ConversationList(WireStruct, frozen=True):

@@ -111,9 +111,18 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         path_params=("event_id",),
     ),
     ("GET", "/v1/whatsapp/conversations"): Operation(
-        "Conversations, newest first, optionally for one phone.",
+        "Conversations, newest first, optionally for one phone and/or BSUID.",
         answers={200: ConversationList, **_CLIENT_ERRORS},
-        query=(_ACCOUNT, ("phoneE164", False, "Digits with country code."), _LIMIT),
+        query=(
+            _ACCOUNT,
+            ("phoneE164", False, "Digits with country code (current or former number)."),
+            (
+                "businessScopedUserId",
+                False,
+                "A business-scoped user id (current, former or parent), e.g. US.1349120865.",
+            ),
+            _LIMIT,
+        ),
     ),
     ("GET", "/v1/whatsapp/conversations/{conversation_id}"): Operation(
         "One conversation; its id is what conversationId takes.",
@@ -146,7 +155,6 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         request=Envelope,
         answers={
             200: CaptureResult,
-            400: ErrorBody,
             401: ErrorBody,
             413: ErrorBody,
             503: ErrorBody,

@@ -67,6 +67,8 @@ async def metrics(request: web.Request) -> web.Response:
     m.events_by_status.clear()
     for account, sink, status, count in by_status:
         m.events_by_status.labels(account, sink, status).set(count)
+    for status, count in (await request.app[PIPELINE].store.archive_counts()).items():
+        m.webhook_archive_open.labels(status).set(count)
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

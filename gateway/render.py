@@ -36,6 +36,20 @@ def iso_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _iso(ts: float | None) -> str | None:
+    """Return a stored time from Meta as ISO 8601, or None if it is not a representable time.
+
+    Older versions stored message timestamps as sent; one in milliseconds (year 58870) must
+    not break every read of its account.
+    """
+    if ts is None:
+        return None
+    try:
+        return iso_time(ts)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 def _counts(event: StoredEvent) -> tuple[int, int, list[Failure], str | None]:
     received = max((s.events_received for s in event.deliveries.values()), default=0)
     failures = [
@@ -144,10 +158,6 @@ def event_detail(event: StoredEvent, attempts: list[Attempt]) -> EventDetail:
     )
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else iso_time(ts)
-
-
 def conversation_view(conversation: Conversation) -> ConversationView:
     """Return a conversation as the conversations API shows it."""
     c = conversation
@@ -155,6 +165,10 @@ def conversation_view(conversation: Conversation) -> ConversationView:
         id=c.id,
         account_id=c.account_id,
         phone_e164=c.wa_id,
+        business_scoped_user_id=c.bsuid,
+        parent_business_scoped_user_id=c.parent_bsuid,
+        username=c.username,
+        superseded_by=c.superseded_by,
         metadata=ConversationMetadata(
             ctwa_clid=c.ctwa_clid,
             ctwa_captured_at=_iso(c.ctwa_captured_at),

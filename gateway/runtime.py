@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 
+import msgspec
 import structlog
 
 from gateway.config import Settings
+from gateway.inbox import reprocess
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.plugin_manager import Plugins
@@ -22,28 +25,43 @@ log = structlog.get_logger()
 _HOUSEKEEPING_S = 3600.0
 
 
-async def _prune_forever(store: Store, retention_s: float) -> None:
-    """Forget old webhook message ids hourly: the table would otherwise grow forever."""
+async def _housekeep(store: Store, settings: Settings) -> None:
+    """Forget webhook message ids and archived notifications past their retention."""
+    now = time.time()
+    webhook = settings.webhook
+    pruned = await store.prune_messages(now - webhook.message_retention_days * 86400)
+    archived = await store.prune_archive(now - webhook.archive_retention_days * 86400)
+    if pruned or archived:
+        log.info("webhook_data_pruned", message_ids=pruned, notifications=archived)
+
+
+async def _background(store: Store, settings: Settings) -> None:
+    """Process what a crash left pending, then keep the tables from growing forever."""
+    try:
+        report = await reprocess(store, settings, statuses=("pending",))
+        if report.notifications:
+            log.info("webhook_pending_processed", **msgspec.structs.asdict(report))
+    except Exception:
+        log.exception("webhook_pending_failed")
     while True:
         # First an hour after start: startup stays quick and its writes predictable.
         await asyncio.sleep(_HOUSEKEEPING_S)
         try:
-            pruned = await store.prune_messages(time.time() - retention_s)
-            if pruned:
-                log.info("webhook_messages_pruned", rows=pruned)
+            await _housekeep(store, settings)
         except Exception:
             log.exception("housekeeping_failed")
 
 
-@contextmanager
-def _housekeeping(store: Store, settings: Settings) -> Iterator[None]:
-    retention = settings.webhook.message_retention_days * 86400
-    task = asyncio.create_task(_prune_forever(store, retention), name="ctwa-housekeeping")
+@asynccontextmanager
+async def _housekeeping(store: Store, settings: Settings) -> AsyncIterator[None]:
+    task = asyncio.create_task(_background(store, settings), name="ctwa-housekeeping")
     try:
         yield
     finally:
-        # Cancelled, never half-done: each prune is one transaction.
+        # Cancelled, never half-done: each prune and each notification is one transaction.
         task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @asynccontextmanager
@@ -67,7 +85,7 @@ async def running(
     try:
         async with AsyncExitStack() as stack:
             if start_plugins:
-                stack.enter_context(_housekeeping(store, settings))
+                await stack.enter_async_context(_housekeeping(store, settings))
                 # Entered in load order and exited in reverse: dispatchers drain (and record
                 # what they sent) before the store closes.
                 for lifespan in plugins.lifespans(settings, store, environ, metrics):

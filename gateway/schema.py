@@ -126,6 +126,83 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    # BSUIDs: a conversation is keyed by phone and/or BSUID; at most one live conversation per
+    # identifier (the unique partial indexes); the archive of signed notifications.
+    """
+    CREATE TABLE conversations_v4 (
+        id TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        wa_id TEXT,
+        bsuid TEXT,
+        parent_bsuid TEXT,
+        username TEXT,
+        last_inbound_at REAL,
+        ctwa_clid TEXT,
+        ctwa_captured_at REAL,
+        ctwa_clicked_at REAL,
+        ctwa_source_id TEXT,
+        ctwa_source_url TEXT,
+        ctwa_headline TEXT,
+        ctwa_source_type TEXT,
+        ctwa_capture_source TEXT,
+        superseded_by TEXT,
+        CHECK (wa_id IS NOT NULL OR bsuid IS NOT NULL)
+    );
+    INSERT INTO conversations_v4 (id, account_id, created_at, wa_id, last_inbound_at,
+        ctwa_clid, ctwa_captured_at, ctwa_clicked_at, ctwa_source_id, ctwa_source_url,
+        ctwa_headline, ctwa_source_type, ctwa_capture_source, superseded_by)
+    SELECT c.id, c.account_id, c.created_at, c.wa_id, c.last_inbound_at, c.ctwa_clid,
+        c.ctwa_captured_at, c.ctwa_clicked_at, c.ctwa_source_id, c.ctwa_source_url,
+        c.ctwa_headline, c.ctwa_source_type, c.ctwa_capture_source,
+        (SELECT n.id FROM conversations n WHERE n.account_id = c.account_id
+            AND n.wa_id = c.wa_id AND (n.created_at, n.rowid) > (c.created_at, c.rowid)
+            ORDER BY n.created_at DESC, n.rowid DESC LIMIT 1)
+    FROM conversations c ORDER BY c.rowid;
+    DROP TABLE conversations;
+    ALTER TABLE conversations_v4 RENAME TO conversations;
+    CREATE INDEX conversations_by_phone
+        ON conversations (account_id, wa_id, last_inbound_at DESC);
+    CREATE INDEX conversations_by_bsuid ON conversations (account_id, bsuid);
+    CREATE INDEX conversations_by_parent_bsuid ON conversations (account_id, parent_bsuid)
+        WHERE parent_bsuid IS NOT NULL;
+    CREATE INDEX conversations_recent ON conversations (account_id, created_at DESC);
+    CREATE UNIQUE INDEX conversations_live_phone ON conversations (account_id, wa_id)
+        WHERE superseded_by IS NULL AND wa_id IS NOT NULL;
+    CREATE UNIQUE INDEX conversations_live_bsuid ON conversations (account_id, bsuid)
+        WHERE superseded_by IS NULL AND bsuid IS NOT NULL;
+    CREATE TABLE conversation_aliases (
+        account_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        replaced_at REAL NOT NULL,
+        PRIMARY KEY (account_id, kind, value, conversation_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE webhook_notifications (
+        pk INTEGER PRIMARY KEY,
+        received_at REAL NOT NULL,
+        request_id TEXT,
+        body BLOB NOT NULL,
+        status TEXT NOT NULL,
+        problems INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 1,
+        error TEXT,
+        processed_at REAL
+    );
+    CREATE INDEX webhook_notifications_open ON webhook_notifications (status, pk)
+        WHERE status != 'processed';
+    CREATE INDEX webhook_notifications_received ON webhook_notifications (received_at);
+    CREATE TABLE webhook_problems (
+        notification_pk INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        code TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        account_id TEXT,
+        phone_number_id TEXT,
+        PRIMARY KEY (notification_pk, path)
+    ) WITHOUT ROWID;
+    """,
 )
 
 # The conversations columns, in the order of Conversation's fields.
@@ -137,7 +214,7 @@ INSERT_CONVERSATION = (
 )
 # What capture may change on an existing conversation.
 MUTABLE_CONVERSATION_FIELDS: tuple[str, ...] = tuple(
-    f for f in CONVERSATION_FIELDS if f not in {"id", "account_id", "wa_id", "created_at"}
+    f for f in CONVERSATION_FIELDS if f not in {"id", "account_id", "created_at"}
 )
 EVENT_COLUMNS = (
     "pk, account_id, event_id, event_name, conversation_id, event_time, status, event,"

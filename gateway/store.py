@@ -19,8 +19,20 @@ from typing import Any
 import aiosqlite
 import msgspec
 
+from gateway.archive import (
+    ArchivedNotification,
+    ArchivePending,
+    MarkFailed,
+    NewNotification,
+    NotificationStatus,
+    PruneArchive,
+    Reprocess,
+    body_of,
+    open_notifications,
+    status_counts,
+)
 from gateway.batch_reader import BatchedLookup
-from gateway.capture import CaptureBatch, CaptureOp, CaptureResult
+from gateway.capture import CaptureOp, CaptureResult
 from gateway.domain import (
     Conversation,
     SinkState,
@@ -40,11 +52,17 @@ from gateway.schema import (
     fetch_rows,
     migrate,
 )
+from gateway.webhook_extract import CaptureBatch
 from gateway.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["NewEvent", "Store"]
 
 _json_encode = msgspec.json.Encoder().encode
+# A conversation known by this BSUID: as its own, as its parent, or as a former one.
+_BY_BSUID = (
+    "(bsuid = ? OR parent_bsuid = ? OR id IN (SELECT conversation_id FROM conversation_aliases"
+    " WHERE account_id = ? AND kind = 'bsuid' AND value = ?))"
+)
 _decode_payload = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_warnings = msgspec.json.Decoder(list[str]).decode
 
@@ -235,9 +253,56 @@ class Store:
         await self.writer.submit(_InsertConversation(conversation))
         return conversation
 
-    async def capture(self, batch: CaptureBatch, *, window_s: int) -> CaptureResult:
-        """Apply a webhook notification's records in one transaction."""
-        return await self.writer.submit(CaptureOp(batch, window_s=window_s))
+    async def capture(
+        self,
+        batch: CaptureBatch,
+        *,
+        window_s: int,
+        archive: NewNotification | Reprocess | None = None,
+    ) -> CaptureResult:
+        """Apply a webhook notification's records, and archive it, in one transaction."""
+        return await self.writer.submit(CaptureOp(batch, window_s=window_s, archive=archive))
+
+    # -- the webhook archive ---------------------------------------------------------------
+
+    async def archive_pending(self, new: NewNotification, *, error: str) -> int:
+        """Archive a notification whose processing failed; return its id."""
+        return await self.writer.submit(ArchivePending(new, error))
+
+    async def mark_reprocess_failed(self, pk: int, error: str) -> None:
+        """Count a failed attempt at processing an archived notification again."""
+        await self.writer.submit(MarkFailed(pk, error))
+
+    async def prune_archive(self, before: float) -> int:
+        """Forget archived notifications received before ``before``; return how many."""
+        return await self.writer.submit(PruneArchive(before))
+
+    async def open_notifications(
+        self,
+        *,
+        since: float = 0.0,
+        accounts: Sequence[tuple[str, str]] | None = None,
+        statuses: Sequence[NotificationStatus] = ("partial", "pending"),
+        limit: int = 100,
+        after_pk: int = 0,
+    ) -> list[ArchivedNotification]:
+        """Return archived notifications that are not fully processed, oldest first."""
+        return await open_notifications(
+            self._reader,
+            since=since,
+            accounts=accounts,
+            statuses=statuses,
+            limit=limit,
+            after_pk=after_pk,
+        )
+
+    async def notification_body(self, pk: int) -> bytes | None:
+        """Return an archived notification's bytes, as received."""
+        return await body_of(self._reader, pk)
+
+    async def archive_counts(self) -> dict[str, int]:
+        """Return how many archived notifications are partial and pending."""
+        return await status_counts(self._reader)
 
     async def get_conversation(self, account_id: str, conversation_id: str) -> Conversation | None:
         """Return the conversation with this id on this account."""
@@ -273,13 +338,39 @@ class Store:
         """Return the conversation with this id, whatever its account."""
         return await self.conversation_lookups.get(conversation_id)
 
+    async def latest_conversation_for_bsuid(
+        self, account_id: str, bsuid: str
+    ) -> Conversation | None:
+        """Return the most recent conversation with a click id of this BSUID (or parent BSUID,
+        or former BSUID), else the most recent one."""
+        rows = await fetch_rows(
+            self._reader,
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
+            f" WHERE account_id = ? AND {_BY_BSUID}"
+            " ORDER BY ctwa_clid IS NOT NULL DESC, COALESCE(last_inbound_at, created_at) DESC,"
+            " created_at DESC LIMIT 1",
+            (account_id, bsuid, bsuid, account_id, bsuid),
+        )
+        return conversation_from_row(rows[0]) if rows else None
+
     async def recent_conversations(
-        self, account_id: str, *, wa_id: str | None, limit: int
+        self,
+        account_id: str,
+        *,
+        wa_id: str | None = None,
+        bsuid: str | None = None,
+        limit: int,
     ) -> list[Conversation]:
-        """Return the account's conversations (for one phone, if given), newest first."""
+        """Return the account's conversations, newest first; for one phone and/or BSUID
+        (current or former), if given."""
         where, params = "account_id = ?", [account_id]
         if wa_id is not None:
-            where, params = "account_id = ? AND wa_id = ?", [account_id, wa_id]
+            where += " AND (wa_id = ? OR id IN (SELECT conversation_id FROM conversation_aliases"
+            where += " WHERE account_id = ? AND kind = 'phone' AND value = ?))"
+            params += [wa_id, account_id, wa_id]
+        if bsuid is not None:
+            where += f" AND {_BY_BSUID}"
+            params += [bsuid, bsuid, account_id, bsuid]
         rows = await fetch_rows(
             self._reader,
             f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE {where}"

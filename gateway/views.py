@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import msgspec
@@ -24,6 +25,7 @@ routes = web.RouteTableDef()
 
 _LIST_DEFAULT = 50
 _LIST_MAX = 200
+_BSUID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}\Z")
 
 
 def json_response(value: msgspec.Struct, *, status: int = 200) -> web.Response:
@@ -69,6 +71,21 @@ def query_phone(request: web.Request) -> str | None:
             param="phoneE164",
         )
     return digits
+
+
+def query_bsuid(request: web.Request) -> str | None:
+    """Return the optional ``businessScopedUserId`` filter, or raise 400."""
+    raw = request.query.get("businessScopedUserId")
+    if raw is None:
+        return None
+    if not _BSUID.match(raw):
+        raise InvalidRequest(
+            "Invalid `businessScopedUserId`: expected a WhatsApp business-scoped user id such"
+            " as US.13491208655302741918 (letters, digits, dots; at most 256 characters).",
+            code="invalid_field",
+            param="businessScopedUserId",
+        )
+    return raw
 
 
 def query_limit(request: web.Request) -> int:
@@ -132,7 +149,10 @@ async def list_conversations(request: web.Request) -> web.Response:
     key = authenticate(request)
     account = account_for(request, key, query_account_id(request))
     conversations = await request.app[PIPELINE].store.recent_conversations(
-        account.id, wa_id=query_phone(request), limit=query_limit(request)
+        account.id,
+        wa_id=query_phone(request),
+        bsuid=query_bsuid(request),
+        limit=query_limit(request),
     )
     return json_response(
         ConversationList(conversations=[conversation_view(c) for c in conversations])

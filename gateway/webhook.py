@@ -1,8 +1,9 @@
 """WhatsApp Cloud API webhook: the verification handshake and signed notifications.
 
-Bytes first, signature second, decoding third: nothing unsigned is parsed, let alone stored.
-The answer comes after the notification's single transaction has committed, so a 200 means
-Meta may forget it; any failure before that lets Meta retry (it does for 7 days).
+Bytes first, signature second, then :func:`gateway.inbox.receive`: nothing unsigned is parsed,
+let alone stored. The answer comes after the notification is stored (with what it captured,
+or alone when processing failed), so a 200 means Meta may forget it; only a notification that
+could not be stored gets a 503, which Meta retries (for 7 days).
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.capture import extract
 from gateway.context import METRICS, PIPELINE, SETTINGS, WEBHOOK_SECRETS
-from gateway.errors import Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
+from gateway.errors import Forbidden, ServiceUnavailable, Unauthorized
 from gateway.http_body import read_body
+from gateway.inbox import receive
 from gateway.models import ENCODER
 from gateway.signature import signature_matches
-from gateway.webhook_models import ENVELOPE_DECODER
 
 __all__ = ["routes"]
 
@@ -49,7 +49,7 @@ async def verify(request: web.Request) -> web.Response:
 
 @routes.post("/webhooks/whatsapp")
 async def notify(request: web.Request) -> web.Response:
-    """Verify, decode and capture one notification (up to 1,000 updates) in one transaction."""
+    """Verify one notification (up to 1,000 updates), then capture and archive it."""
     settings = request.app[SETTINGS]
     app_secret = request.app[WEBHOOK_SECRETS].app_secret
     if app_secret is None:
@@ -72,24 +72,19 @@ async def notify(request: web.Request) -> web.Response:
             " exact body with the app secret>.",
             code="invalid_signature",
         )
-    try:
-        envelope = ENVELOPE_DECODER.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        raise InvalidRequest(
-            "Malformed notification: the body is not valid JSON.", code="invalid_notification"
-        ) from None
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(
-            f"Malformed notification: {exc}.", code="invalid_notification"
-        ) from None
-    batch = extract(envelope, settings)
-    window = settings.events.attribution_window_s
-    result = await request.app[PIPELINE].store.capture(batch, window_s=window)
-    if batch.unknown_numbers:
-        # Business phone number ids (or WABA ids), not personal data.
-        log.warning("webhook_unknown_numbers", ids=sorted(set(batch.unknown_numbers))[:20])
-    metrics = request.app[METRICS]
-    metrics.webhook_messages.inc(result.messages)
-    metrics.webhook_clicks.inc(result.clicks_captured + result.clicks_recovered)
-    log.info("webhook_captured", **msgspec.structs.asdict(result))
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    result = await receive(
+        request.app[PIPELINE].store,
+        settings,
+        request.app[METRICS],
+        body,
+        request_id=request_id,
+    )
+    structlog.contextvars.bind_contextvars(notification_id=result.notification_id)
+    log.info(
+        "webhook_captured",
+        **msgspec.structs.asdict(msgspec.structs.replace(result, problems=[])),
+    )
+    # 200 once the notification is stored, whatever processing found: Meta would only retry
+    # what we keep. The answer lists what was not processed.
     return web.Response(body=ENCODER.encode(result), content_type="application/json")

@@ -136,13 +136,13 @@ async def test_lookups_in_one_turn_share_a_query(store: Store) -> None:
 
 
 async def test_old_webhook_message_ids_are_pruned(store: Store) -> None:
-    from gateway.capture import CaptureBatch, InboundMessage
+    from gateway.webhook_extract import CaptureBatch, InboundMessage
 
     batch = CaptureBatch(
         messages=[
             InboundMessage(
-                account_id="acme", wa_id="16505550001", wamid=f"wamid.{i}", timestamp=1.0,
-                referral=None,
+                path=f"$.entry[0].changes[0].value.messages[{i}]", account_id="acme",
+                phone="16505550001", wamid=f"wamid.{i}", timestamp=1.0,
             )
             for i in range(3)
         ]

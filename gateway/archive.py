@@ -1,0 +1,264 @@
+"""The archive of signed webhook notifications: raw bytes first, so no click id is ever lost.
+
+Every notification that passes the signature check is stored as received, in the same
+transaction as what it captured (:class:`~gateway.capture.CaptureOp` calls :func:`record_new`)
+or on its own when processing failed (:class:`ArchivePending`). Its status says what is left:
+
+- ``processed``: every part captured;
+- ``partial``: some parts were not (each a row of ``webhook_problems``: path, code, reason);
+  ``ctwa-gateway webhooks reprocess`` re-runs just those parts, e.g. after an upgrade;
+- ``pending``: processing failed as a whole (a fault, not the payload); the next start and
+  ``reprocess`` run it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import aiosqlite
+import msgspec
+
+from gateway.schema import fetch_rows
+from gateway.webhook_extract import Problem
+from gateway.writer import WriteOp
+
+__all__ = [
+    "ArchivePending",
+    "ArchivedNotification",
+    "NewNotification",
+    "NotificationStatus",
+    "PruneArchive",
+    "Reprocess",
+    "claim",
+    "open_notifications",
+    "record_new",
+    "record_reprocessed",
+    "status_counts",
+]
+
+NotificationStatus = Literal["processed", "partial", "pending"]
+
+
+class NewNotification(msgspec.Struct, frozen=True, kw_only=True):
+    """A notification just received, to archive with what it captured."""
+
+    body: bytes
+    received_at: float
+    request_id: str | None
+
+
+class Reprocess(msgspec.Struct, frozen=True, kw_only=True):
+    """An archived notification being processed again."""
+
+    pk: int
+    # The row's attempts when it was read: another process that got there first wins.
+    attempts: int
+    # The problem paths re-examined (and so replaced); None: the whole notification.
+    examined: tuple[str, ...] | None
+
+
+class ArchivedNotification(msgspec.Struct, frozen=True, kw_only=True):
+    """An archived notification that is not fully processed, with its problems."""
+
+    pk: int
+    received_at: float
+    request_id: str | None
+    status: NotificationStatus
+    attempts: int
+    error: str | None
+    problems: list[Problem]
+
+
+def _status(problems: int) -> NotificationStatus:
+    return "partial" if problems else "processed"
+
+
+async def _insert_problems(
+    conn: aiosqlite.Connection, pk: int, problems: Sequence[Problem]
+) -> None:
+    await conn.executemany(
+        "INSERT OR REPLACE INTO webhook_problems (notification_pk, path, code, reason,"
+        " account_id, phone_number_id) VALUES (?,?,?,?,?,?)",
+        [(pk, p.path, p.code, p.reason, p.account_id, p.phone_number_id) for p in problems],
+    )
+
+
+async def record_new(
+    conn: aiosqlite.Connection, new: NewNotification, problems: Sequence[Problem], now: float
+) -> int:
+    """Archive ``new`` with its problems (inside the capture's transaction); return its pk."""
+    cursor = await conn.execute(
+        "INSERT INTO webhook_notifications (received_at, request_id, body, status, problems,"
+        " processed_at) VALUES (?,?,?,?,?,?)",
+        (new.received_at, new.request_id, new.body, _status(len(problems)), len(problems), now),
+    )
+    pk = cursor.lastrowid
+    assert pk is not None
+    if problems:
+        await _insert_problems(conn, pk, problems)
+    return pk
+
+
+async def claim(conn: aiosqlite.Connection, reprocess: Reprocess) -> bool:
+    """Tell whether the row is as it was read (else someone reprocessed it meanwhile)."""
+    rows = await fetch_rows(
+        conn, "SELECT attempts FROM webhook_notifications WHERE pk = ?", (reprocess.pk,)
+    )
+    return bool(rows) and rows[0][0] == reprocess.attempts
+
+
+async def record_reprocessed(
+    conn: aiosqlite.Connection, reprocess: Reprocess, problems: Sequence[Problem], now: float
+) -> NotificationStatus:
+    """Replace the re-examined problems by the ones found now; return the new status."""
+    if reprocess.examined is None:
+        await conn.execute(
+            "DELETE FROM webhook_problems WHERE notification_pk = ?", (reprocess.pk,)
+        )
+    else:
+        await conn.executemany(
+            "DELETE FROM webhook_problems WHERE notification_pk = ? AND path = ?",
+            [(reprocess.pk, path) for path in reprocess.examined],
+        )
+    await _insert_problems(conn, reprocess.pk, problems)
+    rows = await fetch_rows(
+        conn,
+        "SELECT COUNT(*) FROM webhook_problems WHERE notification_pk = ?",
+        (reprocess.pk,),
+    )
+    left = int(rows[0][0])
+    status = _status(left)
+    await conn.execute(
+        "UPDATE webhook_notifications SET status = ?, problems = ?, attempts = attempts + 1,"
+        " error = NULL, processed_at = ? WHERE pk = ?",
+        (status, left, now, reprocess.pk),
+    )
+    return status
+
+
+class ArchivePending(WriteOp[int]):
+    """Archive a notification whose processing failed as a whole, to be processed later."""
+
+    def __init__(self, new: NewNotification, error: str) -> None:
+        self.new = new
+        self.error = error
+
+    async def apply(self, conn: aiosqlite.Connection) -> int:
+        cursor = await conn.execute(
+            "INSERT INTO webhook_notifications (received_at, request_id, body, status, error)"
+            " VALUES (?,?,?,'pending',?)",
+            (self.new.received_at, self.new.request_id, self.new.body, self.error),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+
+class MarkFailed(WriteOp[None]):
+    """Count a failed reprocessing attempt of a pending notification, with its error."""
+
+    def __init__(self, pk: int, error: str) -> None:
+        self.pk = pk
+        self.error = error
+
+    async def apply(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute(
+            "UPDATE webhook_notifications SET attempts = attempts + 1, error = ? WHERE pk = ?",
+            (self.error, self.pk),
+        )
+
+
+class PruneArchive(WriteOp[int]):
+    """Forget archived notifications received before a time, with their problems."""
+
+    def __init__(self, before: float) -> None:
+        self.before = before
+
+    async def apply(self, conn: aiosqlite.Connection) -> int:
+        await conn.execute(
+            "DELETE FROM webhook_problems WHERE notification_pk IN"
+            " (SELECT pk FROM webhook_notifications WHERE received_at < ?)",
+            (self.before,),
+        )
+        cursor = await conn.execute(
+            "DELETE FROM webhook_notifications WHERE received_at < ?", (self.before,)
+        )
+        return cursor.rowcount
+
+
+async def open_notifications(
+    conn: aiosqlite.Connection,
+    *,
+    since: float = 0.0,
+    accounts: Sequence[tuple[str, str]] | None = None,
+    statuses: Sequence[NotificationStatus] = ("partial", "pending"),
+    limit: int = 100,
+    after_pk: int = 0,
+) -> list[ArchivedNotification]:
+    """Return notifications not fully processed, oldest first, with their problems.
+
+    ``accounts``: (account id, phone number id) pairs; only notifications with a problem of
+    one of them (pending ones, whose parts are unknown, always match).
+    """
+    marks = ",".join("?" * len(statuses))
+    where = f"status IN ({marks}) AND received_at >= ? AND pk > ?"
+    params: list[Any] = [*statuses, since, after_pk]
+    if accounts is not None:
+        match = " OR ".join("p.account_id = ? OR p.phone_number_id = ?" for _ in accounts)
+        where += (
+            " AND (status = 'pending' OR EXISTS (SELECT 1 FROM webhook_problems p"
+            f" WHERE p.notification_pk = pk AND ({match})))"
+        )
+        params.extend(v for pair in accounts for v in pair)
+    rows = await fetch_rows(
+        conn,
+        "SELECT pk, received_at, request_id, status, attempts, error FROM webhook_notifications"
+        f" WHERE {where} ORDER BY pk LIMIT ?",
+        [*params, limit],
+    )
+    if not rows:
+        return []
+    pks = [row[0] for row in rows]
+    problems: dict[int, list[Problem]] = {pk: [] for pk in pks}
+    found = await fetch_rows(
+        conn,
+        "SELECT notification_pk, path, code, reason, account_id, phone_number_id"
+        f" FROM webhook_problems WHERE notification_pk IN ({','.join('?' * len(pks))})"
+        " ORDER BY notification_pk, path",
+        pks,
+    )
+    for pk, path, code, reason, account_id, number in found:
+        problems[pk].append(
+            Problem(
+                path=path, code=code, reason=reason, account_id=account_id, phone_number_id=number
+            )
+        )
+    return [
+        ArchivedNotification(
+            pk=pk,
+            received_at=received_at,
+            request_id=request_id,
+            status=status,
+            attempts=attempts,
+            error=error,
+            problems=problems[pk],
+        )
+        for pk, received_at, request_id, status, attempts, error in rows
+    ]
+
+
+async def body_of(conn: aiosqlite.Connection, pk: int) -> bytes | None:
+    """Return an archived notification's bytes."""
+    rows = await fetch_rows(conn, "SELECT body FROM webhook_notifications WHERE pk = ?", (pk,))
+    return bytes(rows[0][0]) if rows else None
+
+
+async def status_counts(conn: aiosqlite.Connection) -> dict[str, int]:
+    """Return how many archived notifications are partial and pending."""
+    rows = await fetch_rows(
+        conn,
+        "SELECT status, COUNT(*) FROM webhook_notifications WHERE status != 'processed'"
+        " GROUP BY status",
+        (),
+    )
+    return {"partial": 0, "pending": 0, **{status: int(count) for status, count in rows}}

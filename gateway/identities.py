@@ -1,0 +1,240 @@
+"""Which conversation a message belongs to, when a person is a phone, a BSUID, or both.
+
+:class:`Identities` holds the live conversations a notification touches, indexed by phone and
+by BSUID per account, and applies the rules below in memory; :mod:`gateway.capture` loads it
+and writes what changed. Pure: no I/O.
+
+Rules (README, "Who is who"):
+
+- A message goes to the live conversation of its BSUID, else of its phone, else a new one; it
+  fills in the half the conversation lacked (the phone once Meta shares it, the BSUID once
+  the user has one) and the latest username.
+- If the BSUID and the phone each lead to a different live conversation, they are one person:
+  the two are merged. The survivor is the one with a click id; if both have one, the one
+  clicked last; if neither, the BSUID's. The other is kept (with its click and its events)
+  but superseded: it never receives messages again.
+- A phone whose live conversation has another BSUID and no message from this BSUID yet is a
+  recycled number: the new BSUID starts a conversation of its own, which takes the phone over.
+- ``user_changed_number`` and ``user_changed_user_id`` re-key the conversation to the new
+  identifier, keeping its click and its history; the old identifier is kept as an alias so a
+  conversion sent with it still finds the conversation. Arriving before any other message of
+  that user, they start a conversation under the new identifiers.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from gateway.domain import Conversation
+from gateway.schema import new_conversation_id
+from gateway.webhook_extract import InboundMessage
+
+__all__ = ["Alias", "Identities"]
+
+Alias = tuple[str, str, str, str, float]  # account, kind ("phone"/"bsuid"), value, conv id, at
+
+
+class Identities:
+    """Live conversations by identifier, and what a batch of messages does to them."""
+
+    def __init__(self, live: list[Conversation], *, now: float) -> None:
+        self.now = now
+        self.merged = 0
+        self.by_id: dict[str, Conversation] = {}
+        # The rows as loaded: what capture must update (and, for changed keys, in two steps).
+        self.loaded: dict[str, Conversation] = {}
+        self.created: list[str] = []
+        self.aliases: list[Alias] = []
+        self._phone: dict[tuple[str, str], str] = {}
+        self._bsuid: dict[tuple[str, str], str] = {}
+        for conversation in live:
+            self.loaded[conversation.id] = conversation
+            self._put(conversation)
+
+    # -- the index ------------------------------------------------------------------------
+
+    def _keys(self, c: Conversation) -> list[tuple[dict[tuple[str, str], str], tuple[str, str]]]:
+        keys = []
+        if c.wa_id is not None:
+            keys.append((self._phone, (c.account_id, c.wa_id)))
+        if c.bsuid is not None:
+            keys.append((self._bsuid, (c.account_id, c.bsuid)))
+        return keys
+
+    def _put(self, c: Conversation) -> Conversation:
+        """Store the new state of ``c`` and re-index its identifiers."""
+        old = self.by_id.get(c.id)
+        if old is not None:
+            for index, key in self._keys(old):
+                if index.get(key) == c.id:
+                    del index[key]
+        self.by_id[c.id] = c
+        if c.superseded_by is None:
+            for index, key in self._keys(c):
+                index[key] = c.id
+        return c
+
+    def _live(
+        self, account_id: str, *, phone: str | None = None, bsuid: str | None = None
+    ) -> Conversation | None:
+        if bsuid is not None:
+            found = self._bsuid.get((account_id, bsuid))
+        elif phone is not None:
+            found = self._phone.get((account_id, phone))
+        else:
+            return None
+        return None if found is None else self.by_id[found]
+
+    def changed(self) -> list[Conversation]:
+        """Return the loaded conversations whose rows changed."""
+        return [c for cid, c in self.by_id.items() if cid in self.loaded and c != self.loaded[cid]]
+
+    def rekeyed(self) -> list[str]:
+        """Return loaded conversations that end superseded or with other identifiers."""
+        out = []
+        for c in self.changed():
+            before = self.loaded[c.id]
+            if c.superseded_by is not None or (c.wa_id, c.bsuid) != (before.wa_id, before.bsuid):
+                out.append(c.id)
+        return out
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def start(self, account_id: str, *, phone: str | None, bsuid: str | None) -> Conversation:
+        """Return a new live conversation for these identifiers."""
+        conversation = Conversation(
+            id=new_conversation_id(),
+            account_id=account_id,
+            created_at=self.now,
+            wa_id=phone,
+            bsuid=bsuid,
+        )
+        self.created.append(conversation.id)
+        return self._put(conversation)
+
+    def supersede(self, old: Conversation, by: str) -> None:
+        """Retire ``old``: ``by`` takes its identifiers over."""
+        self._put(msgspec.structs.replace(old, superseded_by=by))
+
+    def update(self, c: Conversation) -> Conversation:
+        """Store a changed conversation (capture's click and time updates)."""
+        return self._put(c)
+
+    def is_new(self, conversation_id: str) -> bool:
+        return conversation_id not in self.loaded
+
+    def _merge(self, preferred: Conversation, other: Conversation) -> Conversation:
+        """Merge two live conversations of one person; return the survivor."""
+        survivor, loser = preferred, other
+        has, other_has = preferred.ctwa_clid is not None, other.ctwa_clid is not None
+        if other_has and (not has or (other.click_time() or 0.0) > (preferred.click_time() or 0.0)):
+            survivor, loser = other, preferred
+        self.supersede(loser, survivor.id)
+        self.merged += 1
+        if survivor.ctwa_clid is None and survivor.ctwa_source_id is None:
+            # Neither has a click: keep the ad the other recorded (a WhatsApp Status ad).
+            survivor = msgspec.structs.replace(
+                survivor,
+                ctwa_clicked_at=loser.ctwa_clicked_at,
+                ctwa_source_id=loser.ctwa_source_id,
+                ctwa_source_url=loser.ctwa_source_url,
+                ctwa_headline=loser.ctwa_headline,
+                ctwa_source_type=loser.ctwa_source_type,
+            )
+        latest = max(survivor.last_inbound_at or 0.0, loser.last_inbound_at or 0.0) or None
+        return self._put(
+            msgspec.structs.replace(
+                survivor,
+                wa_id=survivor.wa_id or loser.wa_id,
+                bsuid=survivor.bsuid or loser.bsuid,
+                parent_bsuid=survivor.parent_bsuid or loser.parent_bsuid,
+                username=survivor.username or loser.username,
+                last_inbound_at=latest,
+            )
+        )
+
+    def _one(self, found: list[Conversation | None]) -> Conversation | None:
+        """Merge the distinct live conversations found (first preferred) into one."""
+        result: Conversation | None = None
+        for c in found:
+            if c is None:
+                continue
+            current = self.by_id[c.id]
+            if current.superseded_by is not None:
+                continue  # merged away by an earlier step of this message
+            if result is None:
+                result = current
+            elif current.id != result.id:
+                result = self._merge(result, current)
+        return result
+
+    def _rekey(self, c: Conversation, *, phone: str | None, bsuid: str | None) -> Conversation:
+        """Give ``c`` these identifiers; the ones replaced become aliases."""
+        if phone is not None and c.wa_id is not None and c.wa_id != phone:
+            self.aliases.append((c.account_id, "phone", c.wa_id, c.id, self.now))
+        if bsuid is not None and c.bsuid is not None and c.bsuid != bsuid:
+            self.aliases.append((c.account_id, "bsuid", c.bsuid, c.id, self.now))
+        return msgspec.structs.replace(c, wa_id=phone or c.wa_id, bsuid=bsuid or c.bsuid)
+
+    def conversation_for(self, m: InboundMessage) -> Conversation:
+        """Return the live conversation ``m`` belongs to, creating or merging as the rules say."""
+        if m.change is not None:
+            return self._changed_identity(m)
+        account = m.account_id
+        by_bsuid = self._live(account, bsuid=m.bsuid)
+        by_phone = self._live(account, phone=m.phone)
+        if (
+            by_bsuid is None
+            and by_phone is not None
+            and m.bsuid is not None
+            and by_phone.bsuid not in (None, m.bsuid)
+        ):
+            # A recycled number: another person's conversation holds this phone.
+            fresh = self.start(account, phone=None, bsuid=m.bsuid)
+            self.supersede(by_phone, fresh.id)
+            by_phone = None
+            by_bsuid = fresh
+        conversation = self._one([by_bsuid, by_phone])
+        if conversation is None:
+            conversation = self.start(account, phone=m.phone, bsuid=m.bsuid)
+        conversation = self._rekey(conversation, phone=m.phone, bsuid=m.bsuid)
+        return self._put(self._with_profile(conversation, m))
+
+    def _changed_identity(self, m: InboundMessage) -> Conversation:
+        change = m.change
+        assert change is not None
+        account = m.account_id
+        if change.kind == "number":
+            new_phone, new_bsuid = change.new_phone, change.new_bsuid or m.bsuid
+            lookups = [
+                self._live(account, bsuid=m.bsuid),
+                self._live(account, bsuid=change.previous_bsuid),
+                self._live(account, phone=m.phone),
+                self._live(account, bsuid=new_bsuid),
+                self._live(account, phone=new_phone),
+            ]
+        else:
+            new_phone, new_bsuid = m.phone, change.new_bsuid
+            lookups = [
+                self._live(account, bsuid=change.previous_bsuid),
+                self._live(account, bsuid=m.bsuid),
+                self._live(account, bsuid=new_bsuid),
+                self._live(account, phone=m.phone),
+            ]
+        conversation = self._one(lookups)
+        if conversation is None:
+            conversation = self.start(account, phone=new_phone, bsuid=new_bsuid)
+        conversation = self._rekey(conversation, phone=new_phone, bsuid=new_bsuid)
+        if change.new_parent_bsuid:
+            conversation = msgspec.structs.replace(
+                conversation, parent_bsuid=change.new_parent_bsuid
+            )
+        return self._put(conversation)
+
+    @staticmethod
+    def _with_profile(c: Conversation, m: InboundMessage) -> Conversation:
+        return msgspec.structs.replace(
+            c,
+            parent_bsuid=m.parent_bsuid or c.parent_bsuid,
+            username=m.username or c.username,
+        )
