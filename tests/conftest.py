@@ -162,14 +162,19 @@ async def add_conversation(
     wa_id: str = "16505551234",
     clid: str | None = CLID,
     last_inbound_at: float | None = None,
+    bsuid: str | None = None,
+    superseded_by: str | None = None,
 ) -> Conversation:
-    """Store a conversation as the webhook would."""
+    """Store a conversation as the webhook would (one live conversation per phone and BSUID:
+    give earlier ones of the same person ``superseded_by``)."""
     now = time.time()
     return await store.add_conversation(
         Conversation(
             id=new_conversation_id(),
             account_id=account_id,
             wa_id=wa_id,
+            bsuid=bsuid,
+            superseded_by=superseded_by,
             created_at=now,
             last_inbound_at=last_inbound_at or now,
             ctwa_clid=clid,

@@ -112,7 +112,18 @@ async def test_conversations_api(client: Client) -> None:
     listed = (await resp.json())["conversations"]
     assert [c["phoneE164"] for c in listed] == ["16505550202", "16505550201"]
     first = listed[1]
-    assert set(first) == {"id", "accountId", "phoneE164", "metadata", "createdAt", "lastInboundAt"}
+    assert set(first) == {
+        "id",
+        "accountId",
+        "phoneE164",
+        "businessScopedUserId",
+        "parentBusinessScopedUserId",
+        "username",
+        "metadata",
+        "createdAt",
+        "lastInboundAt",
+        "supersededBy",
+    }
     assert first["metadata"]["ctwa_clid"] == "c1"
     assert first["metadata"]["ctwa_source_id"] == "120226305854810726"
     assert first["metadata"]["ctwa_headline"] == "Chat with us"

@@ -1,12 +1,14 @@
 """Sentinel personal data and secrets sent through every endpoint and the CLI never reach a log.
 
-The stored event keeps only hashes; the raw email and external id are not in the database file.
+The stored event keeps only hashes; the raw email and external id are not in the database file,
+and what Meta sends is kept raw only in the notification archive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +94,23 @@ async def test_http_logs_and_database_carry_no_pii(
 
     await client.close()  # flush and close the store before reading the file
     stored = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
-    assert NAME.encode() not in stored
     assert EMAIL.lower().encode() not in stored
     assert EXTERNAL.encode() not in stored
     assert EXTERNAL.lower().encode() not in stored
+    # The profile name is only in the archive of raw notifications (kept for
+    # [webhook] archive_retention_days, so nothing Meta sent is lost): no table derived from it.
+    with sqlite3.connect(db_path) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        assert "webhook_notifications" in tables
+        for table in tables:
+            columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+            for column in columns:
+                if (table, column) == ("webhook_notifications", "body"):
+                    continue
+                values = conn.execute(f"SELECT {column} FROM {table}").fetchall()  # noqa: S608
+                assert all(NAME not in str(v[0]) for v in values), (table, column)
+        (archived,) = conn.execute("SELECT body FROM webhook_notifications").fetchone()
+        assert archived == body
 
 
 def test_cli_output_and_logs_carry_no_pii(

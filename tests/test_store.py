@@ -107,8 +107,8 @@ async def test_migrations_run_once(db_path: Path) -> None:
 
 async def test_phone_lookup_prefers_clicks_then_recency(store: Store) -> None:
     now = time.time()
-    await add_conversation(store, clid="a", last_inbound_at=now - 100)
-    b = await add_conversation(store, clid="b", last_inbound_at=now - 10)
+    await add_conversation(store, clid="a", last_inbound_at=now - 100, superseded_by="conv_b")
+    b = await add_conversation(store, clid="b", last_inbound_at=now - 10, superseded_by="conv_c")
     await add_conversation(store, clid=None, last_inbound_at=now)
     found = await store.latest_conversation_for_phone("acme", "16505551234")
     assert found == b

@@ -93,8 +93,12 @@ async def test_event_time_is_kept_as_integer_seconds(client: Client) -> None:
 
 async def test_phone_resolves_the_latest_conversation_with_a_click(client: Client) -> None:
     store = store_of(client)
-    old = await add_conversation(store, clid="old-click", last_inbound_at=time.time() - 7200)
-    new = await add_conversation(store, clid="new-click", last_inbound_at=time.time() - 60)
+    old = await add_conversation(
+        store, clid="old-click", last_inbound_at=time.time() - 7200, superseded_by="conv_n"
+    )
+    new = await add_conversation(
+        store, clid="new-click", last_inbound_at=time.time() - 60, superseded_by="conv_l"
+    )
     # More recent, but without a click id: not attributable, so not chosen.
     await add_conversation(store, clid=None, last_inbound_at=time.time())
     # Another account's conversation for the same phone is never used.

@@ -354,50 +354,70 @@ async def test_automatic_event_never_overwrites_a_captured_click(client: Client)
 
 
 @pytest.mark.parametrize(
-    ("mutate", "where"),
+    ("mutate", "where", "code"),
     [
         (
             lambda p: p["entry"][1]["changes"][0]["value"]["messages"][0].update(timestamp="soon"),
-            "timestamp",
+            "$.entry[1].changes[0].value.messages[0]",
+            "invalid_timestamp",
         ),
         (
             lambda p: p["entry"][1]["changes"][0]["value"]["messages"][0].update(
                 {"from": "+1 650"}
             ),
-            "from",
+            "$.entry[1].changes[0].value.messages[0]",
+            "invalid_phone",
         ),
         (
             lambda p: p["entry"][1]["changes"][0]["value"].update(messages={"not": "a list"}),
-            "messages",
+            "$.entry[1].changes[0].value",
+            "invalid_shape",
         ),
-        (lambda p: p["entry"][1]["changes"][0]["value"]["messages"][0].pop("id"), "id"),
+        (
+            lambda p: p["entry"][1]["changes"][0]["value"]["messages"][0].pop("id"),
+            "$.entry[1].changes[0].value.messages[0]",
+            "invalid_shape",
+        ),
     ],
     ids=["timestamp", "from", "messages not a list", "no id"],
 )
-async def test_malformed_but_signed_is_400_and_writes_nothing(
-    client: Client, db_path: Path, mutate: Any, where: str
+async def test_a_malformed_part_is_listed_and_the_rest_captured(
+    client: Client, db_path: Path, mutate: Any, where: str, code: str
 ) -> None:
     good = messages_change([message("16505550011", "wamid.M1", ref=referral("m"))])
     bad = messages_change([message("16505550012", "wamid.M2")])
     payload = notification(good)
     payload["entry"].append({"id": WABA_ID, "changes": [bad]})
     mutate(payload)
-    body = encode(payload)
-    resp = await client.post(URL, data=body, headers=signed(body))
-    answer = await resp.json()
-    assert resp.status == 400, answer
-    assert answer["code"] == "invalid_notification"
-    assert "entry[1].changes[0].value.messages" in answer["error"]
-    assert where in answer["error"]
-    assert rows(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
-    assert rows(db_path, "SELECT COUNT(*) FROM webhook_messages") == [(0,)]
+    answer = await post(client, payload)
+    assert (answer["messages"], answer["clicksCaptured"], answer["unprocessed"]) == (1, 1, 1)
+    (problem,) = answer["problems"]
+    assert (problem["path"], problem["code"]) == (where, code)
+    assert where in problem["reason"]
+    assert answer["archiveStatus"] == "partial"
+    assert rows(db_path, "SELECT wa_id, ctwa_clid FROM conversations") == [("16505550011", "m")]
+    assert rows(db_path, "SELECT path, code FROM webhook_problems") == [(where, code)]
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1,2]", b'{"entry": []}'])
-async def test_bodies_that_are_not_notifications_are_400(client: Client, body: bytes) -> None:
-    resp = await client.post(URL, data=body, headers=signed(body))
-    assert resp.status == 400
-    assert (await resp.json())["code"] == "invalid_notification"
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "Not valid JSON"),
+        (b"[1,2]", "Expected `object`, got `array` - at `$`"),
+        (b"null", "Expected `object`, got `null` - at `$`"),
+        (b'{"entry": []}', "Object missing required field `object` - at `$`"),
+        (b'{"object": "page", "entry": []}', "`$.object` is 'page'"),
+    ],
+    ids=["not json", "array", "null", "no object", "other object"],
+)
+async def test_signed_bodies_that_are_not_notifications_are_kept_and_explained(
+    client: Client, db_path: Path, body: bytes, reason: str
+) -> None:
+    answer = await post(client, body)
+    (problem,) = answer["problems"]
+    assert problem["path"] == "$"
+    assert reason in problem["reason"]
+    assert rows(db_path, "SELECT body, status FROM webhook_notifications") == [(body, "partial")]
 
 
 async def test_a_thousand_messages_commit_in_one_transaction(client: Client, db_path: Path) -> None:
