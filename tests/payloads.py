@@ -44,22 +44,55 @@ def referral(
 
 
 def message(
-    wa_id: str,
+    wa_id: str | None,
     wamid: str,
     *,
     ts: float | None = None,
     ref: dict[str, Any] | None = None,
     text: str = "Can I get more info about this?",
+    bsuid: str | None = None,
+    parent: str | None = None,
 ) -> dict[str, Any]:
+    """Return an inbound text message from a phone, a BSUID (``wa_id=None``), or both."""
     msg: dict[str, Any] = {
-        "from": wa_id,
         "id": wamid,
         "timestamp": str(int(time.time() if ts is None else ts)),
         "text": {"body": text},
         "type": "text",
     }
+    if wa_id is not None:
+        msg["from"] = wa_id
+    if bsuid is not None:
+        msg["from_user_id"] = bsuid
+    if parent is not None:
+        msg["from_parent_user_id"] = parent
     if ref is not None:
         msg["referral"] = ref
+    return msg
+
+
+def system_message(
+    wamid: str,
+    kind: str,
+    *,
+    wa_id: str | None = None,
+    bsuid: str | None = None,
+    new_wa_id: str | None = None,
+    new_bsuid: str | None = None,
+    previous_bsuid: str | None = None,
+    ts: float | None = None,
+) -> dict[str, Any]:
+    """Return a ``user_changed_number`` / ``user_changed_user_id`` system message."""
+    system: dict[str, Any] = {"body": "User changed", "type": kind}
+    if new_wa_id is not None:
+        system["wa_id"] = new_wa_id
+    if new_bsuid is not None:
+        system["user_id"] = new_bsuid
+    if previous_bsuid is not None:
+        system["previous_user_id"] = previous_bsuid
+    msg = message(wa_id, wamid, ts=ts, bsuid=new_bsuid or bsuid)
+    del msg["text"]
+    msg.update(type="system", system=system)
     return msg
 
 
@@ -68,16 +101,28 @@ def messages_change(
     *,
     phone_number_id: str = PHONE_NUMBER_ID,
     names: dict[str, str] | None = None,
+    usernames: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    wa_ids = dict.fromkeys(m["from"] for m in messages)
+    contacts: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+    for m in messages:
+        if m.get("type") == "system":
+            continue  # Meta sends system messages without contacts
+        wa_id, user_id = m.get("from"), m.get("from_user_id")
+        contact: dict[str, Any] = {
+            "profile": {"name": (names or {}).get(wa_id or "", "Sheena Nelson")}
+        }
+        if wa_id is not None:
+            contact["wa_id"] = wa_id
+        if user_id is not None:
+            contact["user_id"] = user_id
+            if user_id in (usernames or {}):
+                contact["profile"]["username"] = (usernames or {})[user_id]
+        contacts[(wa_id, user_id)] = contact
     return {
         "value": {
             "messaging_product": "whatsapp",
             "metadata": {"display_phone_number": "15550783881", "phone_number_id": phone_number_id},
-            "contacts": [
-                {"profile": {"name": (names or {}).get(w, "Sheena Nelson")}, "wa_id": w}
-                for w in wa_ids
-            ],
+            "contacts": list(contacts.values()),
             "messages": messages,
         },
         "field": "messages",

@@ -1,0 +1,308 @@
+"""Who a message is from, since 2026: a BSUID, a phone, or both, through the real endpoint."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import AUTH, CLID, store_of
+from tests.payloads import (
+    automatic_change,
+    encode,
+    fixture,
+    message,
+    messages_change,
+    notification,
+    referral,
+    signed,
+    system_message,
+)
+
+Client = TestClient[web.Request, web.Application]
+URL = "/webhooks/whatsapp"
+CONVERSATIONS = "/v1/whatsapp/conversations"
+SHEENA = "US.13491208655302741918"
+SHEENA_NEW = "US.99887766554433221100"
+SHEENA_PARENT = "US.ENT.11815799212886844830"
+BSUID_CLID = (
+    "Aff-BSUIDn8ZTODiE79d22KtAwQKj9e_mIEOOj27vDVwFjN80dp4_0NiNhEgpGo0AHemvuSoifXaytfTzcchptiErTK"
+    "CqTrJ5nW1h7IHYeYymGb5K5J5iTROp"
+)
+DAY = 86400
+
+
+async def post(client: Client, payload: dict[str, Any] | bytes) -> dict[str, Any]:
+    body = payload if isinstance(payload, bytes) else encode(payload)
+    resp = await client.post(URL, data=body, headers=signed(body))
+    answer: dict[str, Any] = await resp.json()
+    assert resp.status == 200, answer
+    return answer
+
+
+async def listed(client: Client, **params: str) -> list[dict[str, Any]]:
+    resp = await client.get(CONVERSATIONS, params={"accountId": "acme", **params}, headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    conversations: list[dict[str, Any]] = (await resp.json())["conversations"]
+    return conversations
+
+
+def live(db: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT wa_id, bsuid, ctwa_clid FROM conversations WHERE superseded_by IS NULL"
+            " ORDER BY created_at, rowid"
+        ).fetchall()
+
+
+def one(payload: dict[str, Any]) -> dict[str, Any]:
+    return notification(messages_change([payload]))
+
+
+async def test_a_bsuid_only_message_with_a_click_is_captured(client: Client) -> None:
+    answer = await post(client, fixture("webhook_bsuid_username_referral.json"))
+    assert (answer["messages"], answer["clicksCaptured"], answer["unprocessed"]) == (1, 1, 0)
+    (conversation,) = await listed(client)
+    assert conversation["phoneE164"] is None
+    assert conversation["businessScopedUserId"] == SHEENA
+    assert conversation["username"] == "sheena.nelson"
+    assert conversation["metadata"]["ctwa_clid"] == BSUID_CLID
+    assert await listed(client, businessScopedUserId=SHEENA) == [conversation]
+    assert await listed(client, businessScopedUserId="US.1") == []
+
+
+async def test_the_phone_fills_in_when_meta_shares_it(client: Client, db_path: Path) -> None:
+    await post(client, fixture("webhook_bsuid_username_referral.json"))
+    answer = await post(client, fixture("webhook_bsuid_with_phone.json"))
+    assert (answer["messages"], answer["conversationsCreated"]) == (1, 0)
+    (conversation,) = await listed(client)
+    assert conversation["phoneE164"] == "16505551234"
+    assert conversation["businessScopedUserId"] == SHEENA
+    assert conversation["parentBusinessScopedUserId"] == SHEENA_PARENT
+    assert conversation["username"] == "sheena.nelson"  # not sent this time: kept
+    assert conversation["metadata"]["ctwa_clid"] == BSUID_CLID
+    assert conversation["lastInboundAt"] == "2025-06-18T19:48:20.000Z"
+    assert await listed(client, phoneE164="16505551234") == [conversation]
+    assert await listed(client, businessScopedUserId=SHEENA_PARENT) == [conversation]
+
+
+async def test_the_bsuid_fills_in_a_phone_conversation(client: Client, db_path: Path) -> None:
+    await post(client, fixture("webhook_ctwa_text_message.json"))  # phone only, with a click
+    answer = await post(client, fixture("webhook_bsuid_with_phone.json"))
+    assert answer["conversationsCreated"] == 0
+    assert live(db_path) == [("16505551234", SHEENA, CLID)]
+
+
+async def test_a_bsuid_and_a_phone_of_two_conversations_merge_into_the_clicked_one(
+    client: Client, db_path: Path
+) -> None:
+    now = time.time()
+    # The person wrote from a phone first (no ad), then, with a username, from an ad.
+    await post(client, one(message("16505550300", "wamid.P1", ts=now - 600)))
+    await post(
+        client, one(message(None, "wamid.B1", ts=now - 300, bsuid="BR.1", ref=referral("clk")))
+    )
+    assert len(live(db_path)) == 2
+    answer = await post(client, one(message("16505550300", "wamid.PB", ts=now, bsuid="BR.1")))
+    assert (answer["conversationsMerged"], answer["conversationsCreated"]) == (1, 0)
+    assert live(db_path) == [("16505550300", "BR.1", "clk")]
+    (survivor,) = await listed(client, businessScopedUserId="BR.1", phoneE164="16505550300")
+    everything = await listed(client)
+    (merged,) = [c for c in everything if c["id"] != survivor["id"]]
+    assert merged["supersededBy"] == survivor["id"]
+    assert merged["phoneE164"] == "16505550300"  # kept, with its own history
+    assert survivor["lastInboundAt"] > merged["lastInboundAt"]
+
+
+async def test_when_both_have_clicks_the_later_click_survives(
+    client: Client, db_path: Path
+) -> None:
+    now = time.time()
+    await post(client, one(message("16505550301", "wamid.E1", ts=now - 900, ref=referral("old"))))
+    await post(
+        client, one(message(None, "wamid.E2", ts=now - 300, bsuid="MX.2", ref=referral("new")))
+    )
+    await post(client, one(message("16505550301", "wamid.E3", ts=now, bsuid="MX.2")))
+    assert live(db_path) == [("16505550301", "MX.2", "new")]
+
+
+async def test_when_neither_has_a_click_the_bsuids_conversation_survives(
+    client: Client, db_path: Path
+) -> None:
+    now = time.time()
+    await post(client, one(message("16505550302", "wamid.N1", ts=now - 900)))
+    await post(client, one(message(None, "wamid.N2", ts=now - 300, bsuid="AR.3")))
+    bsuid_conversation = (await listed(client, businessScopedUserId="AR.3"))[0]["id"]
+    await post(client, one(message("16505550302", "wamid.N3", ts=now, bsuid="AR.3")))
+    (survivor,) = [c for c in await listed(client) if c["supersededBy"] is None]
+    assert survivor["id"] == bsuid_conversation
+    assert survivor["phoneE164"] == "16505550302"
+
+
+async def test_a_recycled_number_starts_a_conversation_of_its_own(
+    client: Client, db_path: Path
+) -> None:
+    now = time.time()
+    await post(
+        client,
+        one(message("16505550303", "wamid.R1", ts=now - DAY, bsuid="US.OLD", ref=referral("a"))),
+    )
+    answer = await post(client, one(message("16505550303", "wamid.R2", ts=now, bsuid="US.NEW")))
+    assert answer["conversationsCreated"] == 1
+    assert live(db_path) == [("16505550303", "US.NEW", None)]
+    (old,) = await listed(client, businessScopedUserId="US.OLD")
+    assert old["metadata"]["ctwa_clid"] == "a"
+    assert old["supersededBy"] is not None
+
+
+async def test_user_changed_number_rekeys_and_keeps_the_click(
+    client: Client, db_path: Path
+) -> None:
+    await post(client, fixture("webhook_bsuid_username_referral.json"))
+    await post(client, fixture("webhook_bsuid_with_phone.json"))
+    answer = await post(client, fixture("webhook_system_user_changed_number.json"))
+    assert (answer["identityChanges"], answer["conversationsCreated"]) == (1, 0)
+    assert live(db_path) == [("16505559876", SHEENA, BSUID_CLID)]
+    (conversation,) = await listed(client)
+    # The old number still finds it (a CRM may hold it), the new one too.
+    assert await listed(client, phoneE164="16505551234") == [conversation]
+    assert await listed(client, phoneE164="16505559876") == [conversation]
+    # The next message from the new number goes to the same conversation.
+    later = await post(client, one(message("16505559876", "wamid.after-change")))
+    assert later["conversationsCreated"] == 0
+    assert conversation["lastInboundAt"] == "2025-06-18T19:48:20.000Z"  # system: not inbound
+
+
+async def test_user_changed_number_before_any_other_message(client: Client, db_path: Path) -> None:
+    answer = await post(client, fixture("webhook_system_user_changed_number.json"))
+    assert (answer["identityChanges"], answer["conversationsCreated"]) == (1, 1)
+    assert live(db_path) == [("16505559876", SHEENA, None)]
+    again = await post(
+        client, one(message(None, "wamid.first-real", bsuid=SHEENA, ref=referral("x")))
+    )
+    assert (again["conversationsCreated"], again["clicksCaptured"]) == (0, 1)
+    assert live(db_path) == [("16505559876", SHEENA, "x")]
+
+
+async def test_a_number_change_announced_late_merges_into_the_clicked_conversation(
+    client: Client, db_path: Path
+) -> None:
+    now = time.time()
+    old = message("16505550310", "wamid.O", ts=now - 600, bsuid="US.A", ref=referral("kept"))
+    await post(client, one(old))
+    # A new number gives a new BSUID; its first message came before the system message.
+    await post(client, one(message("16505550311", "wamid.N", ts=now - 60, bsuid="US.A2")))
+    change = system_message(
+        "wamid.SYS", "user_changed_number", wa_id="16505550310", bsuid="US.A2",
+        new_wa_id="16505550311", previous_bsuid="US.A", ts=now,
+    )  # fmt: skip
+    answer = await post(client, one(change))
+    assert (answer["identityChanges"], answer["conversationsMerged"]) == (1, 1)
+    assert live(db_path) == [("16505550311", "US.A2", "kept")]
+    (by_old_phone,) = await listed(client, phoneE164="16505550310")
+    assert by_old_phone["phoneE164"] == "16505550311"
+
+
+async def test_user_changed_user_id_rekeys_and_keeps_the_click(
+    client: Client, db_path: Path
+) -> None:
+    await post(client, fixture("webhook_bsuid_username_referral.json"))
+    answer = await post(client, fixture("webhook_system_user_changed_user_id.json"))
+    assert (answer["identityChanges"], answer["conversationsCreated"]) == (1, 0)
+    assert live(db_path) == [(None, SHEENA_NEW, BSUID_CLID)]
+    (conversation,) = await listed(client, businessScopedUserId=SHEENA_NEW)
+    assert await listed(client, businessScopedUserId=SHEENA) == [conversation]  # the old id
+    later = await post(client, one(message(None, "wamid.new-id", bsuid=SHEENA_NEW)))
+    assert later["conversationsCreated"] == 0
+    store = store_of(client)
+    found = await store.latest_conversation_for_bsuid("acme", SHEENA)
+    assert found is not None
+    assert found.ctwa_clid == BSUID_CLID
+
+
+async def test_user_changed_user_id_before_any_other_message(client: Client, db_path: Path) -> None:
+    answer = await post(client, fixture("webhook_system_user_changed_user_id.json"))
+    assert answer["conversationsCreated"] == 1
+    assert live(db_path) == [(None, SHEENA_NEW, None)]
+    # The user's next message, from the new BSUID, joins the conversation it started.
+    await post(client, one(message(None, "wamid.late-old", bsuid=SHEENA_NEW, ref=referral("y"))))
+    assert live(db_path) == [(None, SHEENA_NEW, "y")]
+
+
+async def test_a_message_with_neither_phone_nor_bsuid_is_listed_not_refused(
+    client: Client, db_path: Path
+) -> None:
+    good = message(None, "wamid.G", bsuid="IN.5", ref=referral("good"))
+    nobody = message(None, "wamid.X")
+    answer = await post(client, notification(messages_change([nobody, good])))
+    assert (answer["messages"], answer["clicksCaptured"], answer["unprocessed"]) == (1, 1, 1)
+    (problem,) = answer["problems"]
+    assert problem["code"] == "no_identity"
+    assert problem["path"] == "$.entry[0].changes[0].value.messages[0]"
+
+
+async def test_statuses_with_only_bsuids_are_acknowledged(client: Client) -> None:
+    status = {
+        "id": "wamid.S",
+        "status": "read",
+        "timestamp": "1750276100",
+        "recipient_user_id": SHEENA,
+    }
+    change = messages_change([])
+    change["value"]["statuses"] = [status]
+    del change["value"]["messages"]
+    answer = await post(client, notification(change))
+    assert (answer["statuses"], answer["unprocessed"]) == (1, 0)
+
+
+async def test_an_automatic_event_recovers_the_click_of_a_bsuid_conversation(
+    client: Client, db_path: Path
+) -> None:
+    await post(client, one(message(None, "wamid.AEB", bsuid="CO.6")))
+    event = {"id": "wamid.AEB", "event_name": "LeadSubmitted", "timestamp": int(time.time()),
+             "ctwa_clid": "recovered"}  # fmt: skip
+    answer = await post(client, notification(automatic_change([event])))
+    assert answer["clicksRecovered"] == 1
+    assert live(db_path) == [(None, "CO.6", "recovered")]
+
+
+async def test_a_new_click_after_the_window_leaves_the_old_conversation_alone(
+    client: Client,
+) -> None:
+    now = time.time()
+    await post(client, one(message(None, "wamid.W1", ts=now - 9 * DAY, bsuid="ES.7",
+                                   ref=referral("first"))))  # fmt: skip
+    (before,) = await listed(client)
+    answer = await post(client, one(message(None, "wamid.W2", ts=now, bsuid="ES.7",
+                                            ref=referral("second"))))  # fmt: skip
+    assert answer["conversationsCreated"] == 1
+    newest, old = await listed(client)
+    assert old["id"] == before["id"]
+    assert old["lastInboundAt"] == before["lastInboundAt"]
+    assert old["supersededBy"] == newest["id"]
+    assert (newest["metadata"]["ctwa_clid"], newest["businessScopedUserId"]) == ("second", "ES.7")
+
+
+async def test_a_mixed_thousand_message_notification(client: Client, db_path: Path) -> None:
+    msgs: list[dict[str, Any]] = []
+    for i in range(1000):
+        if i % 100 == 7:
+            msgs.append(message(None, f"wamid.bad{i}"))  # no identity
+        elif i % 100 == 8:
+            msgs.append(message("12", f"wamid.bad{i}"))  # not a phone
+        elif i % 10 == 3:
+            msgs.append(message(None, f"wamid.m{i}", bsuid=f"US.{i}", ref=referral(f"c{i}")))
+        else:
+            msgs.append(message(f"1650{i:07d}", f"wamid.m{i}", ref=referral(f"c{i}")))
+    answer = await post(client, notification(messages_change(msgs)))
+    assert (answer["messages"], answer["clicksCaptured"], answer["unprocessed"]) == (980, 980, 20)
+    assert {p["code"] for p in answer["problems"]} == {"no_identity", "invalid_phone"}
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute(
+            "SELECT COUNT(*) FROM conversations WHERE bsuid IS NOT NULL"
+        ).fetchone() == (100,)
+        assert conn.execute("SELECT COUNT(*) FROM webhook_problems").fetchone() == (20,)
