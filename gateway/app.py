@@ -48,6 +48,12 @@ def create_app(
             reason="no app secret: [webhook] app_secret_env is unset or names an empty variable;"
             " every notification will be refused with 503",
         )
+    if not settings.webhook.archive:
+        log.warning(
+            "webhook_archive_disabled",
+            reason="[webhook] archive = false: a notification whose processing fails gets a 503"
+            " (Meta retries it) and unprocessed parts cannot be reprocessed",
+        )
     # aiohttp's own limit is the larger of the routes'; each route enforces its own.
     largest = max(settings.server.max_body_bytes, settings.webhook.max_body_bytes)
     metrics = Metrics()

@@ -13,6 +13,7 @@ node later re-examines everything under it and nothing else (``only``).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection
 from typing import Literal, TypeVar
 
@@ -57,6 +58,8 @@ _EARLIEST = 1_230_768_000.0  # 2009-01-01
 # At or past this, a "Unix time" is milliseconds (1e11 s is the year 5138).
 _MILLISECONDS = 1e11
 _FUTURE_SKEW_S = 86400.0
+# Meta's notifications nest about 8 levels; deeper than this is not a notification's data.
+_MAX_DEPTH = 64
 
 # Bounded: a metric label and a stable code in `webhooks list`.
 ProblemCode = Literal[
@@ -176,6 +179,46 @@ def _seconds(value: object, now: float) -> float | None:
     return seconds
 
 
+_JSON_STRUCTURE = re.compile(rb'[\\"\[\]{}]')
+
+
+def flatten_deep(body: bytes, limit: int) -> bytes:
+    """Return ``body`` with every array or object nested deeper than ``limit`` made ``null``.
+
+    Iterative (the decoders recurse): a scan of the structural characters, minding strings
+    and their escapes. Unbalanced input is returned as far as it goes; the decoder says why.
+    """
+    out = bytearray()
+    copied = depth = 0
+    in_string = escaped_until = 0
+    start = -1
+    for match in _JSON_STRUCTURE.finditer(body):
+        at = match.start()
+        char = body[at]
+        if at < escaped_until:
+            continue
+        if char == 0x5C:  # backslash: the next byte is escaped (only inside strings)
+            escaped_until = at + 2
+            continue
+        if char == 0x22:
+            in_string ^= 1
+            continue
+        if in_string:
+            continue
+        if char in b"[{":
+            depth += 1
+            if depth == limit + 1:
+                start = at
+        else:
+            if depth == limit + 1 and start >= 0:
+                out += body[copied:start] + b"null"
+                copied = at + 1
+                start = -1
+            depth -= 1
+    out += body[copied:]
+    return bytes(out)
+
+
 def _text(value: str | None) -> str | None:
     return None if value is None else value[:MAX_TEXT]
 
@@ -238,6 +281,20 @@ class _Extractor:
     # -- levels -----------------------------------------------------------------------------
 
     def run(self, body: bytes) -> CaptureBatch:
+        try:
+            ENVELOPE_DECODER.decode(body)
+        except RecursionError:
+            # Items stay raw until decoded one by one, but finding where a raw item ends
+            # still recurses: drop the too-deep parts so the rest can be captured.
+            body = flatten_deep(body, _MAX_DEPTH)
+            self.problem(
+                ROOT,
+                "too_deep",
+                f"Parts nested deeper than {_MAX_DEPTH} levels were read as null; everything"
+                " else was processed.",
+            )
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            pass  # reported by the decode below
         envelope = self.decode(body, ENVELOPE_DECODER, ROOT)
         if envelope is None:
             return self.batch
@@ -304,7 +361,7 @@ class _Extractor:
 
     def messages(self, value: MessagesValue, account_id: str, path: str) -> None:
         self.batch.statuses += len(value.statuses) if self.selected(path) else 0
-        contacts = self.contacts(value.contacts)
+        contacts = self.contacts(value.contacts or [])
         for k, raw in enumerate(value.messages):
             where = f"{path}.messages[{k}]"
             if not self.selected(where):

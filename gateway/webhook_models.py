@@ -133,7 +133,8 @@ class MessagesValue(MetaStruct, frozen=True):
     """``value`` of a ``field == "messages"`` change; each list decoded item by item."""
 
     metadata: Metadata | None = None
-    contacts: list[msgspec.Raw] = msgspec.field(default_factory=list)
+    # Auxiliary (usernames, parent BSUIDs): one that does not decode is skipped.
+    contacts: list[msgspec.Raw] | None = None
     messages: list[msgspec.Raw] = msgspec.field(default_factory=list)
     # Delivery receipts (with ``recipient_id`` and/or ``recipient_user_id``): acknowledged
     # and ignored; only counted.

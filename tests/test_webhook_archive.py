@@ -1,0 +1,333 @@
+"""Archive first: every signed notification is stored, odd parts are listed, nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.config import parse_settings
+from gateway.errors import ConfigError
+from gateway.inbox import reprocess
+from gateway.schema import MIGRATIONS
+from gateway.store import Store
+from tests.conftest import AUTH, ENV, ClientFactory, LogCapture, base_config, store_of
+from tests.payloads import encode, message, messages_change, notification, referral, signed
+
+Client = TestClient[web.Request, web.Application]
+URL = "/webhooks/whatsapp"
+UNKNOWN_NUMBER = "777000000000001"
+
+
+async def post(client: Client, body: bytes, **headers: str) -> dict[str, Any]:
+    resp = await client.post(URL, data=body, headers={**signed(body), **headers})
+    answer: dict[str, Any] = await resp.json()
+    assert resp.status == 200, answer
+    return answer
+
+
+def query(db: Path, sql: str) -> list[Any]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql).fetchall()
+
+
+async def cli(*args: str) -> tuple[int, str]:
+    """Run ``python -m gateway`` as an operator would; return its exit code and output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *args,
+        env={**os.environ, **ENV}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_a_signed_notification_is_archived_as_received(client: Client, db_path: Path) -> None:
+    body = encode(notification(messages_change([message("16505550400", "wamid.A")])))
+    answer = await post(client, body, **{"X-Request-Id": "meta-delivery-0001"})
+    assert answer["archiveStatus"] == "processed"
+    assert query(db_path, "SELECT pk, body, request_id, status FROM webhook_notifications") == [
+        (answer["notificationId"], body, "meta-delivery-0001", "processed")
+    ]
+
+
+async def test_the_archive_is_off_only_on_purpose_and_says_so(
+    make_client: ClientFactory, db_path: Path, logs: LogCapture
+) -> None:
+    client = await make_client(
+        webhook={
+            "verify_token_env": "CTWA_VERIFY_TOKEN",
+            "app_secret_env": "CTWA_APP_SECRET",
+            "archive": False,
+        }
+    )
+    assert logs.events("webhook_archive_disabled")
+    answer = await post(client, encode(notification(messages_change([message("1650555", "w")]))))
+    assert (answer["messages"], answer["notificationId"]) == (1, None)
+    assert query(db_path, "SELECT COUNT(*) FROM webhook_notifications") == [(0,)]
+
+
+async def test_invalid_utf8_inside_a_value(client: Client, db_path: Path) -> None:
+    good = message("16505550401", "wamid.U1", ref=referral("kept"), text="PLACEHOLDER_TEXT")
+    bad = message(None, "wamid.U2", bsuid="PLACEHOLDER_ID", ref=referral("lost"))
+    body = encode(notification(messages_change([good, bad])))
+    # Invalid UTF-8 in a field we ignore is harmless; in one we read, its message is listed.
+    body = body.replace(b"PLACEHOLDER_TEXT", b"\xff\xfe").replace(b"PLACEHOLDER_ID", b"US.\xc3")
+    answer = await post(client, body)
+    assert (answer["messages"], answer["clicksCaptured"]) == (1, 1)
+    (problem,) = answer["problems"]
+    assert problem["path"] == "$.entry[0].changes[0].value.messages[1]"
+    assert problem["code"] == "invalid_json"
+    assert query(db_path, "SELECT body FROM webhook_notifications") == [(body,)]
+
+
+@pytest.mark.parametrize("where", ["value", "unknown field", "top level"])
+async def test_100000_nested_brackets_are_listed_not_a_500(
+    client: Client, db_path: Path, where: str
+) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    good = messages_change([message("16505550402", "wamid.D1", ref=referral("deep-ok"))])
+    payload = notification(good, messages_change([message("16505550403", "wamid.D2")]))
+    if where == "value":
+        payload["entry"][0]["changes"][1]["value"]["contacts"] = "DEEP"
+    elif where == "unknown field":
+        payload["entry"][0]["changes"][1]["value"]["messages"][0]["extra"] = "DEEP"
+    else:
+        payload["extra"] = "DEEP"
+    body = encode(payload).replace(b'"DEEP"', deep.encode())
+    answer = await post(client, body)
+    (problem,) = answer["problems"]
+    assert (problem["path"], problem["code"]) == ("$", "too_deep")
+    # Only the too-deep part is dropped: both messages are captured.
+    assert (answer["messages"], answer["clicksCaptured"]) == (2, 1)
+    assert query(db_path, "SELECT body FROM webhook_notifications") == [(body,)]
+
+
+async def test_millisecond_timestamps_are_read_as_milliseconds(client: Client) -> None:
+    ms = message("16505550404", "wamid.MS", ref=referral("ms"))
+    ms["timestamp"] = "1750275992000"
+    answer = await post(client, encode(notification(messages_change([ms]))))
+    assert answer["messages"] == 1
+    (conversation,) = await store_of(client).recent_conversations("acme", limit=5)
+    assert conversation.last_inbound_at == 1750275992.0
+    assert conversation.ctwa_clicked_at == 1750275992.0
+
+
+@pytest.mark.parametrize("timestamp", ["99999999999999999", "-5", "1e400", "0", "4102444800"])
+async def test_implausible_timestamps_are_listed(client: Client, timestamp: str) -> None:
+    odd = message("16505550405", "wamid.TS", ref=referral("ts"))
+    odd["timestamp"] = timestamp
+    answer = await post(client, encode(notification(messages_change([odd]))))
+    assert (answer["messages"], answer["problems"][0]["code"]) == (0, "invalid_timestamp")
+
+
+async def test_reads_survive_a_time_stored_by_an_older_version(
+    client: Client, db_path: Path
+) -> None:
+    await post(client, encode(notification(messages_change([message("16505550406", "w.Y")]))))
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "UPDATE conversations SET last_inbound_at = 1785000000000000, ctwa_clicked_at = 1e300"
+        )
+    resp = await client.get(
+        "/v1/whatsapp/conversations", params={"accountId": "acme"}, headers=AUTH
+    )
+    assert resp.status == 200
+    (conversation,) = (await resp.json())["conversations"]
+    assert conversation["lastInboundAt"] is None
+    one = await client.get(f"/v1/whatsapp/conversations/{conversation['id']}", headers=AUTH)
+    assert one.status == 200
+
+
+async def test_a_huge_click_id_is_refused_not_stored_nor_echoed(
+    client: Client, db_path: Path
+) -> None:
+    huge = message("16505550407", "wamid.H", ref=referral("A" * 500_000))
+    resp = await client.post(URL, data=(body := encode(notification(messages_change([huge])))),
+                             headers=signed(body))  # fmt: skip
+    raw = await resp.read()
+    assert resp.status == 200
+    assert len(raw) < 5000
+    assert b"length <= 512" in raw
+    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+
+
+async def test_messages_past_the_limit_are_listed(client: Client) -> None:
+    msgs = [message(f"1650{i:07d}", f"wamid.L{i}") for i in range(2001)]
+    answer = await post(client, encode(notification(messages_change(msgs))))
+    assert (answer["messages"], answer["unprocessed"]) == (2000, 1)
+    assert answer["problems"][0]["code"] == "too_many_messages"
+
+
+async def test_metrics_count_unprocessed_parts_and_open_notifications(client: Client) -> None:
+    await post(client, encode(notification(messages_change([message(None, "wamid.NOID")]))))
+    text = await (await client.get("/metrics")).text()
+    assert 'ctwa_webhook_unprocessed_total{code="no_identity"} 1.0' in text
+    assert 'ctwa_webhook_archive_open{status="partial"} 1.0' in text
+
+
+async def test_an_unknown_number_is_captured_once_the_account_exists(
+    client: Client, db_path: Path, tmp_path: Path
+) -> None:
+    known = messages_change([message("16505550408", "wamid.K", ref=referral("known"))])
+    unknown = messages_change(
+        [message(None, "wamid.Q", bsuid="US.42", ref=referral("late-click"))],
+        phone_number_id=UNKNOWN_NUMBER,
+    )
+    answer = await post(client, encode(notification(known, unknown)))
+    assert (answer["clicksCaptured"], answer["unknownNumbers"]) == (1, 1)
+    await client.close()
+
+    raw = base_config(db_path)
+    config = tmp_path / "gateway.toml"
+    config.write_bytes(tomli_w.dumps(raw).encode())
+    code, out = await cli("webhooks", "list", "--config", str(config))
+    assert code == 0
+    assert "$.entry[0].changes[1]  [unknown_number]" in out
+    assert UNKNOWN_NUMBER in out
+    assert "US.42" not in out
+
+    raw["accounts"].append(
+        {"id": "late", "waba_id": "102290129340398", "phone_number_id": UNKNOWN_NUMBER}
+    )
+    config.write_bytes(tomli_w.dumps(raw).encode())
+    code, out = await cli("webhooks", "reprocess", "--config", str(config), "--account", "late")
+    assert code == 0, out
+    assert "1 now fully processed" in out
+    assert "1 messages and 1 click ids captured" in out
+    assert query(db_path, "SELECT account_id, bsuid, ctwa_clid FROM conversations ORDER BY 1") == [
+        ("acme", None, "known"),
+        ("late", "US.42", "late-click"),
+    ]
+    assert query(db_path, "SELECT status, problems FROM webhook_notifications") == [
+        ("processed", 0)
+    ]
+    code, out = await cli("webhooks", "reprocess", "--config", str(config))
+    assert "reprocessed 0 notifications" in out
+    code, out = await cli("webhooks", "list", "--config", str(config))
+    assert "no archived notification has unprocessed parts" in out
+
+
+async def test_reprocessing_twice_captures_nothing_twice(client: Client, db_path: Path) -> None:
+    unknown = messages_change([message("16505550409", "wamid.T1", ref=referral("first"))],
+                              phone_number_id=UNKNOWN_NUMBER)  # fmt: skip
+    answer = await post(client, encode(notification(unknown)))
+    pk = answer["notificationId"]
+    settings = parse_settings(
+        {
+            **base_config(db_path),
+            "accounts": [
+                *base_config(db_path)["accounts"],
+                {"id": "late", "waba_id": "1", "phone_number_id": UNKNOWN_NUMBER},
+            ],
+        }
+    )
+    store = store_of(client)
+    # Meanwhile the same message arrived again through a live notification (a Meta retry
+    # after the account was added): the reprocess must not capture it again.
+    first = await reprocess(store, settings)
+    assert (first.processed, first.messages) == (1, 1)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE webhook_notifications SET status = 'partial' WHERE pk = ?", (pk,))
+        conn.execute(
+            "INSERT INTO webhook_problems VALUES (?, '$.entry[0].changes[0]', 'unknown_number',"
+            " 'again', NULL, ?)",
+            (pk, UNKNOWN_NUMBER),
+        )
+    second = await reprocess(store, settings)
+    assert (second.processed, second.messages) == (1, 0)
+    assert query(db_path, "SELECT COUNT(*), MAX(ctwa_clid) FROM conversations") == [(1, "first")]
+
+
+async def test_a_processing_fault_is_archived_pending_and_processed_at_the_next_start(
+    make_client: ClientFactory, db_path: Path, logs: LogCapture
+) -> None:
+    client = await make_client()
+    # A real SQLite fault in the middle of the capture transaction.
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "CREATE TRIGGER boom BEFORE INSERT ON webhook_messages WHEN NEW.wamid = 'wamid.boom'"
+            " BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+        )
+    msgs = [
+        message("16505550410", "wamid.ok", ref=referral("c1")),
+        message("1650555041", "wamid.boom"),
+    ]
+    answer = await post(client, encode(notification(messages_change(msgs))))
+    assert (answer["archiveStatus"], answer["messages"]) == ("pending", 0)
+    assert answer["problems"][0]["code"] == "processing_error"
+    assert logs.events("webhook_processing_failed")
+    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    await client.close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DROP TRIGGER boom")
+
+    restarted = await make_client()
+    store = store_of(restarted)
+    for _ in range(200):
+        if query(db_path, "SELECT status FROM webhook_notifications") == [("processed",)]:
+            break
+        await asyncio.sleep(0.02)
+    assert query(db_path, "SELECT status FROM webhook_notifications") == [("processed",)]
+    assert len(await store.recent_conversations("acme", limit=10)) == 2
+    assert query(db_path, "SELECT COUNT(*) FROM webhook_messages") == [(2,)]
+
+
+async def test_when_nothing_can_be_stored_meta_hears_503(client: Client, db_path: Path) -> None:
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "CREATE TRIGGER full BEFORE INSERT ON webhook_notifications"
+            " BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        )
+    body = encode(notification(messages_change([message("16505550411", "wamid.F")])))
+    resp = await client.post(URL, data=body, headers=signed(body))
+    assert resp.status == 503
+    assert (await resp.json())["code"] == "store_unavailable"
+    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+
+
+async def test_archived_notifications_are_pruned_with_their_problems(
+    client: Client, db_path: Path
+) -> None:
+    await post(client, encode(notification(messages_change([message(None, "wamid.P")]))))
+    store = store_of(client)
+    assert await store.prune_archive(time.time() - 60) == 0
+    assert await store.prune_archive(time.time() + 60) == 1
+    assert query(db_path, "SELECT COUNT(*) FROM webhook_problems") == [(0,)]
+
+
+def test_the_archive_cannot_outlive_the_message_ids(db_path: Path) -> None:
+    raw = base_config(db_path)
+    raw["webhook"] = {**raw["webhook"], "archive_retention_days": 60}
+    with pytest.raises(ConfigError, match=r"archive_retention_days \(60\) must not exceed"):
+        parse_settings(raw)
+
+
+async def test_store_migrates_conversations_of_the_previous_schema(tmp_path: Path) -> None:
+    db = tmp_path / "v3.sqlite3"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)")
+        for version, script in enumerate(MIGRATIONS[:3], start=1):
+            conn.executescript(script)
+            conn.execute("INSERT INTO schema_migrations VALUES (?)", (version,))
+        # Two conversations for one phone (a new click after the window), as v3 kept them.
+        conn.execute("INSERT INTO conversations (id, account_id, wa_id, created_at, ctwa_clid)"
+                     " VALUES ('conv_old', 'acme', '16505550412', 1, 'a'),"
+                     " ('conv_new', 'acme', '16505550412', 2, 'b')")  # fmt: skip
+    store = await Store.open(db)
+    try:
+        (newest, oldest) = await store.recent_conversations("acme", limit=5)
+    finally:
+        await store.close()
+    assert (newest.id, newest.superseded_by) == ("conv_new", None)
+    assert (oldest.id, oldest.superseded_by) == ("conv_old", "conv_new")
