@@ -1,19 +1,24 @@
-"""SIGKILL the real server while Meta is unreachable; restart: nothing lost, nothing twice."""
+"""SIGKILL the real server (Meta unreachable, webhooks arriving, archived notifications being
+processed); restart: nothing lost, nothing twice."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
 
+from gateway.archive import NewNotification
 from gateway.store import Store
 from tests.conftest import ACME_TOKEN, API_KEY, add_conversation
 from tests.fake_graph import FakeGraph
 from tests.live import free_port, start, write_config
+from tests.payloads import encode, message, messages_change, notification, referral, signed
 
 EVENTS = 300
 
@@ -109,3 +114,113 @@ async def test_sigterm_finishes_requests_in_flight(tmp_path: Path, aiohttp_serve
     assert answer["status"] == "delivered"
     assert await asyncio.wait_for(proc.wait(), 30) == 0
     assert fake.event_ids() == ["in-flight"]
+
+
+def _bodies(count: int, per: int, tag: str) -> list[bytes]:
+    return [
+        encode(
+            notification(
+                messages_change(
+                    [
+                        message(
+                            f"1{n:05d}{i:04d}", f"wamid.{tag}.{n}.{i}", ref=referral(f"c{n}.{i}")
+                        )
+                        if i % 4
+                        else message(None, f"wamid.{tag}.{n}.{i}", bsuid=f"US.{tag}{n}x{i}")
+                        for i in range(per)
+                    ]
+                )
+            )
+        )
+        for n in range(count)
+    ]
+
+
+def _count(db: Path, sql: str, *params: str) -> int:
+    with sqlite3.connect(db, timeout=10) as conn:
+        return int(conn.execute(sql, params).fetchone()[0])
+
+
+async def test_sigkill_while_processing_archived_notifications(tmp_path: Path) -> None:
+    db = tmp_path / "pending.sqlite3"
+    bodies = _bodies(400, 25, "p")
+    store = await Store.open(db)
+    for body in [*bodies, bodies[0]]:  # one delivered twice by Meta
+        await store.archive_pending(
+            NewNotification(body=body, received_at=time.time(), request_id=None), error="test"
+        )
+    await store.close()
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    log = tmp_path / "server.log"
+    write_config(config, db, port, f"http://127.0.0.1:{free_port()}")
+    proc = await start(config, port, log)
+    # The start processes pending notifications in the background: kill it half way.
+    for _ in range(2000):
+        done = _count(db, "SELECT COUNT(*) FROM webhook_notifications WHERE status = 'processed'")
+        if done >= 20:
+            break
+        await asyncio.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    assert 0 < done < 401, "the kill did not land while notifications were being processed"
+
+    proc = await start(config, port, log)
+    try:
+        for _ in range(600):
+            if not _count(
+                db, "SELECT COUNT(*) FROM webhook_notifications WHERE status != 'processed'"
+            ):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0, log.read_text()[-2000:]
+    assert (
+        _count(db, "SELECT COUNT(*) FROM webhook_notifications WHERE status = 'processed'") == 401
+    )
+    assert _count(db, "SELECT COUNT(*) FROM webhook_messages") == 400 * 25
+    # Each person exactly once, each click once.
+    assert _count(db, "SELECT COUNT(*) FROM conversations") == 400 * 25
+    assert _count(db, "SELECT COUNT(DISTINCT ctwa_clid) FROM conversations") == 400 * 18
+
+
+async def test_sigkill_during_webhooks_loses_no_acknowledged_notification(tmp_path: Path) -> None:
+    db = tmp_path / "live.sqlite3"
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    log = tmp_path / "server.log"
+    write_config(config, db, port, f"http://127.0.0.1:{free_port()}")
+    proc = await start(config, port, log)
+    bodies = _bodies(300, 50, "l")
+    acked: list[int] = []
+    enough = asyncio.Event()
+    url = f"http://127.0.0.1:{port}/webhooks/whatsapp"
+    async with aiohttp.ClientSession() as session:
+
+        async def send(n: int) -> None:
+            try:
+                async with session.post(url, data=bodies[n], headers=signed(bodies[n])) as resp:
+                    if resp.status == 200:
+                        await resp.read()
+                        acked.append(n)
+                        if len(acked) >= 30:
+                            enough.set()
+            except aiohttp.ClientError:
+                pass  # killed before answering: Meta would retry
+
+        tasks = [asyncio.create_task(send(n)) for n in range(len(bodies))]
+        await asyncio.wait_for(enough.wait(), 60)
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.gather(*tasks)
+    await proc.wait()
+    assert 30 <= len(acked) < len(bodies)
+    for n in acked:
+        found = _count(
+            db, "SELECT COUNT(*) FROM webhook_messages WHERE wamid LIKE ?", f"wamid.l.{n}.%"
+        )
+        assert found == 50, f"notification {n} was acknowledged but not kept"
+    assert _count(db, "SELECT COUNT(*) FROM webhook_notifications WHERE status != 'processed'") == 0
+    assert _count(db, "SELECT COUNT(*) FROM conversations") == _count(
+        db, "SELECT COUNT(*) FROM webhook_messages"
+    )
