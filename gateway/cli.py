@@ -332,7 +332,12 @@ def _check_config(settings: Settings, plugins: Plugins, env: Mapping[str, str], 
             problems.append(f"API key {key.name!r}: environment variable {key.key_env} is not set")
     w(
         f"webhook: app secret {present(settings.webhook.app_secret_env)},"
-        f" verify token {present(settings.webhook.verify_token_env)}\n"
+        f" verify token {present(settings.webhook.verify_token_env)},"
+        + (
+            f" archive on ({settings.webhook.archive_retention_days} days)\n"
+            if settings.webhook.archive
+            else " archive OFF\n"
+        )
     )
     origins = plugins.origins()
     for role in ("resolvers", "normalizers", "sinks"):

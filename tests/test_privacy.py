@@ -28,7 +28,12 @@ PHONE = "+1 650 555 0199"
 PHONE_DIGITS = "16505550199"
 EXTERNAL = "SENTINEL-EXT-777"
 NAME = "Sentinel Profilename"
-SENTINELS = [EMAIL, EMAIL.lower(), EXTERNAL, EXTERNAL.lower(), PHONE, PHONE_DIGITS, API_KEY, NAME]
+BSUID = "US.5550199000111222333"
+USERNAME = "sentinel.username"
+SENTINELS = [
+    EMAIL, EMAIL.lower(), EXTERNAL, EXTERNAL.lower(), PHONE, PHONE_DIGITS, API_KEY, NAME, BSUID,
+    USERNAME,
+]  # fmt: skip
 
 
 def conversion(event_id: str, **extra: Any) -> dict[str, Any]:
@@ -55,7 +60,15 @@ async def test_http_logs_and_database_carry_no_pii(
 ) -> None:
     # Captured through the webhook, with a sentinel profile name; and once with a bad signature.
     msg = message(PHONE_DIGITS, "wamid.P1", ref=referral("privacy-click"))
-    body = encode(notification(messages_change([msg], names={PHONE_DIGITS: NAME})))
+    by_bsuid = message(None, "wamid.P2", bsuid=BSUID)
+    nobody = message(None, "wamid.P3")  # unprocessed: logged by path, never by content
+    body = encode(
+        notification(
+            messages_change(
+                [msg, by_bsuid, nobody], names={PHONE_DIGITS: NAME}, usernames={BSUID: USERNAME}
+            )
+        )
+    )
     bad = await client.post("/webhooks/whatsapp", data=body, headers={"X-Hub-Signature-256": "x"})
     assert bad.status == 401
     assert (await client.post("/webhooks/whatsapp", data=body, headers=signed(body))).status == 200
@@ -87,8 +100,15 @@ async def test_http_logs_and_database_carry_no_pii(
         headers=AUTH,
     )
     assert conversations.status == 200
+    by_id = await client.get(
+        "/v1/whatsapp/conversations",
+        params={"accountId": "acme", "businessScopedUserId": BSUID},
+        headers=AUTH,
+    )
+    assert by_id.status == 200
+    assert logs.events("webhook_unprocessed")
 
-    assert len(logs.events("request")) == 11
+    assert len(logs.events("request")) == 12
     assert logs.events("dry_run_payload")
     assert_clean(logs.text)
 
