@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
 from gateway.signature import sign
 from tests.conftest import APP_SECRET, PHONE_NUMBER_ID, WABA_ID
 
@@ -152,3 +155,16 @@ def notification(*changes: dict[str, Any], waba_id: str = WABA_ID) -> dict[str, 
 def encode(payload: dict[str, Any]) -> bytes:
     """Serialize as Meta does: compact, non-ASCII escaped as \\uXXXX."""
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+async def post_signed(
+    client: TestClient[web.Request, web.Application],
+    payload: dict[str, Any] | bytes,
+    **headers: str,
+) -> dict[str, Any]:
+    """POST a notification to the webhook, signed as Meta signs it; return the 200 answer."""
+    body = payload if isinstance(payload, bytes) else encode(payload)
+    resp = await client.post("/webhooks/whatsapp", data=body, headers={**signed(body), **headers})
+    answer: dict[str, Any] = await resp.json()
+    assert resp.status == 200, answer
+    return answer

@@ -27,6 +27,7 @@ from tests.payloads import (
     message,
     messages_change,
     notification,
+    post_signed,
     referral,
     signed,
 )
@@ -35,14 +36,6 @@ Client = TestClient[web.Request, web.Application]
 URL = "/webhooks/whatsapp"
 FIXTURE_WAMID = "wamid.HBgLMTY1MDM4Nzk0MzkVAgASGBQzQUQ0N0VFMDA2MTQ0RkJFNkNDNAA="
 DAY = 86400
-
-
-async def post(client: Client, payload: dict[str, Any] | bytes) -> dict[str, Any]:
-    body = payload if isinstance(payload, bytes) else encode(payload)
-    resp = await client.post(URL, data=body, headers=signed(body))
-    answer: dict[str, Any] = await resp.json()
-    assert resp.status == 200, answer
-    return answer
 
 
 def rows(db: Path, sql: str) -> list[Any]:
@@ -94,7 +87,7 @@ async def test_handshake_without_a_configured_token_is_403(
 
 
 async def test_metas_documented_ctwa_message_is_captured(client: Client, db_path: Path) -> None:
-    answer = await post(client, fixture("webhook_ctwa_text_message.json"))
+    answer = await post_signed(client, fixture("webhook_ctwa_text_message.json"))
 
     assert answer["messages"] == 1
     assert answer["conversationsCreated"] == 1
@@ -150,7 +143,7 @@ async def test_signature_covers_the_exact_escaped_unicode_bytes(client: Client) 
     raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
     resp = await client.post(URL, data=raw, headers=signed(escaped))
     assert resp.status == 401
-    answer = await post(client, escaped)
+    answer = await post_signed(client, escaped)
     assert answer["messages"] == 1
 
 
@@ -185,7 +178,7 @@ def _webhook_env() -> dict[str, str]:
 async def test_status_notifications_are_acknowledged_and_ignored(
     client: Client, db_path: Path
 ) -> None:
-    answer = await post(client, fixture("webhook_status_failed.json"))
+    answer = await post_signed(client, fixture("webhook_status_failed.json"))
     assert answer["statuses"] == 1
     assert answer["messages"] == 0
     assert rows(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
@@ -193,7 +186,9 @@ async def test_status_notifications_are_acknowledged_and_ignored(
 
 async def test_video_ad_referral(client: Client) -> None:
     ref = referral("clid-video", media="video")
-    await post(client, notification(messages_change([message("16505550101", "wamid.V", ref=ref)])))
+    await post_signed(
+        client, notification(messages_change([message("16505550101", "wamid.V", ref=ref)]))
+    )
     (conversation,) = await store_of(client).recent_conversations(
         "acme", wa_id="16505550101", limit=5
     )
@@ -222,7 +217,7 @@ async def test_several_entries_and_changes_in_one_post(client: Client) -> None:
             },
         ],
     }
-    answer = await post(client, payload)
+    answer = await post_signed(client, payload)
     assert answer["messages"] == 3
     assert answer["clicksCaptured"] == 2
     store = store_of(client)
@@ -233,7 +228,7 @@ async def test_several_entries_and_changes_in_one_post(client: Client) -> None:
 
 async def test_referral_without_click_id_records_the_ad_only(client: Client) -> None:
     ref = referral(None, source_id="status-ad-1")
-    answer = await post(
+    answer = await post_signed(
         client, notification(messages_change([message("16505550004", "wamid.S1", ref=ref)]))
     )
     assert answer["referralsWithoutClick"] == 1
@@ -242,7 +237,7 @@ async def test_referral_without_click_id_records_the_ad_only(client: Client) -> 
     assert conversation.ctwa_clid is None
     assert conversation.ctwa_source_id == "status-ad-1"
     # A later click id still fills the empty conversation.
-    await post(
+    await post_signed(
         client,
         notification(messages_change([message("16505550004", "wamid.S2", ref=referral("late"))])),
     )
@@ -257,8 +252,8 @@ async def test_a_second_referral_does_not_overwrite_the_first(client: Client) ->
         "16505550005", "wamid.R1", ts=now - 3600, ref=referral("first", source_id="ad-1")
     )
     second = message("16505550005", "wamid.R2", ts=now, ref=referral("second", source_id="ad-2"))
-    await post(client, notification(messages_change([first])))
-    answer = await post(client, notification(messages_change([second])))
+    await post_signed(client, notification(messages_change([first])))
+    answer = await post_signed(client, notification(messages_change([second])))
     assert answer["referralsIgnored"] == 1
     (conversation,) = await store_of(client).recent_conversations("acme", wa_id=None, limit=5)
     assert conversation.ctwa_clid == "first"
@@ -270,8 +265,8 @@ async def test_a_new_click_after_the_window_starts_a_new_conversation(client: Cl
     now = time.time()
     old = message("16505550006", "wamid.O1", ts=now - 9 * DAY, ref=referral("old-click"))
     new = message("16505550006", "wamid.O2", ts=now, ref=referral("new-click"))
-    await post(client, notification(messages_change([old])))
-    answer = await post(client, notification(messages_change([new])))
+    await post_signed(client, notification(messages_change([old])))
+    answer = await post_signed(client, notification(messages_change([new])))
     assert answer["conversationsCreated"] == 1
     assert answer["clicksCaptured"] == 1
     newest, oldest = await store_of(client).recent_conversations(
@@ -282,9 +277,9 @@ async def test_a_new_click_after_the_window_starts_a_new_conversation(client: Cl
 
 async def test_the_same_message_twice_changes_nothing(client: Client, db_path: Path) -> None:
     body = fixture("webhook_ctwa_text_message.json")
-    await post(client, body)
+    await post_signed(client, body)
     before = rows(db_path, "SELECT * FROM conversations")
-    answer = await post(client, body)
+    answer = await post_signed(client, body)
     assert answer["duplicates"] == 1
     assert answer["messages"] == 0
     assert rows(db_path, "SELECT * FROM conversations") == before
@@ -292,7 +287,7 @@ async def test_the_same_message_twice_changes_nothing(client: Client, db_path: P
 
 async def test_duplicates_inside_one_batch_count_once(client: Client) -> None:
     msg = message("16505550007", "wamid.D1", ref=referral("dup"))
-    answer = await post(client, notification(messages_change([msg, msg])))
+    answer = await post_signed(client, notification(messages_change([msg, msg])))
     assert (answer["messages"], answer["duplicates"]) == (1, 1)
 
 
@@ -303,7 +298,7 @@ async def test_unknown_numbers_are_acknowledged_counted_and_logged(
         messages_change([message("16505550008", "wamid.X1")], phone_number_id="999999999999"),
         waba_id="888888888888",
     )
-    answer = await post(client, payload)
+    answer = await post_signed(client, payload)
     assert answer["unknownNumbers"] == 1
     assert rows(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
     (line,) = logs.events("webhook_unknown_numbers")
@@ -313,12 +308,12 @@ async def test_unknown_numbers_are_acknowledged_counted_and_logged(
 async def test_the_waba_id_maps_when_metadata_is_missing(client: Client) -> None:
     change = messages_change([message("16505550009", "wamid.W1", ref=referral("by-waba"))])
     del change["value"]["metadata"]
-    answer = await post(client, notification(change))
+    answer = await post_signed(client, notification(change))
     assert answer["clicksCaptured"] == 1
 
 
 async def test_automatic_event_recovers_a_missing_click(client: Client, db_path: Path) -> None:
-    await post(client, notification(messages_change([message("16505550010", "wamid.AE1")])))
+    await post_signed(client, notification(messages_change([message("16505550010", "wamid.AE1")])))
     event = {
         "id": "wamid.AE1",
         "event_name": "Purchase",
@@ -326,13 +321,13 @@ async def test_automatic_event_recovers_a_missing_click(client: Client, db_path:
         "ctwa_clid": "recovered-click",
         "custom_data": {"currency": "USD", "value": 25000},
     }
-    answer = await post(client, notification(automatic_change([event])))
+    answer = await post_signed(client, notification(automatic_change([event])))
     assert (answer["automaticEvents"], answer["clicksRecovered"]) == (1, 1)
     (conversation,) = await store_of(client).recent_conversations("acme", wa_id=None, limit=5)
     assert conversation.ctwa_clid == "recovered-click"
     assert conversation.ctwa_capture_source == "automatic_event"
     # Kept for the history, once.
-    again = await post(client, notification(automatic_change([event])))
+    again = await post_signed(client, notification(automatic_change([event])))
     assert again["automaticEvents"] == 0
     assert rows(
         db_path, "SELECT event_name, conversation_id IS NOT NULL FROM automatic_events"
@@ -340,14 +335,14 @@ async def test_automatic_event_recovers_a_missing_click(client: Client, db_path:
 
 
 async def test_automatic_event_never_overwrites_a_captured_click(client: Client) -> None:
-    await post(client, fixture("webhook_ctwa_text_message.json"))
+    await post_signed(client, fixture("webhook_ctwa_text_message.json"))
     event = {
         "id": FIXTURE_WAMID,
         "event_name": "LeadSubmitted",
         "timestamp": 1750276000,
         "ctwa_clid": "other",
     }
-    answer = await post(client, notification(automatic_change([event])))
+    answer = await post_signed(client, notification(automatic_change([event])))
     assert answer["clicksRecovered"] == 0
     (conversation,) = await store_of(client).recent_conversations("acme", wa_id=None, limit=5)
     assert conversation.ctwa_clid == CLID
@@ -389,7 +384,7 @@ async def test_a_malformed_part_is_listed_and_the_rest_captured(
     payload = notification(good)
     payload["entry"].append({"id": WABA_ID, "changes": [bad]})
     mutate(payload)
-    answer = await post(client, payload)
+    answer = await post_signed(client, payload)
     assert (answer["messages"], answer["clicksCaptured"], answer["unprocessed"]) == (1, 1, 1)
     (problem,) = answer["problems"]
     assert (problem["path"], problem["code"]) == (where, code)
@@ -413,7 +408,7 @@ async def test_a_malformed_part_is_listed_and_the_rest_captured(
 async def test_signed_bodies_that_are_not_notifications_are_kept_and_explained(
     client: Client, db_path: Path, body: bytes, reason: str
 ) -> None:
-    answer = await post(client, body)
+    answer = await post_signed(client, body)
     (problem,) = answer["problems"]
     assert problem["path"] == "$"
     assert reason in problem["reason"]
@@ -428,7 +423,7 @@ async def test_a_thousand_messages_commit_in_one_transaction(client: Client, db_
     store = store_of(client)
     batches_before = store.writer.batches
     started = time.perf_counter()
-    answer = await post(client, notification(messages_change(msgs)))
+    answer = await post_signed(client, notification(messages_change(msgs)))
     elapsed = time.perf_counter() - started
     assert (answer["messages"], answer["conversationsCreated"], answer["clicksCaptured"]) == (
         1000,
@@ -445,7 +440,7 @@ async def test_messages_apply_in_time_order_within_a_batch(client: Client) -> No
     now = time.time()
     later = message("16505550013", "wamid.T2", ts=now, ref=referral("later"))
     earlier = message("16505550013", "wamid.T1", ts=now - 60, ref=referral("earlier"))
-    await post(client, notification(messages_change([later, earlier])))
+    await post_signed(client, notification(messages_change([later, earlier])))
     (conversation,) = await store_of(client).recent_conversations("acme", wa_id=None, limit=5)
     assert conversation.ctwa_clid == "earlier"
     assert conversation.last_inbound_at == int(now)
@@ -453,5 +448,5 @@ async def test_messages_apply_in_time_order_within_a_batch(client: Client) -> No
 
 async def test_other_fields_are_acknowledged(client: Client) -> None:
     payload = notification({"field": "account_update", "value": {"event": "VERIFIED_ACCOUNT"}})
-    answer = await post(client, payload)
+    answer = await post_signed(client, payload)
     assert answer["ignoredChanges"] == 1

@@ -21,18 +21,19 @@ from gateway.inbox import reprocess
 from gateway.schema import MIGRATIONS
 from gateway.store import Store
 from tests.conftest import AUTH, ENV, ClientFactory, LogCapture, base_config, store_of
-from tests.payloads import encode, message, messages_change, notification, referral, signed
+from tests.payloads import (
+    encode,
+    message,
+    messages_change,
+    notification,
+    post_signed,
+    referral,
+    signed,
+)
 
 Client = TestClient[web.Request, web.Application]
 URL = "/webhooks/whatsapp"
 UNKNOWN_NUMBER = "777000000000001"
-
-
-async def post(client: Client, body: bytes, **headers: str) -> dict[str, Any]:
-    resp = await client.post(URL, data=body, headers={**signed(body), **headers})
-    answer: dict[str, Any] = await resp.json()
-    assert resp.status == 200, answer
-    return answer
 
 
 def query(db: Path, sql: str) -> list[Any]:
@@ -54,7 +55,7 @@ async def cli(*args: str) -> tuple[int, str]:
 
 async def test_a_signed_notification_is_archived_as_received(client: Client, db_path: Path) -> None:
     body = encode(notification(messages_change([message("16505550400", "wamid.A")])))
-    answer = await post(client, body, **{"X-Request-Id": "meta-delivery-0001"})
+    answer = await post_signed(client, body, **{"X-Request-Id": "meta-delivery-0001"})
     assert answer["archiveStatus"] == "processed"
     assert query(db_path, "SELECT pk, body, request_id, status FROM webhook_notifications") == [
         (answer["notificationId"], body, "meta-delivery-0001", "processed")
@@ -72,7 +73,9 @@ async def test_the_archive_is_off_only_on_purpose_and_says_so(
         }
     )
     assert logs.events("webhook_archive_disabled")
-    answer = await post(client, encode(notification(messages_change([message("1650555", "w")]))))
+    answer = await post_signed(
+        client, encode(notification(messages_change([message("1650555", "w")])))
+    )
     assert (answer["messages"], answer["notificationId"]) == (1, None)
     assert query(db_path, "SELECT COUNT(*) FROM webhook_notifications") == [(0,)]
 
@@ -83,7 +86,7 @@ async def test_invalid_utf8_inside_a_value(client: Client, db_path: Path) -> Non
     body = encode(notification(messages_change([good, bad])))
     # Invalid UTF-8 in a field we ignore is harmless; in one we read, its message is listed.
     body = body.replace(b"PLACEHOLDER_TEXT", b"\xff\xfe").replace(b"PLACEHOLDER_ID", b"US.\xc3")
-    answer = await post(client, body)
+    answer = await post_signed(client, body)
     assert (answer["messages"], answer["clicksCaptured"]) == (1, 1)
     (problem,) = answer["problems"]
     assert problem["path"] == "$.entry[0].changes[0].value.messages[1]"
@@ -105,7 +108,7 @@ async def test_100000_nested_brackets_are_listed_not_a_500(
     else:
         payload["extra"] = "DEEP"
     body = encode(payload).replace(b'"DEEP"', deep.encode())
-    answer = await post(client, body)
+    answer = await post_signed(client, body)
     (problem,) = answer["problems"]
     assert (problem["path"], problem["code"]) == ("$", "too_deep")
     # Only the too-deep part is dropped: both messages are captured.
@@ -116,7 +119,7 @@ async def test_100000_nested_brackets_are_listed_not_a_500(
 async def test_millisecond_timestamps_are_read_as_milliseconds(client: Client) -> None:
     ms = message("16505550404", "wamid.MS", ref=referral("ms"))
     ms["timestamp"] = "1750275992000"
-    answer = await post(client, encode(notification(messages_change([ms]))))
+    answer = await post_signed(client, encode(notification(messages_change([ms]))))
     assert answer["messages"] == 1
     (conversation,) = await store_of(client).recent_conversations("acme", limit=5)
     assert conversation.last_inbound_at == 1750275992.0
@@ -127,14 +130,16 @@ async def test_millisecond_timestamps_are_read_as_milliseconds(client: Client) -
 async def test_implausible_timestamps_are_listed(client: Client, timestamp: str) -> None:
     odd = message("16505550405", "wamid.TS", ref=referral("ts"))
     odd["timestamp"] = timestamp
-    answer = await post(client, encode(notification(messages_change([odd]))))
+    answer = await post_signed(client, encode(notification(messages_change([odd]))))
     assert (answer["messages"], answer["problems"][0]["code"]) == (0, "invalid_timestamp")
 
 
 async def test_reads_survive_a_time_stored_by_an_older_version(
     client: Client, db_path: Path
 ) -> None:
-    await post(client, encode(notification(messages_change([message("16505550406", "w.Y")]))))
+    await post_signed(
+        client, encode(notification(messages_change([message("16505550406", "w.Y")])))
+    )
     with sqlite3.connect(db_path) as conn:
         conn.execute(
             "UPDATE conversations SET last_inbound_at = 1785000000000000, ctwa_clicked_at = 1e300"
@@ -164,13 +169,13 @@ async def test_a_huge_click_id_is_refused_not_stored_nor_echoed(
 
 async def test_messages_past_the_limit_are_listed(client: Client) -> None:
     msgs = [message(f"1650{i:07d}", f"wamid.L{i}") for i in range(2001)]
-    answer = await post(client, encode(notification(messages_change(msgs))))
+    answer = await post_signed(client, encode(notification(messages_change(msgs))))
     assert (answer["messages"], answer["unprocessed"]) == (2000, 1)
     assert answer["problems"][0]["code"] == "too_many_messages"
 
 
 async def test_metrics_count_unprocessed_parts_and_open_notifications(client: Client) -> None:
-    await post(client, encode(notification(messages_change([message(None, "wamid.NOID")]))))
+    await post_signed(client, encode(notification(messages_change([message(None, "wamid.NOID")]))))
     text = await (await client.get("/metrics")).text()
     assert 'ctwa_webhook_unprocessed_total{code="no_identity"} 1.0' in text
     assert 'ctwa_webhook_archive_open{status="partial"} 1.0' in text
@@ -184,7 +189,7 @@ async def test_an_unknown_number_is_captured_once_the_account_exists(
         [message(None, "wamid.Q", bsuid="US.42", ref=referral("late-click"))],
         phone_number_id=UNKNOWN_NUMBER,
     )
-    answer = await post(client, encode(notification(known, unknown)))
+    answer = await post_signed(client, encode(notification(known, unknown)))
     assert (answer["clicksCaptured"], answer["unknownNumbers"]) == (1, 1)
     await client.close()
 
@@ -221,7 +226,7 @@ async def test_an_unknown_number_is_captured_once_the_account_exists(
 async def test_reprocessing_twice_captures_nothing_twice(client: Client, db_path: Path) -> None:
     unknown = messages_change([message("16505550409", "wamid.T1", ref=referral("first"))],
                               phone_number_id=UNKNOWN_NUMBER)  # fmt: skip
-    answer = await post(client, encode(notification(unknown)))
+    answer = await post_signed(client, encode(notification(unknown)))
     pk = answer["notificationId"]
     settings = parse_settings(
         {
@@ -263,7 +268,7 @@ async def test_a_processing_fault_is_archived_pending_and_processed_at_the_next_
         message("16505550410", "wamid.ok", ref=referral("c1")),
         message("1650555041", "wamid.boom"),
     ]
-    answer = await post(client, encode(notification(messages_change(msgs))))
+    answer = await post_signed(client, encode(notification(messages_change(msgs))))
     assert (answer["archiveStatus"], answer["messages"]) == ("pending", 0)
     assert answer["problems"][0]["code"] == "processing_error"
     assert logs.events("webhook_processing_failed")
@@ -299,7 +304,7 @@ async def test_when_nothing_can_be_stored_meta_hears_503(client: Client, db_path
 async def test_archived_notifications_are_pruned_with_their_problems(
     client: Client, db_path: Path
 ) -> None:
-    await post(client, encode(notification(messages_change([message(None, "wamid.P")]))))
+    await post_signed(client, encode(notification(messages_change([message(None, "wamid.P")]))))
     store = store_of(client)
     assert await store.prune_archive(time.time() - 60) == 0
     assert await store.prune_archive(time.time() + 60) == 1

@@ -13,13 +13,12 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import AUTH, CLID, store_of
 from tests.payloads import (
     automatic_change,
-    encode,
     fixture,
     message,
     messages_change,
     notification,
+    post_signed,
     referral,
-    signed,
     system_message,
 )
 
@@ -34,14 +33,6 @@ BSUID_CLID = (
     "CqTrJ5nW1h7IHYeYymGb5K5J5iTROp"
 )
 DAY = 86400
-
-
-async def post(client: Client, payload: dict[str, Any] | bytes) -> dict[str, Any]:
-    body = payload if isinstance(payload, bytes) else encode(payload)
-    resp = await client.post(URL, data=body, headers=signed(body))
-    answer: dict[str, Any] = await resp.json()
-    assert resp.status == 200, answer
-    return answer
 
 
 async def listed(client: Client, **params: str) -> list[dict[str, Any]]:
@@ -64,7 +55,7 @@ def one(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_a_bsuid_only_message_with_a_click_is_captured(client: Client) -> None:
-    answer = await post(client, fixture("webhook_bsuid_username_referral.json"))
+    answer = await post_signed(client, fixture("webhook_bsuid_username_referral.json"))
     assert (answer["messages"], answer["clicksCaptured"], answer["unprocessed"]) == (1, 1, 0)
     (conversation,) = await listed(client)
     assert conversation["phoneE164"] is None
@@ -76,8 +67,8 @@ async def test_a_bsuid_only_message_with_a_click_is_captured(client: Client) -> 
 
 
 async def test_the_phone_fills_in_when_meta_shares_it(client: Client, db_path: Path) -> None:
-    await post(client, fixture("webhook_bsuid_username_referral.json"))
-    answer = await post(client, fixture("webhook_bsuid_with_phone.json"))
+    await post_signed(client, fixture("webhook_bsuid_username_referral.json"))
+    answer = await post_signed(client, fixture("webhook_bsuid_with_phone.json"))
     assert (answer["messages"], answer["conversationsCreated"]) == (1, 0)
     (conversation,) = await listed(client)
     assert conversation["phoneE164"] == "16505551234"
@@ -91,8 +82,8 @@ async def test_the_phone_fills_in_when_meta_shares_it(client: Client, db_path: P
 
 
 async def test_the_bsuid_fills_in_a_phone_conversation(client: Client, db_path: Path) -> None:
-    await post(client, fixture("webhook_ctwa_text_message.json"))  # phone only, with a click
-    answer = await post(client, fixture("webhook_bsuid_with_phone.json"))
+    await post_signed(client, fixture("webhook_ctwa_text_message.json"))  # phone only, with a click
+    answer = await post_signed(client, fixture("webhook_bsuid_with_phone.json"))
     assert answer["conversationsCreated"] == 0
     assert live(db_path) == [("16505551234", SHEENA, CLID)]
 
@@ -102,12 +93,14 @@ async def test_a_bsuid_and_a_phone_of_two_conversations_merge_into_the_clicked_o
 ) -> None:
     now = time.time()
     # The person wrote from a phone first (no ad), then, with a username, from an ad.
-    await post(client, one(message("16505550300", "wamid.P1", ts=now - 600)))
-    await post(
+    await post_signed(client, one(message("16505550300", "wamid.P1", ts=now - 600)))
+    await post_signed(
         client, one(message(None, "wamid.B1", ts=now - 300, bsuid="BR.1", ref=referral("clk")))
     )
     assert len(live(db_path)) == 2
-    answer = await post(client, one(message("16505550300", "wamid.PB", ts=now, bsuid="BR.1")))
+    answer = await post_signed(
+        client, one(message("16505550300", "wamid.PB", ts=now, bsuid="BR.1"))
+    )
     assert (answer["conversationsMerged"], answer["conversationsCreated"]) == (1, 0)
     assert live(db_path) == [("16505550300", "BR.1", "clk")]
     (survivor,) = await listed(client, businessScopedUserId="BR.1", phoneE164="16505550300")
@@ -122,11 +115,13 @@ async def test_when_both_have_clicks_the_later_click_survives(
     client: Client, db_path: Path
 ) -> None:
     now = time.time()
-    await post(client, one(message("16505550301", "wamid.E1", ts=now - 900, ref=referral("old"))))
-    await post(
+    await post_signed(
+        client, one(message("16505550301", "wamid.E1", ts=now - 900, ref=referral("old")))
+    )
+    await post_signed(
         client, one(message(None, "wamid.E2", ts=now - 300, bsuid="MX.2", ref=referral("new")))
     )
-    await post(client, one(message("16505550301", "wamid.E3", ts=now, bsuid="MX.2")))
+    await post_signed(client, one(message("16505550301", "wamid.E3", ts=now, bsuid="MX.2")))
     assert live(db_path) == [("16505550301", "MX.2", "new")]
 
 
@@ -134,10 +129,10 @@ async def test_when_neither_has_a_click_the_bsuids_conversation_survives(
     client: Client, db_path: Path
 ) -> None:
     now = time.time()
-    await post(client, one(message("16505550302", "wamid.N1", ts=now - 900)))
-    await post(client, one(message(None, "wamid.N2", ts=now - 300, bsuid="AR.3")))
+    await post_signed(client, one(message("16505550302", "wamid.N1", ts=now - 900)))
+    await post_signed(client, one(message(None, "wamid.N2", ts=now - 300, bsuid="AR.3")))
     bsuid_conversation = (await listed(client, businessScopedUserId="AR.3"))[0]["id"]
-    await post(client, one(message("16505550302", "wamid.N3", ts=now, bsuid="AR.3")))
+    await post_signed(client, one(message("16505550302", "wamid.N3", ts=now, bsuid="AR.3")))
     (survivor,) = [c for c in await listed(client) if c["supersededBy"] is None]
     assert survivor["id"] == bsuid_conversation
     assert survivor["phoneE164"] == "16505550302"
@@ -147,11 +142,13 @@ async def test_a_recycled_number_starts_a_conversation_of_its_own(
     client: Client, db_path: Path
 ) -> None:
     now = time.time()
-    await post(
+    await post_signed(
         client,
         one(message("16505550303", "wamid.R1", ts=now - DAY, bsuid="US.OLD", ref=referral("a"))),
     )
-    answer = await post(client, one(message("16505550303", "wamid.R2", ts=now, bsuid="US.NEW")))
+    answer = await post_signed(
+        client, one(message("16505550303", "wamid.R2", ts=now, bsuid="US.NEW"))
+    )
     assert answer["conversationsCreated"] == 1
     assert live(db_path) == [("16505550303", "US.NEW", None)]
     (old,) = await listed(client, businessScopedUserId="US.OLD")
@@ -162,9 +159,9 @@ async def test_a_recycled_number_starts_a_conversation_of_its_own(
 async def test_user_changed_number_rekeys_and_keeps_the_click(
     client: Client, db_path: Path
 ) -> None:
-    await post(client, fixture("webhook_bsuid_username_referral.json"))
-    await post(client, fixture("webhook_bsuid_with_phone.json"))
-    answer = await post(client, fixture("webhook_system_user_changed_number.json"))
+    await post_signed(client, fixture("webhook_bsuid_username_referral.json"))
+    await post_signed(client, fixture("webhook_bsuid_with_phone.json"))
+    answer = await post_signed(client, fixture("webhook_system_user_changed_number.json"))
     assert (answer["identityChanges"], answer["conversationsCreated"]) == (1, 0)
     assert live(db_path) == [("16505559876", SHEENA, BSUID_CLID)]
     (conversation,) = await listed(client)
@@ -172,16 +169,16 @@ async def test_user_changed_number_rekeys_and_keeps_the_click(
     assert await listed(client, phoneE164="16505551234") == [conversation]
     assert await listed(client, phoneE164="16505559876") == [conversation]
     # The next message from the new number goes to the same conversation.
-    later = await post(client, one(message("16505559876", "wamid.after-change")))
+    later = await post_signed(client, one(message("16505559876", "wamid.after-change")))
     assert later["conversationsCreated"] == 0
     assert conversation["lastInboundAt"] == "2025-06-18T19:48:20.000Z"  # system: not inbound
 
 
 async def test_user_changed_number_before_any_other_message(client: Client, db_path: Path) -> None:
-    answer = await post(client, fixture("webhook_system_user_changed_number.json"))
+    answer = await post_signed(client, fixture("webhook_system_user_changed_number.json"))
     assert (answer["identityChanges"], answer["conversationsCreated"]) == (1, 1)
     assert live(db_path) == [("16505559876", SHEENA, None)]
-    again = await post(
+    again = await post_signed(
         client, one(message(None, "wamid.first-real", bsuid=SHEENA, ref=referral("x")))
     )
     assert (again["conversationsCreated"], again["clicksCaptured"]) == (0, 1)
@@ -193,14 +190,14 @@ async def test_a_number_change_announced_late_merges_into_the_clicked_conversati
 ) -> None:
     now = time.time()
     old = message("16505550310", "wamid.O", ts=now - 600, bsuid="US.A", ref=referral("kept"))
-    await post(client, one(old))
+    await post_signed(client, one(old))
     # A new number gives a new BSUID; its first message came before the system message.
-    await post(client, one(message("16505550311", "wamid.N", ts=now - 60, bsuid="US.A2")))
+    await post_signed(client, one(message("16505550311", "wamid.N", ts=now - 60, bsuid="US.A2")))
     change = system_message(
         "wamid.SYS", "user_changed_number", wa_id="16505550310", bsuid="US.A2",
         new_wa_id="16505550311", previous_bsuid="US.A", ts=now,
     )  # fmt: skip
-    answer = await post(client, one(change))
+    answer = await post_signed(client, one(change))
     assert (answer["identityChanges"], answer["conversationsMerged"]) == (1, 1)
     assert live(db_path) == [("16505550311", "US.A2", "kept")]
     (by_old_phone,) = await listed(client, phoneE164="16505550310")
@@ -210,13 +207,13 @@ async def test_a_number_change_announced_late_merges_into_the_clicked_conversati
 async def test_user_changed_user_id_rekeys_and_keeps_the_click(
     client: Client, db_path: Path
 ) -> None:
-    await post(client, fixture("webhook_bsuid_username_referral.json"))
-    answer = await post(client, fixture("webhook_system_user_changed_user_id.json"))
+    await post_signed(client, fixture("webhook_bsuid_username_referral.json"))
+    answer = await post_signed(client, fixture("webhook_system_user_changed_user_id.json"))
     assert (answer["identityChanges"], answer["conversationsCreated"]) == (1, 0)
     assert live(db_path) == [(None, SHEENA_NEW, BSUID_CLID)]
     (conversation,) = await listed(client, businessScopedUserId=SHEENA_NEW)
     assert await listed(client, businessScopedUserId=SHEENA) == [conversation]  # the old id
-    later = await post(client, one(message(None, "wamid.new-id", bsuid=SHEENA_NEW)))
+    later = await post_signed(client, one(message(None, "wamid.new-id", bsuid=SHEENA_NEW)))
     assert later["conversationsCreated"] == 0
     store = store_of(client)
     found = await store.latest_conversation_for_bsuid("acme", SHEENA)
@@ -225,11 +222,13 @@ async def test_user_changed_user_id_rekeys_and_keeps_the_click(
 
 
 async def test_user_changed_user_id_before_any_other_message(client: Client, db_path: Path) -> None:
-    answer = await post(client, fixture("webhook_system_user_changed_user_id.json"))
+    answer = await post_signed(client, fixture("webhook_system_user_changed_user_id.json"))
     assert answer["conversationsCreated"] == 1
     assert live(db_path) == [(None, SHEENA_NEW, None)]
     # The user's next message, from the new BSUID, joins the conversation it started.
-    await post(client, one(message(None, "wamid.late-old", bsuid=SHEENA_NEW, ref=referral("y"))))
+    await post_signed(
+        client, one(message(None, "wamid.late-old", bsuid=SHEENA_NEW, ref=referral("y")))
+    )
     assert live(db_path) == [(None, SHEENA_NEW, "y")]
 
 
@@ -238,7 +237,7 @@ async def test_a_message_with_neither_phone_nor_bsuid_is_listed_not_refused(
 ) -> None:
     good = message(None, "wamid.G", bsuid="IN.5", ref=referral("good"))
     nobody = message(None, "wamid.X")
-    answer = await post(client, notification(messages_change([nobody, good])))
+    answer = await post_signed(client, notification(messages_change([nobody, good])))
     assert (answer["messages"], answer["clicksCaptured"], answer["unprocessed"]) == (1, 1, 1)
     (problem,) = answer["problems"]
     assert problem["code"] == "no_identity"
@@ -255,17 +254,17 @@ async def test_statuses_with_only_bsuids_are_acknowledged(client: Client) -> Non
     change = messages_change([])
     change["value"]["statuses"] = [status]
     del change["value"]["messages"]
-    answer = await post(client, notification(change))
+    answer = await post_signed(client, notification(change))
     assert (answer["statuses"], answer["unprocessed"]) == (1, 0)
 
 
 async def test_an_automatic_event_recovers_the_click_of_a_bsuid_conversation(
     client: Client, db_path: Path
 ) -> None:
-    await post(client, one(message(None, "wamid.AEB", bsuid="CO.6")))
+    await post_signed(client, one(message(None, "wamid.AEB", bsuid="CO.6")))
     event = {"id": "wamid.AEB", "event_name": "LeadSubmitted", "timestamp": int(time.time()),
              "ctwa_clid": "recovered"}  # fmt: skip
-    answer = await post(client, notification(automatic_change([event])))
+    answer = await post_signed(client, notification(automatic_change([event])))
     assert answer["clicksRecovered"] == 1
     assert live(db_path) == [(None, "CO.6", "recovered")]
 
@@ -274,10 +273,10 @@ async def test_a_new_click_after_the_window_leaves_the_old_conversation_alone(
     client: Client,
 ) -> None:
     now = time.time()
-    await post(client, one(message(None, "wamid.W1", ts=now - 9 * DAY, bsuid="ES.7",
+    await post_signed(client, one(message(None, "wamid.W1", ts=now - 9 * DAY, bsuid="ES.7",
                                    ref=referral("first"))))  # fmt: skip
     (before,) = await listed(client)
-    answer = await post(client, one(message(None, "wamid.W2", ts=now, bsuid="ES.7",
+    answer = await post_signed(client, one(message(None, "wamid.W2", ts=now, bsuid="ES.7",
                                             ref=referral("second"))))  # fmt: skip
     assert answer["conversationsCreated"] == 1
     newest, old = await listed(client)
@@ -298,7 +297,7 @@ async def test_a_mixed_thousand_message_notification(client: Client, db_path: Pa
             msgs.append(message(None, f"wamid.m{i}", bsuid=f"US.{i}", ref=referral(f"c{i}")))
         else:
             msgs.append(message(f"1650{i:07d}", f"wamid.m{i}", ref=referral(f"c{i}")))
-    answer = await post(client, notification(messages_change(msgs)))
+    answer = await post_signed(client, notification(messages_change(msgs)))
     assert (answer["messages"], answer["clicksCaptured"], answer["unprocessed"]) == (980, 980, 20)
     assert {p["code"] for p in answer["problems"]} == {"no_identity", "invalid_phone"}
     with sqlite3.connect(db_path) as conn:
