@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from gateway.config import AuthConfig
 from gateway.errors import ConfigError, Forbidden, RateLimited, Unauthorized
 
-__all__ = ["ApiKey", "KeyRing"]
+__all__ = ["ApiKey", "KeyRing", "secret_matches"]
 
 
 @dataclass(frozen=True)
@@ -119,4 +119,11 @@ class KeyRing:
 
 
 def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8")).digest()
+    # surrogateescape: a header with bytes that are not UTF-8 hashes too (and matches nothing)
+    # instead of raising.
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+
+
+def secret_matches(presented: str, secret: str) -> bool:
+    """Compare a presented secret with the expected one in constant time, whatever its bytes."""
+    return hmac.compare_digest(_digest(presented), _digest(secret))

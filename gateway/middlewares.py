@@ -112,33 +112,40 @@ async def _answer(
         param = None if exc.param is None else exc.param[:100]
         structlog.contextvars.bind_contextvars(error_code=exc.code, error_param=param)
         return error_response(exc, headers=exc.headers or None)
-    except (sqlite3.Error, ValueError) as exc:
-        if isinstance(exc, ValueError) and "Connection closed" not in str(exc):
-            raise
-        # Disk full, database locked past its timeout, store closing: nothing was
-        # acknowledged, so the client may retry safely (duplicates are answered as such).
-        log.error("store_unavailable", error_type=type(exc).__name__, route=_route(request))
-        unavailable = ServiceUnavailable(
-            "The store cannot take writes right now (disk full or database locked); nothing"
-            " was accepted. Retry shortly.",
-            code="store_unavailable",
-        )
-        structlog.contextvars.bind_contextvars(error_code=unavailable.code)
-        return error_response(unavailable, headers={"Retry-After": "1"})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         error = _from_http(exc, request, max_body_bytes)
         structlog.contextvars.bind_contextvars(error_code=error.code)
         return error_response(error, headers=_allow(exc))
-    except Exception:
-        log.exception("unhandled_error", route=_route(request))
+    except Exception as exc:
+        if _store_unavailable(exc):
+            # Disk full, database locked past its timeout, store closing: nothing was
+            # acknowledged, so the client may retry safely (duplicates are answered as such).
+            log.error("store_unavailable", error_type=type(exc).__name__, route=_route(request))
+            unavailable = ServiceUnavailable(
+                "The store cannot take writes right now (disk full or database locked); nothing"
+                " was accepted. Retry shortly.",
+                code="store_unavailable",
+            )
+            structlog.contextvars.bind_contextvars(error_code=unavailable.code)
+            return error_response(unavailable, headers={"Retry-After": "1"})
+        # Every other surprise, whatever its type: one envelope, one traceback, one count.
+        log.exception("unhandled_error", route=_route(request), error_type=type(exc).__name__)
+        structlog.contextvars.bind_contextvars(error_code="internal_error")
         return error_response(
             GatewayError(
                 "Internal error. Retry, and report the X-Request-Id if it persists.",
                 code="internal_error",
             )
         )
+
+
+def _store_unavailable(exc: Exception) -> bool:
+    # aiosqlite raises ValueError("Connection closed") for a store that is shutting down.
+    return isinstance(exc, sqlite3.Error) or (
+        type(exc) is ValueError and "Connection closed" in str(exc)
+    )
 
 
 def _route(request: web.Request) -> str | None:

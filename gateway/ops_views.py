@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import importlib.metadata
 import time
 
@@ -10,6 +9,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway.auth import secret_matches
 from gateway.context import METRICS, METRICS_KEY, PIPELINE, PLUGINS
 from gateway.errors import ServiceUnavailable, Unauthorized
 from gateway.models import ENCODER, Health
@@ -52,7 +52,7 @@ async def metrics(request: web.Request) -> web.Response:
     key = request.app[METRICS_KEY]
     if key:
         presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(presented.encode(), key.encode()):
+        if not secret_matches(presented, key):
             raise Unauthorized(
                 "Unauthorized: /metrics needs `Authorization: Bearer <metrics key>`.",
                 code="invalid_metrics_key",

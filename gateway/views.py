@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 
 import msgspec
@@ -16,16 +15,13 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.http_body import read_json_body
 from gateway.models import ENCODER, ConversationList, EventList
 from gateway.normalize import normalize_phone
+from gateway.query import AccountQuery, ConversationsQuery, ListQuery, parse_query
 from gateway.render import conversation_view, conversion_response, event_detail, event_summary
 from gateway.validation import decode_conversion
 
 __all__ = ["json_response", "routes"]
 
 routes = web.RouteTableDef()
-
-_LIST_DEFAULT = 50
-_LIST_MAX = 200
-_BSUID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}\Z")
 
 
 def json_response(value: msgspec.Struct, *, status: int = 200) -> web.Response:
@@ -47,19 +43,11 @@ def account_for(request: web.Request, key: ApiKey, account_id: str) -> AccountCo
 
 def query_account_id(request: web.Request) -> str:
     """Return the required ``accountId`` query parameter, or raise 400."""
-    account_id = request.query.get("accountId", "")
-    if not account_id:
-        raise InvalidRequest(
-            "`accountId` is required as a query parameter, e.g. ?accountId=demo.",
-            code="missing_field",
-            param="accountId",
-        )
-    return account_id
+    return parse_query(request, AccountQuery).account_id
 
 
-def query_phone(request: web.Request) -> str | None:
-    """Return the optional ``phoneE164`` filter as digits, or raise 400."""
-    raw = request.query.get("phoneE164")
+def _phone_filter(raw: str | None) -> str | None:
+    """Return the ``phoneE164`` filter as digits, or raise 400."""
     if raw is None:
         return None
     digits = normalize_phone(raw)
@@ -71,35 +59,6 @@ def query_phone(request: web.Request) -> str | None:
             param="phoneE164",
         )
     return digits
-
-
-def query_bsuid(request: web.Request) -> str | None:
-    """Return the optional ``businessScopedUserId`` filter, or raise 400."""
-    raw = request.query.get("businessScopedUserId")
-    if raw is None:
-        return None
-    if not _BSUID.match(raw):
-        raise InvalidRequest(
-            "Invalid `businessScopedUserId`: expected a WhatsApp business-scoped user id such"
-            " as US.13491208655302741918 (letters, digits, dots; at most 256 characters).",
-            code="invalid_field",
-            param="businessScopedUserId",
-        )
-    return raw
-
-
-def query_limit(request: web.Request) -> int:
-    """Return ``limit`` (1-200, default 50), or raise 400."""
-    raw = request.query.get("limit")
-    if raw is None:
-        return _LIST_DEFAULT
-    if not raw.isdigit() or not 1 <= int(raw) <= _LIST_MAX:
-        raise InvalidRequest(
-            f"Invalid `limit` {raw[:32]!r}: send a whole number from 1 to {_LIST_MAX}.",
-            code="invalid_field",
-            param="limit",
-        )
-    return int(raw)
 
 
 @routes.post("/v1/whatsapp/conversions")
@@ -122,8 +81,9 @@ async def post_conversion(request: web.Request) -> web.Response:
 @routes.get("/v1/whatsapp/conversions")
 async def list_conversions(request: web.Request) -> web.Response:
     key = authenticate(request)
-    account = account_for(request, key, query_account_id(request))
-    events = await request.app[PIPELINE].store.recent_events(account.id, query_limit(request))
+    query = parse_query(request, ListQuery)
+    account = account_for(request, key, query.account_id)
+    events = await request.app[PIPELINE].store.recent_events(account.id, query.limit)
     return json_response(EventList(events=[event_summary(e) for e in events]))
 
 
@@ -147,12 +107,13 @@ async def get_conversion(request: web.Request) -> web.Response:
 @routes.get("/v1/whatsapp/conversations")
 async def list_conversations(request: web.Request) -> web.Response:
     key = authenticate(request)
-    account = account_for(request, key, query_account_id(request))
+    query = parse_query(request, ConversationsQuery)
+    account = account_for(request, key, query.account_id)
     conversations = await request.app[PIPELINE].store.recent_conversations(
         account.id,
-        wa_id=query_phone(request),
-        bsuid=query_bsuid(request),
-        limit=query_limit(request),
+        wa_id=_phone_filter(query.phone_e164),
+        bsuid=query.business_scoped_user_id,
+        limit=query.limit,
     )
     return json_response(
         ConversationList(conversations=[conversation_view(c) for c in conversations])

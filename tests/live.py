@@ -62,3 +62,16 @@ async def start(config: Path, port: int, log: Path) -> asyncio.subprocess.Proces
         await writer.wait_closed()
         return proc
     raise AssertionError("the server did not start")
+
+
+def raw_http(host: str, port: int, head: bytes, body: bytes = b"") -> tuple[int, bytes, bytes]:
+    """Send request bytes no HTTP client would (non-ASCII, control bytes); return the status,
+    the response head and its body."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    answer = b"".join(chunks)
+    response_head, _, response_body = answer.partition(b"\r\n\r\n")
+    return int(answer.split(b" ", 2)[1]), response_head, response_body

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 
 from gateway.signature import sign
 from tests.conftest import API_KEY, APP_SECRET, ENV, FUZZ_CASES, base_config
-from tests.live import free_port
+from tests.live import free_port, raw_http
 
 EXAMPLES = int(os.environ.get("CTWA_FUZZ_EXAMPLES", "150"))
 
@@ -58,6 +59,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) 
     config = base_config(folder / "fuzz.sqlite3")
     config["server"] = {"host": "127.0.0.1", "port": port}
     config["logging"] = {"format": "json", "level": "info"}
+    config["metrics"] = {"key_env": "CTWA_SCOPED_KEY"}  # so /metrics checks a key too
     path = folder / "gateway.toml"
     path.write_bytes(tomli_w.dumps(config).encode())
     log = folder / "server.log"
@@ -202,6 +204,70 @@ def test_signed_webhook_bodies(live: Live, payload: Any) -> None:
     body = json.dumps(payload).encode()
     headers = {"X-Hub-Signature-256": sign(APP_SECRET.encode(), body)}
     check(*request(live, "POST", "/webhooks/whatsapp", body, headers))
+
+
+def raw_request(live: Live, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    host, port = live.url.removeprefix("http://").split(":")
+    status, _, answer = raw_http(host, int(port), head, body)
+    return status, answer
+
+
+# Header values: any bytes but CR and LF (those end the header), non-ASCII and controls included.
+header_bytes = st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+ROUTES = [
+    ("GET", b"/v1/whatsapp/conversions"),
+    ("GET", b"/v1/whatsapp/conversations"),
+    ("GET", b"/v1/whatsapp/conversions/e1"),
+    ("GET", b"/v1/whatsapp/dataset"),
+    ("POST", b"/v1/whatsapp/conversions"),
+    ("POST", b"/webhooks/whatsapp"),
+    ("GET", b"/webhooks/whatsapp"),
+    ("GET", b"/metrics"),
+]
+
+
+@FUZZ
+@given(
+    route=st.sampled_from(ROUTES),
+    header=st.sampled_from(
+        [b"Authorization", b"X-Request-Id", b"Content-Type", b"X-Hub-Signature-256"]
+    ),
+    prefix=st.sampled_from([b"", b"Bearer ", b"sha256=", b"application/json; charset="]),
+    value=header_bytes,
+    query=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [b"accountId", b"limit", b"phoneE164", b"businessScopedUserId", b"hub.mode",
+                 b"hub.verify_token", b"hub.challenge", b"x"]
+            ),
+            st.binary(max_size=20).map(lambda b: urllib.parse.quote_from_bytes(b).encode())
+            | st.sampled_from([b"%C2%B2", b"%FF%FE", b"%00", b"1e999", b"-0", b"%", b"%zz"]),
+        ),
+        max_size=4,
+    ),
+)  # fmt: skip
+def test_hostile_headers_and_query_parameters(
+    live: Live,
+    route: tuple[str, bytes],
+    header: bytes,
+    prefix: bytes,
+    value: bytes,
+    query: list[tuple[bytes, bytes]],
+) -> None:
+    live.cases["headers"] = live.cases.get("headers", 0) + 1
+    method, path = route
+    target = path + (b"?" + b"&".join(k + b"=" + v for k, v in query) if query else b"")
+    head = b"%s %s HTTP/1.1\r\nHost: fuzz\r\n%s: %s%s\r\n" % (
+        method.encode(),
+        target,
+        header,
+        prefix,
+        value,
+    )
+    if header != b"Authorization":
+        head += f"Authorization: Bearer {API_KEY}\r\n".encode()
+    status, body = raw_request(live, head, b"{}" if method == "POST" else b"")
+    assert status < 500, (head, body[:300])
 
 
 def test_openapi_operations(live: Live) -> None:

@@ -1,0 +1,95 @@
+"""Query strings: one strict parser, and a Struct per endpoint for its parameters.
+
+Parameters are decoded by msgspec like bodies are (``strict=False`` turns ``"50"`` into 50 and
+nothing else: no ``"²"``, no ``" 5"``), so a bad value is a 400 naming the parameter, never a
+500. Unknown parameters are ignored (clients add cache busters); a known one sent twice is
+refused, since which one counts would be a guess.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from typing import Annotated, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from gateway.errors import InvalidRequest
+
+__all__ = ["AccountQuery", "ConversationsQuery", "ListQuery", "parse_query"]
+
+Q = TypeVar("Q", bound="QueryStruct")
+
+_LIST_MAX = 200
+
+
+class QueryStruct(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    """Base for query parameters (camelCase like the API's bodies)."""
+
+
+class AccountQuery(QueryStruct, frozen=True):
+    account_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class ListQuery(AccountQuery, frozen=True):
+    limit: Annotated[int, msgspec.Meta(ge=1, le=_LIST_MAX)] = 50
+
+
+class ConversationsQuery(ListQuery, frozen=True):
+    phone_e164: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    business_scoped_user_id: (
+        Annotated[
+            str,
+            msgspec.Meta(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"),
+        ]
+        | None
+    ) = None
+
+
+_HINTS = {
+    "accountId": "`accountId` is required as a query parameter, e.g. ?accountId=demo.",
+    "limit": f"Send `limit` as a whole number from 1 to {_LIST_MAX}, e.g. ?limit=50.",
+    "phoneE164": "Send `phoneE164` as the number with its country code, e.g. 16505551234.",
+    "businessScopedUserId": "Send `businessScopedUserId` as a WhatsApp business-scoped user id"
+    " such as US.13491208655302741918 (letters, digits, dots; at most 256 characters).",
+}
+_AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`")
+
+
+@cache
+def _names(kind: type[QueryStruct]) -> frozenset[str]:
+    return frozenset(field.encode_name for field in msgspec.structs.fields(kind))
+
+
+def parse_query(request: web.Request, kind: type[Q]) -> Q:
+    """Return the request's query parameters as ``kind``, or raise 400 naming the parameter."""
+    known = _names(kind)
+    values: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name not in known:
+            continue
+        if name in values:
+            raise InvalidRequest(
+                f"`{name}` appears more than once in the query string; send it once.",
+                code="invalid_field",
+                param=name,
+            )
+        values[name] = value
+    try:
+        return msgspec.convert(values, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        missing = _MISSING.match(text)
+        at = _AT.search(text)
+        param = missing["name"] if missing else (at["path"] if at else None)
+        problem = _AT.sub("", text)
+        hint = _HINTS.get(param or "", "")
+        raise InvalidRequest(
+            f"Invalid query parameter `{param}`: {problem}. {hint}".strip()
+            if not missing
+            else hint or f"`{param}` is required as a query parameter.",
+            code="missing_field" if missing else "invalid_field",
+            param=param,
+        ) from None
