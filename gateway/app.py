@@ -73,12 +73,18 @@ def create_app(
             app[PIPELINE] = pipeline
             yield
 
+    app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(runtime_ctx)
     app.add_routes(api_routes)
     app.add_routes(webhook_routes)
     app.add_routes(ops_routes)
     app.add_routes(plugins.routes())
     return app
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp's default names Python's and its own versions: a map for scanners.
+    response.headers["Server"] = "ctwa-gateway"
 
 
 def _metrics_key(settings: Settings, environ: Mapping[str, str]) -> str:

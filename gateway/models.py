@@ -35,18 +35,28 @@ __all__ = [
 
 # Bounds on what a client may send: generous for real data, small enough that nothing a client
 # sends can make a row or a log line unreasonably large.
-AccountId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-EventName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-ConversationId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-Phone = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+# Identifiers carry no C0/C1 control characters (NUL, CR/LF...) and no bidirectional
+# overrides: they reach Meta, logs and consoles, where such characters forge or hide text.
+# (\Z, not $: $ would accept a trailing newline.)
+PRINTABLE = "^[^\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]*\\Z"
+
+
+def _text(max_length: int) -> msgspec.Meta:
+    return msgspec.Meta(min_length=1, max_length=max_length, pattern=PRINTABLE)
+
+
+AccountId = Annotated[str, _text(128)]
+EventName = Annotated[str, _text(64)]
+EventId = Annotated[str, _text(256)]
+ConversationId = Annotated[str, _text(128)]
+Phone = Annotated[str, _text(32)]
 Money = Annotated[float, msgspec.Meta(ge=0)]
-Currency = Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
-ContentId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Currency = Annotated[str, _text(16)]
+ContentId = Annotated[str, _text(256)]
 ContentIds = Annotated[list[ContentId], msgspec.Meta(max_length=1000)]
-Email = Annotated[str, msgspec.Meta(min_length=1, max_length=320)]
-ExternalId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-TestCode = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Email = Annotated[str, _text(320)]
+ExternalId = Annotated[str, _text(256)]
+TestCode = Annotated[str, _text(64)]
 
 
 class WireStruct(

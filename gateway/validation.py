@@ -95,6 +95,11 @@ def validation_error(exc: msgspec.ValidationError) -> InvalidRequest:
             code="missing_field",
             param=param,
         )
+    if "matching regex" in msg:  # the only pattern of the request Structs: PRINTABLE
+        msg = (
+            "it contains a control character (NUL, CR, LF, tab...) or a bidirectional"
+            " override; remove it"
+        )
     return InvalidRequest(
         f"Invalid `{param}`: {msg}. {_FIELD_HINTS.get(top, '')}".strip(),
         code="invalid_field",

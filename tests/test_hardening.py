@@ -6,10 +6,11 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import API_KEY, ClientFactory, LogCapture
+from tests.conftest import API_KEY, AUTH, ClientFactory, LogCapture
 from tests.live import raw_http
 
 Client = TestClient[web.Request, web.Application]
@@ -59,3 +60,22 @@ async def test_a_repeated_query_parameter_is_400(client: Client) -> None:
     )
     status, _, body = await send(client, head)
     assert (status, body["param"]) == (400, "accountId")
+
+
+async def test_the_server_header_names_no_versions(client: Client) -> None:
+    for path in ("/healthz", "/nowhere"):
+        resp = await client.get(path)
+        assert resp.headers["Server"] == "ctwa-gateway"
+
+
+@pytest.mark.parametrize("field", ["eventId", "email", "testCode", "externalId"])
+@pytest.mark.parametrize("bad", ["NUL\x00", "line\r\nInjected: 1", "\u202etxt.exe", "tab\there"])
+async def test_control_characters_in_identifiers_are_400(
+    client: Client, field: str, bad: str
+) -> None:
+    body = {"accountId": "acme", "eventName": "Purchase", "eventId": "ctl-1",
+            "conversationId": "conv_x", field: bad}  # fmt: skip
+    resp = await client.post("/v1/whatsapp/conversions", json=body, headers=AUTH)
+    answer = await resp.json()
+    assert (resp.status, answer["param"]) == (400, field)
+    assert "control character" in answer["error"]
