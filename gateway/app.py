@@ -23,7 +23,7 @@ from gateway.validation import iso_currencies
 from gateway.views import routes as api_routes
 from gateway.webhook import routes as webhook_routes
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "startup_problems"]
 
 log = structlog.get_logger()
 
@@ -36,9 +36,10 @@ def create_app(
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """Return the application; configuration errors raise ConfigError here, before serving."""
+    problems = startup_problems(settings, plugins, environ)
+    if problems:
+        raise ConfigError(problems[0])
     keys = KeyRing.from_config(settings.auth, environ)
-    plugins.check_config(settings, environ)
-    check_normalizers(settings, plugins)
     iso_currencies()  # load the currency list now rather than on the first request
 
     secrets = WebhookSecrets.from_config(settings.webhook, environ)
@@ -80,6 +81,23 @@ def create_app(
     app.add_routes(ops_routes)
     app.add_routes(plugins.routes())
     return app
+
+
+def startup_problems(settings: Settings, plugins: Plugins, environ: Mapping[str, str]) -> list[str]:
+    """Return every reason ``serve`` would refuse to start (``check-config`` lists them all)."""
+    checks: list[Callable[[], object]] = [
+        lambda: KeyRing.from_config(settings.auth, environ),
+        lambda: plugins.check_config(settings, environ),
+        lambda: check_normalizers(settings, plugins),
+        lambda: _metrics_key(settings, environ),
+    ]
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from typing import Any, TextIO
 import msgspec
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.app import create_app, startup_problems
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, GatewayError
 from gateway.inbox import reprocess
@@ -151,10 +152,21 @@ def _serve(
     app = create_app(settings, plugins, environ=env)
     host = host or settings.server.host
     port = settings.server.port if port is None else port
+    # Bind before anything starts: a port in use must not leave a second gateway running its
+    # dispatcher (and sending) while it fails to serve.
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as exc:
+        print(
+            f"ctwa-gateway: cannot listen on {host}:{port}:"
+            f" {os.strerror(exc.errno) if exc.errno else exc}",
+            file=sys.stderr,
+        )
+        return 2
     print(f"ctwa-gateway listening on http://{host}:{port}", file=sys.stderr, flush=True)
     # access_log=None: aiohttp's access log writes IPs, query strings and user agents; the
     # canonical request line replaces it.
-    web.run_app(app, host=host, port=port, access_log=None, print=None)
+    web.run_app(app, sock=sock, access_log=None, print=None)
     return 0
 
 
@@ -299,12 +311,8 @@ async def _webhooks(settings: Settings, plugins: Plugins, args: argparse.Namespa
 
 
 def _check_config(settings: Settings, plugins: Plugins, env: Mapping[str, str], out: TextIO) -> int:
-    problems: list[str] = []
-    try:
-        plugins.check_config(settings, env)
-        check_normalizers(settings, plugins)
-    except ConfigError as exc:
-        problems.append(str(exc))
+    # The very checks `serve` runs before it starts, each reported.
+    problems = startup_problems(settings, plugins, env)
 
     def present(name: str | None) -> str:
         if name is None:
@@ -328,8 +336,6 @@ def _check_config(settings: Settings, plugins: Plugins, env: Mapping[str, str], 
     w("api keys:\n")
     for key in settings.auth.keys:
         w(f"  - {key.name}: {present(key.key_env)}, accounts {', '.join(key.accounts)}\n")
-        if not env.get(key.key_env):
-            problems.append(f"API key {key.name!r}: environment variable {key.key_env} is not set")
     w(
         f"webhook: app secret {present(settings.webhook.app_secret_env)},"
         f" verify token {present(settings.webhook.verify_token_env)},"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,11 @@ from typing import Any
 import pytest
 import tomli_w
 
+from gateway.app import create_app
 from gateway.cli import main
+from gateway.config import load_settings
+from gateway.errors import ConfigError
+from gateway.plugin_manager import build_plugins
 from gateway.store import Store
 from tests.conftest import ACME_TOKEN, API_KEY, CLID, ENV, WABA_ID, add_conversation, base_config
 
@@ -138,6 +143,27 @@ def test_check_config_fails_on_a_missing_key(
     assert "problem: API key 'admin'" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("environ", "problem"),
+    [
+        ({**ENV, "CTWA_TEST_KEY": "short-key"}, "shorter than 16 characters"),
+        ({k: v for k, v in ENV.items() if k != "CTWA_SCOPED_KEY"}, "CTWA_SCOPED_KEY is not set"),
+    ],
+    ids=["short key", "missing second key"],
+)
+def test_check_config_refuses_what_serve_refuses(
+    config_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    environ: dict[str, str],
+    problem: str,
+) -> None:
+    assert main(["check-config", "--config", str(config_file)], environ=environ) == 1
+    assert problem in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=problem):
+        create_app(load_settings(config_file), build_plugins(load_settings(config_file)),
+                   environ=environ)  # fmt: skip
+
+
 def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[server]\nport = 'x'\n")
@@ -158,3 +184,19 @@ def test_python_m_gateway_reads_stdin(config_file: Path, tmp_path: Path) -> None
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["payload"]["data"][0]["event_id"] == "e1"
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(config_file: Path, tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config_file),
+             "--port", str(port)],
+            capture_output=True, text=True, env={**os.environ, **ENV}, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"ctwa-gateway: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+    # Nothing started: the store was never opened.
+    assert not (tmp_path / "cli.sqlite3").exists()
