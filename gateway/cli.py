@@ -201,7 +201,9 @@ async def _send(
     except OSError as exc:
         raise ConfigError(f"cannot read {source}: {exc.strerror}") from None
     failed = 0
-    async with running(settings, plugins, env, start_plugins=not dry_run) as pipeline:
+    async with running(
+        settings, plugins, env, start_plugins=not dry_run, create_store=not dry_run
+    ) as pipeline:
         for number, raw in events:
             try:
                 line = await _send_one(pipeline, number, raw, dry_run=dry_run)
@@ -261,7 +263,7 @@ async def _replay(settings: Settings, plugins: Plugins, args: argparse.Namespace
         raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
     sinks = args.sink or plugins.sink_names
     statuses = args.status or ["failed"]
-    async with running(settings, plugins, {}, start_plugins=False) as pipeline:
+    async with running(settings, plugins, {}, start_plugins=False, create_store=False) as pipeline:
         count = await pipeline.store.outbox.requeue(
             args.account, sinks=sinks, statuses=statuses, since=args.since
         )
@@ -279,7 +281,7 @@ async def _webhooks(settings: Settings, plugins: Plugins, args: argparse.Namespa
         account = settings.account(args.account)
         if account is None:
             raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
-    async with running(settings, plugins, {}, start_plugins=False) as pipeline:
+    async with running(settings, plugins, {}, start_plugins=False, create_store=False) as pipeline:
         store = pipeline.store
         if args.action == "reprocess":
             report = await reprocess(store, settings, since=args.since, account=account)

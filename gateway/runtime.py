@@ -73,15 +73,19 @@ async def running(
     clock: Callable[[], float] = time.time,
     start_plugins: bool = True,
     metrics: Metrics | None = None,
+    create_store: bool = True,
 ) -> AsyncIterator[Pipeline]:
     """Open the store and start the plugins; on exit stop them, flush and close the store.
 
     ``metrics`` defaults to a registry of this run's own (the CLI's); the app passes its own.
 
     ``start_plugins=False`` is for dry runs: nothing runs in the background.
+    ``create_store=False`` is for commands that only read or fix an existing store.
     """
     metrics = metrics or Metrics()
-    store = await Store.open(settings.store_path(), max_batch=settings.store.group_commit_max)
+    store = await Store.open(
+        settings.store_path(), max_batch=settings.store.group_commit_max, create=create_store
+    )
     try:
         async with AsyncExitStack() as stack:
             if start_plugins:

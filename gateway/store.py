@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import secrets
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import aiosqlite
 import msgspec
+import structlog
 
 from gateway.archive import (
     ArchivedNotification,
@@ -39,6 +42,7 @@ from gateway.domain import (
     StoredEvent,
     overall_status,
 )
+from gateway.errors import ConfigError
 from gateway.outbox import Outbox
 from gateway.schema import (
     CONVERSATION_COLUMNS,
@@ -55,7 +59,9 @@ from gateway.schema import (
 from gateway.webhook_extract import CaptureBatch
 from gateway.writer import GroupCommitWriter, WriteOp
 
-__all__ = ["NewEvent", "Store"]
+__all__ = ["NewEvent", "Store", "StoreMissing"]
+
+log = structlog.get_logger()
 
 _json_encode = msgspec.json.Encoder().encode
 # A conversation known by this BSUID: as its own, as its parent, or as a former one.
@@ -65,6 +71,10 @@ _BY_BSUID = (
 )
 _decode_payload = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_warnings = msgspec.json.Decoder(list[str]).decode
+
+
+class StoreMissing(ConfigError):
+    """A command that must not create a store found none at the configured path."""
 
 
 class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -209,10 +219,26 @@ class Store:
         self._tokens = itertools.count(1)
 
     @classmethod
-    async def open(cls, path: str | Path, *, max_batch: int = 1000) -> Store:
-        """Open (creating if needed) and migrate the database, and start the writer."""
+    async def open(cls, path: str | Path, *, max_batch: int = 1000, create: bool = True) -> Store:
+        """Open (creating if needed, unless ``create`` is false) and migrate the database, and
+        start the writer. The files hold phone numbers, BSUIDs and click ids: a new folder is
+        0700 and a new database 0600 (SQLite gives its -wal and -shm files the same mode)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            if not create:
+                raise StoreMissing(f"no store at {path}: check [store] path (nothing was created)")
+            if not path.parent.exists():
+                path.parent.mkdir(mode=0o700, parents=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        for file in (path.parent, path, *(Path(f"{path}{s}") for s in ("-wal", "-shm"))):
+            mode = file.stat().st_mode if file.exists() else 0
+            if mode & 0o077:
+                log.warning(
+                    "store_file_not_private",
+                    path=str(file),
+                    mode=oct(stat.S_IMODE(mode)),
+                    fix=f"chmod {'700' if file.is_dir() else '600'} {file}",
+                )
         writer = await aiosqlite.connect(path, isolation_level=None)
         try:
             await writer.execute("PRAGMA journal_mode = WAL")

@@ -200,3 +200,16 @@ def test_a_port_in_use_is_one_line_and_exit_2(config_file: Path, tmp_path: Path)
     ]
     # Nothing started: the store was never opened.
     assert not (tmp_path / "cli.sqlite3").exists()
+
+
+def test_a_dry_run_on_a_mistyped_store_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = base_config(tmp_path / "typo" / "cli.sqlite3")
+    path = tmp_path / "gateway.toml"
+    path.write_bytes(tomli_w.dumps(raw).encode())
+    events = tmp_path / "event.json"
+    events.write_text(json.dumps(event("conv_x")))
+    assert main(["send", "--config", str(path), "--dry-run", str(events)], environ=ENV) == 2
+    assert "no store at" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()

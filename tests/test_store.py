@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import stat
 import time
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import pytest
 
 from gateway.domain import SinkState
 from gateway.schema import MIGRATIONS
-from gateway.store import NewEvent, Store
-from tests.conftest import add_conversation
+from gateway.store import NewEvent, Store, StoreMissing
+from tests.conftest import LogCapture, add_conversation
 
 
 def new_event(event_id: str, account_id: str = "acme", status: str = "dry_run") -> NewEvent:
@@ -153,3 +154,32 @@ async def test_old_webhook_message_ids_are_pruned(store: Store) -> None:
     # Forgotten ids are new again: the conversation is still the same one.
     again = await store.capture(batch, window_s=604800)
     assert (again.messages, again.conversations_created) == (3, 0)
+
+
+async def test_store_files_are_private_to_the_service_user(tmp_path: Path) -> None:
+    db = tmp_path / "var" / "gateway.sqlite3"
+    store = await Store.open(db)
+    await add_conversation(store)  # writes the WAL
+    try:
+        assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
+        for file in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+            assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
+    finally:
+        await store.close()
+
+
+async def test_a_store_readable_by_others_is_warned_about(tmp_path: Path, logs: LogCapture) -> None:
+    db = tmp_path / "gateway.sqlite3"
+    db.touch(mode=0o644)
+    db.chmod(0o644)
+    store = await Store.open(db)
+    await store.close()
+    (line,) = logs.events("store_file_not_private")
+    assert (line["path"], line["mode"], line["fix"]) == (str(db), "0o644", f"chmod 600 {db}")
+
+
+async def test_a_store_that_must_exist_is_never_created(tmp_path: Path) -> None:
+    missing = tmp_path / "typo" / "gateway.sqlite3"
+    with pytest.raises(StoreMissing, match="no store at"):
+        await Store.open(missing, create=False)
+    assert not missing.parent.exists()
