@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import socket
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -144,6 +145,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     except ConfigError as exc:
         print(f"ctwa-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    except UsageError as exc:
+        print(f"ctwa-gateway: {exc}", file=sys.stderr)
+        return 2
 
 
 def _serve(
@@ -170,25 +174,44 @@ def _serve(
     return 0
 
 
-def _read_events(source: str) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line number, JSON bytes)``: one object, or one per line (JSON lines)."""
-    data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+class UsageError(Exception):
+    """The command line is wrong (a missing file, an empty one, an unknown sink): exit 2."""
+
+
+# Where an event came from: ("line", n) for JSON lines and a single object, ("index", i) for
+# the items of a JSON array.
+Origin = tuple[str, int]
+
+
+def _read_events(source: str) -> list[tuple[Origin, bytes]]:
+    """Return the events of a file: one JSON object, a JSON array of objects, or JSON lines."""
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the events file {source}: {exc.strerror}") from None
     stripped = data.strip()
     if not stripped:
-        return
+        raise UsageError(
+            f"no events in {source}: send one JSON object, a JSON array of objects, or JSON"
+            " lines (one object per line)"
+        )
     try:
-        msgspec.json.decode(stripped)
-    except msgspec.DecodeError:
-        for number, line in enumerate(data.splitlines(), start=1):
-            if line.strip():
-                yield number, line
-    else:
-        yield 1, stripped
+        value = msgspec.json.decode(stripped)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        # Not one JSON value: JSON lines, each judged (and reported) on its own.
+        return [
+            (("line", number), line)
+            for number, line in enumerate(data.splitlines(), start=1)
+            if line.strip()
+        ]
+    if isinstance(value, list):
+        return [(("index", i), _encode(item)) for i, item in enumerate(value)]
+    return [(("line", 1), stripped)]
 
 
-def _error_line(number: int, exc: GatewayError) -> dict[str, Any]:
+def _error_line(origin: Origin, exc: GatewayError) -> dict[str, Any]:
     body = error_body(exc)
-    return {"line": number, "status": "error", "httpStatus": exc.status, "error": body}
+    return {origin[0]: origin[1], "status": "error", "httpStatus": exc.status, "error": body}
 
 
 async def _send(
@@ -196,32 +219,29 @@ async def _send(
 ) -> int:
     check_normalizers(settings, plugins)
     plugins.check_config(settings, env)
-    try:
-        events = list(_read_events(source))
-    except OSError as exc:
-        raise ConfigError(f"cannot read {source}: {exc.strerror}") from None
+    events = _read_events(source)
     failed = 0
     async with running(
         settings, plugins, env, start_plugins=not dry_run, create_store=not dry_run
     ) as pipeline:
-        for number, raw in events:
+        for origin, raw in events:
             try:
-                line = await _send_one(pipeline, number, raw, dry_run=dry_run)
+                line = await _send_one(pipeline, origin, raw, dry_run=dry_run)
             except GatewayError as exc:
                 failed += 1
-                line = _error_line(number, exc)
+                line = _error_line(origin, exc)
             sys.stdout.write(_encode(line).decode() + "\n")
     return 1 if failed else 0
 
 
 async def _send_one(
-    pipeline: Pipeline, number: int, raw: bytes, *, dry_run: bool
+    pipeline: Pipeline, origin: Origin, raw: bytes, *, dry_run: bool
 ) -> dict[str, Any]:
     request = decode_conversion(raw)
     account = pipeline.account(request.account_id)
     if not dry_run:
         outcome = await pipeline.handle(request, account)
-        return {"line": number, **msgspec.to_builtins(conversion_response(outcome))}
+        return {origin[0]: origin[1], **msgspec.to_builtins(conversion_response(outcome))}
     existing = await pipeline.store.find_event(account.id, request.event_id)
     prepared = await pipeline.prepare(request, account)
     states = pipeline.plugins.accept(prepared)
@@ -234,7 +254,7 @@ async def _send_one(
         ),
     )
     return {
-        "line": number,
+        origin[0]: origin[1],
         "status": "dry_run",
         "eventId": request.event_id,
         "conversationId": prepared.conversation.id,
@@ -246,9 +266,13 @@ async def _send_one(
 
 def _since(value: str) -> float:
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a time: use a date or Unix seconds")
+        return seconds
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
@@ -261,6 +285,12 @@ def _since(value: str) -> float:
 async def _replay(settings: Settings, plugins: Plugins, args: argparse.Namespace) -> int:
     if settings.account(args.account) is None:
         raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
+    unknown = sorted(set(args.sink or []) - set(plugins.sink_names))
+    if unknown:
+        raise UsageError(
+            f"unknown sink {unknown[0]!r}; the configured sinks are:"
+            f" {', '.join(plugins.sink_names)}"
+        )
     sinks = args.sink or plugins.sink_names
     statuses = args.status or ["failed"]
     async with running(settings, plugins, {}, start_plugins=False, create_store=False) as pipeline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -213,3 +214,61 @@ def test_a_dry_run_on_a_mistyped_store_creates_nothing(
     assert main(["send", "--config", str(path), "--dry-run", str(events)], environ=ENV) == 2
     assert "no store at" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "keys"),
+    [
+        # A pretty-printed object, an array, JSON lines: each event named by where it was.
+        ('{\n  "accountId": "acme",\n  "eventName": "LeadSubmitted",\n  "eventId": "p1",\n'
+         '  "conversationId": "CONV"\n}\n', [("line", 1)]),
+        ('[{"accountId": "acme", "eventName": "LeadSubmitted", "eventId": "a1",'
+         ' "conversationId": "CONV"}, {"eventName": "Purchase"}]', [("index", 0), ("index", 1)]),
+        ('{"accountId": "acme", "eventName": "LeadSubmitted", "eventId": "l1",'
+         ' "conversationId": "CONV"}\n\nnot json\n', [("line", 1), ("line", 3)]),
+    ],
+    ids=["pretty object", "array", "json lines"],
+)  # fmt: skip
+def test_send_reads_an_object_an_array_or_json_lines(
+    config_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str,
+    keys: list[tuple[str, int]],
+) -> None:
+    conversation_id = seed(tmp_path / "cli.sqlite3")
+    events = tmp_path / "events.json"
+    events.write_text(content.replace("CONV", conversation_id))
+    code = main(["send", "--config", str(config_file), "--dry-run", str(events)], environ=ENV)
+    lines = output(capsys)
+    assert [(k, line[k]) for line, (k, _) in zip(lines, keys, strict=True)] == keys
+    assert lines[0]["status"] == "dry_run"
+    assert code == (1 if len(keys) > 1 else 0)
+    if len(keys) > 1:
+        assert lines[1]["status"] == "error"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["send", "--dry-run", "missing.jsonl"], "cannot read the events file missing.jsonl"),
+        (["send", "--dry-run", "EMPTY"], "no events in"),
+        (["replay", "--account", "acme", "--sink", "bogus"], "unknown sink 'bogus'"),
+        (["replay", "--account", "acme", "--since", "nan"], "'nan' is not a time"),
+    ],
+    ids=["missing file", "empty file", "unknown sink", "nan time"],
+)
+def test_command_line_mistakes_exit_2_with_one_line(
+    config_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    seed(tmp_path / "cli.sqlite3")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    argv = [str(empty) if a == "EMPTY" else a for a in args] + ["--config", str(config_file)]
+    with pytest.raises(SystemExit) if "nan" in args else contextlib.nullcontext():
+        assert main(argv, environ=ENV) == 2
+    assert message in capsys.readouterr().err
