@@ -232,6 +232,34 @@ class Dispatcher:
             outcome = "retry" if result.state.status == "pending" else result.state.status
             self.metrics.events_outcome.labels(accounts[result.pk], self.sink, outcome).inc()
             self._settle(result.pk, result.state)
+        self._report(batch, results)
+
+    def _report(self, batch: list[OutboxItem], results: list[AttemptResult]) -> None:
+        """Log, once, every outcome a person must act on: ids, Meta's code and the fix."""
+        items = {item.pk: item for item in batch}
+        groups: dict[tuple[str, str, str | None, str | None], list[AttemptResult]] = {}
+        for result in results:
+            state = result.state
+            if state.status in ("failed", "expired"):
+                event = f"delivery_{state.status}"
+            elif state.status == "pending" and state.attempts in _RETRY_ALERTS:
+                event = "delivery_retrying"
+            else:
+                continue
+            key = (event, items[result.pk].account_id, state.error_code, state.error)
+            groups.setdefault(key, []).append(result)
+        for (event, account, code, reason), group in groups.items():
+            log.warning(
+                event,
+                sink=self.sink,
+                account=account,
+                events=len(group),
+                event_ids=[items[r.pk].event_id[:64] for r in group[:_LOGGED_IDS]],
+                attempts=max(r.state.attempts for r in group),
+                code=code,
+                trace_id=group[0].state.trace_id,
+                reason=reason,
+            )
 
     async def _hold(self, batch: list[OutboxItem]) -> None:
         until = self.clock() + self.settings.retry_cap_s
@@ -419,12 +447,18 @@ class Dispatcher:
             log.warning(
                 "meta_throttled",
                 sink=self.sink,
+                accounts=accounts,
                 dataset_id=route.dataset_id,
                 code=reply.error_code(),
                 hold_s=round(held - now, 1),
             )
             await self.outbox.defer(self.sink, accounts, held)
         return results
+
+
+# A delivery still retrying after this many attempts is worth a look (once each).
+_RETRY_ALERTS = frozenset({3, 10, 30})
+_LOGGED_IDS = 20
 
 
 def _too_old(settings: DispatchSettings) -> str:

@@ -182,7 +182,7 @@ async def test_throttling_one_dataset_does_not_hold_another(
     ],
 )
 async def test_account_level_errors_fail_without_retry_or_split(
-    make_meta: MakeMeta, fake: FakeGraph, mode: str, words: str, code: str
+    make_meta: MakeMeta, fake: FakeGraph, mode: str, words: str, code: str, logs: LogCapture
 ) -> None:
     client = await make_meta()
     conversation = await add_conversation(store_of(client))
@@ -193,6 +193,14 @@ async def test_account_level_errors_fail_without_retry_or_split(
     assert body["failures"][0]["code"] == code
     assert words in body["failures"][0]["message"]
     assert len(fake.requests) == 1
+    # An operator hears of it once, with what to do, and no token.
+    (line,) = logs.events("delivery_failed")
+    assert line["level"] == "warning"
+    assert (line["account"], line["sink"], line["code"]) == ("acme", "meta_capi", code)
+    assert line["event_ids"] == ["L1"]
+    assert words in line["reason"]
+    assert line["trace_id"]
+    assert ACME_TOKEN not in logs.text
 
 
 async def test_one_bad_event_among_999_is_isolated(make_meta: MakeMeta, fake: FakeGraph) -> None:
@@ -231,7 +239,7 @@ async def test_one_bad_event_among_999_is_isolated(make_meta: MakeMeta, fake: Fa
 
 
 async def test_expires_rather_than_retrying_past_max_age(
-    make_meta: MakeMeta, fake: FakeGraph
+    make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
 ) -> None:
     client = await make_meta(max_age_s=60, retry_base_s=30, retry_cap_s=60)
     conversation = await add_conversation(store_of(client))
@@ -243,6 +251,8 @@ async def test_expires_rather_than_retrying_past_max_age(
     assert body["status"] == "expired"
     assert "older than" in body["failures"][0]["message"]
     assert fake.received == []
+    (line,) = logs.events("delivery_expired")
+    assert (line["event_ids"], line["level"]) == (["L1"], "warning")
 
 
 async def test_meta_warnings_and_count_mismatch_are_kept(
@@ -481,3 +491,16 @@ async def test_an_unexpected_fault_holds_the_batch_back(
     assert detail["status"] == "pending"
     assert detail["deliveries"][0]["error"].startswith("will retry: internal error")
     assert logs.events("dispatcher_batch_error")
+
+
+async def test_a_delivery_still_retrying_after_three_attempts_is_logged_once(
+    make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
+) -> None:
+    client = await make_meta(retry_base_s=0.02, retry_cap_s=0.05)
+    conversation = await add_conversation(store_of(client))
+    fake.fail("500", "500", "500", "500")
+    await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    assert (await settle(client, "L1"))["status"] == "delivered"
+    (line,) = logs.events("delivery_retrying")
+    assert (line["attempts"], line["event_ids"], line["code"]) == (3, ["L1"], "1")
+    assert "will retry" in line["reason"]
