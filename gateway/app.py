@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import structlog
 from aiohttp import web
 
-from gateway.auth import KeyRing
 from gateway.config import Settings
-from gateway.context import KEYS, METRICS, METRICS_KEY, PIPELINE, PLUGINS, SETTINGS, WEBHOOK_SECRETS
+from gateway.context import CREDENTIALS, METRICS, PIPELINE, PLUGINS, SETTINGS
+from gateway.credentials import Credentials, metrics_key
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.middlewares import middlewares
@@ -18,12 +20,11 @@ from gateway.ops_views import routes as ops_routes
 from gateway.pipeline import check_normalizers
 from gateway.plugin_manager import Plugins
 from gateway.runtime import running
-from gateway.signature import WebhookSecrets
 from gateway.validation import iso_currencies
 from gateway.views import routes as api_routes
 from gateway.webhook import routes as webhook_routes
 
-__all__ = ["create_app", "startup_problems"]
+__all__ = ["create_app", "reload_secrets", "startup_problems"]
 
 log = structlog.get_logger()
 
@@ -34,16 +35,19 @@ def create_app(
     *,
     environ: Mapping[str, str],
     clock: Callable[[], float] = time.time,
+    reload_environ: Callable[[], Mapping[str, str]] | None = None,
 ) -> web.Application:
-    """Return the application; configuration errors raise ConfigError here, before serving."""
+    """Return the application; configuration errors raise ConfigError here, before serving.
+
+    ``reload_environ``: where secrets are read again on SIGHUP (the CLI passes the process
+    environment plus the ``[secrets] file``); None: no reloading.
+    """
     problems = startup_problems(settings, plugins, environ)
     if problems:
         raise ConfigError(problems[0])
-    keys = KeyRing.from_config(settings.auth, environ)
+    credentials = Credentials.load(settings, environ)
     iso_currencies()  # load the currency list now rather than on the first request
-
-    secrets = WebhookSecrets.from_config(settings.webhook, environ)
-    if secrets.app_secret is None:
+    if credentials.webhook.app_secret is None:
         log.warning(
             "webhook_disabled",
             reason="no app secret: [webhook] app_secret_env is unset or names an empty variable;"
@@ -58,16 +62,14 @@ def create_app(
     # aiohttp's own limit is the larger of the routes'; each route enforces its own.
     largest = max(settings.server.max_body_bytes, settings.webhook.max_body_bytes)
     metrics = Metrics()
-    keys.on_limited = lambda key: metrics.rate_limited.labels(key.name).inc()
+    credentials.keys.on_limited = lambda key: metrics.rate_limited.labels(key.name).inc()
     app = web.Application(
         client_max_size=largest, middlewares=middlewares(max_body_bytes=largest, metrics=metrics)
     )
     app[METRICS] = metrics
-    app[METRICS_KEY] = _metrics_key(settings, environ)
     app[SETTINGS] = settings
     app[PLUGINS] = plugins
-    app[KEYS] = keys
-    app[WEBHOOK_SECRETS] = secrets
+    app[CREDENTIALS] = credentials
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         async with running(settings, plugins, environ, clock=clock, metrics=metrics) as pipeline:
@@ -76,6 +78,8 @@ def create_app(
 
     app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(runtime_ctx)
+    if reload_environ is not None:
+        app.cleanup_ctx.append(_on_sighup(reload_environ))
     app.add_routes(api_routes)
     app.add_routes(webhook_routes)
     app.add_routes(ops_routes)
@@ -86,10 +90,10 @@ def create_app(
 def startup_problems(settings: Settings, plugins: Plugins, environ: Mapping[str, str]) -> list[str]:
     """Return every reason ``serve`` would refuse to start (``check-config`` lists them all)."""
     checks: list[Callable[[], object]] = [
-        lambda: KeyRing.from_config(settings.auth, environ),
+        lambda: Credentials.load(settings, environ),
         lambda: plugins.check_config(settings, environ),
         lambda: check_normalizers(settings, plugins),
-        lambda: _metrics_key(settings, environ),
+        lambda: metrics_key(settings, environ),
     ]
     problems = []
     for check in checks:
@@ -100,17 +104,41 @@ def startup_problems(settings: Settings, plugins: Plugins, environ: Mapping[str,
     return problems
 
 
+def reload_secrets(app: web.Application, environ: Mapping[str, str]) -> bool:
+    """Swap in the secrets of ``environ`` if they pass startup's checks; else keep the old."""
+    settings, plugins = app[SETTINGS], app[PLUGINS]
+    problems = startup_problems(settings, plugins, environ)
+    if problems:
+        log.error("secrets_reload_refused", problem=problems[0], kept="the running secrets")
+        return False
+    changed = app[CREDENTIALS].replace_with(Credentials.load(settings, environ))
+    changed += plugins.reload_secrets(settings, environ)
+    log.info("secrets_reloaded", changed=changed)
+    return True
+
+
+def _on_sighup(
+    reload_environ: Callable[[], Mapping[str, str]],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def handler(app: web.Application) -> AsyncIterator[None]:
+        def reload() -> None:
+            try:
+                environ = reload_environ()
+            except ConfigError as exc:
+                log.error("secrets_reload_refused", problem=str(exc), kept="the running secrets")
+                return
+            reload_secrets(app, environ)
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    return handler
+
+
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
     # aiohttp's default names Python's and its own versions: a map for scanners.
     response.headers["Server"] = "ctwa-gateway"
-
-
-def _metrics_key(settings: Settings, environ: Mapping[str, str]) -> str:
-    """Return the key /metrics requires ("" when open); a named but unset variable is an error."""
-    name = settings.metrics.key_env
-    if name is None:
-        return ""
-    value = environ.get(name, "")
-    if not value:
-        raise ConfigError(f"[metrics] key_env names {name}, which is not set")
-    return value

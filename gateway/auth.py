@@ -64,6 +64,10 @@ class KeyRing:
             )
         return cls(keys)
 
+    def fingerprint(self) -> frozenset[tuple[bytes, ApiKey]]:
+        """Return what identifies this ring's keys (digests, never the keys)."""
+        return frozenset(self._keys.items())
+
     def authenticate(self, authorization: str | None) -> ApiKey:
         """Return the key for an ``Authorization: Bearer`` header, or raise 401."""
         if not authorization:

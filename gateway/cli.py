@@ -13,7 +13,7 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,6 +23,7 @@ from aiohttp import web
 
 from gateway.app import create_app, startup_problems
 from gateway.config import Settings, load_settings
+from gateway.credentials import load_environ
 from gateway.errors import ConfigError, GatewayError
 from gateway.inbox import reprocess
 from gateway.logs import configure_logging
@@ -124,9 +125,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
-    env = os.environ if environ is None else environ
+    base = os.environ if environ is None else environ
     try:
         settings = load_settings(args.config)
+        env = load_environ(settings, base)
         # Only the long-running server caches its loggers; one-shot commands stay
         # reconfigurable (tests call main() many times in one process).
         configure_logging(
@@ -134,7 +136,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         )
         plugins = build_plugins(settings)
         if args.command == "serve":
-            return _serve(settings, plugins, env, args.host, args.port)
+            return _serve(
+                settings, plugins, env, args.host, args.port, lambda: load_environ(settings, base)
+            )
         if args.command == "send":
             return asyncio.run(_send(settings, plugins, env, args.events, dry_run=args.dry_run))
         if args.command == "replay":
@@ -151,9 +155,14 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
 
 
 def _serve(
-    settings: Settings, plugins: Plugins, env: Mapping[str, str], host: str | None, port: int | None
+    settings: Settings,
+    plugins: Plugins,
+    env: Mapping[str, str],
+    host: str | None,
+    port: int | None,
+    reload_environ: Callable[[], Mapping[str, str]],
 ) -> int:
-    app = create_app(settings, plugins, environ=env)
+    app = create_app(settings, plugins, environ=env, reload_environ=reload_environ)
     host = host or settings.server.host
     port = settings.server.port if port is None else port
     # Bind before anything starts: a port in use must not leave a second gateway running its

@@ -24,6 +24,7 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "PluginsConfig",
+    "SecretsConfig",
     "ServerConfig",
     "Settings",
     "StoreConfig",
@@ -122,6 +123,12 @@ class WebhookConfig(ConfigStruct, frozen=True):
     archive_retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 30
 
 
+class SecretsConfig(ConfigStruct, frozen=True):
+    # An env file (NAME=value lines) whose values override the environment's; read at start
+    # and on SIGHUP, so keys and tokens can change without a restart.
+    file: str | None = None
+
+
 class MetricsConfig(ConfigStruct, frozen=True):
     # Unset: /metrics is open (bind the server to a private interface, or set a key).
     key_env: EnvName | None = None
@@ -141,6 +148,7 @@ class Settings(ConfigStruct, frozen=True):
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
     webhook: WebhookConfig = msgspec.field(default_factory=WebhookConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    secrets: SecretsConfig = msgspec.field(default_factory=SecretsConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     # The raw ``[plugins.<name>]`` tables; each plugin decodes its own into its Config Struct.
     plugin_tables: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
@@ -172,7 +180,14 @@ class Settings(ConfigStruct, frozen=True):
 
     def store_path(self) -> Path:
         """Return the SQLite path, relative paths taken from the config file's folder."""
-        path = Path(self.store.path)
+        return self._path(self.store.path)
+
+    def secrets_file(self) -> Path | None:
+        """Return the ``[secrets] file`` path, if one is configured."""
+        return None if self.secrets.file is None else self._path(self.secrets.file)
+
+    def _path(self, value: str) -> Path:
+        path = Path(value)
         if path.is_absolute() or self.source == "<memory>":
             return path
         return Path(self.source).parent / path

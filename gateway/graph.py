@@ -115,7 +115,8 @@ def explain(reply: GraphReply) -> str:
     if code == 190:
         return (
             "the access token is invalid or expired: put a new system-user token in the"
-            f" account's access_token_env, then run `ctwa-gateway replay` ({detail})"
+            " account's access_token_env (in the [secrets] file), send the gateway SIGHUP"
+            f" (`systemctl reload ctwa-gateway`), then run `ctwa-gateway replay` ({detail})"
         )
     if code == 100 and sub == 33:
         return (

@@ -66,6 +66,17 @@ def gateway_lifespan(
 
 
 @hookspec
+def gateway_reload_secrets(
+    name: str, config: Any, settings: Settings, environ: Mapping[str, str]
+) -> list[str] | None:
+    """Take new secrets on SIGHUP (a rotated access token); return what changed, or ``None``.
+
+    Called only after :func:`gateway_check_config` passed with the same ``environ``, so the
+    secrets the plugin needs are there. Swap them in without dropping work in flight.
+    """
+
+
+@hookspec
 def gateway_check_ready(name: str, config: Any) -> str | None:
     """Return ``None`` if the plugin can do its work, or what stops it (``GET /readyz``)."""
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.auth import secret_matches
-from gateway.context import METRICS, METRICS_KEY, PIPELINE, PLUGINS
+from gateway.context import CREDENTIALS, METRICS, PIPELINE, PLUGINS
 from gateway.errors import ServiceUnavailable, Unauthorized
 from gateway.models import ENCODER, Health
 from gateway.openapi import build_openapi
@@ -49,7 +49,7 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition; outbox and status gauges are read from the store now."""
-    key = request.app[METRICS_KEY]
+    key = request.app[CREDENTIALS].metrics_key
     if key:
         presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not secret_matches(presented, key):

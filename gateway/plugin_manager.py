@@ -146,6 +146,11 @@ class Plugins:
             for item in loaded
             if (call := _one(pm, item.name, "gateway_register_routes"))
         ]
+        self._reload = [
+            (item.name, call, self.config(item.name))
+            for item in loaded
+            if (call := _one(pm, item.name, "gateway_reload_secrets"))
+        ]
 
     @property
     def sink_names(self) -> list[str]:
@@ -181,6 +186,14 @@ class Plugins:
             if cm is not None:
                 found.append(cm)
         return found
+
+    def reload_secrets(self, settings: Settings, environ: Mapping[str, str]) -> list[str]:
+        """Give every plugin the reloaded secrets; return what they say changed."""
+        changed: list[str] = []
+        for name, call, config in self._reload:
+            said = call(name=name, config=config, settings=settings, environ=environ)
+            changed += [f"{name}.{what}" for what in said or []]
+        return changed
 
     def readiness_problems(self) -> dict[str, str]:
         """Return, per plugin that is not ready, what stops it."""

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.auth import ApiKey, KeyRing
 from gateway.config import AccountConfig
-from gateway.context import KEYS, PIPELINE, SETTINGS
+from gateway.context import CREDENTIALS, PIPELINE, SETTINGS
 from gateway.errors import InvalidRequest, NotFound
 from gateway.http_body import read_json_body
 from gateway.models import ENCODER, ConversationList, EventList
@@ -31,7 +31,7 @@ def json_response(value: msgspec.Struct, *, status: int = 200) -> web.Response:
 
 def authenticate(request: web.Request) -> ApiKey:
     """Return the caller's API key or raise 401."""
-    return request.app[KEYS].authenticate(request.headers.get("Authorization"))
+    return request.app[CREDENTIALS].keys.authenticate(request.headers.get("Authorization"))
 
 
 def account_for(request: web.Request, key: ApiKey, account_id: str) -> AccountConfig:

@@ -12,7 +12,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.context import METRICS, PIPELINE, SETTINGS, WEBHOOK_SECRETS
+from gateway.context import CREDENTIALS, METRICS, PIPELINE, SETTINGS
 from gateway.errors import Forbidden, ServiceUnavailable, Unauthorized
 from gateway.http_body import read_body
 from gateway.inbox import receive
@@ -31,7 +31,7 @@ _MAX_CHALLENGE = 256
 async def verify(request: web.Request) -> web.Response:
     """Meta's subscription handshake: echo ``hub.challenge`` if the verify token is ours."""
     query = request.query
-    secrets = request.app[WEBHOOK_SECRETS]
+    secrets = request.app[CREDENTIALS].webhook
     challenge = query.get("hub.challenge", "")
     if (
         query.get("hub.mode") != "subscribe"
@@ -51,7 +51,7 @@ async def verify(request: web.Request) -> web.Response:
 async def notify(request: web.Request) -> web.Response:
     """Verify one notification (up to 1,000 updates), then capture and archive it."""
     settings = request.app[SETTINGS]
-    app_secret = request.app[WEBHOOK_SECRETS].app_secret
+    app_secret = request.app[CREDENTIALS].webhook.app_secret
     if app_secret is None:
         # Fail closed; 503 makes Meta retry, so nothing is lost while the secret is set up.
         raise ServiceUnavailable(

@@ -116,6 +116,34 @@ class MetaCapiSink:
         return self._lifespan(name, settings, store, environ, metrics)
 
     @hookimpl
+    def gateway_reload_secrets(
+        self, settings: Settings, environ: Mapping[str, str]
+    ) -> list[str] | None:
+        tokens = {a.id: environ.get(a.access_token_env or "", "") for a in settings.accounts}
+        changed = [
+            f"access_token:{a}" for a, token in tokens.items() if token != self.tokens.get(a)
+        ]
+        self.tokens = tokens
+        secret = environ.get(self.config.app_secret_env or "", "")
+        if self.graph is not None:
+            new_secret = secret.encode() if secret else None
+            if new_secret != self.graph.app_secret:
+                changed.append("app_secret")
+                self.graph.app_secret = new_secret
+        if self.dispatcher is not None:
+            # Batches already sent keep the route they were sent with; the next ones use these.
+            self.dispatcher.routes.update(self._routes(settings))
+        return changed
+
+    def _routes(self, settings: Settings) -> dict[str, Route]:
+        """Where each account's events go: its dataset, with its token."""
+        return {
+            a.id: Route(dataset, self.tokens[a.id])
+            for a in settings.accounts
+            if (dataset := self.dataset_for(a)) and self.tokens.get(a.id)
+        }
+
+    @hookimpl
     def gateway_check_ready(self) -> str | None:
         if self.dispatcher is None or not self.dispatcher.running:
             return "the delivery dispatcher is not running"
@@ -135,11 +163,7 @@ class MetaCapiSink:
         self.tokens = {a.id: environ.get(a.access_token_env or "", "") for a in settings.accounts}
         self.stored_datasets = await store.outbox.datasets()
         self.store = store
-        routes = {
-            a.id: Route(dataset, self.tokens[a.id])
-            for a in settings.accounts
-            if (dataset := self.dataset_for(a)) and self.tokens[a.id]
-        }
+        routes = self._routes(settings)
         async with aiohttp.ClientSession() as session:
             self.graph = GraphClient(
                 session,
