@@ -20,7 +20,7 @@ import aiosqlite
 import msgspec
 
 from gateway.schema import fetch_rows
-from gateway.webhook_extract import Problem
+from gateway.webhook_records import Problem
 from gateway.writer import WriteOp
 
 __all__ = [
@@ -197,8 +197,8 @@ async def open_notifications(
 ) -> list[ArchivedNotification]:
     """Return notifications not fully processed, oldest first, with their problems.
 
-    ``accounts``: (account id, phone number id) pairs; only notifications with a problem of
-    one of them (pending ones, whose parts are unknown, always match).
+    ``accounts``: (account id, phone number id) pairs; only partial notifications with a
+    problem of one of them (pending ones, whose parts are unknown yet, are left out).
     """
     marks = ",".join("?" * len(statuses))
     where = f"status IN ({marks}) AND received_at >= ? AND pk > ?"
@@ -206,8 +206,8 @@ async def open_notifications(
     if accounts is not None:
         match = " OR ".join("p.account_id = ? OR p.phone_number_id = ?" for _ in accounts)
         where += (
-            " AND (status = 'pending' OR EXISTS (SELECT 1 FROM webhook_problems p"
-            f" WHERE p.notification_pk = pk AND ({match})))"
+            " AND status = 'partial' AND EXISTS (SELECT 1 FROM webhook_problems p"
+            f" WHERE p.notification_pk = pk AND ({match}))"
         )
         params.extend(v for pair in accounts for v in pair)
     rows = await fetch_rows(

@@ -38,8 +38,8 @@ from gateway.schema import (
     conversation_params,
     fetch_rows,
 )
-from gateway.webhook_extract import CaptureBatch, DetectedEvent, InboundMessage, Problem
 from gateway.webhook_models import Referral
+from gateway.webhook_records import CaptureBatch, DetectedEvent, InboundMessage, Problem
 from gateway.writer import WriteOp
 
 __all__ = ["CaptureOp", "CaptureResult", "ProblemView"]
@@ -145,7 +145,8 @@ class CaptureOp(WriteOp[CaptureResult]):
             result.archive_status = "skipped"  # another process reprocessed it meanwhile
             return result
         fresh = await self._fresh_messages(conn, result)
-        identities = Identities(await self._live_conversations(conn, fresh), now=self.now)
+        live, aliases = await self._live_conversations(conn, fresh)
+        identities = Identities(live, aliases=aliases, now=self.now)
         links: list[tuple[str, str, str, float]] = []
         for message in fresh:
             conversation = identities.conversation_for(message)
@@ -183,6 +184,14 @@ class CaptureOp(WriteOp[CaptureResult]):
     ) -> None:
         # At most one live conversation per phone and per BSUID is a unique index, checked
         # row by row: rows that give up or change identifiers step aside first.
+        for account_id, phone, taker in identities.released:
+            # Every earlier conversation of a recycled number (not only the live one loaded
+            # here) stops answering for that phone.
+            await conn.execute(
+                "UPDATE conversations SET phone_released_at = ? WHERE account_id = ?"
+                " AND wa_id = ? AND phone_released_at IS NULL AND id != ?",
+                (self.now, account_id, phone, taker),
+            )
         rekeyed = identities.rekeyed()
         if rekeyed:
             await conn.executemany(
@@ -277,8 +286,9 @@ class CaptureOp(WriteOp[CaptureResult]):
 
     async def _live_conversations(
         self, conn: aiosqlite.Connection, messages: list[InboundMessage]
-    ) -> list[Conversation]:
-        """Load the live conversations of every identifier the messages mention."""
+    ) -> tuple[list[Conversation], list[tuple[str, str, str, str]]]:
+        """Load the live conversations of every identifier the messages mention, current or
+        former (the aliases a re-key left), with those aliases."""
         keys: dict[tuple[str, str], list[str]] = defaultdict(list)
         for m in messages:
             phones = [m.phone]
@@ -301,7 +311,29 @@ class CaptureOp(WriteOp[CaptureResult]):
                 for row in rows:
                     conversation = conversation_from_row(row)
                     found[conversation.id] = conversation
-        return list(found.values())
+        aliases: list[tuple[str, str, str, str]] = []
+        for (account_id, column), values in keys.items():
+            kind = "phone" if column == "wa_id" else "bsuid"
+            for chunk in _chunks(list(dict.fromkeys(values))):
+                aliases += await fetch_rows(
+                    conn,
+                    "SELECT account_id, kind, value, conversation_id FROM conversation_aliases"
+                    " WHERE account_id = ? AND kind = ?"
+                    f" AND value IN ({','.join('?' * len(chunk))})",
+                    [account_id, kind, *chunk],
+                )
+        missing = list({alias[3] for alias in aliases} - found.keys())
+        for chunk in _chunks(missing):
+            rows = await fetch_rows(
+                conn,
+                f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
+                f" WHERE id IN ({','.join('?' * len(chunk))}) AND superseded_by IS NULL",
+                chunk,
+            )
+            for row in rows:
+                conversation = conversation_from_row(row)
+                found[conversation.id] = conversation
+        return list(found.values()), [(a, k, v, c) for a, k, v, c in aliases]
 
     async def _automatic(
         self, conn: aiosqlite.Connection, event: DetectedEvent, result: CaptureResult

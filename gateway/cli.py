@@ -114,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
             default=0.0,
             help="only notifications received at or after this time (ISO 8601, or Unix seconds)",
         )
-    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    listing.add_argument(
+        "--limit", type=_positive, default=50, help="at most this many (default 50)"
+    )
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
 
     check = sub.add_parser("check-config", help="validate a config file and print what it loads")
@@ -273,6 +275,12 @@ async def _send_one(
     }
 
 
+def _positive(value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return int(value)
+
+
 def _since(value: str) -> float:
     try:
         seconds = float(value)
@@ -333,7 +341,7 @@ async def _webhooks(settings: Settings, plugins: Plugins, args: argparse.Namespa
             return 1 if report.failed else 0
         accounts = None if account is None else [(account.id, account.phone_number_id)]
         found = await store.open_notifications(
-            since=args.since, accounts=accounts, limit=max(1, args.limit)
+            since=args.since, accounts=accounts, limit=args.limit
         )
     for notification in found:
         if args.json:

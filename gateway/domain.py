@@ -58,6 +58,12 @@ class Conversation(msgspec.Struct, frozen=True, kw_only=True):
     # The conversation that took over this one's identifiers (a new click after the
     # attribution window, two conversations found to be one person, a recycled number).
     superseded_by: str | None = None
+    # When the phone passed to another person (a recycled number): from then on a conversion
+    # by that phone is not this person's.
+    phone_released_at: float | None = None
+    # The time of the last system message that re-keyed it: an older one arriving late
+    # must not undo it.
+    keys_changed_at: float | None = None
 
     def click_time(self) -> float | None:
         """When the ad was clicked, as best known."""

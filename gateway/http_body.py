@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.errors import PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 __all__ = ["read_body", "read_json_body", "too_large"]
 
@@ -22,7 +22,19 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     # Refuse early on a declared length, before reading anything.
     if request.content_length is not None and request.content_length > limit:
         raise too_large(limit)
-    body = await request.read()
+    try:
+        body = await request.read()
+    except web.HTTPException:
+        raise  # aiohttp's own 413 past client_max_size
+    except Exception as exc:
+        # A body that cannot be read as sent: a broken Content-Encoding (gzip, deflate...), a
+        # connection cut mid-body. The client's fault, so a 400 naming the header.
+        raise InvalidRequest(
+            f"The body could not be read ({type(exc).__name__}): send it uncompressed, or with a"
+            " Content-Encoding that matches it.",
+            code="unreadable_body",
+            param="Content-Encoding",
+        ) from None
     if len(body) > limit:
         raise too_large(limit)
     return body

@@ -23,11 +23,13 @@ Rules (README, "Who is who"):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
 from gateway.domain import Conversation
 from gateway.schema import new_conversation_id
-from gateway.webhook_extract import InboundMessage
+from gateway.webhook_records import InboundMessage
 
 __all__ = ["Alias", "Identities"]
 
@@ -37,7 +39,13 @@ Alias = tuple[str, str, str, str, float]  # account, kind ("phone"/"bsuid"), val
 class Identities:
     """Live conversations by identifier, and what a batch of messages does to them."""
 
-    def __init__(self, live: list[Conversation], *, now: float) -> None:
+    def __init__(
+        self,
+        live: list[Conversation],
+        *,
+        now: float,
+        aliases: Sequence[tuple[str, str, str, str]] = (),
+    ) -> None:
         self.now = now
         self.merged = 0
         self.by_id: dict[str, Conversation] = {}
@@ -45,11 +53,18 @@ class Identities:
         self.loaded: dict[str, Conversation] = {}
         self.created: list[str] = []
         self.aliases: list[Alias] = []
+        # Recycled numbers: (account, phone, the taker's conversation id).
+        self.released: list[tuple[str, str, str]] = []
         self._phone: dict[tuple[str, str], str] = {}
         self._bsuid: dict[tuple[str, str], str] = {}
+        # Former identifiers of live conversations: (account, kind, value) -> conversation id.
+        self._former: dict[tuple[str, str, str], str] = {}
         for conversation in live:
             self.loaded[conversation.id] = conversation
             self._put(conversation)
+        for account_id, kind, value, conversation_id in aliases:
+            if conversation_id in self.by_id:
+                self._former[(account_id, kind, value)] = conversation_id
 
     # -- the index ------------------------------------------------------------------------
 
@@ -84,6 +99,15 @@ class Identities:
         else:
             return None
         return None if found is None else self.by_id[found]
+
+    def _formerly(
+        self, account_id: str, *, phone: str | None = None, bsuid: str | None = None
+    ) -> Conversation | None:
+        """Return the live conversation that had this identifier before a re-key."""
+        kind, value = ("bsuid", bsuid) if bsuid is not None else ("phone", phone)
+        found = self._former.get((account_id, kind, value or ""))
+        c = None if found is None else self.by_id[found]
+        return c if c is not None and c.superseded_by is None else None
 
     def changed(self) -> list[Conversation]:
         """Return the loaded conversations whose rows changed."""
@@ -171,10 +195,26 @@ class Identities:
     def _rekey(self, c: Conversation, *, phone: str | None, bsuid: str | None) -> Conversation:
         """Give ``c`` these identifiers; the ones replaced become aliases."""
         if phone is not None and c.wa_id is not None and c.wa_id != phone:
-            self.aliases.append((c.account_id, "phone", c.wa_id, c.id, self.now))
+            self._alias(c, "phone", c.wa_id)
         if bsuid is not None and c.bsuid is not None and c.bsuid != bsuid:
-            self.aliases.append((c.account_id, "bsuid", c.bsuid, c.id, self.now))
+            self._alias(c, "bsuid", c.bsuid)
         return msgspec.structs.replace(c, wa_id=phone or c.wa_id, bsuid=bsuid or c.bsuid)
+
+    def _alias(self, c: Conversation, kind: str, value: str | None) -> None:
+        if value is not None:
+            self.aliases.append((c.account_id, kind, value, c.id, self.now))
+            self._former[(c.account_id, kind, value)] = c.id
+
+    @staticmethod
+    def _another_person(holder: Conversation, *bsuids: str | None) -> bool:
+        """Is ``holder`` (found by phone) someone else than the BSUIDs of this person?"""
+        return holder.bsuid is not None and any(bsuids) and holder.bsuid not in bsuids
+
+    def _release(self, holder: Conversation, taker: Conversation) -> None:
+        """A recycled number: ``holder``'s phone now belongs to ``taker``'s person."""
+        released = msgspec.structs.replace(holder, phone_released_at=self.now)
+        self.released.append((holder.account_id, holder.wa_id or "", taker.id))
+        self.supersede(released, taker.id)
 
     def conversation_for(self, m: InboundMessage) -> Conversation:
         """Return the live conversation ``m`` belongs to, creating or merging as the rules say."""
@@ -183,19 +223,18 @@ class Identities:
         account = m.account_id
         by_bsuid = self._live(account, bsuid=m.bsuid)
         by_phone = self._live(account, phone=m.phone)
-        if (
-            by_bsuid is None
-            and by_phone is not None
-            and m.bsuid is not None
-            and by_phone.bsuid not in (None, m.bsuid)
-        ):
-            # A recycled number: another person's conversation holds this phone.
-            fresh = self.start(account, phone=None, bsuid=m.bsuid)
-            self.supersede(by_phone, fresh.id)
-            by_phone = None
-            by_bsuid = fresh
+        if by_phone is not None and self._another_person(by_phone, m.bsuid):
+            taker = by_bsuid or self.start(account, phone=None, bsuid=m.bsuid)
+            self._release(by_phone, taker)
+            by_bsuid, by_phone = self.by_id[taker.id], None
         conversation = self._one([by_bsuid, by_phone])
         if conversation is None:
+            former = self._formerly(account, bsuid=m.bsuid) or self._formerly(
+                account, phone=m.phone
+            )
+            if former is not None and m.timestamp <= (former.keys_changed_at or 0.0):
+                # Sent under an identifier the person has since changed: theirs, un-re-keyed.
+                return self._put(self._with_profile(former, m))
             conversation = self.start(account, phone=m.phone, bsuid=m.bsuid)
         conversation = self._rekey(conversation, phone=m.phone, bsuid=m.bsuid)
         return self._put(self._with_profile(conversation, m))
@@ -204,32 +243,64 @@ class Identities:
         change = m.change
         assert change is not None
         account = m.account_id
+        own = self._one(
+            [
+                self._live(account, bsuid=change.previous_bsuid),
+                self._live(account, bsuid=m.bsuid),
+                self._live(account, bsuid=change.new_bsuid),
+                self._live(account, phone=m.phone),
+            ]
+        ) or self._one(
+            [
+                self._formerly(account, bsuid=change.previous_bsuid),
+                self._formerly(account, bsuid=m.bsuid),
+                self._formerly(account, phone=m.phone),
+            ]
+        )
         if change.kind == "number":
-            new_phone, new_bsuid = change.new_phone, change.new_bsuid or m.bsuid
-            lookups = [
-                self._live(account, bsuid=m.bsuid),
-                self._live(account, bsuid=change.previous_bsuid),
-                self._live(account, phone=m.phone),
-                self._live(account, bsuid=new_bsuid),
-                self._live(account, phone=new_phone),
-            ]
+            new_phone = change.new_phone
+            holder = self._live(account, phone=new_phone)
+            if holder is not None and (own is None or holder.id != own.id):
+                mine = (
+                    m.bsuid,
+                    change.new_bsuid,
+                    change.previous_bsuid,
+                    own.bsuid if own else None,
+                )
+                if self._another_person(holder, *mine):
+                    # The new number was someone else's: it is recycled to this person.
+                    own = own or self.start(account, phone=None, bsuid=change.new_bsuid or m.bsuid)
+                    self._release(holder, own)
+                else:
+                    own = self._one([own, holder])
         else:
-            new_phone, new_bsuid = m.phone, change.new_bsuid
-            lookups = [
-                self._live(account, bsuid=change.previous_bsuid),
-                self._live(account, bsuid=m.bsuid),
-                self._live(account, bsuid=new_bsuid),
-                self._live(account, phone=m.phone),
-            ]
-        conversation = self._one(lookups)
-        if conversation is None:
-            conversation = self.start(account, phone=new_phone, bsuid=new_bsuid)
-        conversation = self._rekey(conversation, phone=new_phone, bsuid=new_bsuid)
-        if change.new_parent_bsuid:
-            conversation = msgspec.structs.replace(
-                conversation, parent_bsuid=change.new_parent_bsuid
+            new_phone = m.phone
+        if own is None:
+            fresh = self.start(account, phone=new_phone, bsuid=change.new_bsuid or m.bsuid)
+            return self._put(msgspec.structs.replace(fresh, keys_changed_at=m.timestamp))
+        if own.keys_changed_at is not None and m.timestamp < own.keys_changed_at:
+            # An older change arriving late: what it names still finds the conversation, but
+            # the newer change stands.
+            self._alias(own, "phone", m.phone if m.phone != own.wa_id else None)
+            self._alias(own, "phone", new_phone if new_phone != own.wa_id else None)
+            return own
+        if change.kind == "number":
+            # A new number comes with a new BSUID (META.md §3b); until a message brings it, the
+            # conversation is keyed by the phone (the old BSUID stays an alias).
+            new_bsuid = change.new_bsuid or (m.bsuid if m.bsuid != own.bsuid else None)
+            if new_bsuid is None and own.bsuid is not None:
+                self._alias(own, "bsuid", own.bsuid)
+                own = self._put(msgspec.structs.replace(own, bsuid=None))
+        else:
+            new_bsuid = change.new_bsuid
+        rekeyed = self._rekey(own, phone=new_phone, bsuid=new_bsuid)
+        return self._put(
+            msgspec.structs.replace(
+                rekeyed,
+                parent_bsuid=change.new_parent_bsuid or rekeyed.parent_bsuid,
+                keys_changed_at=m.timestamp,
             )
-        return self._put(conversation)
+        )
 
     @staticmethod
     def _with_profile(c: Conversation, m: InboundMessage) -> Conversation:

@@ -9,6 +9,7 @@ one-shot capture make a second run change nothing that the first one captured).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -22,7 +23,8 @@ from gateway.config import AccountConfig, Settings
 from gateway.errors import ServiceUnavailable
 from gateway.metrics import Metrics
 from gateway.store import Store
-from gateway.webhook_extract import ROOT, CaptureBatch, Problem, extract
+from gateway.webhook_extract import extract
+from gateway.webhook_records import ROOT, CaptureBatch, Problem
 
 __all__ = ["ReprocessReport", "receive", "reprocess"]
 
@@ -34,6 +36,8 @@ _PENDING_REASON = (
 )
 # Problems named in one log line; the archive and `webhooks list` have them all.
 _LOGGED = 10
+# Meta's 1,000-message notifications are ~300 KB; bigger bodies are extracted in a thread.
+_OFF_LOOP_BYTES = 1 << 20
 
 
 def _log_problems(batch: CaptureBatch, notification_id: int | None, metrics: Metrics) -> None:
@@ -71,7 +75,11 @@ async def receive(
         else None
     )
     try:
-        batch = extract(body, settings, now=now)
+        if len(body) > _OFF_LOOP_BYTES:
+            # Decoding megabytes (or flattening a hostile nesting) must not stall the loop.
+            batch = await asyncio.to_thread(extract, body, settings, now=now)
+        else:
+            batch = extract(body, settings, now=now)
         result = await store.capture(
             batch, window_s=settings.events.attribution_window_s, archive=new
         )

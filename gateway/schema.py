@@ -147,6 +147,8 @@ MIGRATIONS: tuple[str, ...] = (
         ctwa_source_type TEXT,
         ctwa_capture_source TEXT,
         superseded_by TEXT,
+        phone_released_at REAL,
+        keys_changed_at REAL,
         CHECK (wa_id IS NOT NULL OR bsuid IS NOT NULL)
     );
     INSERT INTO conversations_v4 (id, account_id, created_at, wa_id, last_inbound_at,
@@ -200,7 +202,7 @@ MIGRATIONS: tuple[str, ...] = (
         reason TEXT NOT NULL,
         account_id TEXT,
         phone_number_id TEXT,
-        PRIMARY KEY (notification_pk, path)
+        PRIMARY KEY (notification_pk, path, code)
     ) WITHOUT ROWID;
     """,
 )

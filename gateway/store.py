@@ -56,7 +56,7 @@ from gateway.schema import (
     fetch_rows,
     migrate,
 )
-from gateway.webhook_extract import CaptureBatch
+from gateway.webhook_records import CaptureBatch
 from gateway.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["NewEvent", "Store", "StoreMissing"]
@@ -353,7 +353,8 @@ class Store:
         rows = await fetch_rows(
             self._reader,
             f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
-            " WHERE account_id = ? AND wa_id = ?"
+            # A recycled number's previous owner is someone else.
+            " WHERE account_id = ? AND wa_id = ? AND phone_released_at IS NULL"
             " ORDER BY ctwa_clid IS NOT NULL DESC, COALESCE(last_inbound_at, created_at) DESC,"
             " created_at DESC LIMIT 1",
             (account_id, wa_id),

@@ -12,8 +12,6 @@ node later re-examines everything under it and nothing else (``only``).
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Collection
 from typing import Literal, TypeVar
 
@@ -25,10 +23,10 @@ from gateway.webhook_models import (
     AUTOMATIC_EVENTS_DECODER,
     CHANGE_DECODER,
     CONTACT_DECODER,
+    CONTACTS_DECODER,
     ENTRY_DECODER,
     ENVELOPE_DECODER,
     MAX_MESSAGES,
-    MAX_TEXT,
     MAX_USERNAME,
     MESSAGE_DECODER,
     MESSAGES_DECODER,
@@ -36,109 +34,30 @@ from gateway.webhook_models import (
     Message,
     MessagesValue,
     Metadata,
-    Referral,
+)
+from gateway.webhook_records import (
+    ROOT,
+    CaptureBatch,
+    DetectedEvent,
+    IdentityChange,
+    InboundMessage,
+    Problem,
+    ProblemCode,
+    is_under,
+)
+from gateway.webhook_values import (
+    bounded_referral,
+    contact_phone,
+    flatten_deep,
+    unix_seconds,
+    whatsapp_phone,
 )
 
-__all__ = [
-    "ROOT",
-    "CaptureBatch",
-    "DetectedEvent",
-    "IdentityChange",
-    "InboundMessage",
-    "Problem",
-    "ProblemCode",
-    "extract",
-    "is_under",
-]
+__all__ = ["extract"]
 
 T = TypeVar("T")
-ROOT = "$"
-# Before WhatsApp existed: a timestamp this old is not Meta's.
-_EARLIEST = 1_230_768_000.0  # 2009-01-01
-# At or past this, a "Unix time" is milliseconds (1e11 s is the year 5138).
-_MILLISECONDS = 1e11
-_FUTURE_SKEW_S = 86400.0
 # Meta's notifications nest about 8 levels; deeper than this is not a notification's data.
 _MAX_DEPTH = 64
-
-# Bounded: a metric label and a stable code in `webhooks list`.
-ProblemCode = Literal[
-    "invalid_json",
-    "invalid_shape",
-    "too_deep",
-    "unsupported_object",
-    "unknown_number",
-    "no_identity",
-    "invalid_phone",
-    "invalid_timestamp",
-    "too_many_messages",
-    "processing_error",
-]
-
-
-class Problem(msgspec.Struct, frozen=True, kw_only=True):
-    """A part of a notification that was not processed, and why (never with personal data)."""
-
-    path: str
-    code: ProblemCode
-    reason: str
-    account_id: str | None = None
-    # For an unknown number: which one, so reprocessing can pick it up once it is configured.
-    phone_number_id: str | None = None
-
-
-class IdentityChange(msgspec.Struct, frozen=True, kw_only=True):
-    """A system message: the sender's number or BSUID changed (META.md §3b)."""
-
-    kind: Literal["number", "user_id"]
-    new_phone: str | None = None
-    new_bsuid: str | None = None
-    new_parent_bsuid: str | None = None
-    previous_bsuid: str | None = None
-
-
-class InboundMessage(msgspec.Struct, frozen=True, kw_only=True):
-    """One message from a WhatsApp user known by phone, BSUID, or both (never neither)."""
-
-    path: str
-    account_id: str
-    wamid: str
-    timestamp: float
-    phone: str | None = None
-    bsuid: str | None = None
-    parent_bsuid: str | None = None
-    username: str | None = None
-    referral: Referral | None = None
-    change: IdentityChange | None = None
-
-
-class DetectedEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """An ``automatic_events`` item: Meta detected a lead or purchase after a message."""
-
-    path: str
-    account_id: str
-    wamid: str
-    event_name: str
-    ctwa_clid: str | None
-    custom_data: dict[str, object] | None
-    occurred_at: float | None
-
-
-class CaptureBatch(msgspec.Struct, kw_only=True):
-    """What one notification carries, and what in it could not be processed."""
-
-    messages: list[InboundMessage] = msgspec.field(default_factory=list)
-    automatic: list[DetectedEvent] = msgspec.field(default_factory=list)
-    problems: list[Problem] = msgspec.field(default_factory=list)
-    statuses: int = 0
-    ignored_changes: int = 0
-
-
-def is_under(path: str, ancestor: str) -> bool:
-    """Tell whether ``path`` is ``ancestor`` or lies inside it."""
-    if not path.startswith(ancestor):
-        return False
-    return len(path) == len(ancestor) or path[len(ancestor)] in ".["
 
 
 def extract(
@@ -150,91 +69,6 @@ def extract(
     before); ``None`` processes everything.
     """
     return _Extractor(settings, now, only).run(body)
-
-
-def _phone(value: str | None) -> str | None:
-    """Return a WhatsApp phone id (digits, country code first), as Meta sends it."""
-    if value is None or value == "":
-        return None
-    if value.isascii() and value.isdigit() and 6 <= len(value) <= 20:
-        return value
-    raise ValueError
-
-
-def _seconds(value: object, now: float) -> float | None:
-    """Return a plausible Unix time in seconds (milliseconds are converted), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        if not (value.isascii() and value.replace(".", "", 1).isdigit()):
-            return None
-        value = float(value)
-    if not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    seconds = float(value)
-    if seconds >= _MILLISECONDS:
-        seconds /= 1000.0
-    if not _EARLIEST <= seconds <= now + _FUTURE_SKEW_S:
-        return None
-    return seconds
-
-
-_JSON_STRUCTURE = re.compile(rb'[\\"\[\]{}]')
-
-
-def flatten_deep(body: bytes, limit: int) -> bytes:
-    """Return ``body`` with every array or object nested deeper than ``limit`` made ``null``.
-
-    Iterative (the decoders recurse): a scan of the structural characters, minding strings
-    and their escapes. Unbalanced input is returned as far as it goes; the decoder says why.
-    """
-    out = bytearray()
-    copied = depth = 0
-    in_string = escaped_until = 0
-    start = -1
-    for match in _JSON_STRUCTURE.finditer(body):
-        at = match.start()
-        char = body[at]
-        if at < escaped_until:
-            continue
-        if char == 0x5C:  # backslash: the next byte is escaped (only inside strings)
-            escaped_until = at + 2
-            continue
-        if char == 0x22:
-            in_string ^= 1
-            continue
-        if in_string:
-            continue
-        if char in b"[{":
-            depth += 1
-            if depth == limit + 1:
-                start = at
-        else:
-            if depth == limit + 1 and start >= 0:
-                out += body[copied:start] + b"null"
-                copied = at + 1
-                start = -1
-            depth -= 1
-    out += body[copied:]
-    return bytes(out)
-
-
-def _text(value: str | None) -> str | None:
-    return None if value is None else value[:MAX_TEXT]
-
-
-def bounded_referral(referral: Referral) -> Referral:
-    """Return ``referral`` with Meta's display texts cut to what one row may hold."""
-    return msgspec.structs.replace(
-        referral,
-        source_url=_text(referral.source_url),
-        source_id=_text(referral.source_id),
-        source_type=_text(referral.source_type),
-        headline=_text(referral.headline),
-        body=_text(referral.body),
-        media_type=_text(referral.media_type),
-        ctwa_clid=referral.ctwa_clid or None,
-    )
 
 
 class _Extractor:
@@ -361,7 +195,7 @@ class _Extractor:
 
     def messages(self, value: MessagesValue, account_id: str, path: str) -> None:
         self.batch.statuses += len(value.statuses) if self.selected(path) else 0
-        contacts = self.contacts(value.contacts or [])
+        contacts = self.contacts(value.contacts)
         for k, raw in enumerate(value.messages):
             where = f"{path}.messages[{k}]"
             if not self.selected(where):
@@ -380,14 +214,19 @@ class _Extractor:
             if message is not None:
                 self.message(message, contacts, account_id, where)
 
-    def contacts(self, raws: list[msgspec.Raw]) -> dict[str, Contact]:
-        """Index the change's contacts by BSUID and by phone; a bad contact is skipped."""
+    def contacts(self, value: msgspec.Raw) -> dict[str, Contact]:
+        """Index the change's contacts by BSUID and by phone; what does not decode is skipped
+        (contacts only add a username, a parent BSUID and a phone the message may lack)."""
         found: dict[str, Contact] = {}
+        try:
+            raws = CONTACTS_DECODER.decode(value)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return found
         for raw in raws:
             try:
                 contact = CONTACT_DECODER.decode(raw)
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-                continue  # contacts only add a username and a parent BSUID
+                continue
             for key in (contact.user_id, contact.wa_id):
                 if key:
                     found.setdefault(key, contact)
@@ -399,7 +238,7 @@ class _Extractor:
         contact = contacts.get(message.from_user_id or "") or contacts.get(message.from_ or "")
         bsuid = message.from_user_id or (contact.user_id if contact else None)
         try:
-            phone = _phone(message.from_ or (contact.wa_id if contact else None))
+            phone = whatsapp_phone(message.from_) or contact_phone(contact)
         except ValueError:
             self.problem(
                 path,
@@ -419,7 +258,7 @@ class _Extractor:
                 account_id=account_id,
             )
             return
-        timestamp = _seconds(message.timestamp, self.now)
+        timestamp = unix_seconds(message.timestamp, self.now)
         if timestamp is None:
             self.problem(
                 path,
@@ -455,7 +294,7 @@ class _Extractor:
             return None
         if system.type == "user_changed_number":
             try:
-                new_phone = _phone(system.wa_id or system.new_wa_id)
+                new_phone = whatsapp_phone(system.wa_id or system.new_wa_id)
             except ValueError:
                 new_phone = None
             if new_phone is None:
@@ -488,7 +327,7 @@ class _Extractor:
             return
         occurred_at = None
         if event.timestamp is not None:
-            occurred_at = _seconds(event.timestamp, self.now)
+            occurred_at = unix_seconds(event.timestamp, self.now)
             if occurred_at is None:
                 self.problem(
                     path,

@@ -18,6 +18,7 @@ __all__ = [
     "AUTOMATIC_EVENTS_DECODER",
     "AUTOMATIC_EVENT_DECODER",
     "CHANGE_DECODER",
+    "CONTACTS_DECODER",
     "CONTACT_DECODER",
     "ENTRY_DECODER",
     "ENVELOPE_DECODER",
@@ -133,8 +134,8 @@ class MessagesValue(MetaStruct, frozen=True):
     """``value`` of a ``field == "messages"`` change; each list decoded item by item."""
 
     metadata: Metadata | None = None
-    # Auxiliary (usernames, parent BSUIDs): one that does not decode is skipped.
-    contacts: list[msgspec.Raw] | None = None
+    # Auxiliary (usernames, parent BSUIDs): decoded leniently, a bad one is skipped.
+    contacts: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"[]"))
     messages: list[msgspec.Raw] = msgspec.field(default_factory=list)
     # Delivery receipts (with ``recipient_id`` and/or ``recipient_user_id``): acknowledged
     # and ignored; only counted.
@@ -182,5 +183,6 @@ CHANGE_DECODER = msgspec.json.Decoder(Change)
 MESSAGES_DECODER = msgspec.json.Decoder(MessagesValue)
 MESSAGE_DECODER = msgspec.json.Decoder(Message)
 CONTACT_DECODER = msgspec.json.Decoder(Contact)
+CONTACTS_DECODER = msgspec.json.Decoder(list[msgspec.Raw])
 AUTOMATIC_EVENTS_DECODER = msgspec.json.Decoder(AutomaticEventsValue)
 AUTOMATIC_EVENT_DECODER = msgspec.json.Decoder(AutomaticEvent)

@@ -79,3 +79,18 @@ async def test_control_characters_in_identifiers_are_400(
     answer = await resp.json()
     assert (resp.status, answer["param"]) == (400, field)
     assert "control character" in answer["error"]
+
+
+@pytest.mark.parametrize("path", [b"/webhooks/whatsapp", b"/v1/whatsapp/conversions"])
+async def test_a_body_that_does_not_decompress_is_400(client: Client, path: bytes) -> None:
+    assert client.server.host is not None
+    assert client.server.port is not None
+    head = (
+        b"POST " + path + b" HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Encoding: gzip\r\n" + f"Authorization: Bearer {API_KEY}\r\n".encode()
+    )
+    status, _, body = await asyncio.to_thread(
+        raw_http, client.server.host, client.server.port, head, b"not gzip at all"
+    )
+    answer = json.loads(body)
+    assert (status, answer["code"], answer["param"]) == (400, "unreadable_body", "Content-Encoding")

@@ -137,7 +137,7 @@ async def test_lookups_in_one_turn_share_a_query(store: Store) -> None:
 
 
 async def test_old_webhook_message_ids_are_pruned(store: Store) -> None:
-    from gateway.webhook_extract import CaptureBatch, InboundMessage
+    from gateway.webhook_records import CaptureBatch, InboundMessage
 
     batch = CaptureBatch(
         messages=[

@@ -15,6 +15,7 @@ import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.archive import NewNotification
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
 from gateway.inbox import reprocess
@@ -22,6 +23,7 @@ from gateway.schema import MIGRATIONS
 from gateway.store import Store
 from tests.conftest import AUTH, ENV, ClientFactory, LogCapture, base_config, store_of
 from tests.payloads import (
+    automatic_change,
     encode,
     message,
     messages_change,
@@ -336,3 +338,59 @@ async def test_store_migrates_conversations_of_the_previous_schema(tmp_path: Pat
         await store.close()
     assert (newest.id, newest.superseded_by) == ("conv_new", None)
     assert (oldest.id, oldest.superseded_by) == ("conv_old", "conv_new")
+
+
+@pytest.mark.parametrize("where", ["message", "automatic event"])
+async def test_a_400_digit_timestamp_is_listed_and_its_siblings_captured(
+    client: Client, db_path: Path, where: str
+) -> None:
+    good = message("16505550420", "wamid.G4", ref=referral("sibling"))
+    odd: dict[str, Any] = message("16505550421", "wamid.O4")
+    odd["timestamp"] = "HUGE"
+    changes = [messages_change([good, odd])]
+    if where == "automatic event":
+        changes = [
+            messages_change([good]),
+            automatic_change([{"id": "wamid.G4", "event_name": "Purchase", "timestamp": "HUGE"}]),
+        ]
+    body = encode(notification(*changes)).replace(b'"HUGE"', b"1" + b"0" * 400)
+    answer = await post_signed(client, body)
+    assert (answer["archiveStatus"], answer["clicksCaptured"]) == ("partial", 1)
+    assert [p["code"] for p in answer["problems"]] == ["invalid_timestamp"]
+
+
+async def test_contacts_are_auxiliary_whatever_their_shape(client: Client, db_path: Path) -> None:
+    change = messages_change([message(None, "wamid.C5", bsuid="US.C5", ref=referral("c5"))])
+    change["value"]["contacts"] = {}
+    other = messages_change([message(None, "wamid.C6", bsuid="US.C6", ref=referral("c6"))])
+    other["value"]["contacts"] = [{"user_id": "US.C6", "wa_id": "+1 650 555 0101"}]
+    answer = await post_signed(client, encode(notification(change, other)))
+    assert (answer["clicksCaptured"], answer["unprocessed"]) == (2, 0)
+
+
+async def test_two_problems_at_one_path_are_both_kept(client: Client, db_path: Path) -> None:
+    body = b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # too deep, and no `object`
+    answer = await post_signed(client, body)
+    assert sorted(p["code"] for p in answer["problems"]) == ["invalid_shape", "too_deep"]
+    assert query(db_path, "SELECT problems FROM webhook_notifications") == [(2,)]
+    assert query(db_path, "SELECT COUNT(*) FROM webhook_problems") == [(2,)]
+
+
+async def test_reprocess_for_one_account_leaves_pending_notifications_alone(
+    client: Client, db_path: Path, tmp_path: Path
+) -> None:
+    store = store_of(client)
+    await store.archive_pending(
+        NewNotification(body=encode(notification(messages_change([message("1650555", "w.PA")]))),
+                        received_at=time.time(), request_id=None),
+        error="test",
+    )  # fmt: skip
+    await client.close()
+    config = tmp_path / "gateway.toml"
+    config.write_bytes(tomli_w.dumps(base_config(db_path)).encode())
+    code, out = await cli("webhooks", "reprocess", "--config", str(config), "--account", "acme")
+    assert "reprocessed 0 notifications" in out
+    assert query(db_path, "SELECT status FROM webhook_notifications") == [("pending",)]
+    code, out = await cli("webhooks", "list", "--config", str(config), "--limit", "0")
+    assert code == 2
+    assert "not a whole number of at least 1" in out

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from gateway.config import parse_settings
-from gateway.webhook_extract import extract, flatten_deep, is_under
+from gateway.webhook_extract import extract
+from gateway.webhook_records import is_under
+from gateway.webhook_values import flatten_deep
 from tests.conftest import base_config
 from tests.payloads import encode, message, messages_change, notification
 

@@ -163,15 +163,18 @@ async def test_user_changed_number_rekeys_and_keeps_the_click(
     await post_signed(client, fixture("webhook_bsuid_with_phone.json"))
     answer = await post_signed(client, fixture("webhook_system_user_changed_number.json"))
     assert (answer["identityChanges"], answer["conversationsCreated"]) == (1, 0)
-    assert live(db_path) == [("16505559876", SHEENA, BSUID_CLID)]
+    # A new number comes with a new BSUID (META.md §3b): keyed by the phone until it arrives.
+    assert live(db_path) == [("16505559876", None, BSUID_CLID)]
     (conversation,) = await listed(client)
-    # The old number still finds it (a CRM may hold it), the new one too.
+    # The old number and the old BSUID still find it (a CRM may hold them), the new one too.
     assert await listed(client, phoneE164="16505551234") == [conversation]
+    assert await listed(client, businessScopedUserId=SHEENA) == [conversation]
     assert await listed(client, phoneE164="16505559876") == [conversation]
-    # The next message from the new number goes to the same conversation.
-    later = await post_signed(client, one(message("16505559876", "wamid.after-change")))
-    assert later["conversationsCreated"] == 0
     assert conversation["lastInboundAt"] == "2025-06-18T19:48:20.000Z"  # system: not inbound
+    # The next message, from the new number with its new BSUID, is the same person.
+    later = await post_signed(client, one(message("16505559876", "wamid.after", bsuid="US.7")))
+    assert (later["conversationsCreated"], later["conversationsMerged"]) == (0, 0)
+    assert live(db_path) == [("16505559876", "US.7", BSUID_CLID)]
 
 
 async def test_user_changed_number_before_any_other_message(client: Client, db_path: Path) -> None:
@@ -305,3 +308,76 @@ async def test_a_mixed_thousand_message_notification(client: Client, db_path: Pa
             "SELECT COUNT(*) FROM conversations WHERE bsuid IS NOT NULL"
         ).fetchone() == (100,)
         assert conn.execute("SELECT COUNT(*) FROM webhook_problems").fetchone() == (20,)
+
+
+async def test_a_recycled_number_is_recognised_when_the_new_bsuid_wrote_first(
+    client: Client, db_path: Path
+) -> None:
+    now = time.time()
+    await post_signed(
+        client,
+        one(message("15550000051", "w.S1", ts=now - 900, bsuid="US.OLD5", ref=referral("old"))),
+    )
+    await post_signed(client, one(message(None, "w.S2", ts=now - 600, bsuid="US.NEW5")))
+    answer = await post_signed(client, one(message("15550000051", "w.S3", ts=now, bsuid="US.NEW5")))
+    assert answer["conversationsMerged"] == 0
+    assert live(db_path) == [("15550000051", "US.NEW5", None)]
+    (old,) = await listed(client, businessScopedUserId="US.OLD5")
+    assert (old["businessScopedUserId"], old["metadata"]["ctwa_clid"]) == ("US.OLD5", "old")
+
+
+async def test_a_conversion_by_a_recycled_number_never_takes_the_previous_owners_click(
+    client: Client,
+) -> None:
+    now = time.time()
+    await post_signed(
+        client,
+        one(message("15550000002", "w.R1", ts=now - 900, bsuid="US.OLD2", ref=referral("theirs"))),
+    )
+    await post_signed(client, one(message("15550000002", "w.R2", ts=now, bsuid="US.NEW2")))
+    body = {"accountId": "acme", "eventName": "LeadSubmitted", "eventId": "recycled-1",
+            "phoneE164": "+1 555 000 0002"}  # fmt: skip
+    resp = await client.post("/v1/whatsapp/conversions", json=body, headers=AUTH)
+    answer = await resp.json()
+    # The new owner has no click: attributing to the previous owner's ad would be wrong.
+    assert resp.status == 422, answer
+    assert "ctwa_clid" in answer["error"]
+
+
+async def test_moving_onto_a_number_someone_else_holds_does_not_merge_two_people(
+    client: Client, db_path: Path
+) -> None:
+    now = time.time()
+    await post_signed(
+        client, one(message("15550000003", "w.A", ts=now - 900, bsuid="US.A3", ref=referral("a")))
+    )
+    await post_signed(
+        client, one(message("15550000004", "w.B", ts=now - 600, bsuid="US.B3", ref=referral("b")))
+    )
+    change = system_message(
+        "w.SYS3", "user_changed_number", wa_id="15550000003", bsuid="US.A3",
+        new_wa_id="15550000004", new_bsuid="US.A4", ts=now,
+    )  # fmt: skip
+    answer = await post_signed(client, one(change))
+    assert answer["conversationsMerged"] == 0
+    assert live(db_path) == [("15550000004", "US.A4", "a")]
+    (b,) = await listed(client, businessScopedUserId="US.B3")
+    assert (b["metadata"]["ctwa_clid"], b["supersededBy"] is not None) == ("b", True)
+
+
+async def test_number_changes_arriving_out_of_order_keep_the_latest_number(
+    client: Client, db_path: Path
+) -> None:
+    now = time.time()
+    await post_signed(
+        client, one(message("15550000081", "w.O", ts=now - 3000, bsuid="US.S8", ref=referral("c")))
+    )
+    newer = system_message("w.N", "user_changed_number", wa_id="15550000082", bsuid="US.S8",
+                           new_wa_id="15550000083", ts=now - 1000)  # fmt: skip
+    older = system_message("w.P", "user_changed_number", wa_id="15550000081", bsuid="US.S8",
+                           new_wa_id="15550000082", ts=now - 2000)  # fmt: skip
+    await post_signed(client, one(newer))
+    await post_signed(client, one(older))
+    assert live(db_path) == [("15550000083", None, "c")]
+    for phone in ("15550000081", "15550000082", "15550000083"):
+        assert len(await listed(client, phoneE164=phone)) == 1, phone
