@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import structlog
 from aiohttp import web
 
+from gateway.auth import FailureLimiter, KeyRing
 from gateway.config import Settings
 from gateway.context import CREDENTIALS, METRICS, PIPELINE, PLUGINS, SETTINGS
 from gateway.credentials import Credentials, metrics_key
@@ -63,8 +65,15 @@ def create_app(
     largest = max(settings.server.max_body_bytes, settings.webhook.max_body_bytes)
     metrics = Metrics()
     credentials.keys.on_limited = lambda key: metrics.rate_limited.labels(key.name).inc()
+    failures = FailureLimiter(
+        rate_per_s=settings.auth.failed_per_s, burst=settings.auth.failed_burst
+    )
+    proxies = [ipaddress.ip_network(p, strict=False) for p in settings.server.trusted_proxies]
     app = web.Application(
-        client_max_size=largest, middlewares=middlewares(max_body_bytes=largest, metrics=metrics)
+        client_max_size=largest,
+        middlewares=middlewares(
+            max_body_bytes=largest, metrics=metrics, failures=failures, trusted_proxies=proxies
+        ),
     )
     app[METRICS] = metrics
     app[SETTINGS] = settings
@@ -90,7 +99,7 @@ def create_app(
 def startup_problems(settings: Settings, plugins: Plugins, environ: Mapping[str, str]) -> list[str]:
     """Return every reason ``serve`` would refuse to start (``check-config`` lists them all)."""
     checks: list[Callable[[], object]] = [
-        lambda: Credentials.load(settings, environ),
+        lambda: KeyRing.from_config(settings.auth, environ),
         lambda: plugins.check_config(settings, environ),
         lambda: check_normalizers(settings, plugins),
         lambda: metrics_key(settings, environ),

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.config import AuthConfig
 from gateway.errors import ConfigError, Forbidden, RateLimited, Unauthorized
 
-__all__ = ["ApiKey", "KeyRing", "secret_matches"]
+__all__ = ["ApiKey", "FailureLimiter", "IPNetwork", "KeyRing", "client_address", "secret_matches"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +133,73 @@ def _digest(secret: str) -> bytes:
 def secret_matches(presented: str, secret: str) -> bool:
     """Compare a presented secret with the expected one in constant time, whatever its bytes."""
     return hmac.compare_digest(_digest(presented), _digest(secret))
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class FailureLimiter:
+    """Failed authentications per client address: a token bucket each, refilled over time.
+
+    An address whose bucket is empty is refused (429) until a token is back, whatever it
+    presents: that bounds guessing keys (and signatures) without slowing anyone who has one.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate_per_s: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 10_000,
+    ) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._clock = clock
+        self._max_clients = max_clients
+        # Address -> (tokens left, when last refilled); oldest first, so the map stays bounded.
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def _tokens(self, client: str, now: float) -> float:
+        tokens, last = self._buckets.get(client, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - last) * self.rate_per_s)
+
+    def retry_after(self, client: str) -> float | None:
+        """Return how long ``client`` must wait, or None if it may try."""
+        if client not in self._buckets:
+            return None
+        tokens = self._tokens(client, self._clock())
+        return None if tokens >= 1.0 else (1.0 - tokens) / self.rate_per_s
+
+    def failed(self, client: str) -> bool:
+        """Count a failed authentication; return True when it empties the bucket."""
+        now = self._clock()
+        tokens = max(0.0, self._tokens(client, now) - 1.0)
+        self._buckets[client] = (tokens, now)
+        self._buckets.move_to_end(client)
+        while len(self._buckets) > self._max_clients:
+            self._buckets.popitem(last=False)
+        return tokens < 1.0
+
+
+def client_address(
+    peer: str | None, forwarded_for: str | None, trusted: Sequence[IPNetwork]
+) -> str:
+    """Return the client's address: the peer, or, from a trusted proxy, the last address in
+    X-Forwarded-For that is not a trusted proxy itself."""
+    address = peer or "unknown"
+    if forwarded_for is None or not _within(address, trusted):
+        return address
+    for hop in reversed(forwarded_for.split(",")):
+        hop = hop.strip()
+        if not _within(hop, trusted):
+            return hop[:64] or address
+    return address
+
+
+def _within(address: str, networks: Sequence[IPNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)

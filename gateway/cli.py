@@ -164,9 +164,12 @@ def _serve(
     port: int | None,
     reload_environ: Callable[[], Mapping[str, str]],
 ) -> int:
-    app = create_app(settings, plugins, environ=env, reload_environ=reload_environ)
     host = host or settings.server.host
     port = settings.server.port if port is None else port
+    # The address served is the one the startup checks judge (an open /metrics off loopback).
+    server = msgspec.structs.replace(settings.server, host=host, port=port)
+    settings = msgspec.structs.replace(settings, server=server)
+    app = create_app(settings, plugins, environ=env, reload_environ=reload_environ)
     # Bind before anything starts: a port in use must not leave a second gateway running its
     # dispatcher (and sending) while it fails to serve.
     try:

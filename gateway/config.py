@@ -7,6 +7,7 @@ Every error names the file and the ``$.path`` of the offending value.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -51,6 +52,20 @@ class ServerConfig(ConfigStruct, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    # Reverse proxies (IPs or CIDRs) whose X-Forwarded-For names the client; from any other
+    # peer the header is ignored (anyone can send it).
+    trusted_proxies: list[Annotated[str, msgspec.Meta(max_length=64)]] = msgspec.field(
+        default_factory=list
+    )
+
+    def is_loopback(self) -> bool:
+        """Tell whether the server listens on loopback only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a hostname: assume it is reachable
 
 
 class StoreConfig(ConfigStruct, frozen=True):
@@ -78,6 +93,10 @@ class AuthKeyConfig(ConfigStruct, frozen=True):
 
 class AuthConfig(ConfigStruct, frozen=True):
     keys: list[AuthKeyConfig] = msgspec.field(default_factory=list)
+    # Failed authentications (any 401) per client address: a token bucket; past it, every
+    # request from that address is answered 429 until it refills.
+    failed_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 0.5
+    failed_burst: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 20
 
 
 class PluginsConfig(ConfigStruct, frozen=True):
@@ -130,8 +149,10 @@ class SecretsConfig(ConfigStruct, frozen=True):
 
 
 class MetricsConfig(ConfigStruct, frozen=True):
-    # Unset: /metrics is open (bind the server to a private interface, or set a key).
+    # The bearer key /metrics requires. Unset, /metrics is open, which the gateway allows on
+    # a loopback address only, unless `public = true` says it is meant to be.
     key_env: EnvName | None = None
+    public: bool = False
 
 
 class LoggingConfig(ConfigStruct, frozen=True):
@@ -255,6 +276,14 @@ def _check_references(settings: Settings) -> None:
                     f"{src}: key {key.name!r} names unknown account {account_id!r}; "
                     f'use an id from [[accounts]] or "*" - at `$.auth.keys[{i}].accounts[{j}]`'
                 )
+    for i, proxy in enumerate(settings.server.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{src}: {proxy!r} is not an IP address or CIDR, e.g. 127.0.0.1 or 10.0.0.0/8"
+                f" - at `$.server.trusted_proxies[{i}]`"
+            ) from None
     webhook = settings.webhook
     if webhook.archive_retention_days > webhook.message_retention_days:
         # Reprocessing relies on remembered message ids never to capture a message twice.

@@ -82,6 +82,10 @@ class Metrics:
             "ctwa_webhook_signature_failures", "Notifications refused for their signature.",
             registry=r,
         )  # fmt: skip
+        self.auth_failures_limited = Counter(
+            "ctwa_auth_failures_limited",
+            "Client addresses cut off for too many failed authentications (401s).", registry=r,
+        )  # fmt: skip
         self.rate_limited = Counter(
             "ctwa_rate_limited", "Requests refused by the per-key rate limit.", ["key"],
             registry=r,

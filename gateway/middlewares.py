@@ -7,21 +7,24 @@ quoting the request id, and the traceback goes to the log (without frame locals)
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from gateway.auth import FailureLimiter, IPNetwork, client_address
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
     NotFound,
     PlatformError,
+    RateLimited,
     ServiceUnavailable,
 )
 from gateway.http_body import too_large
@@ -65,8 +68,14 @@ def error_body(exc: GatewayError) -> ErrorBody:
     )
 
 
-def make_middleware(max_body_bytes: int, metrics: Metrics) -> Middleware:
-    """Return the middleware: request id, errors as envelopes, and the canonical log line."""
+def make_middleware(
+    max_body_bytes: int,
+    metrics: Metrics,
+    failures: FailureLimiter,
+    trusted_proxies: Sequence[IPNetwork],
+) -> Middleware:
+    """Return the middleware: request id, errors as envelopes, failed-authentication limits,
+    and the canonical log line."""
     # A random per-app prefix and a counter: unique like uuid4, without a getrandom() syscall
     # on every request.
     prefix = secrets.token_hex(8)
@@ -82,7 +91,18 @@ def make_middleware(max_body_bytes: int, metrics: Metrics) -> Middleware:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
-        response = await _answer(request, handler, max_body_bytes)
+        client = client_address(
+            request.remote, request.headers.get("X-Forwarded-For"), trusted_proxies
+        )
+        wait = failures.retry_after(client)
+        if wait is None:
+            response = await _answer(request, handler, max_body_bytes)
+            if response.status == 401 and failures.failed(client):
+                metrics.auth_failures_limited.inc()
+                # The address, once, when it is cut off: what an operator would block.
+                log.warning("auth_failures_limited", client=client)
+        else:
+            response = _too_many_failures(wait)
         response.headers[REQUEST_ID_HEADER] = request_id
         elapsed = time.perf_counter() - started
         # Unmatched paths share one label: a scanner must not mint a time series per URL.
@@ -141,6 +161,17 @@ async def _answer(
         )
 
 
+def _too_many_failures(wait: float) -> web.Response:
+    error = RateLimited(
+        f"Too many failed authentications from this address; retry after {wait:.0f} s with a"
+        " valid key (or signature).",
+        code="too_many_failed_authentications",
+        details={"retryAfterSeconds": round(wait, 3)},
+    )
+    structlog.contextvars.bind_contextvars(error_code=error.code)
+    return error_response(error, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+
 def _store_unavailable(exc: Exception) -> bool:
     # aiosqlite raises ValueError("Connection closed") for a store that is shutting down.
     return isinstance(exc, sqlite3.Error) or (
@@ -177,6 +208,12 @@ def _allow(exc: web.HTTPException) -> dict[str, str] | None:
     return {"Allow": ", ".join(sorted(allowed))} if allowed else None
 
 
-def middlewares(*, max_body_bytes: int, metrics: Metrics) -> list[Middleware]:
+def middlewares(
+    *,
+    max_body_bytes: int,
+    metrics: Metrics,
+    failures: FailureLimiter,
+    trusted_proxies: Sequence[IPNetwork] = (),
+) -> list[Middleware]:
     """Return the app's middlewares (one: each layer costs every request a coroutine)."""
-    return [make_middleware(max_body_bytes, metrics)]
+    return [make_middleware(max_body_bytes, metrics, failures, trusted_proxies)]

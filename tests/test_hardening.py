@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.errors import ConfigError
 from tests.conftest import API_KEY, AUTH, ClientFactory, LogCapture
 from tests.live import raw_http
 
@@ -94,3 +95,52 @@ async def test_a_body_that_does_not_decompress_is_400(client: Client, path: byte
     )
     answer = json.loads(body)
     assert (status, answer["code"], answer["param"]) == (400, "unreadable_body", "Content-Encoding")
+
+
+async def test_failed_authentications_are_limited_per_client_address(
+    make_client: ClientFactory, config: dict[str, Any], logs: LogCapture
+) -> None:
+    auth = {**config["auth"], "failed_per_s": 0.5, "failed_burst": 3}
+    client = await make_client(auth=auth)
+    bad = {"Authorization": "Bearer not-the-key-0123456789"}
+    for _ in range(3):
+        assert (
+            await client.get("/v1/whatsapp/conversions?accountId=acme", headers=bad)
+        ).status == 401
+    # The address is cut off: even a good key waits (a guess must not be told apart).
+    resp = await client.get("/v1/whatsapp/conversions?accountId=acme", headers=AUTH)
+    answer = await resp.json()
+    assert (resp.status, answer["code"]) == (429, "too_many_failed_authentications")
+    assert int(resp.headers["Retry-After"]) >= 1
+    (line,) = logs.events("auth_failures_limited")
+    assert line["client"] == "127.0.0.1"
+    assert (await client.get("/metrics")).status == 429  # every route, while cut off
+    await asyncio.sleep(2.1)
+    assert (await client.get("/v1/whatsapp/conversions?accountId=acme", headers=AUTH)).status == 200
+
+
+async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> None:
+    auth = {**config["auth"], "failed_per_s": 0.01, "failed_burst": 1}
+    client = await make_client(auth=auth, server={"trusted_proxies": ["127.0.0.1"]})
+    bad = {"Authorization": "Bearer not-the-key-0123456789"}
+    first = {**bad, "X-Forwarded-For": "203.0.113.7"}
+    assert (
+        await client.get("/v1/whatsapp/conversions?accountId=acme", headers=first)
+    ).status == 401
+    # That client is cut off; another behind the same proxy is not.
+    assert (await client.get("/healthz", headers={"X-Forwarded-For": "203.0.113.7"})).status == 429
+    other = {**AUTH, "X-Forwarded-For": "198.51.100.9, 127.0.0.1"}
+    assert (
+        await client.get("/v1/whatsapp/conversions?accountId=acme", headers=other)
+    ).status == 200
+
+
+async def test_an_open_metrics_endpoint_off_loopback_is_refused_at_startup(
+    make_client: ClientFactory,
+) -> None:
+    with pytest.raises(ConfigError, match=r"/metrics would be open to anyone on 0\.0\.0\.0"):
+        await make_client(server={"host": "0.0.0.0"})
+    client = await make_client(server={"host": "0.0.0.0"}, metrics={"public": True})
+    assert (await client.get("/metrics")).status == 200
