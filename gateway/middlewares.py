@@ -188,8 +188,9 @@ def _from_http(exc: web.HTTPException, request: web.Request, limit: int) -> Gate
     if exc.status == 413:
         return too_large(limit)
     if exc.status == 404:
+        hint = _PLUGIN_ROUTES.get(request.path, "see the README for the API")
         return NotFound(
-            f"No endpoint at {request.method} {request.path}; see the README for the API.",
+            f"No endpoint at {request.method} {request.path[:200]}; {hint}.",
             code="route_not_found",
         )
     if exc.status == 405:
@@ -201,6 +202,13 @@ def _from_http(exc: web.HTTPException, request: web.Request, limit: int) -> Gate
             details={"allowed": allowed},
         )
     return InvalidRequest(exc.reason, code=f"http_{exc.status}", status=exc.status)
+
+
+# Routes built-in plugins serve, for the 404 of a gateway that does not load them.
+_PLUGIN_ROUTES = {
+    "/v1/whatsapp/dataset": "the dataset endpoints come with the meta_capi (or test_mode) sink:"
+    ' add it to [plugins] sinks, e.g. sinks = ["meta_capi"]',
+}
 
 
 def _allow(exc: web.HTTPException) -> dict[str, str] | None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from functools import cache
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import pycountry
@@ -52,7 +53,6 @@ _FIELD_HINTS = {
     "testCode": "Send the test event code from Events Manager, e.g. TEST12345.",
     "eventTime": "Send Unix time in seconds, e.g. 1764000000.",
 }
-_FIELDS = ", ".join(_FIELD_HINTS)
 _PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _NAMED = re.compile(r"`(?P<name>[^`]+)`")
 
@@ -64,8 +64,13 @@ def iso_currencies() -> frozenset[str]:
     return frozenset(c.alpha_3 for c in pycountry.currencies) - {"XXX", "XTS"}
 
 
-def validation_error(exc: msgspec.ValidationError) -> InvalidRequest:
-    """Translate a msgspec error into an :class:`InvalidRequest` naming the field."""
+def validation_error(
+    exc: msgspec.ValidationError, accepted: Sequence[str] = tuple(_FIELD_HINTS)
+) -> InvalidRequest:
+    """Translate a msgspec error into an :class:`InvalidRequest` naming the field.
+
+    ``accepted``: the body's fields, for the hint on an unknown one.
+    """
     text = str(exc)
     match = _PATH.match(text)
     assert match is not None  # the pattern matches any string
@@ -85,8 +90,8 @@ def validation_error(exc: msgspec.ValidationError) -> InvalidRequest:
         camel = _camel(top)
         hint = (
             f"Did you mean `{camel}`? Fields are camelCase."
-            if camel in _FIELD_HINTS and camel != top
-            else f"Remove it; accepted fields are: {_FIELDS}."
+            if camel in accepted and camel != top
+            else f"Remove it; accepted fields are: {', '.join(accepted)}."
         )
         return InvalidRequest(f"Unknown field `{param}`. {hint}", code="unknown_field", param=param)
     if msg.startswith("Object missing required field"):
@@ -112,12 +117,19 @@ def decode_conversion(body: bytes) -> ConversionRequest:
     return decode_body(body, CONVERSION_DECODER)
 
 
+def _field_names(kind: Any) -> tuple[str, ...]:
+    """Return a Struct's wire field names (the conversion's for anything else)."""
+    if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+        return tuple(f.encode_name for f in msgspec.structs.fields(kind))
+    return tuple(_FIELD_HINTS)
+
+
 def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     """Decode a JSON request body with ``decoder`` or raise a 400 naming the field."""
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise validation_error(exc) from None
+        raise validation_error(exc, _field_names(decoder.type)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError (not a DecodeError) for invalid UTF-8 in strings.
         raise InvalidRequest(

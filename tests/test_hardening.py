@@ -144,3 +144,10 @@ async def test_an_open_metrics_endpoint_off_loopback_is_refused_at_startup(
         await make_client(server={"host": "0.0.0.0"})
     client = await make_client(server={"host": "0.0.0.0"}, metrics={"public": True})
     assert (await client.get("/metrics")).status == 200
+
+
+async def test_dataset_without_the_meta_sink_says_which_sink_serves_it(client: Client) -> None:
+    resp = await client.get("/v1/whatsapp/dataset", params={"accountId": "acme"}, headers=AUTH)
+    answer = await resp.json()
+    assert resp.status == 404
+    assert "meta_capi" in answer["error"]

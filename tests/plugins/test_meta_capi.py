@@ -320,6 +320,11 @@ async def test_dataset_endpoints(
         "datasetId": OTHER_DATASET
     }
 
+    typo = await client.post(url, json={"accountId": "acme", "eventId": "x"}, headers=AUTH)
+    answer = await typo.json()
+    assert (typo.status, answer["param"]) == (400, "eventId")
+    assert answer["error"].endswith("accepted fields are: accountId.")
+
     fake.fail("token190")
     refused = await client.post(url, json={"accountId": "acme"}, headers=AUTH)
     answer = await refused.json()
