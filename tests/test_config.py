@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,14 @@ def test_secrets_come_from_the_environment() -> None:
         KeyRing.from_config(settings.auth, {"MY_KEY": "short"})
     ring = KeyRing.from_config(settings.auth, {"MY_KEY": "a-long-enough-secret-key"})
     assert ring.authenticate("Bearer a-long-enough-secret-key").name == "k"
+
+
+def test_the_readme_configuration_block_loads() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Configuration") :]
+    block = section[
+        section.index("```toml\n") + 8 : section.index("```", section.index("```toml") + 7)
+    ]
+    settings = parse_settings(tomllib.loads(block))
+    assert settings.metrics.key_env == "CTWA_METRICS_KEY"
+    assert settings.server.trusted_proxies == []
