@@ -10,8 +10,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway import ConversionRequest, EventDraft, hookimpl
+from gateway.config import PluginsConfig
 from gateway.errors import ConfigError
-from tests.conftest import API_KEY, AUTH, ClientFactory, LogCapture
+from tests.conftest import API_KEY, AUTH, ClientFactory, LogCapture, add_conversation, store_of
 from tests.live import raw_http
 
 Client = TestClient[web.Request, web.Application]
@@ -151,3 +153,31 @@ async def test_dataset_without_the_meta_sink_says_which_sink_serves_it(client: C
     answer = await resp.json()
     assert resp.status == 404
     assert "meta_capi" in answer["error"]
+
+
+class Faulty:
+    """A normalizer with a bug: it raises a ValueError for one event."""
+
+    @hookimpl
+    def gateway_normalize_event(self, draft: EventDraft, request: ConversionRequest) -> None:
+        if request.event_id == "boom":
+            raise ValueError("a plugin bug")
+
+
+async def test_an_unexpected_error_of_any_type_is_one_500_envelope(
+    make_client: ClientFactory, config: dict[str, Any], logs: LogCapture
+) -> None:
+    plugins = {**config["plugins"], "normalizers": [*PluginsConfig().normalizers, "faulty"]}
+    client = await make_client(plugins=plugins, extra={"faulty": Faulty()})
+    body = {"accountId": "acme", "eventName": "LeadSubmitted", "eventId": "boom",
+            "conversationId": (await add_conversation(store_of(client))).id}  # fmt: skip
+    resp = await client.post("/v1/whatsapp/conversions", json=body, headers=AUTH)
+    answer = await resp.json()
+    assert (resp.status, answer["code"]) == (500, "internal_error")
+    request_id = resp.headers["X-Request-Id"]
+    (line,) = logs.events("unhandled_error")
+    assert line["request_id"] == request_id
+    assert line["error_type"] == "ValueError"
+    assert "a plugin bug" in json.dumps(line["exception"])
+    (canonical,) = [r for r in logs.events("request") if r["status"] == 500]
+    assert canonical["error_code"] == "internal_error"
