@@ -5,7 +5,7 @@ The hooks themselves are documented in :mod:`gateway.hookspecs`.
 """
 
 from gateway.config import AccountConfig, Settings
-from gateway.domain import Conversation, PreparedEvent, SinkState, StoredEvent
+from gateway.domain import Conversation, PreparedEvent, Resolved, SinkState, StoredEvent
 from gateway.draft import EventDraft
 from gateway.errors import (
     ConfigError,
@@ -16,6 +16,7 @@ from gateway.errors import (
 )
 from gateway.hookspecs import hookimpl
 from gateway.models import ConversionRequest
+from gateway.phones import PhoneForms, parse_phone
 from gateway.store import Store
 
 __all__ = [
@@ -27,11 +28,14 @@ __all__ = [
     "GatewayError",
     "InvalidRequest",
     "NotFound",
+    "PhoneForms",
     "PreparedEvent",
+    "Resolved",
     "Settings",
     "SinkState",
     "Store",
     "StoredEvent",
     "Unprocessable",
     "hookimpl",
+    "parse_phone",
 ]

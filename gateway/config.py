@@ -100,7 +100,9 @@ class AuthConfig(ConfigStruct, frozen=True):
 
 
 class PluginsConfig(ConfigStruct, frozen=True):
-    resolvers: list[Name] = msgspec.field(default_factory=lambda: ["conversation_id", "phone"])
+    resolvers: list[Name] = msgspec.field(
+        default_factory=lambda: ["conversation_id", "business_scoped_user_id", "phone"]
+    )
     normalizers: list[Name] = msgspec.field(
         default_factory=lambda: [
             "business_messaging",
@@ -125,6 +127,9 @@ class EventsConfig(ConfigStruct, frozen=True):
     max_age_s: Annotated[int, msgspec.Meta(ge=60, le=SEVEN_DAYS_S)] = SEVEN_DAYS_S
     # How long after the ad click a conversion still attributes (Meta: 7 days for CTWA).
     attribution_window_s: Annotated[int, msgspec.Meta(ge=60, le=90 * 86400)] = SEVEN_DAYS_S
+    # A known eventId with a different body: "conflict" answers 409 naming the fields that
+    # differ; "original" answers the original outcome (duplicate: true), as Zernio does.
+    on_reused_event_id: Literal["conflict", "original"] = "conflict"
 
 
 class WebhookConfig(ConfigStruct, frozen=True):

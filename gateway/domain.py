@@ -19,6 +19,8 @@ __all__ = [
     "Conversation",
     "DeliveryStatus",
     "PreparedEvent",
+    "Resolution",
+    "Resolved",
     "SinkState",
     "StoredEvent",
     "overall_status",
@@ -70,6 +72,28 @@ class Conversation(msgspec.Struct, frozen=True, kw_only=True):
         return self.ctwa_clicked_at or self.ctwa_captured_at
 
 
+class Resolved(msgspec.Struct, frozen=True, kw_only=True):
+    """What a resolver may return instead of a bare Conversation: how it found it."""
+
+    conversation: Conversation
+    # The request field that found it (camelCase), e.g. "phoneE164".
+    field: str | None = None
+    # Which form of the sent identifier matched the stored one (e.g. "mexico_with_1",
+    # "former_number"; the identifier itself is not kept with the event).
+    form: str | None = None
+    # More than one person matched; the most recent conversation with a click was taken.
+    ambiguous: bool = False
+
+
+class Resolution(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How a conversion's conversation was found; kept with the event and shown with it."""
+
+    resolver: str
+    field: str | None = None
+    form: str | None = None
+    ambiguous: bool = False
+
+
 class PreparedEvent(msgspec.Struct, frozen=True, kw_only=True):
     """A validated request, its conversation and the Meta event the normalizers built."""
 
@@ -83,6 +107,7 @@ class PreparedEvent(msgspec.Struct, frozen=True, kw_only=True):
     # The click is older than the attribution window: Meta will take the event but will not
     # credit the ad with it.
     attribution_window_expired: bool = False
+    resolution: Resolution | None = None
 
 
 class SinkState(msgspec.Struct, frozen=True, kw_only=True):
@@ -131,6 +156,9 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
     duration_ms: float
     deliveries: dict[str, SinkState]
     attribution_window_expired: bool = False
+    resolution: Resolution | None = None
+    # Digests of the request's fields, by wire name (None for events stored before them).
+    request_fields: dict[str, str] | None = None
 
 
 # Which state an event shows when its sinks disagree: the one needing attention first.

@@ -25,7 +25,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.config import AccountConfig, Settings
-    from gateway.domain import Conversation, PreparedEvent, SinkState, StoredEvent
+    from gateway.domain import Conversation, PreparedEvent, Resolved, SinkState, StoredEvent
     from gateway.draft import EventDraft
     from gateway.metrics import Metrics
     from gateway.models import ConversionRequest
@@ -89,14 +89,24 @@ def gateway_register_routes(name: str, config: Any) -> list[web.RouteDef] | None
 @hookspec(firstresult=True)
 def gateway_resolve_conversation(
     request: ConversionRequest, account: AccountConfig, store: Store, config: Any
-) -> Awaitable[Conversation] | None:
+) -> Awaitable[Conversation | Resolved] | None:
     """Find the conversation a conversion belongs to (resolvers, in configured order).
 
     Decide synchronously: return ``None`` if this resolver does not apply to the request (e.g.
     no ``conversationId``), so the next one is asked. Return an awaitable to claim it; the host
-    awaits it, and it resolves to the :class:`~gateway.domain.Conversation` or raises
-    :class:`gateway.errors.NotFound` naming the request field that found nothing. Whether the
-    conversation has a ``ctwa_clid`` is the host's concern (422), not the resolver's.
+    awaits it, and it resolves to the :class:`~gateway.domain.Conversation` (or a
+    :class:`~gateway.domain.Resolved` saying how it matched, which the answer shows and the
+    event keeps) or raises :class:`gateway.errors.NotFound` naming the request field that found
+    nothing. Whether the conversation has a ``ctwa_clid`` is the host's concern (422).
+    """
+
+
+@hookspec
+def gateway_declare_fields(config: Any) -> list[str] | None:
+    """Return the request fields (camelCase) a resolver finds conversations by.
+
+    The host names them when no resolver applies ("send one of conversationId,
+    businessScopedUserId, phoneE164") and in the 422 for a conversation without a click.
     """
     return None
 

@@ -7,6 +7,7 @@ shape plus fields of our own that say what happened (``eventId``, ``status``, ``
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any
 
 import msgspec
@@ -31,6 +32,8 @@ __all__ = [
     "Failure",
     "Health",
     "PlatformErrorBody",
+    "request_field",
+    "request_fingerprint",
 ]
 
 # Bounds on what a client may send: generous for real data, small enough that nothing a client
@@ -57,6 +60,10 @@ ContentIds = Annotated[list[ContentId], msgspec.Meta(max_length=1000)]
 Email = Annotated[str, _text(320)]
 ExternalId = Annotated[str, _text(256)]
 TestCode = Annotated[str, _text(64)]
+# A WhatsApp business-scoped user id: "US.13491208655302741918", parents "US.ENT.1181...".
+Bsuid = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*\Z")
+]
 
 
 class WireStruct(
@@ -73,6 +80,8 @@ class ConversionRequest(WireStruct, frozen=True):
     event_id: EventId
     conversation_id: ConversationId | None = None
     phone_e164: Phone | None = None
+    # Our extension (Zernio clients never send it): for users whose phone Meta withholds.
+    business_scoped_user_id: Bsuid | None = None
     value: Money | None = None
     currency: Currency | None = None
     content_ids: ContentIds | None = None
@@ -81,6 +90,29 @@ class ConversionRequest(WireStruct, frozen=True):
     test_code: TestCode | None = None
     # Unix seconds; a float is accepted (and floored) because Zernio's type is "number".
     event_time: float | None = None
+
+
+_REQUEST_ATTRIBUTES = {f.encode_name: f.name for f in msgspec.structs.fields(ConversionRequest)}
+
+
+def request_field(request: ConversionRequest, name: str) -> object:
+    """Return the value of a request field by its wire name (``phoneE164``), or None."""
+    attribute = _REQUEST_ATTRIBUTES.get(name)
+    return None if attribute is None else getattr(request, attribute)
+
+
+def request_fingerprint(request: ConversionRequest) -> dict[str, str]:
+    """Return a short digest of each field sent, by wire name: enough to tell which fields of
+    a reused ``eventId`` differ, without keeping the values (emails, phones) themselves."""
+    digests = {}
+    for name, attribute in _REQUEST_ATTRIBUTES.items():
+        value = getattr(request, attribute)
+        if value is not None:
+            digests[name] = hashlib.sha256(_FINGERPRINT.encode(value)).hexdigest()[:16]
+    return digests
+
+
+_FINGERPRINT = msgspec.json.Encoder()
 
 
 class Failure(WireStruct, frozen=True):
@@ -117,6 +149,8 @@ class ConversionResponse(WireStruct, frozen=True):
     attribution_window_expired: bool
     # For dry runs: the exact request body that would be POSTed to Meta.
     payload: dict[str, Any] | None = None
+    # How the conversation was found (resolver, field, the stored form that matched).
+    resolution: dict[str, Any] | None = None
 
 
 class EventSummary(WireStruct, frozen=True):
@@ -175,6 +209,7 @@ class EventDetail(WireStruct, frozen=True):
     # The Meta event as stored (hashed fields only).
     event: dict[str, Any]
     test_event_code: str | None
+    resolution: dict[str, Any] | None = None
 
 
 class EventList(WireStruct, frozen=True):

@@ -18,9 +18,16 @@ import structlog
 from gateway.config import AccountConfig, Settings
 from gateway.domain import Conversation, PreparedEvent, SinkState, StoredEvent, overall_status
 from gateway.draft import EventDraft, IncompleteEvent
-from gateway.errors import ConfigError, GatewayError, InvalidRequest, NotFound, Unprocessable
+from gateway.errors import (
+    ConfigError,
+    Conflict,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    Unprocessable,
+)
 from gateway.metrics import Metrics
-from gateway.models import ConversionRequest
+from gateway.models import ConversionRequest, request_fingerprint
 from gateway.plugin_manager import Plugins
 from gateway.store import NewEvent, Store
 from gateway.validation import check_conversion
@@ -79,21 +86,26 @@ class Pipeline:
         """Validate, resolve and normalize; nothing is written."""
         now = self.clock()
         check_conversion(request, self.settings.events, now=now)
-        conversation = await self.plugins.resolve(request, account, self.store)
-        if conversation is None:
+        found = await self.plugins.resolve(request, account, self.store)
+        if found is None:
+            fields = self.plugins.resolver_fields
+            names = ", ".join(f"`{f}`" for f in fields) or "(none: no resolver is configured)"
             raise InvalidRequest(
-                "None of the configured resolvers can find a conversation from this request;"
-                f" resolvers: {', '.join(self.plugins.roles['resolvers']) or 'none'}."
-                " Send `conversationId`.",
-                code="unresolvable",
-                param="conversationId",
+                f"Send one of {names} so the gateway can find the conversation (and its click"
+                " id) this conversion belongs to; no configured resolver"
+                f" ({', '.join(self.plugins.roles['resolvers']) or 'none'}) applies to this"
+                " request.",
+                code="missing_conversation",
+                param=fields[0] if fields else None,
+                details={"fields": fields},
             )
+        conversation, resolution = found
         if not conversation.ctwa_clid:
             raise Unprocessable(
                 "The resolved conversation has no captured ctwa_clid",
                 code="missing_ctwa_clid",
-                param="conversationId" if request.conversation_id else "phoneE164",
-                details={"conversationId": conversation.id},
+                param=resolution.field,
+                details={"conversationId": conversation.id, "resolver": resolution.resolver},
             )
         draft = EventDraft()
         self.plugins.normalize(draft, request, account, conversation, now)
@@ -109,6 +121,7 @@ class Pipeline:
             received_at=now,
             attribution_window_expired=clicked is not None
             and int(event["event_time"]) - clicked > window,
+            resolution=resolution,
         )
 
     async def handle(
@@ -126,10 +139,25 @@ class Pipeline:
         except GatewayError:
             existing = await self.store.find_event(account.id, request.event_id)
             if existing is not None:
-                self.metrics.events_duplicate.labels(account.id).inc()
-                return Outcome(event=existing, duplicate=True)
+                return self._repeated(existing, request)
             raise
         return await self.submit(prepared, started=started)
+
+    def _repeated(self, existing: StoredEvent, request: ConversionRequest) -> Outcome:
+        """Answer a known eventId: the original outcome if this is a retry of it, else 409."""
+        differ = changed_fields(existing.request_fields, request_fingerprint(request))
+        if differ and self.settings.events.on_reused_event_id == "conflict":
+            raise Conflict(
+                f"eventId {request.event_id[:256]!r} was already used on this account for a"
+                f" conversion with other {', '.join(f'`{f}`' for f in differ)}; nothing was"
+                " sent. Use a new eventId for a new conversion, or resend the same body to get"
+                " the original answer.",
+                code="event_id_reused",
+                param=differ[0],
+                details={"fields": differ},
+            )
+        self.metrics.events_duplicate.labels(existing.account_id).inc()
+        return Outcome(event=existing, duplicate=True)
 
     async def submit(self, prepared: PreparedEvent, *, started: float | None = None) -> Outcome:
         """Store the prepared event with its sinks' states, then let the sinks act on it."""
@@ -148,11 +176,12 @@ class Pipeline:
             duration_ms=round((self.clock() - begun) * 1000, 3),
             deliveries=states,
             attribution_window_expired=prepared.attribution_window_expired,
+            resolution=prepared.resolution,
+            request_fields=request_fingerprint(request),
         )
         stored, duplicate = await self.store.insert_event(new)
         if duplicate:
-            self.metrics.events_duplicate.labels(new.account_id).inc()
-            return Outcome(event=stored, duplicate=True)
+            return self._repeated(stored, request)
         for sink in states:
             self.metrics.events_accepted.labels(new.account_id, sink).inc()
         stored = await self._deliver(stored)
@@ -185,6 +214,16 @@ class Pipeline:
         return msgspec.structs.replace(
             stored, deliveries=deliveries, status=overall_status(deliveries)
         )
+
+
+def changed_fields(before: dict[str, str] | None, now: dict[str, str]) -> list[str]:
+    """Return the fields whose digests differ (sent once and not the other time included).
+
+    An event stored before fingerprints existed compares equal: its retries keep working.
+    """
+    if before is None:
+        return []
+    return sorted(name for name in before.keys() | now.keys() if before.get(name) != now.get(name))
 
 
 def check_normalizers(settings: Settings, plugins: Plugins) -> None:

@@ -23,11 +23,18 @@ from aiohttp import web
 
 from gateway import hookspecs
 from gateway.config import AccountConfig, Settings
-from gateway.domain import Conversation, PreparedEvent, SinkState, StoredEvent
+from gateway.domain import (
+    Conversation,
+    PreparedEvent,
+    Resolution,
+    Resolved,
+    SinkState,
+    StoredEvent,
+)
 from gateway.draft import EventDraft
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.models import ConversionRequest
+from gateway.models import ConversionRequest, request_field
 from gateway.store import Store
 
 __all__ = ["ENTRY_POINT_GROUP", "Plugins", "build_plugins", "builtin_plugin_names"]
@@ -109,7 +116,7 @@ class Plugins:
         self._loaded = {item.name: item for item in loaded}
         self.roles = roles
         self._resolvers = [
-            (call, self.config(n))
+            (n, call, self.config(n), self._declared(n))
             for n in roles["resolvers"]
             if (call := _one(pm, n, "gateway_resolve_conversation"))
         ]
@@ -211,16 +218,35 @@ class Plugins:
             found.extend(call(name=name, config=config) or [])
         return found
 
+    def _declared(self, name: str) -> tuple[str, ...]:
+        call = _one(self.pm, name, "gateway_declare_fields")
+        return tuple(call(config=self.config(name)) or ()) if call else ()
+
+    @property
+    def resolver_fields(self) -> list[str]:
+        """The request fields the configured resolvers find conversations by, in order."""
+        return list(dict.fromkeys(f for *_, fields in self._resolvers for f in fields))
+
     async def resolve(
         self, request: ConversionRequest, account: AccountConfig, store: Store
-    ) -> Conversation | None:
+    ) -> tuple[Conversation, Resolution] | None:
         """Ask the resolvers in order; ``None`` if none of them applies."""
-        for call, config in self._resolvers:
-            found: Awaitable[Conversation] | None = call(
+        for name, call, config, fields in self._resolvers:
+            found: Awaitable[Conversation | Resolved] | None = call(
                 request=request, account=account, store=store, config=config
             )
-            if found is not None:
-                return await found
+            if found is None:
+                continue
+            result = await found
+            if isinstance(result, Resolved):
+                return result.conversation, Resolution(
+                    resolver=name,
+                    field=result.field,
+                    form=result.form,
+                    ambiguous=result.ambiguous,
+                )
+            sent = [f for f in fields if request_field(request, f) is not None]
+            return result, Resolution(resolver=name, field=sent[0] if sent else None)
         return None
 
     def normalize(

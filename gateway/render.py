@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
 
 from gateway.domain import Attempt, Conversation, StoredEvent
 from gateway.models import (
@@ -93,7 +96,12 @@ def conversion_response(outcome: Outcome) -> ConversionResponse:
         ],
         attribution_window_expired=event.attribution_window_expired,
         payload=outcome.dry_run_payload,
+        resolution=_resolution(event),
     )
+
+
+def _resolution(event: StoredEvent) -> dict[str, Any] | None:
+    return None if event.resolution is None else msgspec.to_builtins(event.resolution)
 
 
 def event_summary(event: StoredEvent) -> EventSummary:
@@ -155,6 +163,7 @@ def event_detail(event: StoredEvent, attempts: list[Attempt]) -> EventDetail:
         ],
         event=event.event,
         test_event_code=event.test_event_code,
+        resolution=_resolution(event),
     )
 
 

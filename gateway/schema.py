@@ -13,6 +13,7 @@ from gateway.domain import STATUS_PRECEDENCE, Conversation, SinkState
 
 __all__ = [
     "CONVERSATION_COLUMNS",
+    "CONVERSATION_FIELDS",
     "DELIVERY_COLUMNS",
     "EVENT_COLUMNS",
     "INSERT_CONVERSATION",
@@ -205,6 +206,12 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (notification_pk, path, code)
     ) WITHOUT ROWID;
     """,
+    # How each event's conversation was found, and digests of the request's fields (a reused
+    # eventId with another body is refused, naming the fields that differ).
+    """
+    ALTER TABLE events ADD COLUMN resolution BLOB;
+    ALTER TABLE events ADD COLUMN request_fields BLOB;
+    """,
 )
 
 # The conversations columns, in the order of Conversation's fields.
@@ -220,7 +227,8 @@ MUTABLE_CONVERSATION_FIELDS: tuple[str, ...] = tuple(
 )
 EVENT_COLUMNS = (
     "pk, account_id, event_id, event_name, conversation_id, event_time, status, event,"
-    " test_event_code, received_at, duration_ms, attribution_window_expired"
+    " test_event_code, received_at, duration_ms, attribution_window_expired, resolution,"
+    " request_fields"
 )
 
 

@@ -16,7 +16,7 @@ import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 import msgspec
@@ -38,6 +38,7 @@ from gateway.batch_reader import BatchedLookup
 from gateway.capture import CaptureOp, CaptureResult
 from gateway.domain import (
     Conversation,
+    Resolution,
     SinkState,
     StoredEvent,
     overall_status,
@@ -46,6 +47,7 @@ from gateway.errors import ConfigError
 from gateway.outbox import Outbox
 from gateway.schema import (
     CONVERSATION_COLUMNS,
+    CONVERSATION_FIELDS,
     EVENT_COLUMNS,
     INSERT_CONVERSATION,
     INSERT_DELIVERY,
@@ -59,11 +61,12 @@ from gateway.schema import (
 from gateway.webhook_records import CaptureBatch
 from gateway.writer import GroupCommitWriter, WriteOp
 
-__all__ = ["NewEvent", "Store", "StoreMissing"]
+__all__ = ["NewEvent", "PhoneMatch", "Store", "StoreMissing"]
 
 log = structlog.get_logger()
 
 _json_encode = msgspec.json.Encoder().encode
+_ALIASED_COLUMNS = ", ".join(f"c.{field}" for field in CONVERSATION_FIELDS)
 # A conversation known by this BSUID: as its own, as its parent, or as a former one.
 _BY_BSUID = (
     "(bsuid = ? OR parent_bsuid = ? OR id IN (SELECT conversation_id FROM conversation_aliases"
@@ -71,6 +74,21 @@ _BY_BSUID = (
 )
 _decode_payload = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_warnings = msgspec.json.Decoder(list[str]).decode
+_decode_resolution = msgspec.json.Decoder(Resolution).decode
+_decode_fields = msgspec.json.Decoder(dict[str, str]).decode
+
+
+def _encode_optional(value: object) -> bytes | None:
+    return None if value is None else _json_encode(value)
+
+
+class PhoneMatch(NamedTuple):
+    """A conversation found by phone: which stored number matched, and whether that number
+    is one the person had before a change (an alias)."""
+
+    conversation: Conversation
+    matched: str
+    former: bool
 
 
 class StoreMissing(ConfigError):
@@ -91,6 +109,8 @@ class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
     duration_ms: float
     deliveries: dict[str, SinkState]
     attribution_window_expired: bool = False
+    resolution: Resolution | None = None
+    request_fields: dict[str, str] | None = None
 
 
 class _InsertEvent(WriteOp[tuple[int, bool]]):
@@ -108,7 +128,8 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
         await conn.executemany(
             "INSERT INTO events (account_id, event_id, event_name, conversation_id, event_time,"
             " status, event, test_event_code, received_at, duration_ms, insert_token,"
-            " attribution_window_expired) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+            " attribution_window_expired, resolution, request_fields)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (account_id, event_id) DO NOTHING",
             [
                 (
@@ -124,6 +145,8 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
                     op.new.duration_ms,
                     op.token,
                     op.new.attribution_window_expired,
+                    _encode_optional(op.new.resolution),
+                    _encode_optional(op.new.request_fields),
                 )
                 for op in mine
             ],
@@ -346,20 +369,34 @@ class Store:
         )
         return {row[0]: conversation_from_row(row) for row in rows}
 
-    async def latest_conversation_for_phone(
-        self, account_id: str, wa_id: str
-    ) -> Conversation | None:
-        """Return the most recent conversation with a click id, else the most recent one."""
+    async def conversations_for_phones(
+        self, account_id: str, phones: Sequence[str]
+    ) -> list[PhoneMatch]:
+        """Return the conversations known by any of these phones, best first: with a click,
+        then most recent. A number that was the person's before a change matches through its
+        alias; a recycled number's previous owner does not match at all."""
+        marks = ",".join("?" * len(phones))
         rows = await fetch_rows(
             self._reader,
-            f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
-            # A recycled number's previous owner is someone else.
-            " WHERE account_id = ? AND wa_id = ? AND phone_released_at IS NULL"
+            f"SELECT * FROM (SELECT {CONVERSATION_COLUMNS}, wa_id AS matched, 0 AS former"
+            " FROM conversations"
+            f" WHERE account_id = ? AND wa_id IN ({marks}) AND phone_released_at IS NULL"
+            f" UNION ALL SELECT {_ALIASED_COLUMNS}, a.value, 1 FROM conversation_aliases a"
+            " JOIN conversations c ON c.id = a.conversation_id"
+            f" WHERE a.account_id = ? AND a.kind = 'phone' AND a.value IN ({marks}))"
             " ORDER BY ctwa_clid IS NOT NULL DESC, COALESCE(last_inbound_at, created_at) DESC,"
-            " created_at DESC LIMIT 1",
-            (account_id, wa_id),
+            " created_at DESC, former",
+            [account_id, *phones, account_id, *phones],
         )
-        return conversation_from_row(rows[0]) if rows else None
+        width = len(CONVERSATION_FIELDS)
+        seen: set[str] = set()
+        found = []
+        for row in rows:
+            conversation = conversation_from_row(row[:width])
+            if conversation.id not in seen:
+                seen.add(conversation.id)
+                found.append(PhoneMatch(conversation, row[width], bool(row[width + 1])))
+        return found
 
     async def find_conversation(self, conversation_id: str) -> Conversation | None:
         """Return the conversation with this id, whatever its account."""
@@ -430,6 +467,8 @@ class Store:
             duration_ms=new.duration_ms,
             deliveries=dict(new.deliveries),
             attribution_window_expired=new.attribution_window_expired,
+            resolution=new.resolution,
+            request_fields=new.request_fields,
         )
         return event, False
 
@@ -498,6 +537,8 @@ class Store:
                 received_at=row[9],
                 duration_ms=row[10],
                 attribution_window_expired=bool(row[11]),
+                resolution=None if row[12] is None else _decode_resolution(row[12]),
+                request_fields=None if row[13] is None else _decode_fields(row[13]),
                 deliveries=states[row[0]],
             )
             for row in rows

@@ -20,7 +20,8 @@ import pycountry
 from gateway.config import EventsConfig
 from gateway.errors import InvalidRequest
 from gateway.models import CONVERSION_DECODER, ConversionRequest
-from gateway.normalize import is_sha256_hex, normalize_phone
+from gateway.normalize import is_sha256_hex, normalize_email
+from gateway.phones import invalid_phone, parse_phone
 
 __all__ = [
     "check_conversion",
@@ -140,28 +141,18 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
 
 def check_conversion(request: ConversionRequest, events: EventsConfig, *, now: float) -> None:
     """Apply the rules a Struct cannot express; raise :class:`InvalidRequest` on the first."""
-    if request.conversation_id is None and request.phone_e164 is None:
-        raise InvalidRequest(
-            "Send `conversationId` or `phoneE164` so the gateway can find the conversation"
-            " (and its click id) this conversion belongs to.",
-            code="missing_conversation",
-            param="conversationId",
-        )
+    # Which identifiers a request needs is the resolvers' business (the pipeline asks them).
     _check_event_name(request.event_name, events.allowed_names)
-    if request.phone_e164 is not None and normalize_phone(request.phone_e164) is None:
-        raise InvalidRequest(
-            "Invalid `phoneE164`: expected an international number of 8 to 15 digits with"
-            " its country code (a leading + or spaces and dashes are fine), e.g. 16505551234.",
-            code="invalid_phone",
-            param="phoneE164",
-        )
+    if request.phone_e164 is not None and parse_phone(request.phone_e164) is None:
+        raise invalid_phone()
     if request.value is not None and not math.isfinite(request.value):
         raise InvalidRequest(
             "Invalid `value`: must be a finite number.", code="invalid_value", param="value"
         )
     _check_money(request)
     if request.email is not None:
-        email = request.email.strip()
+        # The normalization hashing applies: what passes here as a digest is sent as one.
+        email = normalize_email(request.email)
         if not (is_sha256_hex(email) or _EMAIL.match(email)):
             raise InvalidRequest(
                 "Invalid `email`: expected an address like name@example.com (or its SHA-256"

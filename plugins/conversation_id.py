@@ -12,11 +12,17 @@ async def _lookup(store: Store, account: AccountConfig, conversation_id: str) ->
     if conversation is None:
         raise NotFound(
             f"Conversation {conversation_id!r} not found on account {account.id!r}; send an id"
-            " from GET /v1/whatsapp/conversations, or send `phoneE164` instead.",
+            " from GET /v1/whatsapp/conversations, or identify the person by `phoneE164` or"
+            " `businessScopedUserId` instead.",
             code="conversation_not_found",
             param="conversationId",
         )
     return conversation
+
+
+@hookimpl
+def gateway_declare_fields() -> list[str]:
+    return ["conversationId"]
 
 
 @hookimpl

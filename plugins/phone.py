@@ -1,36 +1,63 @@
 """Resolver: the most recent conversation with a captured click id for ``phoneE164``.
 
-If the phone has conversations but none with a click id, the most recent one is returned so the
-caller hears the precise reason (422, no captured ``ctwa_clid``) rather than "not found".
+The number is matched in every form WhatsApp stores for the same person (Mexico's ``521``,
+Argentina's ``549``, Brazil's ninth digit: :mod:`gateway.phones`), and as a number the person
+had before a change; a recycled number's previous owner never matches. If two different stored
+numbers match, the most recent conversation with a click wins and the answer says the match was
+ambiguous. If the phone has conversations but none with a click id, the most recent one is
+returned so the caller hears the precise reason (422, no captured ``ctwa_clid``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from gateway import AccountConfig, Conversation, ConversionRequest, NotFound, Store, hookimpl
-from gateway.normalize import normalize_phone
+from gateway import (
+    AccountConfig,
+    ConversionRequest,
+    NotFound,
+    PhoneForms,
+    Resolved,
+    Store,
+    hookimpl,
+    parse_phone,
+)
+
+FIELD = "phoneE164"
 
 
-async def _lookup(store: Store, account: AccountConfig, wa_id: str) -> Conversation:
-    conversation = await store.latest_conversation_for_phone(account.id, wa_id)
-    if conversation is None:
+async def _lookup(store: Store, account: AccountConfig, phone: PhoneForms) -> Resolved:
+    forms = dict(phone.forms)
+    matches = await store.conversations_for_phones(account.id, list(forms))
+    if not matches:
         raise NotFound(
             f"No conversation with this phone number on account {account.id!r}; the person"
             " must have messaged the business's WhatsApp number first.",
             code="conversation_not_found",
-            param="phoneE164",
+            param=FIELD,
         )
-    return conversation
+    best = matches[0]
+    return Resolved(
+        conversation=best.conversation,
+        field=FIELD,
+        form="former_number" if best.former else forms.get(best.matched, "as_sent"),
+        # Two stored numbers answered (say 52... and 521...): two people, or one twice.
+        ambiguous=len({m.matched for m in matches}) > 1,
+    )
+
+
+@hookimpl
+def gateway_declare_fields() -> list[str]:
+    return [FIELD]
 
 
 @hookimpl
 def gateway_resolve_conversation(
     request: ConversionRequest, account: AccountConfig, store: Store
-) -> Awaitable[Conversation] | None:
+) -> Awaitable[Resolved] | None:
     if request.phone_e164 is None:
         return None
-    wa_id = normalize_phone(request.phone_e164)
-    if wa_id is None:
-        return None
-    return _lookup(store, account, wa_id)
+    phone = parse_phone(request.phone_e164)
+    if phone is None:
+        return None  # refused by validation first
+    return _lookup(store, account, phone)

@@ -65,7 +65,7 @@ async def test_capture_then_convert_by_phone_and_by_conversation_id(client: Clie
 
 async def test_a_fresh_click_attributes(client: Client) -> None:
     now = time.time()
-    msg = message("447700900123", "wamid.F1", ts=now - 3600, ref=referral("fresh"))
+    msg = message("447911123456", "wamid.F1", ts=now - 3600, ref=referral("fresh"))
     await capture(client, encode(notification(messages_change([msg]))))
     resp = await client.post(
         CONVERSIONS,
@@ -73,7 +73,7 @@ async def test_a_fresh_click_attributes(client: Client) -> None:
             "accountId": "acme",
             "eventName": "LeadSubmitted",
             "eventId": "L",
-            "phoneE164": "447700900123",
+            "phoneE164": "447911123456",
         },
         headers=AUTH,
     )
@@ -85,7 +85,7 @@ async def test_a_fresh_click_attributes(client: Client) -> None:
 
 async def test_expired_window_shows_in_the_history(client: Client) -> None:
     now = time.time()
-    msg = message("447700900124", "wamid.E1", ts=now - 8 * 86400, ref=referral("stale"))
+    msg = message("447911123457", "wamid.E1", ts=now - 8 * 86400, ref=referral("stale"))
     await capture(client, encode(notification(messages_change([msg]))))
     await client.post(
         CONVERSIONS,
@@ -93,7 +93,7 @@ async def test_expired_window_shows_in_the_history(client: Client) -> None:
             "accountId": "acme",
             "eventName": "LeadSubmitted",
             "eventId": "L2",
-            "phoneE164": "447700900124",
+            "phoneE164": "447911123457",
         },
         headers=AUTH,
     )

@@ -111,9 +111,9 @@ async def test_phone_lookup_prefers_clicks_then_recency(store: Store) -> None:
     await add_conversation(store, clid="a", last_inbound_at=now - 100, superseded_by="conv_b")
     b = await add_conversation(store, clid="b", last_inbound_at=now - 10, superseded_by="conv_c")
     await add_conversation(store, clid=None, last_inbound_at=now)
-    found = await store.latest_conversation_for_phone("acme", "16505551234")
-    assert found == b
-    assert await store.latest_conversation_for_phone("other", "16505551234") is None
+    (best, *rest) = await store.conversations_for_phones("acme", ["16505551234"])
+    assert (best.conversation, best.matched, best.former, len(rest)) == (b, "16505551234", False, 2)
+    assert await store.conversations_for_phones("other", ["16505551234"]) == []
 
 
 async def test_writes_after_close_are_refused(db_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -123,7 +124,7 @@ async def test_phone_resolves_the_latest_conversation_with_a_click(client: Clien
 
 async def test_conversation_id_wins_over_phone(client: Client) -> None:
     store = store_of(client)
-    by_id = await add_conversation(store, wa_id="447700900123", clid="by-id")
+    by_id = await add_conversation(store, wa_id="447911123456", clid="by-id")
     await add_conversation(store, clid="by-phone")
     resp = await client.post(URL, json=purchase(by_id.id, phoneE164="16505551234"), headers=AUTH)
     body = await resp.json()
@@ -133,16 +134,42 @@ async def test_conversation_id_wins_over_phone(client: Client) -> None:
 async def test_same_event_id_is_not_delivered_twice(client: Client, logs: Any) -> None:
     conversation = await add_conversation(store_of(client))
     first = await (await client.post(URL, json=purchase(conversation.id), headers=AUTH)).json()
-
-    resp = await client.post(URL, json=purchase(conversation.id, value=1.0), headers=AUTH)
-
+    # The same body again, keys in another order and other whitespace: a retry.
+    raw = json.dumps(dict(reversed(purchase(conversation.id).items())), indent=4).encode()
+    resp = await client.post(URL, data=raw, headers={**AUTH, "Content-Type": "application/json"})
     again = await resp.json()
     assert resp.status == 200
     assert again["duplicate"] is True
-    # The original outcome, not the new body's.
     assert again["payload"] == first["payload"]
-    assert again["payload"]["data"][0]["custom_data"]["value"] == 49.99
     assert len(logs.events("dry_run_payload")) == 1
+
+
+async def test_a_reused_event_id_with_another_body_is_409_naming_the_fields(
+    client: Client, logs: Any
+) -> None:
+    conversation = await add_conversation(store_of(client))
+    await client.post(URL, json=purchase(conversation.id), headers=AUTH)
+    changed = purchase(conversation.id, value=1.0, email="other@example.com")
+    resp = await client.post(URL, json=changed, headers=AUTH)
+    answer = await resp.json()
+    assert (resp.status, answer["code"], answer["param"]) == (409, "event_id_reused", "email")
+    assert answer["details"] == {"fields": ["email", "value"]}
+    assert "other@example.com" not in json.dumps(answer)
+    assert len(logs.events("dry_run_payload")) == 1  # nothing delivered
+
+
+async def test_reused_event_ids_can_answer_the_original_as_zernio_does(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(events={"on_reused_event_id": "original"})
+    conversation = await add_conversation(store_of(client))
+    first = await (await client.post(URL, json=purchase(conversation.id), headers=AUTH)).json()
+    resp = await client.post(URL, json=purchase(conversation.id, value=1.0), headers=AUTH)
+    again = await resp.json()
+    assert (resp.status, again["duplicate"]) == (200, True)
+    assert again["payload"]["data"][0]["custom_data"]["value"] == 49.99 == (
+        first["payload"]["data"][0]["custom_data"]["value"]
+    )
 
 
 async def test_concurrent_duplicates_store_one_event(client: Client, logs: Any) -> None:
@@ -284,7 +311,7 @@ async def test_unknown_phone_is_404(client: Client) -> None:
             "accountId": "acme",
             "eventName": "LeadSubmitted",
             "eventId": "x",
-            "phoneE164": "447700900000",
+            "phoneE164": "447911123000",
         },
         headers=AUTH,
     )
@@ -296,7 +323,7 @@ async def test_conversation_without_click_is_422_in_zernio_words(client: Client)
     resp = await client.post(URL, json=purchase(conversation.id), headers=AUTH)
     body = await assert_error(resp, 422, "missing_ctwa_clid", "conversationId")
     assert body["error"] == "The resolved conversation has no captured ctwa_clid"
-    assert body["details"] == {"conversationId": conversation.id}
+    assert body["details"] == {"conversationId": conversation.id, "resolver": "conversation_id"}
     # Nothing was stored: after a capture the same eventId must still go through.
     assert await store_of(client).find_event("acme", "order-991") is None
 
@@ -370,7 +397,10 @@ async def test_canonical_line_per_request(client: Client, logs: Any) -> None:
     assert line["duration_ms"] >= 0
 
 
-async def test_a_retry_that_would_now_fail_still_gets_its_original_answer(client: Client) -> None:
+async def test_a_retry_that_would_now_fail_still_gets_its_original_answer(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(events={"on_reused_event_id": "original"})
     conversation = await add_conversation(store_of(client))
     first = await (await client.post(URL, json=purchase(conversation.id), headers=AUTH)).json()
     # The retry names a conversation that does not exist (and a time Meta would now refuse):

@@ -332,11 +332,11 @@ async def test_a_conversion_by_a_recycled_number_never_takes_the_previous_owners
     now = time.time()
     await post_signed(
         client,
-        one(message("15550000002", "w.R1", ts=now - 900, bsuid="US.OLD2", ref=referral("theirs"))),
+        one(message("16505550902", "w.R1", ts=now - 900, bsuid="US.OLD2", ref=referral("theirs"))),
     )
-    await post_signed(client, one(message("15550000002", "w.R2", ts=now, bsuid="US.NEW2")))
+    await post_signed(client, one(message("16505550902", "w.R2", ts=now, bsuid="US.NEW2")))
     body = {"accountId": "acme", "eventName": "LeadSubmitted", "eventId": "recycled-1",
-            "phoneE164": "+1 555 000 0002"}  # fmt: skip
+            "phoneE164": "+1 650 555 0902"}  # fmt: skip
     resp = await client.post("/v1/whatsapp/conversions", json=body, headers=AUTH)
     answer = await resp.json()
     # The new owner has no click: attributing to the previous owner's ad would be wrong.

@@ -207,7 +207,7 @@ async def test_one_bad_event_among_999_is_isolated(make_meta: MakeMeta, fake: Fa
     client = await make_meta(respond_within_ms=0, linger_ms=200)
     store = store_of(client)
     good = await add_conversation(store)
-    bad = await add_conversation(store, wa_id="447700900123", clid=BAD_CLID)
+    bad = await add_conversation(store, wa_id="447911123456", clid=BAD_CLID)
     pipeline = client.app[PIPELINE]
     account = pipeline.settings.accounts[0]
     requests = [
