@@ -167,8 +167,10 @@ async def test_reused_event_ids_can_answer_the_original_as_zernio_does(
     resp = await client.post(URL, json=purchase(conversation.id, value=1.0), headers=AUTH)
     again = await resp.json()
     assert (resp.status, again["duplicate"]) == (200, True)
-    assert again["payload"]["data"][0]["custom_data"]["value"] == 49.99 == (
-        first["payload"]["data"][0]["custom_data"]["value"]
+    assert (
+        again["payload"]["data"][0]["custom_data"]["value"]
+        == 49.99
+        == (first["payload"]["data"][0]["custom_data"]["value"])
     )
 
 
