@@ -56,26 +56,30 @@ def normalize_phone(value: str) -> str | None:
 
 
 def hash_email(value: str) -> str:
-    """Return Meta's ``em``: an existing digest as is, else SHA-256 of the normalized email."""
-    if is_sha256_hex(value):
-        return value
-    return sha256_hex(normalize_email(value))
+    """Return Meta's ``em``: SHA-256 of the normalized email, or the digest sent.
+
+    Normalized first, whatever it is: a digest sent with spaces or in upper case is still a
+    digest (validation judges the same normalized value), never hashed a second time.
+    """
+    email = normalize_email(value)
+    return email if is_sha256_hex(email) else sha256_hex(email)
 
 
 def hash_phone(value: str) -> str | None:
-    """Return Meta's ``ph``: an existing digest as is, else SHA-256 of the digits."""
-    if is_sha256_hex(value):
-        return value
+    """Return Meta's ``ph``: SHA-256 of the digits, or the digest sent."""
+    digest = value.strip().lower()
+    if is_sha256_hex(digest):
+        return digest
     digits = normalize_phone(value)
     return None if digits is None else sha256_hex(digits)
 
 
 def hash_external_id(value: str) -> str:
-    """Return Meta's ``external_id``: an existing digest as is, else SHA-256 of it lowercased.
+    """Return Meta's ``external_id``: SHA-256 of it lowercased, or the digest sent.
 
-    Not trimmed: other channels (pixel, app events) hash the id as it is, and the same person
-    must hash to the same value everywhere for Meta to match them.
+    A digest is recognised with surrounding spaces and in any case. An id is not trimmed:
+    other channels (pixel, app events) hash the id as it is, and the same person must hash to
+    the same value everywhere for Meta to match them.
     """
-    if is_sha256_hex(value):
-        return value
-    return sha256_hex(value.lower())
+    digest = value.strip().lower()
+    return digest if is_sha256_hex(digest) else sha256_hex(value.lower())

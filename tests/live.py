@@ -14,13 +14,6 @@ import tomli_w
 from tests.conftest import ENV, base_config
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def write_config(path: Path, db: Path, port: int, graph_url: str, **meta: Any) -> None:
     """Write a config for a server on ``port`` delivering to ``graph_url`` (meta_capi)."""
     config: dict[str, Any] = base_config(db)

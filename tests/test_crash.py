@@ -15,9 +15,9 @@ from aiohttp.test_utils import TestServer
 
 from gateway.archive import NewNotification
 from gateway.store import Store
-from tests.conftest import ACME_TOKEN, API_KEY, add_conversation
+from tests.conftest import ACME_TOKEN, API_KEY, add_conversation, free_port
 from tests.fake_graph import FakeGraph
-from tests.live import free_port, start, write_config
+from tests.live import start, write_config
 from tests.payloads import encode, message, messages_change, notification, referral, signed
 
 EVENTS = 300

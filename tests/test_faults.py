@@ -18,9 +18,9 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from gateway.store import Store
-from tests.conftest import ACME_TOKEN, API_KEY, add_conversation
+from tests.conftest import ACME_TOKEN, API_KEY, add_conversation, free_port
 from tests.fake_graph import FakeGraph
-from tests.live import free_port, start, write_config
+from tests.live import start, write_config
 
 FAILURES = ["500", "drop", "html", "throttle4", "429", "transient", "timeout"]
 BATCH_MAX = 50

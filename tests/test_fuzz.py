@@ -9,86 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import pytest
 import schemathesis
-import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.signature import sign
-from tests.conftest import API_KEY, APP_SECRET, ENV, FUZZ_CASES, base_config
-from tests.live import free_port, raw_http
+from tests.conftest import API_KEY, APP_SECRET, Live, request
+from tests.live import raw_http
 
 EXAMPLES = int(os.environ.get("CTWA_FUZZ_EXAMPLES", "150"))
-
-
-@dataclass
-class Live:
-    url: str
-    log: Path
-    cases: dict[str, int]
-
-
-def request(
-    live: Live, method: str, path: str, body: bytes | None, headers: dict[str, str]
-) -> tuple[int, bytes]:
-    # S310: the URL is the loopback server this module started.
-    req = urllib.request.Request(live.url + path, data=body, method=method, headers=headers)  # noqa: S310
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback only
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Live]:
-    folder = tmp_path_factory.mktemp("fuzz")
-    port = free_port()
-    config = base_config(folder / "fuzz.sqlite3")
-    config["server"] = {"host": "127.0.0.1", "port": port}
-    config["logging"] = {"format": "json", "level": "info"}
-    config["metrics"] = {"key_env": "CTWA_SCOPED_KEY"}  # so /metrics checks a key too
-    # The fuzzers fail authentication thousands of times from one address, on purpose.
-    config["auth"] = {**config["auth"], "failed_per_s": 1000, "failed_burst": 100_000}
-    path = folder / "gateway.toml"
-    path.write_bytes(tomli_w.dumps(config).encode())
-    log = folder / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
-            env={**os.environ, **ENV}, stdout=out, stderr=out,
-        )  # fmt: skip
-    # Shared with conftest's terminal summary, which reports how many cases ran.
-    live = Live(f"http://127.0.0.1:{port}", log, pytestconfig.stash.setdefault(FUZZ_CASES, {}))
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(live.url + "/healthz", timeout=1).close()  # noqa: S310
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield live
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    # Nothing the fuzzers sent may have surfaced as an unhandled error.
-    # Split on \n only: JSON strings may hold U+2028 and friends, which splitlines() breaks on.
-    text = log.read_text(encoding="utf-8")
-    lines = [json.loads(line) for line in text.split("\n") if line.startswith("{")]
-    assert not [line for line in lines if line.get("event") == "unhandled_error"]
-    assert proc.returncode == 0
 
 
 def check(status: int, body: bytes) -> None:

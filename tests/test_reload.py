@@ -16,9 +16,9 @@ from aiohttp.test_utils import TestServer
 from gateway.credentials import read_env_file
 from gateway.errors import ConfigError
 from gateway.store import Store
-from tests.conftest import API_KEY, ENV, add_conversation
+from tests.conftest import API_KEY, ENV, add_conversation, free_port
 from tests.fake_graph import FakeGraph
-from tests.live import free_port, start, write_config
+from tests.live import start, write_config
 
 NEW_KEY = "rotated-key-0123456789abcdef"
 NEW_TOKEN = "EAAG-rotated-token-0123456789"
