@@ -31,7 +31,7 @@ from gateway.meta_body import DEFAULT_PARTNER_AGENT, meta_request_body
 from gateway.middlewares import error_body
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
-from gateway.render import conversion_response, iso_time
+from gateway.render import conversion_response, iso_time, resolution_view
 from gateway.runtime import running
 from gateway.validation import decode_conversion
 
@@ -274,6 +274,7 @@ async def _send_one(
         "conversationId": prepared.conversation.id,
         # A real send of this eventId would be answered from the stored event, not resent.
         "alreadyStored": existing is not None,
+        "resolution": msgspec.to_builtins(resolution_view(prepared.resolution)),
         "payload": payload,
     }
 

@@ -32,6 +32,7 @@ __all__ = [
     "Failure",
     "Health",
     "PlatformErrorBody",
+    "ResolutionView",
     "request_field",
     "request_fingerprint",
 ]
@@ -150,7 +151,18 @@ class ConversionResponse(WireStruct, frozen=True):
     # For dry runs: the exact request body that would be POSTed to Meta.
     payload: dict[str, Any] | None = None
     # How the conversation was found (resolver, field, the stored form that matched).
-    resolution: dict[str, Any] | None = None
+    resolution: ResolutionView | None = None
+
+
+class ResolutionView(WireStruct, frozen=True, omit_defaults=True):
+    """How the conversation was found: the resolver, the request field it used, which form of
+    the identifier matched (``mexico_with_1``, ``former_number``, ``parent``...), and whether
+    more than one person matched (the most recent with a click was taken)."""
+
+    resolver: str
+    field: str | None = None
+    form: str | None = None
+    ambiguous: bool = False
 
 
 class EventSummary(WireStruct, frozen=True):
@@ -168,6 +180,7 @@ class EventSummary(WireStruct, frozen=True):
     attribution_window_expired: bool
     attempts: int
     error: str | None
+    resolution: ResolutionView | None = None
 
 
 class AttemptView(WireStruct, frozen=True):
@@ -209,7 +222,7 @@ class EventDetail(WireStruct, frozen=True):
     # The Meta event as stored (hashed fields only).
     event: dict[str, Any]
     test_event_code: str | None
-    resolution: dict[str, Any] | None = None
+    resolution: ResolutionView | None = None
 
 
 class EventList(WireStruct, frozen=True):

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
-import msgspec
-
-from gateway.domain import Attempt, Conversation, StoredEvent
+from gateway.domain import Attempt, Conversation, Resolution, StoredEvent
 from gateway.models import (
     AttemptView,
     ConversationMetadata,
@@ -18,6 +15,7 @@ from gateway.models import (
     EventDetail,
     EventSummary,
     Failure,
+    ResolutionView,
 )
 from gateway.pipeline import Outcome
 
@@ -28,6 +26,7 @@ __all__ = [
     "event_detail",
     "event_summary",
     "iso_time",
+    "resolution_view",
 ]
 
 # Zernio's platform tag for Meta's conversion endpoints.
@@ -96,12 +95,20 @@ def conversion_response(outcome: Outcome) -> ConversionResponse:
         ],
         attribution_window_expired=event.attribution_window_expired,
         payload=outcome.dry_run_payload,
-        resolution=_resolution(event),
+        resolution=resolution_view(event.resolution),
     )
 
 
-def _resolution(event: StoredEvent) -> dict[str, Any] | None:
-    return None if event.resolution is None else msgspec.to_builtins(event.resolution)
+def resolution_view(resolution: Resolution | None) -> ResolutionView | None:
+    """Return how a conversation was found, as the API shows it."""
+    if resolution is None:
+        return None
+    return ResolutionView(
+        resolver=resolution.resolver,
+        field=resolution.field,
+        form=resolution.form,
+        ambiguous=resolution.ambiguous,
+    )
 
 
 def event_summary(event: StoredEvent) -> EventSummary:
@@ -120,6 +127,7 @@ def event_summary(event: StoredEvent) -> EventSummary:
         attribution_window_expired=event.attribution_window_expired,
         attempts=max((s.attempts for s in event.deliveries.values()), default=0),
         error=next((s.error for s in event.deliveries.values() if s.error), None),
+        resolution=resolution_view(event.resolution),
     )
 
 
@@ -163,7 +171,7 @@ def event_detail(event: StoredEvent, attempts: list[Attempt]) -> EventDetail:
         ],
         event=event.event,
         test_event_code=event.test_event_code,
-        resolution=_resolution(event),
+        resolution=resolution_view(event.resolution),
     )
 
 

@@ -58,6 +58,9 @@ def test_existing_digests_pass_through_unchanged() -> None:
     assert hash_email(JOHN) == JOHN
     assert hash_phone(PHONE) == PHONE
     assert hash_external_id(JOHN) == JOHN
-    # Upper-case hex is not Meta's form, so it is treated as a value and hashed again.
+    # A digest in upper case or with spaces is still a digest: sent in Meta's form, never
+    # hashed a second time (Meta could not match a hash of a hash).
     assert not is_sha256_hex(JOHN.upper())
-    assert hash_external_id(JOHN.upper()) == hashlib.sha256(JOHN.encode()).hexdigest()
+    for sent in (JOHN.upper(), f"  {JOHN}  ", f" {JOHN.upper()}\n"):
+        assert hash_email(sent) == hash_external_id(sent) == JOHN
+    assert hash_phone(f" {PHONE.upper()} ") == PHONE

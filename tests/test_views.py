@@ -222,7 +222,9 @@ async def test_history_lists_newest_first_in_zernio_shape(client: Client) -> Non
         "attributionWindowExpired",
         "attempts",
         "error",
+        "resolution",
     }
+    assert row["resolution"] == {"resolver": "conversation_id", "field": "conversationId"}
     assert row["eventName"] == "Purchase"
     assert row["conversationId"] == conversation.id
     assert row["status"] == "dry_run"
