@@ -24,14 +24,14 @@ from aiohttp import web
 from gateway.app import create_app, startup_problems
 from gateway.config import Settings, load_settings
 from gateway.credentials import load_environ
-from gateway.errors import ConfigError, GatewayError
-from gateway.inbox import reprocess
+from gateway.errors import ConfigError, GatewayError, UsageError
 from gateway.logs import configure_logging
 from gateway.meta_body import DEFAULT_PARTNER_AGENT, meta_request_body
 from gateway.middlewares import error_body
+from gateway.operations import probe, replay, webhooks
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
-from gateway.render import conversion_response, iso_time, resolution_view
+from gateway.render import conversion_response, resolution_view
 from gateway.runtime import running
 from gateway.validation import decode_conversion
 
@@ -119,6 +119,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    probe = sub.add_parser(
+        "probe-event-names",
+        help="ask Meta which event names it takes for business messaging (test events only)",
+        description="Send one test event per candidate name to Meta, with a test event code and"
+        " a real conversation's click id; record nothing; print what Meta said of each and the"
+        " [events] allowed_names line to paste. Default candidates: the 14 names of Meta's FAQ"
+        " and the configured ones.",
+    )
+    _add_config(probe)
+    probe.add_argument("--account", required=True, help="account id from [[accounts]]")
+    probe.add_argument(
+        "--conversation", required=True, help="a conversation id with a captured click id"
+    )
+    probe.add_argument(
+        "--test-code", required=True, help="a test event code from Events Manager > Test events"
+    )
+    probe.add_argument("--names", nargs="+", help="the names to try (default: see above)")
+
     check = sub.add_parser("check-config", help="validate a config file and print what it loads")
     _add_config(check)
     return parser
@@ -144,9 +162,11 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         if args.command == "send":
             return asyncio.run(_send(settings, plugins, env, args.events, dry_run=args.dry_run))
         if args.command == "replay":
-            return asyncio.run(_replay(settings, plugins, args))
+            return asyncio.run(replay(settings, plugins, args))
         if args.command == "webhooks":
-            return asyncio.run(_webhooks(settings, plugins, args))
+            return asyncio.run(webhooks(settings, plugins, args))
+        if args.command == "probe-event-names":
+            return asyncio.run(probe(settings, plugins, env, args))
         return _check_config(settings, plugins, env, sys.stdout)
     except ConfigError as exc:
         print(f"ctwa-gateway: configuration error: {exc}", file=sys.stderr)
@@ -186,10 +206,6 @@ def _serve(
     # canonical request line replaces it.
     web.run_app(app, sock=sock, access_log=None, print=None)
     return 0
-
-
-class UsageError(Exception):
-    """The command line is wrong (a missing file, an empty one, an unknown sink): exit 2."""
 
 
 # Where an event came from: ("line", n) for JSON lines and a single object, ("index", i) for
@@ -301,66 +317,6 @@ def _since(value: str) -> float:
             f"{value!r} is neither ISO 8601 (2026-11-24T10:00:00Z) nor Unix seconds"
         ) from None
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-
-
-async def _replay(settings: Settings, plugins: Plugins, args: argparse.Namespace) -> int:
-    if settings.account(args.account) is None:
-        raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
-    unknown = sorted(set(args.sink or []) - set(plugins.sink_names))
-    if unknown:
-        raise UsageError(
-            f"unknown sink {unknown[0]!r}; the configured sinks are:"
-            f" {', '.join(plugins.sink_names)}"
-        )
-    sinks = args.sink or plugins.sink_names
-    statuses = args.status or ["failed"]
-    async with running(settings, plugins, {}, start_plugins=False, create_store=False) as pipeline:
-        count = await pipeline.store.outbox.requeue(
-            args.account, sinks=sinks, statuses=statuses, since=args.since
-        )
-    print(
-        f"re-queued {count} deliveries of account {args.account!r}"
-        f" ({', '.join(statuses)}; sinks {', '.join(sinks)}); a running gateway sends them"
-        " within seconds"
-    )
-    return 0
-
-
-async def _webhooks(settings: Settings, plugins: Plugins, args: argparse.Namespace) -> int:
-    account = None
-    if args.account is not None:
-        account = settings.account(args.account)
-        if account is None:
-            raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
-    async with running(settings, plugins, {}, start_plugins=False, create_store=False) as pipeline:
-        store = pipeline.store
-        if args.action == "reprocess":
-            report = await reprocess(store, settings, since=args.since, account=account)
-            print(
-                f"reprocessed {report.notifications} notifications: {report.processed} now fully"
-                f" processed, {report.partial} still partial, {report.failed} failed"
-                f" ({report.skipped} taken by another process); {report.messages} messages and"
-                f" {report.clicks_captured} click ids captured"
-            )
-            return 1 if report.failed else 0
-        accounts = None if account is None else [(account.id, account.phone_number_id)]
-        found = await store.open_notifications(
-            since=args.since, accounts=accounts, limit=args.limit
-        )
-    for notification in found:
-        if args.json:
-            print(_encode(notification).decode())
-            continue
-        print(
-            f"#{notification.pk} {iso_time(notification.received_at)} {notification.status}"
-            f" attempts={notification.attempts} request={notification.request_id or '-'}"
-            + (f" error={notification.error}" if notification.error else "")
-        )
-        for problem in notification.problems:
-            print(f"    {problem.path}  [{problem.code}]  {problem.reason}")
-    if not found and not args.json:
-        print("no archived notification has unprocessed parts")
-    return 0
 
 
 def _check_config(settings: Settings, plugins: Plugins, env: Mapping[str, str], out: TextIO) -> int:

@@ -24,11 +24,16 @@ __all__ = [
     "Unauthorized",
     "Unprocessable",
     "UnsupportedMediaType",
+    "UsageError",
 ]
 
 
 class ConfigError(Exception):
     """The configuration cannot be loaded; the message names the file and the ``$.path``."""
+
+
+class UsageError(Exception):
+    """The command line is wrong (a missing file, an unknown sink): one line, exit 2."""
 
 
 class GatewayError(Exception):

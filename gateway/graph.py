@@ -144,6 +144,11 @@ def appsecret_proof(app_secret: bytes, token: str) -> str:
     return hmac.new(app_secret, token.encode(), hashlib.sha256).hexdigest()
 
 
+# Graph API v25.0 is supported until 2028-07-29 (META.md §3b); v26.0 works the same way.
+DEFAULT_GRAPH_URL = "https://graph.facebook.com"
+DEFAULT_API_VERSION = "v25.0"
+
+
 class GraphClient:
     """POSTs to one Graph API base URL and version, with a shared session."""
 

@@ -33,7 +33,7 @@ from gateway.config import AccountConfig
 from gateway.context import SETTINGS
 from gateway.dispatcher import Dispatcher, DispatchSettings, Route
 from gateway.errors import PlatformError
-from gateway.graph import GraphClient, explain
+from gateway.graph import DEFAULT_API_VERSION, DEFAULT_GRAPH_URL, GraphClient, explain
 from gateway.http_body import read_json_body
 from gateway.meta_body import DEFAULT_PARTNER_AGENT
 from gateway.metrics import Metrics
@@ -46,8 +46,8 @@ SEVEN_DAYS_S = 7 * 86400
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    graph_url: Annotated[str, msgspec.Meta(pattern=r"^https?://")] = "https://graph.facebook.com"
-    api_version: Annotated[str, msgspec.Meta(pattern=r"^v[0-9]+\.[0-9]+$")] = "v25.0"
+    graph_url: Annotated[str, msgspec.Meta(pattern=r"^https?://")] = DEFAULT_GRAPH_URL
+    api_version: Annotated[str, msgspec.Meta(pattern=r"^v[0-9]+\.[0-9]+$")] = DEFAULT_API_VERSION
     partner_agent: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = DEFAULT_PARTNER_AGENT
     # Meta takes up to 1,000 events per request.
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1000

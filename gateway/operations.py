@@ -1,0 +1,123 @@
+"""The operator's commands: re-queue deliveries, the webhook archive, probing event names.
+
+``ctwa-gateway replay``, ``webhooks list|reprocess`` and ``probe-event-names``; each opens the
+existing store (never creating one) and starts nothing in the background. :mod:`gateway.cli`
+parses the arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Mapping
+
+import msgspec
+
+from gateway.config import Settings
+from gateway.errors import ConfigError, UsageError
+from gateway.inbox import reprocess
+from gateway.plugin_manager import Plugins
+from gateway.probe import FAQ_EVENT_NAMES, GraphSettings, probe_event_names
+from gateway.render import iso_time
+from gateway.runtime import running
+
+__all__ = ["probe", "replay", "webhooks"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+async def replay(settings: Settings, plugins: Plugins, args: argparse.Namespace) -> int:
+    if settings.account(args.account) is None:
+        raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
+    unknown = sorted(set(args.sink or []) - set(plugins.sink_names))
+    if unknown:
+        raise UsageError(
+            f"unknown sink {unknown[0]!r}; the configured sinks are:"
+            f" {', '.join(plugins.sink_names)}"
+        )
+    sinks = args.sink or plugins.sink_names
+    statuses = args.status or ["failed"]
+    async with running(settings, plugins, {}, start_plugins=False, create_store=False) as pipeline:
+        count = await pipeline.store.outbox.requeue(
+            args.account, sinks=sinks, statuses=statuses, since=args.since
+        )
+    print(
+        f"re-queued {count} deliveries of account {args.account!r}"
+        f" ({', '.join(statuses)}; sinks {', '.join(sinks)}); a running gateway sends them"
+        " within seconds"
+    )
+    return 0
+
+
+async def webhooks(settings: Settings, plugins: Plugins, args: argparse.Namespace) -> int:
+    account = None
+    if args.account is not None:
+        account = settings.account(args.account)
+        if account is None:
+            raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
+    async with running(settings, plugins, {}, start_plugins=False, create_store=False) as pipeline:
+        store = pipeline.store
+        if args.action == "reprocess":
+            report = await reprocess(store, settings, since=args.since, account=account)
+            print(
+                f"reprocessed {report.notifications} notifications: {report.processed} now fully"
+                f" processed, {report.partial} still partial, {report.failed} failed"
+                f" ({report.skipped} taken by another process); {report.messages} messages and"
+                f" {report.clicks_captured} click ids captured"
+            )
+            return 1 if report.failed else 0
+        accounts = None if account is None else [(account.id, account.phone_number_id)]
+        found = await store.open_notifications(
+            since=args.since, accounts=accounts, limit=args.limit
+        )
+    for notification in found:
+        if args.json:
+            print(_encode(notification).decode())
+            continue
+        print(
+            f"#{notification.pk} {iso_time(notification.received_at)} {notification.status}"
+            f" attempts={notification.attempts} request={notification.request_id or '-'}"
+            + (f" error={notification.error}" if notification.error else "")
+        )
+        for problem in notification.problems:
+            print(f"    {problem.path}  [{problem.code}]  {problem.reason}")
+    if not found and not args.json:
+        print("no archived notification has unprocessed parts")
+    return 0
+
+
+async def probe(
+    settings: Settings, plugins: Plugins, env: Mapping[str, str], args: argparse.Namespace
+) -> int:
+    account = settings.account(args.account)
+    if account is None:
+        raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
+    graph = GraphSettings.from_settings(settings)
+    async with running(settings, plugins, env, start_plugins=False, create_store=False) as pipeline:
+        conversation = await pipeline.store.get_conversation(account.id, args.conversation)
+        stored = await pipeline.store.outbox.datasets()
+    if conversation is None or not conversation.ctwa_clid:
+        what = "has no captured click id" if conversation else "was not found"
+        raise UsageError(
+            f"conversation {args.conversation!r} {what} on account {account.id!r}: use one from"
+            " GET /v1/whatsapp/conversations whose metadata has a ctwa_clid"
+        )
+    dataset = account.dataset_id or stored.get(account.id)
+    if dataset is None:
+        raise UsageError(
+            f"account {account.id!r} has no dataset: set dataset_id, or create it with"
+            " POST /v1/whatsapp/dataset"
+        )
+    names = args.names or list(dict.fromkeys([*FAQ_EVENT_NAMES, *settings.events.allowed_names]))
+    results = await probe_event_names(
+        names, settings=settings, plugins=plugins, account=account, conversation=conversation,
+        dataset_id=dataset, test_code=args.test_code, graph=graph, environ=env,
+    )  # fmt: skip
+    width = max(len(r.name) for r in results) + 2
+    print(f"{'event name':<{width}}{'Meta says':<11}detail")
+    for r in results:
+        print(f"{r.name:<{width}}{r.verdict:<11}{r.detail}".rstrip())
+    accepted = [r.name for r in results if r.verdict == "accepted"]
+    print(f"\n# {graph.api_version}, {time.strftime('%Y-%m-%d')}: paste under [events]")
+    print("allowed_names = [" + ", ".join(f'"{n}"' for n in accepted) + "]")
+    return 1 if any(r.verdict == "error" for r in results) else 0
