@@ -202,3 +202,10 @@ async def test_a_third_party_resolver_keyed_on_external_id(
     assert answer["payload"]["data"][0]["user_data"]["ctwa_clid"] == "crm"
     status, answer = await convert(client, purchase("crm-2"))
     assert answer["details"]["fields"] == ["externalId", "conversationId"]
+
+
+async def test_the_openapi_document_shows_the_bsuid_field(client: Client) -> None:
+    doc = await (await client.get("/openapi.json")).json()
+    text = str(doc)
+    assert "businessScopedUserId" in text
+    assert "resolution" in text

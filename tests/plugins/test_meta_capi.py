@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.config import parse_settings
 from gateway.context import PIPELINE, PLUGINS
 from gateway.models import ConversionRequest
+from gateway.store import Store
+from plugins import meta_capi
 from plugins.meta_capi import MetaCapiSink
 from tests.conftest import (
     ACME_TOKEN,
     AUTH,
     CLID,
+    ENV,
     OTHER_TOKEN,
     WABA_ID,
     ClientFactory,
     LogCapture,
     add_conversation,
+    base_config,
     store_of,
 )
 from tests.fake_graph import BAD_CLID, FakeGraph
@@ -509,3 +518,62 @@ async def test_a_delivery_still_retrying_after_three_attempts_is_logged_once(
     (line,) = logs.events("delivery_retrying")
     assert (line["attempts"], line["event_ids"], line["code"]) == (3, ["L1"], "1")
     assert "will retry" in line["reason"]
+
+
+@pytest.mark.parametrize("version", ["v25.0", "v26.0"])
+async def test_graph_api_versions(make_meta: MakeMeta, fake: FakeGraph, version: str) -> None:
+    client = await make_meta(api_version=version)
+    conversation = await add_conversation(store_of(client))
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    assert (await resp.json())["status"] == "delivered"
+    assert fake.versions == [version]
+
+
+def test_v25_is_the_default_version() -> None:
+    assert msgspec.convert({}, meta_capi.Config).api_version == "v25.0"
+
+
+async def test_probe_event_names_asks_meta_and_records_nothing(
+    tmp_path: Path, graph_server: TestServer, fake: FakeGraph
+) -> None:
+    db = tmp_path / "probe.sqlite3"
+    store = await Store.open(db)
+    conversation = await add_conversation(store)
+    await store.close()
+    raw = base_config(db)
+    raw["events"] = {"allowed_names": ["LeadSubmitted", "Purchase", "MyCustomEvent"]}
+    raw["plugins"] = {
+        "sinks": ["log"],
+        "meta_capi": {"graph_url": str(graph_server.make_url("")).rstrip("/"),
+                      "api_version": "v26.0"},
+    }  # fmt: skip
+    config = tmp_path / "gateway.toml"
+    config.write_bytes(tomli_w.dumps(raw).encode())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "probe-event-names", "--config", str(config),
+        "--account", "acme", "--conversation", conversation.id, "--test-code", "TEST123",
+        env={**os.environ, **ENV}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 0, err.decode()
+    rows = {line.split()[0]: line.split()[1] for line in text.splitlines()[1:16] if line}
+    assert rows["LeadSubmitted"] == rows["QualifiedLead"] == "accepted"
+    assert rows["OrderShipped"] == rows["MyCustomEvent"] == "refused"
+    assert len(rows) == 15  # Meta's 14 and the configured custom one
+    assert text.strip().endswith(
+        'allowed_names = ["LeadSubmitted", "Purchase", "AddToCart", "InitiateCheckout",'
+        ' "ViewContent", "OrderCreated", "CartAbandoned", "QualifiedLead", "RatingProvided",'
+        ' "ReviewProvided"]'
+    )
+    # One request per name, each a test event carrying the conversation's real click.
+    assert len(fake.requests) == 15
+    assert set(fake.versions) == {"v26.0"}
+    assert {r.test_event_code for r in fake.received} == {"TEST123"}
+    assert {r.event["user_data"]["ctwa_clid"] for r in fake.received} == {CLID}
+    # Nothing recorded as a conversion.
+    store = await Store.open(db)
+    try:
+        assert await store.recent_events("acme", 10) == []
+    finally:
+        await store.close()
