@@ -205,7 +205,12 @@ async def test_a_third_party_resolver_keyed_on_external_id(
 
 
 async def test_the_openapi_document_shows_the_bsuid_field(client: Client) -> None:
-    doc = await (await client.get("/openapi.json")).json()
-    text = str(doc)
-    assert "businessScopedUserId" in text
-    assert "resolution" in text
+    schemas = (await (await client.get("/openapi.json")).json())["components"]["schemas"]
+    assert "businessScopedUserId" in schemas["ConversionRequest"]["properties"]
+    assert "resolution" in schemas["ConversionResponse"]["properties"]
+    assert set(schemas["ResolutionView"]["properties"]) == {
+        "resolver",
+        "field",
+        "form",
+        "ambiguous",
+    }
