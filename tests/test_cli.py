@@ -272,3 +272,26 @@ def test_command_line_mistakes_exit_2_with_one_line(
     with pytest.raises(SystemExit) if "nan" in args else contextlib.nullcontext():
         assert main(argv, environ=ENV) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_dry_run_by_bsuid_shows_how_it_resolved(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def run() -> None:
+        store = await Store.open(tmp_path / "cli.sqlite3")
+        try:
+            await add_conversation(store, bsuid="US.777", wa_id="16505550777")
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+    events = tmp_path / "event.json"
+    body = {**event("conv_x"), "businessScopedUserId": "US.777"}
+    del body["conversationId"]
+    events.write_text(json.dumps(body))
+    assert main(["send", "--config", str(config_file), "--dry-run", str(events)], environ=ENV) == 0
+    (line,) = output(capsys)
+    assert line["resolution"] == {
+        "resolver": "business_scoped_user_id", "field": "businessScopedUserId", "form": "as_sent"
+    }  # fmt: skip
+    assert line["payload"]["data"][0]["user_data"]["ctwa_clid"] == CLID
