@@ -14,6 +14,13 @@ from gateway.signature import sign
 from tests.conftest import APP_SECRET, PHONE_NUMBER_ID, WABA_ID
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# The identifiers of the BSUID fixtures (a user with a username, her parent BSUID, her click).
+SHEENA = "US.13491208655302741918"
+SHEENA_PARENT = "US.ENT.11815799212886844830"
+BSUID_CLID = (
+    "Aff-BSUIDn8ZTODiE79d22KtAwQKj9e_mIEOOj27vDVwFjN80dp4_0NiNhEgpGo0AHemvuSoifXaytfTzcchptiErTK"
+    "CqTrJ5nW1h7IHYeYymGb5K5J5iTROp"
+)
 
 
 def fixture(name: str) -> bytes:

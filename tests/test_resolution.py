@@ -13,6 +13,9 @@ from aiohttp.test_utils import TestClient
 from gateway import AccountConfig, Conversation, ConversionRequest, Store, hookimpl
 from tests.conftest import AUTH, WABA_ID, ClientFactory, store_of
 from tests.payloads import (
+    BSUID_CLID,
+    SHEENA,
+    SHEENA_PARENT,
     fixture,
     message,
     messages_change,
@@ -24,12 +27,6 @@ from tests.payloads import (
 
 Client = TestClient[web.Request, web.Application]
 URL = "/v1/whatsapp/conversions"
-SHEENA = "US.13491208655302741918"
-SHEENA_PARENT = "US.ENT.11815799212886844830"
-BSUID_CLID = (
-    "Aff-BSUIDn8ZTODiE79d22KtAwQKj9e_mIEOOj27vDVwFjN80dp4_0NiNhEgpGo0AHemvuSoifXaytfTzcchptiErTK"
-    "CqTrJ5nW1h7IHYeYymGb5K5J5iTROp"
-)
 
 
 def purchase(event_id: str, **identity: str) -> dict[str, Any]:

@@ -12,6 +12,9 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import AUTH, CLID, store_of
 from tests.payloads import (
+    BSUID_CLID,
+    SHEENA,
+    SHEENA_PARENT,
     automatic_change,
     fixture,
     message,
@@ -25,13 +28,7 @@ from tests.payloads import (
 Client = TestClient[web.Request, web.Application]
 URL = "/webhooks/whatsapp"
 CONVERSATIONS = "/v1/whatsapp/conversations"
-SHEENA = "US.13491208655302741918"
 SHEENA_NEW = "US.99887766554433221100"
-SHEENA_PARENT = "US.ENT.11815799212886844830"
-BSUID_CLID = (
-    "Aff-BSUIDn8ZTODiE79d22KtAwQKj9e_mIEOOj27vDVwFjN80dp4_0NiNhEgpGo0AHemvuSoifXaytfTzcchptiErTK"
-    "CqTrJ5nW1h7IHYeYymGb5K5J5iTROp"
-)
 DAY = 86400
 
 
