@@ -22,6 +22,7 @@ from gateway.ops_views import routes as ops_routes
 from gateway.pipeline import check_normalizers
 from gateway.plugin_manager import Plugins
 from gateway.runtime import running
+from gateway.store import check_store_path
 from gateway.validation import iso_currencies
 from gateway.views import routes as api_routes
 from gateway.webhook import routes as webhook_routes
@@ -50,11 +51,7 @@ def create_app(
     credentials = Credentials.load(settings, environ)
     iso_currencies()  # load the currency list now rather than on the first request
     if credentials.webhook.app_secret is None:
-        log.warning(
-            "webhook_disabled",
-            reason="no app secret: [webhook] app_secret_env is unset or names an empty variable;"
-            " every notification will be refused with 503",
-        )
+        _warn_webhook_disabled()
     if not settings.webhook.archive:
         log.warning(
             "webhook_archive_disabled",
@@ -89,11 +86,25 @@ def create_app(
     app.cleanup_ctx.append(runtime_ctx)
     if reload_environ is not None:
         app.cleanup_ctx.append(_on_sighup(reload_environ))
-    app.add_routes(api_routes)
-    app.add_routes(webhook_routes)
-    app.add_routes(ops_routes)
-    app.add_routes(plugins.routes())
+    # aiohttp's default Expect handler runs before any middleware and fails on odd values
+    # with a bare 500: ours only answers 100-continue and lets the rest through.
+    app.add_routes(_with_expect(route) for route in [*api_routes, *webhook_routes, *ops_routes])
+    app.add_routes(_with_expect(route) for route in plugins.routes())
     return app
+
+
+def _with_expect(route: web.AbstractRouteDef) -> web.RouteDef:
+    if not isinstance(route, web.RouteDef):
+        raise ConfigError(f"{route!r}: routes must be web.RouteDef (web.get, web.post...)")
+    return web.RouteDef(
+        route.method, route.path, route.handler, {**route.kwargs, "expect_handler": _expect}
+    )
+
+
+async def _expect(request: web.Request) -> None:
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
 
 
 def startup_problems(settings: Settings, plugins: Plugins, environ: Mapping[str, str]) -> list[str]:
@@ -103,6 +114,7 @@ def startup_problems(settings: Settings, plugins: Plugins, environ: Mapping[str,
         lambda: plugins.check_config(settings, environ),
         lambda: check_normalizers(settings, plugins),
         lambda: metrics_key(settings, environ),
+        lambda: check_store_path(settings.store_path()),
     ]
     problems = []
     for check in checks:
@@ -120,10 +132,21 @@ def reload_secrets(app: web.Application, environ: Mapping[str, str]) -> bool:
     if problems:
         log.error("secrets_reload_refused", problem=problems[0], kept="the running secrets")
         return False
-    changed = app[CREDENTIALS].replace_with(Credentials.load(settings, environ))
+    credentials = Credentials.load(settings, environ)
+    changed = app[CREDENTIALS].replace_with(credentials)
     changed += plugins.reload_secrets(settings, environ)
     log.info("secrets_reloaded", changed=changed)
+    if credentials.webhook.app_secret is None:
+        _warn_webhook_disabled()
     return True
+
+
+def _warn_webhook_disabled() -> None:
+    log.warning(
+        "webhook_disabled",
+        reason="no app secret: [webhook] app_secret_env is unset or names an empty variable;"
+        " every notification will be refused with 503",
+    )
 
 
 def _on_sighup(

@@ -141,8 +141,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class FailureLimiter:
     """Failed authentications per client address: a token bucket each, refilled over time.
 
-    An address whose bucket is empty is refused (429) until a token is back, whatever it
-    presents: that bounds guessing keys (and signatures) without slowing anyone who has one.
+    Every request is judged on its credentials; past its budget, an address's failures are
+    answered 429 instead of 401, so valid keys and signatures from the same address (a NAT, a
+    proxy not declared trusted) keep working: nobody can be locked out by someone else.
     """
 
     def __init__(
@@ -157,44 +158,55 @@ class FailureLimiter:
         self.burst = burst
         self._clock = clock
         self._max_clients = max_clients
-        # Address -> (tokens left, when last refilled); oldest first, so the map stays bounded.
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # Address -> (tokens left, when last refilled, limited since it last had a full
+        # bucket); oldest first, so the map stays bounded.
+        self._buckets: OrderedDict[str, tuple[float, float, bool]] = OrderedDict()
 
-    def _tokens(self, client: str, now: float) -> float:
-        tokens, last = self._buckets.get(client, (float(self.burst), now))
-        return min(float(self.burst), tokens + (now - last) * self.rate_per_s)
-
-    def retry_after(self, client: str) -> float | None:
-        """Return how long ``client`` must wait, or None if it may try."""
-        if client not in self._buckets:
-            return None
-        tokens = self._tokens(client, self._clock())
-        return None if tokens >= 1.0 else (1.0 - tokens) / self.rate_per_s
-
-    def failed(self, client: str) -> bool:
-        """Count a failed authentication; return True when it empties the bucket."""
+    def failed(self, client: str) -> tuple[float | None, bool]:
+        """Count a failure of ``client``; return how long it must wait before its next failure
+        is answered 401 again (None: within its budget, answer 401 now), and whether the
+        budget was just used up (log it once, not at every failure after)."""
         now = self._clock()
-        tokens = max(0.0, self._tokens(client, now) - 1.0)
-        self._buckets[client] = (tokens, now)
+        tokens, last, limited = self._buckets.get(client, (float(self.burst), now, False))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate_per_s)
+        if tokens >= self.burst:
+            limited = False  # a full bucket: a new episode
+        newly = False
+        wait: float | None = None
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate_per_s
+            newly, limited = not limited, True
+        self._buckets[client] = (tokens, now, limited)
         self._buckets.move_to_end(client)
         while len(self._buckets) > self._max_clients:
             self._buckets.popitem(last=False)
-        return tokens < 1.0
+        return wait, newly
 
 
 def client_address(
     peer: str | None, forwarded_for: str | None, trusted: Sequence[IPNetwork]
 ) -> str:
     """Return the client's address: the peer, or, from a trusted proxy, the last address in
-    X-Forwarded-For that is not a trusted proxy itself."""
+    X-Forwarded-For that is not a trusted proxy itself. IPv6 clients count per /64 (one
+    host has a whole /64 to pick addresses from)."""
     address = peer or "unknown"
-    if forwarded_for is None or not _within(address, trusted):
+    if forwarded_for is not None and _within(address, trusted):
+        for hop in reversed(forwarded_for.split(",")):
+            hop = hop.strip()
+            if not _within(hop, trusted):
+                address = hop[:64] or address
+                break
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
         return address
-    for hop in reversed(forwarded_for.split(",")):
-        hop = hop.strip()
-        if not _within(hop, trusted):
-            return hop[:64] or address
-    return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def _within(address: str, networks: Sequence[IPNetwork]) -> bool:

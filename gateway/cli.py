@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import math
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -148,12 +149,12 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     base = os.environ if environ is None else environ
     try:
         settings = load_settings(args.config)
-        env = load_environ(settings, base)
         # Only the long-running server caches its loggers; one-shot commands stay
         # reconfigurable (tests call main() many times in one process).
         configure_logging(
             settings.logging.level, settings.logging.format, cache=args.command == "serve"
         )
+        env = load_environ(settings, base)  # after logging: it may warn about the file
         plugins = build_plugins(settings)
         if args.command == "serve":
             return _serve(
@@ -192,8 +193,14 @@ def _serve(
     app = create_app(settings, plugins, environ=env, reload_environ=reload_environ)
     # Bind before anything starts: a port in use must not leave a second gateway running its
     # dispatcher (and sending) while it fails to serve.
+    ipv6 = ":" in host
     try:
-        sock = socket.create_server((host, port))
+        sock = socket.create_server(
+            (host, port),
+            family=socket.AF_INET6 if ipv6 else socket.AF_INET,
+            # "::" serves IPv4 too, as aiohttp's own binding did.
+            dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6(),
+        )
     except OSError as exc:
         print(
             f"ctwa-gateway: cannot listen on {host}:{port}:"
@@ -201,7 +208,10 @@ def _serve(
             file=sys.stderr,
         )
         return 2
-    print(f"ctwa-gateway listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    # Until the loop's SIGHUP handler (secrets reload) is in place, a reload must not kill us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    shown = f"[{host}]" if ipv6 else host
+    print(f"ctwa-gateway listening on http://{shown}:{port}", file=sys.stderr, flush=True)
     # access_log=None: aiohttp's access log writes IPs, query strings and user agents; the
     # canonical request line replaces it.
     web.run_app(app, sock=sock, access_log=None, print=None)
@@ -235,6 +245,8 @@ def _read_events(source: str) -> list[tuple[Origin, bytes]]:
             if line.strip()
         ]
     if isinstance(value, list):
+        if not value:
+            raise UsageError(f"no events in {source}: the array is empty")
         return [(("index", i), _encode(item)) for i, item in enumerate(value)]
     return [(("line", 1), stripped)]
 
@@ -295,6 +307,9 @@ async def _send_one(
     }
 
 
+_YEAR_10000 = 253_402_300_800
+
+
 def _positive(value: str) -> int:
     if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
@@ -307,7 +322,7 @@ def _since(value: str) -> float:
     except ValueError:
         pass
     else:
-        if not math.isfinite(seconds) or seconds < 0:
+        if not math.isfinite(seconds) or not 0 <= seconds < _YEAR_10000:
             raise argparse.ArgumentTypeError(f"{value!r} is not a time: use a date or Unix seconds")
         return seconds
     try:

@@ -64,11 +64,14 @@ def metrics_key(settings: Settings, environ: Mapping[str, str]) -> str:
     """Return the key /metrics requires ("" when open); a named but unset variable is an error."""
     name = settings.metrics.key_env
     if name is None:
-        if not (settings.metrics.public or settings.server.is_loopback()):
+        server = settings.server
+        # Behind a proxy (trusted_proxies), loopback is the proxy: the world reaches it.
+        if not settings.metrics.public and (server.trusted_proxies or not server.is_loopback()):
+            where = "through your proxy" if server.trusted_proxies else f"on {server.host}"
             raise ConfigError(
-                f"/metrics would be open to anyone on {settings.server.host} (it shows accounts"
-                " and key names): set [metrics] key_env to a variable holding a key, or"
-                " public = true if that is what you want"
+                f"/metrics would be open to anyone {where} (it shows accounts and key names):"
+                " set [metrics] key_env to a variable holding a key, or public = true if that"
+                " is what you want"
             )
         return ""
     value = environ.get(name, "")

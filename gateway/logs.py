@@ -61,6 +61,25 @@ def _render_json(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
     return _json.encode(event_dict).decode()
 
 
+class _LibraryLogs(logging.Handler):
+    """aiohttp's own log records (a request it could not parse, a peer that vanished) as one
+    structured line each, without the message's arguments or the traceback: aiohttp's
+    traceback of a malformed request quotes its header lines, API keys included."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else None
+        structlog.get_logger().warning(
+            "library_error", logger=record.name, message=str(record.msg)[:200], error_type=error
+        )
+
+
+def _route_library_logs() -> None:
+    library = logging.getLogger("aiohttp")
+    library.handlers = [_LibraryLogs()]
+    library.propagate = False
+    library.setLevel(logging.WARNING)
+
+
 def configure_logging(
     level: str = "info", fmt: str = "auto", stream: TextIO | None = None, *, cache: bool = True
 ) -> None:
@@ -90,6 +109,7 @@ def configure_logging(
         processors.append(
             structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
         )
+    _route_library_logs()
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -91,18 +91,18 @@ def make_middleware(
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
-        client = client_address(
-            request.remote, request.headers.get("X-Forwarded-For"), trusted_proxies
-        )
-        wait = failures.retry_after(client)
-        if wait is None:
-            response = await _answer(request, handler, max_body_bytes)
-            if response.status == 401 and failures.failed(client):
+        response = await _answer(request, handler, max_body_bytes)
+        if response.status in _FAILED_AUTHENTICATION:
+            client = client_address(
+                request.remote, request.headers.get("X-Forwarded-For"), trusted_proxies
+            )
+            wait, newly = failures.failed(client)
+            if newly:
                 metrics.auth_failures_limited.inc()
-                # The address, once, when it is cut off: what an operator would block.
+                # The address, once per episode: what an operator would block.
                 log.warning("auth_failures_limited", client=client)
-        else:
-            response = _too_many_failures(wait)
+            if wait is not None:
+                response = _too_many_failures(wait)
         response.headers[REQUEST_ID_HEADER] = request_id
         elapsed = time.perf_counter() - started
         # Unmatched paths share one label: a scanner must not mint a time series per URL.
@@ -161,10 +161,14 @@ async def _answer(
         )
 
 
+# A wrong key, signature or metrics key (401), a wrong verify token (403).
+_FAILED_AUTHENTICATION = frozenset({401, 403})
+
+
 def _too_many_failures(wait: float) -> web.Response:
     error = RateLimited(
-        f"Too many failed authentications from this address; retry after {wait:.0f} s with a"
-        " valid key (or signature).",
+        f"Too many failed authentications from this address: this one is refused without"
+        f" saying why for {wait:.0f} s more. Requests with valid credentials are not affected.",
         code="too_many_failed_authentications",
         details={"retryAfterSeconds": round(wait, 3)},
     )

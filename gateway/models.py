@@ -39,10 +39,17 @@ __all__ = [
 
 # Bounds on what a client may send: generous for real data, small enough that nothing a client
 # sends can make a row or a log line unreasonably large.
-# Identifiers carry no C0/C1 control characters (NUL, CR/LF...) and no bidirectional
-# overrides: they reach Meta, logs and consoles, where such characters forge or hide text.
-# (\Z, not $: $ would accept a trailing newline.)
-PRINTABLE = "^[^\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]*\\Z"
+# Identifiers carry no C0/C1 control characters (NUL, CR/LF...), no line or paragraph
+# separators and no invisible format characters (Unicode category Cf: bidirectional marks and
+# overrides, zero-width characters, the BOM, tag characters): they reach Meta, logs and
+# consoles, where such characters forge or hide text. (\Z, not $: $ accepts a trailing "\n".)
+_FORBIDDEN = (
+    "\x00-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+    "\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+    "\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0001\U000e0020-\U000e007f"
+)
+PRINTABLE = f"^[^{_FORBIDDEN}]*\\Z"
 
 
 def _text(max_length: int) -> msgspec.Meta:

@@ -51,8 +51,8 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition; outbox and status gauges are read from the store now."""
     key = request.app[CREDENTIALS].metrics_key
     if key:
-        presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not secret_matches(presented, key):
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secret_matches(presented.strip(), key):
             raise Unauthorized(
                 "Unauthorized: /metrics needs `Authorization: Bearer <metrics key>`.",
                 code="invalid_metrics_key",

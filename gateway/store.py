@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import os
 import secrets
+import sqlite3
 import stat
 import time
 from collections.abc import Sequence
@@ -61,7 +62,7 @@ from gateway.schema import (
 from gateway.webhook_records import CaptureBatch
 from gateway.writer import GroupCommitWriter, WriteOp
 
-__all__ = ["NewEvent", "PhoneMatch", "Store", "StoreMissing"]
+__all__ = ["NewEvent", "PhoneMatch", "Store", "StoreMissing", "check_store_path"]
 
 log = structlog.get_logger()
 
@@ -93,6 +94,28 @@ class PhoneMatch(NamedTuple):
 
 class StoreMissing(ConfigError):
     """A command that must not create a store found none at the configured path."""
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_store_path(path: Path) -> None:
+    """Raise ConfigError if ``path`` cannot be the store: a folder, another kind of file, or
+    a new file in a folder that cannot be created or written."""
+    if path.is_dir():
+        raise ConfigError(f"[store] path {path} is a folder; name a file in it")
+    if path.exists():
+        try:
+            with path.open("rb") as file:
+                header = file.read(len(_SQLITE_HEADER))
+        except OSError as exc:
+            raise ConfigError(f"[store] path {path}: cannot read it ({exc.strerror})") from None
+        if header and header != _SQLITE_HEADER:
+            raise ConfigError(f"[store] path {path} is not an SQLite database")
+        return
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"[store] path {path}: its folder cannot be created or written")
 
 
 class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -262,7 +285,10 @@ class Store:
                     mode=oct(stat.S_IMODE(mode)),
                     fix=f"chmod {'700' if file.is_dir() else '600'} {file}",
                 )
-        writer = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            writer = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the store {path}: {exc}") from None
         try:
             await writer.execute("PRAGMA journal_mode = WAL")
             # FULL: a commit is on disk (WAL fsynced) before any caller hears "accepted".
@@ -271,8 +297,11 @@ class Store:
             await writer.execute("PRAGMA foreign_keys = ON")
             await migrate(writer)
             reader = await aiosqlite.connect(path, isolation_level=None)
-        except BaseException:
+        except BaseException as exc:
             await writer.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                # Not a database, or a damaged one: one line, not a traceback.
+                raise ConfigError(f"cannot open the store {path}: {exc}") from None
             raise
         await reader.execute("PRAGMA busy_timeout = 5000")
         await reader.execute("PRAGMA query_only = ON")

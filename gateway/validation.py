@@ -103,8 +103,8 @@ def validation_error(
         )
     if "matching regex" in msg:  # the only pattern of the request Structs: PRINTABLE
         msg = (
-            "it contains a control character (NUL, CR, LF, tab...) or a bidirectional"
-            " override; remove it"
+            "it contains a control character (NUL, CR, LF, tab...) or an invisible one"
+            " (zero-width, bidirectional marks and overrides, line separators); remove it"
         )
     return InvalidRequest(
         f"Invalid `{param}`: {msg}. {_FIELD_HINTS.get(top, '')}".strip(),

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -255,8 +257,10 @@ def test_send_reads_an_object_an_array_or_json_lines(
         (["send", "--dry-run", "EMPTY"], "no events in"),
         (["replay", "--account", "acme", "--sink", "bogus"], "unknown sink 'bogus'"),
         (["replay", "--account", "acme", "--since", "nan"], "'nan' is not a time"),
+        (["replay", "--account", "acme", "--since", "9" * 20], "is not a time"),
+        (["send", "--dry-run", "EMPTY_ARRAY"], "the array is empty"),
     ],
-    ids=["missing file", "empty file", "unknown sink", "nan time"],
+    ids=["missing file", "empty file", "unknown sink", "nan time", "huge time", "empty array"],
 )
 def test_command_line_mistakes_exit_2_with_one_line(
     config_file: Path,
@@ -268,8 +272,11 @@ def test_command_line_mistakes_exit_2_with_one_line(
     seed(tmp_path / "cli.sqlite3")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n")
-    argv = [str(empty) if a == "EMPTY" else a for a in args] + ["--config", str(config_file)]
-    with pytest.raises(SystemExit) if "nan" in args else contextlib.nullcontext():
+    empty_array = tmp_path / "empty.json"
+    empty_array.write_text("[]")
+    files = {"EMPTY": str(empty), "EMPTY_ARRAY": str(empty_array)}
+    argv = [files.get(a, a) for a in args] + ["--config", str(config_file)]
+    with pytest.raises(SystemExit) if "--since" in args else contextlib.nullcontext():
         assert main(argv, environ=ENV) == 2
     assert message in capsys.readouterr().err
 
@@ -295,3 +302,54 @@ def test_a_dry_run_by_bsuid_shows_how_it_resolved(
         "resolver": "business_scoped_user_id", "field": "businessScopedUserId", "form": "as_sent"
     }  # fmt: skip
     assert line["payload"]["data"][0]["user_data"]["ctwa_clid"] == CLID
+
+
+def test_a_store_path_that_cannot_be_a_store_is_refused_before_serving(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    not_sqlite = tmp_path / "notes.txt"
+    not_sqlite.write_text("hello")
+    for store, problem in ((folder, "is a folder"), (not_sqlite, "is not an SQLite database")):
+        path = tmp_path / "gateway.toml"
+        path.write_bytes(tomli_w.dumps(base_config(store)).encode())
+        assert main(["check-config", "--config", str(path)], environ=ENV) == 1
+        assert problem in capsys.readouterr().out
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+            capture_output=True, text=True, env={**os.environ, **ENV}, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines() == [
+            f"ctwa-gateway: configuration error: [store] path {store} {problem}"
+            + ("; name a file in it" if store == folder else "")
+        ]
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 here")
+def test_serve_listens_on_ipv6(config_file: Path) -> None:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6) as probe:
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip("::1 cannot be bound here")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config_file),
+         "--host", "::1", "--port", str(port)],
+        env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            try:
+                with socket.create_connection(("::1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError(proc.stderr.read() if proc.stderr else "no output")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"listening on http://[::1]:{port}" in err

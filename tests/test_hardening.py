@@ -11,9 +11,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway import ConversionRequest, EventDraft, hookimpl
+from gateway.app import reload_secrets
+from gateway.auth import client_address
 from gateway.config import PluginsConfig
 from gateway.errors import ConfigError
-from tests.conftest import API_KEY, AUTH, ClientFactory, LogCapture, add_conversation, store_of
+from tests.conftest import API_KEY, AUTH, ENV, ClientFactory, LogCapture, add_conversation, store_of
 from tests.live import raw_http
 
 Client = TestClient[web.Request, web.Application]
@@ -104,39 +106,48 @@ async def test_failed_authentications_are_limited_per_client_address(
 ) -> None:
     auth = {**config["auth"], "failed_per_s": 0.5, "failed_burst": 3}
     client = await make_client(auth=auth)
+    url = "/v1/whatsapp/conversions?accountId=acme"
     bad = {"Authorization": "Bearer not-the-key-0123456789"}
     for _ in range(3):
-        assert (
-            await client.get("/v1/whatsapp/conversions?accountId=acme", headers=bad)
-        ).status == 401
-    # The address is cut off: even a good key waits (a guess must not be told apart).
-    resp = await client.get("/v1/whatsapp/conversions?accountId=acme", headers=AUTH)
-    answer = await resp.json()
-    assert (resp.status, answer["code"]) == (429, "too_many_failed_authentications")
-    assert int(resp.headers["Retry-After"]) >= 1
+        assert (await client.get(url, headers=bad)).status == 401
+    # Past the budget a failure says nothing more than "slow down"...
+    for _ in range(3):
+        resp = await client.get(url, headers=bad)
+        answer = await resp.json()
+        assert (resp.status, answer["code"]) == (429, "too_many_failed_authentications")
+        assert int(resp.headers["Retry-After"]) >= 1
+    # ...and is logged once, not at every failure.
     (line,) = logs.events("auth_failures_limited")
     assert line["client"] == "127.0.0.1"
-    assert (await client.get("/metrics")).status == 429  # every route, while cut off
-    await asyncio.sleep(2.1)
-    assert (await client.get("/v1/whatsapp/conversions?accountId=acme", headers=AUTH)).status == 200
+    # Valid credentials from the same address are never refused: nobody can lock others out.
+    assert (await client.get(url, headers=AUTH)).status == 200
+    assert (await client.get("/healthz")).status == 200
+    # A wrong webhook verify token counts too.
+    params = {"hub.mode": "subscribe", "hub.verify_token": "guess", "hub.challenge": "1"}
+    assert (await client.get("/webhooks/whatsapp", params=params)).status == 429
 
 
 async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(
     make_client: ClientFactory, config: dict[str, Any]
 ) -> None:
     auth = {**config["auth"], "failed_per_s": 0.01, "failed_burst": 1}
-    client = await make_client(auth=auth, server={"trusted_proxies": ["127.0.0.1"]})
+    client = await make_client(
+        auth=auth, server={"trusted_proxies": ["127.0.0.1"]}, metrics={"key_env": "CTWA_SCOPED_KEY"}
+    )
+    url = "/v1/whatsapp/conversions?accountId=acme"
     bad = {"Authorization": "Bearer not-the-key-0123456789"}
     first = {**bad, "X-Forwarded-For": "203.0.113.7"}
-    assert (
-        await client.get("/v1/whatsapp/conversions?accountId=acme", headers=first)
-    ).status == 401
-    # That client is cut off; another behind the same proxy is not.
-    assert (await client.get("/healthz", headers={"X-Forwarded-For": "203.0.113.7"})).status == 429
-    other = {**AUTH, "X-Forwarded-For": "198.51.100.9, 127.0.0.1"}
-    assert (
-        await client.get("/v1/whatsapp/conversions?accountId=acme", headers=other)
-    ).status == 200
+    assert (await client.get(url, headers=first)).status == 401
+    assert (await client.get(url, headers=first)).status == 429
+    # Another client behind the same proxy has its own budget.
+    other = {**bad, "X-Forwarded-For": "198.51.100.9, 127.0.0.1"}
+    assert (await client.get(url, headers=other)).status == 401
+
+
+def test_ipv6_clients_count_per_64() -> None:
+    assert client_address("2001:db8::1", None, []) == client_address("2001:db8::ffff", None, [])
+    assert client_address("2001:db8:0:1::1", None, []) != client_address("2001:db8::1", None, [])
+    assert client_address("::ffff:192.0.2.1", None, []) == "192.0.2.1"
 
 
 async def test_an_open_metrics_endpoint_off_loopback_is_refused_at_startup(
@@ -181,3 +192,62 @@ async def test_an_unexpected_error_of_any_type_is_one_500_envelope(
     assert "a plugin bug" in json.dumps(line["exception"])
     (canonical,) = [r for r in logs.events("request") if r["status"] == 500]
     assert canonical["error_code"] == "internal_error"
+
+
+async def test_a_request_aiohttp_cannot_parse_logs_no_header(
+    client: Client, logs: LogCapture
+) -> None:
+    assert client.server.host is not None
+    assert client.server.port is not None
+    head = (
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + f"Authorization: Bearer {API_KEY}\rX\r\n".encode()
+    )
+    status, _, _ = await asyncio.to_thread(raw_http, client.server.host, client.server.port, head)
+    assert status == 400
+    assert API_KEY not in logs.text
+    assert logs.events("library_error")
+
+
+@pytest.mark.parametrize("expect", [b"\xa0", b"200-ok", b"100-continue"])
+async def test_any_expect_header_is_answered_by_the_app(client: Client, expect: bytes) -> None:
+    assert client.server.host is not None
+    assert client.server.port is not None
+    head = b"GET /healthz HTTP/1.1\r\nHost: t\r\nExpect: " + expect + b"\r\n"
+    status, response_head, _ = await asyncio.to_thread(
+        raw_http, client.server.host, client.server.port, head
+    )
+    assert status in (100, 200)
+    assert b"X-Request-Id" in response_head or status == 100
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\u2028", "\ufeff", "\u061c", "\U000e0041"])
+async def test_invisible_characters_in_identifiers_are_400(client: Client, invisible: str) -> None:
+    body = {"accountId": "acme", "eventName": "Purchase", "eventId": f"a{invisible}b",
+            "conversationId": "conv_x"}  # fmt: skip
+    resp = await client.post("/v1/whatsapp/conversions", json=body, headers=AUTH)
+    assert (resp.status, (await resp.json())["param"]) == (400, "eventId")
+
+
+async def test_a_reload_that_drops_the_app_secret_is_warned_about(
+    client: Client, logs: LogCapture
+) -> None:
+    assert reload_secrets(client.app, {**ENV, "CTWA_APP_SECRET": ""})
+    assert logs.events("webhook_disabled")
+    resp = await client.post("/webhooks/whatsapp", data=b"{}")
+    assert resp.status == 503
+
+
+async def test_an_open_metrics_endpoint_behind_a_proxy_is_refused(
+    make_client: ClientFactory,
+) -> None:
+    with pytest.raises(ConfigError, match="/metrics would be open to anyone through your proxy"):
+        await make_client(server={"trusted_proxies": ["127.0.0.1"]})
+
+
+async def test_the_metrics_key_needs_the_bearer_scheme_in_any_case(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(metrics={"key_env": "CTWA_SCOPED_KEY"})
+    key = ENV["CTWA_SCOPED_KEY"]
+    assert (await client.get("/metrics", headers={"Authorization": f"bearer {key}"})).status == 200
+    assert (await client.get("/metrics", headers={"Authorization": key})).status == 401
