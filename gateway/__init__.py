@@ -16,7 +16,7 @@ from gateway.errors import (
 )
 from gateway.hookspecs import hookimpl
 from gateway.models import ConversionRequest
-from gateway.phones import PhoneForms, parse_phone
+from gateway.phones import PhoneForms, invalid_phone, parse_phone
 from gateway.store import Store
 
 __all__ = [
@@ -37,5 +37,6 @@ __all__ = [
     "StoredEvent",
     "Unprocessable",
     "hookimpl",
+    "invalid_phone",
     "parse_phone",
 ]

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -29,6 +30,7 @@ from gateway.errors import ConfigError, GatewayError, UsageError
 from gateway.logs import configure_logging
 from gateway.meta_body import DEFAULT_PARTNER_AGENT, meta_request_body
 from gateway.middlewares import error_body
+from gateway.models import PRINTABLE
 from gateway.operations import probe, replay, webhooks
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
@@ -134,9 +136,14 @@ def _parser() -> argparse.ArgumentParser:
         "--conversation", required=True, help="a conversation id with a captured click id"
     )
     probe.add_argument(
-        "--test-code", required=True, help="a test event code from Events Manager > Test events"
+        "--test-code",
+        required=True,
+        type=_identifier,
+        help="a test event code from Events Manager > Test events",
     )
-    probe.add_argument("--names", nargs="+", help="the names to try (default: see above)")
+    probe.add_argument(
+        "--names", nargs="+", type=_identifier, help="the names to try (default: see above)"
+    )
 
     check = sub.add_parser("check-config", help="validate a config file and print what it loads")
     _add_config(check)
@@ -285,6 +292,8 @@ async def _send_one(
         outcome = await pipeline.handle(request, account)
         return {origin[0]: origin[1], **msgspec.to_builtins(conversion_response(outcome))}
     existing = await pipeline.store.find_event(account.id, request.event_id)
+    if existing is not None:
+        pipeline.repeated(existing, request)  # a reused eventId with another body: its 409
     prepared = await pipeline.prepare(request, account)
     states = pipeline.plugins.accept(prepared)
     payload = next(
@@ -308,6 +317,15 @@ async def _send_one(
 
 
 _YEAR_10000 = 253_402_300_800
+_PRINTABLE = re.compile(PRINTABLE)
+
+
+def _identifier(value: str) -> str:
+    if not value.strip() or len(value) > 64 or not _PRINTABLE.match(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: 1 to 64 characters, no control or invisible ones"
+        )
+    return value
 
 
 def _positive(value: str) -> int:

@@ -237,6 +237,11 @@ class Identities:
                 return self._put(self._with_profile(former, m))
             conversation = self.start(account, phone=m.phone, bsuid=m.bsuid)
         conversation = self._rekey(conversation, phone=m.phone, bsuid=m.bsuid)
+        former = self._formerly(account, phone=m.phone)
+        if former is not None and former.id != conversation.id and m.phone is not None:
+            # The number someone left after a change now writes as someone else: a recycled
+            # number. That person's older conversations stop answering for it.
+            self.released.append((account, m.phone, conversation.id))
         return self._put(self._with_profile(conversation, m))
 
     def _changed_identity(self, m: InboundMessage) -> Conversation:

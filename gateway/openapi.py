@@ -93,6 +93,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             200: ConversionResponse,
             202: ConversionResponse,
             **_CLIENT_ERRORS,
+            409: ErrorBody,
             413: ErrorBody,
             415: ErrorBody,
             422: ErrorBody,

@@ -108,16 +108,19 @@ async def probe(
             f"account {account.id!r} has no dataset: set dataset_id, or create it with"
             " POST /v1/whatsapp/dataset"
         )
-    names = args.names or list(dict.fromkeys([*FAQ_EVENT_NAMES, *settings.events.allowed_names]))
+    names = list(dict.fromkeys(args.names or [*FAQ_EVENT_NAMES, *settings.events.allowed_names]))
     results = await probe_event_names(
         names, settings=settings, plugins=plugins, account=account, conversation=conversation,
         dataset_id=dataset, test_code=args.test_code, graph=graph, environ=env,
     )  # fmt: skip
-    width = max(len(r.name) for r in results) + 2
+    width = max(len("event name"), *(len(r.name) for r in results)) + 2
     print(f"{'event name':<{width}}{'Meta says':<11}detail")
     for r in results:
         print(f"{r.name:<{width}}{r.verdict:<11}{r.detail}".rstrip())
     accepted = [r.name for r in results if r.verdict == "accepted"]
-    print(f"\n# {graph.api_version}, {time.strftime('%Y-%m-%d')}: paste under [events]")
-    print("allowed_names = [" + ", ".join(f'"{n}"' for n in accepted) + "]")
+    if accepted:
+        print(f"\n# {graph.api_version}, {time.strftime('%Y-%m-%d')}: paste under [events]")
+        print("allowed_names = [" + ", ".join(f'"{n}"' for n in accepted) + "]")
+    else:
+        print("\nMeta accepted no name: nothing to paste (see the details above).")
     return 1 if any(r.verdict == "error" for r in results) else 0

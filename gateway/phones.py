@@ -36,7 +36,7 @@ def invalid_phone(param: str = "phoneE164") -> InvalidRequest:
 
 
 # What people type around digits; anything else (letters) makes it not a phone number.
-_SEPARATORS = re.compile(r"[\s\-().\u00a0]")
+_SEPARATORS = re.compile(r"[\s\-().\u00a0/\u2010-\u2015]")
 
 
 class PhoneForms(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,6 +45,8 @@ class PhoneForms(msgspec.Struct, frozen=True, kw_only=True):
     digits: str
     # (digits, which form), the number as sent first.
     forms: tuple[tuple[str, str], ...]
+    # The number, or one of its forms, exists in its numbering plan.
+    valid: bool = True
 
 
 def _forms(country: int, national: str) -> list[tuple[str, str]]:
@@ -62,7 +64,8 @@ def _forms(country: int, national: str) -> list[tuple[str, str]]:
             return [(cc + "9" + national, "argentina_with_9")]
     if country == 55:
         area, subscriber = national[:2], national[2:]
-        if len(subscriber) == 9 and subscriber.startswith("9"):
+        # Only a mobile's: 9 + 8 digits starting 6-9 (9 3xxx-xxxx is not landline 3xxx-xxxx).
+        if len(subscriber) == 9 and subscriber[0] == "9" and subscriber[1] in "6789":
             return [(cc + area + subscriber[1:], "brazil_without_9")]
         if len(subscriber) == 8 and subscriber[0] in "6789":
             return [(cc + area + "9" + subscriber, "brazil_with_9")]
@@ -77,11 +80,13 @@ def _valid(digits: str) -> bool:
 
 
 def parse_phone(raw: str) -> PhoneForms | None:
-    """Return the number and its WhatsApp forms, or None if it cannot be a real number.
+    """Return the number and its WhatsApp forms, or None if it is not a phone number at all.
 
-    ``+``, ``00``, spaces, dashes, dots and brackets are fine; the country code is required.
-    A number counts as real if it, or one of its WhatsApp forms, is valid in its numbering
-    plan (``5215512345678`` is a Mexican WhatsApp id, though Mexico dials it without the 1).
+    ``+``, ``00``, spaces, dashes, dots, slashes and brackets are fine; the country code is
+    required. ``valid`` says whether the number, or one of its WhatsApp forms, is valid in its
+    numbering plan (``5215512345678`` is a Mexican WhatsApp id, though Mexico dials it without
+    the 1). An invalid one may still be a WhatsApp id as Meta sent it: the resolver tries the
+    stored ids first and refuses it only if none matches.
     """
     cleaned = _SEPARATORS.sub("", raw.strip())
     if cleaned.startswith("+"):
@@ -93,12 +98,13 @@ def parse_phone(raw: str) -> PhoneForms | None:
     try:
         number = phonenumbers.parse("+" + cleaned)
     except phonenumbers.NumberParseException:
-        return None
+        return PhoneForms(digits=cleaned, forms=((cleaned, "as_sent"),), valid=False)
     # The national significant number keeps Italy's leading zero (06...), national_number not.
     national = phonenumbers.national_significant_number(number)
     country = number.country_code or 0
     digits = f"{country}{national}"
     forms = [(digits, "as_sent"), *_forms(country, national)]
-    if not any(_valid(form) for form, _ in forms):
-        return None
-    return PhoneForms(digits=digits, forms=tuple(forms))
+    if cleaned != digits:
+        forms.append((cleaned, "as_typed"))  # a trunk prefix kept, as a stored id might be
+    valid = any(_valid(form) for form, _ in forms)
+    return PhoneForms(digits=digits, forms=tuple(forms), valid=valid)

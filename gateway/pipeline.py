@@ -139,11 +139,11 @@ class Pipeline:
         except GatewayError:
             existing = await self.store.find_event(account.id, request.event_id)
             if existing is not None:
-                return self._repeated(existing, request)
+                return self.repeated(existing, request)
             raise
         return await self.submit(prepared, started=started)
 
-    def _repeated(self, existing: StoredEvent, request: ConversionRequest) -> Outcome:
+    def repeated(self, existing: StoredEvent, request: ConversionRequest) -> Outcome:
         """Answer a known eventId: the original outcome if this is a retry of it, else 409."""
         differ = changed_fields(existing.request_fields, request_fingerprint(request))
         if differ and self.settings.events.on_reused_event_id == "conflict":
@@ -181,7 +181,7 @@ class Pipeline:
         )
         stored, duplicate = await self.store.insert_event(new)
         if duplicate:
-            return self._repeated(stored, request)
+            return self.repeated(stored, request)
         for sink in states:
             self.metrics.events_accepted.labels(new.account_id, sink).inc()
         stored = await self._deliver(stored)

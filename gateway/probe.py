@@ -99,6 +99,9 @@ async def probe_event_names(
                 event_id=f"probe-{run}-{name}",
                 conversation_id=conversation.id,
                 test_code=test_code,
+                # Every name gets a value: a Purchase without one would fail for that reason.
+                value=1.0,
+                currency="USD",
             )
             # The configured normalizers build it, as for a real conversion; validation's
             # allowlist is exactly what is being probed, so it is not asked.

@@ -85,11 +85,12 @@ def _encode_optional(value: object) -> bytes | None:
 
 class PhoneMatch(NamedTuple):
     """A conversation found by phone: which stored number matched, and whether that number
-    is one the person had before a change (an alias)."""
+    is one the person had before a change (an alias, and when it was replaced)."""
 
     conversation: Conversation
     matched: str
     former: bool
+    replaced_at: float | None = None
 
 
 class StoreMissing(ConfigError):
@@ -407,10 +408,11 @@ class Store:
         marks = ",".join("?" * len(phones))
         rows = await fetch_rows(
             self._reader,
-            f"SELECT * FROM (SELECT {CONVERSATION_COLUMNS}, wa_id AS matched, 0 AS former"
-            " FROM conversations"
+            f"SELECT * FROM (SELECT {CONVERSATION_COLUMNS}, wa_id AS matched, 0 AS former,"
+            " NULL AS replaced FROM conversations"
             f" WHERE account_id = ? AND wa_id IN ({marks}) AND phone_released_at IS NULL"
-            f" UNION ALL SELECT {_ALIASED_COLUMNS}, a.value, 1 FROM conversation_aliases a"
+            f" UNION ALL SELECT {_ALIASED_COLUMNS}, a.value, 1, a.replaced_at"
+            " FROM conversation_aliases a"
             " JOIN conversations c ON c.id = a.conversation_id"
             f" WHERE a.account_id = ? AND a.kind = 'phone' AND a.value IN ({marks}))"
             " ORDER BY ctwa_clid IS NOT NULL DESC, COALESCE(last_inbound_at, created_at) DESC,"
@@ -424,7 +426,9 @@ class Store:
             conversation = conversation_from_row(row[:width])
             if conversation.id not in seen:
                 seen.add(conversation.id)
-                found.append(PhoneMatch(conversation, row[width], bool(row[width + 1])))
+                found.append(
+                    PhoneMatch(conversation, row[width], bool(row[width + 1]), row[width + 2])
+                )
         return found
 
     async def find_conversation(self, conversation_id: str) -> Conversation | None:

@@ -45,7 +45,9 @@ _FIELD_HINTS = {
     "eventName": "Send one of the allowed event names, e.g. Purchase or LeadSubmitted.",
     "eventId": "Send a stable, unique id for this conversion (1-256 characters); it deduplicates.",
     "conversationId": "Send a conversation id the gateway returned (1-128 characters).",
-    "phoneE164": "Send the phone number with country code, digits only, e.g. 16505551234.",
+    "phoneE164": "Send the phone number with its country code, e.g. +1 650 555 1234.",
+    "businessScopedUserId": "Send the WhatsApp business-scoped user id as Meta sent it, e.g."
+    " US.13491208655302741918 (letters, digits and dots, no spaces).",
     "value": "Send a finite, non-negative number, e.g. 49.99.",
     "currency": "Send a 3-letter ISO 4217 code, e.g. USD.",
     "contentIds": "Send a list of non-empty product id strings (at most 1000).",
@@ -101,7 +103,7 @@ def validation_error(
             code="missing_field",
             param=param,
         )
-    if "matching regex" in msg:  # the only pattern of the request Structs: PRINTABLE
+    if "matching regex" in msg and "\\x00-\\x1f" in msg:  # PRINTABLE, not a format pattern
         msg = (
             "it contains a control character (NUL, CR, LF, tab...) or an invisible one"
             " (zero-width, bidirectional marks and overrides, line separators); remove it"

@@ -20,6 +20,7 @@ from gateway import (
     Resolved,
     Store,
     hookimpl,
+    invalid_phone,
     parse_phone,
 )
 
@@ -29,7 +30,17 @@ FIELD = "phoneE164"
 async def _lookup(store: Store, account: AccountConfig, phone: PhoneForms) -> Resolved:
     forms = dict(phone.forms)
     matches = await store.conversations_for_phones(account.id, list(forms))
+    # The number's current holder answers for it; a number someone had before a change only
+    # when nobody holds it now, and then only its latest former holder.
+    current = [m for m in matches if not m.former]
+    if current:
+        matches = current
+    elif matches:
+        latest = max(m.replaced_at or 0.0 for m in matches)
+        matches = [m for m in matches if (m.replaced_at or 0.0) == latest]
     if not matches:
+        if not phone.valid:
+            raise invalid_phone()  # not a stored WhatsApp id, and not a real number either
         raise NotFound(
             f"No conversation with this phone number on account {account.id!r}; the person"
             " must have messaged the business's WhatsApp number first.",
@@ -59,5 +70,5 @@ def gateway_resolve_conversation(
         return None
     phone = parse_phone(request.phone_e164)
     if phone is None:
-        return None  # refused by validation first
+        return None  # not a phone number at all: refused by validation first
     return _lookup(store, account, phone)

@@ -353,3 +353,26 @@ def test_serve_listens_on_ipv6(config_file: Path) -> None:
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert f"listening on http://[::1]:{port}" in err
+
+
+def test_a_dry_run_shows_the_409_a_reused_event_id_would_get(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conversation_id = seed(tmp_path / "cli.sqlite3")
+    events = tmp_path / "event.json"
+    events.write_text(json.dumps(event(conversation_id)))
+    assert main(["send", "--config", str(config_file), str(events)], environ=ENV) == 0
+    capsys.readouterr()
+    events.write_text(json.dumps(event(conversation_id, value=99)))
+    assert main(["send", "--config", str(config_file), "--dry-run", str(events)], environ=ENV) == 1
+    (line,) = output(capsys)
+    assert (line["httpStatus"], line["error"]["code"]) == (409, "event_id_reused")
+
+
+def test_probe_names_must_be_names(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["probe-event-names", "--config", str(config_file), "--account", "acme",
+            "--conversation", "conv_x", "--test-code", "TEST1", "--names", ""]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        main(argv, environ=ENV)
+    assert exited.value.code == 2
+    assert "no control or invisible" in capsys.readouterr().err

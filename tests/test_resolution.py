@@ -211,3 +211,48 @@ async def test_the_openapi_document_shows_the_bsuid_field(client: Client) -> Non
         "form",
         "ambiguous",
     }
+
+
+async def test_a_number_left_after_a_change_is_not_the_previous_owners_any_more(
+    client: Client,
+) -> None:
+    a = message("16505550011", "w.a1", ts=1.77e9, bsuid="US.1000", ref=referral("CLID-A"))
+    await post_signed(client, notification(messages_change([a])))
+    move = system_message("w.a2", "user_changed_number", wa_id="16505550011", bsuid="US.1000",
+                          new_wa_id="16505550012", ts=1.77e9 + 10)  # fmt: skip
+    await post_signed(client, notification(messages_change([move])))
+    # Someone else now writes from the number A left, without a click.
+    b = message("16505550011", "w.b1", ts=1.77e9 + 20, bsuid="US.2000")
+    await post_signed(client, notification(messages_change([b])))
+    status, answer = await convert(client, purchase("left-1", phoneE164="+1 650 555 0011"))
+    assert (status, answer["code"]) == (422, "missing_ctwa_clid")
+    # B clicks; A writes again from the new number: the old number still means B.
+    b2 = message("16505550011", "w.b2", ts=1.77e9 + 30, bsuid="US.2000", ref=referral("CLID-B"))
+    a2 = message("16505550012", "w.a3", ts=1.77e9 + 40, bsuid="US.1001")
+    await post_signed(client, notification(messages_change([b2, a2])))
+    status, answer = await convert(client, purchase("left-2", phoneE164="+1 650 555 0011"))
+    assert status == 200, answer
+    assert answer["payload"]["data"][0]["user_data"]["ctwa_clid"] == "CLID-B"
+    assert answer["resolution"]["form"] == "as_sent"
+
+
+async def test_a_brazilian_mobile_never_matches_the_landline_of_its_last_8_digits(
+    client: Client,
+) -> None:
+    ref = referral("CLID-BR-LAND")
+    await post_signed(
+        client, notification(messages_change([message("551131230003", "w.bl", ref=ref)]))
+    )
+    status, answer = await convert(client, purchase("br-9", phoneE164="+55 11 93123-0003"))
+    assert (status, answer["code"]) == (404, "conversation_not_found")
+
+
+async def test_a_stored_id_phonenumbers_calls_invalid_is_still_reachable(client: Client) -> None:
+    # Meta's ids arrive as Meta sends them; a number outside the library's known ranges that
+    # WhatsApp did send is a real WhatsApp user.
+    ref = referral("CLID-IL")
+    await post_signed(
+        client, notification(messages_change([message("972501234567", "w.il", ref=ref)]))
+    )
+    status, answer = await convert(client, purchase("il-1", phoneE164="972501234567"))
+    assert (status, answer["payload"]["data"][0]["user_data"]["ctwa_clid"]) == (200, "CLID-IL")

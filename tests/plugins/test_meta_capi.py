@@ -577,3 +577,17 @@ async def test_probe_event_names_asks_meta_and_records_nothing(
         assert await store.recent_events("acme", 10) == []
     finally:
         await store.close()
+    # A token Meta refuses: every name an error, and nothing offered to paste.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "probe-event-names", "--config", str(config),
+        "--account", "acme", "--conversation", conversation.id, "--test-code", "TEST123",
+        "--names", "Purchase", "Purchase", "LeadSubmitted",
+        env={**os.environ, **ENV, "CTWA_ACME_TOKEN": "EAAG-expired-0123456789"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 1
+    assert text.count("Purchase") == 1
+    assert "Meta accepted no name: nothing to paste" in text
+    assert "allowed_names" not in text
