@@ -26,10 +26,12 @@ from gateway.writer import WriteOp
 __all__ = [
     "ArchivePending",
     "ArchivedNotification",
+    "MarkFailed",
     "NewNotification",
     "NotificationStatus",
     "PruneArchive",
     "Reprocess",
+    "body_of",
     "claim",
     "open_notifications",
     "record_new",

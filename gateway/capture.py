@@ -42,7 +42,7 @@ from gateway.webhook_models import Referral
 from gateway.webhook_records import CaptureBatch, DetectedEvent, InboundMessage, Problem
 from gateway.writer import WriteOp
 
-__all__ = ["CaptureOp", "CaptureResult", "ProblemView"]
+__all__ = ["CaptureOp", "CaptureResult", "ProblemView", "result_with_problems"]
 
 T = TypeVar("T")
 _CHUNK = 400  # under SQLite's bound-variable limit

@@ -32,7 +32,7 @@ from gateway.plugin_manager import Plugins
 from gateway.store import NewEvent, Store
 from gateway.validation import check_conversion
 
-__all__ = ["Outcome", "Pipeline", "check_normalizers"]
+__all__ = ["Outcome", "Pipeline", "changed_fields", "check_normalizers"]
 
 log = structlog.get_logger()
 
