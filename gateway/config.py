@@ -116,6 +116,9 @@ class PluginsConfig(ConfigStruct, frozen=True):
     sinks: Annotated[list[Name], msgspec.Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["log"]
     )
+    # The longest the host awaits a sink's delivery hook before that sink's delivery fails
+    # (the answer never waits on a hanging sink longer than this).
+    sink_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 30.0
 
 
 class EventsConfig(ConfigStruct, frozen=True):

@@ -150,6 +150,10 @@ def gateway_deliver_event(
     which the host reports, or ``None`` if nothing changed yet. The sink owns its delivery
     state from here: it stores changes itself (``store.update_deliveries`` or the outbox),
     so an outcome reached after the request was answered is kept too. ``sink`` is the name the
-    plugin is listed under. The awaitable should bound its own wait.
+    plugin is listed under. The awaitable should bound its own wait; the host bounds it too
+    (``[plugins] sink_timeout_s``). A sink that raises here or in
+    :func:`gateway_accept_event` (anything but a :class:`~gateway.errors.GatewayError`
+    refusing the request), or hangs past that bound, ends ``failed`` with the reason; the
+    other sinks and the answer's status are not affected.
     """
     return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics
 from gateway.models import ConversionRequest, request_fingerprint
-from gateway.plugin_manager import Plugins
+from gateway.plugin_manager import Plugins, sink_fault
 from gateway.store import NewEvent, Store
 from gateway.validation import check_conversion
 
@@ -188,32 +188,42 @@ class Pipeline:
         return Outcome(event=stored, duplicate=False)
 
     async def _deliver(self, stored: StoredEvent) -> StoredEvent:
-        """Let the sinks act on a committed event; return it with the states they report."""
-        pending = self.plugins.deliver(stored, self.store)
-        if not pending:
-            return stored
-        names = list(pending)
-        results = await asyncio.gather(*pending.values(), return_exceptions=True)
+        """Let the sinks act on a committed event; return it with the states they report.
+
+        Each sink is on its own: one that raises or hangs (past ``[plugins] sink_timeout_s``)
+        ends ``failed`` with the reason, logged with its traceback, and never changes another
+        sink's outcome or the answer's status code.
+        """
+        pending, failed = self.plugins.deliver(stored, self.store)
         changed: dict[str, SinkState] = {}
-        for name, result in zip(names, results, strict=True):
-            if isinstance(result, BaseException):
-                # A failing sink never blocks another; its state stays as committed.
-                log.error(
-                    "sink_failed",
-                    sink=name,
-                    event_id=stored.event_id,
-                    error_type=type(result).__name__,
-                )
-                continue
-            if result is not None:
-                changed[name] = result
-        if not changed:
+        if pending:
+            timeout = self.settings.plugins.sink_timeout_s
+            names = list(pending)
+            results = await asyncio.gather(
+                *(asyncio.wait_for(_awaited(a), timeout) for a in pending.values()),
+                return_exceptions=True,
+            )
+            for name, result in zip(names, results, strict=True):
+                if isinstance(result, Exception):
+                    failed[name] = sink_fault(
+                        name, "gateway_deliver_event", result, stored.event_id
+                    )
+                elif isinstance(result, BaseException):
+                    raise result  # cancellation: the request is going away
+                elif result is not None:
+                    changed[name] = result  # the sink stored it itself
+        if failed:
+            await self.store.update_deliveries(stored.pk, failed)
+        if not changed and not failed:
             return stored
-        # The sinks stored these themselves; the host only reports them.
-        deliveries = {**stored.deliveries, **changed}
+        deliveries = {**stored.deliveries, **changed, **failed}
         return msgspec.structs.replace(
             stored, deliveries=deliveries, status=overall_status(deliveries)
         )
+
+
+async def _awaited(awaitable: Awaitable[SinkState | None]) -> SinkState | None:
+    return await awaitable
 
 
 def changed_fields(before: dict[str, str] | None, now: dict[str, str]) -> list[str]:

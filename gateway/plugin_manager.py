@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 import pluggy
+import structlog
 from aiohttp import web
 
 from gateway import hookspecs
@@ -32,12 +33,20 @@ from gateway.domain import (
     StoredEvent,
 )
 from gateway.draft import EventDraft
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
 from gateway.metrics import Metrics
 from gateway.models import ConversionRequest, request_field
 from gateway.store import Store
 
-__all__ = ["ENTRY_POINT_GROUP", "Plugins", "build_plugins", "builtin_plugin_names"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Plugins",
+    "build_plugins",
+    "builtin_plugin_names",
+    "sink_fault",
+]
+
+log = structlog.get_logger()
 
 ENTRY_POINT_GROUP = "ctwa_gateway"
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -269,28 +278,57 @@ class Plugins:
             )
 
     def accept(self, event: PreparedEvent) -> dict[str, SinkState]:
-        """Return each sink's starting state for ``event``."""
+        """Return each sink's starting state for ``event``.
+
+        A sink may refuse the request on purpose with a GatewayError (a 4xx, e.g. an account
+        without a dataset); any other exception, or an answer that is not a SinkState, starts
+        that sink ``failed`` with the reason: it never keeps the event from the other sinks.
+        """
         states: dict[str, SinkState] = {}
         for name, call, config in self._accept:
-            state = call(event=event, config=config)
-            if not isinstance(state, SinkState):
-                raise TypeError(f"sink {name!r} returned {state!r}, not a SinkState")
+            try:
+                state = call(event=event, config=config)
+                if not isinstance(state, SinkState):
+                    raise TypeError(f"gateway_accept_event returned {type(state).__name__}")
+            except GatewayError:
+                raise
+            except Exception as exc:
+                state = sink_fault(name, "gateway_accept_event", exc, event.request.event_id)
             states[name] = state
         return states
 
-    def deliver(self, event: StoredEvent, store: Store) -> dict[str, Awaitable[SinkState | None]]:
-        """Start each sink's delivery of a committed event; return what there is to await."""
+    def deliver(
+        self, event: StoredEvent, store: Store
+    ) -> tuple[dict[str, Awaitable[SinkState | None]], dict[str, SinkState]]:
+        """Start each sink's delivery of a committed event; return what there is to await,
+        and the sinks that failed to start (their state is ``failed``)."""
         pending: dict[str, Awaitable[SinkState | None]] = {}
+        failed: dict[str, SinkState] = {}
         for name, call in self._deliver.items():
             state = event.deliveries.get(name)
-            if state is None:
+            if state is None or state.status == "failed":
                 continue
-            result = call(
-                event=event, state=state, sink=name, store=store, config=self.config(name)
-            )
+            try:
+                result = call(
+                    event=event, state=state, sink=name, store=store, config=self.config(name)
+                )
+            except Exception as exc:
+                failed[name] = sink_fault(name, "gateway_deliver_event", exc, event.event_id)
+                continue
             if result is not None:
                 pending[name] = result
-        return pending
+        return pending, failed
+
+
+def sink_fault(sink: str, hook: str, exc: BaseException, event_id: str) -> SinkState:
+    """Log a sink's exception once, with its traceback, and return the failed state it leaves."""
+    log.error("sink_failed", sink=sink, hook=hook, event_id=event_id, exc_info=exc)
+    reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+    return SinkState(
+        status="failed",
+        error=f"the {sink} sink failed in {hook} ({reason}); see the gateway log",
+        error_code="sink_error",
+    )
 
 
 def _one(pm: pluggy.PluginManager, name: str, hook: str) -> Callable[..., Any] | None:

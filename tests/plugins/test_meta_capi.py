@@ -16,6 +16,7 @@ import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway import PreparedEvent, SinkState, hookimpl
 from gateway.config import parse_settings
 from gateway.context import PIPELINE, PLUGINS
 from gateway.models import ConversionRequest
@@ -591,3 +592,64 @@ async def test_probe_event_names_asks_meta_and_records_nothing(
     assert text.count("Purchase") == 1
     assert "Meta accepted no name: nothing to paste" in text
     assert "allowed_names" not in text
+
+
+class Faulty:
+    """A third-party sink with a bug in one hook at a time."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    @hookimpl
+    def gateway_accept_event(self, event: PreparedEvent) -> SinkState:
+        if self.where == "accept":
+            raise KeyError("crm_id")
+        return SinkState(status="pending")
+
+    @hookimpl
+    def gateway_deliver_event(self) -> Awaitable[SinkState | None] | None:
+        if self.where == "deliver":
+            raise RuntimeError("bug before any await")
+        return self._send()
+
+    async def _send(self) -> SinkState | None:
+        if self.where == "awaited":
+            raise ValueError("bug after an await")
+        if self.where == "hang":
+            await asyncio.sleep(3600)
+        return SinkState(status="delivered")
+
+
+@pytest.mark.parametrize("where", ["accept", "deliver", "awaited", "hang"])
+async def test_a_faulty_sink_never_costs_meta_its_event(
+    make_client: ClientFactory,
+    config: dict[str, Any],
+    graph_server: TestServer,
+    fake: FakeGraph,
+    logs: LogCapture,
+    where: str,
+) -> None:
+    table = {"graph_url": str(graph_server.make_url("")).rstrip("/"), "respond_within_ms": 2000}
+    plugins = {"sinks": ["faulty", "meta_capi"], "meta_capi": table, "sink_timeout_s": 0.3}
+    client = await make_client(
+        settings=parse_settings({**config, "plugins": plugins}), extra={"faulty": Faulty(where)}
+    )
+    conversation = await add_conversation(store_of(client))
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    body = await resp.json()
+    # The request succeeds, Meta gets the event exactly once, the faulty sink says why.
+    assert resp.status == 200, body
+    states = {d["sink"]: d for d in body["deliveries"]}
+    assert states["meta_capi"]["status"] == "delivered"
+    assert states["faulty"]["status"] == "failed"
+    assert "faulty sink failed" in states["faulty"]["error"]
+    assert fake.event_ids() == ["L1"]
+    (line,) = logs.events("sink_failed")
+    assert line["sink"] == "faulty"
+    assert "exception" in line  # with its traceback
+    # Stored, not just answered.
+    detail = await settle(client, "L1")
+    assert {d["sink"]: d["status"] for d in detail["deliveries"]} == {
+        "faulty": "failed",
+        "meta_capi": "delivered",
+    }
