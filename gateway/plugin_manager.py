@@ -377,33 +377,42 @@ def build_plugins(settings: Settings, *, extra: Mapping[str, object] | None = No
         raise ConfigError(f"plugin {exc.plugin!r}: {exc}") from None
     for role, hooks in _ROLE_HOOKS.items():
         for name in roles[role]:
-            impls = [
-                impl
+            if not any(
+                impl.plugin_name == name
                 for hook in hooks
                 for impl in getattr(pm.hook, hook).get_hookimpls()
-                if impl.plugin_name == name
-            ]
-            if not impls:
+            ):
                 raise ConfigError(
                     f"plugin {name!r} is listed in [plugins] {role} but implements none of"
                     f" {', '.join(hooks)}"
                 )
-            _check_sync(name, impls, role)
+    # Every hook, not only the role's: an async def gateway_check_config would never run, an
+    # async def gateway_check_ready would report a coroutine.
+    all_hooks = [h for h in dir(hookspecs) if h.startswith("gateway_")]
+    for item in loaded:
+        impls = [
+            (hook, impl)
+            for hook in all_hooks
+            for impl in getattr(pm.hook, hook).get_hookimpls()
+            if impl.plugin_name == item.name
+        ]
+        _check_sync(item.name, impls)
     return Plugins(pm, loaded, roles)
 
 
-def _check_sync(name: str, impls: list[pluggy.HookImpl], role: str) -> None:
-    for impl in impls:
+def _check_sync(name: str, impls: list[tuple[str, pluggy.HookImpl]]) -> None:
+    for hook, impl in impls:
         if impl.hookwrapper or impl.wrapper:
             raise ConfigError(
-                f"plugin {name!r} ({role}): {impl.function.__name__} is a wrapper; gateway hooks"
-                " call one plugin at a time, so wrappers have nothing to wrap"
+                f"plugin {name!r}: {hook} is a wrapper; gateway hooks call one plugin at a time,"
+                " so wrappers have nothing to wrap"
             )
-    # An async def on a "return None or an awaitable" hook always claims the call (a coroutine
-    # is never None), so it is refused at startup rather than silently winning every time.
-    for impl in impls:
+    # pluggy calls hooks synchronously: an async def on a "return None or an awaitable" hook
+    # always claims the call (a coroutine is never None), and on any other hook its body
+    # never runs. Refused at startup, rather than silently wrong every time.
+    for hook, impl in impls:
         if inspect.iscoroutinefunction(impl.function):
             raise ConfigError(
-                f"plugin {name!r} ({role}): {impl.function.__name__} must be a plain def that"
-                " returns None or an awaitable, not an async def"
+                f"plugin {name!r}: {hook} must be a plain def (returning None or an awaitable"
+                " where its spec says so), not an async def"
             )

@@ -87,6 +87,25 @@ def test_async_resolver_is_refused(config: dict[str, Any]) -> None:
         build_plugins(settings_with(config, resolvers=["eager"]), extra={"eager": Eager()})
 
 
+class LateChecks:
+    """A sink whose other hooks are async def: they would never run (or report a coroutine)."""
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+
+    @hookimpl
+    def gateway_accept_event(self) -> None: ...
+
+
+@pytest.mark.parametrize("hook", ["gateway_check_config", "gateway_check_ready"])
+def test_async_hooks_of_any_kind_are_refused(config: dict[str, Any], hook: str) -> None:
+    async def body(self: Any) -> None: ...
+
+    late = type("Late", (LateChecks,), {hook: hookimpl(body)})(hook)
+    with pytest.raises(ConfigError, match=f"{hook}.*must be a plain def"):
+        build_plugins(settings_with(config, sinks=["late"]), extra={"late": late})
+
+
 def test_settings_for_a_plugin_without_config(config: dict[str, Any]) -> None:
     settings = parse_settings({**config, "plugins": {"email": {"x": 1}}})
     with pytest.raises(ConfigError, match="plugin 'email' takes no settings"):
