@@ -111,7 +111,14 @@ def _load(name: str, role: str, settings: Settings) -> _Loaded:
             f"{settings.source}: plugin {name!r} takes no settings; remove [plugins.{name}]"
         )
     factory = getattr(target, "make_plugin", None)
-    plugin = factory(config) if callable(factory) else target
+    try:
+        plugin = factory(config) if callable(factory) else target
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"plugin {name!r}: make_plugin failed ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     return _Loaded(name=name, plugin=plugin, config=config, origin=origin)
 
 
@@ -143,7 +150,7 @@ class Plugins:
             n: call for n in roles["sinks"] if (call := _one(pm, n, "gateway_deliver_event"))
         }
         self._check = [
-            (call, self.config(item.name))
+            (item.name, call, self.config(item.name))
             for item in loaded
             if (call := _one(pm, item.name, "gateway_check_config"))
         ]
@@ -181,9 +188,18 @@ class Plugins:
         return {name: item.origin for name, item in self._loaded.items()}
 
     def check_config(self, settings: Settings, environ: Mapping[str, str]) -> None:
-        """Let every plugin check its settings; raises ConfigError."""
-        for call, config in self._check:
-            call(config=config, settings=settings, environ=environ)
+        """Let every plugin check its settings; raises ConfigError naming the plugin, whatever
+        the plugin raised (a missing file is one line, not a traceback)."""
+        for name, call, config in self._check:
+            try:
+                call(config=config, settings=settings, environ=environ)
+            except ConfigError:
+                raise
+            except Exception as exc:
+                raise ConfigError(
+                    f"plugin {name!r}: its configuration check failed ({type(exc).__name__}:"
+                    f" {str(exc)[:200]})"
+                ) from None
 
     def lifespans(
         self, settings: Settings, store: Store, environ: Mapping[str, str], metrics: Metrics

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway import Conversation, ConversionRequest, EventDraft, hookimpl
-from gateway.app import create_app
+from gateway.app import create_app, startup_problems
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
 from gateway.plugin_manager import build_plugins, builtin_plugin_names
@@ -127,3 +127,21 @@ def test_a_normalizer_leaking_raw_pii_stops_startup(config: dict[str, Any]) -> N
     settings = settings_with(config, normalizers=["business_messaging", "event_time", "leaky"])
     with pytest.raises(ConfigError, match=r"user_data\.em is not a SHA-256"):
         create_app(settings, build_plugins(settings, extra={"leaky": Leaky()}), environ=ENV)
+
+
+class MissingFile:
+    @hookimpl
+    def gateway_accept_event(self) -> None: ...
+
+    @hookimpl
+    def gateway_check_config(self) -> None:
+        open("/nonexistent/ctwa/mapping.csv").close()
+
+
+def test_a_plugins_own_error_in_its_check_is_one_line_naming_it(config: dict[str, Any]) -> None:
+    settings = settings_with(config, sinks=["crm"])
+    plugins = build_plugins(settings, extra={"crm": MissingFile()})
+    with pytest.raises(ConfigError, match=r"plugin 'crm': its configuration check failed"):
+        plugins.check_config(settings, ENV)
+    # check-config lists it among its problems instead of a traceback.
+    assert any("plugin 'crm'" in p for p in startup_problems(settings, plugins, ENV))
