@@ -42,7 +42,7 @@ from gateway.webhook_models import Referral
 from gateway.webhook_records import CaptureBatch, DetectedEvent, InboundMessage, Problem
 from gateway.writer import WriteOp
 
-__all__ = ["CaptureOp", "CaptureResult", "ProblemView", "result_with_problems"]
+__all__ = ["CaptureOp", "CaptureResult", "ProblemView"]
 
 T = TypeVar("T")
 _CHUNK = 400  # under SQLite's bound-variable limit
@@ -109,7 +109,7 @@ def _with_referral(
     )
 
 
-def result_with_problems(result: CaptureResult, problems: Sequence[Problem]) -> CaptureResult:
+def _with_problems(result: CaptureResult, problems: Sequence[Problem]) -> CaptureResult:
     """Fill the answer's problem counts and list."""
     result.unprocessed = len(problems)
     result.unknown_numbers = sum(1 for p in problems if p.code == "unknown_number")
@@ -137,7 +137,7 @@ class CaptureOp(WriteOp[CaptureResult]):
 
     async def apply(self, conn: aiosqlite.Connection) -> CaptureResult:
         batch = self.batch
-        result = result_with_problems(
+        result = _with_problems(
             CaptureResult(statuses=batch.statuses, ignored_changes=batch.ignored_changes),
             batch.problems,
         )

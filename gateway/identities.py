@@ -144,9 +144,6 @@ class Identities:
         """Store a changed conversation (capture's click and time updates)."""
         return self._put(c)
 
-    def is_new(self, conversation_id: str) -> bool:
-        return conversation_id not in self.loaded
-
     def _merge(self, preferred: Conversation, other: Conversation) -> Conversation:
         """Merge two live conversations of one person; return the survivor."""
         survivor, loser = preferred, other
