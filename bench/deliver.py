@@ -20,10 +20,10 @@ from pathlib import Path
 import aiohttp
 
 from bench.load import free_port, python, server
-from gateway.dispatcher import Dispatcher, DispatchSettings, Route
+from gateway.delivery.dispatcher import Dispatcher, DispatchSettings, Route
 from gateway.domain import SinkState
-from gateway.graph import GraphClient
-from gateway.store import NewEvent, Store
+from gateway.store.database import NewEvent, Store
+from plugins.meta_capi.graph import GraphClient
 
 SINK = "meta_capi"
 

@@ -23,7 +23,7 @@ import tomli_w
 
 from bench.load import Result, cpu_seconds, drive, free_port, python, server
 from gateway.domain import Conversation
-from gateway.store import Store
+from gateway.store.database import Store
 
 KEY = "bench-key-0123456789abcdef"
 CONVERSATIONS = 1000

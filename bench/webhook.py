@@ -26,7 +26,7 @@ import aiohttp
 import tomli_w
 
 from bench.load import cpu_seconds, free_port, python, server
-from gateway.signature import sign
+from gateway.http.signature import sign
 
 SECRET = "bench-app-secret"
 KEY = "bench-key-0123456789abcdef"

@@ -15,9 +15,9 @@ from gateway.errors import (
     Unprocessable,
 )
 from gateway.hookspecs import hookimpl
-from gateway.models import ConversionRequest
 from gateway.phones import PhoneForms, invalid_phone, parse_phone
-from gateway.store import Store
+from gateway.store.database import Store
+from gateway.wire import ConversionRequest
 
 __all__ = [
     "AccountConfig",

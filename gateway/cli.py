@@ -23,20 +23,20 @@ from typing import Any, TextIO
 import msgspec
 from aiohttp import web
 
-from gateway.app import create_app, startup_problems
 from gateway.config import Settings, load_settings
 from gateway.credentials import load_environ
 from gateway.errors import ConfigError, GatewayError, UsageError
+from gateway.http.app import create_app, startup_problems
+from gateway.http.middlewares import error_body
+from gateway.http.render import conversion_response, resolution_view
 from gateway.logs import configure_logging
-from gateway.meta_body import DEFAULT_PARTNER_AGENT, meta_request_body
-from gateway.middlewares import error_body
-from gateway.models import PRINTABLE
 from gateway.operations import probe, replay, webhooks
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
-from gateway.render import conversion_response, resolution_view
 from gateway.runtime import running
 from gateway.validation import decode_conversion
+from gateway.wire import PRINTABLE
+from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT, meta_request_body
 
 __all__ = ["main"]
 

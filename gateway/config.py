@@ -1,7 +1,7 @@
 """The Structs that ``config.toml`` decodes into, and :func:`load_settings`.
 
 Secrets never live in the file: it names the environment variables that hold them
-(``key_env``, ``access_token_env``), and only :mod:`gateway.auth` and the sinks read those.
+(``key_env``, ``access_token_env``), and only :mod:`gateway.http.auth` and the sinks read those.
 Every error names the file and the ``$.path`` of the offending value.
 """
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import structlog
 
-from gateway.auth import KeyRing
 from gateway.config import Settings
 from gateway.errors import ConfigError
-from gateway.signature import WebhookSecrets
+from gateway.http.auth import KeyRing
+from gateway.http.signature import WebhookSecrets
 
 __all__ = ["Credentials", "load_environ", "metrics_key", "read_env_file"]
 

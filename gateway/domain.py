@@ -11,7 +11,7 @@ from typing import Any, Literal
 import msgspec
 
 from gateway.config import AccountConfig
-from gateway.models import ConversionRequest
+from gateway.wire import ConversionRequest
 
 __all__ = [
     "STATUS_PRECEDENCE",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.normalize import is_sha256_hex
+from gateway.hashing import is_sha256_hex
 
 __all__ = ["HASHED_USER_DATA", "REQUIRED_FIELDS", "EventDraft", "IncompleteEvent"]
 

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from gateway.domain import Conversation, PreparedEvent, Resolved, SinkState, StoredEvent
     from gateway.draft import EventDraft
     from gateway.metrics import Metrics
-    from gateway.models import ConversionRequest
-    from gateway.store import Store
+    from gateway.store.database import Store
+    from gateway.wire import ConversionRequest
 
 __all__ = ["PROJECT", "hookimpl", "hookspec"]
 

@@ -13,12 +13,12 @@ from collections.abc import Mapping
 
 import msgspec
 
+from gateway.capture.inbox import reprocess
 from gateway.config import Settings
 from gateway.errors import ConfigError, UsageError
-from gateway.inbox import reprocess
+from gateway.http.render import iso_time
 from gateway.plugin_manager import Plugins
 from gateway.probe import FAQ_EVENT_NAMES, GraphSettings, probe_event_names
-from gateway.render import iso_time
 from gateway.runtime import running
 
 __all__ = ["probe", "replay", "webhooks"]

@@ -27,10 +27,10 @@ from gateway.errors import (
     Unprocessable,
 )
 from gateway.metrics import Metrics
-from gateway.models import ConversionRequest, request_fingerprint
 from gateway.plugin_manager import Plugins, sink_fault
-from gateway.store import NewEvent, Store
+from gateway.store.database import NewEvent, Store
 from gateway.validation import check_conversion
+from gateway.wire import ConversionRequest, request_fingerprint
 
 __all__ = ["Outcome", "Pipeline", "changed_fields", "check_normalizers"]
 

@@ -35,8 +35,8 @@ from gateway.domain import (
 from gateway.draft import EventDraft
 from gateway.errors import ConfigError, GatewayError
 from gateway.metrics import Metrics
-from gateway.models import ConversionRequest, request_field
-from gateway.store import Store
+from gateway.store.database import Store
+from gateway.wire import ConversionRequest, request_field
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -70,7 +70,7 @@ def builtin_plugin_names() -> list[str]:
     """Return the names of the plugins shipped in ``plugins/``."""
     import plugins
 
-    return sorted(m.name for m in pkgutil.iter_modules(plugins.__path__) if not m.ispkg)
+    return sorted(m.name for m in pkgutil.iter_modules(plugins.__path__))
 
 
 def _find(name: str, role: str) -> tuple[object, str]:

@@ -18,10 +18,10 @@ from gateway.config import AccountConfig, Settings
 from gateway.domain import Conversation
 from gateway.draft import EventDraft
 from gateway.errors import ConfigError
-from gateway.graph import DEFAULT_API_VERSION, DEFAULT_GRAPH_URL, GraphClient, explain
-from gateway.meta_body import DEFAULT_PARTNER_AGENT, meta_request_body
-from gateway.models import ConversionRequest
 from gateway.plugin_manager import Plugins
+from gateway.wire import ConversionRequest
+from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT, meta_request_body
+from plugins.meta_capi.graph import DEFAULT_API_VERSION, DEFAULT_GRAPH_URL, GraphClient, explain
 
 __all__ = ["FAQ_EVENT_NAMES", "GraphSettings", "ProbeResult", "probe_event_names"]
 

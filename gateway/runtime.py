@@ -11,12 +11,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import msgspec
 import structlog
 
+from gateway.capture.inbox import reprocess
 from gateway.config import Settings
-from gateway.inbox import reprocess
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.plugin_manager import Plugins
-from gateway.store import Store
+from gateway.store.database import Store
 
 __all__ = ["running"]
 

@@ -1,6 +1,6 @@
 """Turn a request body into a checked :class:`ConversionRequest`, or a 400 that says how to fix it.
 
-Structural rules (types, lengths, unknown fields) live in the Structs of :mod:`gateway.models`;
+Structural rules (types, lengths, unknown fields) live in the Structs of :mod:`gateway.wire`;
 the rules that need configuration or a clock (event allowlist, time window) live here. msgspec's
 messages can quote the rejected value, so they go back to the client who sent it but only the
 field path is logged.
@@ -19,9 +19,9 @@ import pycountry
 
 from gateway.config import EventsConfig
 from gateway.errors import InvalidRequest
-from gateway.models import CONVERSION_DECODER, ConversionRequest
-from gateway.normalize import is_sha256_hex, normalize_email
+from gateway.hashing import is_sha256_hex, normalize_email
 from gateway.phones import invalid_phone, parse_phone
+from gateway.wire import CONVERSION_DECODER, ConversionRequest
 
 __all__ = [
     "check_conversion",

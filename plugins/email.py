@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway import ConversionRequest, EventDraft, hookimpl
-from gateway.normalize import hash_email
+from gateway.hashing import hash_email
 
 
 @hookimpl

@@ -13,7 +13,7 @@ import msgspec
 import structlog
 
 from gateway import PreparedEvent, SinkState, StoredEvent, hookimpl
-from gateway.meta_body import DEFAULT_PARTNER_AGENT, meta_request_body
+from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT, meta_request_body
 
 log = structlog.get_logger()
 

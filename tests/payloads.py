@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.signature import sign
+from gateway.http.signature import sign
 from tests.conftest import APP_SECRET, PHONE_NUMBER_ID, WABA_ID
 
 FIXTURES = Path(__file__).parent / "fixtures"

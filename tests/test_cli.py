@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import tomli_w
 
-from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import load_settings
 from gateway.errors import ConfigError
+from gateway.http.app import create_app
 from gateway.plugin_manager import build_plugins
-from gateway.store import Store
+from gateway.store.database import Store
 from tests.conftest import ACME_TOKEN, API_KEY, CLID, ENV, WABA_ID, add_conversation, base_config
 
 

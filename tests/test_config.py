@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from gateway.auth import KeyRing
 from gateway.config import load_settings, parse_settings
 from gateway.errors import ConfigError
+from gateway.http.auth import KeyRing
 from gateway.plugin_manager import build_plugins
 
 ROOT = Path(__file__).parent.parent

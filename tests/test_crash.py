@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from gateway.archive import NewNotification
-from gateway.store import Store
+from gateway.store.archive import NewNotification
+from gateway.store.database import Store
 from tests.conftest import ACME_TOKEN, API_KEY, add_conversation, free_port
 from tests.fake_graph import FakeGraph
 from tests.live import start, write_config

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from gateway.store import Store
+from gateway.store.database import Store
 from tests.conftest import ACME_TOKEN, API_KEY, add_conversation, free_port
 from tests.fake_graph import FakeGraph
 from tests.live import start, write_config

@@ -18,7 +18,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.signature import sign
+from gateway.http.signature import sign
 from tests.conftest import API_KEY, APP_SECRET, Live, request
 from tests.live import raw_http
 

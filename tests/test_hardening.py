@@ -11,10 +11,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway import ConversionRequest, EventDraft, hookimpl
-from gateway.app import reload_secrets
-from gateway.auth import client_address
 from gateway.config import PluginsConfig
 from gateway.errors import ConfigError
+from gateway.http.app import reload_secrets
+from gateway.http.auth import client_address
 from tests.conftest import API_KEY, AUTH, ENV, ClientFactory, LogCapture, add_conversation, store_of
 from tests.live import raw_http
 

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from gateway.normalize import (
+from gateway.hashing import (
     hash_email,
     hash_external_id,
     hash_phone,

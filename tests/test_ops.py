@@ -10,8 +10,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.config import parse_settings
-from gateway.context import PLUGINS
-from gateway.openapi import EXAMPLES
+from gateway.http.keys import PLUGINS
+from gateway.http.openapi import EXAMPLES
 from plugins.meta_capi import MetaCapiSink
 from tests.conftest import AUTH, ENV, SCOPED_KEY, ClientFactory, add_conversation, store_of
 from tests.payloads import encode, message, messages_change, notification, referral, signed

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from gateway import Conversation, ConversionRequest, EventDraft, hookimpl
-from gateway.app import create_app, startup_problems
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
+from gateway.http.app import create_app, startup_problems
 from gateway.plugin_manager import build_plugins, builtin_plugin_names
 from tests.conftest import ENV
 

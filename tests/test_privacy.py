@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.cli import main
-from gateway.store import Store
+from gateway.store.database import Store
 from tests.conftest import API_KEY, AUTH, ENV, LogCapture, add_conversation, base_config
 from tests.payloads import encode, message, messages_change, notification, referral, signed
 

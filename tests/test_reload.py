@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.credentials import read_env_file
 from gateway.errors import ConfigError
-from gateway.store import Store
+from gateway.store.database import Store
 from tests.conftest import API_KEY, ENV, add_conversation, free_port
 from tests.fake_graph import FakeGraph
 from tests.live import start, write_config

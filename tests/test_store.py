@@ -12,8 +12,8 @@ import msgspec
 import pytest
 
 from gateway.domain import SinkState
-from gateway.schema import MIGRATIONS
-from gateway.store import NewEvent, Store, StoreMissing
+from gateway.store.database import NewEvent, Store, StoreMissing
+from gateway.store.schema import MIGRATIONS
 from tests.conftest import LogCapture, add_conversation
 
 
@@ -137,7 +137,7 @@ async def test_lookups_in_one_turn_share_a_query(store: Store) -> None:
 
 
 async def test_old_webhook_message_ids_are_pruned(store: Store) -> None:
-    from gateway.webhook_records import CaptureBatch, InboundMessage
+    from gateway.capture.records import CaptureBatch, InboundMessage
 
     batch = CaptureBatch(
         messages=[

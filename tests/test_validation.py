@@ -11,8 +11,8 @@ from aiohttp.test_utils import TestClient
 
 from gateway.config import EventsConfig
 from gateway.errors import InvalidRequest
-from gateway.models import ConversionRequest
 from gateway.validation import check_conversion, iso_currencies
+from gateway.wire import ConversionRequest
 from tests.conftest import AUTH, ClientFactory, add_conversation, store_of
 
 Client = TestClient[web.Request, web.Application]

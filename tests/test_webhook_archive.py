@@ -15,12 +15,12 @@ import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.archive import NewNotification
+from gateway.capture.inbox import reprocess
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
-from gateway.inbox import reprocess
-from gateway.schema import MIGRATIONS
-from gateway.store import Store
+from gateway.store.archive import NewNotification
+from gateway.store.database import Store
+from gateway.store.schema import MIGRATIONS
 from tests.conftest import AUTH, ENV, ClientFactory, LogCapture, base_config, store_of
 from tests.payloads import (
     automatic_change,

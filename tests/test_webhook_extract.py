@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from gateway.capture.extract import extract
+from gateway.capture.records import is_under
+from gateway.capture.values import flatten_deep
 from gateway.config import parse_settings
-from gateway.webhook_extract import extract
-from gateway.webhook_records import is_under
-from gateway.webhook_values import flatten_deep
 from tests.conftest import base_config
 from tests.payloads import encode, message, messages_change, notification
 

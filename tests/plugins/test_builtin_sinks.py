@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from gateway.app import create_app
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
+from gateway.http.app import create_app
 from gateway.plugin_manager import build_plugins
 from tests.conftest import AUTH, CLID, ENV, ClientFactory, add_conversation, store_of
 

@@ -18,9 +18,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import PreparedEvent, SinkState, hookimpl
 from gateway.config import parse_settings
-from gateway.context import PIPELINE, PLUGINS
-from gateway.models import ConversionRequest
-from gateway.store import Store
+from gateway.http.keys import PIPELINE, PLUGINS
+from gateway.store.database import Store
+from gateway.wire import ConversionRequest
 from plugins import meta_capi
 from plugins.meta_capi import MetaCapiSink
 from tests.conftest import (

@@ -1,9 +1,9 @@
 """Click-id capture: a notification's records applied to conversations, in one transaction.
 
-:func:`~gateway.webhook_extract.extract` turns the bytes into records and problems;
+:func:`~gateway.capture.extract.extract` turns the bytes into records and problems;
 :class:`CaptureOp` applies them inside one transaction of the group-commit writer, together
 with the notification's archive row, so a batch of 1,000 messages is one commit and nothing
-is half-written. Who a message is from (phone, BSUID, both) is :mod:`gateway.identities`.
+is half-written. Who a message is from (phone, BSUID, both) is :mod:`gateway.capture.identities`.
 
 Rules (META.md §3):
 
@@ -27,10 +27,12 @@ from typing import TypeVar
 import aiosqlite
 import msgspec
 
-from gateway.archive import NewNotification, Reprocess, claim, record_new, record_reprocessed
+from gateway.capture.identities import Identities
+from gateway.capture.payload import Referral
+from gateway.capture.records import CaptureBatch, DetectedEvent, InboundMessage, Problem
 from gateway.domain import Conversation
-from gateway.identities import Identities
-from gateway.schema import (
+from gateway.store.archive import NewNotification, Reprocess, claim, record_new, record_reprocessed
+from gateway.store.schema import (
     CONVERSATION_COLUMNS,
     INSERT_CONVERSATION,
     MUTABLE_CONVERSATION_FIELDS,
@@ -38,9 +40,7 @@ from gateway.schema import (
     conversation_params,
     fetch_rows,
 )
-from gateway.webhook_models import Referral
-from gateway.webhook_records import CaptureBatch, DetectedEvent, InboundMessage, Problem
-from gateway.writer import WriteOp
+from gateway.store.writer import WriteOp
 
 __all__ = ["CaptureOp", "CaptureResult", "ProblemView"]
 

@@ -8,16 +8,16 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.auth import ApiKey, KeyRing
 from gateway.config import AccountConfig
-from gateway.context import CREDENTIALS, PIPELINE, SETTINGS
 from gateway.errors import InvalidRequest, NotFound
-from gateway.http_body import read_json_body
-from gateway.models import ENCODER, ConversationList, EventList
-from gateway.normalize import normalize_phone
-from gateway.query import AccountQuery, ConversationsQuery, ListQuery, parse_query
-from gateway.render import conversation_view, conversion_response, event_detail, event_summary
+from gateway.hashing import normalize_phone
+from gateway.http.auth import ApiKey, KeyRing
+from gateway.http.body import read_json_body
+from gateway.http.keys import CREDENTIALS, PIPELINE, SETTINGS
+from gateway.http.query import AccountQuery, ConversationsQuery, ListQuery, parse_query
+from gateway.http.render import conversation_view, conversion_response, event_detail, event_summary
 from gateway.validation import decode_conversion
+from gateway.wire import ENCODER, ConversationList, EventList
 
 __all__ = ["json_response", "routes"]
 

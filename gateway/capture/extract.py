@@ -17,8 +17,7 @@ from typing import Literal, TypeVar
 
 import msgspec
 
-from gateway.config import Settings
-from gateway.webhook_models import (
+from gateway.capture.payload import (
     AUTOMATIC_EVENT_DECODER,
     AUTOMATIC_EVENTS_DECODER,
     CHANGE_DECODER,
@@ -35,7 +34,7 @@ from gateway.webhook_models import (
     MessagesValue,
     Metadata,
 )
-from gateway.webhook_records import (
+from gateway.capture.records import (
     ROOT,
     CaptureBatch,
     DetectedEvent,
@@ -45,13 +44,14 @@ from gateway.webhook_records import (
     ProblemCode,
     is_under,
 )
-from gateway.webhook_values import (
+from gateway.capture.values import (
     bounded_referral,
     contact_phone,
     flatten_deep,
     unix_seconds,
     whatsapp_phone,
 )
+from gateway.config import Settings
 
 __all__ = ["extract"]
 

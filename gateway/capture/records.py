@@ -1,8 +1,8 @@
 """The records a webhook notification yields: messages, detected events, and problems.
 
-Plain msgspec Structs, no behaviour: :mod:`gateway.webhook_extract` makes them from Meta's
-bytes, :mod:`gateway.identities` and :mod:`gateway.capture` apply them, :mod:`gateway.archive`
-stores the problems. Paths are JSONPath-like: ``$`` is the whole body.
+Plain msgspec Structs, no behaviour: :mod:`gateway.capture.extract` makes them from Meta's
+bytes, :mod:`gateway.capture.identities` and :mod:`gateway.store.capture` apply them,
+:mod:`gateway.store.archive` stores the problems. Paths are JSONPath-like: ``$`` is the whole body.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Literal
 
 import msgspec
 
-from gateway.webhook_models import Referral
+from gateway.capture.payload import Referral
 
 __all__ = [
     "ROOT",

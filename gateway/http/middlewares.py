@@ -18,7 +18,6 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from gateway.auth import FailureLimiter, IPNetwork, client_address
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -27,9 +26,10 @@ from gateway.errors import (
     RateLimited,
     ServiceUnavailable,
 )
-from gateway.http_body import too_large
+from gateway.http.auth import FailureLimiter, IPNetwork, client_address
+from gateway.http.body import too_large
 from gateway.metrics import Metrics
-from gateway.models import ENCODER, ErrorBody, PlatformErrorBody
+from gateway.wire import ENCODER, ErrorBody, PlatformErrorBody
 
 __all__ = ["REQUEST_ID_HEADER", "error_response", "middlewares"]
 

@@ -14,8 +14,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from gateway.capture import CaptureResult
-from gateway.models import (
+from gateway.capture.payload import Envelope
+from gateway.store.capture import CaptureResult
+from gateway.wire import (
     ConversationList,
     ConversationView,
     ConversionRequest,
@@ -28,7 +29,6 @@ from gateway.models import (
     Health,
     PlatformErrorBody,
 )
-from gateway.webhook_models import Envelope
 
 __all__ = ["EXAMPLES", "OPERATIONS", "Operation", "build_openapi"]
 

@@ -11,21 +11,21 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import structlog
 from aiohttp import web
 
-from gateway.auth import FailureLimiter, KeyRing
 from gateway.config import Settings
-from gateway.context import CREDENTIALS, METRICS, PIPELINE, PLUGINS, SETTINGS
 from gateway.credentials import Credentials, metrics_key
 from gateway.errors import ConfigError
+from gateway.http.auth import FailureLimiter, KeyRing
+from gateway.http.keys import CREDENTIALS, METRICS, PIPELINE, PLUGINS, SETTINGS
+from gateway.http.middlewares import middlewares
+from gateway.http.ops_views import routes as ops_routes
+from gateway.http.views import routes as api_routes
+from gateway.http.webhook import routes as webhook_routes
 from gateway.metrics import Metrics
-from gateway.middlewares import middlewares
-from gateway.ops_views import routes as ops_routes
 from gateway.pipeline import check_normalizers
 from gateway.plugin_manager import Plugins
 from gateway.runtime import running
-from gateway.store import check_store_path
+from gateway.store.database import check_store_path
 from gateway.validation import iso_currencies
-from gateway.views import routes as api_routes
-from gateway.webhook import routes as webhook_routes
 
 __all__ = ["create_app", "reload_secrets", "startup_problems"]
 

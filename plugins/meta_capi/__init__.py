@@ -1,7 +1,7 @@
 """Sink: deliver to Meta's Conversions API for Business Messaging, through a durable outbox.
 
 An accepted event is committed as ``pending`` with the event itself; the dispatcher
-(:mod:`gateway.dispatcher`) batches, sends, retries and records the outcome. The request that
+(:mod:`gateway.delivery.dispatcher`) batches, sends, retries and records the outcome. The request that
 brought the event waits up to ``respond_within_ms`` for the first attempt: delivered or
 permanently rejected answer 200 in Zernio's shape, anything else 202 ``queued``.
 
@@ -30,16 +30,16 @@ from gateway import (
     hookimpl,
 )
 from gateway.config import AccountConfig
-from gateway.context import SETTINGS
-from gateway.dispatcher import Dispatcher, DispatchSettings, Route
+from gateway.delivery.dispatcher import Dispatcher, DispatchSettings, Route
 from gateway.errors import PlatformError
-from gateway.graph import DEFAULT_API_VERSION, DEFAULT_GRAPH_URL, GraphClient, explain
-from gateway.http_body import read_json_body
-from gateway.meta_body import DEFAULT_PARTNER_AGENT
+from gateway.http.body import read_json_body
+from gateway.http.keys import SETTINGS
+from gateway.http.views import account_for, authenticate, json_response, query_account_id
 from gateway.metrics import Metrics
-from gateway.models import DatasetAnswer, DatasetRequest
 from gateway.validation import decode_body
-from gateway.views import account_for, authenticate, json_response, query_account_id
+from gateway.wire import DatasetAnswer, DatasetRequest
+from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT
+from plugins.meta_capi.graph import DEFAULT_API_VERSION, DEFAULT_GRAPH_URL, GraphClient, explain
 
 EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 SEVEN_DAYS_S = 7 * 86400

@@ -1,7 +1,7 @@
 """The archive of signed webhook notifications: raw bytes first, so no click id is ever lost.
 
 Every notification that passes the signature check is stored as received, in the same
-transaction as what it captured (:class:`~gateway.capture.CaptureOp` calls :func:`record_new`)
+transaction as what it captured (:class:`~gateway.store.capture.CaptureOp` calls :func:`record_new`)
 or on its own when processing failed (:class:`ArchivePending`). Its status says what is left:
 
 - ``processed``: every part captured;
@@ -19,9 +19,9 @@ from typing import Any, Literal
 import aiosqlite
 import msgspec
 
-from gateway.schema import fetch_rows
-from gateway.webhook_records import Problem
-from gateway.writer import WriteOp
+from gateway.capture.records import Problem
+from gateway.store.schema import fetch_rows
+from gateway.store.writer import WriteOp
 
 __all__ = [
     "ArchivePending",

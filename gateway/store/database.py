@@ -1,6 +1,6 @@
 """The Store: SQLite (WAL, synchronous=FULL) through aiosqlite.
 
-One connection writes, through :class:`~gateway.writer.GroupCommitWriter`; another reads, so
+One connection writes, through :class:`~gateway.store.writer.GroupCommitWriter`; another reads, so
 reads never queue behind a commit. What is stored is what delivery needs: the normalized
 (hashed) Meta event, never the raw email or external id a client sent. A conversation keeps
 the WhatsApp id (the phone number) because resolving by ``phoneE164`` needs it.
@@ -23,7 +23,16 @@ import aiosqlite
 import msgspec
 import structlog
 
-from gateway.archive import (
+from gateway.capture.records import CaptureBatch
+from gateway.domain import (
+    Conversation,
+    Resolution,
+    SinkState,
+    StoredEvent,
+    overall_status,
+)
+from gateway.errors import ConfigError
+from gateway.store.archive import (
     ArchivedNotification,
     ArchivePending,
     MarkFailed,
@@ -35,18 +44,10 @@ from gateway.archive import (
     open_notifications,
     status_counts,
 )
-from gateway.batch_reader import BatchedLookup
-from gateway.capture import CaptureOp, CaptureResult
-from gateway.domain import (
-    Conversation,
-    Resolution,
-    SinkState,
-    StoredEvent,
-    overall_status,
-)
-from gateway.errors import ConfigError
-from gateway.outbox import Outbox
-from gateway.schema import (
+from gateway.store.batch_reader import BatchedLookup
+from gateway.store.capture import CaptureOp, CaptureResult
+from gateway.store.outbox import Outbox
+from gateway.store.schema import (
     CONVERSATION_COLUMNS,
     CONVERSATION_FIELDS,
     EVENT_COLUMNS,
@@ -59,8 +60,7 @@ from gateway.schema import (
     fetch_rows,
     migrate,
 )
-from gateway.webhook_records import CaptureBatch
-from gateway.writer import GroupCommitWriter, WriteOp
+from gateway.store.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["NewEvent", "PhoneMatch", "Store", "StoreMissing", "check_store_path"]
 

@@ -9,11 +9,11 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.auth import secret_matches
-from gateway.context import CREDENTIALS, METRICS, PIPELINE, PLUGINS
 from gateway.errors import ServiceUnavailable, Unauthorized
-from gateway.models import ENCODER, Health
-from gateway.openapi import build_openapi
+from gateway.http.auth import secret_matches
+from gateway.http.keys import CREDENTIALS, METRICS, PIPELINE, PLUGINS
+from gateway.http.openapi import build_openapi
+from gateway.wire import ENCODER, Health
 
 __all__ = ["routes"]
 

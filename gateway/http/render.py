@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from gateway.domain import Attempt, Conversation, Resolution, StoredEvent
-from gateway.models import (
+from gateway.pipeline import Outcome
+from gateway.wire import (
     AttemptView,
     ConversationMetadata,
     ConversationView,
@@ -17,7 +18,6 @@ from gateway.models import (
     Failure,
     ResolutionView,
 )
-from gateway.pipeline import Outcome
 
 __all__ = [
     "PLATFORM",

@@ -11,7 +11,7 @@ import re
 
 import msgspec
 
-from gateway.webhook_models import MAX_TEXT, Contact, Referral
+from gateway.capture.payload import MAX_TEXT, Contact, Referral
 
 __all__ = ["bounded_referral", "contact_phone", "flatten_deep", "unix_seconds", "whatsapp_phone"]
 

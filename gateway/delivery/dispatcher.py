@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import structlog
 
 from gateway.domain import Attempt, SinkState
-from gateway.graph import GraphClient, GraphReply, explain
-from gateway.meta_body import meta_request_body
 from gateway.metrics import Metrics
-from gateway.outbox import AttemptResult, Outbox, OutboxItem
+from gateway.store.outbox import AttemptResult, Outbox, OutboxItem
+from plugins.meta_capi.body import meta_request_body
+from plugins.meta_capi.graph import GraphClient, GraphReply, explain
 
 __all__ = ["DispatchSettings", "Dispatcher", "Route"]
 

@@ -17,14 +17,14 @@ from collections.abc import Sequence
 import msgspec
 import structlog
 
-from gateway.archive import NewNotification, NotificationStatus, Reprocess
-from gateway.capture import CaptureResult, ProblemView
+from gateway.capture.extract import extract
+from gateway.capture.records import ROOT, CaptureBatch, Problem
 from gateway.config import AccountConfig, Settings
 from gateway.errors import ServiceUnavailable
 from gateway.metrics import Metrics
-from gateway.store import Store
-from gateway.webhook_extract import extract
-from gateway.webhook_records import ROOT, CaptureBatch, Problem
+from gateway.store.archive import NewNotification, NotificationStatus, Reprocess
+from gateway.store.capture import CaptureResult, ProblemView
+from gateway.store.database import Store
 
 __all__ = ["ReprocessReport", "receive", "reprocess"]
 

@@ -1,7 +1,7 @@
 """Which conversation a message belongs to, when a person is a phone, a BSUID, or both.
 
 :class:`Identities` holds the live conversations a notification touches, indexed by phone and
-by BSUID per account, and applies the rules below in memory; :mod:`gateway.capture` loads it
+by BSUID per account, and applies the rules below in memory; :mod:`gateway.store.capture` loads it
 and writes what changed. Pure: no I/O.
 
 Rules (README, "Who is who"):
@@ -27,9 +27,9 @@ from collections.abc import Sequence
 
 import msgspec
 
+from gateway.capture.records import InboundMessage
 from gateway.domain import Conversation
-from gateway.schema import new_conversation_id
-from gateway.webhook_records import InboundMessage
+from gateway.store.schema import new_conversation_id
 
 __all__ = ["Alias", "Identities"]
 

@@ -16,8 +16,8 @@ import aiosqlite
 import msgspec
 
 from gateway.domain import Attempt, SinkState
-from gateway.schema import UPDATE_EVENT_STATUS, fetch_rows
-from gateway.writer import GroupCommitWriter, WriteOp
+from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows
+from gateway.store.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["AttemptResult", "Outbox", "OutboxItem"]
 

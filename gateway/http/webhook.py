@@ -1,7 +1,7 @@
 """WhatsApp Cloud API webhook: the verification handshake and signed notifications.
 
-Bytes first, signature second, then :func:`gateway.inbox.receive`: nothing unsigned is parsed,
-let alone stored. The answer comes after the notification is stored (with what it captured,
+Bytes first, signature second, then :func:`gateway.capture.inbox.receive`: nothing unsigned
+is parsed, let alone stored. The answer comes after the notification is stored (with what it captured,
 or alone when processing failed), so a 200 means Meta may forget it; only a notification that
 could not be stored gets a 503, which Meta retries (for 7 days).
 """
@@ -12,12 +12,12 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.context import CREDENTIALS, METRICS, PIPELINE, SETTINGS
+from gateway.capture.inbox import receive
 from gateway.errors import Forbidden, ServiceUnavailable, Unauthorized
-from gateway.http_body import read_body
-from gateway.inbox import receive
-from gateway.models import ENCODER
-from gateway.signature import signature_matches
+from gateway.http.body import read_body
+from gateway.http.keys import CREDENTIALS, METRICS, PIPELINE, SETTINGS
+from gateway.http.signature import signature_matches
+from gateway.wire import ENCODER
 
 __all__ = ["routes"]
 

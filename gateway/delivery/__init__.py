@@ -1,0 +1,1 @@
+"""The host's delivery service: one outbox dispatcher per sink that sends through it."""
