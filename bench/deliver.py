@@ -1,10 +1,10 @@
 """Events per second delivered to a local fake Graph API: batches against one event per request.
 
-Fills an outbox with pending events, then lets the real dispatcher (the ``meta_capi`` sink's
-engine: outbox reads, Graph client, one transaction per batch) drain it against a fake Graph
-API in another process, twice in the same run: with ``batch_max = 1000`` and with
-``batch_max = 1`` (how RudderStack, Segment and Jitsu send), both with the same number of
-requests in flight. Prints events/s for each and the ratio.
+Fills an outbox with pending events, then lets the real host dispatcher drive the real
+``meta_capi`` sender (outbox reads, Graph client, one transaction per batch) to drain it
+against a fake Graph API in another process, twice in the same run: with
+``batch_max = 1000`` and with ``batch_max = 1`` (how RudderStack, Segment and Jitsu send),
+both with the same number of requests in flight. Prints events/s for each and the ratio.
 
     python -m bench.deliver [--events 20000] [--single-events 2000] [--in-flight 4]
 """
@@ -20,10 +20,12 @@ from pathlib import Path
 import aiohttp
 
 from bench.load import free_port, python, server
-from gateway.delivery.dispatcher import Dispatcher, DispatchSettings, Route
-from gateway.domain import SinkState
-from gateway.store.database import NewEvent, Store
+from gateway.delivery.dispatcher import Dispatcher
+from gateway.domain import DeliveryOptions, SinkState, StoredEvent
+from gateway.metrics import Metrics
+from gateway.store.database import Store
 from plugins.meta_capi.graph import GraphClient
+from plugins.meta_capi.sender import GraphSender, Route
 
 SINK = "meta_capi"
 
@@ -34,7 +36,9 @@ async def fill(store: Store, count: int, run: str) -> None:
     await asyncio.gather(
         *(
             store.insert_event(
-                NewEvent(
+                StoredEvent(
+                    pk=0,
+                    status="pending",
                     account_id="bench",
                     event_id=f"{run}-{i}",
                     event_name="Purchase",
@@ -71,21 +75,31 @@ async def drain(db: Path, port: int, count: int, batch_max: int, in_flight: int)
             graph = GraphClient(
                 session, graph_url=f"http://127.0.0.1:{port}", api_version="v25.0", timeout_s=30
             )
+            metrics = Metrics()
+            sender = GraphSender(
+                graph,
+                sink=SINK,
+                routes={"bench": Route("1234567890", "bench-token")},
+                partner_agent="ctwa-gateway",
+                forced_test_event_code=None,
+                throttle_floor_s=4.0,
+                metrics=metrics,
+            )
             dispatcher = Dispatcher(
                 sink=SINK,
                 outbox=store.outbox,
-                graph=graph,
-                routes={"bench": Route("1234567890", "bench-token")},
-                settings=DispatchSettings(
+                send=sender.send,
+                options=DeliveryOptions(
                     batch_max=batch_max,
-                    linger_s=0.0,
+                    linger_ms=0,
                     retry_base_s=1.0,
                     retry_cap_s=5.0,
-                    max_age_s=7 * 86400,
                     max_in_flight=in_flight,
-                    partner_agent="ctwa-gateway",
+                    shutdown_grace_s=5,
                     poll_s=0.05,
                 ),
+                send_timeout_s=60,
+                metrics=metrics,
             )
             started = time.perf_counter()
             dispatcher.start()
@@ -93,7 +107,7 @@ async def drain(db: Path, port: int, count: int, batch_max: int, in_flight: int)
             while await store.outbox.pending(SINK):  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
             elapsed = time.perf_counter() - started
-            await dispatcher.stop(5)
+            await dispatcher.stop()
         return elapsed
     finally:
         await store.close()

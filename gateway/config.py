@@ -116,9 +116,15 @@ class PluginsConfig(ConfigStruct, frozen=True):
     sinks: Annotated[list[Name], msgspec.Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["log"]
     )
-    # The longest the host awaits a sink's delivery hook before that sink's delivery fails
-    # (the answer never waits on a hanging sink longer than this).
+    # The longest the host awaits a sink's hook (deliver, or one send of the outbox) before
+    # that sink's attempt fails (the answer never waits on a hanging sink longer than this).
     sink_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 30.0
+    # The sink whose outcome the Zernio-shaped answer reports (eventsReceived, eventsFailed,
+    # failures, traceId, status); unset: meta_capi or test_mode if listed, else the first.
+    primary_sink: Name | None = None
+    # Entry points allowed to take the name of a built-in plugin (refused otherwise, so an
+    # installed package cannot silently replace, say, meta_capi).
+    replace_builtins: list[Name] = msgspec.field(default_factory=list)
 
 
 class EventsConfig(ConfigStruct, frozen=True):
@@ -206,6 +212,10 @@ class Settings(ConfigStruct, frozen=True):
             return None
         matches = [a for a in self.accounts if a.waba_id == waba_id]
         return matches[0] if len(matches) == 1 else None
+
+    def base_dir(self) -> Path:
+        """Return the folder relative paths are taken from: the config file's."""
+        return self._path(".")
 
     def store_path(self) -> Path:
         """Return the SQLite path, relative paths taken from the config file's folder."""
@@ -305,3 +315,9 @@ def _check_references(settings: Settings) -> None:
         dupes = sorted({n for n in listed if listed.count(n) > 1})
         if dupes:
             raise ConfigError(f"{src}: {kind} lists {dupes[0]!r} twice - at `$.plugins.{kind}`")
+    primary = settings.plugins.primary_sink
+    if primary is not None and primary not in settings.plugins.sinks:
+        raise ConfigError(
+            f"{src}: primary_sink {primary!r} is not one of the sinks"
+            f" ({', '.join(settings.plugins.sinks)}) - at `$.plugins.primary_sink`"
+        )

@@ -1,12 +1,15 @@
-"""The records plugins see and return: conversations, prepared events, sink states.
+"""The records plugins see and return: conversations, events, sink states and outcomes.
 
 These are the gateway's own vocabulary, independent of HTTP and of SQLite; the store maps them
-to rows and the views map them to wire Structs.
+to rows and the views map them to wire Structs. One record per concept: a request becomes a
+:class:`PreparedEvent` (not stored yet), then a :class:`StoredEvent` (``pk`` 0 until the store
+assigns one); a sink that sends through the outbox sees it as a :class:`QueuedEvent` and
+answers each with a :class:`SendOutcome`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -17,10 +20,14 @@ __all__ = [
     "STATUS_PRECEDENCE",
     "Attempt",
     "Conversation",
+    "DeliveryOptions",
     "DeliveryStatus",
+    "PhoneMatch",
     "PreparedEvent",
+    "QueuedEvent",
     "Resolution",
     "Resolved",
+    "SendOutcome",
     "SinkState",
     "StoredEvent",
     "overall_status",
@@ -70,6 +77,16 @@ class Conversation(msgspec.Struct, frozen=True, kw_only=True):
     def click_time(self) -> float | None:
         """When the ad was clicked, as best known."""
         return self.ctwa_clicked_at or self.ctwa_captured_at
+
+
+class PhoneMatch(NamedTuple):
+    """A conversation found by phone: which stored number matched, and whether that number
+    is one the person had before a change (an alias, and when it was replaced)."""
+
+    conversation: Conversation
+    matched: str
+    former: bool
+    replaced_at: float | None = None
 
 
 class Resolved(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,7 +158,10 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """An accepted event as the store holds it, with each sink's state."""
+    """An accepted event as the store holds it, with each sink's state.
+
+    ``pk`` is 0 on the way in: :meth:`Store.insert_event` returns it with the key it got.
+    """
 
     pk: int
     account_id: str
@@ -159,6 +179,82 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
     resolution: Resolution | None = None
     # Digests of the request's fields, by wire name (None for events stored before them).
     request_fields: dict[str, str] | None = None
+
+
+class QueuedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One event waiting in the outbox for one sink: what sending it needs.
+
+    ``event`` is one element of Meta's ``data`` array (hashed fields only);
+    ``attempts`` is how many tries this sink has already made.
+    """
+
+    pk: int
+    account_id: str
+    event_id: str
+    event_name: str
+    event: dict[str, Any]
+    test_event_code: str | None
+    event_time: int
+    attempts: int
+
+
+SendStatus = Literal["delivered", "retry", "failed"]
+
+
+class SendOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What became of one event a sink was asked to send (:func:`gateway_send_events`).
+
+    - ``delivered``: the destination took it (``trace_id``, ``warnings`` are kept with it);
+    - ``retry``: not this time; the host retries with exponential backoff, no sooner than
+      ``retry_after_s`` if given, until the sink's ``max_age_s``, then the event expires.
+      ``hold_account`` holds every pending delivery of the event's account for this sink as
+      long (throttling: the destination asked the whole account to slow down);
+    - ``failed``: never going to work as sent; ``reason`` says why and what to fix, and the
+      operator can ``replay`` it after fixing that.
+    """
+
+    status: SendStatus
+    # What went wrong and how to fix it (retry, failed); shown to the API's callers.
+    reason: str | None = None
+    # A short code for the reason: the destination's own ("100/2804087", "http_500").
+    code: str | None = None
+    retry_after_s: float | None = None
+    hold_account: bool = False
+    trace_id: str | None = None
+    http_status: int | None = None
+    # Non-fatal remarks the destination made about a delivered event.
+    warnings: list[str] | None = None
+    # Requests this outcome took (a batch split to find a bad event counts each).
+    tries: int = 1
+    duration_ms: float = 0.0
+
+
+class DeliveryOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the host's outbox drives one sink (:func:`gateway_delivery_options`).
+
+    A sink returns these from its settings; the defaults suit a sink that sends one event per
+    request. Embed it in a plugin's ``Config`` to let operators tune it from ``config.toml``.
+    """
+
+    # Events per gateway_send_events call; the sink decides how many requests that takes.
+    batch_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
+    # How long a partial batch may wait to fill while others are in flight.
+    linger_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 0
+    # Batches sent at once.
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    retry_base_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
+    retry_cap_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 600.0
+    # Past this age (from the event's time) an event expires instead of being sent.
+    max_age_s: Annotated[int, msgspec.Meta(ge=60, le=90 * 86400)] = 7 * 86400
+    # How long a conversion request waits for its event's first attempt before answering 202.
+    respond_within_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 3000
+    # The longest one gateway_send_events call may take; None: [plugins] sink_timeout_s.
+    send_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] | None = None
+    # How long batches in flight may finish at shutdown before they are cancelled.
+    shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 10.0
+    # The longest an idle dispatcher sleeps: work another process queued (``replay``) is
+    # picked up within this many seconds.
+    poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=300)] = 5.0
 
 
 # Which state an event shows when its sinks disagree: the one needing attention first.

@@ -1,23 +1,40 @@
 """The plugin API: the markers and every ``gateway_*`` hook, documented.
 
-A plugin is a module (or an object returned by the module's ``make_plugin(config)``) with
-functions marked ``@hookimpl``. ``config.toml`` lists plugins by name in three ordered lists,
-``[plugins] resolvers``, ``normalizers`` and ``sinks``; the gateway calls a plugin's hooks only
-for the roles it is listed in, in the listed order. A name is looked up in the ``ctwa_gateway``
-entry-point group first, then among the built-ins in ``plugins/``.
+A plugin is a module (or an object returned by the module's ``make_plugin(config)`` or
+``make_plugin(config, base_dir)``) with functions marked ``@hookimpl``. ``config.toml`` lists
+plugins by name in three ordered lists, ``[plugins] resolvers``, ``normalizers`` and
+``sinks``; the gateway calls a plugin's hooks only for the roles it is listed in, in the
+listed order. A name is looked up among the ``ctwa_gateway`` entry points and the built-ins
+in ``plugins/``; an entry point named like a built-in is refused unless
+``[plugins] replace_builtins`` lists the name.
 
 If the plugin module defines ``Config`` (a :class:`msgspec.Struct`), its ``[plugins.<name>]``
 table is decoded into it at startup (errors name the ``$.path``) and passed to every hook as
-``config``. Arguments are passed by keyword: an implementation may take only the ones it needs.
+``config``. Relative paths in it are the plugin's to resolve: ``base_dir`` (the config file's
+folder) is what they are relative to. Arguments are passed by keyword: an implementation may
+take only the ones it needs.
 
-pluggy is synchronous. Hooks that may need I/O return ``None`` or an awaitable, and the spec
-says what the host awaits.
+pluggy is synchronous, and every implementation must be a plain ``def`` (checked at startup)
+except :func:`gateway_send_events`, whose result is always awaited (``async def`` is fine).
+Hooks that may need I/O return ``None`` or an awaitable, and the spec says what the host
+awaits; the host bounds every wait (``[plugins] sink_timeout_s``).
+
+A sink is one of two kinds, or both:
+
+- an **outbox sink** implements :func:`gateway_send_events`: "send these events, tell me each
+  outcome". The host commits a ``pending`` delivery with the event and runs a dispatcher that
+  batches, retries with backoff, expires, records every attempt and supports ``replay``;
+- an **immediate sink** implements :func:`gateway_deliver_event` and is done when it returns
+  (the ``log`` sink writes a line).
+
+Whatever a sink raises, or however long it hangs, it only changes that sink's own state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -25,10 +42,19 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.config import AccountConfig, Settings
-    from gateway.domain import Conversation, PreparedEvent, Resolved, SinkState, StoredEvent
+    from gateway.domain import (
+        Conversation,
+        DeliveryOptions,
+        PreparedEvent,
+        QueuedEvent,
+        Resolved,
+        SendOutcome,
+        SinkState,
+        StoredEvent,
+    )
     from gateway.draft import EventDraft
     from gateway.metrics import Metrics
-    from gateway.store.database import Store
+    from gateway.store.protocol import Store
     from gateway.wire import ConversionRequest
 
 __all__ = ["PROJECT", "hookimpl", "hookspec"]
@@ -39,12 +65,16 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def gateway_check_config(config: Any, settings: Settings, environ: Mapping[str, str]) -> None:
+def gateway_check_config(
+    config: Any, settings: Settings, environ: Mapping[str, str], base_dir: Path
+) -> None:
     """Check this plugin's settings against the whole configuration at startup.
 
-    Raise :class:`gateway.errors.ConfigError` with a message naming the ``$.path`` to stop
-    startup (e.g. ``test_mode`` without a ``test_event_code``, or an account whose token
-    variable is unset). ``environ`` is where secrets come from. Called once per listed plugin.
+    Raise :class:`gateway.ConfigError` with a message naming the ``$.path`` to stop startup
+    (e.g. ``test_mode`` without a ``test_event_code``, or an account whose token variable is
+    unset). ``environ`` is where secrets come from; ``base_dir`` is the config file's folder.
+    Any other exception stops startup too, as one line naming the plugin. Called once per
+    listed plugin, also by ``ctwa-gateway check-config``.
     """
 
 
@@ -56,12 +86,15 @@ def gateway_lifespan(
     store: Store,
     environ: Mapping[str, str],
     metrics: Metrics,
+    base_dir: Path,
 ) -> AbstractAsyncContextManager[None] | None:
     """Return an async context manager for the plugin's resources, or ``None``.
 
-    The host enters it after the store is open and before serving (start sessions, background
-    tasks), and exits it on shutdown before the store closes (drain them). ``name`` is the
-    name the plugin is listed under; ``metrics`` is the app's :class:`gateway.metrics.Metrics`.
+    The host enters it after the store is open and before the outbox dispatchers start and
+    the app serves (open HTTP sessions, start tasks), and exits it on shutdown after the
+    dispatchers stopped and before the store closes (drain them). ``name`` is the name the
+    plugin is listed under; ``metrics`` is the app's :class:`gateway.metrics.Metrics` (its
+    ``registry`` takes the plugin's own Prometheus metrics).
     """
 
 
@@ -131,29 +164,52 @@ def gateway_normalize_event(
 
 @hookspec
 def gateway_accept_event(event: PreparedEvent, config: Any) -> SinkState:  # type: ignore[empty-body]
-    """Say, before the event is stored, the state this sink starts it in (sinks).
+    """Say, before the event is stored, the state this sink starts it in (sinks; optional
+    for an outbox sink, which starts every event ``pending``).
 
     Runs before the commit and must not do I/O. A dry-run sink answers ``dry_run`` with the
-    ``payload`` it would send; a delivering sink answers ``pending``. The state is committed
-    together with the event, so an accepted event is never without its sinks' states.
+    ``payload`` it would send; an outbox sink answers ``pending`` to queue it. The state is
+    committed together with the event, so an accepted event is never without its sinks'
+    states. Raise a :class:`gateway.GatewayError` to refuse the request on purpose (a 4xx,
+    e.g. an account without a dataset); anything else it raises fails this sink alone.
     """
 
 
 @hookspec
-def gateway_deliver_event(
-    event: StoredEvent, state: SinkState, sink: str, store: Store, config: Any
-) -> Awaitable[SinkState | None] | None:
-    """Act on an event after it has been committed (sinks; never for duplicates).
+def gateway_send_events(  # type: ignore[empty-body]
+    events: list[QueuedEvent], sink: str, config: Any
+) -> Awaitable[list[SendOutcome]]:
+    """Send these events; resolve to one :class:`~gateway.SendOutcome` per event, in order
+    (outbox sinks).
 
-    Return ``None`` when there is nothing to do, or an awaitable the host awaits before it
-    answers the request; it resolves to the sink's current :class:`~gateway.domain.SinkState`,
-    which the host reports, or ``None`` if nothing changed yet. The sink owns its delivery
-    state from here: it stores changes itself (``store.update_deliveries`` or the outbox),
-    so an outcome reached after the request was answered is kept too. ``sink`` is the name the
-    plugin is listed under. The awaitable should bound its own wait; the host bounds it too
-    (``[plugins] sink_timeout_s``). A sink that raises here or in
-    :func:`gateway_accept_event` (anything but a :class:`~gateway.errors.GatewayError`
-    refusing the request), or hangs past that bound, ends ``failed`` with the reason; the
-    other sinks and the answer's status are not affected.
+    Called by the host's dispatcher with up to ``batch_max`` due events of this sink (see
+    :func:`gateway_delivery_options`); the sink decides how many requests that takes. Each
+    outcome is ``delivered``, ``retry`` (backoff, optionally ``retry_after_s`` and
+    ``hold_account``) or ``failed`` with the reason and what to fix. Raising, hanging past the
+    send timeout or returning the wrong number of outcomes holds the batch back for
+    ``retry_cap_s`` and is logged once with the traceback. An event is sent again only after a
+    ``retry`` or a crash between the send and the recording of its outcome.
+    """
+
+
+@hookspec(firstresult=True)
+def gateway_delivery_options(sink: str, config: Any) -> DeliveryOptions | None:
+    """Return how the outbox drives this sink (batch size, backoff, expiry, waits), or ``None``
+    for the defaults of :class:`~gateway.DeliveryOptions` (one event per call)."""
+
+
+@hookspec
+def gateway_deliver_event(
+    event: StoredEvent, state: SinkState, sink: str, config: Any
+) -> Awaitable[SinkState | None] | None:
+    """Act on an event after it has been committed (immediate sinks; never for duplicates).
+
+    Return ``None`` when there is nothing to do, or an awaitable the host awaits (at most
+    ``[plugins] sink_timeout_s``) before it answers the request; it resolves to the sink's new
+    :class:`~gateway.SinkState`, which the host stores and reports, or ``None`` if nothing
+    changed. ``sink`` is the name the plugin is listed under. There is no retry here: a sink
+    that needs one implements :func:`gateway_send_events` instead. A sink that raises, hangs
+    or answers something else ends ``failed`` with the reason; the other sinks and the
+    answer's status are not affected.
     """
     return None

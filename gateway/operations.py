@@ -95,7 +95,7 @@ async def probe(
     graph = GraphSettings.from_settings(settings)
     async with running(settings, plugins, env, start_plugins=False, create_store=False) as pipeline:
         conversation = await pipeline.store.get_conversation(account.id, args.conversation)
-        stored = await pipeline.store.outbox.datasets()
+        stored = await pipeline.store.datasets()
     if conversation is None or not conversation.ctwa_clid:
         what = "has no captured click id" if conversation else "was not found"
         raise UsageError(

@@ -16,6 +16,7 @@ import msgspec
 import structlog
 
 from gateway.config import AccountConfig, Settings
+from gateway.delivery.service import DeliveryService
 from gateway.domain import Conversation, PreparedEvent, SinkState, StoredEvent, overall_status
 from gateway.draft import EventDraft, IncompleteEvent
 from gateway.errors import (
@@ -28,7 +29,7 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics
 from gateway.plugin_manager import Plugins, sink_fault
-from gateway.store.database import NewEvent, Store
+from gateway.store.database import Store
 from gateway.validation import check_conversion
 from gateway.wire import ConversionRequest, request_fingerprint
 
@@ -43,6 +44,13 @@ class Outcome:
 
     event: StoredEvent
     duplicate: bool
+    # The sink whose outcome the answer reports (``[plugins] primary_sink``).
+    primary: str
+
+    @property
+    def primary_state(self) -> SinkState | None:
+        """The primary sink's state (None for an event stored before that sink was added)."""
+        return self.event.deliveries.get(self.primary)
 
     @property
     def dry_run_payload(self) -> dict[str, Any] | None:
@@ -64,12 +72,16 @@ class Pipeline:
         *,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
+        delivery: DeliveryService | None = None,
     ) -> None:
         self.settings = settings
         self.plugins = plugins
         self.store = store
         self.clock = clock
         self.metrics = metrics or Metrics()
+        # None when nothing delivers in this process (dry runs, one-shot commands): outbox
+        # deliveries then wait for a serving gateway.
+        self.delivery = delivery
 
     def account(self, account_id: str) -> AccountConfig:
         """Return the configured account or raise 404."""
@@ -157,14 +169,16 @@ class Pipeline:
                 details={"fields": differ},
             )
         self.metrics.events_duplicate.labels(existing.account_id).inc()
-        return Outcome(event=existing, duplicate=True)
+        return Outcome(event=existing, duplicate=True, primary=self.plugins.primary_sink)
 
     async def submit(self, prepared: PreparedEvent, *, started: float | None = None) -> Outcome:
         """Store the prepared event with its sinks' states, then let the sinks act on it."""
         states = self.plugins.accept(prepared)
         request = prepared.request
         begun = prepared.received_at if started is None else started
-        new = NewEvent(
+        new = StoredEvent(
+            pk=0,
+            status="pending",
             account_id=prepared.account.id,
             event_id=request.event_id,
             event_name=request.event_name,
@@ -185,22 +199,31 @@ class Pipeline:
         for sink in states:
             self.metrics.events_accepted.labels(new.account_id, sink).inc()
         stored = await self._deliver(stored)
-        return Outcome(event=stored, duplicate=False)
+        return Outcome(event=stored, duplicate=False, primary=self.plugins.primary_sink)
 
     async def _deliver(self, stored: StoredEvent) -> StoredEvent:
         """Let the sinks act on a committed event; return it with the states they report.
 
-        Each sink is on its own: one that raises or hangs (past ``[plugins] sink_timeout_s``)
-        ends ``failed`` with the reason, logged with its traceback, and never changes another
-        sink's outcome or the answer's status code.
+        Immediate sinks run their deliver hook; outbox sinks are woken and the request waits
+        (their ``respond_within_ms``) for the first attempt. Each sink is on its own: one that
+        raises or hangs (past ``[plugins] sink_timeout_s``) ends ``failed`` with the reason,
+        logged with its traceback, and never changes another sink's outcome or the answer.
         """
-        pending, failed = self.plugins.deliver(stored, self.store)
-        changed: dict[str, SinkState] = {}
-        if pending:
+        waits, failed = self.plugins.deliver(stored)
+        delivery = self.delivery
+        queued = {
+            sink: delivery.outcome(sink, stored.pk)
+            for sink, state in stored.deliveries.items()
+            if delivery is not None and delivery.waits_for(sink, state)
+        }
+        reported: dict[str, SinkState] = {}
+        observed: dict[str, SinkState] = {}
+        if waits or queued:
             timeout = self.settings.plugins.sink_timeout_s
-            names = list(pending)
+            names = [*waits, *queued]
             results = await asyncio.gather(
-                *(asyncio.wait_for(_awaited(a), timeout) for a in pending.values()),
+                *(asyncio.wait_for(_awaited(a), timeout) for a in waits.values()),
+                *queued.values(),
                 return_exceptions=True,
             )
             for name, result in zip(names, results, strict=True):
@@ -210,13 +233,24 @@ class Pipeline:
                     )
                 elif isinstance(result, BaseException):
                     raise result  # cancellation: the request is going away
-                elif result is not None:
-                    changed[name] = result  # the sink stored it itself
-        if failed:
-            await self.store.update_deliveries(stored.pk, failed)
-        if not changed and not failed:
+                elif result is None:
+                    continue
+                elif name in queued:
+                    observed[name] = result  # the dispatcher stored it
+                elif isinstance(result, SinkState):
+                    reported[name] = result
+                else:
+                    failed[name] = sink_fault(
+                        name,
+                        "gateway_deliver_event",
+                        TypeError(f"returned {type(result).__name__}, not a SinkState"),
+                        stored.event_id,
+                    )
+        if failed or reported:
+            await self.store.update_deliveries(stored.pk, {**reported, **failed})
+        if not (failed or reported or observed):
             return stored
-        deliveries = {**stored.deliveries, **changed, **failed}
+        deliveries = {**stored.deliveries, **observed, **reported, **failed}
         return msgspec.structs.replace(
             stored, deliveries=deliveries, status=overall_status(deliveries)
         )

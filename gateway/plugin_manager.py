@@ -26,16 +26,19 @@ from gateway import hookspecs
 from gateway.config import AccountConfig, Settings
 from gateway.domain import (
     Conversation,
+    DeliveryOptions,
     PreparedEvent,
+    QueuedEvent,
     Resolution,
     Resolved,
+    SendOutcome,
     SinkState,
     StoredEvent,
 )
 from gateway.draft import EventDraft
 from gateway.errors import ConfigError, GatewayError
 from gateway.metrics import Metrics
-from gateway.store.database import Store
+from gateway.store.protocol import Store
 from gateway.wire import ConversionRequest, request_field
 
 __all__ = [
@@ -54,8 +57,12 @@ _ROLES = ("resolvers", "normalizers", "sinks")
 _ROLE_HOOKS = {
     "resolvers": ("gateway_resolve_conversation",),
     "normalizers": ("gateway_normalize_event",),
-    "sinks": ("gateway_accept_event", "gateway_deliver_event"),
+    "sinks": ("gateway_accept_event", "gateway_send_events", "gateway_deliver_event"),
 }
+# Hooks whose result is always awaited: an async def is as good as a def returning a coroutine.
+_ALWAYS_AWAITED = frozenset({"gateway_send_events"})
+# The sinks whose outcome the answer reports by default, in order of preference.
+_META_SINKS = ("meta_capi", "test_mode")
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ def builtin_plugin_names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(plugins.__path__))
 
 
-def _find(name: str, role: str) -> tuple[object, str]:
+def _find(name: str, role: str, settings: Settings) -> tuple[object, str]:
     """Return the plugin object (module or entry-point target) for ``name``, and its origin."""
     if not _NAME.match(name):
         raise ConfigError(
@@ -81,7 +88,20 @@ def _find(name: str, role: str) -> tuple[object, str]:
             " (lowercase letters, digits and underscores)"
         )
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name):
-        return ep.load(), f"entry point {ep.value}"
+        if name in builtin_plugin_names() and name not in settings.plugins.replace_builtins:
+            dist = ep.dist.name if ep.dist is not None else "an installed package"
+            raise ConfigError(
+                f"plugin {name!r}: {dist} installs an entry point ({ep.value}) named like the"
+                f" built-in {name!r}; list {name!r} in [plugins] replace_builtins to use it"
+                " instead of the built-in, or uninstall that package"
+            )
+        try:
+            return ep.load(), f"entry point {ep.value}"
+        except Exception as exc:
+            raise ConfigError(
+                f"plugin {name!r}: its entry point {ep.value} failed to import"
+                f" ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
     try:
         module = importlib.import_module(f"plugins.{name}")
     except ModuleNotFoundError as exc:
@@ -96,7 +116,7 @@ def _find(name: str, role: str) -> tuple[object, str]:
 
 
 def _load(name: str, role: str, settings: Settings) -> _Loaded:
-    target, origin = _find(name, role)
+    target, origin = _find(name, role, settings)
     table = settings.plugin_tables.get(name, {})
     config_type = getattr(target, "Config", None)
     config: Any = None
@@ -112,7 +132,12 @@ def _load(name: str, role: str, settings: Settings) -> _Loaded:
         )
     factory = getattr(target, "make_plugin", None)
     try:
-        plugin = factory(config) if callable(factory) else target
+        if not callable(factory):
+            plugin = target
+        elif len(inspect.signature(factory).parameters) >= 2:
+            plugin = factory(config, settings.base_dir())
+        else:
+            plugin = factory(config)
     except ConfigError:
         raise
     except Exception as exc:
@@ -126,11 +151,16 @@ class Plugins:
     """Typed facade over the PluginManager: what the pipeline and the app call."""
 
     def __init__(
-        self, pm: pluggy.PluginManager, loaded: list[_Loaded], roles: dict[str, list[str]]
+        self,
+        pm: pluggy.PluginManager,
+        loaded: list[_Loaded],
+        roles: dict[str, list[str]],
+        primary: str | None = None,
     ):
         self.pm = pm
         self._loaded = {item.name: item for item in loaded}
         self.roles = roles
+        self._primary = primary
         self._resolvers = [
             (n, call, self.config(n), self._declared(n))
             for n in roles["resolvers"]
@@ -141,11 +171,10 @@ class Plugins:
             for n in roles["normalizers"]
             if (call := _one(pm, n, "gateway_normalize_event"))
         ]
-        self._accept = [
-            (n, call, self.config(n))
-            for n in roles["sinks"]
-            if (call := _one(pm, n, "gateway_accept_event"))
-        ]
+        self._accept = {n: _one(pm, n, "gateway_accept_event") for n in roles["sinks"]}
+        self._send = {
+            n: call for n in roles["sinks"] if (call := _one(pm, n, "gateway_send_events"))
+        }
         self._deliver = {
             n: call for n in roles["sinks"] if (call := _one(pm, n, "gateway_deliver_event"))
         }
@@ -179,6 +208,41 @@ class Plugins:
     def sink_names(self) -> list[str]:
         return list(self.roles["sinks"])
 
+    @property
+    def outbox_sinks(self) -> list[str]:
+        """The sinks that send through the host's outbox (``gateway_send_events``)."""
+        return list(self._send)
+
+    @property
+    def primary_sink(self) -> str:
+        """The sink whose outcome the Zernio-shaped answer reports."""
+        sinks = self.roles["sinks"]
+        chosen = self._primary or next((s for s in _META_SINKS if s in sinks), None)
+        return chosen or sinks[0]
+
+    def sender(self, name: str) -> Callable[[list[QueuedEvent]], Awaitable[list[SendOutcome]]]:
+        """Return a call of sink ``name``'s ``gateway_send_events``."""
+        call, config = self._send[name], self.config(name)
+
+        async def send(events: list[QueuedEvent]) -> list[SendOutcome]:
+            result: list[SendOutcome] = await call(events=events, sink=name, config=config)
+            return result
+
+        return send
+
+    def delivery_options(self, name: str) -> DeliveryOptions:
+        """Return how the outbox drives sink ``name`` (its own say, else the defaults)."""
+        call = _one(self.pm, name, "gateway_delivery_options")
+        options = call(sink=name, config=self.config(name)) if call else None
+        if options is None:
+            return DeliveryOptions()
+        if not isinstance(options, DeliveryOptions):
+            raise ConfigError(
+                f"plugin {name!r}: gateway_delivery_options returned"
+                f" {type(options).__name__}, not a DeliveryOptions"
+            )
+        return options
+
     def config(self, name: str) -> Any:
         """Return the decoded ``[plugins.<name>]`` settings of a loaded plugin."""
         return self._loaded[name].config
@@ -192,7 +256,9 @@ class Plugins:
         the plugin raised (a missing file is one line, not a traceback)."""
         for name, call, config in self._check:
             try:
-                call(config=config, settings=settings, environ=environ)
+                call(
+                    config=config, settings=settings, environ=environ, base_dir=settings.base_dir()
+                )
             except ConfigError:
                 raise
             except Exception as exc:
@@ -214,6 +280,7 @@ class Plugins:
                 store=store,
                 environ=environ,
                 metrics=metrics,
+                base_dir=settings.base_dir(),
             )
             if cm is not None:
                 found.append(cm)
@@ -301,9 +368,14 @@ class Plugins:
         that sink ``failed`` with the reason: it never keeps the event from the other sinks.
         """
         states: dict[str, SinkState] = {}
-        for name, call, config in self._accept:
+        for name, call in self._accept.items():
+            if call is None:
+                # An outbox sink that does not say: every event waits in its outbox.
+                if name in self._send:
+                    states[name] = SinkState(status="pending")
+                continue
             try:
-                state = call(event=event, config=config)
+                state = call(event=event, config=self.config(name))
                 if not isinstance(state, SinkState):
                     raise TypeError(f"gateway_accept_event returned {type(state).__name__}")
             except GatewayError:
@@ -314,7 +386,7 @@ class Plugins:
         return states
 
     def deliver(
-        self, event: StoredEvent, store: Store
+        self, event: StoredEvent
     ) -> tuple[dict[str, Awaitable[SinkState | None]], dict[str, SinkState]]:
         """Start each sink's delivery of a committed event; return what there is to await,
         and the sinks that failed to start (their state is ``failed``)."""
@@ -325,9 +397,7 @@ class Plugins:
             if state is None or state.status == "failed":
                 continue
             try:
-                result = call(
-                    event=event, state=state, sink=name, store=store, config=self.config(name)
-                )
+                result = call(event=event, state=state, sink=name, config=self.config(name))
             except Exception as exc:
                 failed[name] = sink_fault(name, "gateway_deliver_event", exc, event.event_id)
                 continue
@@ -413,7 +483,7 @@ def build_plugins(settings: Settings, *, extra: Mapping[str, object] | None = No
             if impl.plugin_name == item.name
         ]
         _check_sync(item.name, impls)
-    return Plugins(pm, loaded, roles)
+    return Plugins(pm, loaded, roles, settings.plugins.primary_sink)
 
 
 def _check_sync(name: str, impls: list[tuple[str, pluggy.HookImpl]]) -> None:
@@ -427,7 +497,7 @@ def _check_sync(name: str, impls: list[tuple[str, pluggy.HookImpl]]) -> None:
     # always claims the call (a coroutine is never None), and on any other hook its body
     # never runs. Refused at startup, rather than silently wrong every time.
     for hook, impl in impls:
-        if inspect.iscoroutinefunction(impl.function):
+        if inspect.iscoroutinefunction(impl.function) and hook not in _ALWAYS_AWAITED:
             raise ConfigError(
                 f"plugin {name!r}: {hook} must be a plain def (returning None or an awaitable"
                 " where its spec says so), not an async def"

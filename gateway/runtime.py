@@ -13,6 +13,7 @@ import structlog
 
 from gateway.capture.inbox import reprocess
 from gateway.config import Settings
+from gateway.delivery.service import DeliveryService
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.plugin_manager import Plugins
@@ -88,12 +89,24 @@ async def running(
     )
     try:
         async with AsyncExitStack() as stack:
+            delivery = None
             if start_plugins:
                 await stack.enter_async_context(_housekeeping(store, settings))
-                # Entered in load order and exited in reverse: dispatchers drain (and record
-                # what they sent) before the store closes.
+                # Entered in load order and exited in reverse: the dispatchers stop (and
+                # record what they sent) before the plugins close what they send with, and
+                # all of that before the store closes.
                 for lifespan in plugins.lifespans(settings, store, environ, metrics):
                     await stack.enter_async_context(lifespan)
-            yield Pipeline(settings, plugins, store, clock=clock, metrics=metrics)
+                service = DeliveryService(
+                    plugins,
+                    store.outbox,
+                    sink_timeout_s=settings.plugins.sink_timeout_s,
+                    metrics=metrics,
+                    clock=clock,
+                )
+                delivery = await stack.enter_async_context(service.running())
+            yield Pipeline(
+                settings, plugins, store, clock=clock, metrics=metrics, delivery=delivery
+            )
     finally:
         await store.close()

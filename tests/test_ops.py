@@ -10,9 +10,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.config import parse_settings
-from gateway.http.keys import PLUGINS
+from gateway.http.keys import PIPELINE
 from gateway.http.openapi import EXAMPLES
-from plugins.meta_capi import MetaCapiSink
 from tests.conftest import AUTH, ENV, SCOPED_KEY, ClientFactory, add_conversation, store_of
 from tests.payloads import encode, message, messages_change, notification, referral, signed
 
@@ -180,11 +179,10 @@ async def test_readyz_is_503_when_the_dispatcher_is_not_running(
     client = await make_client(settings=parse_settings({**config, "plugins": plugins}))
     ready = await client.get("/readyz")
     assert (await ready.json())["checks"] == {"store": "ok", "meta_capi": "ok"}
-    sink = client.app[PLUGINS].pm.get_plugin("meta_capi")
-    assert isinstance(sink, MetaCapiSink)
-    assert sink.dispatcher is not None
-    await sink.dispatcher.stop(1)
+    delivery = client.app[PIPELINE].delivery
+    assert delivery is not None
+    await delivery.dispatchers["meta_capi"].stop()
     resp = await client.get("/readyz")
     body = await resp.json()
     assert resp.status == 503
-    assert body["details"]["checks"] == {"meta_capi": "the delivery dispatcher is not running"}
+    assert body["details"]["checks"] == {"meta_capi": "its delivery dispatcher is not running"}

@@ -11,14 +11,16 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway.domain import SinkState
-from gateway.store.database import NewEvent, Store, StoreMissing
+from gateway.domain import SinkState, StoredEvent
+from gateway.store.database import Store, StoreMissing
 from gateway.store.schema import MIGRATIONS
 from tests.conftest import LogCapture, add_conversation
 
 
-def new_event(event_id: str, account_id: str = "acme", status: str = "dry_run") -> NewEvent:
-    return NewEvent(
+def new_event(event_id: str, account_id: str = "acme", status: str = "dry_run") -> StoredEvent:
+    return StoredEvent(
+        pk=0,
+        status="pending",
         account_id=account_id,
         event_id=event_id,
         event_name="Purchase",

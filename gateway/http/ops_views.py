@@ -36,6 +36,9 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:
         problems["store"] = f"not writable ({type(exc).__name__})"
     problems.update(request.app[PLUGINS].readiness_problems())
+    delivery = request.app[PIPELINE].delivery
+    if delivery is not None:
+        problems.update(delivery.readiness_problems())
     if problems:
         raise ServiceUnavailable(
             "Not ready: " + "; ".join(f"{name}: {why}" for name, why in problems.items()),

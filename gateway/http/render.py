@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from gateway.domain import Attempt, Conversation, Resolution, StoredEvent
+from gateway.domain import Attempt, Conversation, Resolution, SinkState, StoredEvent
 from gateway.pipeline import Outcome
 from gateway.wire import (
     AttemptView,
@@ -21,6 +21,7 @@ from gateway.wire import (
 
 __all__ = [
     "PLATFORM",
+    "answer_status",
     "conversation_view",
     "conversion_response",
     "event_detail",
@@ -52,8 +53,21 @@ def _iso(ts: float | None) -> str | None:
         return None
 
 
-def _counts(event: StoredEvent) -> tuple[int, int, list[Failure], str | None]:
-    received = max((s.events_received for s in event.deliveries.values()), default=0)
+def _reported(event: StoredEvent, primary: str) -> dict[str, SinkState]:
+    """The states the Zernio-shaped fields come from: the primary sink's, or every sink's for
+    an event stored before that sink was configured."""
+    state = event.deliveries.get(primary)
+    return {primary: state} if state is not None else event.deliveries
+
+
+def _status(event: StoredEvent, primary: str) -> str:
+    state = event.deliveries.get(primary)
+    return event.status if state is None else state.status
+
+
+def _counts(event: StoredEvent, primary: str) -> tuple[int, int, list[Failure], str | None]:
+    states = _reported(event, primary)
+    received = max((s.events_received for s in states.values()), default=0)
     failures = [
         Failure(
             event_index=0,
@@ -61,17 +75,25 @@ def _counts(event: StoredEvent) -> tuple[int, int, list[Failure], str | None]:
             message=f"{sink}: {state.error or state.status}",
             code=state.error_code or state.status,
         )
-        for sink, state in event.deliveries.items()
+        for sink, state in states.items()
         if state.status in ("failed", "expired")
     ]
-    trace = next((s.trace_id for s in event.deliveries.values() if s.trace_id), None)
+    trace = next((s.trace_id for s in states.values() if s.trace_id), None)
     return received, 1 if failures else 0, failures, trace
 
 
+def answer_status(outcome: Outcome) -> int:
+    """The HTTP status of a conversion's answer: 202 while the primary sink has not yet
+    delivered (queued, retrying), else 200. Other sinks never change it."""
+    return 202 if _status(outcome.event, outcome.primary) == "pending" else 200
+
+
 def conversion_response(outcome: Outcome) -> ConversionResponse:
-    """Return the answer to ``POST /v1/whatsapp/conversions``."""
+    """Return the answer to ``POST /v1/whatsapp/conversions``: Zernio's fields from the
+    primary sink, every sink's own state in ``deliveries``."""
     event = outcome.event
-    received, failed, failures, trace = _counts(event)
+    received, failed, failures, trace = _counts(event, outcome.primary)
+    status = _status(event, outcome.primary)
     return ConversionResponse(
         platform=PLATFORM,
         events_received=received,
@@ -80,7 +102,7 @@ def conversion_response(outcome: Outcome) -> ConversionResponse:
         trace_id=trace,
         event_id=event.event_id,
         # Zernio's word for "accepted, not yet delivered"; the history says pending.
-        status="queued" if event.status == "pending" else event.status,
+        status="queued" if status == "pending" else status,
         duplicate=outcome.duplicate,
         conversation_id=event.conversation_id,
         deliveries=[
@@ -111,9 +133,10 @@ def resolution_view(resolution: Resolution | None) -> ResolutionView | None:
     )
 
 
-def event_summary(event: StoredEvent) -> EventSummary:
-    """Return one row of the conversions history."""
-    received, failed, _, trace = _counts(event)
+def event_summary(event: StoredEvent, primary: str) -> EventSummary:
+    """Return one row of the conversions history (Zernio's fields from the primary sink;
+    ``status`` is the event's, the one needing attention first)."""
+    received, failed, _, trace = _counts(event, primary)
     return EventSummary(
         timestamp=iso_time(event.received_at),
         event_name=event.event_name,

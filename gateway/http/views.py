@@ -4,46 +4,28 @@ from __future__ import annotations
 
 import time
 
-import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.config import AccountConfig
 from gateway.errors import InvalidRequest, NotFound
 from gateway.hashing import normalize_phone
-from gateway.http.auth import ApiKey, KeyRing
 from gateway.http.body import read_json_body
-from gateway.http.keys import CREDENTIALS, PIPELINE, SETTINGS
-from gateway.http.query import AccountQuery, ConversationsQuery, ListQuery, parse_query
-from gateway.http.render import conversation_view, conversion_response, event_detail, event_summary
+from gateway.http.handlers import account_for, authenticate, json_response, query_account_id
+from gateway.http.keys import PIPELINE, PLUGINS, SETTINGS
+from gateway.http.query import ConversationsQuery, ListQuery, parse_query
+from gateway.http.render import (
+    answer_status,
+    conversation_view,
+    conversion_response,
+    event_detail,
+    event_summary,
+)
 from gateway.validation import decode_conversion
-from gateway.wire import ENCODER, ConversationList, EventList
+from gateway.wire import ConversationList, EventList
 
-__all__ = ["json_response", "routes"]
+__all__ = ["routes"]
 
 routes = web.RouteTableDef()
-
-
-def json_response(value: msgspec.Struct, *, status: int = 200) -> web.Response:
-    """Encode a wire Struct as the response body."""
-    return web.Response(body=ENCODER.encode(value), status=status, content_type="application/json")
-
-
-def authenticate(request: web.Request) -> ApiKey:
-    """Return the caller's API key or raise 401."""
-    return request.app[CREDENTIALS].keys.authenticate(request.headers.get("Authorization"))
-
-
-def account_for(request: web.Request, key: ApiKey, account_id: str) -> AccountConfig:
-    """Return the account ``key`` may act for, or raise 403/404."""
-    structlog.contextvars.bind_contextvars(account=account_id)
-    KeyRing.authorize(key, account_id)
-    return request.app[PIPELINE].account(account_id)
-
-
-def query_account_id(request: web.Request) -> str:
-    """Return the required ``accountId`` query parameter, or raise 400."""
-    return parse_query(request, AccountQuery).account_id
 
 
 def _phone_filter(raw: str | None) -> str | None:
@@ -74,8 +56,7 @@ async def post_conversion(request: web.Request) -> web.Response:
         event_status=outcome.event.status, duplicate=outcome.duplicate
     )
     # 202: accepted and stored, not delivered yet (retrying, or the wait ran out).
-    status = 202 if outcome.event.status == "pending" else 200
-    return json_response(conversion_response(outcome), status=status)
+    return json_response(conversion_response(outcome), status=answer_status(outcome))
 
 
 @routes.get("/v1/whatsapp/conversions")
@@ -84,7 +65,8 @@ async def list_conversions(request: web.Request) -> web.Response:
     query = parse_query(request, ListQuery)
     account = account_for(request, key, query.account_id)
     events = await request.app[PIPELINE].store.recent_events(account.id, query.limit)
-    return json_response(EventList(events=[event_summary(e) for e in events]))
+    primary = request.app[PLUGINS].primary_sink
+    return json_response(EventList(events=[event_summary(e, primary) for e in events]))
 
 
 @routes.get("/v1/whatsapp/conversions/{event_id}")

@@ -1,9 +1,9 @@
 """WhatsApp Cloud API webhook: the verification handshake and signed notifications.
 
 Bytes first, signature second, then :func:`gateway.capture.inbox.receive`: nothing unsigned
-is parsed, let alone stored. The answer comes after the notification is stored (with what it captured,
-or alone when processing failed), so a 200 means Meta may forget it; only a notification that
-could not be stored gets a 503, which Meta retries (for 7 days).
+is parsed, let alone stored. The answer comes after the notification is stored (with what it
+captured, or alone when processing failed), so a 200 means Meta may forget it; only a
+notification that could not be stored gets a 503, which Meta retries (for 7 days).
 """
 
 from __future__ import annotations

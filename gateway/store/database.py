@@ -17,7 +17,7 @@ import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import aiosqlite
 import msgspec
@@ -26,6 +26,7 @@ import structlog
 from gateway.capture.records import CaptureBatch
 from gateway.domain import (
     Conversation,
+    PhoneMatch,
     Resolution,
     SinkState,
     StoredEvent,
@@ -46,6 +47,7 @@ from gateway.store.archive import (
 )
 from gateway.store.batch_reader import BatchedLookup
 from gateway.store.capture import CaptureOp, CaptureResult
+from gateway.store.datasets import SaveDataset, stored_datasets
 from gateway.store.outbox import Outbox
 from gateway.store.schema import (
     CONVERSATION_COLUMNS,
@@ -62,7 +64,7 @@ from gateway.store.schema import (
 )
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
-__all__ = ["NewEvent", "PhoneMatch", "Store", "StoreMissing", "check_store_path"]
+__all__ = ["Store", "StoreMissing", "check_store_path"]
 
 log = structlog.get_logger()
 
@@ -81,16 +83,6 @@ _decode_fields = msgspec.json.Decoder(dict[str, str]).decode
 
 def _encode_optional(value: object) -> bytes | None:
     return None if value is None else _json_encode(value)
-
-
-class PhoneMatch(NamedTuple):
-    """A conversation found by phone: which stored number matched, and whether that number
-    is one the person had before a change (an alias, and when it was replaced)."""
-
-    conversation: Conversation
-    matched: str
-    former: bool
-    replaced_at: float | None = None
 
 
 class StoreMissing(ConfigError):
@@ -119,28 +111,10 @@ def check_store_path(path: Path) -> None:
         raise ConfigError(f"[store] path {path}: its folder cannot be created or written")
 
 
-class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """An event about to be stored, with the state each sink starts it in."""
-
-    account_id: str
-    event_id: str
-    event_name: str
-    conversation_id: str
-    event_time: int
-    event: dict[str, Any]
-    test_event_code: str | None
-    received_at: float
-    duration_ms: float
-    deliveries: dict[str, SinkState]
-    attribution_window_expired: bool = False
-    resolution: Resolution | None = None
-    request_fields: dict[str, str] | None = None
-
-
 class _InsertEvent(WriteOp[tuple[int, bool]]):
     """Insert an event unless its ``(account, eventId)`` exists; say which happened."""
 
-    def __init__(self, new: NewEvent, token: str) -> None:
+    def __init__(self, new: StoredEvent, token: str) -> None:
         self.new = new
         # Tells our row from one a concurrent request inserted first.
         self.token = token
@@ -478,32 +452,28 @@ class Store:
 
     # -- events ----------------------------------------------------------------------------
 
-    async def insert_event(self, new: NewEvent) -> tuple[StoredEvent, bool]:
-        """Store ``new`` unless its eventId exists; return the stored event and ``duplicate``."""
+    async def insert_event(self, new: StoredEvent) -> tuple[StoredEvent, bool]:
+        """Store ``new`` (its ``pk`` and ``status`` are ignored) unless its eventId exists on
+        its account; return the stored event and ``duplicate``."""
         token = f"{self._token_prefix}{next(self._tokens):x}"
         pk, duplicate = await self.writer.submit(_InsertEvent(new, token))
         if duplicate:
             existing = await self._event_by_pk(pk)
             assert existing is not None  # rows are never deleted
             return existing, True
-        event = StoredEvent(
-            pk=pk,
-            account_id=new.account_id,
-            event_id=new.event_id,
-            event_name=new.event_name,
-            conversation_id=new.conversation_id,
-            event_time=new.event_time,
-            status=overall_status(new.deliveries),
-            event=new.event,
-            test_event_code=new.test_event_code,
-            received_at=new.received_at,
-            duration_ms=new.duration_ms,
-            deliveries=dict(new.deliveries),
-            attribution_window_expired=new.attribution_window_expired,
-            resolution=new.resolution,
-            request_fields=new.request_fields,
-        )
-        return event, False
+        deliveries = dict(new.deliveries)
+        status = overall_status(deliveries)
+        return msgspec.structs.replace(new, pk=pk, status=status, deliveries=deliveries), False
+
+    # -- the dataset registry --------------------------------------------------------------
+
+    async def datasets(self) -> dict[str, str]:
+        """Return the Meta dataset id stored per account (``POST /v1/whatsapp/dataset``)."""
+        return await stored_datasets(self._reader)
+
+    async def save_dataset(self, account_id: str, dataset_id: str) -> None:
+        """Remember an account's dataset id."""
+        await self.writer.submit(SaveDataset(account_id, dataset_id))
 
     async def update_deliveries(self, pk: int, states: dict[str, SinkState]) -> None:
         """Store new states for some of an event's sinks."""

@@ -3,7 +3,7 @@
 An accepted event's delivery row is committed with status ``pending`` (and due at once) in the
 same transaction as the event. A dispatcher asks :meth:`Outbox.due` for work, sends it, and
 records each outcome with :meth:`Outbox.record` (one transaction per batch, with one attempt
-row per event). Nothing here knows about Meta.
+row per event). Nothing here knows about any one sink.
 """
 
 from __future__ import annotations
@@ -15,26 +15,14 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from gateway.domain import Attempt, SinkState
+from gateway.domain import Attempt, QueuedEvent, SinkState
 from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
-__all__ = ["AttemptResult", "Outbox", "OutboxItem"]
+__all__ = ["AttemptResult", "Outbox"]
 
 _decode_event = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
-
-
-class OutboxItem(msgspec.Struct, frozen=True, kw_only=True):
-    """A pending delivery with what sending it needs."""
-
-    pk: int
-    account_id: str
-    event_id: str
-    event: dict[str, Any]
-    test_event_code: str | None
-    event_time: int
-    attempts: int
 
 
 class AttemptResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -146,18 +134,6 @@ class _Defer(WriteOp[None]):
         )
 
 
-class _SaveDataset(WriteOp[None]):
-    def __init__(self, account_id: str, dataset_id: str) -> None:
-        self.row = (account_id, dataset_id, time.time())
-
-    async def apply(self, conn: aiosqlite.Connection) -> None:
-        await conn.execute(
-            "INSERT INTO datasets (account_id, dataset_id, created_at) VALUES (?,?,?)"
-            " ON CONFLICT (account_id) DO UPDATE SET dataset_id = excluded.dataset_id",
-            self.row,
-        )
-
-
 class Outbox:
     """Queries and writes of pending deliveries, over the store's connections."""
 
@@ -167,25 +143,27 @@ class Outbox:
 
     async def due(
         self, sink: str, *, now: float, limit: int, exclude: frozenset[int]
-    ) -> list[OutboxItem]:
+    ) -> list[QueuedEvent]:
         """Return up to ``limit`` deliveries of ``sink`` due by ``now``, oldest first."""
         rows = await fetch_rows(
             self._reader,
-            "SELECT e.pk, e.account_id, e.event_id, e.event, e.test_event_code, e.event_time,"
+            "SELECT e.pk, e.account_id, e.event_id, e.event_name, e.event, e.test_event_code,"
+            " e.event_time,"
             " d.attempts FROM deliveries d JOIN events e ON e.pk = d.event_pk"
             " WHERE d.sink = ? AND d.status = 'pending' AND d.next_attempt_at <= ?"
             " ORDER BY d.next_attempt_at, d.event_pk LIMIT ?",
             (sink, now, limit + len(exclude)),
         )
         items = [
-            OutboxItem(
+            QueuedEvent(
                 pk=row[0],
                 account_id=row[1],
                 event_id=row[2],
-                event=_decode_event(row[3]),
-                test_event_code=row[4],
-                event_time=row[5],
-                attempts=row[6],
+                event_name=row[3],
+                event=_decode_event(row[4]),
+                test_event_code=row[5],
+                event_time=row[6],
+                attempts=row[7],
             )
             for row in rows
             if row[0] not in exclude
@@ -257,12 +235,3 @@ class Outbox:
     async def defer(self, sink: str, account_ids: Sequence[str], until: float) -> None:
         """Hold every pending delivery of these accounts until ``until`` (throttling)."""
         await self._writer.submit(_Defer(sink, account_ids, until))
-
-    async def datasets(self) -> dict[str, str]:
-        """Return the dataset ids stored per account (from ``POST /v1/whatsapp/dataset``)."""
-        rows = await fetch_rows(self._reader, "SELECT account_id, dataset_id FROM datasets", ())
-        return {row[0]: row[1] for row in rows}
-
-    async def save_dataset(self, account_id: str, dataset_id: str) -> None:
-        """Remember an account's dataset id."""
-        await self._writer.submit(_SaveDataset(account_id, dataset_id))

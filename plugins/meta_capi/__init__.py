@@ -1,12 +1,14 @@
-"""Sink: deliver to Meta's Conversions API for Business Messaging, through a durable outbox.
+"""Sink: deliver to Meta's Conversions API for Business Messaging, through the host's outbox.
 
-An accepted event is committed as ``pending`` with the event itself; the dispatcher
-(:mod:`gateway.delivery.dispatcher`) batches, sends, retries and records the outcome. The request that
-brought the event waits up to ``respond_within_ms`` for the first attempt: delivered or
-permanently rejected answer 200 in Zernio's shape, anything else 202 ``queued``.
+The first user of the outbox contract, with nothing of its own beyond Meta: an accepted event
+is committed ``pending``; the host's dispatcher hands batches to :func:`gateway_send_events`,
+which sends them (:mod:`plugins.meta_capi.sender`) and says what became of each; the host
+retries, expires, records and replays. A request waits up to ``respond_within_ms`` for its
+event's first attempt: delivered or permanently rejected answer 200 in Zernio's shape,
+anything else 202 ``queued``.
 
 Also serves the dataset endpoints (``GET``/``POST /v1/whatsapp/dataset``), which talk to the
-same Graph API with the same tokens.
+same Graph API with the same tokens. Written against :mod:`gateway`'s public API only.
 """
 
 from __future__ import annotations
@@ -20,26 +22,29 @@ import msgspec
 from aiohttp import web
 
 from gateway import (
+    AccountConfig,
     ConfigError,
+    DatasetAnswer,
+    DatasetRequest,
+    DeliveryOptions,
+    Metrics,
+    PlatformError,
     PreparedEvent,
+    QueuedEvent,
+    SendOutcome,
     Settings,
     SinkState,
     Store,
-    StoredEvent,
     Unprocessable,
+    authorized_account,
     hookimpl,
+    json_response,
+    query_account_id,
+    read_json,
 )
-from gateway.config import AccountConfig
-from gateway.delivery.dispatcher import Dispatcher, DispatchSettings, Route
-from gateway.errors import PlatformError
-from gateway.http.body import read_json_body
-from gateway.http.keys import SETTINGS
-from gateway.http.views import account_for, authenticate, json_response, query_account_id
-from gateway.metrics import Metrics
-from gateway.validation import decode_body
-from gateway.wire import DatasetAnswer, DatasetRequest
 from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT
 from plugins.meta_capi.graph import DEFAULT_API_VERSION, DEFAULT_GRAPH_URL, GraphClient, explain
+from plugins.meta_capi.sender import GraphSender, Route
 
 EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 SEVEN_DAYS_S = 7 * 86400
@@ -68,7 +73,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
 
 
 class MetaCapiSink:
-    """The plugin object: one per app, holding the dispatcher while the app runs."""
+    """The plugin object: one per app, holding the Graph session while the app runs."""
 
     # test_mode forces a code and leaves the dataset endpoints to meta_capi.
     forced_test_event_code: str | None = None
@@ -76,11 +81,11 @@ class MetaCapiSink:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.dispatcher: Dispatcher | None = None
-        self.graph: GraphClient | None = None
+        # Set while the app runs (the lifespan).
+        self.sender: GraphSender | None = None
+        self.store: Store | None = None
         self.tokens: dict[str, str] = {}
         self.stored_datasets: dict[str, str] = {}
-        self.store: Store | None = None
 
     def dataset_for(self, account: AccountConfig) -> str | None:
         """Return the account's dataset id: configured, else created through the API."""
@@ -125,14 +130,14 @@ class MetaCapiSink:
         ]
         self.tokens = tokens
         secret = environ.get(self.config.app_secret_env or "", "")
-        if self.graph is not None:
+        if self.sender is not None:
+            graph = self.sender.graph
             new_secret = secret.encode() if secret else None
-            if new_secret != self.graph.app_secret:
+            if new_secret != graph.app_secret:
                 changed.append("app_secret")
-                self.graph.app_secret = new_secret
-        if self.dispatcher is not None:
+                graph.app_secret = new_secret
             # Batches already sent keep the route they were sent with; the next ones use these.
-            self.dispatcher.routes.update(self._routes(settings))
+            self.sender.routes.update(self._routes(settings))
         return changed
 
     def _routes(self, settings: Settings) -> dict[str, Route]:
@@ -145,9 +150,32 @@ class MetaCapiSink:
 
     @hookimpl
     def gateway_check_ready(self) -> str | None:
-        if self.dispatcher is None or not self.dispatcher.running:
-            return "the delivery dispatcher is not running"
+        if self.sender is None or self.sender.graph.session.closed:
+            return "its Graph API session is not open"
         return None
+
+    @hookimpl
+    def gateway_delivery_options(self) -> DeliveryOptions:
+        c = self.config
+        return DeliveryOptions(
+            batch_max=c.batch_max,
+            linger_ms=c.linger_ms,
+            max_in_flight=c.max_in_flight,
+            retry_base_s=c.retry_base_s,
+            retry_cap_s=c.retry_cap_s,
+            max_age_s=c.max_age_s,
+            respond_within_ms=c.respond_within_ms,
+            # Bisecting a batch makes up to ~2 log2(n) requests in a row.
+            send_timeout_s=min(600.0, c.timeout_s * 24),
+            shutdown_grace_s=c.shutdown_grace_s,
+            poll_s=c.poll_s,
+        )
+
+    @hookimpl
+    def gateway_send_events(self, events: list[QueuedEvent]) -> Awaitable[list[SendOutcome]]:
+        # Set for as long as the dispatcher runs: lifespans start first and stop last.
+        assert self.sender is not None
+        return self.sender.send(events)
 
     @asynccontextmanager
     async def _lifespan(
@@ -161,46 +189,33 @@ class MetaCapiSink:
         c = self.config
         secret = environ.get(c.app_secret_env, "") if c.app_secret_env else ""
         self.tokens = {a.id: environ.get(a.access_token_env or "", "") for a in settings.accounts}
-        self.stored_datasets = await store.outbox.datasets()
+        self.stored_datasets = await store.datasets()
         self.store = store
-        routes = self._routes(settings)
         async with aiohttp.ClientSession() as session:
-            self.graph = GraphClient(
+            graph = GraphClient(
                 session,
                 graph_url=c.graph_url,
                 api_version=c.api_version,
                 timeout_s=c.timeout_s,
                 app_secret=secret.encode() if secret else None,
             )
-            dispatcher = Dispatcher(
+            self.sender = GraphSender(
+                graph,
                 sink=name,
-                outbox=store.outbox,
-                graph=self.graph,
-                routes=routes,
+                routes=self._routes(settings),
+                partner_agent=c.partner_agent,
+                forced_test_event_code=self.forced_test_event_code,
+                throttle_floor_s=c.retry_base_s * 4,
                 metrics=metrics,
-                settings=DispatchSettings(
-                    batch_max=c.batch_max,
-                    linger_s=c.linger_ms / 1000,
-                    retry_base_s=c.retry_base_s,
-                    retry_cap_s=c.retry_cap_s,
-                    max_age_s=c.max_age_s,
-                    max_in_flight=c.max_in_flight,
-                    partner_agent=c.partner_agent,
-                    forced_test_event_code=self.forced_test_event_code,
-                    poll_s=c.poll_s,
-                ),
             )
-            dispatcher.start()
-            self.dispatcher = dispatcher
             try:
                 yield
             finally:
-                self.dispatcher = None
-                await dispatcher.stop(c.shutdown_grace_s)
+                self.sender = None
 
     @hookimpl
     def gateway_accept_event(self, event: PreparedEvent) -> SinkState:
-        if self.dispatcher is not None and self.dataset_for(event.account) is None:
+        if self.sender is not None and self.dataset_for(event.account) is None:
             raise Unprocessable(
                 f"Account {event.account.id!r} has no dataset: set its dataset_id, or create"
                 " one with POST /v1/whatsapp/dataset.",
@@ -208,15 +223,6 @@ class MetaCapiSink:
                 param="accountId",
             )
         return SinkState(status="pending")
-
-    @hookimpl
-    def gateway_deliver_event(
-        self, event: StoredEvent, state: SinkState
-    ) -> Awaitable[SinkState | None] | None:
-        if state.status != "pending" or self.dispatcher is None:
-            return None
-        self.dispatcher.notify()
-        return self.dispatcher.outcome(event.pk, self.config.respond_within_ms / 1000)
 
     @hookimpl
     def gateway_register_routes(self) -> list[web.RouteDef] | None:
@@ -230,32 +236,29 @@ class MetaCapiSink:
     # -- dataset endpoints ---------------------------------------------------------------------
 
     async def get_dataset(self, request: web.Request) -> web.Response:
-        key = authenticate(request)
-        account = account_for(request, key, query_account_id(request))
+        account = authorized_account(request, query_account_id(request))
         return json_response(DatasetAnswer(dataset_id=self.dataset_for(account)))
 
     async def post_dataset(self, request: web.Request) -> web.Response:
-        key = authenticate(request)
-        body = await read_json_body(request, request.app[SETTINGS].server.max_body_bytes)
-        wanted = decode_body(body, _DATASET_DECODER)
-        account = account_for(request, key, wanted.account_id)
+        wanted = await read_json(request, _DATASET_DECODER)
+        account = authorized_account(request, wanted.account_id)
         known = self.dataset_for(account)
         if known is not None:
             return json_response(DatasetAnswer(dataset_id=known, created=False))
         # Both are set while the app serves.
-        assert self.graph is not None
+        assert self.sender is not None
         assert self.store is not None
-        reply = await self.graph.create_dataset(account.waba_id, self.tokens[account.id])
+        reply = await self.sender.graph.create_dataset(account.waba_id, self.tokens[account.id])
         if reply.kind != "ok" or reply.new_id is None:
             raise PlatformError(
                 f"Meta refused to create the dataset: {explain(reply)}",
                 code="platform_error",
                 platform_error=msgspec.to_builtins(reply.error) if reply.error else None,
             )
-        await self.store.outbox.save_dataset(account.id, reply.new_id)
+        await self.store.save_dataset(account.id, reply.new_id)
         self.stored_datasets[account.id] = reply.new_id
-        if self.dispatcher is not None and self.tokens.get(account.id):
-            self.dispatcher.routes[account.id] = Route(reply.new_id, self.tokens[account.id])
+        if self.tokens.get(account.id):
+            self.sender.routes[account.id] = Route(reply.new_id, self.tokens[account.id])
         return json_response(DatasetAnswer(dataset_id=reply.new_id, created=True))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from gateway import EventDraft, PreparedEvent, SinkState, Store, StoredEvent, hookimpl
+from gateway import EventDraft, PreparedEvent, SinkState, StoredEvent, hookimpl
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -35,16 +35,14 @@ class AcmePlugin:
         return SinkState(status="pending")
 
     @hookimpl
-    def gateway_deliver_event(self, event: StoredEvent, sink: str, store: Store) -> Any:
-        return self._write(event, sink, store)
+    def gateway_deliver_event(self, event: StoredEvent) -> Any:
+        return self._write(event)
 
-    async def _write(self, event: StoredEvent, sink: str, store: Store) -> SinkState:
+    async def _write(self, event: StoredEvent) -> SinkState:
         with self.outbox.open("a") as out:
             out.write(json.dumps({"event_id": event.event_id, "event": event.event}) + "\n")
-        state = SinkState(status="delivered", attempts=1, events_received=1, trace_id="acme-1")
-        # The sink owns its state after acceptance: it stores what it did.
-        await store.update_deliveries(event.pk, {sink: state})
-        return state
+        # The host stores the state the sink reports.
+        return SinkState(status="delivered", attempts=1, events_received=1, trace_id="acme-1")
 
 
 def make_plugin(config: Config) -> AcmePlugin:

@@ -405,7 +405,7 @@ async def test_replay_resends_failed_never_delivered(
 
     detail = await settle(client, "FAIL1")
     assert detail["status"] == "delivered"
-    assert [a["outcome"] for a in detail["attempts"]] == ["permanent", "delivered"]
+    assert [a["outcome"] for a in detail["attempts"]] == ["failed", "delivered"]
     assert sorted(fake.event_ids()) == ["FAIL1", "OK1"]
 
 
@@ -470,9 +470,9 @@ async def test_events_of_an_account_that_lost_its_dataset_fail_instead_of_spinni
     conversation = await add_conversation(store_of(client))
     sink = client.app[PLUGINS].pm.get_plugin("meta_capi")
     assert isinstance(sink, MetaCapiSink)
-    assert sink.dispatcher is not None
+    assert sink.sender is not None
     # As if a restart came up with the account's dataset removed from config.
-    del sink.dispatcher.routes["acme"]
+    del sink.sender.routes["acme"]
     await client.post(URL, json=lead(conversation.id), headers=AUTH)
     detail = await settle(client, "L1")
     assert detail["status"] == "failed"
@@ -487,7 +487,7 @@ async def test_an_unexpected_fault_holds_the_batch_back(
     conversation = await add_conversation(store_of(client))
     sink = client.app[PLUGINS].pm.get_plugin("meta_capi")
     assert isinstance(sink, MetaCapiSink)
-    assert sink.dispatcher is not None
+    assert sink.sender is not None
     calls = 0
 
     async def broken(*args: Any) -> Any:
@@ -496,7 +496,7 @@ async def test_an_unexpected_fault_holds_the_batch_back(
         raise RuntimeError("a bug")
 
     # A bug in our own code, injected: Meta itself is still the real fake server.
-    sink.dispatcher.graph.send_events = broken  # type: ignore[method-assign, assignment]
+    sink.sender.graph.send_events = broken  # type: ignore[method-assign, assignment]
     await client.post(URL, json=lead(conversation.id), headers=AUTH)
     await asyncio.sleep(0.5)
     assert calls == 1  # held back, not retried in a loop
@@ -504,8 +504,16 @@ async def test_an_unexpected_fault_holds_the_batch_back(
         await client.get(f"{URL}/L1", params={"accountId": "acme"}, headers=AUTH)
     ).json()
     assert detail["status"] == "pending"
-    assert detail["deliveries"][0]["error"].startswith("will retry: internal error")
-    assert logs.events("dispatcher_batch_error")
+    assert detail["deliveries"][0]["error"].startswith(
+        "will retry: the meta_capi sink failed in gateway_send_events (RuntimeError)"
+    )
+    (line,) = logs.events("sink_failed")
+    assert (line["sink"], line["hook"], line["event_ids"]) == (
+        "meta_capi",
+        "gateway_send_events",
+        ["L1"],
+    )
+    assert line["exception"][0]["exc_type"] == "RuntimeError"  # with its traceback
 
 
 async def test_a_delivery_still_retrying_after_three_attempts_is_logged_once(

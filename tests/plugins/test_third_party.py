@@ -33,6 +33,7 @@ def acme_config(config: dict[str, Any], outbox: Path) -> dict[str, Any]:
         "plugins": {
             "normalizers": ["business_messaging", "event_time", "email", "acme"],
             "sinks": ["log", "acme"],
+            "primary_sink": "acme",
             "acme": {"channel": "wa-store", "outbox": str(outbox)},
         },
     }

@@ -1,0 +1,65 @@
+"""The building blocks of a thin handler: who is calling, for which account, with what body,
+and the answer. The API's views use them, and so do plugins' routes (``gateway_register_routes``)
+through :mod:`gateway`, so every endpoint authenticates, limits and answers errors alike.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from gateway.config import AccountConfig
+from gateway.http.auth import ApiKey, KeyRing
+from gateway.http.body import read_json_body
+from gateway.http.keys import CREDENTIALS, PIPELINE, SETTINGS
+from gateway.http.query import AccountQuery, parse_query
+from gateway.validation import decode_body
+from gateway.wire import ENCODER
+
+__all__ = [
+    "account_for",
+    "authenticate",
+    "authorized_account",
+    "json_response",
+    "query_account_id",
+    "read_json",
+]
+
+T = TypeVar("T")
+
+
+def json_response(value: msgspec.Struct, *, status: int = 200) -> web.Response:
+    """Encode a wire Struct as the response body."""
+    return web.Response(body=ENCODER.encode(value), status=status, content_type="application/json")
+
+
+def authenticate(request: web.Request) -> ApiKey:
+    """Return the caller's API key or raise 401."""
+    return request.app[CREDENTIALS].keys.authenticate(request.headers.get("Authorization"))
+
+
+def account_for(request: web.Request, key: ApiKey, account_id: str) -> AccountConfig:
+    """Return the account ``key`` may act for, or raise 403/404."""
+    structlog.contextvars.bind_contextvars(account=account_id)
+    KeyRing.authorize(key, account_id)
+    return request.app[PIPELINE].account(account_id)
+
+
+def authorized_account(request: web.Request, account_id: str) -> AccountConfig:
+    """Return the account the caller's API key may act for, or raise 401/403/404."""
+    return account_for(request, authenticate(request), account_id)
+
+
+def query_account_id(request: web.Request) -> str:
+    """Return the required ``accountId`` query parameter, or raise 400."""
+    return parse_query(request, AccountQuery).account_id
+
+
+async def read_json(request: web.Request, decoder: msgspec.json.Decoder[T]) -> T:
+    """Read a JSON body (415 if not JSON, 413 past ``[server] max_body_bytes``) and decode it
+    with ``decoder`` (400 naming the field)."""
+    body = await read_json_body(request, request.app[SETTINGS].server.max_body_bytes)
+    return decode_body(body, decoder)

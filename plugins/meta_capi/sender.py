@@ -1,0 +1,165 @@
+"""One outbox batch to Meta: grouped by request, one bad event split out, each outcome classified.
+
+The host's outbox hands over up to ``batch_max`` due events; they go to Meta in one request per
+(dataset, token, test event code), since ``test_event_code`` is request-level at Meta. Each
+Graph reply becomes a :class:`gateway.SendOutcome` per event (META.md §2):
+
+- ``ok``: delivered, with Meta's ``fbtrace_id`` and any warning ``messages``;
+- a whole-request rejection one bad event can explain (code 100) is split in halves until the
+  bad events are alone; they fail with Meta's reason and the good ones go through. Meta rejects
+  the whole request in that case, so nothing is sent twice;
+- ``transient``: retry; ``throttled``: retry no sooner than Meta's ``Retry-After`` and hold the
+  account's other deliveries as long;
+- ``permanent``: failed, with what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+from msgspec.structs import replace
+
+from gateway import Metrics, QueuedEvent, SendOutcome
+from plugins.meta_capi.body import meta_request_body
+from plugins.meta_capi.graph import GraphClient, GraphReply, explain
+
+__all__ = ["GraphSender", "Route"]
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where an account's events go: its dataset and token."""
+
+    dataset_id: str
+    token: str
+
+
+class GraphSender:
+    """Sends outbox batches through one Graph client; ``routes`` may change between batches."""
+
+    def __init__(
+        self,
+        graph: GraphClient,
+        *,
+        sink: str,
+        routes: dict[str, Route],
+        partner_agent: str,
+        forced_test_event_code: str | None,
+        throttle_floor_s: float,
+        metrics: Metrics,
+    ) -> None:
+        self.graph = graph
+        self.sink = sink
+        self.routes = routes
+        self.partner_agent = partner_agent
+        self.forced_test_event_code = forced_test_event_code
+        # A throttled dataset waits at least this long, whatever Retry-After says.
+        self.throttle_floor_s = throttle_floor_s
+        self.metrics = metrics
+
+    async def send(self, events: list[QueuedEvent]) -> list[SendOutcome]:
+        """Return one outcome per event, in order."""
+        outcomes: dict[int, SendOutcome] = {}
+        groups: dict[tuple[Route, str | None], list[QueuedEvent]] = {}
+        for event in events:
+            route = self.routes.get(event.account_id)
+            if route is None:
+                # Accepted while the account had a dataset, which config no longer gives it.
+                outcomes[event.pk] = SendOutcome(
+                    status="failed",
+                    reason=f"account {event.account_id!r} has no dataset or token now: fix its"
+                    " [[accounts]] entry, then run `ctwa-gateway replay`",
+                    code="no_route",
+                    tries=0,
+                )
+                continue
+            code = self.forced_test_event_code or event.test_event_code
+            groups.setdefault((route, code), []).append(event)
+        tries = {event.pk: 0 for event in events}
+        sent = await asyncio.gather(
+            *(self._attempt(route, code, group, tries) for (route, code), group in groups.items())
+        )
+        for found in sent:
+            outcomes.update(found)
+        return [outcomes[event.pk] for event in events]
+
+    async def _attempt(
+        self, route: Route, code: str | None, events: Sequence[QueuedEvent], tries: dict[int, int]
+    ) -> dict[int, SendOutcome]:
+        body = meta_request_body(
+            [event.event for event in events],
+            partner_agent=self.partner_agent,
+            test_event_code=code,
+        )
+        reply = await self.graph.send_events(route.dataset_id, route.token, body)
+        self.metrics.meta_seconds.labels(reply.kind).observe(reply.duration_ms / 1000)
+        if reply.kind != "ok":
+            self.metrics.meta_errors.labels(reply.error_code()).inc()
+        for event in events:
+            tries[event.pk] += 1
+        if reply.kind == "permanent" and len(events) > 1 and reply.is_event_level():
+            half = len(events) // 2
+            left = await self._attempt(route, code, events[:half], tries)
+            right = await self._attempt(route, code, events[half:], tries)
+            return left | right
+        if reply.kind == "throttled":
+            log.warning(
+                "meta_throttled",
+                sink=self.sink,
+                dataset_id=route.dataset_id,
+                code=reply.error_code(),
+                retry_after_s=reply.retry_after,
+            )
+        warnings = self._warnings(reply, len(events))
+        return {
+            event.pk: _outcome(reply, tries[event.pk], warnings, self.throttle_floor_s)
+            for event in events
+        }
+
+    def _warnings(self, reply: GraphReply, sent: int) -> list[str]:
+        warnings = list(reply.warnings)
+        if reply.kind == "ok" and reply.events_received not in (None, sent):
+            # Meta does not say which ones; resending could count some twice, so keep the
+            # discrepancy with every event instead.
+            warnings.append(f"events_received {reply.events_received} of {sent} sent")
+            log.warning(
+                "meta_count_mismatch",
+                sink=self.sink,
+                sent=sent,
+                received=reply.events_received,
+                trace_id=reply.trace_id,
+            )
+        return warnings
+
+
+def _outcome(
+    reply: GraphReply, tries: int, warnings: list[str], throttle_floor_s: float
+) -> SendOutcome:
+    delivered = SendOutcome(
+        status="delivered",
+        trace_id=reply.trace_id,
+        http_status=reply.http_status,
+        tries=tries,
+        duration_ms=reply.duration_ms,
+        warnings=warnings or None,
+    )
+    if reply.kind == "ok":
+        return delivered
+    reason, code = explain(reply), reply.error_code()
+    if reply.kind == "permanent":
+        return replace(delivered, status="failed", reason=reason, code=code, warnings=None)
+    throttled = reply.kind == "throttled"
+    return replace(
+        delivered,
+        status="retry",
+        reason=reason,
+        code=code,
+        warnings=None,
+        retry_after_s=max(reply.retry_after or 0.0, throttle_floor_s) if throttled else None,
+        hold_account=throttled,
+    )
