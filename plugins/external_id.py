@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from gateway import ConversionRequest, EventDraft, hookimpl
-from gateway.hashing import hash_external_id
+from gateway import ConversionRequest, EventDraft, hash_external_id, hookimpl
 
 
 @hookimpl

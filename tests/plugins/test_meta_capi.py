@@ -16,7 +16,7 @@ import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway import PreparedEvent, SinkState, hookimpl
+from gateway import PreparedEvent, QueuedEvent, SendOutcome, SinkState, hookimpl
 from gateway.config import parse_settings
 from gateway.http.keys import PIPELINE, PLUGINS
 from gateway.store.database import Store
@@ -661,3 +661,68 @@ async def test_a_faulty_sink_never_costs_meta_its_event(
         "faulty": "failed",
         "meta_capi": "delivered",
     }
+
+
+class FaultyOutbox:
+    """A third-party outbox sink with a bug in its send."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.calls = 0
+
+    @hookimpl
+    def gateway_send_events(self, events: list[QueuedEvent]) -> Awaitable[list[SendOutcome]]:
+        self.calls += 1
+        if self.where == "before_await":
+            raise RuntimeError("bug before any await")
+        return self._send(events)
+
+    async def _send(self, events: list[QueuedEvent]) -> list[SendOutcome]:
+        if self.where == "raises":
+            raise KeyError("crm_id")
+        if self.where == "hangs":
+            await asyncio.sleep(3600)
+        if self.where == "too_few":
+            return []
+        wrong: list[Any] = [SinkState(status="delivered") for _ in events]
+        return wrong  # "wrong_type": not SendOutcomes
+
+
+@pytest.mark.parametrize("where", ["before_await", "raises", "hangs", "too_few", "wrong_type"])
+async def test_a_faulty_outbox_sink_is_held_back_and_never_costs_meta_its_event(
+    make_client: ClientFactory,
+    config: dict[str, Any],
+    graph_server: TestServer,
+    fake: FakeGraph,
+    logs: LogCapture,
+    where: str,
+) -> None:
+    table = {"graph_url": str(graph_server.make_url("")).rstrip("/"), "respond_within_ms": 2000}
+    plugins = {"sinks": ["faulty", "meta_capi"], "meta_capi": table, "sink_timeout_s": 0.3}
+    faulty = FaultyOutbox(where)
+    client = await make_client(
+        settings=parse_settings({**config, "plugins": plugins}), extra={"faulty": faulty}
+    )
+    conversation = await add_conversation(store_of(client))
+
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert (body["status"], body["eventsReceived"], body["failures"]) == ("delivered", 1, [])
+    states = {d["sink"]: d for d in body["deliveries"]}
+    assert states["faulty"]["status"] == "pending"
+    assert states["faulty"]["error"].startswith(
+        "will retry: the faulty sink failed in gateway_send_events"
+    )
+    assert fake.event_ids() == ["L1"]
+    (line,) = logs.events("sink_failed")
+    assert (line["sink"], line["hook"], line["event_ids"]) == (
+        "faulty",
+        "gateway_send_events",
+        ["L1"],
+    )
+    assert line["exception"]  # with its traceback
+    # Held back (retry_cap_s), not retried in a loop.
+    await asyncio.sleep(0.3)
+    assert faulty.calls == 1
