@@ -72,6 +72,9 @@ class StoreConfig(ConfigStruct, frozen=True):
     path: str = "var/ctwa-gateway.sqlite3"
     # The most write operations one transaction carries (group commit).
     group_commit_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+    # How often expired data is pruned (webhook message ids, archived notifications); the
+    # first run is this long after start, so startup stays quick.
+    housekeeping_interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=86400)] = 3600.0
 
 
 class AccountConfig(ConfigStruct, frozen=True):

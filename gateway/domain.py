@@ -9,6 +9,7 @@ answers each with a :class:`SendOutcome`.
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
@@ -30,10 +31,16 @@ __all__ = [
     "SendOutcome",
     "SinkState",
     "StoredEvent",
+    "new_conversation_id",
     "overall_status",
 ]
 
 DeliveryStatus = Literal["dry_run", "pending", "delivered", "failed", "expired"]
+
+
+def new_conversation_id() -> str:
+    """Return a fresh, unguessable conversation id."""
+    return "conv_" + secrets.token_hex(12)
 
 
 class Conversation(msgspec.Struct, frozen=True, kw_only=True):

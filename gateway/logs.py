@@ -7,14 +7,15 @@ is the net under that rule, for a key someone adds by mistake.
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import msgspec
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["REDACTED", "configure_logging", "redact"]
+__all__ = ["REDACTED", "configure_logging", "redact", "scrub", "scrub_exception"]
 
 REDACTED = "[redacted]"
 # Keys whose values are personal data or secrets, wherever they appear at the top of an event.
@@ -46,10 +47,51 @@ _SENSITIVE = frozenset(
 
 
 def redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """Replace the values of sensitive keys."""
-    for key in event_dict:
+    """Replace the values of sensitive keys, at the top of the event and in nested mappings."""
+    for key, value in event_dict.items():
         if key.lower() in _SENSITIVE:
             event_dict[key] = REDACTED
+        elif isinstance(value, dict):
+            event_dict[key] = _redacted(value, 4)
+    return event_dict
+
+
+def _redacted(mapping: dict[Any, Any], depth: int) -> dict[Any, Any]:
+    if depth == 0:
+        return mapping
+    return {
+        k: REDACTED
+        if isinstance(k, str) and k.lower() in _SENSITIVE
+        else _redacted(v, depth - 1)
+        if isinstance(v, dict)
+        else v
+        for k, v in mapping.items()
+    }
+
+
+# What personal data and secrets look like inside free text (an exception's message, which a
+# plugin may have built from a request): emails, phone-like digit runs, bearer tokens.
+_EMAIL = re.compile(r"[^\s@'\"<>(),;:]+@[^\s@'\"<>(),;:]+\.[A-Za-z]{2,}")
+_DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
+_BEARER = re.compile(r"(?i)(bearer\s+)\S+")
+
+
+def scrub(text: str) -> str:
+    """Return ``text`` with emails, phone-like numbers and bearer tokens masked."""
+    text = _EMAIL.sub("[email]", text)
+    text = _BEARER.sub(r"\1[redacted]", text)
+    return _DIGITS.sub("[number]", text)
+
+
+def scrub_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Mask personal data in rendered exceptions' messages (after ExceptionRenderer)."""
+    exception = event_dict.get("exception")
+    if isinstance(exception, list):
+        for frame in exception:
+            if isinstance(frame, dict) and isinstance(frame.get("exc_value"), str):
+                frame["exc_value"] = scrub(frame["exc_value"])
+    elif isinstance(exception, str):
+        event_dict["exception"] = scrub(exception)
     return event_dict
 
 
@@ -103,6 +145,7 @@ def configure_logging(
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
             )
         )
+        processors.append(scrub_exception)
         processors.append(_render_json)
     else:
         # plain_traceback prints no locals either.

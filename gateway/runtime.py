@@ -23,8 +23,6 @@ __all__ = ["running"]
 
 log = structlog.get_logger()
 
-_HOUSEKEEPING_S = 3600.0
-
 
 async def _housekeep(store: Store, settings: Settings) -> None:
     """Forget webhook message ids and archived notifications past their retention."""
@@ -45,8 +43,8 @@ async def _background(store: Store, settings: Settings) -> None:
     except Exception:
         log.exception("webhook_pending_failed")
     while True:
-        # First an hour after start: startup stays quick and its writes predictable.
-        await asyncio.sleep(_HOUSEKEEPING_S)
+        # First one interval after start: startup stays quick and its writes predictable.
+        await asyncio.sleep(settings.store.housekeeping_interval_s)
         try:
             await _housekeep(store, settings)
         except Exception:

@@ -22,13 +22,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.config import Settings, parse_settings
-from gateway.domain import Conversation
+from gateway.domain import Conversation, new_conversation_id
 from gateway.http.app import create_app
 from gateway.http.keys import PIPELINE
 from gateway.logs import configure_logging
 from gateway.plugin_manager import build_plugins
 from gateway.store.database import Store
-from gateway.store.schema import new_conversation_id
 
 API_KEY = "test-key-0123456789abcdef"
 SCOPED_KEY = "scoped-key-0123456789abcdef"

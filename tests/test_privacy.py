@@ -13,13 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway import ConversionRequest, hookimpl
 from gateway.cli import main
 from gateway.store.database import Store
-from tests.conftest import API_KEY, AUTH, ENV, LogCapture, add_conversation, base_config
+from tests.conftest import (
+    API_KEY,
+    AUTH,
+    ENV,
+    ClientFactory,
+    LogCapture,
+    add_conversation,
+    base_config,
+)
 from tests.payloads import encode, message, messages_change, notification, referral, signed
 
 Client = TestClient[web.Request, web.Application]
@@ -159,3 +169,41 @@ def test_cli_output_and_logs_carry_no_pii(
     # except where an error quotes what the operator's own file said.
     lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
     assert_clean(json.dumps([line for line in lines if line.get("status") != "error"]))
+
+
+class CarelessResolver:
+    """A third-party resolver that logs and raises with the request's personal data."""
+
+    @hookimpl
+    def gateway_resolve_conversation(self, request: ConversionRequest) -> Any:
+        log = structlog.get_logger()
+        log.info("crm_lookup", customer={"email": request.email, "phone": request.phone_e164})
+        raise LookupError(f"no CRM customer {request.email} / {request.phone_e164}")
+
+
+async def test_the_redaction_net_catches_a_careless_plugin(
+    make_client: ClientFactory, logs: LogCapture
+) -> None:
+    # Removing either net (nested keys, exception messages) lets a sentinel through.
+    client = await make_client(
+        plugins={"resolvers": ["careless"]}, extra={"careless": CarelessResolver()}
+    )
+    resp = await client.post(
+        "/v1/whatsapp/conversions",
+        json={
+            "accountId": "acme",
+            "eventName": "LeadSubmitted",
+            "eventId": "E1",
+            "email": EMAIL,
+            "phoneE164": PHONE,
+        },
+        headers=AUTH,
+    )
+    assert resp.status == 500
+    assert EMAIL not in await resp.text()
+    (lookup,) = logs.events("crm_lookup")
+    assert lookup["customer"] == {"email": "[redacted]", "phone": "[redacted]"}
+    failure = next(line for line in logs.lines() if line.get("exception"))
+    assert "LookupError" in json.dumps(failure["exception"])
+    for sentinel in (EMAIL, EMAIL.lower(), PHONE, PHONE_DIGITS):
+        assert sentinel not in logs.text, sentinel

@@ -394,3 +394,34 @@ async def test_reprocess_for_one_account_leaves_pending_notifications_alone(
     code, out = await cli("webhooks", "list", "--config", str(config), "--limit", "0")
     assert code == 2
     assert "not a whole number of at least 1" in out
+
+
+async def test_housekeeping_prunes_what_outlived_its_retention(
+    make_client: ClientFactory, config: dict[str, Any], db_path: Path, logs: LogCapture
+) -> None:
+    config["store"] = {**config["store"], "housekeeping_interval_s": 0.1}
+    client = await make_client(settings=parse_settings(config))
+    for wamid in ("wamid.O", "wamid.N"):
+        change = messages_change([message("16505550400", wamid)])
+        await post_signed(client, encode(notification(change)))
+    # One of them, and its message id, as if received 40 days ago (retention: 30).
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "UPDATE webhook_notifications SET received_at = received_at - 40 * 86400"
+            " WHERE pk = (SELECT MIN(pk) FROM webhook_notifications)"
+        )
+        conn.execute(
+            "UPDATE webhook_messages SET received_at = received_at - 40 * 86400"
+            " WHERE wamid = 'wamid.O'"
+        )
+    pruned = [0, 0]
+    for _ in range(50):
+        # A run may straddle the update: count over every run.
+        lines = logs.events("webhook_data_pruned")
+        pruned = [sum(line[k] for line in lines) for k in ("message_ids", "notifications")]
+        if pruned == [1, 1]:
+            break
+        await asyncio.sleep(0.05)
+    assert pruned == [1, 1]
+    assert query(db_path, "SELECT wamid FROM webhook_messages") == [("wamid.N",)]
+    assert query(db_path, "SELECT COUNT(*) FROM webhook_notifications") == [(1,)]

@@ -28,8 +28,7 @@ from collections.abc import Sequence
 import msgspec
 
 from gateway.capture.records import InboundMessage
-from gateway.domain import Conversation
-from gateway.store.schema import new_conversation_id
+from gateway.domain import Conversation, new_conversation_id
 
 __all__ = ["Alias", "Identities"]
 

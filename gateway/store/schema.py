@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +25,6 @@ __all__ = [
     "delivery_row",
     "fetch_rows",
     "migrate",
-    "new_conversation_id",
 ]
 
 # Append only: a released migration is never edited, a change is a new entry.
@@ -263,11 +261,6 @@ def delivery_row(pk: int, sink: str, state: SinkState, now: float) -> tuple[Any,
         now if state.status == "pending" else None,
         now,
     )
-
-
-def new_conversation_id() -> str:
-    """Return a fresh, unguessable conversation id."""
-    return "conv_" + secrets.token_hex(12)
 
 
 async def fetch_rows(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
