@@ -32,14 +32,14 @@ from gateway.capture.payload import Referral
 from gateway.capture.records import CaptureBatch, DetectedEvent, InboundMessage, Problem
 from gateway.domain import Conversation
 from gateway.store.archive import NewNotification, Reprocess, claim, record_new, record_reprocessed
-from gateway.store.schema import (
+from gateway.store.rows import (
     CONVERSATION_COLUMNS,
     INSERT_CONVERSATION,
     MUTABLE_CONVERSATION_FIELDS,
     conversation_from_row,
     conversation_params,
-    fetch_rows,
 )
+from gateway.store.schema import fetch_rows
 from gateway.store.writer import WriteOp
 
 __all__ = ["CaptureOp", "CaptureResult", "ProblemView"]

@@ -27,7 +27,6 @@ from gateway.capture.records import CaptureBatch
 from gateway.domain import (
     Conversation,
     PhoneMatch,
-    Resolution,
     SinkState,
     StoredEvent,
     overall_status,
@@ -49,40 +48,34 @@ from gateway.store.batch_reader import BatchedLookup
 from gateway.store.capture import CaptureOp, CaptureResult
 from gateway.store.datasets import SaveDataset, stored_datasets
 from gateway.store.outbox import Outbox
-from gateway.store.schema import (
+from gateway.store.rows import (
     CONVERSATION_COLUMNS,
     CONVERSATION_FIELDS,
+    DELIVERY_STATE_COLUMNS,
     EVENT_COLUMNS,
     INSERT_CONVERSATION,
     INSERT_DELIVERY,
-    UPDATE_EVENT_STATUS,
+    INSERT_EVENT,
     conversation_from_row,
     conversation_params,
     delivery_row,
-    fetch_rows,
-    migrate,
+    event_from_row,
+    event_params,
+    sink_state_from_row,
 )
+from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows, migrate
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["Store", "StoreMissing", "check_store_path"]
 
 log = structlog.get_logger()
 
-_json_encode = msgspec.json.Encoder().encode
 _ALIASED_COLUMNS = ", ".join(f"c.{field}" for field in CONVERSATION_FIELDS)
 # A conversation known by this BSUID: as its own, as its parent, or as a former one.
 _BY_BSUID = (
     "(bsuid = ? OR parent_bsuid = ? OR id IN (SELECT conversation_id FROM conversation_aliases"
     " WHERE account_id = ? AND kind = 'bsuid' AND value = ?))"
 )
-_decode_payload = msgspec.json.Decoder(dict[str, Any]).decode
-_decode_warnings = msgspec.json.Decoder(list[str]).decode
-_decode_resolution = msgspec.json.Decoder(Resolution).decode
-_decode_fields = msgspec.json.Decoder(dict[str, str]).decode
-
-
-def _encode_optional(value: object) -> bytes | None:
-    return None if value is None else _json_encode(value)
 
 
 class StoreMissing(ConfigError):
@@ -124,30 +117,8 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
         mine = [op for op in ops if isinstance(op, _InsertEvent)]
         now = time.time()
         await conn.executemany(
-            "INSERT INTO events (account_id, event_id, event_name, conversation_id, event_time,"
-            " status, event, test_event_code, received_at, duration_ms, insert_token,"
-            " attribution_window_expired, resolution, request_fields)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT (account_id, event_id) DO NOTHING",
-            [
-                (
-                    op.new.account_id,
-                    op.new.event_id,
-                    op.new.event_name,
-                    op.new.conversation_id,
-                    op.new.event_time,
-                    overall_status(op.new.deliveries),
-                    _json_encode(op.new.event),
-                    op.new.test_event_code,
-                    op.new.received_at,
-                    op.new.duration_ms,
-                    op.token,
-                    op.new.attribution_window_expired,
-                    _encode_optional(op.new.resolution),
-                    _encode_optional(op.new.request_fields),
-                )
-                for op in mine
-            ],
+            INSERT_EVENT,
+            [event_params(op.new, overall_status(op.new.deliveries), op.token) for op in mine],
         )
         keys = {(op.new.account_id, op.new.event_id) for op in mine}
         found: dict[tuple[str, str], tuple[int, str]] = {}
@@ -511,38 +482,10 @@ class Store:
         states: dict[int, dict[str, SinkState]] = {pk: {} for pk in pks}
         found = await fetch_rows(
             self._reader,
-            "SELECT event_pk, sink, status, attempts, payload, error, error_code, trace_id,"
-            f" events_received, warnings FROM deliveries WHERE event_pk IN ({marks})",
+            f"SELECT event_pk, sink, {DELIVERY_STATE_COLUMNS} FROM deliveries"
+            f" WHERE event_pk IN ({marks})",
             pks,
         )
-        for pk, sink, status, attempts, payload, error, code, trace, received, warn in found:
-            states[pk][sink] = SinkState(
-                status=status,
-                attempts=attempts,
-                payload=None if payload is None else _decode_payload(payload),
-                error=error,
-                error_code=code,
-                trace_id=trace,
-                events_received=received,
-                warnings=None if warn is None else _decode_warnings(warn),
-            )
-        return [
-            StoredEvent(
-                pk=row[0],
-                account_id=row[1],
-                event_id=row[2],
-                event_name=row[3],
-                conversation_id=row[4],
-                event_time=row[5],
-                status=row[6],
-                event=_decode_payload(row[7]),
-                test_event_code=row[8],
-                received_at=row[9],
-                duration_ms=row[10],
-                attribution_window_expired=bool(row[11]),
-                resolution=None if row[12] is None else _decode_resolution(row[12]),
-                request_fields=None if row[13] is None else _decode_fields(row[13]),
-                deliveries=states[row[0]],
-            )
-            for row in rows
-        ]
+        for pk, sink, *state in found:
+            states[pk][sink] = sink_state_from_row(state)
+        return [event_from_row(row, states[row[0]]) for row in rows]

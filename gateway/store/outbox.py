@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import aiosqlite
 import msgspec
 
 from gateway.domain import Attempt, QueuedEvent, SinkState
+from gateway.store.rows import QUEUED_COLUMNS, queued_from_row
 from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["AttemptResult", "Outbox"]
 
-_decode_event = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
 
 
@@ -147,27 +146,12 @@ class Outbox:
         """Return up to ``limit`` deliveries of ``sink`` due by ``now``, oldest first."""
         rows = await fetch_rows(
             self._reader,
-            "SELECT e.pk, e.account_id, e.event_id, e.event_name, e.event, e.test_event_code,"
-            " e.event_time,"
-            " d.attempts FROM deliveries d JOIN events e ON e.pk = d.event_pk"
+            f"SELECT {QUEUED_COLUMNS} FROM deliveries d JOIN events e ON e.pk = d.event_pk"
             " WHERE d.sink = ? AND d.status = 'pending' AND d.next_attempt_at <= ?"
             " ORDER BY d.next_attempt_at, d.event_pk LIMIT ?",
             (sink, now, limit + len(exclude)),
         )
-        items = [
-            QueuedEvent(
-                pk=row[0],
-                account_id=row[1],
-                event_id=row[2],
-                event_name=row[3],
-                event=_decode_event(row[4]),
-                test_event_code=row[5],
-                event_time=row[6],
-                attempts=row[7],
-            )
-            for row in rows
-            if row[0] not in exclude
-        ]
+        items = [queued_from_row(row) for row in rows if row[0] not in exclude]
         return items[:limit]
 
     async def next_due(self, sink: str) -> float | None:

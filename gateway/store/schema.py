@@ -6,26 +6,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiosqlite
-import msgspec
 
-from gateway.domain import STATUS_PRECEDENCE, Conversation, SinkState
+from gateway.domain import STATUS_PRECEDENCE
 
-__all__ = [
-    "CONVERSATION_COLUMNS",
-    "CONVERSATION_FIELDS",
-    "DELIVERY_COLUMNS",
-    "EVENT_COLUMNS",
-    "INSERT_CONVERSATION",
-    "INSERT_DELIVERY",
-    "MIGRATIONS",
-    "MUTABLE_CONVERSATION_FIELDS",
-    "UPDATE_EVENT_STATUS",
-    "conversation_from_row",
-    "conversation_params",
-    "delivery_row",
-    "fetch_rows",
-    "migrate",
-]
+__all__ = ["MIGRATIONS", "UPDATE_EVENT_STATUS", "fetch_rows", "migrate"]
 
 # Append only: a released migration is never edited, a change is a new entry.
 MIGRATIONS: tuple[str, ...] = (
@@ -212,29 +196,6 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-# The conversations columns, in the order of Conversation's fields.
-CONVERSATION_FIELDS: tuple[str, ...] = Conversation.__struct_fields__
-CONVERSATION_COLUMNS = ", ".join(CONVERSATION_FIELDS)
-INSERT_CONVERSATION = (
-    f"INSERT INTO conversations ({CONVERSATION_COLUMNS})"
-    f" VALUES ({', '.join('?' * len(CONVERSATION_FIELDS))})"
-)
-# What capture may change on an existing conversation.
-MUTABLE_CONVERSATION_FIELDS: tuple[str, ...] = tuple(
-    f for f in CONVERSATION_FIELDS if f not in {"id", "account_id", "created_at"}
-)
-EVENT_COLUMNS = (
-    "pk, account_id, event_id, event_name, conversation_id, event_time, status, event,"
-    " test_event_code, received_at, duration_ms, attribution_window_expired, resolution,"
-    " request_fields"
-)
-
-
-DELIVERY_COLUMNS = (
-    "event_pk, sink, status, attempts, payload, error, error_code, trace_id, events_received,"
-    " warnings, next_attempt_at, updated_at"
-)
-INSERT_DELIVERY = f"INSERT INTO deliveries ({DELIVERY_COLUMNS}) VALUES ({', '.join('?' * 12)})"
 # overall_status() in SQL: the first status in precedence order that any sink of the event has.
 UPDATE_EVENT_STATUS = (
     "UPDATE events SET status = COALESCE((SELECT status FROM deliveries WHERE event_pk = ?"
@@ -242,41 +203,12 @@ UPDATE_EVENT_STATUS = (
     + " ".join(f"WHEN '{s}' THEN {i}" for i, s in enumerate(STATUS_PRECEDENCE))
     + " ELSE 99 END LIMIT 1), 'pending') WHERE pk = ?"
 )
-_encode = msgspec.json.Encoder().encode
-
-
-def delivery_row(pk: int, sink: str, state: SinkState, now: float) -> tuple[Any, ...]:
-    """Return a deliveries row; a pending delivery is due at once."""
-    return (
-        pk,
-        sink,
-        state.status,
-        state.attempts,
-        None if state.payload is None else _encode(state.payload),
-        state.error,
-        state.error_code,
-        state.trace_id,
-        state.events_received,
-        None if state.warnings is None else _encode(state.warnings),
-        now if state.status == "pending" else None,
-        now,
-    )
 
 
 async def fetch_rows(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
     """Run a query and fetch every row in one trip to the connection's thread."""
     # execute_fetchall: a cursor's execute/fetch/close would be three trips.
     return list(await conn.execute_fetchall(sql, params))
-
-
-def conversation_from_row(row: Any) -> Conversation:
-    """Return the Conversation a ``SELECT CONVERSATION_COLUMNS`` row holds."""
-    return Conversation(**dict(zip(CONVERSATION_FIELDS, row, strict=True)))
-
-
-def conversation_params(conversation: Conversation) -> tuple[Any, ...]:
-    """Return a conversation's values in ``CONVERSATION_COLUMNS`` order."""
-    return tuple(getattr(conversation, field) for field in CONVERSATION_FIELDS)
 
 
 async def migrate(conn: aiosqlite.Connection) -> None:
