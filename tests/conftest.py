@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -162,6 +163,20 @@ def make_client(aiohttp_client: Any, config: dict[str, Any]) -> ClientFactory:
 @pytest.fixture
 async def client(make_client: ClientFactory) -> TestClient[web.Request, web.Application]:
     return await make_client()
+
+
+async def settle(
+    client: TestClient[web.Request, web.Application], event_id: str, account: str = "acme"
+) -> dict[str, Any]:
+    """Poll the event until no sink is pending; return its detail."""
+    url = f"/v1/whatsapp/conversions/{event_id}"
+    for _ in range(200):
+        resp = await client.get(url, params={"accountId": account}, headers=AUTH)
+        detail: dict[str, Any] = await resp.json()
+        if detail["status"] != "pending":
+            return detail
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{event_id} still pending: {detail}")
 
 
 def store_of(client: TestClient[web.Request, web.Application]) -> Store:

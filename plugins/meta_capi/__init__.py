@@ -14,7 +14,7 @@ same Graph API with the same tokens. Written against :mod:`gateway`'s public API
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 import aiohttp
@@ -110,17 +110,6 @@ class MetaCapiSink:
             raise ConfigError(f"{settings.source}: environment variable {secret} is not set")
 
     @hookimpl
-    def gateway_lifespan(
-        self,
-        name: str,
-        settings: Settings,
-        store: Store,
-        environ: Mapping[str, str],
-        metrics: Metrics,
-    ) -> AbstractAsyncContextManager[None]:
-        return self._lifespan(name, settings, store, environ, metrics)
-
-    @hookimpl
     def gateway_reload_secrets(
         self, settings: Settings, environ: Mapping[str, str]
     ) -> list[str] | None:
@@ -177,8 +166,9 @@ class MetaCapiSink:
         assert self.sender is not None
         return self.sender.send(events)
 
+    @hookimpl
     @asynccontextmanager
-    async def _lifespan(
+    async def gateway_lifespan(
         self,
         name: str,
         settings: Settings,

@@ -23,7 +23,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.config import Settings, parse_settings
 from gateway.errors import ConfigError
 from gateway.plugin_manager import build_plugins
-from tests.conftest import AUTH, ENV, ClientFactory, LogCapture, add_conversation, store_of
+from tests.conftest import (
+    AUTH,
+    ENV,
+    ClientFactory,
+    LogCapture,
+    add_conversation,
+    settle,
+    store_of,
+)
 from tests.fake_graph import FakeGraph
 
 Client = TestClient[web.Request, web.Application]
@@ -137,31 +145,23 @@ def raw_config(config: dict[str, Any], servers: tuple[str, str], folder: Path) -
 ENVIRON = {**ENV, "ACME_CRM_TOKEN": CRM_TOKEN}
 
 
+@pytest.fixture
+async def crm_client(
+    make_client: ClientFactory, config: dict[str, Any], servers: tuple[str, str], tmp_path: Path
+) -> Client:
+    """The app with the example package's plugins next to Meta (config file in tmp_path)."""
+    settings = settings_for(config, servers, tmp_path)
+    return await make_client(settings=settings, environ=ENVIRON)
+
+
 def lead(event_id: str = "L1", **extra: Any) -> dict[str, Any]:
     return {"accountId": "acme", "eventName": "LeadSubmitted", "eventId": event_id, **extra}
 
 
-async def settle(client: Client, event_id: str) -> dict[str, Any]:
-    """Poll the event until no sink is pending; return its detail."""
-    for _ in range(200):
-        resp = await client.get(f"{URL}/{event_id}", params={"accountId": "acme"}, headers=AUTH)
-        detail: dict[str, Any] = await resp.json()
-        if detail["status"] != "pending":
-            return detail
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{event_id} still pending: {detail}")
-
-
 async def test_resolves_by_crm_export_and_delivers_to_both(
-    make_client: ClientFactory,
-    config: dict[str, Any],
-    servers: tuple[str, str],
-    tmp_path: Path,
-    crm: FakeCrm,
-    graph: FakeGraph,
+    crm_client: Client, crm: FakeCrm, graph: FakeGraph
 ) -> None:
-    settings = settings_for(config, servers, tmp_path)
-    client = await make_client(settings=settings, environ=ENVIRON)
+    client = crm_client
     conversation = await add_conversation(store_of(client), wa_id="16505551234")
 
     resp = await client.post(URL, json=lead(externalId="C-1001"), headers=AUTH)
@@ -190,14 +190,9 @@ async def test_resolves_by_crm_export_and_delivers_to_both(
 
 
 async def test_a_failing_webhook_is_retried_while_meta_answers_alone(
-    make_client: ClientFactory,
-    config: dict[str, Any],
-    servers: tuple[str, str],
-    tmp_path: Path,
-    crm: FakeCrm,
-    graph: FakeGraph,
+    crm_client: Client, crm: FakeCrm, graph: FakeGraph
 ) -> None:
-    client = await make_client(settings=settings_for(config, servers, tmp_path), environ=ENVIRON)
+    client = crm_client
     conversation = await add_conversation(store_of(client))
     crm.script = ["500", "429", "500"]
 
@@ -233,14 +228,9 @@ async def test_a_failing_webhook_is_retried_while_meta_answers_alone(
 
 
 async def test_a_refused_event_fails_and_replays_from_another_process(
-    make_client: ClientFactory,
-    config: dict[str, Any],
-    servers: tuple[str, str],
-    tmp_path: Path,
-    crm: FakeCrm,
+    crm_client: Client, tmp_path: Path, crm: FakeCrm
 ) -> None:
-    settings = settings_for(config, servers, tmp_path)
-    client = await make_client(settings=settings, environ=ENVIRON)
+    client = crm_client
     conversation = await add_conversation(store_of(client))
     crm.script = ["400"]
     resp = await client.post(URL, json=lead(conversationId=conversation.id), headers=AUTH)

@@ -34,6 +34,7 @@ from tests.conftest import (
     LogCapture,
     add_conversation,
     base_config,
+    settle,
     store_of,
 )
 from tests.fake_graph import BAD_CLID, FakeGraph
@@ -86,17 +87,6 @@ def lead(conversation_id: str, event_id: str = "L1", **extra: Any) -> dict[str, 
         "conversationId": conversation_id,
         **extra,
     }
-
-
-async def settle(client: Client, event_id: str, account: str = "acme") -> dict[str, Any]:
-    """Poll the event until no delivery is pending; return its detail."""
-    for _ in range(200):
-        resp = await client.get(f"{URL}/{event_id}", params={"accountId": account}, headers=AUTH)
-        detail: dict[str, Any] = await resp.json()
-        if detail["status"] != "pending":
-            return detail
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{event_id} still pending: {detail}")
 
 
 async def test_delivered_answers_with_metas_result(
@@ -602,6 +592,27 @@ async def test_probe_event_names_asks_meta_and_records_nothing(
     assert "allowed_names" not in text
 
 
+BesideMeta = Callable[[object], Awaitable[Client]]
+
+
+@pytest.fixture
+def beside_meta(
+    make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer
+) -> BesideMeta:
+    """Return a factory: a client whose sinks are ``faulty`` (the given plugin), then Meta."""
+
+    async def factory(faulty: object) -> Client:
+        table = {
+            "graph_url": str(graph_server.make_url("")).rstrip("/"),
+            "respond_within_ms": 2000,
+        }
+        plugins = {"sinks": ["faulty", "meta_capi"], "meta_capi": table, "sink_timeout_s": 0.3}
+        settings = parse_settings({**config, "plugins": plugins})
+        return await make_client(settings=settings, extra={"faulty": faulty})
+
+    return factory
+
+
 class Faulty:
     """A third-party sink with a bug in one hook at a time."""
 
@@ -630,18 +641,9 @@ class Faulty:
 
 @pytest.mark.parametrize("where", ["accept", "deliver", "awaited", "hang"])
 async def test_a_faulty_sink_never_costs_meta_its_event(
-    make_client: ClientFactory,
-    config: dict[str, Any],
-    graph_server: TestServer,
-    fake: FakeGraph,
-    logs: LogCapture,
-    where: str,
+    beside_meta: BesideMeta, fake: FakeGraph, logs: LogCapture, where: str
 ) -> None:
-    table = {"graph_url": str(graph_server.make_url("")).rstrip("/"), "respond_within_ms": 2000}
-    plugins = {"sinks": ["faulty", "meta_capi"], "meta_capi": table, "sink_timeout_s": 0.3}
-    client = await make_client(
-        settings=parse_settings({**config, "plugins": plugins}), extra={"faulty": Faulty(where)}
-    )
+    client = await beside_meta(Faulty(where))
     conversation = await add_conversation(store_of(client))
     resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
     body = await resp.json()
@@ -690,19 +692,10 @@ class FaultyOutbox:
 
 @pytest.mark.parametrize("where", ["before_await", "raises", "hangs", "too_few", "wrong_type"])
 async def test_a_faulty_outbox_sink_is_held_back_and_never_costs_meta_its_event(
-    make_client: ClientFactory,
-    config: dict[str, Any],
-    graph_server: TestServer,
-    fake: FakeGraph,
-    logs: LogCapture,
-    where: str,
+    beside_meta: BesideMeta, fake: FakeGraph, logs: LogCapture, where: str
 ) -> None:
-    table = {"graph_url": str(graph_server.make_url("")).rstrip("/"), "respond_within_ms": 2000}
-    plugins = {"sinks": ["faulty", "meta_capi"], "meta_capi": table, "sink_timeout_s": 0.3}
     faulty = FaultyOutbox(where)
-    client = await make_client(
-        settings=parse_settings({**config, "plugins": plugins}), extra={"faulty": faulty}
-    )
+    client = await beside_meta(faulty)
     conversation = await add_conversation(store_of(client))
 
     resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
