@@ -188,7 +188,9 @@ def gateway_send_events(  # type: ignore[empty-body]
     ``hold_account``) or ``failed`` with the reason and what to fix. Raising, hanging past the
     send timeout or returning the wrong number of outcomes holds the batch back for
     ``retry_cap_s`` and is logged once with the traceback. An event is sent again only after a
-    ``retry`` or a crash between the send and the recording of its outcome.
+    ``retry``, after such a fault (the receiver may have taken it before the sink failed to say
+    so) or after a crash between the send and the recording of its outcome: send each event's
+    ``event_id`` so the receiver can drop a repeat.
     """
 
 
