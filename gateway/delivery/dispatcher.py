@@ -251,7 +251,8 @@ class Dispatcher:
             return results, {}
         started = self.clock()
         try:
-            outcomes = await asyncio.wait_for(self._call(fresh), self.send_timeout_s)
+            async with asyncio.timeout(self.send_timeout_s):
+                outcomes = await self._call(fresh)
         except Exception as exc:
             # The sink's own fault (or a hang): logged once, with its traceback.
             reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__

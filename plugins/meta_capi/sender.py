@@ -81,11 +81,16 @@ class GraphSender:
             code = self.forced_test_event_code or event.test_event_code
             groups.setdefault((route, code), []).append(event)
         tries = {event.pk: 0 for event in events}
-        sent = await asyncio.gather(
-            *(self._attempt(route, code, group, tries) for (route, code), group in groups.items())
-        )
-        for found in sent:
-            outcomes.update(found)
+        if len(groups) == 1:
+            # The common case, one account: no task to schedule.
+            (((route, code), group),) = groups.items()
+            outcomes.update(await self._attempt(route, code, group, tries))
+        else:
+            sent = await asyncio.gather(
+                *(self._attempt(r, c, group, tries) for (r, c), group in groups.items())
+            )
+            for found in sent:
+                outcomes.update(found)
         return [outcomes[event.pk] for event in events]
 
     async def _attempt(
@@ -116,10 +121,15 @@ class GraphSender:
                 retry_after_s=reply.retry_after,
             )
         warnings = self._warnings(reply, len(events))
-        return {
-            event.pk: _outcome(reply, tries[event.pk], warnings, self.throttle_floor_s)
-            for event in events
-        }
+        # One outcome per number of tries (events split out of a batch took more), shared.
+        made: dict[int, SendOutcome] = {}
+        found = {}
+        for event in events:
+            n = tries[event.pk]
+            if n not in made:
+                made[n] = _outcome(reply, n, warnings, self.throttle_floor_s)
+            found[event.pk] = made[n]
+        return found
 
     def _warnings(self, reply: GraphReply, sent: int) -> list[str]:
         warnings = list(reply.warnings)
