@@ -19,7 +19,7 @@ except :func:`gateway_send_events`, whose result is always awaited (``async def`
 Hooks that may need I/O return ``None`` or an awaitable, and the spec says what the host
 awaits; the host bounds every wait (``[plugins] sink_timeout_s``).
 
-A sink is one of two kinds, or both:
+A sink is one of two kinds (implementing both hooks is refused at startup):
 
 - an **outbox sink** implements :func:`gateway_send_events`: "send these events, tell me each
   outcome". The host commits a ``pending`` delivery with the event and runs a dispatcher that

@@ -35,7 +35,15 @@ async def replay(settings: Settings, plugins: Plugins, args: argparse.Namespace)
             f"unknown sink {unknown[0]!r}; the configured sinks are:"
             f" {', '.join(plugins.sink_names)}"
         )
-    sinks = args.sink or plugins.sink_names
+    # Only a sink that sends through the outbox has anything to send again: a delivery made
+    # pending for an immediate sink (log) would stay pending for ever.
+    immediate = sorted(set(args.sink or []) - set(plugins.outbox_sinks))
+    if immediate:
+        raise UsageError(
+            f"sink {immediate[0]!r} delivers at once and keeps no outbox: nothing to replay"
+            f" (sinks with an outbox: {', '.join(plugins.outbox_sinks) or 'none'})"
+        )
+    sinks = args.sink or plugins.outbox_sinks
     statuses = args.status or ["failed"]
     async with running(settings, plugins, {}, start_plugins=False, create_store=False) as pipeline:
         count = await pipeline.store.outbox.requeue(

@@ -472,6 +472,17 @@ def build_plugins(settings: Settings, *, extra: Mapping[str, object] | None = No
                     f"plugin {name!r} is listed in [plugins] {role} but implements none of"
                     f" {', '.join(hooks)}"
                 )
+    for name in roles["sinks"]:
+        kinds = [
+            hook
+            for hook in ("gateway_send_events", "gateway_deliver_event")
+            if any(i.plugin_name == name for i in getattr(pm.hook, hook).get_hookimpls())
+        ]
+        if len(kinds) == 2:
+            raise ConfigError(
+                f"plugin {name!r} implements both gateway_send_events (an outbox sink) and"
+                " gateway_deliver_event (an immediate sink); a sink is one or the other"
+            )
     # Every hook, not only the role's: an async def gateway_check_config would never run, an
     # async def gateway_check_ready would report a coroutine.
     all_hooks = [h for h in dir(hookspecs) if h.startswith("gateway_")]

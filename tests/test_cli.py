@@ -256,11 +256,20 @@ def test_send_reads_an_object_an_array_or_json_lines(
         (["send", "--dry-run", "missing.jsonl"], "cannot read the events file missing.jsonl"),
         (["send", "--dry-run", "EMPTY"], "no events in"),
         (["replay", "--account", "acme", "--sink", "bogus"], "unknown sink 'bogus'"),
+        (["replay", "--account", "acme", "--sink", "log"], "'log' delivers at once"),
         (["replay", "--account", "acme", "--since", "nan"], "'nan' is not a time"),
         (["replay", "--account", "acme", "--since", "9" * 20], "is not a time"),
         (["send", "--dry-run", "EMPTY_ARRAY"], "the array is empty"),
     ],
-    ids=["missing file", "empty file", "unknown sink", "nan time", "huge time", "empty array"],
+    ids=[
+        "missing file",
+        "empty file",
+        "unknown sink",
+        "immediate sink",
+        "nan time",
+        "huge time",
+        "empty array",
+    ],
 )
 def test_command_line_mistakes_exit_2_with_one_line(
     config_file: Path,

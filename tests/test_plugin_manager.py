@@ -145,3 +145,19 @@ def test_a_plugins_own_error_in_its_check_is_one_line_naming_it(config: dict[str
         plugins.check_config(settings, ENV)
     # check-config lists it among its problems instead of a traceback.
     assert any("plugin 'crm'" in p for p in startup_problems(settings, plugins, ENV))
+
+
+class BothKinds:
+    @hookimpl
+    def gateway_send_events(self, events: list[Any]) -> Any:
+        return None
+
+    @hookimpl
+    def gateway_deliver_event(self) -> None:
+        return None
+
+
+def test_a_sink_is_an_outbox_sink_or_an_immediate_one(config: dict[str, Any]) -> None:
+    settings = parse_settings({**config, "plugins": {"sinks": ["both"]}})
+    with pytest.raises(ConfigError, match="implements both gateway_send_events"):
+        build_plugins(settings, extra={"both": BothKinds()})
