@@ -84,6 +84,7 @@ async def drain(db: Path, port: int, count: int, batch_max: int, in_flight: int)
                 forced_test_event_code=None,
                 throttle_floor_s=4.0,
                 metrics=metrics,
+                budget_s=600,
             )
             dispatcher = Dispatcher(
                 sink=SINK,

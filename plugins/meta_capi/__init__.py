@@ -143,6 +143,10 @@ class MetaCapiSink:
             return "its Graph API session is not open"
         return None
 
+    def _send_timeout_s(self) -> float:
+        # Splitting a batch to find a bad event makes up to ~2 log2(n) requests in a row.
+        return min(600.0, self.config.timeout_s * 24)
+
     @hookimpl
     def gateway_delivery_options(self) -> DeliveryOptions:
         c = self.config
@@ -154,8 +158,7 @@ class MetaCapiSink:
             retry_cap_s=c.retry_cap_s,
             max_age_s=c.max_age_s,
             respond_within_ms=c.respond_within_ms,
-            # Bisecting a batch makes up to ~2 log2(n) requests in a row.
-            send_timeout_s=min(600.0, c.timeout_s * 24),
+            send_timeout_s=self._send_timeout_s(),
             shutdown_grace_s=c.shutdown_grace_s,
             poll_s=c.poll_s,
         )
@@ -197,6 +200,9 @@ class MetaCapiSink:
                 forced_test_event_code=self.forced_test_event_code,
                 throttle_floor_s=c.retry_base_s * 4,
                 metrics=metrics,
+                # No request starts past the budget and each is bounded by timeout_s, so a
+                # batch always answers before the host's bound cuts it off (outcomes lost).
+                budget_s=max(0.0, self._send_timeout_s() - 2 * c.timeout_s) * 0.9,
             )
             try:
                 yield

@@ -11,11 +11,17 @@ Graph reply becomes a :class:`gateway.SendOutcome` per event (META.md §2):
 - ``transient``: retry; ``throttled``: retry no sooner than Meta's ``Retry-After`` and hold the
   account's other deliveries as long;
 - ``permanent``: failed, with what to fix.
+
+Splitting takes requests one after another, so a batch has a time budget: once it is spent no
+new request starts, and the events not yet sent on their own come back as ``retry`` (Meta
+rejected every request they were in, so nothing of theirs was taken). Outcomes of requests
+that completed are always returned: an event Meta took is never sent again for lack of time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,6 +58,7 @@ class GraphSender:
         forced_test_event_code: str | None,
         throttle_floor_s: float,
         metrics: Metrics,
+        budget_s: float,
     ) -> None:
         self.graph = graph
         self.sink = sink
@@ -61,6 +68,8 @@ class GraphSender:
         # A throttled dataset waits at least this long, whatever Retry-After says.
         self.throttle_floor_s = throttle_floor_s
         self.metrics = metrics
+        # No request starts later than this after the batch began (see the module's doc).
+        self.budget_s = budget_s
 
     async def send(self, events: list[QueuedEvent]) -> list[SendOutcome]:
         """Return one outcome per event, in order."""
@@ -81,21 +90,36 @@ class GraphSender:
             code = self.forced_test_event_code or event.test_event_code
             groups.setdefault((route, code), []).append(event)
         tries = {event.pk: 0 for event in events}
+        deadline = time.monotonic() + self.budget_s
         if len(groups) == 1:
             # The common case, one account: no task to schedule.
             (((route, code), group),) = groups.items()
-            outcomes.update(await self._attempt(route, code, group, tries))
+            outcomes.update(await self._attempt(route, code, group, tries, deadline))
         else:
             sent = await asyncio.gather(
-                *(self._attempt(r, c, group, tries) for (r, c), group in groups.items())
+                *(self._attempt(r, c, group, tries, deadline) for (r, c), group in groups.items())
             )
             for found in sent:
                 outcomes.update(found)
         return [outcomes[event.pk] for event in events]
 
     async def _attempt(
-        self, route: Route, code: str | None, events: Sequence[QueuedEvent], tries: dict[int, int]
+        self,
+        route: Route,
+        code: str | None,
+        events: Sequence[QueuedEvent],
+        tries: dict[int, int],
+        deadline: float,
     ) -> dict[int, SendOutcome]:
+        if time.monotonic() >= deadline:
+            # Out of time while splitting: these were only ever in requests Meta rejected.
+            later = SendOutcome(
+                status="retry",
+                reason="not sent yet: Meta rejected the batch they were in, and finding the"
+                " event it refused took longer than one attempt may; the next attempt goes on",
+                code="split_unfinished",
+            )
+            return {event.pk: replace(later, tries=tries[event.pk]) for event in events}
         body = meta_request_body(
             [event.event for event in events],
             partner_agent=self.partner_agent,
@@ -109,8 +133,8 @@ class GraphSender:
             tries[event.pk] += 1
         if reply.kind == "permanent" and len(events) > 1 and reply.is_event_level():
             half = len(events) // 2
-            left = await self._attempt(route, code, events[:half], tries)
-            right = await self._attempt(route, code, events[half:], tries)
+            left = await self._attempt(route, code, events[:half], tries, deadline)
+            right = await self._attempt(route, code, events[half:], tries, deadline)
             return left | right
         if reply.kind == "throttled":
             log.warning(

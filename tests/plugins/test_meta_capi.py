@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -719,3 +720,41 @@ async def test_a_faulty_outbox_sink_is_held_back_and_never_costs_meta_its_event(
     # Held back (retry_cap_s), not retried in a loop.
     await asyncio.sleep(0.3)
     assert faulty.calls == 1
+
+
+async def test_a_split_that_runs_out_of_time_never_resends_what_meta_took(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    # Each request takes 0.085 s and a batch may take ~2 s: finding 16 bad events among 64
+    # takes ~60 requests in a row, several attempts. (Found by review: the host cut the batch
+    # off and every event was sent again.)
+    client = await make_meta(
+        respond_within_ms=0, batch_max=64, max_in_flight=1, timeout_s=0.1, retry_base_s=0.05,
+        retry_cap_s=0.2,
+    )  # fmt: skip
+    fake.delay_s = 0.085
+    store = store_of(client)
+    good = await add_conversation(store)
+    bad = await add_conversation(store, wa_id="447911123456", clid=BAD_CLID)
+    pipeline = client.app[PIPELINE]
+    account = pipeline.settings.accounts[0]
+    requests = [
+        ConversionRequest(
+            account_id="acme",
+            event_name="LeadSubmitted",
+            event_id=f"E{i}",
+            conversation_id=bad.id if i % 4 == 2 else good.id,
+        )
+        for i in range(64)
+    ]
+    await asyncio.gather(*(pipeline.handle(r, account) for r in requests))
+    for _ in range(300):
+        events = await store.recent_events("acme", 100)
+        if all(e.status != "pending" for e in events):
+            break
+        await asyncio.sleep(0.05)
+    statuses = Counter(e.status for e in events)
+    assert statuses == {"delivered": 48, "failed": 16}
+    sent = Counter(fake.event_ids())
+    assert sorted(sent) == sorted(e.event_id for e in events if e.status == "delivered")
+    assert set(sent.values()) == {1}, "an event Meta took was sent again"
