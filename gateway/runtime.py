@@ -7,13 +7,14 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import msgspec
 import structlog
 
 from gateway.capture.inbox import reprocess
 from gateway.config import Settings
-from gateway.delivery.service import DeliveryService
+from gateway.delivery.service import DeliveryLock, DeliveryService
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.plugin_manager import Plugins
@@ -102,7 +103,8 @@ async def running(
                     metrics=metrics,
                     clock=clock,
                 )
-                delivery = await stack.enter_async_context(service.running())
+                lock = DeliveryLock(Path(f"{settings.store_path()}.delivery.lock"))
+                delivery = await stack.enter_async_context(service.running(lock))
             yield Pipeline(
                 settings, plugins, store, clock=clock, metrics=metrics, delivery=delivery
             )

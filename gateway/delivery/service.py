@@ -3,15 +3,27 @@
 A sink that implements ``gateway_send_events`` gets, for free, what the Meta sink has: its
 pending deliveries committed with the event, a dispatcher that batches, retries with backoff,
 expires and records every attempt, ``ctwa-gateway replay``, the outcome metrics and the
-history in ``GET /v1/whatsapp/conversions/{eventId}``. A request waits up to the sink's
-``respond_within_ms`` for its event's first attempt.
+history in ``GET /v1/whatsapp/conversions/{eventId}``. A request waits up to the primary
+sink's ``respond_within_ms`` for its event's first attempt.
+
+One process delivers for a store: the dispatchers run only while this process holds an
+exclusive lock on ``<store>.delivery.lock``. Another process on the same store (a second
+``serve``, ``ctwa-gateway send``) stores events and leaves them to the holder, and takes over
+within a second if the holder goes away; two dispatchers never read the same outbox.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
+
+import structlog
 
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.domain import SinkState
@@ -19,7 +31,40 @@ from gateway.metrics import Metrics
 from gateway.plugin_manager import Plugins
 from gateway.store.outbox import Outbox
 
-__all__ = ["DeliveryService"]
+__all__ = ["DeliveryLock", "DeliveryService"]
+
+log = structlog.get_logger()
+
+
+class DeliveryLock:
+    """An exclusive, non-blocking ``flock`` on a file: held until released or the process ends
+    (the kernel drops it on exit, crash included)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> bool:
+        """Take the lock if it is free; return whether this process holds it."""
+        if self._fd is not None:
+            return True
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
 
 
 class DeliveryService:
@@ -46,21 +91,52 @@ class DeliveryService:
             )
             for name in plugins.outbox_sinks
         }
+        self._started = False
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[DeliveryService]:
-        """Start every dispatcher; on exit let batches in flight finish, then stop."""
-        for dispatcher in self.dispatchers.values():
-            dispatcher.start()
+    async def running(self, lock: DeliveryLock) -> AsyncIterator[DeliveryService]:
+        """Deliver while holding ``lock`` (at once, or when its holder goes away); on exit let
+        batches in flight finish, then stop and release it."""
+        standby: asyncio.Task[None] | None = None
+        if not self.dispatchers:
+            pass  # nothing delivers through the outbox: no lock to take
+        elif lock.acquire():
+            self._start()
+        else:
+            log.info("delivery_standby", lock=str(lock.path), reason="another process delivers")
+            standby = asyncio.create_task(self._take_over(lock), name="ctwa-delivery-standby")
         try:
             yield self
         finally:
-            for dispatcher in self.dispatchers.values():
-                await dispatcher.stop()
+            if standby is not None:
+                standby.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await standby
+            if self.started:
+                for dispatcher in self.dispatchers.values():
+                    await dispatcher.stop()
+            lock.release()
+
+    @property
+    def started(self) -> bool:
+        """Whether this process delivers (it holds the store's delivery lock)."""
+        return self._started
+
+    def _start(self) -> None:
+        for dispatcher in self.dispatchers.values():
+            dispatcher.start()
+        self._started = True
+
+    async def _take_over(self, lock: DeliveryLock) -> None:
+        # A file lock has no wake-up to wait on: polling it is the only way.
+        while not lock.acquire():  # noqa: ASYNC110
+            await asyncio.sleep(_STANDBY_POLL_S)
+        log.info("delivery_taken_over", lock=str(lock.path))
+        self._start()
 
     def waits_for(self, sink: str, state: SinkState) -> bool:
-        """Whether ``sink`` delivers ``state`` through the outbox (so a request may wait)."""
-        return state.status == "pending" and sink in self.dispatchers
+        """Whether a request may wait for ``sink`` to deliver ``state`` in this process."""
+        return self._started and state.status == "pending" and sink in self.dispatchers
 
     async def outcome(self, sink: str, pk: int) -> SinkState | None:
         """Wake ``sink``'s dispatcher and wait (its ``respond_within_ms``) for event ``pk``'s
@@ -70,9 +146,16 @@ class DeliveryService:
         return await dispatcher.outcome(pk, dispatcher.options.respond_within_ms / 1000)
 
     def readiness_problems(self) -> dict[str, str]:
-        """Return, per outbox sink whose dispatcher is not running, what is wrong."""
+        """Return, per outbox sink whose dispatcher is not running, what is wrong (none while
+        another process delivers: this one stores events for it)."""
+        if not self._started:
+            return {}
         return {
             name: "its delivery dispatcher is not running"
             for name, dispatcher in self.dispatchers.items()
             if not dispatcher.running
         }
+
+
+# How often a standby process tries to take over delivery.
+_STANDBY_POLL_S = 1.0

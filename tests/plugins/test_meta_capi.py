@@ -758,3 +758,26 @@ async def test_a_split_that_runs_out_of_time_never_resends_what_meta_took(
     sent = Counter(fake.event_ids())
     assert sorted(sent) == sorted(e.event_id for e in events if e.status == "delivered")
     assert set(sent.values()) == {1}, "an event Meta took was sent again"
+
+
+async def test_one_process_delivers_for_a_store_and_another_takes_over(
+    make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
+) -> None:
+    # Two gateways on one SQLite store (found by review: `ctwa-gateway send` next to `serve`
+    # sent events twice): the first holds the delivery lock, the second stores for it.
+    first = await make_meta(poll_s=0.1)
+    second = await make_meta(poll_s=0.1)
+    conversation = await add_conversation(store_of(first))
+
+    resp = await second.post(URL, json=lead(conversation.id), headers=AUTH)
+
+    body = await resp.json()
+    assert (resp.status, body["status"]) == (202, "queued")  # stored, not waited for
+    assert (await settle(first, "L1"))["status"] == "delivered"
+    assert len(logs.events("delivery_standby")) == 1
+    # The one that delivers goes away: the other takes over, and nothing was sent twice.
+    await first.close()
+    resp = await second.post(URL, json=lead(conversation.id, "L2"), headers=AUTH)
+    assert (await settle(second, "L2"))["status"] == "delivered"
+    assert logs.events("delivery_taken_over")
+    assert sorted(fake.event_ids()) == ["L1", "L2"]
