@@ -28,7 +28,7 @@ from gateway.errors import (
     Unprocessable,
 )
 from gateway.metrics import Metrics
-from gateway.plugin_manager import Plugins, sink_fault
+from gateway.plugin_manager import Plugins, is_plugin_fault, sink_fault
 from gateway.store.database import Store
 from gateway.validation import check_conversion
 from gateway.wire import ConversionRequest, request_fingerprint
@@ -227,7 +227,7 @@ class Pipeline:
                 return_exceptions=True,
             )
             for name, result in zip(names, results, strict=True):
-                if isinstance(result, Exception):
+                if isinstance(result, BaseException) and is_plugin_fault(result):
                     failed[name] = sink_fault(
                         name, "gateway_deliver_event", result, stored.event_id
                     )

@@ -7,6 +7,7 @@ normalizes) and in exactly the listed order, whatever the registration order.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.metadata
 import inspect
@@ -46,6 +47,7 @@ __all__ = [
     "Plugins",
     "build_plugins",
     "builtin_plugin_names",
+    "is_plugin_fault",
     "sink_fault",
 ]
 
@@ -404,6 +406,16 @@ class Plugins:
             if result is not None:
                 pending[name] = result
         return pending, failed
+
+
+def is_plugin_fault(exc: BaseException) -> bool:
+    """Whether ``exc``, out of a plugin's code, is the plugin's own fault: any Exception, and a
+    CancelledError it raised itself (the running task is not being cancelled: shutdown or a
+    client gone away must still cancel)."""
+    if isinstance(exc, Exception):
+        return True
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling() == 0)
 
 
 def sink_fault(sink: str, hook: str, exc: BaseException, event_id: str) -> SinkState:

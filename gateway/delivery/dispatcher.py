@@ -31,6 +31,7 @@ import structlog
 
 from gateway.domain import Attempt, DeliveryOptions, QueuedEvent, SendOutcome, SinkState
 from gateway.metrics import Metrics
+from gateway.plugin_manager import is_plugin_fault
 from gateway.store.outbox import AttemptResult, Outbox
 
 __all__ = ["Dispatcher", "SendEvents"]
@@ -168,16 +169,21 @@ class Dispatcher:
             async with self._slots:
                 results, held = await self._round(batch)
             await self.outbox.record(self.sink, results)
-            for account, until in held.items():
-                await self.outbox.defer(self.sink, [account], until)
         except Exception:
             log.exception("dispatcher_batch_error", sink=self.sink, events=len(batch))
             # Hold the batch back a while: a fault that repeats must not become a busy loop.
+            # (Only when nothing was recorded: a recorded outcome is never overwritten.)
             await self._hold(batch, _internal_error_state)
             return
         finally:
             self._in_flight.difference_update(item.pk for item in batch)
             self._wake.set()
+        for account, until in held.items():
+            try:
+                await self.outbox.defer(self.sink, [account], until)
+            except Exception:
+                # The outcomes are recorded; the hold is a courtesy to the destination.
+                log.exception("dispatcher_defer_failed", sink=self.sink, account=account)
         accounts = {item.pk: item.account_id for item in batch}
         for result in results:
             outcome = "retry" if result.state.status == "pending" else result.state.status
@@ -253,48 +259,10 @@ class Dispatcher:
         try:
             async with asyncio.timeout(self.send_timeout_s):
                 outcomes = await self._call(fresh)
-        except Exception as exc:
-            # The sink's own fault (or a hang): logged once, with its traceback.
-            reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-            log.error(
-                "sink_failed",
-                sink=self.sink,
-                hook="gateway_send_events",
-                events=len(fresh),
-                event_ids=[item.event_id[:64] for item in fresh[:_LOGGED_IDS]],
-                exc_info=exc,
-            )
-            until = self.clock() + self.options.retry_cap_s
-            error = (
-                f"will retry: the {self.sink} sink failed in gateway_send_events ({reason});"
-                " see the gateway log"
-            )
-            duration = round((self.clock() - started) * 1000, 3)
-            for item in fresh:
-                results.append(
-                    AttemptResult(
-                        pk=item.pk,
-                        state=SinkState(
-                            status="pending",
-                            attempts=item.attempts + 1,
-                            error=error,
-                            error_code="sink_error",
-                        ),
-                        attempts=[
-                            Attempt(
-                                sink=self.sink,
-                                attempt=item.attempts + 1,
-                                at=now,
-                                outcome="retry",
-                                error_code="sink_error",
-                                message=error,
-                                batch_size=len(fresh),
-                                duration_ms=duration,
-                            )
-                        ],
-                        next_attempt_at=until,
-                    )
-                )
+        except (Exception, asyncio.CancelledError) as exc:
+            if not is_plugin_fault(exc):
+                raise  # shutdown: the batch stays pending, as it was
+            results.extend(self._faulted(fresh, exc, now, started))
             return results, {}
         held: dict[str, float] = {}
         for item, outcome in zip(fresh, outcomes, strict=True):
@@ -303,6 +271,52 @@ class Dispatcher:
             if outcome.hold_account and result.next_attempt_at is not None:
                 held[item.account_id] = max(held.get(item.account_id, 0.0), result.next_attempt_at)
         return results, held
+
+    def _faulted(
+        self, fresh: list[QueuedEvent], exc: BaseException, now: float, started: float
+    ) -> list[AttemptResult]:
+        """The sink's own fault (or a hang): logged once, with its traceback; the batch is held
+        back for ``retry_cap_s``."""
+        reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+        log.error(
+            "sink_failed",
+            sink=self.sink,
+            hook="gateway_send_events",
+            events=len(fresh),
+            event_ids=[item.event_id[:64] for item in fresh[:_LOGGED_IDS]],
+            exc_info=exc,
+        )
+        until = self.clock() + self.options.retry_cap_s
+        error = (
+            f"will retry: the {self.sink} sink failed in gateway_send_events ({reason});"
+            " see the gateway log"
+        )
+        duration = round((self.clock() - started) * 1000, 3)
+        return [
+            AttemptResult(
+                pk=item.pk,
+                state=SinkState(
+                    status="pending",
+                    attempts=item.attempts + 1,
+                    error=error,
+                    error_code="sink_error",
+                ),
+                attempts=[
+                    Attempt(
+                        sink=self.sink,
+                        attempt=item.attempts + 1,
+                        at=now,
+                        outcome="retry",
+                        error_code="sink_error",
+                        message=error,
+                        batch_size=len(fresh),
+                        duration_ms=duration,
+                    )
+                ],
+                next_attempt_at=until,
+            )
+            for item in fresh
+        ]
 
     async def _call(self, fresh: list[QueuedEvent]) -> list[SendOutcome]:
         outcomes = await self.send(fresh)

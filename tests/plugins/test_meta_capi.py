@@ -635,12 +635,14 @@ class Faulty:
     async def _send(self) -> SinkState | None:
         if self.where == "awaited":
             raise ValueError("bug after an await")
+        if self.where == "cancelled":
+            raise asyncio.CancelledError  # its own, not the request's
         if self.where == "hang":
             await asyncio.sleep(3600)
         return SinkState(status="delivered")
 
 
-@pytest.mark.parametrize("where", ["accept", "deliver", "awaited", "hang"])
+@pytest.mark.parametrize("where", ["accept", "deliver", "awaited", "cancelled", "hang"])
 async def test_a_faulty_sink_never_costs_meta_its_event(
     beside_meta: BesideMeta, fake: FakeGraph, logs: LogCapture, where: str
 ) -> None:
@@ -683,6 +685,8 @@ class FaultyOutbox:
     async def _send(self, events: list[QueuedEvent]) -> list[SendOutcome]:
         if self.where == "raises":
             raise KeyError("crm_id")
+        if self.where == "cancelled":
+            raise asyncio.CancelledError  # its own: must not loop, nor go unlogged
         if self.where == "hangs":
             await asyncio.sleep(3600)
         if self.where == "too_few":
@@ -691,7 +695,9 @@ class FaultyOutbox:
         return wrong  # "wrong_type": not SendOutcomes
 
 
-@pytest.mark.parametrize("where", ["before_await", "raises", "hangs", "too_few", "wrong_type"])
+@pytest.mark.parametrize(
+    "where", ["before_await", "raises", "cancelled", "hangs", "too_few", "wrong_type"]
+)
 async def test_a_faulty_outbox_sink_is_held_back_and_never_costs_meta_its_event(
     beside_meta: BesideMeta, fake: FakeGraph, logs: LogCapture, where: str
 ) -> None:
