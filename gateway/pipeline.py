@@ -204,18 +204,23 @@ class Pipeline:
     async def _deliver(self, stored: StoredEvent) -> StoredEvent:
         """Let the sinks act on a committed event; return it with the states they report.
 
-        Immediate sinks run their deliver hook; outbox sinks are woken and the request waits
-        (their ``respond_within_ms``) for the first attempt. Each sink is on its own: one that
-        raises or hangs (past ``[plugins] sink_timeout_s``) ends ``failed`` with the reason,
-        logged with its traceback, and never changes another sink's outcome or the answer.
+        Immediate sinks run their deliver hook; if the primary sink is an outbox sink, the
+        request waits (its ``respond_within_ms``) for the first attempt. Each sink is on its
+        own: one that raises or hangs (past ``[plugins] sink_timeout_s``) ends ``failed`` with
+        the reason, logged with its traceback, and never changes another sink's outcome or the
+        answer.
         """
         waits, failed = self.plugins.deliver(stored)
         delivery = self.delivery
-        queued = {
-            sink: delivery.outcome(sink, stored.pk)
-            for sink, state in stored.deliveries.items()
-            if delivery is not None and delivery.waits_for(sink, state)
-        }
+        if delivery is not None:
+            delivery.notify()
+        # Only the primary sink's outcome shapes the answer: a slow CRM webhook must not slow
+        # every request. The other outbox sinks deliver in the background.
+        primary = self.plugins.primary_sink
+        state = stored.deliveries.get(primary)
+        queued = {}
+        if delivery is not None and state is not None and delivery.waits_for(primary, state):
+            queued[primary] = delivery.outcome(primary, stored.pk)
         reported: dict[str, SinkState] = {}
         observed: dict[str, SinkState] = {}
         if waits or queued:

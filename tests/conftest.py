@@ -131,6 +131,16 @@ class LogCapture:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.lines() if line.get("event") == name]
 
+    async def wait_for(self, name: str, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+        """Return the lines of event ``name`` once there is one (something in the background
+        logs it), or fail after ``timeout_s``."""
+        for _ in range(int(timeout_s / 0.02)):
+            found = self.events(name)
+            if found:
+                return found
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no {name!r} log line within {timeout_s} s")
+
 
 @pytest.fixture(autouse=True)
 def logs() -> LogCapture:
@@ -177,6 +187,21 @@ async def settle(
             return detail
         await asyncio.sleep(0.05)
     raise AssertionError(f"{event_id} still pending: {detail}")
+
+
+async def event_detail(
+    client: TestClient[web.Request, web.Application], event_id: str, account: str = "acme"
+) -> dict[str, Any]:
+    """Return ``GET /v1/whatsapp/conversions/{event_id}``'s answer."""
+    url = f"/v1/whatsapp/conversions/{event_id}"
+    resp = await client.get(url, params={"accountId": account}, headers=AUTH)
+    detail: dict[str, Any] = await resp.json()
+    return detail
+
+
+def sink_states(answer: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return an answer's ``deliveries`` by sink."""
+    return {d["sink"]: d for d in answer["deliveries"]}
 
 
 def store_of(client: TestClient[web.Request, web.Application]) -> Store:

@@ -138,11 +138,16 @@ class DeliveryService:
         """Whether a request may wait for ``sink`` to deliver ``state`` in this process."""
         return self._started and state.status == "pending" and sink in self.dispatchers
 
+    def notify(self) -> None:
+        """Say that new work was committed (every dispatcher looks at once)."""
+        if self._started:
+            for dispatcher in self.dispatchers.values():
+                dispatcher.notify()
+
     async def outcome(self, sink: str, pk: int) -> SinkState | None:
-        """Wake ``sink``'s dispatcher and wait (its ``respond_within_ms``) for event ``pk``'s
-        first attempt; ``None`` if it has not happened yet."""
+        """Wait (``sink``'s ``respond_within_ms``) for event ``pk``'s first attempt; ``None``
+        if it has not happened yet."""
         dispatcher = self.dispatchers[sink]
-        dispatcher.notify()
         return await dispatcher.outcome(pk, dispatcher.options.respond_within_ms / 1000)
 
     def readiness_problems(self) -> dict[str, str]:

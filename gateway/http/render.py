@@ -134,8 +134,9 @@ def resolution_view(resolution: Resolution | None) -> ResolutionView | None:
 
 
 def event_summary(event: StoredEvent, primary: str) -> EventSummary:
-    """Return one row of the conversions history (Zernio's fields from the primary sink;
-    ``status`` is the event's, the one needing attention first)."""
+    """Return one row of the conversions history: Zernio's fields and ``status`` from the
+    primary sink, as the answer to the request had them (the event's detail lists every
+    sink's state)."""
     received, failed, _, trace = _counts(event, primary)
     return EventSummary(
         timestamp=iso_time(event.received_at),
@@ -146,7 +147,7 @@ def event_summary(event: StoredEvent, primary: str) -> EventSummary:
         trace_id=trace,
         duration_ms=event.duration_ms,
         event_id=event.event_id,
-        status=event.status,
+        status=_status(event, primary),
         attribution_window_expired=event.attribution_window_expired,
         attempts=max((s.attempts for s in event.deliveries.values()), default=0),
         error=next((s.error for s in event.deliveries.values() if s.error), None),

@@ -35,7 +35,9 @@ from tests.conftest import (
     LogCapture,
     add_conversation,
     base_config,
+    event_detail,
     settle,
+    sink_states,
     store_of,
 )
 from tests.fake_graph import BAD_CLID, FakeGraph
@@ -710,19 +712,18 @@ async def test_a_faulty_outbox_sink_is_held_back_and_never_costs_meta_its_event(
     body = await resp.json()
     assert resp.status == 200, body
     assert (body["status"], body["eventsReceived"], body["failures"]) == ("delivered", 1, [])
-    states = {d["sink"]: d for d in body["deliveries"]}
-    assert states["faulty"]["status"] == "pending"
-    assert states["faulty"]["error"].startswith(
-        "will retry: the faulty sink failed in gateway_send_events"
-    )
+    assert sink_states(body)["faulty"]["status"] == "pending"  # not waited for: not primary
     assert fake.event_ids() == ["L1"]
-    (line,) = logs.events("sink_failed")
+    (line,) = await logs.wait_for("sink_failed")
     assert (line["sink"], line["hook"], line["event_ids"]) == (
         "faulty",
         "gateway_send_events",
         ["L1"],
     )
     assert line["exception"]  # with its traceback
+    state = sink_states(await event_detail(client, "L1"))["faulty"]
+    assert state["status"] == "pending"
+    assert state["error"].startswith("will retry: the faulty sink failed in gateway_send_events")
     # Held back (retry_cap_s), not retried in a loop.
     await asyncio.sleep(0.3)
     assert faulty.calls == 1
