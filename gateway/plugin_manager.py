@@ -13,8 +13,8 @@ import importlib.metadata
 import inspect
 import pkgutil
 import re
-from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from gateway.domain import (
 )
 from gateway.draft import EventDraft
 from gateway.errors import ConfigError, GatewayError
+from gateway.logs import scrub
 from gateway.metrics import Metrics
 from gateway.store.protocol import Store
 from gateway.wire import ConversionRequest, request_field
@@ -48,6 +49,7 @@ __all__ = [
     "build_plugins",
     "builtin_plugin_names",
     "is_plugin_fault",
+    "plugin_error",
     "sink_fault",
 ]
 
@@ -235,7 +237,10 @@ class Plugins:
     def delivery_options(self, name: str) -> DeliveryOptions:
         """Return how the outbox drives sink ``name`` (its own say, else the defaults)."""
         call = _one(self.pm, name, "gateway_delivery_options")
-        options = call(sink=name, config=self.config(name)) if call else None
+        try:
+            options = call(sink=name, config=self.config(name)) if call else None
+        except Exception as exc:
+            raise plugin_error(name, "gateway_delivery_options", exc) from None
         if options is None:
             return DeliveryOptions()
         if not isinstance(options, DeliveryOptions):
@@ -264,35 +269,40 @@ class Plugins:
             except ConfigError:
                 raise
             except Exception as exc:
-                raise ConfigError(
-                    f"plugin {name!r}: its configuration check failed ({type(exc).__name__}:"
-                    f" {str(exc)[:200]})"
-                ) from None
+                raise plugin_error(name, "gateway_check_config", exc) from None
 
     def lifespans(
         self, settings: Settings, store: Store, environ: Mapping[str, str], metrics: Metrics
     ) -> list[AbstractAsyncContextManager[None]]:
         """Return the plugins' resource lifetimes, in load order."""
-        found = []
+        found: list[AbstractAsyncContextManager[None]] = []
         for name, call, config in self._lifespans:
-            cm = call(
-                name=name,
-                config=config,
-                settings=settings,
-                store=store,
-                environ=environ,
-                metrics=metrics,
-                base_dir=settings.base_dir(),
-            )
+            try:
+                cm = call(
+                    name=name,
+                    config=config,
+                    settings=settings,
+                    store=store,
+                    environ=environ,
+                    metrics=metrics,
+                    base_dir=settings.base_dir(),
+                )
+            except Exception as exc:
+                raise plugin_error(name, "gateway_lifespan", exc) from None
             if cm is not None:
-                found.append(cm)
+                found.append(_guarded(name, cm))
         return found
 
     def reload_secrets(self, settings: Settings, environ: Mapping[str, str]) -> list[str]:
         """Give every plugin the reloaded secrets; return what they say changed."""
         changed: list[str] = []
         for name, call, config in self._reload:
-            said = call(name=name, config=config, settings=settings, environ=environ)
+            try:
+                said = call(name=name, config=config, settings=settings, environ=environ)
+            except Exception as exc:
+                # One plugin's bug must not keep the rotated secrets from the others.
+                log.error("plugin_reload_failed", plugin=name, exc_info=exc)
+                continue
             changed += [f"{name}.{what}" for what in said or []]
         return changed
 
@@ -300,16 +310,23 @@ class Plugins:
         """Return, per plugin that is not ready, what stops it."""
         problems: dict[str, str] = {}
         for name, call, config in self._ready:
-            problem = call(name=name, config=config)
+            try:
+                problem = call(name=name, config=config)
+            except Exception as exc:
+                log.error("plugin_check_ready_failed", plugin=name, exc_info=exc)
+                problem = f"its readiness check failed ({type(exc).__name__}; see the log)"
             if problem:
-                problems[name] = problem
+                problems[name] = str(problem)
         return problems
 
-    def routes(self) -> list[web.RouteDef]:
-        """Return the routes plugins add."""
-        found: list[web.RouteDef] = []
+    def routes(self) -> list[tuple[str, web.RouteDef]]:
+        """Return the routes plugins add, each with the plugin's name."""
+        found: list[tuple[str, web.RouteDef]] = []
         for name, call, config in self._routes:
-            found.extend(call(name=name, config=config) or [])
+            try:
+                found.extend((name, route) for route in call(name=name, config=config) or [])
+            except Exception as exc:
+                raise plugin_error(name, "gateway_register_routes", exc) from None
         return found
 
     def _declared(self, name: str) -> tuple[str, ...]:
@@ -406,6 +423,39 @@ class Plugins:
             if result is not None:
                 pending[name] = result
         return pending, failed
+
+
+def plugin_error(name: str, hook: str, exc: BaseException) -> ConfigError:
+    """Return the one-line error that stops startup for a plugin's failing hook (its message
+    scrubbed of personal data, cut short)."""
+    if isinstance(exc, ConfigError):
+        return exc
+    return ConfigError(
+        f"plugin {name!r}: {hook} failed ({type(exc).__name__}: {scrub(str(exc))[:200]})"
+    )
+
+
+# The longest a plugin's lifespan may take to start or to stop.
+LIFESPAN_TIMEOUT_S = 60.0
+
+
+@asynccontextmanager
+async def _guarded(name: str, cm: AbstractAsyncContextManager[None]) -> AsyncIterator[None]:
+    """Enter a plugin's lifespan with a bound, as a one-line error if it fails; leave it with
+    a bound too, logging (not raising) what goes wrong, so shutdown always completes."""
+    try:
+        async with asyncio.timeout(LIFESPAN_TIMEOUT_S):
+            await cm.__aenter__()
+    except Exception as exc:
+        raise plugin_error(name, "gateway_lifespan (starting)", exc) from None
+    try:
+        yield
+    finally:
+        try:
+            async with asyncio.timeout(LIFESPAN_TIMEOUT_S):
+                await cm.__aexit__(None, None, None)
+        except Exception as exc:
+            log.error("plugin_stop_failed", plugin=name, exc_info=exc)
 
 
 def is_plugin_fault(exc: BaseException) -> bool:
@@ -506,7 +556,10 @@ def build_plugins(settings: Settings, *, extra: Mapping[str, object] | None = No
             if impl.plugin_name == item.name
         ]
         _check_sync(item.name, impls)
-    return Plugins(pm, loaded, roles, settings.plugins.primary_sink)
+    plugins = Plugins(pm, loaded, roles, settings.plugins.primary_sink)
+    for name in plugins.outbox_sinks:
+        plugins.delivery_options(name)  # a bad answer stops startup (and check-config) here
+    return plugins
 
 
 def _check_sync(name: str, impls: list[tuple[str, pluggy.HookImpl]]) -> None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from gateway import Conversation, ConversionRequest, EventDraft, hookimpl
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
 from gateway.http.app import create_app, startup_problems
+from gateway.http.keys import PLUGINS
 from gateway.plugin_manager import build_plugins, builtin_plugin_names
-from tests.conftest import ENV
+from gateway.runtime import running
+from tests.conftest import ENV, ClientFactory, LogCapture
 
 
 def settings_with(config: dict[str, Any], **plugins: Any) -> Any:
@@ -141,7 +146,7 @@ class MissingFile:
 def test_a_plugins_own_error_in_its_check_is_one_line_naming_it(config: dict[str, Any]) -> None:
     settings = settings_with(config, sinks=["crm"])
     plugins = build_plugins(settings, extra={"crm": MissingFile()})
-    with pytest.raises(ConfigError, match=r"plugin 'crm': its configuration check failed"):
+    with pytest.raises(ConfigError, match=r"plugin 'crm': gateway_check_config failed"):
         plugins.check_config(settings, ENV)
     # check-config lists it among its problems instead of a traceback.
     assert any("plugin 'crm'" in p for p in startup_problems(settings, plugins, ENV))
@@ -161,3 +166,102 @@ def test_a_sink_is_an_outbox_sink_or_an_immediate_one(config: dict[str, Any]) ->
     settings = parse_settings({**config, "plugins": {"sinks": ["both"]}})
     with pytest.raises(ConfigError, match="implements both gateway_send_events"):
         build_plugins(settings, extra={"both": BothKinds()})
+
+
+class Broken:
+    """A plugin whose hook ``where`` raises, with personal data in the message."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def _maybe(self, hook: str) -> None:
+        if self.where == hook:
+            raise RuntimeError("no CRM record for jane.doe@example.com / +1 650 555 0123")
+
+    @hookimpl
+    def gateway_lifespan(self) -> AbstractAsyncContextManager[None]:
+        self._maybe("lifespan")
+        return self._running()
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        self._maybe("lifespan_start")
+        yield
+
+    @hookimpl
+    def gateway_register_routes(self) -> list[web.RouteDef]:
+        self._maybe("routes")
+        return [web.get("/healthz", self.handler)] if self.where == "clash" else []
+
+    async def handler(self, request: web.Request) -> web.Response:
+        return web.Response(text="mine")
+
+    @hookimpl
+    def gateway_send_events(self, events: list[Any]) -> Any:
+        return None
+
+    @hookimpl
+    def gateway_delivery_options(self) -> Any:
+        self._maybe("options")
+        return {"batch_max": 5} if self.where == "options_type" else None
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("lifespan", r"plugin 'broken': gateway_lifespan failed \(RuntimeError: no CRM record"),
+        ("lifespan_start", r"plugin 'broken': gateway_lifespan \(starting\) failed"),
+        ("routes", r"plugin 'broken': gateway_register_routes failed"),
+        ("clash", r"plugin 'broken': its route GET /healthz is already served by the gateway"),
+        ("options", r"plugin 'broken': gateway_delivery_options failed"),
+        ("options_type", r"gateway_delivery_options returned dict, not a DeliveryOptions"),
+    ],
+)
+async def test_a_plugin_failing_at_startup_is_one_line_without_personal_data(
+    make_client: ClientFactory, config: dict[str, Any], where: str, message: str
+) -> None:
+    settings = parse_settings({**config, "plugins": {"sinks": ["log", "broken"]}})
+
+    async def start() -> None:
+        if where.startswith("lifespan"):
+            # What the app's startup runs (``serve`` prints the error as one line, exit 2).
+            plugins = build_plugins(settings, extra={"broken": Broken(where)})
+            async with running(settings, plugins, ENV):
+                pass
+        else:
+            await make_client(settings=settings, extra={"broken": Broken(where)})
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        await start()
+    assert "jane.doe@example.com" not in str(caught.value)
+    assert "650 555 0123" not in str(caught.value)
+
+
+class NotReady:
+    @hookimpl
+    def gateway_check_ready(self) -> str | None:
+        raise KeyError("session")
+
+    @hookimpl
+    def gateway_reload_secrets(self) -> list[str]:
+        raise KeyError("token")
+
+    @hookimpl
+    def gateway_deliver_event(self) -> None:
+        return None
+
+
+async def test_a_failing_readiness_or_reload_hook_is_contained(
+    make_client: ClientFactory, config: dict[str, Any], logs: LogCapture
+) -> None:
+    settings = parse_settings({**config, "plugins": {"sinks": ["shaky", "log"]}})
+    client = await make_client(settings=settings, extra={"shaky": NotReady()})
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 503  # not a 500
+    assert body["details"]["checks"] == {
+        "shaky": "its readiness check failed (KeyError; see the log)"
+    }
+    plugins = client.app[PLUGINS]
+    assert plugins.reload_secrets(settings, ENV) == []  # the others would still be asked
+    assert logs.events("plugin_reload_failed")

@@ -88,8 +88,20 @@ def create_app(
         app.cleanup_ctx.append(_on_sighup(reload_environ))
     # aiohttp's default Expect handler runs before any middleware and fails on odd values
     # with a bare 500: ours only answers 100-continue and lets the rest through.
-    app.add_routes(_with_expect(route) for route in [*api_routes, *webhook_routes, *ops_routes])
-    app.add_routes(_with_expect(route) for route in plugins.routes())
+    ours = [_with_expect(route) for route in [*api_routes, *webhook_routes, *ops_routes]]
+    app.add_routes(ours)
+    taken = {(route.method, route.path): "the gateway" for route in ours}
+    for name, plugin_route in plugins.routes():
+        route = _with_expect(plugin_route)
+        key = (route.method, route.path)
+        # aiohttp would keep the first and ignore the other without a word.
+        if key in taken:
+            raise ConfigError(
+                f"plugin {name!r}: its route {route.method} {route.path} is already served by"
+                f" {taken[key]}"
+            )
+        taken[key] = f"plugin {name!r}"
+        app.add_routes([route])
     return app
 
 
