@@ -47,26 +47,29 @@ _SENSITIVE = frozenset(
 
 
 def redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """Replace the values of sensitive keys, at the top of the event and in nested mappings."""
+    """Replace the values of sensitive keys, at the top of the event and in nested mappings
+    and lists."""
     for key, value in event_dict.items():
         if key.lower() in _SENSITIVE:
             event_dict[key] = REDACTED
-        elif isinstance(value, dict):
-            event_dict[key] = _redacted(value, 4)
+        elif isinstance(value, dict | list | tuple):
+            event_dict[key] = _redacted(value, 6)
     return event_dict
 
 
-def _redacted(mapping: dict[Any, Any], depth: int) -> dict[Any, Any]:
+def _redacted(value: Any, depth: int) -> Any:
     if depth == 0:
-        return mapping
-    return {
-        k: REDACTED
-        if isinstance(k, str) and k.lower() in _SENSITIVE
-        else _redacted(v, depth - 1)
-        if isinstance(v, dict)
-        else v
-        for k, v in mapping.items()
-    }
+        return value
+    if isinstance(value, dict):
+        return {
+            k: REDACTED
+            if isinstance(k, str) and k.lower() in _SENSITIVE
+            else _redacted(v, depth - 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_redacted(v, depth - 1) for v in value]
+    return value
 
 
 # What personal data and secrets look like inside free text (an exception's message, which a
@@ -88,8 +91,12 @@ def scrub_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDi
     exception = event_dict.get("exception")
     if isinstance(exception, list):
         for frame in exception:
-            if isinstance(frame, dict) and isinstance(frame.get("exc_value"), str):
+            if not isinstance(frame, dict):
+                continue
+            if isinstance(frame.get("exc_value"), str):
                 frame["exc_value"] = scrub(frame["exc_value"])
+            if isinstance(frame.get("exc_notes"), list):
+                frame["exc_notes"] = [scrub(str(note)) for note in frame["exc_notes"]]
     elif isinstance(exception, str):
         event_dict["exception"] = scrub(exception)
     return event_dict
@@ -148,7 +155,9 @@ def configure_logging(
         processors.append(scrub_exception)
         processors.append(_render_json)
     else:
-        # plain_traceback prints no locals either.
+        # The traceback as text first, so its messages are scrubbed too (no locals either).
+        processors.append(structlog.processors.format_exc_info)
+        processors.append(scrub_exception)
         processors.append(
             structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
         )

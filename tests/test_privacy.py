@@ -7,6 +7,7 @@ and what Meta sends is kept raw only in the notification archive.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import sqlite3
 from pathlib import Path
@@ -18,8 +19,9 @@ import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway import ConversionRequest, hookimpl
+from gateway import ConversionRequest, QueuedEvent, SendOutcome, hookimpl
 from gateway.cli import main
+from gateway.logs import configure_logging
 from gateway.store.database import Store
 from tests.conftest import (
     API_KEY,
@@ -29,6 +31,8 @@ from tests.conftest import (
     LogCapture,
     add_conversation,
     base_config,
+    event_detail,
+    store_of,
 )
 from tests.payloads import encode, message, messages_change, notification, referral, signed
 
@@ -177,7 +181,11 @@ class CarelessResolver:
     @hookimpl
     def gateway_resolve_conversation(self, request: ConversionRequest) -> Any:
         log = structlog.get_logger()
-        log.info("crm_lookup", customer={"email": request.email, "phone": request.phone_e164})
+        log.info(
+            "crm_lookup",
+            customer={"email": request.email, "phone": request.phone_e164},
+            tried=[{"email": request.email}],
+        )
         raise LookupError(f"no CRM customer {request.email} / {request.phone_e164}")
 
 
@@ -203,7 +211,49 @@ async def test_the_redaction_net_catches_a_careless_plugin(
     assert EMAIL not in await resp.text()
     (lookup,) = logs.events("crm_lookup")
     assert lookup["customer"] == {"email": "[redacted]", "phone": "[redacted]"}
+    assert lookup["tried"] == [{"email": "[redacted]"}]
     failure = next(line for line in logs.lines() if line.get("exception"))
     assert "LookupError" in json.dumps(failure["exception"])
     for sentinel in (EMAIL, EMAIL.lower(), PHONE, PHONE_DIGITS):
         assert sentinel not in logs.text, sentinel
+
+
+def test_console_logs_scrub_exception_messages_too() -> None:
+    out = io.StringIO()
+    configure_logging("info", "console", stream=out, cache=False)
+    try:
+        raise LookupError(f"no customer {EMAIL} / {PHONE}")
+    except LookupError:
+        structlog.get_logger().exception("careless")
+    assert "LookupError" in out.getvalue()
+    assert EMAIL not in out.getvalue()
+    assert PHONE not in out.getvalue()
+
+
+class CarelessSink:
+    """An outbox sink whose failure reason quotes what it should not."""
+
+    @hookimpl
+    async def gateway_send_events(self, events: list[QueuedEvent]) -> list[SendOutcome]:
+        reason = f"CRM has no contact {EMAIL} ({PHONE})"
+        return [SendOutcome(status="failed", reason=reason) for _ in events]
+
+
+async def test_a_sinks_reason_is_scrubbed_before_it_is_stored_logged_or_shown(
+    make_client: ClientFactory, logs: LogCapture
+) -> None:
+    client = await make_client(
+        plugins={"sinks": ["careless"], "careless": {}}, extra={"careless": CarelessSink()}
+    )
+    conversation = await add_conversation(store_of(client))
+    body = {"accountId": "acme", "eventName": "LeadSubmitted", "eventId": "E1"}
+    resp = await client.post(
+        "/v1/whatsapp/conversions", json={**body, "conversationId": conversation.id}, headers=AUTH
+    )
+    answer = await resp.text()
+    assert "failed" in answer
+    detail = await event_detail(client, "E1")
+    assert detail["deliveries"][0]["error"] == "CRM has no contact [email] ([number])"
+    for text in (answer, json.dumps(detail), logs.text):
+        assert EMAIL not in text
+        assert PHONE not in text

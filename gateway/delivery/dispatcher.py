@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from gateway.domain import Attempt, DeliveryOptions, QueuedEvent, SendOutcome, SinkState
+from gateway.logs import scrub
 from gateway.metrics import Metrics
 from gateway.plugin_manager import is_plugin_fault
 from gateway.store.outbox import AttemptResult, Outbox
@@ -338,7 +339,7 @@ class Dispatcher:
             outcome=outcome.status,
             http_status=outcome.http_status,
             error_code=outcome.code,
-            message=outcome.reason,
+            message=None if outcome.reason is None else scrub(outcome.reason),
             trace_id=outcome.trace_id,
             batch_size=batch_size,
             duration_ms=outcome.duration_ms,
@@ -352,7 +353,8 @@ class Dispatcher:
                 warnings=outcome.warnings or None,
             )
             return AttemptResult(pk=item.pk, state=state, attempts=[tried])
-        reason = outcome.reason or f"the {self.sink} sink gave no reason"
+        # A sink's own words reach logs, the store and API callers: no personal data in them.
+        reason = scrub(outcome.reason or f"the {self.sink} sink gave no reason")
         if outcome.status == "failed":
             return _final(item, "failed", reason, outcome.code or "failed", attempts, tried)
         o = self.options
