@@ -91,7 +91,17 @@ def _find(name: str, role: str, settings: Settings) -> tuple[object, str]:
             f"plugin name {name!r} in [plugins] {role} is not a valid name"
             " (lowercase letters, digits and underscores)"
         )
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name):
+    found = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name))
+    if len({ep.value for ep in found}) > 1:
+        # Which one Python lists first is an accident of the install order.
+        where = ", ".join(
+            f"{ep.value} ({ep.dist.name if ep.dist else 'unknown package'})" for ep in found
+        )
+        raise ConfigError(
+            f"plugin {name!r}: two installed packages name an entry point {name!r}: {where};"
+            " uninstall one of them"
+        )
+    for ep in found:
         if name in builtin_plugin_names() and name not in settings.plugins.replace_builtins:
             dist = ep.dist.name if ep.dist is not None else "an installed package"
             raise ConfigError(

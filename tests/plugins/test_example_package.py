@@ -329,3 +329,17 @@ def test_an_entry_point_may_not_shadow_a_built_in(
     raw = {**config, "plugins": {"sinks": ["log"], "replace_builtins": ["log"], "log": table}}
     plugins = build_plugins(parse_settings(raw))
     assert plugins.origins()["log"] == "entry point ctwa_acme_crm.http_sink"
+
+
+def test_two_packages_naming_the_same_plugin_are_refused(
+    config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    dist = site / "other_crm-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: other-crm\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[ctwa_gateway]\nhttp_sink = other_crm.sink\n")
+    monkeypatch.syspath_prepend(str(site))
+    raw = {**config, "plugins": {"sinks": ["http_sink"], "http_sink": {"url": "http://x"}}}
+    with pytest.raises(ConfigError, match=r"two installed packages name an entry point"):
+        build_plugins(parse_settings(raw))
