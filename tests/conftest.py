@@ -175,6 +175,20 @@ async def client(make_client: ClientFactory) -> TestClient[web.Request, web.Appl
     return await make_client()
 
 
+def install_distribution(
+    site: Path, monkeypatch: pytest.MonkeyPatch, name: str, entry_points: dict[str, str]
+) -> None:
+    """Make ``site`` hold an installed distribution ``name`` with these ``ctwa_gateway`` entry
+    points (plugin name -> module), and put it on the path: importlib.metadata finds it as
+    it finds anything pip installed."""
+    dist = site / f"{name.replace('-', '_')}-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = "".join(f"{plugin} = {module}\n" for plugin, module in entry_points.items())
+    (dist / "entry_points.txt").write_text(f"[ctwa_gateway]\n{lines}")
+    monkeypatch.syspath_prepend(str(site))
+
+
 async def settle(
     client: TestClient[web.Request, web.Application], event_id: str, account: str = "acme"
 ) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from tests.conftest import (
     LogCapture,
     add_conversation,
     event_detail,
+    install_distribution,
     settle,
     sink_states,
     store_of,
@@ -315,12 +316,9 @@ def test_an_entry_point_may_not_shadow_a_built_in(
     config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A package that names an entry point like the built-in log sink.
-    site = tmp_path / "site"
-    dist = site / "evil_log-1.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: evil-log\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[ctwa_gateway]\nlog = ctwa_acme_crm.http_sink\n")
-    monkeypatch.syspath_prepend(str(site))
+    install_distribution(
+        tmp_path / "site", monkeypatch, "evil-log", {"log": "ctwa_acme_crm.http_sink"}
+    )
     settings = parse_settings(config)
     with pytest.raises(ConfigError, match=r"evil-log installs an entry point .* named like the"):
         build_plugins(settings)
@@ -334,12 +332,7 @@ def test_an_entry_point_may_not_shadow_a_built_in(
 def test_two_packages_naming_the_same_plugin_are_refused(
     config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    site = tmp_path / "site"
-    dist = site / "other_crm-1.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: other-crm\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[ctwa_gateway]\nhttp_sink = other_crm.sink\n")
-    monkeypatch.syspath_prepend(str(site))
+    install_distribution(tmp_path / "site", monkeypatch, "other-crm", {"http_sink": "other.sink"})
     raw = {**config, "plugins": {"sinks": ["http_sink"], "http_sink": {"url": "http://x"}}}
     with pytest.raises(ConfigError, match=r"two installed packages name an entry point"):
         build_plugins(parse_settings(raw))

@@ -82,6 +82,26 @@ def make_meta(
     return factory
 
 
+async def handle_leads(client: Client, conversations: list[str]) -> None:
+    """Run one lead per conversation id (eventIds E0, E1...) through the pipeline, at once."""
+    pipeline = client.app[PIPELINE]
+    account = pipeline.settings.accounts[0]
+    await asyncio.gather(
+        *(
+            pipeline.handle(
+                ConversionRequest(
+                    account_id="acme",
+                    event_name="LeadSubmitted",
+                    event_id=f"E{i}",
+                    conversation_id=conversation_id,
+                ),
+                account,
+            )
+            for i, conversation_id in enumerate(conversations)
+        )
+    )
+
+
 def lead(conversation_id: str, event_id: str = "L1", **extra: Any) -> dict[str, Any]:
     return {
         "accountId": "acme",
@@ -211,18 +231,7 @@ async def test_one_bad_event_among_999_is_isolated(make_meta: MakeMeta, fake: Fa
     store = store_of(client)
     good = await add_conversation(store)
     bad = await add_conversation(store, wa_id="447911123456", clid=BAD_CLID)
-    pipeline = client.app[PIPELINE]
-    account = pipeline.settings.accounts[0]
-    requests = [
-        ConversionRequest(
-            account_id="acme",
-            event_name="LeadSubmitted",
-            event_id=f"E{i}",
-            conversation_id=bad.id if i == 500 else good.id,
-        )
-        for i in range(1000)
-    ]
-    await asyncio.gather(*(pipeline.handle(r, account) for r in requests))
+    await handle_leads(client, [bad.id if i == 500 else good.id for i in range(1000)])
 
     for _ in range(200):
         events = await store.recent_events("acme", 1000)
@@ -743,18 +752,7 @@ async def test_a_split_that_runs_out_of_time_never_resends_what_meta_took(
     store = store_of(client)
     good = await add_conversation(store)
     bad = await add_conversation(store, wa_id="447911123456", clid=BAD_CLID)
-    pipeline = client.app[PIPELINE]
-    account = pipeline.settings.accounts[0]
-    requests = [
-        ConversionRequest(
-            account_id="acme",
-            event_name="LeadSubmitted",
-            event_id=f"E{i}",
-            conversation_id=bad.id if i % 4 == 2 else good.id,
-        )
-        for i in range(64)
-    ]
-    await asyncio.gather(*(pipeline.handle(r, account) for r in requests))
+    await handle_leads(client, [bad.id if i % 4 == 2 else good.id for i in range(64)])
     for _ in range(300):
         events = await store.recent_events("acme", 100)
         if all(e.status != "pending" for e in events):

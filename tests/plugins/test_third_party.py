@@ -13,18 +13,15 @@ from gateway import Conversation, ConversionRequest, EventDraft
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
 from gateway.plugin_manager import build_plugins
-from tests.conftest import AUTH, ClientFactory, add_conversation, store_of
+from tests.conftest import AUTH, ClientFactory, add_conversation, install_distribution, store_of
 
 
 @pytest.fixture
 def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Install a distribution whose entry point names ``acme`` in the ``ctwa_gateway`` group."""
-    site = tmp_path / "site"
-    dist = site / "acme_ctwa-1.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-ctwa\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[ctwa_gateway]\nacme = tests.plugins.acme_ctwa\n")
-    monkeypatch.syspath_prepend(str(site))
+    install_distribution(
+        tmp_path / "site", monkeypatch, "acme-ctwa", {"acme": "tests.plugins.acme_ctwa"}
+    )
 
 
 def acme_config(config: dict[str, Any], outbox: Path) -> dict[str, Any]:
