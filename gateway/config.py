@@ -177,6 +177,28 @@ class LoggingConfig(ConfigStruct, frozen=True):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class RetentionConfig(ConfigStruct, frozen=True):
+    """How long each kind of data is kept; housekeeping prunes past it in small batches."""
+
+    # A conversation without a click, from its last message (or creation).
+    conversations_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 90
+    # A captured click, past the attribution window: its fields are cleared (the conversation
+    # stays while it is active) and automatic click events are deleted.
+    clicks_after_window_days: Annotated[int, msgspec.Meta(ge=0, le=3650)] = 30
+    # Delivered (and dry-run) events with their attempts; daily counts are kept.
+    delivered_events_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 90
+    # Failed and expired events: longer, so they can be looked into and replayed.
+    failed_events_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 365
+    # Rows one prune transaction deletes at most: the writer is never held for long.
+    batch_rows: Annotated[int, msgspec.Meta(ge=10, le=10_000)] = 500
+
+
+class PrivacyConfig(ConfigStruct, frozen=True):
+    # The secret that keys suppression digests (HMAC-SHA256): a stored digest cannot be
+    # matched against a list of phone numbers without it. Unset: no suppression.
+    suppression_key_env: EnvName | None = None
+
+
 class Settings(ConfigStruct, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
@@ -188,6 +210,8 @@ class Settings(ConfigStruct, frozen=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     secrets: SecretsConfig = msgspec.field(default_factory=SecretsConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
     # The raw ``[plugins.<name>]`` tables; each plugin decodes its own into its Config Struct.
     plugin_tables: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     # Where the file was read from, for messages and for resolving relative paths.

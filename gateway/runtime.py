@@ -19,6 +19,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.plugin_manager import Plugins
 from gateway.store.database import Store
+from gateway.store.retention import RetentionCutoffs
 
 __all__ = ["running"]
 
@@ -26,13 +27,30 @@ log = structlog.get_logger()
 
 
 async def _housekeep(store: Store, settings: Settings) -> None:
-    """Forget webhook message ids and archived notifications past their retention."""
+    """Prune what is past its retention: webhook message ids and archived notifications,
+    events, clicks and quiet conversations ([retention])."""
     now = time.time()
     webhook = settings.webhook
     pruned = await store.prune_messages(now - webhook.message_retention_days * 86400)
     archived = await store.prune_archive(now - webhook.archive_retention_days * 86400)
     if pruned or archived:
         log.info("webhook_data_pruned", message_ids=pruned, notifications=archived)
+    keep = settings.retention
+    window = settings.events.attribution_window_s
+    removed = await store.apply_retention(
+        RetentionCutoffs(
+            conversations=now - keep.conversations_days * _DAY,
+            clicks=now - window - keep.clicks_after_window_days * _DAY,
+            delivered_events=now - keep.delivered_events_days * _DAY,
+            failed_events=now - keep.failed_events_days * _DAY,
+        ),
+        keep.batch_rows,
+    )
+    if any(removed.values()):
+        log.info("retention_applied", **removed)
+
+
+_DAY = 86400
 
 
 async def _background(store: Store, settings: Settings) -> None:

@@ -48,6 +48,7 @@ from gateway.store.batch_reader import BatchedLookup
 from gateway.store.capture import CaptureOp, CaptureResult
 from gateway.store.datasets import SaveDataset, stored_datasets
 from gateway.store.outbox import Outbox
+from gateway.store.retention import RetentionCutoffs, prune_all
 from gateway.store.rows import (
     CONVERSATION_COLUMNS,
     CONVERSATION_FIELDS,
@@ -254,6 +255,11 @@ class Store:
         store = cls(writer, reader, max_batch=max_batch)
         store.writer.start()
         return store
+
+    async def apply_retention(self, cutoffs: RetentionCutoffs, batch_rows: int) -> dict[str, int]:
+        """Prune events, clicks and conversations past their cutoffs, ``batch_rows`` a
+        transaction; return how many rows each rule removed."""
+        return await prune_all(self.writer, cutoffs, batch_rows)
 
     async def prune_messages(self, before: float) -> int:
         """Forget webhook message ids received before ``before``; return how many."""

@@ -194,6 +194,46 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE events ADD COLUMN resolution BLOB;
     ALTER TABLE events ADD COLUMN request_fields BLOB;
     """,
+    # Data lifecycle: the indexes retention and erasure scan by, daily counts that outlive
+    # pruned events, the erasure audit (no personal data) and suppressions (keyed digests).
+    """
+    CREATE INDEX events_by_received ON events (received_at);
+    CREATE INDEX events_by_conversation ON events (conversation_id);
+    CREATE INDEX conversations_by_activity
+        ON conversations (COALESCE(last_inbound_at, created_at)) WHERE ctwa_clid IS NULL;
+    CREATE INDEX conversations_by_click
+        ON conversations (COALESCE(ctwa_clicked_at, ctwa_captured_at))
+        WHERE ctwa_clid IS NOT NULL;
+    CREATE INDEX webhook_messages_by_conversation ON webhook_messages (conversation_id);
+    CREATE INDEX webhook_messages_by_received ON webhook_messages (received_at);
+    CREATE INDEX automatic_events_by_received ON automatic_events (received_at);
+    CREATE INDEX conversation_aliases_by_conversation
+        ON conversation_aliases (conversation_id);
+    CREATE TABLE event_daily (
+        day TEXT NOT NULL,
+        account_id TEXT NOT NULL,
+        event_name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        events INTEGER NOT NULL,
+        PRIMARY KEY (day, account_id, event_name, status)
+    ) WITHOUT ROWID;
+    CREATE TABLE erasures (
+        pk INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        actor TEXT NOT NULL,
+        account_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        counts BLOB NOT NULL,
+        suppressed INTEGER NOT NULL
+    );
+    CREATE TABLE suppressions (
+        account_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (account_id, kind, digest)
+    ) WITHOUT ROWID;
+    """,
 )
 
 # overall_status() in SQL: the first status in precedence order that any sink of the event has.

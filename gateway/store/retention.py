@@ -1,0 +1,175 @@
+"""Retention: what is past its keeping time goes, a small batch per transaction.
+
+Each operation deletes (or clears) at most ``limit`` rows and says how many it touched; the
+caller repeats it until a batch comes back short. Between batches the writer commits other
+work, so a prune of a million rows never holds a conversion's commit for more than one small
+batch. Events leave their daily counts behind (``event_daily``), so totals survive pruning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiosqlite
+
+from gateway.store.schema import fetch_rows
+from gateway.store.writer import GroupCommitWriter, WriteOp
+
+__all__ = ["RetentionCutoffs", "delete_conversations", "prune_all"]
+
+# The click fields a cleared click loses.
+_CLICK_FIELDS = (
+    "ctwa_clid",
+    "ctwa_captured_at",
+    "ctwa_clicked_at",
+    "ctwa_source_id",
+    "ctwa_source_url",
+    "ctwa_headline",
+    "ctwa_source_type",
+    "ctwa_capture_source",
+)
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ",".join("?" * len(values))
+
+
+async def _column(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    return [row[0] for row in await fetch_rows(conn, sql, params)]
+
+
+class PruneEvents(WriteOp[int]):
+    """Delete events of these statuses received before ``before``, with their deliveries and
+    attempts, adding them to the daily counts first."""
+
+    def __init__(self, before: float, statuses: Sequence[str], limit: int) -> None:
+        self.before, self.statuses, self.limit = before, tuple(statuses), limit
+
+    async def apply(self, conn: aiosqlite.Connection) -> int:
+        pks = await _column(
+            conn,
+            f"SELECT pk FROM events WHERE received_at < ? AND status IN ({_marks(self.statuses)})"
+            " ORDER BY received_at LIMIT ?",
+            [self.before, *self.statuses, self.limit],
+        )
+        if not pks:
+            return 0
+        marks = _marks(pks)
+        await conn.execute(
+            "INSERT INTO event_daily (day, account_id, event_name, status, events)"
+            " SELECT date(received_at, 'unixepoch'), account_id, event_name, status, COUNT(*)"
+            f" FROM events WHERE pk IN ({marks}) GROUP BY 1, 2, 3, 4"
+            " ON CONFLICT (day, account_id, event_name, status)"
+            " DO UPDATE SET events = events + excluded.events",
+            pks,
+        )
+        await conn.execute(f"DELETE FROM delivery_attempts WHERE event_pk IN ({marks})", pks)
+        await conn.execute(f"DELETE FROM deliveries WHERE event_pk IN ({marks})", pks)
+        await conn.execute(f"DELETE FROM events WHERE pk IN ({marks})", pks)
+        return len(pks)
+
+
+class ClearOldClicks(WriteOp[int]):
+    """Clear the click of conversations clicked before ``before`` (it can no longer be
+    attributed), and delete automatic click events received before then."""
+
+    def __init__(self, before: float, limit: int) -> None:
+        self.before, self.limit = before, limit
+
+    async def apply(self, conn: aiosqlite.Connection) -> int:
+        ids = await _column(
+            conn,
+            "SELECT id FROM conversations WHERE ctwa_clid IS NOT NULL"
+            " AND COALESCE(ctwa_clicked_at, ctwa_captured_at) < ? LIMIT ?",
+            [self.before, self.limit],
+        )
+        if ids:
+            cleared = ", ".join(f"{field} = NULL" for field in _CLICK_FIELDS)
+            await conn.execute(
+                f"UPDATE conversations SET {cleared} WHERE id IN ({_marks(ids)})", ids
+            )
+        automatic = await _column(
+            conn,
+            "SELECT pk FROM automatic_events WHERE received_at < ? LIMIT ?",
+            [self.before, self.limit],
+        )
+        if automatic:
+            await conn.execute(
+                f"DELETE FROM automatic_events WHERE pk IN ({_marks(automatic)})", automatic
+            )
+        return max(len(ids), len(automatic))
+
+
+class PruneConversations(WriteOp[int]):
+    """Delete conversations without a click, quiet since ``before``, and what points at them
+    (aliases, webhook message ids, automatic events)."""
+
+    def __init__(self, before: float, limit: int) -> None:
+        self.before, self.limit = before, limit
+
+    async def apply(self, conn: aiosqlite.Connection) -> int:
+        ids = await _column(
+            conn,
+            "SELECT id FROM conversations WHERE ctwa_clid IS NULL"
+            " AND COALESCE(last_inbound_at, created_at) < ? LIMIT ?",
+            [self.before, self.limit],
+        )
+        if ids:
+            await delete_conversations(conn, ids)
+        return len(ids)
+
+
+async def delete_conversations(conn: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, int]:
+    """Delete these conversations and every row that points at them; return the counts."""
+    marks = _marks(ids)
+    counts = {}
+    for table, column in (
+        ("conversation_aliases", "conversation_id"),
+        ("webhook_messages", "conversation_id"),
+        ("automatic_events", "conversation_id"),
+        ("conversations", "id"),
+    ):
+        cursor = await conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
+        counts[table] = cursor.rowcount
+    return counts
+
+
+class RetentionCutoffs:
+    """The times before which each kind of data goes, for one run of housekeeping."""
+
+    def __init__(
+        self,
+        *,
+        conversations: float,
+        clicks: float,
+        delivered_events: float,
+        failed_events: float,
+    ) -> None:
+        self.conversations = conversations
+        self.clicks = clicks
+        self.delivered_events = delivered_events
+        self.failed_events = failed_events
+
+
+async def prune_all(
+    writer: GroupCommitWriter, cutoffs: RetentionCutoffs, limit: int
+) -> dict[str, int]:
+    """Apply every rule, batch after batch, until each is done; return what each removed."""
+    delivered, failed = ("delivered", "dry_run"), ("failed", "expired")
+    plan: list[tuple[str, Callable[[], WriteOp[int]]]] = [
+        ("delivered_events", lambda: PruneEvents(cutoffs.delivered_events, delivered, limit)),
+        ("failed_events", lambda: PruneEvents(cutoffs.failed_events, failed, limit)),
+        ("clicks", lambda: ClearOldClicks(cutoffs.clicks, limit)),
+        ("conversations", lambda: PruneConversations(cutoffs.conversations, limit)),
+    ]
+    done: dict[str, int] = {}
+    for name, make in plan:
+        total = 0
+        while True:
+            count = await writer.submit(make())
+            total += count
+            if count < limit:
+                break
+        done[name] = total
+    return done
