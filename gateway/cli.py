@@ -30,7 +30,15 @@ from gateway.http.app import create_app, startup_problems
 from gateway.http.middlewares import error_body
 from gateway.http.render import conversion_response, resolution_view
 from gateway.logs import configure_logging
-from gateway.operations import probe, replay, webhooks
+from gateway.operations import (
+    backup_store,
+    erase_person,
+    probe,
+    replay,
+    restore_store,
+    store_stats_command,
+    webhooks,
+)
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
 from gateway.runtime import running
@@ -145,6 +153,44 @@ def _parser() -> argparse.ArgumentParser:
         "--names", nargs="+", type=_identifier, help="the names to try (default: see above)"
     )
 
+    erase_cmd = sub.add_parser(
+        "erase",
+        help="erase one person from an account (a legal request); optionally suppress them",
+        description="Delete every row that identifies the person (conversations, message ids,"
+        " archived notifications' mentions, the hashed identifiers in stored events), cancel"
+        " their pending deliveries, and record an audit entry without personal data.",
+    )
+    _add_config(erase_cmd)
+    erase_cmd.add_argument("--account", required=True, help="account id from [[accounts]]")
+    who = erase_cmd.add_mutually_exclusive_group(required=True)
+    who.add_argument("--phone", help="the person's phone number, with its country code")
+    who.add_argument("--bsuid", help="the person's business-scoped user id")
+    who.add_argument("--conversation", help="one of the person's conversation ids")
+    erase_cmd.add_argument(
+        "--suppress",
+        action="store_true",
+        help="refuse their future messages and conversions ([privacy] suppression_key_env)",
+    )
+
+    backup_cmd = sub.add_parser(
+        "backup", help="an online, consistent copy of the store (safe while the gateway runs)"
+    )
+    _add_config(backup_cmd)
+    backup_cmd.add_argument("path", help="where to write the copy")
+    restore_cmd = sub.add_parser(
+        "restore", help="verify a backup and make it the store (the gateway must be stopped)"
+    )
+    _add_config(restore_cmd)
+    restore_cmd.add_argument("path", help="a file written by `ctwa-gateway backup`")
+    stats_cmd = sub.add_parser(
+        "stats", help="what the store holds: rows, bytes and the oldest row of each table"
+    )
+    _add_config(stats_cmd)
+    stats_cmd.add_argument(
+        "--store", action="store_true", required=True, help="statistics of the store"
+    )
+    stats_cmd.add_argument("--json", action="store_true", help="one JSON object per table")
+
     check = sub.add_parser("check-config", help="validate a config file and print what it loads")
     _add_config(check)
     return parser
@@ -175,6 +221,14 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
             return asyncio.run(webhooks(settings, plugins, args))
         if args.command == "probe-event-names":
             return asyncio.run(probe(settings, plugins, env, args))
+        if args.command == "erase":
+            return asyncio.run(erase_person(settings, plugins, env, args))
+        if args.command == "backup":
+            return backup_store(settings, args)
+        if args.command == "restore":
+            return restore_store(settings, args)
+        if args.command == "stats":
+            return store_stats_command(settings, args)
         return _check_config(settings, plugins, env, sys.stdout)
     except ConfigError as exc:
         print(f"ctwa-gateway: configuration error: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ normalizer plugins (what goes into ``user_data``), so every part applies the sam
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "hash_external_id",
     "hash_phone",
     "is_sha256_hex",
+    "keyed_digest",
     "normalize_email",
     "normalize_phone",
     "sha256_hex",
@@ -22,6 +24,12 @@ __all__ = [
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 # Separators people type in phone numbers; anything else (letters) makes the number invalid.
 _PHONE_SEPARATORS = re.compile(r"[\s\-().]")
+
+
+def keyed_digest(key: bytes, kind: str, value: str) -> str:
+    """Return HMAC-SHA256 of ``kind:value`` under ``key``, hex: what a suppression is stored
+    as, so nobody without the key can match it against a list of phone numbers."""
+    return hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
 
 
 def sha256_hex(value: str) -> str:

@@ -1,8 +1,8 @@
-"""The operator's commands: re-queue deliveries, the webhook archive, probing event names.
+"""The operator's commands: re-queue deliveries, the webhook archive, probing event names,
+and the data lifecycle (erase, backup, restore, store stats).
 
-``ctwa-gateway replay``, ``webhooks list|reprocess`` and ``probe-event-names``; each opens the
-existing store (never creating one) and starts nothing in the background. :mod:`gateway.cli`
-parses the arguments.
+Each opens the existing store (never creating one) and starts nothing in the background.
+:mod:`gateway.cli` parses the arguments.
 """
 
 from __future__ import annotations
@@ -10,18 +10,30 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import msgspec
 
 from gateway.capture.inbox import reprocess
 from gateway.config import Settings
-from gateway.errors import ConfigError, UsageError
+from gateway.erasure import ErasureTarget, erase
+from gateway.errors import ConfigError, GatewayError, UsageError
 from gateway.http.render import iso_time
 from gateway.plugin_manager import Plugins
 from gateway.probe import FAQ_EVENT_NAMES, GraphSettings, probe_event_names
 from gateway.runtime import running
+from gateway.store.backup import backup, restore, store_stats
+from gateway.wire import ErasureAnswer
 
-__all__ = ["probe", "replay", "webhooks"]
+__all__ = [
+    "backup_store",
+    "erase_person",
+    "probe",
+    "replay",
+    "restore_store",
+    "store_stats_command",
+    "webhooks",
+]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -132,3 +144,56 @@ async def probe(
     else:
         print("\nMeta accepted no name: nothing to paste (see the details above).")
     return 1 if any(r.verdict == "error" for r in results) else 0
+
+
+async def erase_person(
+    settings: Settings, plugins: Plugins, env: Mapping[str, str], args: argparse.Namespace
+) -> int:
+    """``ctwa-gateway erase``: erase one person; print the counts (never who)."""
+    if settings.account(args.account) is None:
+        raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
+    try:
+        target = ErasureTarget(
+            args.account, phone=args.phone, bsuid=args.bsuid, conversation_id=args.conversation
+        )
+        async with running(
+            settings, plugins, env, start_plugins=False, create_store=False
+        ) as pipeline:
+            store = pipeline.store
+            erasure_id, counts = await erase(
+                store, target, actor="cli", suppress=args.suppress, key=store.suppression_key
+            )
+    except GatewayError as exc:
+        raise UsageError(exc.message) from None
+    answer = ErasureAnswer(erasure_id=erasure_id, erased=counts, suppressed=args.suppress)
+    print(_encode(answer).decode())
+    return 0
+
+
+def backup_store(settings: Settings, args: argparse.Namespace) -> int:
+    """``ctwa-gateway backup PATH``: an online, consistent copy of the store."""
+    size = backup(settings.store_path(), Path(args.path))
+    print(f"backed up {settings.store_path()} to {args.path} ({size} bytes)")
+    return 0
+
+
+def restore_store(settings: Settings, args: argparse.Namespace) -> int:
+    """``ctwa-gateway restore PATH``: verify a backup, then make it the store."""
+    version = restore(Path(args.path), settings.store_path())
+    print(f"restored {args.path} (schema {version}) to {settings.store_path()}")
+    return 0
+
+
+def store_stats_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``ctwa-gateway stats --store``: rows, bytes and oldest row per table."""
+    rows = store_stats(settings.store_path())
+    if args.json:
+        for row in rows:
+            print(_encode(row).decode())
+        return 0
+    print(f"{'table':<24}{'rows':>10}{'bytes':>14}{'oldest (days)':>15}")
+    for row in rows:
+        size = "-" if row["bytes"] is None else str(row["bytes"])
+        oldest = "-" if row["oldestDays"] is None else f"{row['oldestDays']:g}"
+        print(f"{row['table']:<24}{row['rows']:>10}{size:>14}{oldest:>15}")
+    return 0

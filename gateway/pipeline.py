@@ -28,6 +28,7 @@ from gateway.errors import (
     Unprocessable,
 )
 from gateway.metrics import Metrics
+from gateway.phones import parse_phone
 from gateway.plugin_manager import Plugins, is_plugin_fault, sink_fault
 from gateway.store.database import Store
 from gateway.validation import check_conversion
@@ -98,6 +99,8 @@ class Pipeline:
         """Validate, resolve and normalize; nothing is written."""
         now = self.clock()
         check_conversion(request, self.settings.events, now=now)
+        if self.store.suppressed:
+            self._refuse_suppressed(request, account)
         found = await self.plugins.resolve(request, account, self.store)
         if found is None:
             fields = self.plugins.resolver_fields
@@ -135,6 +138,20 @@ class Pipeline:
             and int(event["event_time"]) - clicked > window,
             resolution=resolution,
         )
+
+    def _refuse_suppressed(self, request: ConversionRequest, account: AccountConfig) -> None:
+        phone = parse_phone(request.phone_e164) if request.phone_e164 else None
+        phones = [digits for digits, _ in phone.forms] if phone else []
+        bsuids = [request.business_scoped_user_id]
+        if self.store.is_suppressed(account.id, "phone", phones) or self.store.is_suppressed(
+            account.id, "bsuid", bsuids
+        ):
+            raise Unprocessable(
+                "This person was erased on request and asked not to be processed again; the"
+                " conversion was not stored.",
+                code="person_suppressed",
+                param="phoneE164" if phones else "businessScopedUserId",
+            )
 
     async def handle(
         self, request: ConversionRequest, account: AccountConfig, *, started: float | None = None

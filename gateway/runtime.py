@@ -7,18 +7,19 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 
 import msgspec
 import structlog
 
 from gateway.capture.inbox import reprocess
 from gateway.config import Settings
-from gateway.delivery.service import DeliveryLock, DeliveryService
+from gateway.delivery.service import DeliveryService
+from gateway.erasure import suppression_key
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.plugin_manager import Plugins
 from gateway.store.database import Store
+from gateway.store.locks import delivery_lock, serving_lock
 from gateway.store.retention import RetentionCutoffs
 
 __all__ = ["running"]
@@ -48,6 +49,8 @@ async def _housekeep(store: Store, settings: Settings) -> None:
     )
     if any(removed.values()):
         log.info("retention_applied", **removed)
+    # Suppressions another process recorded take effect here too.
+    await store.load_suppressions()
 
 
 _DAY = 86400
@@ -104,10 +107,15 @@ async def running(
     store = await Store.open(
         settings.store_path(), max_batch=settings.store.group_commit_max, create=create_store
     )
+    store.suppression_key = suppression_key(settings, environ)
     try:
         async with AsyncExitStack() as stack:
             delivery = None
             if start_plugins:
+                # Held for as long as this process serves: `restore` refuses to run under it.
+                serving = serving_lock(settings.store_path(), shared=True)
+                serving.acquire()
+                stack.callback(serving.release)
                 await stack.enter_async_context(_housekeeping(store, settings))
                 # Entered in load order and exited in reverse: the dispatchers stop (and
                 # record what they sent) before the plugins close what they send with, and
@@ -121,7 +129,7 @@ async def running(
                     metrics=metrics,
                     clock=clock,
                 )
-                lock = DeliveryLock(Path(f"{settings.store_path()}.delivery.lock"))
+                lock = delivery_lock(settings.store_path())
                 delivery = await stack.enter_async_context(service.running(lock))
             yield Pipeline(
                 settings, plugins, store, clock=clock, metrics=metrics, delivery=delivery

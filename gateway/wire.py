@@ -25,6 +25,8 @@ __all__ = [
     "DatasetRequest",
     "DeliveryDetail",
     "DeliveryView",
+    "ErasureAnswer",
+    "ErasureCounts",
     "ErrorBody",
     "EventDetail",
     "EventList",
@@ -297,6 +299,26 @@ class DatasetRequest(WireStruct, frozen=True):
 class DatasetAnswer(msgspec.Struct, rename="camel", frozen=True, kw_only=True, omit_defaults=True):
     dataset_id: str | None
     created: bool | None = None
+
+
+class ErasureCounts(msgspec.Struct, kw_only=True, rename="camel"):
+    """How many rows of each kind an erasure touched (the answer and the audit row)."""
+
+    conversations: int = 0
+    aliases: int = 0
+    webhook_messages: int = 0
+    automatic_events: int = 0
+    events_scrubbed: int = 0
+    deliveries_cancelled: int = 0
+    notifications_redacted: int = 0
+
+
+class ErasureAnswer(WireStruct, frozen=True):
+    """``DELETE /v1/whatsapp/users``: what was erased (counts only) and the audit row's id."""
+
+    erasure_id: int
+    erased: ErasureCounts
+    suppressed: bool
 
 
 class Health(WireStruct, frozen=True):

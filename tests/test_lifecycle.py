@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway import DeliveryOptions, QueuedEvent, SendOutcome, hash_email, hookimpl
+from gateway.cli import main
 from gateway.config import parse_settings
-from tests.conftest import AUTH, ClientFactory, LogCapture, add_conversation, store_of
+from gateway.errors import ConfigError
+from gateway.store.backup import backup, restore
+from gateway.store.database import Store
+from gateway.store.locks import serving_lock
+from tests.conftest import (
+    AUTH,
+    ENV,
+    ClientFactory,
+    LogCapture,
+    add_conversation,
+    event_detail,
+    settle,
+    store_of,
+)
+from tests.payloads import message, messages_change, notification, post_signed, referral
 
 Client = TestClient[web.Request, web.Application]
 URL = "/v1/whatsapp/conversions"
@@ -86,3 +107,230 @@ async def test_housekeeping_applies_each_retention_rule(
     ]
     conversations = dict(query(db_path, "SELECT id, ctwa_clid FROM conversations"))
     assert conversations == {clicked.id: None, fresh.id: None}  # click cleared, quiet one gone
+
+
+PHONE = "+1 650 555 0177"
+DIGITS = "16505550177"
+BSUID = "US.7770001112223334445"
+NAME = "Erasable Person"
+CLICK = "Aff-ERASE-ME-click-id-0123456789"
+EMAIL = "erase.me@example.com"
+SUPPRESSION_KEY = "suppression-secret-0123456789"
+
+
+class Recorder:
+    """An outbox sink that retries until told to deliver, and records what it was sent."""
+
+    def __init__(self) -> None:
+        self.delivering = False
+        self.sent: list[str] = []
+
+    @hookimpl
+    def gateway_delivery_options(self) -> DeliveryOptions:
+        return DeliveryOptions(retry_base_s=0.05, retry_cap_s=0.1, poll_s=0.05, respond_within_ms=0)
+
+    @hookimpl
+    async def gateway_send_events(self, events: list[QueuedEvent]) -> list[SendOutcome]:
+        if not self.delivering:
+            return [SendOutcome(status="retry", reason="down") for _ in events]
+        self.sent += [e.event_id for e in events]
+        return [SendOutcome(status="delivered") for _ in events]
+
+
+async def capture_person(client: Client, *, other: bool = True) -> None:
+    """The person messages after an ad click (phone, BSUID, name, click); someone else too."""
+    people = [message(DIGITS, "wamid.ERASE1", bsuid=BSUID, ref=referral(CLICK))]
+    if other:
+        people.append(message("16505550100", "wamid.KEEP1", ref=referral("Aff-KEEP-click")))
+    await post_signed(client, notification(messages_change(people, names={DIGITS: NAME})))
+
+
+def file_bytes(db: Path) -> bytes:
+    return b"".join(
+        p.read_bytes() for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()
+    )
+
+
+async def test_erasure_leaves_no_trace_and_cancels_pending_deliveries(
+    make_client: ClientFactory, config: dict[str, Any], db_path: Path, logs: LogCapture
+) -> None:
+    recorder = Recorder()
+    client = await make_client(plugins={"sinks": ["recorder"]}, extra={"recorder": recorder})
+    await capture_person(client)
+    body = {"accountId": "acme", "eventName": "LeadSubmitted", "email": EMAIL}
+    for event_id, phone in (("THEIRS", PHONE), ("OTHERS", "+1 650 555 0100")):
+        resp = await client.post(
+            URL, json={**body, "eventId": event_id, "phoneE164": phone}, headers=AUTH
+        )
+        assert resp.status == 202, await resp.text()  # the sink is retrying
+    traces = [
+        DIGITS.encode(),
+        BSUID.encode(),
+        NAME.encode(),
+        CLICK.encode(),
+        hash_email(EMAIL).encode(),
+    ]
+    assert all(t in file_bytes(db_path) for t in traces)  # the net this test checks
+
+    resp = await client.delete(
+        "/v1/whatsapp/users", params={"accountId": "acme", "phoneE164": PHONE}, headers=AUTH
+    )
+
+    answer = await resp.json()
+    assert resp.status == 200, answer
+    assert answer["erased"]["conversations"] == 1
+    assert answer["erased"]["deliveriesCancelled"] == 1
+    assert answer["erased"]["notificationsRedacted"] == 1
+    assert answer["suppressed"] is False
+    # Gone from the tables and from the file's bytes (database, WAL, shm).
+    content = file_bytes(db_path)
+    for trace in traces[:4]:
+        assert trace not in content, trace
+    # The other person's hashed email stays with their event; theirs is gone from theirs.
+    (theirs,) = query(db_path, "SELECT event, status FROM events WHERE event_id = 'THEIRS'")
+    assert b'"em"' not in theirs[0]
+    assert theirs[1] == "failed"
+    # Never sent after erasure, even when the sink comes back; the other event is.
+    recorder.delivering = True
+    assert (await settle(client, "OTHERS"))["status"] == "delivered"
+    assert recorder.sent == ["OTHERS"]
+    detail = await event_detail(client, "THEIRS")
+    assert detail["deliveries"][0]["errorCode"] == "erased"
+    # An audit row, without who.
+    (audit,) = query(db_path, "SELECT actor, account_id, kind, suppressed FROM erasures")
+    assert audit == ("api_key:admin", "acme", "phone", 0)
+    assert DIGITS not in logs.text
+    assert BSUID not in logs.text
+
+
+async def test_suppression_refuses_their_next_message_and_conversion(
+    make_client: ClientFactory, config: dict[str, Any], db_path: Path
+) -> None:
+    config["privacy"] = {"suppression_key_env": "CTWA_SUPPRESSION_KEY"}
+    client = await make_client(
+        settings=parse_settings(config), environ={**ENV, "CTWA_SUPPRESSION_KEY": SUPPRESSION_KEY}
+    )
+    await capture_person(client, other=False)
+    resp = await client.delete(
+        "/v1/whatsapp/users",
+        params={"accountId": "acme", "businessScopedUserId": BSUID, "suppress": "true"},
+        headers=AUTH,
+    )
+    assert (await resp.json())["erased"]["conversations"] == 1
+    stored = query(db_path, "SELECT kind, digest FROM suppressions")
+    assert stored
+    assert all(len(d) == 64 for _, d in stored)
+    assert hashlib.sha256(f"bsuid:{BSUID}".encode()).hexdigest() not in {d for _, d in stored}
+    # They message again after another ad: nothing is captured.
+    await capture_person(client, other=False)
+    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    # A conversion naming them is refused with the reason.
+    resp = await client.post(
+        URL,
+        json={"accountId": "acme", "eventName": "Purchase", "eventId": "S1",
+              "businessScopedUserId": BSUID, "value": 1, "currency": "USD"},
+        headers=AUTH,
+    )  # fmt: skip
+    body = await resp.json()
+    assert (resp.status, body["code"]) == (422, "person_suppressed")
+
+
+async def test_erasure_mistakes_are_400s_naming_the_field(client: Client) -> None:
+    for params, param in (
+        ({"accountId": "acme"}, "phoneE164"),
+        (
+            {"accountId": "acme", "phoneE164": PHONE, "businessScopedUserId": BSUID},
+            "businessScopedUserId",
+        ),
+        ({"accountId": "acme", "phoneE164": "not a phone"}, "phoneE164"),
+        ({"accountId": "acme", "phoneE164": PHONE, "suppress": "maybe"}, "suppress"),
+    ):
+        resp = await client.delete("/v1/whatsapp/users", params=params, headers=AUTH)
+        body = await resp.json()
+        assert resp.status == 400, body
+        assert body["param"] == param
+    resp = await client.delete(
+        "/v1/whatsapp/users", params={"accountId": "acme", "phoneE164": PHONE, "suppress": "true"},
+        headers=AUTH,
+    )  # fmt: skip
+    assert (resp.status, (await resp.json())["code"]) == (422, "suppression_not_configured")
+
+
+async def test_a_backup_taken_under_load_restores_every_acknowledged_event(
+    make_client: ClientFactory, config: dict[str, Any], db_path: Path, tmp_path: Path
+) -> None:
+    client = await make_client()
+    conversation = await add_conversation(store_of(client))
+    acknowledged: list[str] = []
+
+    async def post(i: int) -> None:
+        await lead(client, f"B{i}", conversation.id)
+        acknowledged.append(f"B{i}")
+
+    await asyncio.gather(*(post(i) for i in range(50)))
+    before = list(acknowledged)
+    copy = tmp_path / "backup.sqlite3"
+    load = asyncio.gather(*(post(i) for i in range(50, 150)))
+    await asyncio.to_thread(backup, db_path, copy)
+    await load
+    assert copy.stat().st_mode & 0o777 == 0o600
+    await client.close()
+    # The disk is lost; the backup comes back.
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    restore(copy, db_path)
+    restored = {row[0] for row in query(db_path, "SELECT event_id FROM events")}
+    assert set(before) <= restored
+    assert restored <= set(acknowledged)
+
+
+def test_restore_refuses_a_damaged_copy_and_a_running_gateway(
+    db_path: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.sqlite3"
+    bad.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(ConfigError, match="is not a ctwa-gateway store"):
+        restore(bad, db_path)
+    good = tmp_path / "good.sqlite3"
+    with sqlite3.connect(good) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version INTEGER)")
+        conn.execute("INSERT INTO schema_migrations VALUES (1)")
+    serving = serving_lock(db_path, shared=True)
+    assert serving.acquire()
+    try:
+        with pytest.raises(ConfigError, match="a gateway is serving"):
+            restore(good, db_path)
+    finally:
+        serving.release()
+
+
+def test_cli_erase_backup_restore_and_stats(
+    config: dict[str, Any], db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(tomli_w.dumps(config))
+    args = ["--config", str(config_file)]
+
+    async def seed() -> None:
+        store = await Store.open(db_path)
+        try:
+            await add_conversation(store, wa_id=DIGITS)
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+    assert main(["stats", "--store", "--json", *args], environ=ENV) == 0
+    tables = {
+        json.loads(line)["table"]: json.loads(line) for line in capsys.readouterr().out.splitlines()
+    }
+    assert tables["conversations"]["rows"] == 1
+    assert tables["conversations"]["oldestDays"] == 0
+    assert main(["erase", *args, "--account", "acme", "--phone", PHONE], environ=ENV) == 0
+    erased = json.loads(capsys.readouterr().out)
+    assert erased["erased"]["conversations"] == 1
+    assert DIGITS not in json.dumps(erased)
+    copy = tmp_path / "copy.sqlite3"
+    assert main(["backup", *args, str(copy)], environ=ENV) == 0
+    assert main(["restore", *args, str(copy)], environ=ENV) == 0
+    assert "restored" in capsys.readouterr().out
+    assert main(["erase", *args, "--account", "acme", "--phone", "nope"], environ=ENV) == 2

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import structlog
 
@@ -29,42 +26,12 @@ from gateway.delivery.dispatcher import Dispatcher
 from gateway.domain import SinkState
 from gateway.metrics import Metrics
 from gateway.plugin_manager import Plugins
+from gateway.store.locks import FileLock
 from gateway.store.outbox import Outbox
 
-__all__ = ["DeliveryLock", "DeliveryService"]
+__all__ = ["DeliveryService"]
 
 log = structlog.get_logger()
-
-
-class DeliveryLock:
-    """An exclusive, non-blocking ``flock`` on a file: held until released or the process ends
-    (the kernel drops it on exit, crash included)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self) -> bool:
-        """Take the lock if it is free; return whether this process holds it."""
-        if self._fd is not None:
-            return True
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the lock
-            self._fd = None
 
 
 class DeliveryService:
@@ -94,7 +61,7 @@ class DeliveryService:
         self._started = False
 
     @asynccontextmanager
-    async def running(self, lock: DeliveryLock) -> AsyncIterator[DeliveryService]:
+    async def running(self, lock: FileLock) -> AsyncIterator[DeliveryService]:
         """Deliver while holding ``lock`` (at once, or when its holder goes away); on exit let
         batches in flight finish, then stop and release it."""
         standby: asyncio.Task[None] | None = None
@@ -127,7 +94,7 @@ class DeliveryService:
             dispatcher.start()
         self._started = True
 
-    async def _take_over(self, lock: DeliveryLock) -> None:
+    async def _take_over(self, lock: FileLock) -> None:
         # A file lock has no wake-up to wait on: polling it is the only way.
         while not lock.acquire():  # noqa: ASYNC110
             await asyncio.sleep(_STANDBY_POLL_S)

@@ -23,6 +23,7 @@ from gateway.wire import (
     ConversionResponse,
     DatasetAnswer,
     DatasetRequest,
+    ErasureAnswer,
     ErrorBody,
     EventDetail,
     EventList,
@@ -129,6 +130,17 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "One conversation; its id is what conversationId takes.",
         answers={200: ConversationView, **_CLIENT_ERRORS},
         path_params=("conversation_id",),
+    ),
+    ("DELETE", "/v1/whatsapp/users"): Operation(
+        "Erase one person from an account (a legal request); optionally suppress them.",
+        answers={200: ErasureAnswer, **_CLIENT_ERRORS, 422: ErrorBody},
+        query=(
+            _ACCOUNT,
+            ("phoneE164", False, "The person's phone, with its country code."),
+            ("businessScopedUserId", False, "Or their business-scoped user id."),
+            ("conversationId", False, "Or one of their conversation ids."),
+            ("suppress", False, "true: refuse their future messages and conversions."),
+        ),
     ),
     ("GET", "/v1/whatsapp/dataset"): Operation(
         "The account's dataset id (meta_capi sink).",

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gateway.errors import InvalidRequest
 
-__all__ = ["AccountQuery", "ConversationsQuery", "ListQuery", "parse_query"]
+__all__ = ["AccountQuery", "ConversationsQuery", "ErasureQuery", "ListQuery", "parse_query"]
 
 Q = TypeVar("Q", bound="QueryStruct")
 
@@ -47,12 +47,26 @@ class ConversationsQuery(ListQuery, frozen=True):
     ) = None
 
 
+class ErasureQuery(AccountQuery, frozen=True):
+    phone_e164: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    business_scoped_user_id: (
+        Annotated[
+            str,
+            msgspec.Meta(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"),
+        ]
+        | None
+    ) = None
+    conversation_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    suppress: bool = False
+
+
 _HINTS = {
     "accountId": "`accountId` is required as a query parameter, e.g. ?accountId=demo.",
     "limit": f"Send `limit` as a whole number from 1 to {_LIST_MAX}, e.g. ?limit=50.",
     "phoneE164": "Send `phoneE164` as the number with its country code, e.g. 16505551234.",
     "businessScopedUserId": "Send `businessScopedUserId` as a WhatsApp business-scoped user id"
     " such as US.13491208655302741918 (letters, digits, dots; at most 256 characters).",
+    "suppress": "Send `suppress` as true or false.",
 }
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`")

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import structlog
 from aiohttp import web
 
+from gateway.erasure import ErasureTarget, erase
 from gateway.errors import InvalidRequest, NotFound
 from gateway.hashing import normalize_phone
 from gateway.http.body import read_json_body
 from gateway.http.handlers import account_for, authenticate, json_response, query_account_id
-from gateway.http.keys import PIPELINE, PLUGINS, SETTINGS
-from gateway.http.query import ConversationsQuery, ListQuery, parse_query
+from gateway.http.keys import CREDENTIALS, PIPELINE, PLUGINS, SETTINGS
+from gateway.http.query import ConversationsQuery, ErasureQuery, ListQuery, parse_query
 from gateway.http.render import (
     answer_status,
     conversation_view,
@@ -21,10 +23,11 @@ from gateway.http.render import (
     event_summary,
 )
 from gateway.validation import decode_conversion
-from gateway.wire import ConversationList, EventList
+from gateway.wire import ConversationList, ErasureAnswer, EventList
 
 __all__ = ["routes"]
 
+log = structlog.get_logger()
 routes = web.RouteTableDef()
 
 
@@ -116,3 +119,31 @@ async def get_conversation(request: web.Request) -> web.Response:
         )
     structlog.contextvars.bind_contextvars(account=conversation.account_id)
     return json_response(conversation_view(conversation))
+
+
+@routes.delete("/v1/whatsapp/users")
+async def erase_user(request: web.Request) -> web.Response:
+    """Erase one person from an account (a legal request); optionally suppress them."""
+    key = authenticate(request)
+    query = parse_query(request, ErasureQuery)
+    account = account_for(request, key, query.account_id)
+    target = ErasureTarget(
+        account.id,
+        phone=query.phone_e164,
+        bsuid=query.business_scoped_user_id,
+        conversation_id=query.conversation_id,
+    )
+    erasure_id, counts = await erase(
+        request.app[PIPELINE].store,
+        target,
+        actor=f"api_key:{key.name}",
+        suppress=query.suppress,
+        key=request.app[CREDENTIALS].suppression_key,
+    )
+    # Counts and the audit id only: never who.
+    log.info(
+        "person_erased", erasure_id=erasure_id, kind=target.kind, **msgspec.to_builtins(counts)
+    )
+    return json_response(
+        ErasureAnswer(erasure_id=erasure_id, erased=counts, suppressed=query.suppress)
+    )

@@ -15,7 +15,7 @@ import secrets
 import sqlite3
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from gateway.domain import (
     overall_status,
 )
 from gateway.errors import ConfigError
+from gateway.hashing import keyed_digest
 from gateway.store.archive import (
     ArchivedNotification,
     ArchivePending,
@@ -47,6 +48,7 @@ from gateway.store.archive import (
 from gateway.store.batch_reader import BatchedLookup
 from gateway.store.capture import CaptureOp, CaptureResult
 from gateway.store.datasets import SaveDataset, stored_datasets
+from gateway.store.erasure import Erase
 from gateway.store.outbox import Outbox
 from gateway.store.retention import RetentionCutoffs, prune_all
 from gateway.store.rows import (
@@ -66,6 +68,7 @@ from gateway.store.rows import (
 )
 from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows, migrate
 from gateway.store.writer import GroupCommitWriter, WriteOp
+from gateway.wire import ErasureCounts
 
 __all__ = ["Store", "StoreMissing", "check_store_path"]
 
@@ -210,6 +213,23 @@ class Store:
         self.conversation_lookups = BatchedLookup(self._conversations_by_id)
         self.outbox = Outbox(reader_conn, self.writer)
         self._tokens = itertools.count(1)
+        self.path = Path(":memory:")
+        # (account, kind, keyed digest) of suppressed people: checked on every capture and
+        # conversion, so kept in memory and reloaded after an erasure and at housekeeping.
+        self.suppressed: set[tuple[str, str, str]] = set()
+        # The secret those digests are made with (set by the runtime from the environment).
+        self.suppression_key: bytes | None = None
+
+    def is_suppressed(self, account_id: str, kind: str, values: Iterable[str | None]) -> bool:
+        """Whether any of ``values`` (phones in WhatsApp's digits, or BSUIDs) is suppressed."""
+        key = self.suppression_key
+        if not self.suppressed or key is None:
+            return False
+        return any(
+            (account_id, kind, keyed_digest(key, kind, value)) in self.suppressed
+            for value in values
+            if value
+        )
 
     @classmethod
     async def open(cls, path: str | Path, *, max_batch: int = 1000, create: bool = True) -> Store:
@@ -242,6 +262,9 @@ class Store:
             await writer.execute("PRAGMA synchronous = FULL")
             await writer.execute("PRAGMA busy_timeout = 5000")
             await writer.execute("PRAGMA foreign_keys = ON")
+            # Deleted rows are overwritten, not left in free pages: an erased person's data
+            # must be gone from the file, not only from the tables.
+            await writer.execute("PRAGMA secure_delete = ON")
             await migrate(writer)
             reader = await aiosqlite.connect(path, isolation_level=None)
         except BaseException as exc:
@@ -253,13 +276,61 @@ class Store:
         await reader.execute("PRAGMA busy_timeout = 5000")
         await reader.execute("PRAGMA query_only = ON")
         store = cls(writer, reader, max_batch=max_batch)
+        store.path = path
         store.writer.start()
+        await store.load_suppressions()
         return store
 
     async def apply_retention(self, cutoffs: RetentionCutoffs, batch_rows: int) -> dict[str, int]:
         """Prune events, clicks and conversations past their cutoffs, ``batch_rows`` a
         transaction; return how many rows each rule removed."""
         return await prune_all(self.writer, cutoffs, batch_rows)
+
+    async def erase(
+        self,
+        *,
+        account_id: str,
+        kind: str,
+        phones: Sequence[str],
+        bsuids: Sequence[str],
+        conversation_ids: Sequence[str],
+        actor: str,
+        suppress: Sequence[tuple[str, str]],
+    ) -> tuple[int, ErasureCounts]:
+        """Erase one person (:class:`gateway.store.erasure.Erase`), then checkpoint so their
+        old pages leave the write-ahead log; return the audit row's id and the counts."""
+        counts = await self.writer.submit(
+            Erase(
+                account_id=account_id,
+                phones=phones,
+                bsuids=bsuids,
+                conversation_ids=conversation_ids,
+                actor=actor,
+                kind=kind,
+                suppress=suppress,
+            )
+        )
+        await self.checkpoint()
+        if suppress:
+            await self.load_suppressions()
+        rows = await fetch_rows(self._reader, "SELECT MAX(pk) FROM erasures", ())
+        return int(rows[0][0]), counts
+
+    async def checkpoint(self) -> None:
+        """Move the write-ahead log into the database file and truncate it."""
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await conn.execute("PRAGMA busy_timeout = 5000")
+            await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            await conn.close()
+
+    async def load_suppressions(self) -> None:
+        """Read the suppressed digests (at open, after an erasure, and at housekeeping)."""
+        rows = await fetch_rows(
+            self._reader, "SELECT account_id, kind, digest FROM suppressions", ()
+        )
+        self.suppressed = {(row[0], row[1], row[2]) for row in rows}
 
     async def prune_messages(self, before: float) -> int:
         """Forget webhook message ids received before ``before``; return how many."""
@@ -290,7 +361,19 @@ class Store:
         window_s: int,
         archive: NewNotification | Reprocess | None = None,
     ) -> CaptureResult:
-        """Apply a webhook notification's records, and archive it, in one transaction."""
+        """Apply a webhook notification's records, and archive it, in one transaction.
+
+        Messages from a suppressed person are dropped first: no conversation, no click."""
+        if self.suppressed:
+            kept = [
+                m
+                for m in batch.messages
+                if not self.is_suppressed(m.account_id, "phone", [m.phone])
+                and not self.is_suppressed(m.account_id, "bsuid", [m.bsuid, m.parent_bsuid])
+            ]
+            if len(kept) != len(batch.messages):
+                log.info("webhook_suppressed", messages=len(batch.messages) - len(kept))
+                batch = msgspec.structs.replace(batch, messages=kept)
         return await self.writer.submit(CaptureOp(batch, window_s=window_s, archive=archive))
 
     # -- the webhook archive ---------------------------------------------------------------
