@@ -22,6 +22,7 @@ from gateway.errors import ConfigError
 from gateway.store.backup import backup, restore
 from gateway.store.database import Store
 from gateway.store.locks import serving_lock
+from gateway.wire import ConversionRequest, request_fingerprint
 from tests.conftest import (
     AUTH,
     ENV,
@@ -157,10 +158,15 @@ async def test_erasure_leaves_no_trace_and_cancels_pending_deliveries(
     recorder = Recorder()
     client = await make_client(plugins={"sinks": ["recorder"]}, extra={"recorder": recorder})
     await capture_person(client)
-    body = {"accountId": "acme", "eventName": "LeadSubmitted", "email": EMAIL}
-    for event_id, phone in (("THEIRS", PHONE), ("OTHERS", "+1 650 555 0100")):
+    body = {"accountId": "acme", "eventName": "LeadSubmitted"}
+    for event_id, phone, email in (
+        ("THEIRS", PHONE, EMAIL),
+        ("OTHERS", "+1 650 555 0100", "someone.else@example.com"),
+    ):
         resp = await client.post(
-            URL, json={**body, "eventId": event_id, "phoneE164": phone}, headers=AUTH
+            URL,
+            json={**body, "eventId": event_id, "phoneE164": phone, "email": email},
+            headers=AUTH,
         )
         assert resp.status == 202, await resp.text()  # the sink is retrying
     traces = [
@@ -169,6 +175,11 @@ async def test_erasure_leaves_no_trace_and_cancels_pending_deliveries(
         NAME.encode(),
         CLICK.encode(),
         hash_email(EMAIL).encode(),
+        request_fingerprint(
+            ConversionRequest(
+                account_id="acme", event_name="LeadSubmitted", event_id="THEIRS", email=EMAIL
+            )
+        )["email"].encode(),
     ]
     assert all(t in file_bytes(db_path) for t in traces)  # the net this test checks
 
@@ -184,9 +195,9 @@ async def test_erasure_leaves_no_trace_and_cancels_pending_deliveries(
     assert answer["suppressed"] is False
     # Gone from the tables and from the file's bytes (database, WAL, shm).
     content = file_bytes(db_path)
-    for trace in traces[:4]:
+    for trace in traces:
         assert trace not in content, trace
-    # The other person's hashed email stays with their event; theirs is gone from theirs.
+    assert hash_email("someone.else@example.com").encode() in content  # not theirs: kept
     (theirs,) = query(db_path, "SELECT event, status FROM events WHERE event_id = 'THEIRS'")
     assert b'"em"' not in theirs[0]
     assert theirs[1] == "failed"
