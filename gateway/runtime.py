@@ -31,6 +31,7 @@ async def _housekeep(store: Store, settings: Settings) -> None:
     """Prune what is past its retention: webhook message ids and archived notifications,
     events, clicks and quiet conversations ([retention])."""
     now = time.time()
+    log.info("housekeeping_started")
     webhook = settings.webhook
     pruned = await store.prune_messages(now - webhook.message_retention_days * 86400)
     archived = await store.prune_archive(now - webhook.archive_retention_days * 86400)
