@@ -17,7 +17,6 @@ from pathlib import Path
 import structlog
 
 from gateway.config import Settings
-from gateway.erasure import suppression_key
 from gateway.errors import ConfigError
 from gateway.http.auth import KeyRing
 from gateway.http.signature import WebhookSecrets
@@ -88,8 +87,6 @@ class Credentials:
     keys: KeyRing
     webhook: WebhookSecrets
     metrics_key: str
-    # Keys suppression digests ([privacy] suppression_key_env); None: no suppression.
-    suppression_key: bytes | None = None
 
     @classmethod
     def load(cls, settings: Settings, environ: Mapping[str, str]) -> Credentials:
@@ -98,7 +95,6 @@ class Credentials:
             keys=KeyRing.from_config(settings.auth, environ),
             webhook=WebhookSecrets.from_config(settings.webhook, environ),
             metrics_key=metrics_key(settings, environ),
-            suppression_key=suppression_key(settings, environ),
         )
 
     def replace_with(self, new: Credentials) -> list[str]:
@@ -110,10 +106,7 @@ class Credentials:
             changed.append("webhook")
         if new.metrics_key != self.metrics_key:
             changed.append("metrics_key")
-        if new.suppression_key != self.suppression_key:
-            # Digests made with the old secret stop matching: say so loudly in the log.
-            changed.append("suppression_key")
         new.keys.on_limited = self.keys.on_limited
         self.keys, self.webhook, self.metrics_key = new.keys, new.webhook, new.metrics_key
-        self.suppression_key = new.suppression_key
+
         return changed

@@ -11,11 +11,10 @@ list of phone numbers by anyone without the secret.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
-from gateway.config import Settings
+from gateway.config import AccountConfig, Settings
 from gateway.errors import ConfigError, InvalidRequest, Unprocessable
-from gateway.hashing import keyed_digest
 from gateway.phones import invalid_phone, parse_phone
 from gateway.store.database import Store
 from gateway.wire import ErasureCounts
@@ -70,45 +69,27 @@ class ErasureTarget:
             self.phones = [digits for digits, _ in parsed.forms]
         self.kind = "phone" if phone else "bsuid" if bsuid else "conversation"
 
-    def digests(self, key: bytes) -> list[tuple[str, str]]:
-        """The suppression digests for this person's identifiers as given."""
-        pairs: Iterable[tuple[str, str]] = [
-            *(("phone", p) for p in self.phones),
-            *(("bsuid", b) for b in self.bsuids),
-        ]
-        return [(kind, keyed_digest(key, kind, value)) for kind, value in pairs]
-
 
 async def erase(
-    store: Store,
-    target: ErasureTarget,
-    *,
-    actor: str,
-    suppress: bool,
-    key: bytes | None,
-) -> tuple[int, ErasureCounts]:
-    """Erase the person; return the audit row's id and what was erased."""
-    if suppress and key is None:
+    store: Store, account: AccountConfig, target: ErasureTarget, *, actor: str, suppress: bool
+) -> tuple[int, ErasureCounts, bool]:
+    """Erase the person; return the audit row's id, what was erased, and whether the bytes
+    have already left the database file."""
+    if suppress and store.suppression_key is None:
         raise Unprocessable(
             "Suppression needs a secret: set [privacy] suppression_key_env to the name of an"
             " environment variable holding one, or erase without `suppress`.",
             code="suppression_not_configured",
             param="suppress",
         )
-    if suppress and target.kind == "conversation":
-        raise InvalidRequest(
-            "Suppress by `phoneE164` or `businessScopedUserId`: a conversation id names no one"
-            " who could come back.",
-            code="invalid_erasure",
-            param="suppress",
-        )
-    digests = target.digests(key) if suppress and key is not None else []
     return await store.erase(
-        account_id=target.account_id,
+        account_id=account.id,
+        waba_id=account.waba_id,
+        phone_number_id=account.phone_number_id,
         kind=target.kind,
         phones=target.phones,
         bsuids=target.bsuids,
         conversation_ids=target.conversation_ids,
         actor=actor,
-        suppress=digests,
+        suppress=suppress,
     )

@@ -159,13 +159,15 @@ async def erase_person(
         async with running(
             settings, plugins, env, start_plugins=False, create_store=False
         ) as pipeline:
-            store = pipeline.store
-            erasure_id, counts = await erase(
-                store, target, actor="cli", suppress=args.suppress, key=store.suppression_key
+            account = pipeline.account(args.account)
+            erasure_id, counts, cleared = await erase(
+                pipeline.store, account, target, actor="cli", suppress=args.suppress
             )
     except GatewayError as exc:
         raise UsageError(exc.message) from None
-    answer = ErasureAnswer(erasure_id=erasure_id, erased=counts, suppressed=args.suppress)
+    answer = ErasureAnswer(
+        erasure_id=erasure_id, erased=counts, suppressed=args.suppress, file_cleared=cleared
+    )
     print(_encode(answer).decode())
     return 0
 

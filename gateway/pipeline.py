@@ -115,6 +115,13 @@ class Pipeline:
                 details={"fields": fields},
             )
         conversation, resolution = found
+        if self.store.suppressed:
+            # However it was found (conversationId, externalId...): it may be theirs.
+            c = conversation
+            if self.store.is_suppressed(account.id, "phone", [c.wa_id]) or (
+                self.store.is_suppressed(account.id, "bsuid", [c.bsuid, c.parent_bsuid])
+            ):
+                raise _suppressed(resolution.field or "conversationId")
         if not conversation.ctwa_clid:
             raise Unprocessable(
                 "The resolved conversation has no captured ctwa_clid",
@@ -146,12 +153,7 @@ class Pipeline:
         if self.store.is_suppressed(account.id, "phone", phones) or self.store.is_suppressed(
             account.id, "bsuid", bsuids
         ):
-            raise Unprocessable(
-                "This person was erased on request and asked not to be processed again; the"
-                " conversion was not stored.",
-                code="person_suppressed",
-                param="phoneE164" if phones else "businessScopedUserId",
-            )
+            raise _suppressed("phoneE164" if phones else "businessScopedUserId")
 
     async def handle(
         self, request: ConversionRequest, account: AccountConfig, *, started: float | None = None
@@ -280,6 +282,15 @@ class Pipeline:
 
 async def _awaited(awaitable: Awaitable[SinkState | None]) -> SinkState | None:
     return await awaitable
+
+
+def _suppressed(param: str) -> Unprocessable:
+    return Unprocessable(
+        "This person was erased on request and asked not to be processed again; the"
+        " conversion was not stored.",
+        code="person_suppressed",
+        param=param,
+    )
 
 
 def changed_fields(before: dict[str, str] | None, now: dict[str, str]) -> list[str]:

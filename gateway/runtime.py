@@ -57,6 +57,19 @@ async def _housekeep(store: Store, settings: Settings) -> None:
 _DAY = 86400
 
 
+async def _refresh_suppressions(store: Store) -> None:
+    """Take in suppressions other processes recorded (``ctwa-gateway erase --suppress``)."""
+    while True:
+        await asyncio.sleep(_SUPPRESSIONS_S)
+        try:
+            await store.load_suppressions()
+        except Exception:
+            log.exception("suppressions_reload_failed")
+
+
+_SUPPRESSIONS_S = 10.0
+
+
 async def _background(store: Store, settings: Settings) -> None:
     """Process what a crash left pending, then keep the tables from growing forever."""
     try:
@@ -76,14 +89,19 @@ async def _background(store: Store, settings: Settings) -> None:
 
 @asynccontextmanager
 async def _housekeeping(store: Store, settings: Settings) -> AsyncIterator[None]:
-    task = asyncio.create_task(_background(store, settings), name="ctwa-housekeeping")
+    tasks = [
+        asyncio.create_task(_background(store, settings), name="ctwa-housekeeping"),
+        asyncio.create_task(_refresh_suppressions(store), name="ctwa-suppressions"),
+    ]
     try:
         yield
     finally:
         # Cancelled, never half-done: each prune and each notification is one transaction.
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 @asynccontextmanager

@@ -319,6 +319,9 @@ class ErasureAnswer(WireStruct, frozen=True):
     erasure_id: int
     erased: ErasureCounts
     suppressed: bool
+    # The erased bytes have left the database file too (else a checkpoint is retried, in the
+    # background, until they have).
+    file_cleared: bool
 
 
 class Health(WireStruct, frozen=True):

@@ -13,7 +13,7 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.hashing import normalize_phone
 from gateway.http.body import read_json_body
 from gateway.http.handlers import account_for, authenticate, json_response, query_account_id
-from gateway.http.keys import CREDENTIALS, PIPELINE, PLUGINS, SETTINGS
+from gateway.http.keys import PIPELINE, PLUGINS, SETTINGS
 from gateway.http.query import ConversationsQuery, ErasureQuery, ListQuery, parse_query
 from gateway.http.render import (
     answer_status,
@@ -133,17 +133,19 @@ async def erase_user(request: web.Request) -> web.Response:
         bsuid=query.business_scoped_user_id,
         conversation_id=query.conversation_id,
     )
-    erasure_id, counts = await erase(
+    erasure_id, counts, cleared = await erase(
         request.app[PIPELINE].store,
+        account,
         target,
         actor=f"api_key:{key.name}",
         suppress=query.suppress,
-        key=request.app[CREDENTIALS].suppression_key,
     )
     # Counts and the audit id only: never who.
     log.info(
         "person_erased", erasure_id=erasure_id, kind=target.kind, **msgspec.to_builtins(counts)
     )
     return json_response(
-        ErasureAnswer(erasure_id=erasure_id, erased=counts, suppressed=query.suppress)
+        ErasureAnswer(
+            erasure_id=erasure_id, erased=counts, suppressed=query.suppress, file_cleared=cleared
+        )
     )

@@ -23,7 +23,7 @@ import aiosqlite
 import msgspec
 import structlog
 
-from gateway.capture.records import CaptureBatch
+from gateway.capture.records import CaptureBatch, InboundMessage
 from gateway.domain import (
     Conversation,
     PhoneMatch,
@@ -48,7 +48,7 @@ from gateway.store.archive import (
 from gateway.store.batch_reader import BatchedLookup
 from gateway.store.capture import CaptureOp, CaptureResult
 from gateway.store.datasets import SaveDataset, stored_datasets
-from gateway.store.erasure import Erase
+from gateway.store.erasure import Erase, redact_notification
 from gateway.store.outbox import Outbox
 from gateway.store.retention import RetentionCutoffs, prune_all
 from gateway.store.rows import (
@@ -80,6 +80,15 @@ _BY_BSUID = (
     "(bsuid = ? OR parent_bsuid = ? OR id IN (SELECT conversation_id FROM conversation_aliases"
     " WHERE account_id = ? AND kind = 'bsuid' AND value = ?))"
 )
+
+
+def _without(archive: NewNotification, dropped: Sequence[InboundMessage]) -> NewNotification:
+    """The archived notification without these (suppressed) people's messages and contacts."""
+    identifiers = frozenset(
+        v for m in dropped for v in (m.phone, m.bsuid, m.parent_bsuid, m.wamid) if v
+    )
+    redacted = redact_notification(archive.body, identifiers)
+    return archive if redacted is None else msgspec.structs.replace(archive, body=redacted)
 
 
 class StoreMissing(ConfigError):
@@ -219,6 +228,8 @@ class Store:
         self.suppressed: set[tuple[str, str, str]] = set()
         # The secret those digests are made with (set by the runtime from the environment).
         self.suppression_key: bytes | None = None
+        # Checkpoints an erasure left to retry (readers were in the way).
+        self._checkpoints: set[asyncio.Task[None]] = set()
 
     def is_suppressed(self, account_id: str, kind: str, values: Iterable[str | None]) -> bool:
         """Whether any of ``values`` (phones in WhatsApp's digits, or BSUIDs) is suppressed."""
@@ -290,40 +301,61 @@ class Store:
         self,
         *,
         account_id: str,
+        waba_id: str,
+        phone_number_id: str,
         kind: str,
         phones: Sequence[str],
         bsuids: Sequence[str],
         conversation_ids: Sequence[str],
         actor: str,
-        suppress: Sequence[tuple[str, str]],
-    ) -> tuple[int, ErasureCounts]:
-        """Erase one person (:class:`gateway.store.erasure.Erase`), then checkpoint so their
-        old pages leave the write-ahead log; return the audit row's id and the counts."""
-        counts = await self.writer.submit(
+        suppress: bool,
+    ) -> tuple[int, ErasureCounts, bool]:
+        """Erase one person (:class:`gateway.store.erasure.Erase`) and, if ``suppress``, record
+        their suppression; then checkpoint so their old pages leave the write-ahead log.
+        Return the audit row's id, the counts, and whether the file is already clear of them
+        (else a checkpoint is retried in the background until it is)."""
+        erasure_id, counts = await self.writer.submit(
             Erase(
                 account_id=account_id,
+                waba_id=waba_id,
+                phone_number_id=phone_number_id,
                 phones=phones,
                 bsuids=bsuids,
                 conversation_ids=conversation_ids,
                 actor=actor,
                 kind=kind,
-                suppress=suppress,
+                suppress_key=self.suppression_key if suppress else None,
             )
         )
-        await self.checkpoint()
         if suppress:
             await self.load_suppressions()
-        rows = await fetch_rows(self._reader, "SELECT MAX(pk) FROM erasures", ())
-        return int(rows[0][0]), counts
+        cleared = await self.checkpoint(busy_timeout_ms=250)
+        if not cleared:
+            log.warning("erasure_checkpoint_pending", erasure_id=erasure_id)
+            self._checkpoints.add(asyncio.create_task(self._checkpoint_until_done(erasure_id)))
+        return erasure_id, counts, cleared
 
-    async def checkpoint(self) -> None:
-        """Move the write-ahead log into the database file and truncate it."""
+    async def _checkpoint_until_done(self, erasure_id: int) -> None:
+        """Retry the checkpoint (readers were in the way) until the file is clear."""
+        for _ in range(720):  # an hour; housekeeping checkpoints as well
+            await asyncio.sleep(5.0)
+            if await self.checkpoint(busy_timeout_ms=250):
+                log.info("erasure_checkpoint_done", erasure_id=erasure_id)
+                return
+        log.error("erasure_checkpoint_failed", erasure_id=erasure_id)
+
+    async def checkpoint(self, *, busy_timeout_ms: int = 5000) -> bool:
+        """Move the write-ahead log into the database file and truncate it; return whether it
+        fully did (a reader holding an old snapshot keeps frames in the log)."""
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         try:
-            await conn.execute("PRAGMA busy_timeout = 5000")
-            await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            rows = await fetch_rows(conn, "PRAGMA wal_checkpoint(TRUNCATE)", ())
+        except sqlite3.OperationalError:
+            return False
         finally:
             await conn.close()
+        return bool(rows) and rows[0][0] == 0
 
     async def load_suppressions(self) -> None:
         """Read the suppressed digests (at open, after an erasure, and at housekeeping)."""
@@ -342,6 +374,8 @@ class Store:
 
     async def close(self) -> None:
         """Flush pending writes and close both connections."""
+        for task in self._checkpoints:
+            task.cancel()
         await self.writer.close()
         await self.conversation_lookups.drain()
         await self._reader.close()
@@ -372,8 +406,12 @@ class Store:
                 and not self.is_suppressed(m.account_id, "bsuid", [m.bsuid, m.parent_bsuid])
             ]
             if len(kept) != len(batch.messages):
-                log.info("webhook_suppressed", messages=len(batch.messages) - len(kept))
+                dropped = [m for m in batch.messages if m not in kept]
+                log.info("webhook_suppressed", messages=len(dropped))
                 batch = msgspec.structs.replace(batch, messages=kept)
+                if isinstance(archive, NewNotification):
+                    # Not even the archive keeps what they wrote.
+                    archive = _without(archive, dropped)
         return await self.writer.submit(CaptureOp(batch, window_s=window_s, archive=archive))
 
     # -- the webhook archive ---------------------------------------------------------------

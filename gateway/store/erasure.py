@@ -1,20 +1,23 @@
 """Erasure on request: every row that identifies one person, gone in one transaction.
 
-The person is found by phone (every form WhatsApp may have stored, and numbers they had
-before a change), by BSUID (own, parent or former) or by conversation id; then every
-conversation that shares one of their identifiers, or was merged into or out of one of
-theirs, is theirs too. For those conversations:
+The person is found by phone (every form WhatsApp may have stored, held by them now, and
+numbers they had before a change), by BSUID (own, parent or former) or by conversation id;
+then every conversation that shares one of their identifiers, or was merged with one of
+theirs, is theirs too. A recycled number is not followed: its previous owner is someone else.
+For those conversations, on that account only:
 
-- the conversations, their aliases, webhook message ids and automatic events are deleted;
+- the conversations, their aliases, webhook message ids and automatic events (also those
+  that name their message ids or click ids without a conversation) are deleted;
 - their events stay (counts and history survive) without the hashed identifiers and click id
   in the stored Meta event, the dry-run payload copies and the request digests;
-- deliveries still pending are cancelled (``failed``, ``erased``): never sent after this;
-- archived notifications that mention them are rewritten without them (a message, contact or
-  status about them becomes ``{"erased": true}``; any other occurrence ``"[erased]"``).
+- deliveries still pending are cancelled (``failed``, ``erased``): never sent after this, and
+  neither a batch already in flight nor ``replay`` can bring them back;
+- the account's archived notifications are rewritten without them: an object naming one of
+  their identifiers exactly (a message, contact, status, referral, automatic event) becomes
+  ``{"erased": true}``; a value equal to one ``"[erased]"``. Exact values only: a short
+  identifier can never rewrite unrelated text.
 
-An audit row says who asked, when, and how many rows of each kind went; no identifier. The
-database runs with ``secure_delete`` and is checkpointed afterwards, so the bytes are gone
-from the file too, not only from the tables.
+An audit row says who asked, when, and how many rows of each kind went; no identifier.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from gateway.store.retention import delete_conversations
-from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows
+from gateway.hashing import keyed_digest
+from gateway.store.retention import delete_conversations, scrub_events
+from gateway.store.schema import fetch_rows
 from gateway.store.writer import WriteOp
 from gateway.wire import ErasureCounts
 
@@ -35,24 +39,30 @@ __all__ = ["Erase", "redact_notification"]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
-# user_data keys that identify the person (hashed or not); what stays is the WABA id.
-_PERSONAL_USER_DATA = ("em", "ph", "external_id", "ctwa_clid", "fn", "ln", "db", "ge", "ct")
 # Keys whose value, when it is one of the person's identifiers, makes the whole object theirs.
 _IDENTIFYING_KEYS = frozenset(
-    {"from", "wa_id", "recipient_id", "user_id", "from_user_id", "parent_user_id",
-     "from_parent_user_id"}
+    {"from", "to", "wa_id", "recipient_id", "user_id", "from_user_id", "parent_user_id",
+     "from_parent_user_id", "recipient_user_id", "recipient_parent_user_id",
+     "previous_user_id", "id", "ctwa_clid", "username"}
 )  # fmt: skip
 _ERASED_OBJECT = {"erased": True}
 _ERASED = "[erased]"
 
 
-def redact_notification(body: bytes, identifiers: frozenset[str]) -> bytes | None:
-    """Return ``body`` without any trace of ``identifiers``, or None if it held none (or is
-    not JSON, which the caller deletes rather than keep unreadable personal data)."""
+def redact_notification(
+    body: bytes,
+    identifiers: frozenset[str],
+    *,
+    waba_id: str | None = None,
+    phone_number_id: str | None = None,
+) -> bytes | None:
+    """Return ``body`` without ``identifiers`` in the account's entries (its WABA, or its
+    phone number's changes; every entry if neither is given), or None if nothing changed (or
+    it is not JSON: whose it is cannot be told, so it is left to the archive's retention)."""
     try:
         document = _decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError):
-        return b""
+        return None
     changed = False
 
     def walk(value: Any) -> Any:
@@ -67,109 +77,128 @@ def redact_notification(body: bytes, identifiers: frozenset[str]) -> bytes | Non
             return {key: walk(item) for key, item in value.items()}
         if isinstance(value, list):
             return [walk(item) for item in value]
-        if isinstance(value, str) and any(i in value for i in identifiers):
+        if isinstance(value, str) and value in identifiers:
             changed = True
             return _ERASED
         return value
 
-    redacted = walk(document)
-    return _encode(redacted) if changed else None
+    entries = document.get("entry") if isinstance(document, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        ours = entry.get("id") == waba_id or (waba_id is None and phone_number_id is None)
+        changes = entry.get("changes")
+        for change in changes if isinstance(changes, list) else []:
+            if not isinstance(change, dict) or not isinstance(change.get("value"), dict):
+                continue
+            metadata = change["value"].get("metadata")
+            number = metadata.get("phone_number_id") if isinstance(metadata, dict) else None
+            if ours or number == phone_number_id:
+                change["value"] = walk(change["value"])
+    return _encode(document) if changed else None
 
 
-class Erase(WriteOp[ErasureCounts]):
-    """Erase one person from one account (see the module's doc); returns the counts."""
+class Erase(WriteOp[tuple[int, ErasureCounts]]):
+    """Erase one person from one account (see the module's doc); returns the audit row's id
+    and the counts."""
 
     def __init__(
         self,
         *,
         account_id: str,
+        waba_id: str,
+        phone_number_id: str,
         phones: Sequence[str] = (),
         bsuids: Sequence[str] = (),
         conversation_ids: Sequence[str] = (),
         actor: str,
         kind: str,
-        suppress: Sequence[tuple[str, str]] = (),
+        suppress_key: bytes | None = None,
     ) -> None:
-        self.account_id = account_id
+        self.account_id, self.waba_id, self.phone_number_id = account_id, waba_id, phone_number_id
         self.phones, self.bsuids = list(phones), list(bsuids)
         self.conversation_ids = list(conversation_ids)
         self.actor, self.kind = actor, kind
-        self.suppress = list(suppress)
+        self.suppress_key = suppress_key
 
-    async def apply(self, conn: aiosqlite.Connection) -> ErasureCounts:
+    async def apply(self, conn: aiosqlite.Connection) -> tuple[int, ErasureCounts]:
         counts = ErasureCounts()
-        ids, identifiers = await self._theirs(conn)
+        ids, phones, bsuids = await self._theirs(conn)
+        identifiers = set(phones | bsuids)
         if ids:
-            await self._scrub_events(conn, ids, counts)
+            identifiers |= await self._traces(conn, ids)
+            counts.automatic_events = await self._delete_automatic(conn, identifiers)
+            scrubbed, cancelled = await scrub_events(conn, ids, account_id=self.account_id)
+            counts.events_scrubbed, counts.deliveries_cancelled = scrubbed, cancelled
             deleted = await delete_conversations(conn, ids)
             counts.conversations = deleted["conversations"]
             counts.aliases = deleted["conversation_aliases"]
             counts.webhook_messages = deleted["webhook_messages"]
-            counts.automatic_events = deleted["automatic_events"]
+            counts.automatic_events += deleted["automatic_events"]
         if identifiers:
-            counts.notifications_redacted = await self._redact_archive(conn, identifiers)
+            counts.notifications_redacted = await self._redact_archive(conn, frozenset(identifiers))
         now = time.time()
-        await conn.execute(
+        key = self.suppress_key
+        cursor = await conn.execute(
             "INSERT INTO erasures (at, actor, account_id, kind, counts, suppressed)"
             " VALUES (?,?,?,?,?,?)",
-            (now, self.actor, self.account_id, self.kind, _encode(counts), bool(self.suppress)),
+            (now, self.actor, self.account_id, self.kind, _encode(counts), key is not None),
         )
-        await conn.executemany(
-            "INSERT OR IGNORE INTO suppressions (account_id, kind, digest, created_at)"
-            " VALUES (?,?,?,?)",
-            [(self.account_id, kind, digest, now) for kind, digest in self.suppress],
-        )
-        return counts
+        if key is not None:
+            # Every identifier found, not only the one given: the person must not come back
+            # by their BSUID after being erased by phone.
+            await conn.executemany(
+                "INSERT OR IGNORE INTO suppressions (account_id, kind, digest, created_at)"
+                " VALUES (?,?,?,?)",
+                [
+                    (self.account_id, kind, keyed_digest(key, kind, value), now)
+                    for kind, values in (("phone", phones), ("bsuid", bsuids))
+                    for value in sorted(values)
+                ],
+            )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid, counts
 
-    async def _theirs(self, conn: aiosqlite.Connection) -> tuple[list[str], frozenset[str]]:
-        """The person's conversations on the account, and every identifier they carry."""
+    async def _theirs(self, conn: aiosqlite.Connection) -> tuple[list[str], set[str], set[str]]:
+        """The person's conversations on the account, and their phones and BSUIDs."""
         phones, bsuids = set(self.phones), set(self.bsuids)
         ids: set[str] = set()
         seeds = set(self.conversation_ids)
         for _ in range(8):  # identities chain through merges and changes; a few hops suffice
-            found = await self._matching(conn, phones, bsuids, seeds | ids)
-            new = found - ids
+            new = await self._matching(conn, phones, bsuids, seeds | ids) - ids
             if not new:
                 break
             ids |= new
             rows = await fetch_rows(
                 conn,
-                "SELECT wa_id, bsuid, parent_bsuid, superseded_by FROM conversations"
-                f" WHERE id IN ({_marks(new)})",
+                "SELECT wa_id, bsuid, parent_bsuid, superseded_by, phone_released_at"
+                f" FROM conversations WHERE id IN ({_marks(new)})",
                 list(new),
             )
-            for wa_id, bsuid, parent, superseded_by in rows:
-                phones.update(v for v in (wa_id,) if v)
+            for wa_id, bsuid, parent, superseded_by, released in rows:
+                if released is None:
+                    # A released number belongs to its new owner, and so does what it
+                    # was superseded by: neither is this person.
+                    phones.update(v for v in (wa_id,) if v)
+                    if superseded_by:
+                        seeds.add(superseded_by)
                 bsuids.update(v for v in (bsuid, parent) if v)
-                if superseded_by:
-                    seeds.add(superseded_by)
             aliases = await fetch_rows(
                 conn,
-                f"SELECT kind, value FROM conversation_aliases WHERE conversation_id IN"
-                f" ({_marks(new)})",
-                list(new),
+                "SELECT kind, value FROM conversation_aliases WHERE account_id = ?"
+                f" AND conversation_id IN ({_marks(new)})",
+                [self.account_id, *new],
             )
             for kind, value in aliases:
                 (phones if kind == "phone" else bsuids).add(value)
-        usernames = await fetch_rows(
-            conn,
-            f"SELECT username FROM conversations WHERE id IN ({_marks(ids)})"
-            " AND username IS NOT NULL",
-            list(ids),
-        ) if ids else []  # fmt: skip
-        identifiers = frozenset(phones | bsuids | {row[0] for row in usernames})
-        return sorted(ids), identifiers
+        return sorted(ids), phones, bsuids
 
     async def _matching(
-        self,
-        conn: aiosqlite.Connection,
-        phones: set[str],
-        bsuids: set[str],
-        ids: set[str],
+        self, conn: aiosqlite.Connection, phones: set[str], bsuids: set[str], ids: set[str]
     ) -> set[str]:
         clauses, params = [], [self.account_id]
         if phones:
-            clauses.append(f"wa_id IN ({_marks(phones)})")
+            clauses.append(f"(wa_id IN ({_marks(phones)}) AND phone_released_at IS NULL)")
             params += sorted(phones)
         if bsuids:
             marks = _marks(bsuids)
@@ -177,7 +206,8 @@ class Erase(WriteOp[ErasureCounts]):
             params += sorted(bsuids) * 2
         if ids:
             marks = _marks(ids)
-            clauses.append(f"id IN ({marks}) OR superseded_by IN ({marks})")
+            clauses.append(f"id IN ({marks}) OR (superseded_by IN ({marks})")
+            clauses[-1] += " AND phone_released_at IS NULL)"
             params += sorted(ids) * 2
         if not clauses:
             return set()
@@ -202,42 +232,33 @@ class Erase(WriteOp[ErasureCounts]):
             }
         return found
 
-    async def _scrub_events(
-        self, conn: aiosqlite.Connection, ids: Sequence[str], counts: ErasureCounts
-    ) -> None:
-        rows = await fetch_rows(
-            conn,
-            f"SELECT pk, event FROM events WHERE account_id = ? AND conversation_id IN"
-            f" ({_marks(ids)})",
-            [self.account_id, *ids],
-        )
-        scrubbed = []
-        for pk, raw in rows:
-            event = _decode(raw)
-            user_data = event.get("user_data") if isinstance(event, dict) else None
-            if isinstance(user_data, dict):
-                for key in _PERSONAL_USER_DATA:
-                    user_data.pop(key, None)
-            scrubbed.append((_encode(event), pk))
-        if not scrubbed:
-            return
-        pks = [pk for _, pk in scrubbed]
-        await conn.executemany(
-            "UPDATE events SET event = ?, request_fields = NULL WHERE pk = ?", scrubbed
-        )
-        marks = _marks(pks)
+    async def _traces(self, conn: aiosqlite.Connection, ids: Sequence[str]) -> set[str]:
+        """Their usernames, click ids and message ids (a wamid carries the phone)."""
+        marks = _marks(ids)
+        found: set[str] = set()
+        for sql in (
+            f"SELECT username FROM conversations WHERE id IN ({marks})",
+            f"SELECT ctwa_clid FROM conversations WHERE id IN ({marks})",
+            f"SELECT wamid FROM webhook_messages WHERE conversation_id IN ({marks})",
+            f"SELECT wamid FROM automatic_events WHERE conversation_id IN ({marks})",
+            f"SELECT ctwa_clid FROM automatic_events WHERE conversation_id IN ({marks})",
+        ):
+            found |= {row[0] for row in await fetch_rows(conn, sql, list(ids)) if row[0]}
+        return found
+
+    async def _delete_automatic(self, conn: aiosqlite.Connection, identifiers: set[str]) -> int:
+        """Automatic events that name their message ids or click ids without a conversation."""
+        values = sorted(identifiers)
+        marks = _marks(values)
         cursor = await conn.execute(
-            "UPDATE deliveries SET status = 'failed', error_code = 'erased',"
-            " error = 'cancelled: the person was erased on request; never sent',"
-            f" next_attempt_at = NULL WHERE status = 'pending' AND event_pk IN ({marks})",
-            pks,
+            "DELETE FROM automatic_events WHERE account_id = ? AND conversation_id IS NULL"
+            f" AND (wamid IN ({marks}) OR ctwa_clid IN ({marks}))",
+            [self.account_id, *values, *values],
         )
-        counts.deliveries_cancelled = cursor.rowcount
-        await conn.execute(f"UPDATE deliveries SET payload = NULL WHERE event_pk IN ({marks})", pks)
-        await conn.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
-        counts.events_scrubbed = len(pks)
+        return cursor.rowcount
 
     async def _redact_archive(self, conn: aiosqlite.Connection, identifiers: frozenset[str]) -> int:
+        # A cheap first cut in SQL (bytes that contain an identifier), the exact one in Python.
         where = " OR ".join("instr(body, ?) > 0" for _ in identifiers)
         rows = await fetch_rows(
             conn,
@@ -246,17 +267,17 @@ class Erase(WriteOp[ErasureCounts]):
         )
         changed = 0
         for pk, body in rows:
-            redacted = redact_notification(bytes(body), identifiers)
-            if redacted is None:
-                continue
-            if redacted == b"":
-                await conn.execute("DELETE FROM webhook_problems WHERE notification_pk = ?", (pk,))
-                await conn.execute("DELETE FROM webhook_notifications WHERE pk = ?", (pk,))
-            else:
+            redacted = redact_notification(
+                bytes(body),
+                identifiers,
+                waba_id=self.waba_id,
+                phone_number_id=self.phone_number_id,
+            )
+            if redacted is not None:
                 await conn.execute(
                     "UPDATE webhook_notifications SET body = ? WHERE pk = ?", (redacted, pk)
                 )
-            changed += 1
+                changed += 1
         return changed
 
 

@@ -44,7 +44,7 @@ class _Record(WriteOp[None]):
         await conn.executemany(
             "UPDATE deliveries SET status = ?, attempts = ?, error = ?, error_code = ?,"
             " trace_id = ?, events_received = ?, warnings = ?, next_attempt_at = ?,"
-            " updated_at = ? WHERE event_pk = ? AND sink = ?",
+            " updated_at = ? WHERE event_pk = ? AND sink = ? AND error_code IS NOT 'erased'",
             [
                 (
                     r.state.status,
@@ -98,8 +98,10 @@ class _Requeue(WriteOp[int]):
         now = time.time()
         sink_marks = ",".join("?" * len(sinks))
         status_marks = ",".join("?" * len(statuses))
+        # An erased person's deliveries stay cancelled, whatever is replayed.
         where = (
-            f"sink IN ({sink_marks}) AND status IN ({status_marks}) AND event_pk IN"
+            f"sink IN ({sink_marks}) AND status IN ({status_marks})"
+            " AND error_code IS NOT 'erased' AND event_pk IN"
             " (SELECT pk FROM events WHERE account_id = ? AND received_at >= ?)"
         )
         params = [*sinks, *statuses, account_id, since]

@@ -12,11 +12,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiosqlite
+import msgspec
 
-from gateway.store.schema import fetch_rows
+from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
-__all__ = ["RetentionCutoffs", "delete_conversations", "prune_all"]
+__all__ = ["RetentionCutoffs", "delete_conversations", "prune_all", "scrub_events"]
 
 # The click fields a cleared click loses.
 _CLICK_FIELDS = (
@@ -50,7 +51,10 @@ class PruneEvents(WriteOp[int]):
         pks = await _column(
             conn,
             f"SELECT pk FROM events WHERE received_at < ? AND status IN ({_marks(self.statuses)})"
-            " ORDER BY received_at LIMIT ?",
+            # An event shows "failed" while another of its sinks is still pending: that
+            # delivery is not done, so the event stays.
+            " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_pk = events.pk"
+            " AND d.status = 'pending') ORDER BY received_at LIMIT ?",
             [self.before, *self.statuses, self.limit],
         )
         if not pks:
@@ -116,6 +120,9 @@ class PruneConversations(WriteOp[int]):
             [self.before, self.limit],
         )
         if ids:
+            # Their finished events lose the person's hashed identifiers too: once the
+            # conversation is gone nothing could find them for an erasure any more.
+            await scrub_events(conn, ids, cancel_pending=False)
             await delete_conversations(conn, ids)
         return len(ids)
 
@@ -133,6 +140,63 @@ async def delete_conversations(conn: aiosqlite.Connection, ids: Sequence[str]) -
         cursor = await conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
         counts[table] = cursor.rowcount
     return counts
+
+
+# user_data keys that identify the person (hashed or not); what stays is the WABA id.
+_PERSONAL_USER_DATA = ("em", "ph", "external_id", "ctwa_clid", "fn", "ln", "db", "ge", "ct")
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+async def scrub_events(
+    conn: aiosqlite.Connection,
+    conversation_ids: Sequence[str],
+    *,
+    account_id: str | None = None,
+    cancel_pending: bool = True,
+) -> tuple[int, int]:
+    """Remove the person's identifiers from the events of these conversations (the stored
+    Meta event's user_data, dry-run payload copies, request digests); cancel their pending
+    deliveries, or, with ``cancel_pending`` false, leave events still pending untouched (they
+    need their payload to be sent). Return (events scrubbed, deliveries cancelled)."""
+    marks = _marks(conversation_ids)
+    sql = f"SELECT pk, event FROM events WHERE conversation_id IN ({marks})"
+    params: list[Any] = list(conversation_ids)
+    if account_id is not None:
+        sql += " AND account_id = ?"
+        params.append(account_id)
+    if not cancel_pending:
+        sql += (
+            " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_pk = events.pk"
+            " AND d.status = 'pending')"
+        )
+    scrubbed = []
+    for pk, raw in await fetch_rows(conn, sql, params):
+        event = _decode(raw)
+        user_data = event.get("user_data") if isinstance(event, dict) else None
+        if isinstance(user_data, dict):
+            for key in _PERSONAL_USER_DATA:
+                user_data.pop(key, None)
+        scrubbed.append((_encode(event), pk))
+    if not scrubbed:
+        return 0, 0
+    pks = [pk for _, pk in scrubbed]
+    await conn.executemany(
+        "UPDATE events SET event = ?, request_fields = NULL WHERE pk = ?", scrubbed
+    )
+    pk_marks = _marks(pks)
+    cancelled = 0
+    if cancel_pending:
+        cursor = await conn.execute(
+            "UPDATE deliveries SET status = 'failed', error_code = 'erased',"
+            " error = 'cancelled: the person was erased on request; never sent',"
+            f" next_attempt_at = NULL WHERE status = 'pending' AND event_pk IN ({pk_marks})",
+            pks,
+        )
+        cancelled = cursor.rowcount
+    await conn.execute(f"UPDATE deliveries SET payload = NULL WHERE event_pk IN ({pk_marks})", pks)
+    await conn.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
+    return len(pks), cancelled
 
 
 class RetentionCutoffs:
