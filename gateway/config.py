@@ -197,6 +197,9 @@ class PrivacyConfig(ConfigStruct, frozen=True):
     # The secret that keys suppression digests (HMAC-SHA256): a stored digest cannot be
     # matched against a list of phone numbers without it. Unset: no suppression.
     suppression_key_env: EnvName | None = None
+    # How often a running gateway reads suppressions another process recorded
+    # (`ctwa-gateway erase --suppress`); its own take effect at once.
+    suppressions_refresh_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 10.0
 
 
 class Settings(ConfigStruct, frozen=True):

@@ -15,6 +15,7 @@ from gateway.capture.inbox import reprocess
 from gateway.config import Settings
 from gateway.delivery.service import DeliveryService
 from gateway.erasure import suppression_key
+from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.plugin_manager import Plugins
@@ -57,17 +58,14 @@ async def _housekeep(store: Store, settings: Settings) -> None:
 _DAY = 86400
 
 
-async def _refresh_suppressions(store: Store) -> None:
+async def _refresh_suppressions(store: Store, every_s: float) -> None:
     """Take in suppressions other processes recorded (``ctwa-gateway erase --suppress``)."""
     while True:
-        await asyncio.sleep(_SUPPRESSIONS_S)
+        await asyncio.sleep(every_s)
         try:
             await store.load_suppressions()
         except Exception:
             log.exception("suppressions_reload_failed")
-
-
-_SUPPRESSIONS_S = 10.0
 
 
 async def _background(store: Store, settings: Settings) -> None:
@@ -91,7 +89,10 @@ async def _background(store: Store, settings: Settings) -> None:
 async def _housekeeping(store: Store, settings: Settings) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(_background(store, settings), name="ctwa-housekeeping"),
-        asyncio.create_task(_refresh_suppressions(store), name="ctwa-suppressions"),
+        asyncio.create_task(
+            _refresh_suppressions(store, settings.privacy.suppressions_refresh_s),
+            name="ctwa-suppressions",
+        ),
     ]
     try:
         yield
@@ -133,7 +134,10 @@ async def running(
             if start_plugins:
                 # Held for as long as this process serves: `restore` refuses to run under it.
                 serving = serving_lock(settings.store_path(), shared=True)
-                serving.acquire()
+                if not serving.acquire():
+                    raise ConfigError(
+                        f"a restore is writing {settings.store_path()}: start once it is done"
+                    )
                 stack.callback(serving.release)
                 await stack.enter_async_context(_housekeeping(store, settings))
                 # Entered in load order and exited in reverse: the dispatchers stop (and

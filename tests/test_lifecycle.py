@@ -303,9 +303,12 @@ def test_restore_refuses_a_damaged_copy_and_a_running_gateway(
     with pytest.raises(ConfigError, match="is not a ctwa-gateway store"):
         restore(bad, db_path)
     good = tmp_path / "good.sqlite3"
-    with sqlite3.connect(good) as conn:
-        conn.execute("CREATE TABLE schema_migrations (version INTEGER)")
-        conn.execute("INSERT INTO schema_migrations VALUES (1)")
+
+    async def make_store() -> None:
+        await (await Store.open(db_path)).close()
+
+    asyncio.run(make_store())
+    backup(db_path, good)
     serving = serving_lock(db_path, shared=True)
     assert serving.acquire()
     try:

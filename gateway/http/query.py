@@ -41,7 +41,7 @@ class ConversationsQuery(ListQuery, frozen=True):
     business_scoped_user_id: (
         Annotated[
             str,
-            msgspec.Meta(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"),
+            msgspec.Meta(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*\Z"),
         ]
         | None
     ) = None
@@ -52,7 +52,7 @@ class ErasureQuery(AccountQuery, frozen=True):
     business_scoped_user_id: (
         Annotated[
             str,
-            msgspec.Meta(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"),
+            msgspec.Meta(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*\Z"),
         ]
         | None
     ) = None

@@ -33,6 +33,10 @@ _OLDEST = {
 }
 
 
+# What every store has had since its first migration.
+_REQUIRED_TABLES = frozenset({"schema_migrations", "conversations", "events", "deliveries"})
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA busy_timeout = 5000")
@@ -43,6 +47,8 @@ def backup(store: Path, target: Path) -> int:
     """Copy the live store to ``target`` (private to the user); return its size in bytes."""
     if not store.exists():
         raise ConfigError(f"no store at {store}: check [store] path")
+    if not target.parent.is_dir():
+        raise ConfigError(f"cannot write {target}: {target.parent} is not a folder")
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)
     os.close(os.open(partial, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -60,6 +66,20 @@ def backup(store: Path, target: Path) -> int:
     return target.stat().st_size
 
 
+def _copy(store: Path, target: Path) -> None:
+    os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
+    source = _connect(store)
+    try:
+        copy = sqlite3.connect(target)
+        try:
+            source.backup(copy)
+            copy.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            copy.close()
+    finally:
+        source.close()
+
+
 def verify(path: Path) -> int:
     """Check a backup before it is trusted; return its schema version, or raise ConfigError."""
     if not path.is_file():
@@ -69,12 +89,21 @@ def verify(path: Path) -> int:
         try:
             (result,) = conn.execute("PRAGMA integrity_check").fetchone()
             (version,) = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+            tables = {
+                row[0]
+                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"{path} is not a ctwa-gateway store: {exc}") from None
     if result != "ok":
         raise ConfigError(f"{path} is damaged: integrity check says {result!r}")
+    missing = _REQUIRED_TABLES - tables
+    if missing:
+        raise ConfigError(
+            f"{path} is not a ctwa-gateway store: it has no {', '.join(sorted(missing))} table"
+        )
     if version is None or version > len(MIGRATIONS):
         raise ConfigError(
             f"{path} has schema version {version}; this version knows up to {len(MIGRATIONS)}:"
@@ -94,7 +123,11 @@ def restore(backup_path: Path, store: Path) -> int:
     try:
         if not store.parent.exists():
             store.parent.mkdir(mode=0o700, parents=True)
-        if not store.exists():
+        if store.exists():
+            # Kept until the operator removes it: a restore must never lose the only copy.
+            aside = store.with_name(f"{store.name}.before-restore-{int(time.time())}")
+            _copy(store, aside)
+        else:
             os.close(os.open(store, os.O_CREAT | os.O_WRONLY, 0o600))
         source = sqlite3.connect(f"file:{backup_path}?mode=ro", uri=True)
         try:

@@ -207,6 +207,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX webhook_messages_by_conversation ON webhook_messages (conversation_id);
     CREATE INDEX webhook_messages_by_received ON webhook_messages (received_at);
     CREATE INDEX automatic_events_by_received ON automatic_events (received_at);
+    CREATE INDEX automatic_events_by_conversation ON automatic_events (conversation_id);
     CREATE INDEX conversation_aliases_by_conversation
         ON conversation_aliases (conversation_id);
     CREATE TABLE event_daily (

@@ -1,0 +1,837 @@
+"""Erasure and suppression against what a review tried: every trace a person leaves, other
+accounts, recycled numbers, deliveries in flight, replay, retention, restore, re-deliveries."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway import hash_email, hash_external_id
+from gateway.config import parse_settings
+from gateway.wire import ConversionRequest, request_fingerprint
+from tests.conftest import AUTH, ENV, ClientFactory, LogCapture, store_of
+from tests.payloads import (
+    automatic_change,
+    encode,
+    message,
+    messages_change,
+    notification,
+    post_signed,
+    referral,
+    system_message,
+)
+from tests.test_lifecycle import Recorder, file_bytes, query
+
+Client = TestClient[web.Request, web.Application]
+URL = "/v1/whatsapp/conversions"
+
+OLD = "5215512345678"  # Mexico, as WhatsApp ids it
+NEW = "5215587654321"
+BSUID = "MX.1112223334445556667"
+PARENT = "MX.ENT.9998887776665554443"
+USERNAME = "zelda.erasable"
+NAME = "Zelda Erasable"
+TEXT = "my private question 4242"
+ECHO = "Hola Zelda, tu pedido va a Calle Secreta 12"
+CLICK = "Aff-REVIEW15-click-0123456789abcdef"
+EMAIL = "zelda@example.com"
+# A real wamid is base64 of a protobuf holding the sender's phone (decode Meta's examples).
+W1 = (
+    "wamid."
+    + base64.b64encode(
+        b"\x1c\x18\x0d" + OLD.encode() + b"\x15\x02\x00\x12\x18\x143EB0C1A2B3C4D5E6F7A8\x00"
+    ).decode()
+)
+EXTERNAL = "crm-zelda-77"
+
+
+async def capture_everything(client: Client) -> None:
+    now = int(time.time())
+    # An automatic event that arrives before its message (no conversation yet).
+    await post_signed(
+        client,
+        notification(
+            automatic_change(
+                [
+                    {
+                        "id": W1,
+                        "event_name": "Purchase",
+                        "timestamp": str(now),
+                        "ctwa_clid": CLICK,
+                        "custom_data": {"currency": "USD", "value": 5},
+                    }
+                ]
+            )
+        ),
+    )
+    first = message(
+        OLD, W1, ts=now - 50, bsuid=BSUID, parent=PARENT, ref=referral(CLICK), text=TEXT
+    )
+    await post_signed(
+        client,
+        notification(messages_change([first], names={OLD: NAME}, usernames={BSUID: USERNAME})),
+    )
+    await post_signed(
+        client,
+        notification(
+            messages_change(
+                [message(OLD, "wamid.R2", ts=now - 40, bsuid=BSUID, text=TEXT + " again")],
+                names={OLD: NAME},
+            )
+        ),
+    )
+    status = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352242922"},
+        "statuses": [
+            {"id": "wamid.S1", "status": "read", "timestamp": str(now), "recipient_id": OLD},
+            {
+                "id": "wamid.S2",
+                "status": "read",
+                "timestamp": str(now),
+                "recipient_user_id": BSUID,
+                "recipient_parent_user_id": PARENT,
+            },
+        ],
+    }
+    await post_signed(client, notification({"value": status, "field": "messages"}))
+    await post_signed(
+        client,
+        notification(
+            automatic_change(
+                [
+                    {
+                        "id": "wamid.R2",
+                        "event_name": "LeadSubmitted",
+                        "timestamp": str(now),
+                        "ctwa_clid": CLICK,
+                    }
+                ]
+            )
+        ),
+    )
+    await post_signed(
+        client,
+        notification(
+            messages_change(
+                [
+                    system_message(
+                        "wamid.R3", "user_changed_number", wa_id=OLD, new_wa_id=NEW, ts=now - 30
+                    )
+                ]
+            )
+        ),
+    )
+    await post_signed(
+        client,
+        notification(
+            messages_change([message(NEW, "wamid.R4", ts=now - 20, text=TEXT)], names={NEW: NAME})
+        ),
+    )
+    # Coexistence: what the business sent the person (Meta's smb_message_echoes).
+    echo = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352242922"},
+        "message_echoes": [
+            {
+                "from": "15550783881",
+                "to": NEW,
+                "id": "wamid.E1",
+                "timestamp": str(now),
+                "type": "text",
+                "text": {"body": ECHO},
+            }
+        ],
+    }
+    await post_signed(client, notification({"value": echo, "field": "smb_message_echoes"}))
+
+
+def traces() -> dict[str, bytes]:
+    found = {
+        "old phone": b"5512345678",
+        "new phone": b"5587654321",
+        "bsuid": BSUID.encode(),
+        "parent": PARENT.encode(),
+        "username": USERNAME.encode(),
+        "name": NAME.encode(),
+        "text": TEXT.encode(),
+        "echo text": ECHO.encode(),
+        "click": CLICK.encode(),
+        "wamid (base64 of the phone)": W1.encode(),
+        "hashed email": hash_email(EMAIL).encode(),
+        "hashed external id": hash_external_id(EXTERNAL).encode(),
+    }
+    fp = request_fingerprint(
+        ConversionRequest(
+            account_id="acme",
+            event_name="Purchase",
+            event_id="R-PHONE",
+            phone_e164="+52 55 1234 5678",
+            email=EMAIL,
+            external_id=EXTERNAL,
+        )
+    )
+    for field, digest in fp.items():
+        if field in ("phoneE164", "email", "externalId"):
+            found[f"request digest {field}"] = digest.encode()
+    return found
+
+
+async def test_erasure_leaves_no_trace_of_everything_a_person_left(
+    make_client: ClientFactory, db_path: Path
+) -> None:
+    recorder = Recorder()
+    client = await make_client(plugins={"sinks": ["log", "recorder"]}, extra={"recorder": recorder})
+    await capture_everything(client)
+    resp = await client.post(
+        URL,
+        headers=AUTH,
+        json={
+            "accountId": "acme",
+            "eventName": "Purchase",
+            "eventId": "R-PHONE",
+            "phoneE164": "+52 55 1234 5678",
+            "email": EMAIL,
+            "externalId": EXTERNAL,
+            "value": 1,
+            "currency": "USD",
+        },
+    )
+    assert resp.status in (200, 202), await resp.text()
+    content = file_bytes(db_path)
+    present = {k for k, v in traces().items() if v in content}
+    assert present == set(traces())  # every trace is there before: the check can fail
+
+    resp = await client.delete(
+        "/v1/whatsapp/users",
+        headers=AUTH,
+        params={"accountId": "acme", "phoneE164": "+52 55 1234 5678"},
+    )
+    assert resp.status == 200
+    content = file_bytes(db_path)
+    left = sorted(k for k, v in traces().items() if v in content)
+    assert left == [], left
+
+
+async def test_a_reader_in_the_way_delays_clearing_the_file_and_says_so(
+    make_client: ClientFactory, db_path: Path, logs: LogCapture
+) -> None:
+    """Store.checkpoint ignores wal_checkpoint(TRUNCATE)'s busy result: with any reader open
+    (a `ctwa-gateway backup` in progress, `stats`, a second gateway), the answer is 200 but
+    the person's pages stay in the file."""
+    import sqlite3
+
+    client = await make_client()
+    await post_signed(
+        client,
+        notification(
+            messages_change(
+                [message(OLD, "wamid.C1", bsuid=BSUID, ref=referral(CLICK), text=TEXT)],
+                names={OLD: NAME},
+            )
+        ),
+    )
+    await store_of(client).checkpoint()  # the person's rows are in the main file now
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM conversations").fetchone()  # a snapshot, like backup
+    resp = await client.delete(
+        "/v1/whatsapp/users", headers=AUTH, params={"accountId": "acme", "phoneE164": "+" + OLD}
+    )
+    answer = await resp.json()
+    assert resp.status == 200
+    assert answer["fileCleared"] is False  # said, not silently claimed
+    reader.execute("COMMIT")
+    reader.close()
+    await logs.wait_for("erasure_checkpoint_done", timeout_s=15)
+    main = db_path.read_bytes()
+    left = [
+        k
+        for k, v in {
+            "bsuid": BSUID.encode(),
+            "name": NAME.encode(),
+            "click": CLICK.encode(),
+            "text": TEXT.encode(),
+        }.items()
+        if v in main
+    ]
+    assert left == [], f"still in {db_path.name}: {left}"
+
+
+async def test_the_erasure_checkpoint_never_stalls_conversions(
+    make_client: ClientFactory, db_path: Path
+) -> None:
+    """While the TRUNCATE checkpoint waits for a reader, new writers wait too: webhooks and
+    conversions stall for up to busy_timeout (5 s) per erasure."""
+    import asyncio
+    import sqlite3
+
+    from tests.conftest import add_conversation
+
+    client = await make_client()
+    conversation = await add_conversation(store_of(client), wa_id=OLD)
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM conversations").fetchone()
+    erase = asyncio.create_task(
+        client.delete(
+            "/v1/whatsapp/users", headers=AUTH, params={"accountId": "acme", "phoneE164": "+" + NEW}
+        )
+    )
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    await client.post(
+        URL,
+        headers=AUTH,
+        json={
+            "accountId": "acme",
+            "eventName": "Purchase",
+            "eventId": "BLOCKED",
+            "conversationId": conversation.id,
+            "value": 1,
+            "currency": "USD",
+        },
+    )
+    took = time.monotonic() - started
+    await erase
+    reader.execute("COMMIT")
+    reader.close()
+    assert took < 1.0
+
+
+async def test_a_key_for_another_account_cannot_touch_this_accounts_archive(
+    make_client: ClientFactory, db_path: Path
+) -> None:
+    """_redact_archive is neither scoped to the account nor to identifying fields: a key
+    scoped to account `other` erasing a "phone" that is acme's phone_number_id rewrites
+    every one of acme's archived notifications (and a real person's number erases acme's
+    messages of that number too)."""
+    from tests.conftest import SCOPED_KEY
+
+    client = await make_client()
+    await post_signed(
+        client,
+        notification(messages_change([message("16505550100", "wamid.A1", ref=referral(CLICK))])),
+    )
+    before = query(db_path, "SELECT body FROM webhook_notifications")[0][0]
+    scoped = {"Authorization": f"Bearer {SCOPED_KEY}"}
+    for param, value in (
+        ("phoneE164", "106540352242922"),
+        ("phoneE164", "+1 650 555 0100"),
+        ("businessScopedUserId", "1"),
+    ):
+        await client.delete(
+            "/v1/whatsapp/users", headers=scoped, params={"accountId": "other", param: value}
+        )
+    after = query(db_path, "SELECT body FROM webhook_notifications")[0][0]
+    assert after == before
+
+
+KEY = "suppression-secret-0123456789"
+
+
+async def suppressing_client(make_client: ClientFactory, config: dict[str, Any]) -> Client:
+    config["privacy"] = {"suppression_key_env": "CTWA_SUPPRESSION_KEY"}
+    return await make_client(
+        settings=parse_settings(config), environ={**ENV, "CTWA_SUPPRESSION_KEY": KEY}
+    )
+
+
+async def test_suppressed_by_phone_stays_out_by_bsuid(
+    make_client: ClientFactory, config: dict[str, Any], db_path: Path
+) -> None:
+    """Only the identifiers as given are suppressed, not the BSUID/parent/other numbers the
+    erasure found on their conversations: the same person returns through their BSUID."""
+    client = await suppressing_client(make_client, config)
+    await post_signed(
+        client,
+        notification(
+            messages_change(
+                [message(OLD, "wamid.P1", bsuid=BSUID, parent=PARENT, ref=referral(CLICK))]
+            )
+        ),
+    )
+    resp = await client.delete(
+        "/v1/whatsapp/users",
+        headers=AUTH,
+        params={"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"},
+    )
+    assert resp.status == 200
+    # Meta withholds the phone (username adopters): a BSUID-only message, another ad.
+    await post_signed(
+        client,
+        notification(
+            messages_change(
+                [message(None, "wamid.P2", bsuid=BSUID, parent=PARENT, ref=referral(CLICK + "2"))]
+            )
+        ),
+    )
+    resp = await client.post(
+        URL,
+        headers=AUTH,
+        json={
+            "accountId": "acme",
+            "eventName": "Purchase",
+            "eventId": "SUPP",
+            "businessScopedUserId": BSUID,
+            "value": 1,
+            "currency": "USD",
+        },
+    )
+    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+
+
+async def test_a_suppression_recorded_by_the_cli_reaches_a_running_gateway(
+    make_client: ClientFactory, config: dict[str, Any], db_path: Path, tmp_path: Path
+) -> None:
+    """`ctwa-gateway erase --suppress` (another process) takes effect in a running gateway
+    only at its next housekeeping (default 3600 s); meanwhile it re-captures the person,
+    and conversions by conversationId are never checked at all."""
+    import asyncio
+
+    import tomli_w
+
+    from gateway.cli import main
+
+    config["privacy"] = {
+        "suppression_key_env": "CTWA_SUPPRESSION_KEY",
+        "suppressions_refresh_s": 0.1,
+    }
+    client = await make_client(
+        settings=parse_settings(config), environ={**ENV, "CTWA_SUPPRESSION_KEY": KEY}
+    )
+    await post_signed(
+        client, notification(messages_change([message(OLD, "wamid.Q1", ref=referral(CLICK))]))
+    )
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(tomli_w.dumps(config))
+    rc = await asyncio.to_thread(
+        main,
+        [
+            "erase",
+            "--config",
+            str(config_file),
+            "--account",
+            "acme",
+            "--phone",
+            "+" + OLD,
+            "--suppress",
+        ],
+        environ={**ENV, "CTWA_SUPPRESSION_KEY": KEY},
+    )
+    assert rc == 0
+    for _ in range(50):  # the running gateway reads it within suppressions_refresh_s
+        if store_of(client).suppressed:
+            break
+        await asyncio.sleep(0.05)
+    await post_signed(
+        client, notification(messages_change([message(OLD, "wamid.Q2", ref=referral(CLICK))]))
+    )
+    rows = query(db_path, "SELECT id FROM conversations")
+    if rows:
+        await client.post(
+            URL,
+            headers=AUTH,
+            json={
+                "accountId": "acme",
+                "eventName": "Purchase",
+                "eventId": "CLI-SUPP",
+                "conversationId": rows[0][0],
+                "value": 1,
+                "currency": "USD",
+            },
+        )
+    assert rows == []
+
+
+async def test_one_suppression_key_makes_and_checks_digests(
+    make_client: ClientFactory, config: dict[str, Any], db_path: Path
+) -> None:
+    """SIGHUP swaps Credentials.suppression_key (used to make digests) but not
+    Store.suppression_key (used to check them): suppressions made after a rotation never
+    match until a restart; those made before stop matching after it."""
+    from gateway.http.app import reload_secrets
+
+    client = await suppressing_client(make_client, config)
+    assert reload_secrets(client.app, {**ENV, "CTWA_SUPPRESSION_KEY": KEY + "-rotated"})
+    resp = await client.delete(
+        "/v1/whatsapp/users",
+        headers=AUTH,
+        params={"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"},
+    )
+    assert resp.status == 200
+    await post_signed(
+        client, notification(messages_change([message(OLD, "wamid.K1", ref=referral(CLICK))]))
+    )
+    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+
+
+class Gate:
+    """An outbox sink whose first send waits for the test, then answers retry."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    from gateway import hookimpl as _hookimpl
+
+    @_hookimpl
+    def gateway_delivery_options(self) -> Any:
+        from gateway import DeliveryOptions
+
+        return DeliveryOptions(retry_base_s=0.05, retry_cap_s=0.1, poll_s=0.05, respond_within_ms=0)
+
+    @_hookimpl
+    async def gateway_send_events(self, events: list[Any]) -> list[Any]:
+        from gateway import SendOutcome
+
+        self.sent += [(e.event_id, e.event) for e in events]
+        if not self.release.is_set():
+            self.entered.set()
+            await self.release.wait()
+            return [SendOutcome(status="retry", reason="down") for _ in events]
+        return [SendOutcome(status="delivered") for _ in events]
+
+
+async def test_an_erasure_during_an_attempt_stays_cancelled(
+    make_client: ClientFactory, db_path: Path
+) -> None:
+    """_Record overwrites the erasure's failed/erased with the in-flight attempt's outcome
+    (pending, retry): the cancelled delivery is sent after the erasure answered 200."""
+    import asyncio
+
+    gate = Gate()
+    client = await make_client(plugins={"sinks": ["gate"]}, extra={"gate": gate})
+    await post_signed(
+        client, notification(messages_change([message(OLD, "wamid.G1", ref=referral(CLICK))]))
+    )
+    resp = await client.post(
+        URL,
+        headers=AUTH,
+        json={
+            "accountId": "acme",
+            "eventName": "Purchase",
+            "eventId": "INFLIGHT",
+            "phoneE164": "+" + OLD,
+            "email": EMAIL,
+            "value": 1,
+            "currency": "USD",
+        },
+    )
+    assert resp.status == 202
+    await asyncio.wait_for(gate.entered.wait(), 5)
+    resp = await client.delete(
+        "/v1/whatsapp/users", headers=AUTH, params={"accountId": "acme", "phoneE164": "+" + OLD}
+    )
+    assert (await resp.json())["erased"]["deliveriesCancelled"] == 1
+    gate.release.set()
+    await asyncio.sleep(1.0)
+    assert len(gate.sent) == 1, "sent again after the erasure"
+
+
+async def test_replay_never_requeues_erased_deliveries(
+    make_client: ClientFactory, db_path: Path
+) -> None:
+    """`ctwa-gateway replay` (default --status failed) makes erased deliveries pending."""
+    recorder = SlowRecorder()
+    client = await make_client(plugins={"sinks": ["recorder"]}, extra={"recorder": recorder})
+    await post_signed(
+        client, notification(messages_change([message(OLD, "wamid.H1", ref=referral(CLICK))]))
+    )
+    resp = await client.post(
+        URL,
+        headers=AUTH,
+        json={
+            "accountId": "acme",
+            "eventName": "Purchase",
+            "eventId": "REPLAYED",
+            "phoneE164": "+" + OLD,
+            "value": 1,
+            "currency": "USD",
+        },
+    )
+    assert resp.status == 202
+    for _ in range(100):
+        if query(db_path, "SELECT attempts FROM deliveries") == [(1,)]:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    await client.delete(
+        "/v1/whatsapp/users", headers=AUTH, params={"accountId": "acme", "phoneE164": "+" + OLD}
+    )
+    await asyncio.sleep(0.3)
+    await store_of(client).outbox.requeue("acme", sinks=["recorder"], statuses=["failed"], since=0)
+    recorder.delivering = True
+    await asyncio.sleep(0.5)
+    assert recorder.sent == []
+
+
+class SlowRecorder(Recorder):
+    from gateway import hookimpl as _hookimpl
+
+    @_hookimpl
+    def gateway_delivery_options(self) -> Any:
+        from gateway import DeliveryOptions
+
+        return DeliveryOptions(retry_base_s=60, retry_cap_s=60, poll_s=0.05, respond_within_ms=0)
+
+
+class Failer:
+    from gateway import hookimpl as _hookimpl
+
+    @_hookimpl
+    def gateway_delivery_options(self) -> Any:
+        from gateway import DeliveryOptions
+
+        return DeliveryOptions(retry_base_s=60, retry_cap_s=60, poll_s=0.05, respond_within_ms=0)
+
+    @_hookimpl
+    async def gateway_send_events(self, events: list[Any]) -> list[Any]:
+        from gateway import SendOutcome
+
+        return [SendOutcome(status="failed", reason="bad") for _ in events]
+
+
+async def test_failed_events_retention_keeps_a_pending_delivery(
+    make_client: ClientFactory, db_path: Path
+) -> None:
+    """events.status is the worst sink's (failed before pending): PruneEvents(failed) deletes
+    an event whose other sink is still pending (accepted, never sent)."""
+    from gateway.store.retention import RetentionCutoffs
+    from tests.conftest import add_conversation
+
+    client = await make_client(
+        plugins={"sinks": ["failer", "recorder"]},
+        extra={"failer": Failer(), "recorder": SlowRecorder()},
+    )
+    conversation = await add_conversation(store_of(client), wa_id=OLD)
+    resp = await client.post(
+        URL,
+        headers=AUTH,
+        json={
+            "accountId": "acme",
+            "eventName": "Purchase",
+            "eventId": "TWO-SINKS",
+            "conversationId": conversation.id,
+            "value": 1,
+            "currency": "USD",
+        },
+    )
+    assert resp.status in (200, 202), await resp.text()
+    for _ in range(100):
+        if ("failer", "failed") in query(db_path, "SELECT sink, status FROM deliveries"):
+            break
+        await asyncio.sleep(0.05)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE events SET received_at = received_at - 2 * 86400")
+    now = time.time()
+    await store_of(client).apply_retention(
+        RetentionCutoffs(conversations=0, clicks=0, delivered_events=0, failed_events=now - 86400),
+        500,
+    )
+    assert ("recorder", "pending") in query(db_path, "SELECT sink, status FROM deliveries")
+
+
+async def test_delete_odd_inputs_never_5xx(client: Client) -> None:
+    cases = [
+        {"accountId": "acme", "phoneE164": "9" * 64},
+        {"accountId": "acme", "phoneE164": "+٥٥١٢٣٤٥٦٧٨٩"},
+        {"accountId": "acme", "phoneE164": "\x00"},
+        {"accountId": "acme", "businessScopedUserId": "x" * 300},
+        {"accountId": "acme", "businessScopedUserId": "US.1\n"},
+        {"accountId": "acme", "conversationId": "c" * 129},
+        {"accountId": "acme", "conversationId": "'; DROP TABLE x"},
+        {"accountId": "acme", "conversationId": "x", "suppress": "true"},
+        {"accountId": "acme", "phoneE164": "+16505550100", "suppress": ""},
+        {"accountId": "acme", "phoneE164": "+16505550100", "suppress": "1"},
+        {"accountId": "nope", "phoneE164": "+16505550100"},
+        {"accountId": "a" * 5000, "phoneE164": "+16505550100"},
+        {"accountId": "acme", "phoneE164": "+16505550100", "businessScopedUserId": ""},
+        {"accountId": "acme", "phoneE164": "+1 650 555 0100 ext 2"},
+    ]
+    for params in cases:
+        resp = await client.delete("/v1/whatsapp/users", params=params, headers=AUTH)
+        await resp.text()
+        assert resp.status < 500
+    resp = await client.delete(
+        "/v1/whatsapp/users?accountId=acme&phoneE164=%2B16505550100&phoneE164=%2B16505550101",
+        headers=AUTH,
+    )
+
+
+async def test_events_of_pruned_conversations_lose_their_identifiers(
+    make_client: ClientFactory, db_path: Path
+) -> None:
+    """Clicks are cleared at window+30 d, clickless conversations pruned at 90 d, failed
+    events kept 365 d: from then on erasure finds no conversation, so the person's events
+    keep user_data.em/external_id/ctwa_clid and the request digests."""
+    from gateway.store.retention import RetentionCutoffs
+
+    client = await make_client()
+    await post_signed(
+        client, notification(messages_change([message(OLD, "wamid.T1", ref=referral(CLICK))]))
+    )
+    resp = await client.post(
+        URL,
+        headers=AUTH,
+        json={
+            "accountId": "acme",
+            "eventName": "Purchase",
+            "eventId": "ORPHAN",
+            "phoneE164": "+" + OLD,
+            "email": EMAIL,
+            "externalId": EXTERNAL,
+            "value": 1,
+            "currency": "USD",
+        },
+    )
+    assert resp.status == 200
+    far = time.time() + 10
+    # Retention as housekeeping runs it months later (events still within their keeping time).
+    await store_of(client).apply_retention(
+        RetentionCutoffs(conversations=far, clicks=far, delivered_events=0, failed_events=0), 500
+    )
+    resp = await client.delete(
+        "/v1/whatsapp/users", headers=AUTH, params={"accountId": "acme", "phoneE164": "+" + OLD}
+    )
+    (event,) = query(db_path, "SELECT event, request_fields FROM events")
+    assert hash_email(EMAIL).encode() not in event[0]
+
+
+def test_restore_refuses_what_is_not_a_store(db_path: Path, tmp_path: Path) -> None:
+    """verify() checks integrity and MAX(version) only: another application's database (or
+    an empty one) replaces the store, which is not kept; the gateway then opens an empty
+    shell (migrations skipped)."""
+    import sqlite3
+
+    from gateway.store.backup import restore
+
+    async def seed() -> None:
+        from gateway.store.database import Store
+        from tests.conftest import add_conversation
+
+        store = await Store.open(db_path)
+        await add_conversation(store, wa_id=OLD)
+        await store.close()
+
+    asyncio.run(seed())
+    foreign = tmp_path / "other-app.sqlite3"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)")
+        conn.execute("INSERT INTO schema_migrations VALUES (6)")
+    try:
+        restore(foreign, db_path)
+        restored = True
+    except Exception:
+        restored = False
+
+    assert not restored
+
+
+async def test_erasing_a_recycled_numbers_new_owner_spares_the_previous_owner(
+    make_client: ClientFactory, db_path: Path
+) -> None:
+    """A recycled number supersedes the previous owner's conversation by the new owner's;
+    _theirs follows superseded_by, so erasing one person erases another (their click,
+    their pending deliveries, their archive)."""
+    client = await make_client()
+    now = time.time()
+    await post_signed(
+        client,
+        notification(
+            messages_change(
+                [
+                    message(
+                        OLD,
+                        "wamid.V1",
+                        ts=now - 100,
+                        bsuid="MX.100000000000000000001",
+                        ref=referral(CLICK),
+                    )
+                ]
+            )
+        ),
+    )
+    await post_signed(
+        client,
+        notification(
+            messages_change(
+                [
+                    message(
+                        OLD,
+                        "wamid.V2",
+                        ts=now - 10,
+                        bsuid="MX.200000000000000000002",
+                        ref=referral(CLICK + "B"),
+                    )
+                ]
+            )
+        ),
+    )
+    await client.delete(
+        "/v1/whatsapp/users",
+        headers=AUTH,
+        params={"accountId": "acme", "businessScopedUserId": "MX.200000000000000000002"},
+    )
+    left = query(db_path, "SELECT bsuid FROM conversations")
+    assert left == [("MX.100000000000000000001",)], left
+
+
+async def test_a_suppressed_persons_new_messages_stay_out_of_the_archive(
+    make_client: ClientFactory, config: dict[str, Any], db_path: Path
+) -> None:
+    """Suppression drops the messages from capture but the archive keeps the notification as
+    sent (name, text, phone, BSUID, click) for archive_retention_days."""
+    client = await suppressing_client(make_client, config)
+    resp = await client.delete(
+        "/v1/whatsapp/users",
+        headers=AUTH,
+        params={"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"},
+    )
+    assert resp.status == 200
+    await post_signed(
+        client,
+        notification(
+            messages_change(
+                [message(OLD, "wamid.U1", bsuid=BSUID, ref=referral(CLICK), text=TEXT)],
+                names={OLD: NAME},
+            )
+        ),
+    )
+    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    content = file_bytes(db_path)
+    assert [t for t in (OLD, NAME, TEXT, CLICK) if t.encode() in content] == []
+
+
+async def test_a_redelivered_notification_recaptures_only_the_unsuppressed(
+    make_client: ClientFactory, config: dict[str, Any], db_path: Path
+) -> None:
+    """The wamid dedup rows go with the person (a wamid carries their phone): Meta
+    re-delivering a notification it had no answer for would capture them again, as a new
+    contact. Suppression is what keeps them out for good (the README says so)."""
+    client = await suppressing_client(make_client, config)
+    body = encode(
+        notification(
+            messages_change(
+                [message(OLD, "wamid.D1", ref=referral(CLICK), text=TEXT)], names={OLD: NAME}
+            )
+        )
+    )
+    await post_signed(client, body)
+    await client.delete(
+        "/v1/whatsapp/users",
+        headers=AUTH,
+        params={"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"},
+    )
+    await post_signed(client, body)  # the same bytes, as Meta retries
+    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
