@@ -10,13 +10,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+import tomli_w
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
-from gateway import hash_email, hash_external_id
+from gateway import DeliveryOptions, SendOutcome, hash_email, hash_external_id, hookimpl
+from gateway.cli import main
 from gateway.config import parse_settings
+from gateway.http.app import reload_secrets
+from gateway.store.backup import restore
+from gateway.store.database import Store
+from gateway.store.retention import RetentionCutoffs
 from gateway.wire import ConversionRequest, request_fingerprint
-from tests.conftest import AUTH, ENV, ClientFactory, LogCapture, store_of
+from tests.conftest import (
+    AUTH,
+    ENV,
+    SCOPED_KEY,
+    ClientFactory,
+    LogCapture,
+    add_conversation,
+    store_of,
+)
 from tests.payloads import (
     automatic_change,
     encode,
@@ -153,6 +167,12 @@ async def capture_everything(client: Client) -> None:
     await post_signed(client, notification({"value": echo, "field": "smb_message_echoes"}))
 
 
+async def purchase(client: Client, **fields: Any) -> ClientResponse:
+    """POST a Purchase on acme with these request fields (camelCase names)."""
+    body = {"accountId": "acme", "eventName": "Purchase", **fields}
+    return await client.post(URL, headers=AUTH, json=body)
+
+
 def traces() -> dict[str, bytes]:
     found = {
         "old phone": b"5512345678",
@@ -190,19 +210,14 @@ async def test_erasure_leaves_no_trace_of_everything_a_person_left(
     recorder = Recorder()
     client = await make_client(plugins={"sinks": ["log", "recorder"]}, extra={"recorder": recorder})
     await capture_everything(client)
-    resp = await client.post(
-        URL,
-        headers=AUTH,
-        json={
-            "accountId": "acme",
-            "eventName": "Purchase",
-            "eventId": "R-PHONE",
-            "phoneE164": "+52 55 1234 5678",
-            "email": EMAIL,
-            "externalId": EXTERNAL,
-            "value": 1,
-            "currency": "USD",
-        },
+    resp = await purchase(
+        client,
+        eventId="R-PHONE",
+        phoneE164="+52 55 1234 5678",
+        email=EMAIL,
+        externalId=EXTERNAL,
+        value=1,
+        currency="USD",
     )
     assert resp.status in (200, 202), await resp.text()
     content = file_bytes(db_path)
@@ -223,10 +238,8 @@ async def test_erasure_leaves_no_trace_of_everything_a_person_left(
 async def test_a_reader_in_the_way_delays_clearing_the_file_and_says_so(
     make_client: ClientFactory, db_path: Path, logs: LogCapture
 ) -> None:
-    """Store.checkpoint ignores wal_checkpoint(TRUNCATE)'s busy result: with any reader open
-    (a `ctwa-gateway backup` in progress, `stats`, a second gateway), the answer is 200 but
-    the person's pages stay in the file."""
-    import sqlite3
+    """With a reader in the way (a backup in progress, a second process) the checkpoint
+    cannot finish: the answer says so, and a retry clears the file once the reader is gone."""
 
     client = await make_client()
     await post_signed(
@@ -268,12 +281,8 @@ async def test_a_reader_in_the_way_delays_clearing_the_file_and_says_so(
 async def test_the_erasure_checkpoint_never_stalls_conversions(
     make_client: ClientFactory, db_path: Path
 ) -> None:
-    """While the TRUNCATE checkpoint waits for a reader, new writers wait too: webhooks and
-    conversions stall for up to busy_timeout (5 s) per erasure."""
-    import asyncio
-    import sqlite3
-
-    from tests.conftest import add_conversation
+    """The checkpoint gives up quickly when a reader is in the way: conversions never wait
+    for it."""
 
     client = await make_client()
     conversation = await add_conversation(store_of(client), wa_id=OLD)
@@ -287,17 +296,8 @@ async def test_the_erasure_checkpoint_never_stalls_conversions(
     )
     await asyncio.sleep(0.5)
     started = time.monotonic()
-    await client.post(
-        URL,
-        headers=AUTH,
-        json={
-            "accountId": "acme",
-            "eventName": "Purchase",
-            "eventId": "BLOCKED",
-            "conversationId": conversation.id,
-            "value": 1,
-            "currency": "USD",
-        },
+    await purchase(
+        client, eventId="BLOCKED", conversationId=conversation.id, value=1, currency="USD"
     )
     took = time.monotonic() - started
     await erase
@@ -309,11 +309,9 @@ async def test_the_erasure_checkpoint_never_stalls_conversions(
 async def test_a_key_for_another_account_cannot_touch_this_accounts_archive(
     make_client: ClientFactory, db_path: Path
 ) -> None:
-    """_redact_archive is neither scoped to the account nor to identifying fields: a key
-    scoped to account `other` erasing a "phone" that is acme's phone_number_id rewrites
-    every one of acme's archived notifications (and a real person's number erases acme's
-    messages of that number too)."""
-    from tests.conftest import SCOPED_KEY
+    """An erasure touches only its own account's archived notifications, and only values
+    equal to the person's identifiers: a key for another account erasing acme's
+    phone_number_id (or "1") changes nothing of acme's."""
 
     client = await make_client()
     await post_signed(
@@ -347,8 +345,8 @@ async def suppressing_client(make_client: ClientFactory, config: dict[str, Any])
 async def test_suppressed_by_phone_stays_out_by_bsuid(
     make_client: ClientFactory, config: dict[str, Any], db_path: Path
 ) -> None:
-    """Only the identifiers as given are suppressed, not the BSUID/parent/other numbers the
-    erasure found on their conversations: the same person returns through their BSUID."""
+    """Every identifier the erasure found is suppressed, not only the one given: erased by
+    phone, the person stays out by their BSUID too."""
     client = await suppressing_client(make_client, config)
     await post_signed(
         client,
@@ -373,17 +371,8 @@ async def test_suppressed_by_phone_stays_out_by_bsuid(
             )
         ),
     )
-    resp = await client.post(
-        URL,
-        headers=AUTH,
-        json={
-            "accountId": "acme",
-            "eventName": "Purchase",
-            "eventId": "SUPP",
-            "businessScopedUserId": BSUID,
-            "value": 1,
-            "currency": "USD",
-        },
+    resp = await purchase(
+        client, eventId="SUPP", businessScopedUserId=BSUID, value=1, currency="USD"
     )
     assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
 
@@ -391,14 +380,8 @@ async def test_suppressed_by_phone_stays_out_by_bsuid(
 async def test_a_suppression_recorded_by_the_cli_reaches_a_running_gateway(
     make_client: ClientFactory, config: dict[str, Any], db_path: Path, tmp_path: Path
 ) -> None:
-    """`ctwa-gateway erase --suppress` (another process) takes effect in a running gateway
-    only at its next housekeeping (default 3600 s); meanwhile it re-captures the person,
-    and conversions by conversationId are never checked at all."""
-    import asyncio
-
-    import tomli_w
-
-    from gateway.cli import main
+    """A suppression recorded by `ctwa-gateway erase --suppress` (another process) reaches a
+    running gateway within [privacy] suppressions_refresh_s."""
 
     config["privacy"] = {
         "suppression_key_env": "CTWA_SUPPRESSION_KEY",
@@ -436,17 +419,8 @@ async def test_a_suppression_recorded_by_the_cli_reaches_a_running_gateway(
     )
     rows = query(db_path, "SELECT id FROM conversations")
     if rows:
-        await client.post(
-            URL,
-            headers=AUTH,
-            json={
-                "accountId": "acme",
-                "eventName": "Purchase",
-                "eventId": "CLI-SUPP",
-                "conversationId": rows[0][0],
-                "value": 1,
-                "currency": "USD",
-            },
+        await purchase(
+            client, eventId="CLI-SUPP", conversationId=rows[0][0], value=1, currency="USD"
         )
     assert rows == []
 
@@ -454,10 +428,7 @@ async def test_a_suppression_recorded_by_the_cli_reaches_a_running_gateway(
 async def test_one_suppression_key_makes_and_checks_digests(
     make_client: ClientFactory, config: dict[str, Any], db_path: Path
 ) -> None:
-    """SIGHUP swaps Credentials.suppression_key (used to make digests) but not
-    Store.suppression_key (used to check them): suppressions made after a rotation never
-    match until a restart; those made before stop matching after it."""
-    from gateway.http.app import reload_secrets
+    """One key makes and checks digests, read at start: a SIGHUP does not split them."""
 
     client = await suppressing_client(make_client, config)
     assert reload_secrets(client.app, {**ENV, "CTWA_SUPPRESSION_KEY": KEY + "-rotated"})
@@ -477,23 +448,18 @@ class Gate:
     """An outbox sink whose first send waits for the test, then answers retry."""
 
     def __init__(self) -> None:
-        import asyncio
 
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
         self.sent: list[tuple[str, dict[str, Any]]] = []
 
-    from gateway import hookimpl as _hookimpl
-
-    @_hookimpl
+    @hookimpl
     def gateway_delivery_options(self) -> Any:
-        from gateway import DeliveryOptions
 
         return DeliveryOptions(retry_base_s=0.05, retry_cap_s=0.1, poll_s=0.05, respond_within_ms=0)
 
-    @_hookimpl
+    @hookimpl
     async def gateway_send_events(self, events: list[Any]) -> list[Any]:
-        from gateway import SendOutcome
 
         self.sent += [(e.event_id, e.event) for e in events]
         if not self.release.is_set():
@@ -506,27 +472,16 @@ class Gate:
 async def test_an_erasure_during_an_attempt_stays_cancelled(
     make_client: ClientFactory, db_path: Path
 ) -> None:
-    """_Record overwrites the erasure's failed/erased with the in-flight attempt's outcome
-    (pending, retry): the cancelled delivery is sent after the erasure answered 200."""
-    import asyncio
+    """A batch in flight when the person is erased cannot revive the cancelled delivery: it
+    is never sent again."""
 
     gate = Gate()
     client = await make_client(plugins={"sinks": ["gate"]}, extra={"gate": gate})
     await post_signed(
         client, notification(messages_change([message(OLD, "wamid.G1", ref=referral(CLICK))]))
     )
-    resp = await client.post(
-        URL,
-        headers=AUTH,
-        json={
-            "accountId": "acme",
-            "eventName": "Purchase",
-            "eventId": "INFLIGHT",
-            "phoneE164": "+" + OLD,
-            "email": EMAIL,
-            "value": 1,
-            "currency": "USD",
-        },
+    resp = await purchase(
+        client, eventId="INFLIGHT", phoneE164="+" + OLD, email=EMAIL, value=1, currency="USD"
     )
     assert resp.status == 202
     await asyncio.wait_for(gate.entered.wait(), 5)
@@ -542,24 +497,13 @@ async def test_an_erasure_during_an_attempt_stays_cancelled(
 async def test_replay_never_requeues_erased_deliveries(
     make_client: ClientFactory, db_path: Path
 ) -> None:
-    """`ctwa-gateway replay` (default --status failed) makes erased deliveries pending."""
+    """`ctwa-gateway replay` (default --status failed) leaves erased deliveries cancelled."""
     recorder = SlowRecorder()
     client = await make_client(plugins={"sinks": ["recorder"]}, extra={"recorder": recorder})
     await post_signed(
         client, notification(messages_change([message(OLD, "wamid.H1", ref=referral(CLICK))]))
     )
-    resp = await client.post(
-        URL,
-        headers=AUTH,
-        json={
-            "accountId": "acme",
-            "eventName": "Purchase",
-            "eventId": "REPLAYED",
-            "phoneE164": "+" + OLD,
-            "value": 1,
-            "currency": "USD",
-        },
-    )
+    resp = await purchase(client, eventId="REPLAYED", phoneE164="+" + OLD, value=1, currency="USD")
     assert resp.status == 202
     for _ in range(100):
         if query(db_path, "SELECT attempts FROM deliveries") == [(1,)]:
@@ -577,27 +521,20 @@ async def test_replay_never_requeues_erased_deliveries(
 
 
 class SlowRecorder(Recorder):
-    from gateway import hookimpl as _hookimpl
-
-    @_hookimpl
+    @hookimpl
     def gateway_delivery_options(self) -> Any:
-        from gateway import DeliveryOptions
 
         return DeliveryOptions(retry_base_s=60, retry_cap_s=60, poll_s=0.05, respond_within_ms=0)
 
 
 class Failer:
-    from gateway import hookimpl as _hookimpl
-
-    @_hookimpl
+    @hookimpl
     def gateway_delivery_options(self) -> Any:
-        from gateway import DeliveryOptions
 
         return DeliveryOptions(retry_base_s=60, retry_cap_s=60, poll_s=0.05, respond_within_ms=0)
 
-    @_hookimpl
+    @hookimpl
     async def gateway_send_events(self, events: list[Any]) -> list[Any]:
-        from gateway import SendOutcome
 
         return [SendOutcome(status="failed", reason="bad") for _ in events]
 
@@ -605,27 +542,16 @@ class Failer:
 async def test_failed_events_retention_keeps_a_pending_delivery(
     make_client: ClientFactory, db_path: Path
 ) -> None:
-    """events.status is the worst sink's (failed before pending): PruneEvents(failed) deletes
-    an event whose other sink is still pending (accepted, never sent)."""
-    from gateway.store.retention import RetentionCutoffs
-    from tests.conftest import add_conversation
+    """An event shows "failed" while another sink is still pending: retention of failed
+    events keeps it, so the pending delivery is not lost."""
 
     client = await make_client(
         plugins={"sinks": ["failer", "recorder"]},
         extra={"failer": Failer(), "recorder": SlowRecorder()},
     )
     conversation = await add_conversation(store_of(client), wa_id=OLD)
-    resp = await client.post(
-        URL,
-        headers=AUTH,
-        json={
-            "accountId": "acme",
-            "eventName": "Purchase",
-            "eventId": "TWO-SINKS",
-            "conversationId": conversation.id,
-            "value": 1,
-            "currency": "USD",
-        },
+    resp = await purchase(
+        client, eventId="TWO-SINKS", conversationId=conversation.id, value=1, currency="USD"
     )
     assert resp.status in (200, 202), await resp.text()
     for _ in range(100):
@@ -672,28 +598,21 @@ async def test_delete_odd_inputs_never_5xx(client: Client) -> None:
 async def test_events_of_pruned_conversations_lose_their_identifiers(
     make_client: ClientFactory, db_path: Path
 ) -> None:
-    """Clicks are cleared at window+30 d, clickless conversations pruned at 90 d, failed
-    events kept 365 d: from then on erasure finds no conversation, so the person's events
-    keep user_data.em/external_id/ctwa_clid and the request digests."""
-    from gateway.store.retention import RetentionCutoffs
+    """When retention prunes a conversation, its finished events lose the person's hashed
+    identifiers too: no erasure could find them afterwards."""
 
     client = await make_client()
     await post_signed(
         client, notification(messages_change([message(OLD, "wamid.T1", ref=referral(CLICK))]))
     )
-    resp = await client.post(
-        URL,
-        headers=AUTH,
-        json={
-            "accountId": "acme",
-            "eventName": "Purchase",
-            "eventId": "ORPHAN",
-            "phoneE164": "+" + OLD,
-            "email": EMAIL,
-            "externalId": EXTERNAL,
-            "value": 1,
-            "currency": "USD",
-        },
+    resp = await purchase(
+        client,
+        eventId="ORPHAN",
+        phoneE164="+" + OLD,
+        email=EMAIL,
+        externalId=EXTERNAL,
+        value=1,
+        currency="USD",
     )
     assert resp.status == 200
     far = time.time() + 10
@@ -709,16 +628,10 @@ async def test_events_of_pruned_conversations_lose_their_identifiers(
 
 
 def test_restore_refuses_what_is_not_a_store(db_path: Path, tmp_path: Path) -> None:
-    """verify() checks integrity and MAX(version) only: another application's database (or
-    an empty one) replaces the store, which is not kept; the gateway then opens an empty
-    shell (migrations skipped)."""
-    import sqlite3
-
-    from gateway.store.backup import restore
+    """A database that is not a ctwa-gateway store (another application's, an empty one) is
+    refused, and the store is left as it was."""
 
     async def seed() -> None:
-        from gateway.store.database import Store
-        from tests.conftest import add_conversation
 
         store = await Store.open(db_path)
         await add_conversation(store, wa_id=OLD)
@@ -741,9 +654,8 @@ def test_restore_refuses_what_is_not_a_store(db_path: Path, tmp_path: Path) -> N
 async def test_erasing_a_recycled_numbers_new_owner_spares_the_previous_owner(
     make_client: ClientFactory, db_path: Path
 ) -> None:
-    """A recycled number supersedes the previous owner's conversation by the new owner's;
-    _theirs follows superseded_by, so erasing one person erases another (their click,
-    their pending deliveries, their archive)."""
+    """Erasing a recycled number's new owner never erases its previous owner, whose
+    conversation was superseded by the new owner's."""
     client = await make_client()
     now = time.time()
     await post_signed(
@@ -790,8 +702,8 @@ async def test_erasing_a_recycled_numbers_new_owner_spares_the_previous_owner(
 async def test_a_suppressed_persons_new_messages_stay_out_of_the_archive(
     make_client: ClientFactory, config: dict[str, Any], db_path: Path
 ) -> None:
-    """Suppression drops the messages from capture but the archive keeps the notification as
-    sent (name, text, phone, BSUID, click) for archive_retention_days."""
+    """A suppressed person's new messages are kept out of the archive too, not only out of
+    capture."""
     client = await suppressing_client(make_client, config)
     resp = await client.delete(
         "/v1/whatsapp/users",

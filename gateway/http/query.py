@@ -24,6 +24,10 @@ Q = TypeVar("Q", bound="QueryStruct")
 _LIST_MAX = 200
 
 
+PhoneParam = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+BsuidParam = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*\Z")]
+
+
 class QueryStruct(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
     """Base for query parameters (camelCase like the API's bodies)."""
 
@@ -37,25 +41,13 @@ class ListQuery(AccountQuery, frozen=True):
 
 
 class ConversationsQuery(ListQuery, frozen=True):
-    phone_e164: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
-    business_scoped_user_id: (
-        Annotated[
-            str,
-            msgspec.Meta(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*\Z"),
-        ]
-        | None
-    ) = None
+    phone_e164: PhoneParam | None = None
+    business_scoped_user_id: BsuidParam | None = None
 
 
 class ErasureQuery(AccountQuery, frozen=True):
-    phone_e164: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
-    business_scoped_user_id: (
-        Annotated[
-            str,
-            msgspec.Meta(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*\Z"),
-        ]
-        | None
-    ) = None
+    phone_e164: PhoneParam | None = None
+    business_scoped_user_id: BsuidParam | None = None
     conversation_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
     suppress: bool = False
 
