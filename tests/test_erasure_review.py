@@ -167,6 +167,11 @@ async def capture_everything(client: Client) -> None:
     await post_signed(client, notification({"value": echo, "field": "smb_message_echoes"}))
 
 
+async def erase(client: Client, params: dict[str, str]) -> ClientResponse:
+    """DELETE /v1/whatsapp/users with these query parameters, as the admin key."""
+    return await client.delete("/v1/whatsapp/users", headers=AUTH, params=params)
+
+
 async def purchase(client: Client, **fields: Any) -> ClientResponse:
     """POST a Purchase on acme with these request fields (camelCase names)."""
     body = {"accountId": "acme", "eventName": "Purchase", **fields}
@@ -224,11 +229,7 @@ async def test_erasure_leaves_no_trace_of_everything_a_person_left(
     present = {k for k, v in traces().items() if v in content}
     assert present == set(traces())  # every trace is there before: the check can fail
 
-    resp = await client.delete(
-        "/v1/whatsapp/users",
-        headers=AUTH,
-        params={"accountId": "acme", "phoneE164": "+52 55 1234 5678"},
-    )
+    resp = await erase(client, {"accountId": "acme", "phoneE164": "+52 55 1234 5678"})
     assert resp.status == 200
     content = file_bytes(db_path)
     left = sorted(k for k, v in traces().items() if v in content)
@@ -356,11 +357,7 @@ async def test_suppressed_by_phone_stays_out_by_bsuid(
             )
         ),
     )
-    resp = await client.delete(
-        "/v1/whatsapp/users",
-        headers=AUTH,
-        params={"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"},
-    )
+    resp = await erase(client, {"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"})
     assert resp.status == 200
     # Meta withholds the phone (username adopters): a BSUID-only message, another ad.
     await post_signed(
@@ -432,11 +429,7 @@ async def test_one_suppression_key_makes_and_checks_digests(
 
     client = await suppressing_client(make_client, config)
     assert reload_secrets(client.app, {**ENV, "CTWA_SUPPRESSION_KEY": KEY + "-rotated"})
-    resp = await client.delete(
-        "/v1/whatsapp/users",
-        headers=AUTH,
-        params={"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"},
-    )
+    resp = await erase(client, {"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"})
     assert resp.status == 200
     await post_signed(
         client, notification(messages_change([message(OLD, "wamid.K1", ref=referral(CLICK))]))
@@ -690,11 +683,7 @@ async def test_erasing_a_recycled_numbers_new_owner_spares_the_previous_owner(
             )
         ),
     )
-    await client.delete(
-        "/v1/whatsapp/users",
-        headers=AUTH,
-        params={"accountId": "acme", "businessScopedUserId": "MX.200000000000000000002"},
-    )
+    await erase(client, {"accountId": "acme", "businessScopedUserId": "MX.200000000000000000002"})
     left = query(db_path, "SELECT bsuid FROM conversations")
     assert left == [("MX.100000000000000000001",)], left
 
@@ -705,11 +694,7 @@ async def test_a_suppressed_persons_new_messages_stay_out_of_the_archive(
     """A suppressed person's new messages are kept out of the archive too, not only out of
     capture."""
     client = await suppressing_client(make_client, config)
-    resp = await client.delete(
-        "/v1/whatsapp/users",
-        headers=AUTH,
-        params={"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"},
-    )
+    resp = await erase(client, {"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"})
     assert resp.status == 200
     await post_signed(
         client,
@@ -740,10 +725,6 @@ async def test_a_redelivered_notification_recaptures_only_the_unsuppressed(
         )
     )
     await post_signed(client, body)
-    await client.delete(
-        "/v1/whatsapp/users",
-        headers=AUTH,
-        params={"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"},
-    )
+    await erase(client, {"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"})
     await post_signed(client, body)  # the same bytes, as Meta retries
     assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
