@@ -52,9 +52,15 @@ def redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     for key, value in event_dict.items():
         if key.lower() in _SENSITIVE:
             event_dict[key] = REDACTED
-        elif isinstance(value, dict | list | tuple):
+        elif key not in _HASHED and isinstance(value, dict | list | tuple):
             event_dict[key] = _redacted(value, 6)
     return event_dict
+
+
+# The Meta request body the log sink prints: hashed by construction (an event with an
+# unhashed em, ph or external_id never leaves the normalizers), and walking it on every
+# event cost 4% of ingest throughput.
+_HASHED = frozenset({"payload"})
 
 
 def _redacted(value: Any, depth: int) -> Any:
