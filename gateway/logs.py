@@ -52,9 +52,12 @@ def redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     for key, value in event_dict.items():
         if key.lower() in _SENSITIVE:
             event_dict[key] = REDACTED
-        elif key not in _HASHED and isinstance(value, dict | list | tuple):
+        elif type(value) in _CONTAINERS and key not in _HASHED:
             event_dict[key] = _redacted(value, 6)
     return event_dict
+
+
+_CONTAINERS = frozenset({dict, list, tuple})
 
 
 # The Meta request body the log sink prints: hashed by construction (an event with an
@@ -94,7 +97,9 @@ def scrub(text: str) -> str:
 
 def scrub_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """Mask personal data in rendered exceptions' messages (after ExceptionRenderer)."""
-    exception = event_dict.get("exception")
+    if "exception" not in event_dict:
+        return event_dict
+    exception = event_dict["exception"]
     if isinstance(exception, list):
         for frame in exception:
             if not isinstance(frame, dict):

@@ -174,7 +174,10 @@ class Plugins:
         self.pm = pm
         self._loaded = {item.name: item for item in loaded}
         self.roles = roles
-        self._primary = primary
+        sinks = roles["sinks"]
+        # Asked on every request: chosen once.
+        fallback = sinks[0] if sinks else ""
+        self._primary = primary or next((s for s in _META_SINKS if s in sinks), fallback)
         self._resolvers = [
             (n, call, self.config(n), self._declared(n))
             for n in roles["resolvers"]
@@ -230,9 +233,7 @@ class Plugins:
     @property
     def primary_sink(self) -> str:
         """The sink whose outcome the Zernio-shaped answer reports."""
-        sinks = self.roles["sinks"]
-        chosen = self._primary or next((s for s in _META_SINKS if s in sinks), None)
-        return chosen or sinks[0]
+        return self._primary
 
     def sender(self, name: str) -> Callable[[list[QueuedEvent]], Awaitable[list[SendOutcome]]]:
         """Return a call of sink ``name``'s ``gateway_send_events``."""
