@@ -41,7 +41,7 @@ from gateway.operations import (
 )
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
-from gateway.runtime import running
+from gateway.runtime import new_event_loop, running
 from gateway.validation import decode_conversion
 from gateway.wire import PRINTABLE
 from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT, meta_request_body
@@ -271,11 +271,16 @@ def _serve(
         return 2
     # Until the loop's SIGHUP handler (secrets reload) is in place, a reload must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    loop, kind = new_event_loop(settings.server.event_loop)
     shown = f"[{host}]" if ipv6 else host
-    print(f"ctwa-gateway listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+    print(
+        f"ctwa-gateway listening on http://{shown}:{port} ({kind} event loop)",
+        file=sys.stderr,
+        flush=True,
+    )
     # access_log=None: aiohttp's access log writes IPs, query strings and user agents; the
     # canonical request line replaces it.
-    web.run_app(app, sock=sock, access_log=None, print=None)
+    web.run_app(app, sock=sock, access_log=None, print=None, loop=loop)
     return 0
 
 

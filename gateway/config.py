@@ -57,6 +57,9 @@ class ServerConfig(ConfigStruct, frozen=True):
     trusted_proxies: list[Annotated[str, msgspec.Meta(max_length=64)]] = msgspec.field(
         default_factory=list
     )
+    # "auto": uvloop where it is installed (it is a dependency on Linux and macOS), else
+    # asyncio's own loop; "asyncio" to rule uvloop out.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
     def is_loopback(self) -> bool:
         """Tell whether the server listens on loopback only."""

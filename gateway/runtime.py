@@ -23,9 +23,25 @@ from gateway.store.database import Store
 from gateway.store.locks import delivery_lock, serving_lock
 from gateway.store.retention import RetentionCutoffs
 
-__all__ = ["running"]
+__all__ = ["new_event_loop", "running"]
 
 log = structlog.get_logger()
+
+
+def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
+    """Return the event loop ``serve`` runs on, and its name: uvloop unless ruled out."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError(
+                    '[server] event_loop = "uvloop", but uvloop is not installed:'
+                    " pip install uvloop, or set it to \"auto\""
+                ) from None
+        else:
+            return uvloop.new_event_loop(), "uvloop"
+    return asyncio.new_event_loop(), "asyncio"
 
 
 async def _housekeep(store: Store, settings: Settings) -> None:

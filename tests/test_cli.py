@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -385,3 +386,33 @@ def test_probe_names_must_be_names(config_file: Path, capsys: pytest.CaptureFixt
         main(argv, environ=ENV)
     assert exited.value.code == 2
     assert "no control or invisible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("choice", "kind"), [("auto", "uvloop"), ("asyncio", "asyncio")])
+def test_serve_runs_on_uvloop_unless_ruled_out(tmp_path: Path, choice: str, kind: str) -> None:
+    raw = base_config(tmp_path / "cli.sqlite3")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    raw["server"] = {**raw.get("server", {}), "port": port, "event_loop": choice}
+    config = tmp_path / "gateway.toml"
+    config.write_bytes(tomli_w.dumps(raw).encode())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    assert r.status == 200  # it serves on that loop, not only starts
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError(proc.stderr.read() if proc.stderr else "no output")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"listening on http://127.0.0.1:{port} ({kind} event loop)" in err
