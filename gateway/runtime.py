@@ -37,7 +37,7 @@ def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
             if choice == "uvloop":
                 raise ConfigError(
                     '[server] event_loop = "uvloop", but uvloop is not installed:'
-                    " pip install uvloop, or set it to \"auto\""
+                    ' pip install uvloop, or set it to "auto"'
                 ) from None
         else:
             return uvloop.new_event_loop(), "uvloop"
