@@ -112,10 +112,7 @@ def _find(name: str, role: str, settings: Settings) -> tuple[object, str]:
         try:
             return ep.load(), f"entry point {ep.value}"
         except Exception as exc:
-            raise ConfigError(
-                f"plugin {name!r}: its entry point {ep.value} failed to import"
-                f" ({type(exc).__name__}: {str(exc)[:200]})"
-            ) from None
+            raise plugin_error(name, f"importing its entry point {ep.value}", exc) from None
     try:
         module = importlib.import_module(f"plugins.{name}")
     except ModuleNotFoundError as exc:
@@ -152,12 +149,8 @@ def _load(name: str, role: str, settings: Settings) -> _Loaded:
             plugin = factory(config, settings.base_dir())
         else:
             plugin = factory(config)
-    except ConfigError:
-        raise
     except Exception as exc:
-        raise ConfigError(
-            f"plugin {name!r}: make_plugin failed ({type(exc).__name__}: {str(exc)[:200]})"
-        ) from None
+        raise plugin_error(name, "make_plugin", exc) from None
     return _Loaded(name=name, plugin=plugin, config=config, origin=origin)
 
 

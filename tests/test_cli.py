@@ -337,22 +337,18 @@ def test_a_store_path_that_cannot_be_a_store_is_refused_before_serving(
         ]
 
 
-@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 here")
-def test_serve_listens_on_ipv6(config_file: Path) -> None:
-    try:
-        with socket.create_server(("::1", 0), family=socket.AF_INET6) as probe:
-            port = probe.getsockname()[1]
-    except OSError:
-        pytest.skip("::1 cannot be bound here")
+def serve_until(args: list[str], healthz: str) -> str:
+    """Run `ctwa-gateway serve ARGS` until ``healthz`` answers 200, stop it with SIGTERM;
+    check it exited cleanly and return what it wrote to stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config_file),
-         "--host", "::1", "--port", str(port)],
+        [sys.executable, "-m", "gateway", "serve", *args],
         env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         for _ in range(200):
             try:
-                with socket.create_connection(("::1", port), timeout=1):
+                with urllib.request.urlopen(healthz, timeout=1) as answer:
+                    assert answer.status == 200
                     break
             except OSError:
                 time.sleep(0.05)
@@ -362,6 +358,20 @@ def test_serve_listens_on_ipv6(config_file: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+    return err
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 here")
+def test_serve_listens_on_ipv6(config_file: Path) -> None:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6) as probe:
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip("::1 cannot be bound here")
+    err = serve_until(
+        ["--config", str(config_file), "--host", "::1", "--port", str(port)],
+        f"http://[::1]:{port}/healthz",
+    )
     assert f"listening on http://[::1]:{port}" in err
 
 
@@ -397,22 +407,6 @@ def test_serve_runs_on_uvloop_unless_ruled_out(tmp_path: Path, choice: str, kind
     raw["server"] = {**raw.get("server", {}), "port": port, "event_loop": choice}
     config = tmp_path / "gateway.toml"
     config.write_bytes(tomli_w.dumps(raw).encode())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-        env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        for _ in range(200):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    assert r.status == 200  # it serves on that loop, not only starts
-                    break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            raise AssertionError(proc.stderr.read() if proc.stderr else "no output")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    # It serves on that loop, not only starts.
+    err = serve_until(["--config", str(config)], f"http://127.0.0.1:{port}/healthz")
     assert f"listening on http://127.0.0.1:{port} ({kind} event loop)" in err

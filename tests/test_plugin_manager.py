@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from gateway.http.app import create_app, startup_problems
 from gateway.http.keys import PLUGINS
 from gateway.plugin_manager import build_plugins, builtin_plugin_names
 from gateway.runtime import running
-from tests.conftest import ENV, ClientFactory, LogCapture
+from tests.conftest import ENV, ClientFactory, LogCapture, install_distribution
 
 
 def settings_with(config: dict[str, Any], **plugins: Any) -> Any:
@@ -265,3 +266,20 @@ async def test_a_failing_readiness_or_reload_hook_is_contained(
     plugins = client.app[PLUGINS]
     assert plugins.reload_secrets(settings, ENV) == []  # the others would still be asked
     assert logs.events("plugin_reload_failed")
+
+
+def test_a_plugin_failing_to_load_is_one_line_without_personal_data(
+    config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "boom_plugin.py").write_text(
+        "def make_plugin(config):\n"
+        "    raise RuntimeError('no CRM record for jane.doe@example.com / +1 650 555 0123')\n"
+    )
+    install_distribution(site, monkeypatch, "boom", {"boom": "boom_plugin"})
+    settings = parse_settings({**config, "plugins": {"sinks": ["log", "boom"]}})
+    with pytest.raises(ConfigError, match=r"plugin 'boom': make_plugin failed \(RuntimeError") as e:
+        build_plugins(settings)
+    assert "jane.doe@example.com" not in str(e.value)
+    assert "650 555 0123" not in str(e.value)
