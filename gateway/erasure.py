@@ -21,8 +21,6 @@ from gateway.wire import ErasureCounts
 
 __all__ = ["ErasureTarget", "erase", "suppression_key"]
 
-KINDS = ("phone", "bsuid", "conversation")
-
 
 def suppression_key(settings: Settings, environ: Mapping[str, str]) -> bytes | None:
     """Return the suppression secret, or None if suppression is not configured."""

@@ -23,10 +23,6 @@ class FileLock:
         self.shared = shared
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self) -> bool:
         """Take the lock if nobody holds it in a conflicting way; return whether we hold it."""
         if self._fd is not None:
