@@ -269,8 +269,12 @@ def _serve(
             file=sys.stderr,
         )
         return 2
-    # Until the loop's SIGHUP handler (secrets reload) is in place, a reload must not kill us.
+    # Until the loop's own handlers are in place: a reload must not kill us, and a stop is
+    # kept and honoured once the app has started, as a clean shutdown (not death by signal).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stop = _EarlyStop()
+    signal.signal(signal.SIGTERM, stop.note)
+    app.on_startup.append(stop.replay)
     loop, kind = new_event_loop(settings.server.event_loop)
     shown = f"[{host}]" if ipv6 else host
     print(
@@ -282,6 +286,21 @@ def _serve(
     # canonical request line replaces it.
     web.run_app(app, sock=sock, access_log=None, print=None, loop=loop)
     return 0
+
+
+class _EarlyStop:
+    """A SIGTERM that arrives between binding and the app's start, replayed once aiohttp's own
+    handler (a graceful shutdown) is in place."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def note(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    async def replay(self, app: web.Application) -> None:
+        if self.requested:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 # Where an event came from: ("line", n) for JSON lines and a single object, ("index", i) for

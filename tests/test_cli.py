@@ -410,3 +410,23 @@ def test_serve_runs_on_uvloop_unless_ruled_out(tmp_path: Path, choice: str, kind
     # It serves on that loop, not only starts.
     err = serve_until(["--config", str(config)], f"http://127.0.0.1:{port}/healthz")
     assert f"listening on http://127.0.0.1:{port} ({kind} event loop)" in err
+
+
+def test_sigterm_right_after_listening_is_a_clean_stop(config_file: Path) -> None:
+    # The port is bound before the app starts (a second gateway must not run its dispatcher
+    # if it cannot serve): a SIGTERM in between, a supervisor stopping it at once, exits 0.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config_file),
+         "--port", str(port)],
+        env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "listening on" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
