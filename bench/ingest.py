@@ -1,136 +1,240 @@
-"""Accepted conversion events per second through the real HTTP stack, against a minimal server.
+"""Accepted conversions per second on one core, against a minimal aiohttp handler on that core.
 
-Runs, in one go and on the same load generator (an aiohttp client pool on loopback):
-  1. a minimal aiohttp handler (read body, answer fixed JSON): the baseline;
-  2. the gateway with the log sink and group commit (synchronous=FULL, WAL);
-  3. the gateway with one commit per request (``group_commit_max = 1``), to show what group
-     commit buys.
-and prints requests/s, p50/p99 latency and each ratio to the baseline.
+The method (issue 14): ``taskset -c 0 wrk -t1 -c64 --latency`` on one core, the server with
+every thread pinned to the other (``taskset -a -cp 1``). The gateway runs the shipped
+``config.toml`` (log sink, logs at info to a file); each request is a Purchase with value and
+currency by ``phoneE164`` of a conversation captured beforehand through the signed webhook,
+with a fresh ``eventId``. The baseline is a handler that reads the body and answers a small
+JSON. Baseline and gateway alternate for ``--rounds`` rounds; the summary is the median of
+each figure, and of the per-round ratios. With valgrind installed, both are then run under
+callgrind to count instructions per request (repeatable whatever the machine is doing).
 
-    python -m bench.ingest [--seconds 10] [--concurrency 64]
+    python -m bench.ingest [--seconds 5] [--rounds 3] [--connections 64] [--no-instructions]
+
+wrk comes from Debian (``apt-get install wrk``); without it (or without a second core) the
+bench falls back to an aiohttp client, unpinned, which needs a core of its own and so holds
+the baseline down: its ratios read high.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import tomli_w
+from bench.load import drive, free_port, python, server
+from bench.pinned import (
+    WrkResult,
+    can_count_instructions,
+    can_pin,
+    instructions_since_zero,
+    lua_script,
+    pin,
+    thread_cpu_seconds,
+    under_callgrind,
+    wrk,
+    zero_instructions,
+)
+from bench.target import ENV, KEY, capture, shipped_config
 
-from bench.load import Result, cpu_seconds, drive, free_port, python, server
-from gateway.domain import Conversation
-from gateway.store.database import Store
+PATH = "/v1/whatsapp/conversions"
+PHONE = "16505551234"
+TEMPLATE = (
+    '{"accountId":"demo","eventName":"Purchase","eventId":"%s-%d",'
+    '"phoneE164":"+' + PHONE + '","value":19.99,"currency":"USD"}'
+)
+HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 
-KEY = "bench-key-0123456789abcdef"
-CONVERSATIONS = 1000
+
+@dataclass
+class Sample:
+    result: WrkResult
+    cpu_all: float  # seconds, every thread
+    cpu_main: float  # seconds, the event loop's thread
+
+    def per_request_us(self, cpu: float) -> float:
+        return cpu / max(1, self.result.requests) * 1e6
 
 
-async def seed(db: Path) -> list[str]:
-    store = await Store.open(db)
-    try:
-        ids = []
-        for i in range(CONVERSATIONS):
-            now = time.time()
-            conversation = Conversation(
-                id=f"conv_bench_{i}",
-                account_id="bench",
-                wa_id=str(16505550000 + i),
-                created_at=now,
-                last_inbound_at=now,
-                ctwa_clid=f"clid-{i}",
-                ctwa_captured_at=now,
+@dataclass
+class Target:
+    label: str
+    argv: list[str]
+    port: int
+    env: dict[str, str]
+    captures: bool  # needs a conversation captured through the webhook first
+
+
+def targets(folder: Path) -> list[Target]:
+    base_port, gateway_port = free_port(), free_port()
+    config = shipped_config(folder, gateway_port)
+    return [
+        Target(
+            "minimal aiohttp handler",
+            [python(), "-m", "bench.baseline_server", str(base_port)],
+            base_port,
+            {},
+            captures=False,
+        ),
+        Target(
+            "gateway (shipped config)",
+            [python(), "-m", "gateway", "serve", "--config", str(config)],
+            gateway_port,
+            ENV,
+            captures=True,
+        ),
+    ]
+
+
+def measure(target: Target, pid: int, seconds: float, connections: int, prefix: str) -> Sample:
+    script = lua_script(PATH, HEADERS, TEMPLATE, prefix)
+    all_before, main_before = thread_cpu_seconds(pid), thread_cpu_seconds(pid, pid)
+    result = wrk(
+        f"http://127.0.0.1:{target.port}", script, connections=connections, seconds=seconds
+    )
+    return Sample(
+        result,
+        thread_cpu_seconds(pid) - all_before,
+        thread_cpu_seconds(pid, pid) - main_before,
+    )
+
+
+def pinned_rounds(args: argparse.Namespace, folder: Path) -> None:
+    found = targets(folder)
+    samples: dict[str, list[Sample]] = {t.label: [] for t in found}
+    run = int(time.time())
+    with (
+        server(found[0].argv, found[0].port, found[0].env, folder / "baseline.log") as base,
+        server(found[1].argv, found[1].port, found[1].env, folder / "gateway.log") as gateway,
+    ):
+        procs = {found[0].label: base, found[1].label: gateway}
+        for target in found:
+            pin(procs[target.label].pid)
+            if target.captures:
+                capture(target.port, PHONE)
+            # Warm-up: connections, caches, the store's first pages; not counted.
+            measure(target, procs[target.label].pid, 2, args.connections, f"warm-{run}")
+        for round_ in range(args.rounds):
+            # Alternate who goes first, so a drift of the machine hits both alike.
+            order = found if round_ % 2 == 0 else found[::-1]
+            for target in order:
+                prefix = f"r{run}-{round_}"
+                sample = measure(
+                    target, procs[target.label].pid, args.seconds, args.connections, prefix
+                )
+                if sample.result.non_2xx or sample.result.socket_errors:
+                    raise RuntimeError(f"{target.label}: errors in round {round_}: {sample}")
+                samples[target.label].append(sample)
+    report(args, samples)
+
+
+def report(args: argparse.Namespace, samples: dict[str, list[Sample]]) -> None:
+    base_label, gw_label = list(samples)
+    print(
+        f"ingest: wrk -t1 -c{args.connections} pinned to cpu 0, server pinned to cpu 1,"
+        f" {args.rounds} rounds of {args.seconds:g} s, interleaved"
+    )
+    print(f"{'target':<36}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}{'main thr':>10}")
+    for label, runs in samples.items():
+        for i, s in enumerate(runs):
+            print(
+                f"{label + f' #{i + 1}':<36}{s.result.rate:>9.0f}{s.result.p50_ms:>9.2f}"
+                f"{s.result.p99_ms:>9.2f}{s.per_request_us(s.cpu_all):>12.0f}"
+                f"{s.per_request_us(s.cpu_main):>10.0f}"
             )
-            await store.add_conversation(conversation)
-            ids.append(conversation.id)
-        return ids
-    finally:
-        await store.close()
+
+    def median(label: str, figure: Callable[[Sample], float]) -> float:
+        return statistics.median(figure(s) for s in samples[label])
+
+    for label in samples:
+        print(
+            f"{label + ' (median)':<36}{median(label, lambda s: s.result.rate):>9.0f}"
+            f"{median(label, lambda s: s.result.p50_ms):>9.2f}"
+            f"{median(label, lambda s: s.result.p99_ms):>9.2f}"
+            f"{median(label, lambda s: s.per_request_us(s.cpu_all)):>12.0f}"
+            f"{median(label, lambda s: s.per_request_us(s.cpu_main)):>10.0f}"
+        )
+    pairs = list(zip(samples[base_label], samples[gw_label], strict=True))
+    ratio = statistics.median(g.result.rate / b.result.rate for b, g in pairs)
+    p99 = statistics.median(g.result.p99_ms / b.result.p99_ms for b, g in pairs)
+    print(f"ratio gateway/baseline req/s (median of rounds): {ratio:.2f}x (goal >= 0.50x)")
+    print(f"ratio gateway/baseline p99 (median of rounds): {p99:.2f}x (goal <= 3x)")
 
 
-def write_config(folder: Path, port: int, group_commit_max: int) -> Path:
-    config = {
-        "server": {"host": "127.0.0.1", "port": port},
-        "store": {"path": str(folder / "bench.sqlite3"), "group_commit_max": group_commit_max},
-        "accounts": [
-            {"id": "bench", "waba_id": "102290129340398", "phone_number_id": "106540352242922"}
-        ],
-        "auth": {"keys": [{"name": "bench", "key_env": "BENCH_KEY", "accounts": ["*"]}]},
-        "plugins": {"sinks": ["log"]},
-        "logging": {"level": "info", "format": "json"},
-    }
-    path = folder / f"bench-{group_commit_max}.toml"
-    path.write_bytes(tomli_w.dumps(config).encode())
-    return path
+def instructions(args: argparse.Namespace, folder: Path) -> None:
+    """Instructions per request of both targets, counted by callgrind after a warm-up."""
+    print(f"instructions per request (callgrind, {args.instruction_seconds:g} s of -c16 load):")
+    counts = {}
+    (folder / "callgrind").mkdir(exist_ok=True)
+    for target in targets(folder / "callgrind"):
+        argv = under_callgrind(target.argv, folder / "callgrind")
+        log = folder / f"callgrind-{target.port}.log"
+        with server(argv, target.port, target.env, log, start_timeout=600) as proc:
+            if target.captures:
+                capture(target.port, PHONE)
+            url = f"http://127.0.0.1:{target.port}"
+            script = lua_script(PATH, HEADERS, TEMPLATE, f"cg-{time.time_ns()}")
+            wrk(url, script, connections=16, seconds=5, pinned=False)
+            zero_instructions(proc.pid)
+            script = lua_script(PATH, HEADERS, TEMPLATE, f"cg-{time.time_ns()}")
+            result = wrk(
+                url, script, connections=16, seconds=args.instruction_seconds, pinned=False
+            )
+            total = instructions_since_zero(proc.pid, folder / "callgrind")
+        counts[target.label] = total / max(1, result.requests)
+        thousands = counts[target.label] / 1000
+        print(f"  {target.label:<27}{thousands:>9,.0f}k ({result.requests} requests)")
+    base, gw = counts.values()
+    print(f"  gateway/baseline: {gw / base:.2f}x the instructions")
+
+
+def unpinned(args: argparse.Namespace) -> None:
+    print(
+        "wrk or taskset (or a second core) missing: an aiohttp client, unpinned; ratios read high"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        found = targets(Path(tmp))
+        run = int(time.time() * 1000)
+        rates = {}
+        for target in found:
+            with server(target.argv, target.port, target.env, Path(tmp) / f"{target.port}.log"):
+                if target.captures:
+                    capture(target.port, PHONE)
+                result = drive(
+                    f"http://127.0.0.1:{target.port}{PATH}",
+                    lambda n: (TEMPLATE % (run, n)).encode(),
+                    HEADERS,
+                    seconds=args.seconds,
+                    concurrency=args.connections,
+                    ok=(200,),
+                )
+            rates[target.label] = result.rate
+            print(
+                f"{target.label:<27}{result.rate:>9.0f} req/s  p99 {result.percentile(99):.2f} ms"
+            )
+        base, gw = rates.values()
+        print(f"ratio gateway/baseline: {gw / base:.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--no-instructions", action="store_true")
+    parser.add_argument("--instruction-seconds", type=float, default=20.0)
     args = parser.parse_args()
-
+    if not can_pin():
+        unpinned(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        ids = asyncio.run(seed(folder / "bench.sqlite3"))
-        run_id = int(time.time() * 1000)
-
-        def body(n: int) -> bytes:
-            return json.dumps(
-                {
-                    "accountId": "bench",
-                    "eventName": "Purchase",
-                    "eventId": f"bench-{run_id}-{n}",
-                    "conversationId": ids[n % len(ids)],
-                    "value": 19.99,
-                    "currency": "USD",
-                    "email": f"person{n}@example.com",
-                    "contentIds": ["sku-1"],
-                }
-            ).encode()
-
-        headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-        load = {"seconds": args.seconds, "concurrency": args.concurrency, "ok": (200,)}
-        results: dict[str, tuple[Result, float]] = {}
-
-        def measure(label: str, argv: list[str], port: int, env: dict[str, str]) -> None:
-            with server(argv, port, env, folder / f"{len(results)}.log") as proc:
-                url = f"http://127.0.0.1:{port}/v1/whatsapp/conversions"
-                cpu_before = cpu_seconds(proc.pid)
-                result = drive(url, body, headers, **load)
-                # Includes the 1 s warm-up, so it is divided by all requests served.
-                cpu = cpu_seconds(proc.pid) - cpu_before
-            results[label] = (result, cpu)
-
-        port = free_port()
-        measure(
-            "minimal aiohttp handler",
-            [python(), "-m", "bench.baseline_server", str(port)],
-            port,
-            {},
-        )
-        for label, batch in (("gateway, group commit", 1000), ("gateway, per-row commit", 1)):
-            port = free_port()
-            config = write_config(folder, port, batch)
-            argv = [python(), "-m", "gateway", "serve", "--config", str(config)]
-            measure(label, argv, port, {"BENCH_KEY": KEY})
-            run_id += 1_000_000_000
-
-    base = results["minimal aiohttp handler"][0].rate
-    print(f"ingest: {args.seconds:.0f} s per target, {args.concurrency} connections, loopback")
-    print(
-        f"{'target':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
-        f"{'server CPU s':>14}{'ratio':>8}"
-    )
-    for label, (result, cpu) in results.items():
-        print(
-            f"{label:<28}{result.rate:>10.0f}{result.percentile(50):>10.2f}"
-            f"{result.percentile(99):>10.2f}{result.errors:>8}{cpu:>14.2f}"
-            f"{result.rate / base:>8.2f}"
-        )
+        pinned_rounds(args, Path(tmp))
+        if can_count_instructions() and not args.no_instructions:
+            instructions(args, Path(tmp))
 
 
 if __name__ == "__main__":

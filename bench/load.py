@@ -34,13 +34,13 @@ def cpu_seconds(pid: int) -> float:
 
 @contextlib.contextmanager
 def server(
-    argv: list[str], port: int, env: dict[str, str], log: Path
+    argv: list[str], port: int, env: dict[str, str], log: Path, *, start_timeout: float = 30
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server subprocess until the block ends; wait until it accepts connections."""
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=out)
         try:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + start_timeout
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")

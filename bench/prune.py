@@ -26,8 +26,8 @@ from pathlib import Path
 import aiohttp
 import tomli_w
 
-from bench.ingest import KEY, seed
 from bench.load import free_port, python, server
+from bench.target import KEY, seed
 
 DAY = 86400
 

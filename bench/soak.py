@@ -25,8 +25,8 @@ from pathlib import Path
 import aiohttp
 import tomli_w
 
-from bench.ingest import KEY, seed
 from bench.load import free_port, python, server
+from bench.target import KEY, seed
 
 _PENDING = re.compile(r'^ctwa_outbox_pending\{sink="meta_capi"\} ([0-9.e+]+)$', re.M)
 

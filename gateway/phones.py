@@ -21,7 +21,7 @@ import phonenumbers
 
 from gateway.errors import InvalidRequest
 
-__all__ = ["PhoneForms", "invalid_phone", "parse_phone"]
+__all__ = ["PhoneForms", "invalid_phone", "parse_phone", "phone_digits"]
 
 
 def invalid_phone(param: str = "phoneE164") -> InvalidRequest:
@@ -45,8 +45,17 @@ class PhoneForms(msgspec.Struct, frozen=True, kw_only=True):
     digits: str
     # (digits, which form), the number as sent first.
     forms: tuple[tuple[str, str], ...]
-    # The number, or one of its forms, exists in its numbering plan.
-    valid: bool = True
+    # False: not even parseable as a number (so no form can be valid).
+    parsed: bool = True
+
+    @property
+    def valid(self) -> bool:
+        """Whether the number, or one of its forms, exists in its numbering plan.
+
+        Computed when asked (a resolver asks only when no stored conversation matched): it
+        costs a numbering-plan match per form, about as much as the rest of a request.
+        """
+        return self.parsed and any(_valid(form) for form, _ in self.forms)
 
 
 def _forms(country: int, national: str) -> list[tuple[str, str]]:
@@ -79,6 +88,19 @@ def _valid(digits: str) -> bool:
         return False
 
 
+def phone_digits(raw: str) -> str | None:
+    """Return the digits of a typed phone number (country code first), or None if it is not
+    one: no letters, 7 to 17 digits, ``+``, ``00`` and common separators allowed."""
+    cleaned = _SEPARATORS.sub("", raw.strip())
+    if cleaned.startswith("+"):
+        cleaned = cleaned[1:]
+    elif cleaned.startswith("00"):
+        cleaned = cleaned[2:]
+    if not (cleaned.isascii() and cleaned.isdigit()) or not 7 <= len(cleaned) <= 17:
+        return None
+    return cleaned
+
+
 def parse_phone(raw: str) -> PhoneForms | None:
     """Return the number and its WhatsApp forms, or None if it is not a phone number at all.
 
@@ -88,17 +110,13 @@ def parse_phone(raw: str) -> PhoneForms | None:
     the 1). An invalid one may still be a WhatsApp id as Meta sent it: the resolver tries the
     stored ids first and refuses it only if none matches.
     """
-    cleaned = _SEPARATORS.sub("", raw.strip())
-    if cleaned.startswith("+"):
-        cleaned = cleaned[1:]
-    elif cleaned.startswith("00"):
-        cleaned = cleaned[2:]
-    if not (cleaned.isascii() and cleaned.isdigit()) or not 7 <= len(cleaned) <= 17:
+    cleaned = phone_digits(raw)
+    if cleaned is None:
         return None
     try:
         number = phonenumbers.parse("+" + cleaned)
     except phonenumbers.NumberParseException:
-        return PhoneForms(digits=cleaned, forms=((cleaned, "as_sent"),), valid=False)
+        return PhoneForms(digits=cleaned, forms=((cleaned, "as_sent"),), parsed=False)
     # The national significant number keeps Italy's leading zero (06...), national_number not.
     national = phonenumbers.national_significant_number(number)
     country = number.country_code or 0
@@ -106,5 +124,4 @@ def parse_phone(raw: str) -> PhoneForms | None:
     forms = [(digits, "as_sent"), *_forms(country, national)]
     if cleaned != digits:
         forms.append((cleaned, "as_typed"))  # a trunk prefix kept, as a stored id might be
-    valid = any(_valid(form) for form, _ in forms)
-    return PhoneForms(digits=digits, forms=tuple(forms), valid=valid)
+    return PhoneForms(digits=digits, forms=tuple(forms))

@@ -20,7 +20,7 @@ import pycountry
 from gateway.config import EventsConfig
 from gateway.errors import InvalidRequest
 from gateway.hashing import is_sha256_hex, normalize_email
-from gateway.phones import invalid_phone, parse_phone
+from gateway.phones import invalid_phone, phone_digits
 from gateway.wire import CONVERSION_DECODER, ConversionRequest
 
 __all__ = [
@@ -145,7 +145,7 @@ def check_conversion(request: ConversionRequest, events: EventsConfig, *, now: f
     """Apply the rules a Struct cannot express; raise :class:`InvalidRequest` on the first."""
     # Which identifiers a request needs is the resolvers' business (the pipeline asks them).
     _check_event_name(request.event_name, events.allowed_names)
-    if request.phone_e164 is not None and parse_phone(request.phone_e164) is None:
+    if request.phone_e164 is not None and phone_digits(request.phone_e164) is None:
         raise invalid_phone()
     if request.value is not None and not math.isfinite(request.value):
         raise InvalidRequest(

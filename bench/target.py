@@ -1,0 +1,112 @@
+"""The gateway as the benchmarks run it: the shipped config, and conversations to convert.
+
+``shipped_config`` is ``config.toml`` as a newcomer gets it (log sink, logs at info), moved to
+a free port and a throwaway store; ``capture`` records a click through the signed webhook, the
+way a real conversation starts; ``seed`` writes many conversations straight into a store.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import tomli_w
+
+from gateway.domain import Conversation
+from gateway.http.signature import sign
+from gateway.store.database import Store
+
+__all__ = ["ENV", "KEY", "capture", "seed", "shipped_config"]
+
+KEY = "bench-key-0123456789abcdef"
+SECRET = "bench-app-secret"
+# The secrets config.toml names, as scripts/dev serve exports them.
+ENV = {
+    "CTWA_DEMO_API_KEY": KEY,
+    "CTWA_APP_SECRET": SECRET,
+    "CTWA_WEBHOOK_VERIFY_TOKEN": "bench-verify-token",
+    "CTWA_METRICS_KEY": "bench-metrics-key",
+}
+SHIPPED = Path(__file__).resolve().parent.parent / "config.toml"
+
+
+def shipped_config(folder: Path, port: int, **overrides: dict[str, object]) -> Path:
+    """Write config.toml with its port and store moved (and any table's keys overridden)."""
+    config = tomllib.loads(SHIPPED.read_text())
+    config["server"]["port"] = port
+    config["store"]["path"] = str(folder / f"gateway-{port}.sqlite3")
+    for table, values in overrides.items():
+        config.setdefault(table, {}).update(values)
+    path = folder / f"config-{port}.toml"
+    path.write_bytes(tomli_w.dumps(config).encode())
+    return path
+
+
+def capture(port: int, phone: str) -> None:
+    """Post a signed notification: ``phone`` taps the demo account's ad and writes."""
+    message = {
+        "from": phone,
+        "id": f"wamid.bench.{phone}.{time.time_ns()}",
+        "timestamp": str(int(time.time())),
+        "type": "text",
+        "text": {"body": "Can I get more info about this?"},
+        "referral": {
+            "source_url": "https://fb.me/3cr4Wqqkv",
+            "source_id": "120226305854810726",
+            "source_type": "ad",
+            "headline": "Chat with us",
+            "media_type": "image",
+            "ctwa_clid": f"clid-bench-{phone}",
+        },
+    }
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352242922"},
+        "contacts": [{"profile": {"name": "Bench"}, "wa_id": phone}],
+        "messages": [message],
+    }
+    body = json.dumps(
+        {
+            "object": "whatsapp_business_account",
+            "entry": [
+                {"id": "102290129340398", "changes": [{"field": "messages", "value": value}]}
+            ],
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/webhooks/whatsapp",
+        data=body,
+        headers={
+            "Content-Type": "application/json",
+            "X-Hub-Signature-256": sign(SECRET.encode(), body),
+        },
+    )
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        if answer.status != 200:
+            raise RuntimeError(f"the capture failed: HTTP {answer.status}")
+
+
+async def seed(db: Path, count: int = 1000) -> list[str]:
+    """Write ``count`` conversations with a click straight into the store at ``db``."""
+    store = await Store.open(db)
+    try:
+        ids = []
+        for i in range(count):
+            now = time.time()
+            conversation = Conversation(
+                id=f"conv_bench_{i}",
+                account_id="bench",
+                wa_id=str(16505550000 + i),
+                created_at=now,
+                last_inbound_at=now,
+                ctwa_clid=f"clid-{i}",
+                ctwa_captured_at=now,
+            )
+            await store.add_conversation(conversation)
+            ids.append(conversation.id)
+        return ids
+    finally:
+        await store.close()
