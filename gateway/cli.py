@@ -204,8 +204,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         settings = load_settings(args.config)
         # Only the long-running server caches its loggers; one-shot commands stay
         # reconfigurable (tests call main() many times in one process).
+        serving = args.command == "serve"
         configure_logging(
-            settings.logging.level, settings.logging.format, cache=args.command == "serve"
+            settings.logging.level, settings.logging.format, cache=serving, buffered=serving
         )
         env = load_environ(settings, base)  # after logging: it may warn about the file
         plugins = build_plugins(settings)

@@ -37,13 +37,13 @@ async def test_healthz_and_readyz(client: Client) -> None:
 
 async def test_readyz_is_503_when_the_store_refuses_writes(client: Client) -> None:
     store = store_of(client)
-    await store._writer_conn.execute("PRAGMA query_only = ON")
+    store._writer_conn.execute("PRAGMA query_only = ON")
     resp = await client.get("/readyz")
     body = await resp.json()
     assert resp.status == 503
     assert body["code"] == "not_ready"
     assert "store" in body["details"]["checks"]
-    await store._writer_conn.execute("PRAGMA query_only = OFF")
+    store._writer_conn.execute("PRAGMA query_only = OFF")
     assert (await client.get("/readyz")).status == 200
 
 
@@ -143,8 +143,8 @@ async def test_rate_limit_per_key(make_client: ClientFactory, config: dict[str, 
 async def test_a_full_disk_is_503_and_loses_nothing_acknowledged(client: Client) -> None:
     store = store_of(client)
     conversation = await add_conversation(store)
-    pages = await store._writer_conn.execute_fetchall("PRAGMA page_count", ())
-    await store._writer_conn.execute(f"PRAGMA max_page_count = {next(iter(pages))[0] + 2}")
+    (pages,) = store._writer_conn.execute("PRAGMA page_count").fetchone()
+    store._writer_conn.execute(f"PRAGMA max_page_count = {pages + 2}")
     acknowledged = []
     refused = 0
     for i in range(300):
@@ -158,7 +158,7 @@ async def test_a_full_disk_is_503_and_loses_nothing_acknowledged(client: Client)
             assert resp.headers["Retry-After"] == "1"
             refused += 1
     assert refused > 0
-    await store._writer_conn.execute("PRAGMA max_page_count = 1073741823")
+    store._writer_conn.execute("PRAGMA max_page_count = 1073741823")
     for event_id in acknowledged:
         assert await store.find_event("acme", event_id) is not None
     # Room again: the refused ones go through on retry.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import signal
 import time
@@ -80,6 +81,10 @@ def create_app(
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         async with running(settings, plugins, environ, clock=clock, metrics=metrics) as pipeline:
             app[PIPELINE] = pipeline
+            # What start-up built (modules, numbering plans, the app) lives as long as the
+            # process: out of the collector's sight, a full collection no longer walks it,
+            # which took milliseconds off the p99 under load.
+            gc.freeze()
             yield
 
     app.on_response_prepare.append(_server_header)

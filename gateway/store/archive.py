@@ -13,6 +13,7 @@ or on its own when processing failed (:class:`ArchivePending`). Its status says 
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ import aiosqlite
 import msgspec
 
 from gateway.capture.records import Problem
-from gateway.store.schema import fetch_rows
+from gateway.store.schema import fetch_rows, select
 from gateway.store.writer import WriteOp
 
 __all__ = [
@@ -76,21 +77,19 @@ def _status(problems: int) -> NotificationStatus:
     return "partial" if problems else "processed"
 
 
-async def _insert_problems(
-    conn: aiosqlite.Connection, pk: int, problems: Sequence[Problem]
-) -> None:
-    await conn.executemany(
+def _insert_problems(conn: sqlite3.Connection, pk: int, problems: Sequence[Problem]) -> None:
+    conn.executemany(
         "INSERT OR REPLACE INTO webhook_problems (notification_pk, path, code, reason,"
         " account_id, phone_number_id) VALUES (?,?,?,?,?,?)",
         [(pk, p.path, p.code, p.reason, p.account_id, p.phone_number_id) for p in problems],
     )
 
 
-async def record_new(
-    conn: aiosqlite.Connection, new: NewNotification, problems: Sequence[Problem], now: float
+def record_new(
+    conn: sqlite3.Connection, new: NewNotification, problems: Sequence[Problem], now: float
 ) -> int:
     """Archive ``new`` with its problems (inside the capture's transaction); return its pk."""
-    cursor = await conn.execute(
+    cursor = conn.execute(
         "INSERT INTO webhook_notifications (received_at, request_id, body, status, problems,"
         " processed_at) VALUES (?,?,?,?,?,?)",
         (new.received_at, new.request_id, new.body, _status(len(problems)), len(problems), now),
@@ -98,40 +97,36 @@ async def record_new(
     pk = cursor.lastrowid
     assert pk is not None
     if problems:
-        await _insert_problems(conn, pk, problems)
+        _insert_problems(conn, pk, problems)
     return pk
 
 
-async def claim(conn: aiosqlite.Connection, reprocess: Reprocess) -> bool:
+def claim(conn: sqlite3.Connection, reprocess: Reprocess) -> bool:
     """Tell whether the row is as it was read (else someone reprocessed it meanwhile)."""
-    rows = await fetch_rows(
-        conn, "SELECT attempts FROM webhook_notifications WHERE pk = ?", (reprocess.pk,)
-    )
+    rows = select(conn, "SELECT attempts FROM webhook_notifications WHERE pk = ?", (reprocess.pk,))
     return bool(rows) and rows[0][0] == reprocess.attempts
 
 
-async def record_reprocessed(
-    conn: aiosqlite.Connection, reprocess: Reprocess, problems: Sequence[Problem], now: float
+def record_reprocessed(
+    conn: sqlite3.Connection, reprocess: Reprocess, problems: Sequence[Problem], now: float
 ) -> NotificationStatus:
     """Replace the re-examined problems by the ones found now; return the new status."""
     if reprocess.examined is None:
-        await conn.execute(
-            "DELETE FROM webhook_problems WHERE notification_pk = ?", (reprocess.pk,)
-        )
+        conn.execute("DELETE FROM webhook_problems WHERE notification_pk = ?", (reprocess.pk,))
     else:
-        await conn.executemany(
+        conn.executemany(
             "DELETE FROM webhook_problems WHERE notification_pk = ? AND path = ?",
             [(reprocess.pk, path) for path in reprocess.examined],
         )
-    await _insert_problems(conn, reprocess.pk, problems)
-    rows = await fetch_rows(
+    _insert_problems(conn, reprocess.pk, problems)
+    rows = select(
         conn,
         "SELECT COUNT(*) FROM webhook_problems WHERE notification_pk = ?",
         (reprocess.pk,),
     )
     left = int(rows[0][0])
     status = _status(left)
-    await conn.execute(
+    conn.execute(
         "UPDATE webhook_notifications SET status = ?, problems = ?, attempts = attempts + 1,"
         " error = NULL, processed_at = ? WHERE pk = ?",
         (status, left, now, reprocess.pk),
@@ -146,8 +141,8 @@ class ArchivePending(WriteOp[int]):
         self.new = new
         self.error = error
 
-    async def apply(self, conn: aiosqlite.Connection) -> int:
-        cursor = await conn.execute(
+    def apply(self, conn: sqlite3.Connection) -> int:
+        cursor = conn.execute(
             "INSERT INTO webhook_notifications (received_at, request_id, body, status, error)"
             " VALUES (?,?,?,'pending',?)",
             (self.new.received_at, self.new.request_id, self.new.body, self.error),
@@ -163,8 +158,8 @@ class MarkFailed(WriteOp[None]):
         self.pk = pk
         self.error = error
 
-    async def apply(self, conn: aiosqlite.Connection) -> None:
-        await conn.execute(
+    def apply(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
             "UPDATE webhook_notifications SET attempts = attempts + 1, error = ? WHERE pk = ?",
             (self.error, self.pk),
         )
@@ -176,13 +171,13 @@ class PruneArchive(WriteOp[int]):
     def __init__(self, before: float) -> None:
         self.before = before
 
-    async def apply(self, conn: aiosqlite.Connection) -> int:
-        await conn.execute(
+    def apply(self, conn: sqlite3.Connection) -> int:
+        conn.execute(
             "DELETE FROM webhook_problems WHERE notification_pk IN"
             " (SELECT pk FROM webhook_notifications WHERE received_at < ?)",
             (self.before,),
         )
-        cursor = await conn.execute(
+        cursor = conn.execute(
             "DELETE FROM webhook_notifications WHERE received_at < ?", (self.before,)
         )
         return cursor.rowcount

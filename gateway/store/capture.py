@@ -19,12 +19,12 @@ Rules (META.md §3):
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
-import aiosqlite
 import msgspec
 
 from gateway.capture.identities import Identities
@@ -32,6 +32,7 @@ from gateway.capture.payload import Referral
 from gateway.capture.records import CaptureBatch, DetectedEvent, InboundMessage, Problem
 from gateway.domain import Conversation
 from gateway.store.archive import NewNotification, Reprocess, claim, record_new, record_reprocessed
+from gateway.store.lookups import EVERYTHING, Touched, tags_of
 from gateway.store.rows import (
     CONVERSATION_COLUMNS,
     INSERT_CONVERSATION,
@@ -39,7 +40,7 @@ from gateway.store.rows import (
     conversation_from_row,
     conversation_params,
 )
-from gateway.store.schema import fetch_rows
+from gateway.store.schema import select
 from gateway.store.writer import WriteOp
 
 __all__ = ["CaptureOp", "CaptureResult", "ProblemView"]
@@ -119,6 +120,25 @@ def _with_problems(result: CaptureResult, problems: Sequence[Problem]) -> Captur
     return result
 
 
+def _touched(identities: Identities, result: CaptureResult) -> Touched:
+    """What a capture changed, for the lookup cache: every identifier of every conversation
+    it loaded or wrote, before and after, and every alias it added."""
+    if identities.released or result.clicks_recovered:
+        # A recycled number releases conversations it did not load; a recovered click may
+        # make a conversation the best answer for a BSUID it was not loaded by.
+        return EVERYTHING
+    tags: set[tuple[str, ...]] = set()
+    for c in (*identities.loaded.values(), *identities.by_id.values()):
+        tags |= tags_of(
+            c.account_id,
+            conversation_id=c.id,
+            phones=[c.wa_id],
+            bsuids=[c.bsuid, c.parent_bsuid],
+        )
+    tags.update((kind, account_id, value) for account_id, kind, value, _, _ in identities.aliases)
+    return frozenset(tags)
+
+
 class CaptureOp(WriteOp[CaptureResult]):
     """Apply one notification's records (and archive it) inside the writer's transaction."""
 
@@ -134,18 +154,22 @@ class CaptureOp(WriteOp[CaptureResult]):
         self.window_s = window_s
         self.archive = archive
         self.now = time.time() if now is None else now
+        self._touched: Touched | None = None
 
-    async def apply(self, conn: aiosqlite.Connection) -> CaptureResult:
+    def touched(self) -> Touched | None:
+        return self._touched
+
+    def apply(self, conn: sqlite3.Connection) -> CaptureResult:
         batch = self.batch
         result = _with_problems(
             CaptureResult(statuses=batch.statuses, ignored_changes=batch.ignored_changes),
             batch.problems,
         )
-        if isinstance(self.archive, Reprocess) and not await claim(conn, self.archive):
+        if isinstance(self.archive, Reprocess) and not claim(conn, self.archive):
             result.archive_status = "skipped"  # another process reprocessed it meanwhile
             return result
-        fresh = await self._fresh_messages(conn, result)
-        live, aliases = await self._live_conversations(conn, fresh)
+        fresh = self._fresh_messages(conn, result)
+        live, aliases = self._live_conversations(conn, fresh)
         identities = Identities(live, aliases=aliases, now=self.now)
         links: list[tuple[str, str, str, float]] = []
         for message in fresh:
@@ -163,22 +187,21 @@ class CaptureOp(WriteOp[CaptureResult]):
             links.append((message.wamid, message.account_id, conversation.id, self.now))
         result.conversations_created = len(identities.created)
         result.conversations_merged = identities.merged
-        await self._write(conn, identities, links)
+        self._write(conn, identities, links)
         for event in batch.automatic:
-            await self._automatic(conn, event, result)
+            self._automatic(conn, event, result)
+        self._touched = _touched(identities, result)
         if isinstance(self.archive, NewNotification):
-            result.notification_id = await record_new(conn, self.archive, batch.problems, self.now)
+            result.notification_id = record_new(conn, self.archive, batch.problems, self.now)
             result.archive_status = "partial" if batch.problems else "processed"
         elif isinstance(self.archive, Reprocess):
             result.notification_id = self.archive.pk
-            result.archive_status = await record_reprocessed(
-                conn, self.archive, batch.problems, self.now
-            )
+            result.archive_status = record_reprocessed(conn, self.archive, batch.problems, self.now)
         return result
 
-    async def _write(
+    def _write(
         self,
-        conn: aiosqlite.Connection,
+        conn: sqlite3.Connection,
         identities: Identities,
         links: list[tuple[str, str, str, float]],
     ) -> None:
@@ -187,35 +210,35 @@ class CaptureOp(WriteOp[CaptureResult]):
         for account_id, phone, taker in identities.released:
             # Every earlier conversation of a recycled number (not only the live one loaded
             # here) stops answering for that phone.
-            await conn.execute(
+            conn.execute(
                 "UPDATE conversations SET phone_released_at = ? WHERE account_id = ?"
                 " AND wa_id = ? AND phone_released_at IS NULL AND id != ?",
                 (self.now, account_id, phone, taker),
             )
         rekeyed = identities.rekeyed()
         if rekeyed:
-            await conn.executemany(
+            conn.executemany(
                 "UPDATE conversations SET superseded_by = '~' WHERE id = ?",
                 [(cid,) for cid in rekeyed],
             )
-        await conn.executemany(
+        conn.executemany(
             _UPDATE_CONVERSATION,
             [
                 (*(getattr(c, f) for f in MUTABLE_CONVERSATION_FIELDS), c.id)
                 for c in identities.changed()
             ],
         )
-        await conn.executemany(
+        conn.executemany(
             INSERT_CONVERSATION,
             [conversation_params(identities.by_id[cid]) for cid in identities.created],
         )
         if identities.aliases:
-            await conn.executemany(
+            conn.executemany(
                 "INSERT OR IGNORE INTO conversation_aliases (account_id, kind, value,"
                 " conversation_id, replaced_at) VALUES (?,?,?,?,?)",
                 identities.aliases,
             )
-        await conn.executemany(
+        conn.executemany(
             "INSERT INTO webhook_messages (wamid, account_id, conversation_id, received_at)"
             " VALUES (?,?,?,?)",
             links,
@@ -260,13 +283,13 @@ class CaptureOp(WriteOp[CaptureResult]):
         result.referrals_ignored += 1
         return conversation
 
-    async def _fresh_messages(
-        self, conn: aiosqlite.Connection, result: CaptureResult
+    def _fresh_messages(
+        self, conn: sqlite3.Connection, result: CaptureResult
     ) -> list[InboundMessage]:
         wamids = list(dict.fromkeys(m.wamid for m in self.batch.messages))
         seen: set[str] = set()
         for chunk in _chunks(wamids):
-            rows = await fetch_rows(
+            rows = select(
                 conn,
                 f"SELECT wamid FROM webhook_messages WHERE wamid IN ({','.join('?' * len(chunk))})",
                 chunk,
@@ -284,8 +307,8 @@ class CaptureOp(WriteOp[CaptureResult]):
         fresh.sort(key=lambda m: m.timestamp)
         return fresh
 
-    async def _live_conversations(
-        self, conn: aiosqlite.Connection, messages: list[InboundMessage]
+    def _live_conversations(
+        self, conn: sqlite3.Connection, messages: list[InboundMessage]
     ) -> tuple[list[Conversation], list[tuple[str, str, str, str]]]:
         """Load the live conversations of every identifier the messages mention, current or
         former (the aliases a re-key left), with those aliases."""
@@ -301,7 +324,7 @@ class CaptureOp(WriteOp[CaptureResult]):
         found: dict[str, Conversation] = {}
         for (account_id, column), values in keys.items():
             for chunk in _chunks(list(dict.fromkeys(values))):
-                rows = await fetch_rows(
+                rows = select(
                     conn,
                     f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE account_id = ?"
                     f" AND {column} IN ({','.join('?' * len(chunk))})"
@@ -315,7 +338,7 @@ class CaptureOp(WriteOp[CaptureResult]):
         for (account_id, column), values in keys.items():
             kind = "phone" if column == "wa_id" else "bsuid"
             for chunk in _chunks(list(dict.fromkeys(values))):
-                aliases += await fetch_rows(
+                aliases += select(
                     conn,
                     "SELECT account_id, kind, value, conversation_id FROM conversation_aliases"
                     " WHERE account_id = ? AND kind = ?"
@@ -324,7 +347,7 @@ class CaptureOp(WriteOp[CaptureResult]):
                 )
         missing = list({alias[3] for alias in aliases} - found.keys())
         for chunk in _chunks(missing):
-            rows = await fetch_rows(
+            rows = select(
                 conn,
                 f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
                 f" WHERE id IN ({','.join('?' * len(chunk))}) AND superseded_by IS NULL",
@@ -335,16 +358,16 @@ class CaptureOp(WriteOp[CaptureResult]):
                 found[conversation.id] = conversation
         return list(found.values()), [(a, k, v, c) for a, k, v, c in aliases]
 
-    async def _automatic(
-        self, conn: aiosqlite.Connection, event: DetectedEvent, result: CaptureResult
+    def _automatic(
+        self, conn: sqlite3.Connection, event: DetectedEvent, result: CaptureResult
     ) -> None:
-        rows = await fetch_rows(
+        rows = select(
             conn,
             "SELECT conversation_id FROM webhook_messages WHERE wamid = ? AND account_id = ?",
             (event.wamid, event.account_id),
         )
         conversation_id = rows[0][0] if rows else None
-        cursor = await conn.execute(
+        cursor = conn.execute(
             "INSERT INTO automatic_events (account_id, wamid, event_name, ctwa_clid, custom_data,"
             " occurred_at, conversation_id, received_at) VALUES (?,?,?,?,?,?,?,?)"
             " ON CONFLICT (account_id, wamid, event_name) DO NOTHING",
@@ -364,7 +387,7 @@ class CaptureOp(WriteOp[CaptureResult]):
         result.automatic_events += 1
         if conversation_id is None or event.ctwa_clid is None:
             return
-        cursor = await conn.execute(
+        cursor = conn.execute(
             "UPDATE conversations SET ctwa_clid = ?, ctwa_captured_at = ?,"
             " ctwa_clicked_at = COALESCE(ctwa_clicked_at, created_at),"
             " ctwa_capture_source = 'automatic_event'"

@@ -1,17 +1,21 @@
-"""The Store: SQLite (WAL, synchronous=FULL) through aiosqlite.
+"""The Store: SQLite (WAL, synchronous=FULL).
 
-One connection writes, through :class:`~gateway.store.writer.GroupCommitWriter`; another reads, so
-reads never queue behind a commit. What is stored is what delivery needs: the normalized
-(hashed) Meta event, never the raw email or external id a client sent. A conversation keeps
-the WhatsApp id (the phone number) because resolving by ``phoneE164`` needs it.
+One connection writes, on the thread of :class:`~gateway.store.writer.GroupCommitWriter`.
+Reads never queue behind a commit (WAL readers do not wait for the writer) and take one of two
+paths: a point lookup by index (the conversation a conversion belongs to, an event by its id)
+runs right on the event loop's thread, because it takes microseconds and a trip to another
+thread costs more than the query; anything that may read many rows (lists, the outbox, the
+archive) goes through aiosqlite's thread so the loop never waits on a scan.
+
+What is stored is what delivery needs: the normalized (hashed) Meta event, never the raw email
+or external id a client sent. A conversation keeps the WhatsApp id (the phone number) because
+resolving by ``phoneE164`` needs it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
-import secrets
 import sqlite3
 import stat
 import time
@@ -45,28 +49,29 @@ from gateway.store.archive import (
     open_notifications,
     status_counts,
 )
-from gateway.store.batch_reader import BatchedLookup
 from gateway.store.capture import CaptureOp, CaptureResult
 from gateway.store.datasets import SaveDataset, stored_datasets
 from gateway.store.erasure import Erase, redact_notification
+from gateway.store.lookups import ChangeSignal, LookupCache, Touched, tags_of
 from gateway.store.outbox import Outbox
 from gateway.store.retention import RetentionCutoffs, prune_all
 from gateway.store.rows import (
     CONVERSATION_COLUMNS,
     CONVERSATION_FIELDS,
     DELIVERY_STATE_COLUMNS,
+    DELIVERY_VALUES,
     EVENT_COLUMNS,
     INSERT_CONVERSATION,
     INSERT_DELIVERY,
-    INSERT_EVENT,
+    INSERT_DELIVERY_HEAD,
     conversation_from_row,
     conversation_params,
     delivery_row,
     event_from_row,
-    event_params,
+    insert_events,
     sink_state_from_row,
 )
-from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows, migrate
+from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows, migrate, select
 from gateway.store.writer import GroupCommitWriter, WriteOp
 from gateway.wire import ErasureCounts
 
@@ -89,6 +94,23 @@ def _without(archive: NewNotification, dropped: Sequence[InboundMessage]) -> New
     )
     redacted = redact_notification(archive.body, identifiers)
     return archive if redacted is None else msgspec.structs.replace(archive, body=redacted)
+
+
+_CLICK = CONVERSATION_FIELDS.index("ctwa_clid")
+_LAST_INBOUND = CONVERSATION_FIELDS.index("last_inbound_at")
+_CREATED = CONVERSATION_FIELDS.index("created_at")
+_FORMER = len(CONVERSATION_FIELDS) + 1
+
+
+def _best_first(row: Any) -> tuple[bool, float, float, int]:
+    """Sort key: with a click id, then most recent activity, then newest, current first."""
+    activity = row[_LAST_INBOUND] if row[_LAST_INBOUND] is not None else row[_CREATED]
+    return (row[_CLICK] is None, -activity, -row[_CREATED], row[_FORMER])
+
+
+def changes_path(path: Path) -> Path:
+    """The file the store's processes tell each other about conversation changes in."""
+    return Path(f"{path}.changes")
 
 
 class StoreMissing(ConfigError):
@@ -120,60 +142,102 @@ def check_store_path(path: Path) -> None:
 class _InsertEvent(WriteOp[tuple[int, bool]]):
     """Insert an event unless its ``(account, eventId)`` exists; say which happened."""
 
-    def __init__(self, new: StoredEvent, token: str) -> None:
+    inline = True
+
+    def __init__(self, new: StoredEvent) -> None:
         self.new = new
-        # Tells our row from one a concurrent request inserted first.
-        self.token = token
 
     @classmethod
-    async def apply_many(cls, conn: aiosqlite.Connection, ops: Sequence[WriteOp[Any]]) -> list[Any]:
+    def apply_many(cls, conn: sqlite3.Connection, ops: Sequence[WriteOp[Any]]) -> list[Any]:
         mine = [op for op in ops if isinstance(op, _InsertEvent)]
         now = time.time()
-        await conn.executemany(
-            INSERT_EVENT,
-            [event_params(op.new, overall_status(op.new.deliveries), op.token) for op in mine],
-        )
-        keys = {(op.new.account_id, op.new.event_id) for op in mine}
-        found: dict[tuple[str, str], tuple[int, str]] = {}
-        # One lookup for the whole batch, chunked under SQLite's variable limit.
-        key_list = sorted(keys)
-        for start in range(0, len(key_list), 400):
-            chunk = key_list[start : start + 400]
-            where = " OR ".join("(account_id = ? AND event_id = ?)" for _ in chunk)
-            params = [v for key in chunk for v in key]
-            found_rows = await fetch_rows(
-                conn,
-                f"SELECT account_id, event_id, pk, insert_token FROM events WHERE {where}",
-                params,
-            )
-            for account_id, event_id, pk, token in found_rows:
-                found[(account_id, event_id)] = (pk, token)
-        results: list[tuple[int, bool]] = []
-        rows: list[tuple[Any, ...]] = []
+        # The first request per key is the one that may insert; a second in the same batch
+        # is its duplicate.
+        first: dict[tuple[str, str], _InsertEvent] = {}
         for op in mine:
-            pk, token = found[(op.new.account_id, op.new.event_id)]
-            duplicate = token != op.token
-            results.append((pk, duplicate))
-            if not duplicate:
+            first.setdefault((op.new.account_id, op.new.event_id), op)
+        candidates = list(first.values())
+        pks: dict[tuple[str, str], tuple[int, bool]] = {}
+        for start in range(0, len(candidates), _ROWS_PER_STATEMENT):
+            chunk = candidates[start : start + _ROWS_PER_STATEMENT]
+            pks.update(_insert_chunk(conn, [op.new for op in chunk]))
+        results: list[tuple[int, bool]] = []
+        rows: list[Any] = []
+        for op in mine:
+            key = (op.new.account_id, op.new.event_id)
+            pk, inserted = pks[key]
+            mine_inserted = inserted and first[key] is op
+            results.append((pk, not mine_inserted))
+            if mine_inserted:
                 rows.extend(
                     delivery_row(pk, sink, state, now) for sink, state in op.new.deliveries.items()
                 )
-        await conn.executemany(INSERT_DELIVERY, rows)
+        for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+            part = rows[start : start + _ROWS_PER_STATEMENT]
+            conn.execute(
+                f"{INSERT_DELIVERY_HEAD} {','.join([DELIVERY_VALUES] * len(part))}",
+                [v for row in part for v in row],
+            )
         return results
 
 
+# Rows per multi-row INSERT: one statement (one step, one release of the GIL) for a whole
+# batch, well under SQLite's 32,766 bound parameters.
+_ROWS_PER_STATEMENT = 500
+
+
+def _insert_chunk(
+    conn: sqlite3.Connection, events: Sequence[StoredEvent]
+) -> dict[tuple[str, str], tuple[int, bool]]:
+    """Insert events whose keys differ; return each key's pk and whether this inserted it."""
+    sql, params = insert_events(events)
+    cursor = conn.execute(sql, params)
+    keys = [(e.account_id, e.event_id) for e in events]
+    last = cursor.lastrowid
+    if cursor.rowcount == len(events) and last is not None:
+        # No conflict: SQLite gave the rows consecutive rowids (each new one is the largest
+        # plus one), in the order of the VALUES.
+        return {key: (last - len(events) + 1 + i, True) for i, key in enumerate(keys)}
+    # Some keys existed (a retry racing its original, or another process): the rows this
+    # statement inserted are the only ones above the largest rowid before it.
+    inserted_above = (last or 0) - cursor.rowcount if cursor.rowcount > 0 else None
+    where = " OR ".join("(account_id = ? AND event_id = ?)" for _ in keys)
+    found = select(
+        conn,
+        f"SELECT account_id, event_id, pk FROM events WHERE {where}",
+        [v for key in keys for v in key],
+    )
+    return {
+        (account_id, event_id): (pk, inserted_above is not None and pk > inserted_above)
+        for account_id, event_id, pk in found
+    }
+
+
 class _InsertConversation(WriteOp[None]):
+    inline = True
+
     def __init__(self, conversation: Conversation) -> None:
         self.conversation = conversation
 
-    async def apply(self, conn: aiosqlite.Connection) -> None:
-        await conn.execute(INSERT_CONVERSATION, conversation_params(self.conversation))
+    def apply(self, conn: sqlite3.Connection) -> None:
+        conn.execute(INSERT_CONVERSATION, conversation_params(self.conversation))
+
+    def touched(self) -> Touched | None:
+        c = self.conversation
+        return frozenset(
+            tags_of(
+                c.account_id,
+                conversation_id=c.id,
+                phones=[c.wa_id],
+                bsuids=[c.bsuid, c.parent_bsuid],
+            )
+        )
 
 
 class _Ping(WriteOp[None]):
     """Nothing but the writer's own BEGIN IMMEDIATE / COMMIT: proves the file takes writes."""
 
-    async def apply(self, conn: aiosqlite.Connection) -> None:
+    def apply(self, conn: sqlite3.Connection) -> None:
         return None
 
 
@@ -181,27 +245,27 @@ class _PruneMessages(WriteOp[int]):
     def __init__(self, before: float) -> None:
         self.before = before
 
-    async def apply(self, conn: aiosqlite.Connection) -> int:
-        cursor = await conn.execute(
-            "DELETE FROM webhook_messages WHERE received_at < ?", (self.before,)
-        )
+    def apply(self, conn: sqlite3.Connection) -> int:
+        cursor = conn.execute("DELETE FROM webhook_messages WHERE received_at < ?", (self.before,))
         return cursor.rowcount
 
 
 class _UpdateDeliveries(WriteOp[None]):
     """Replace some sinks' states of one event and recompute the event's status."""
 
+    inline = True
+
     def __init__(self, pk: int, states: dict[str, SinkState]) -> None:
         self.pk = pk
         self.states = states
 
-    async def apply(self, conn: aiosqlite.Connection) -> None:
+    def apply(self, conn: sqlite3.Connection) -> None:
         now = time.time()
-        await conn.executemany(
+        conn.executemany(
             INSERT_DELIVERY.replace("INSERT", "INSERT OR REPLACE", 1),
             [delivery_row(self.pk, sink, state, now) for sink, state in self.states.items()],
         )
-        await conn.execute(UPDATE_EVENT_STATUS, (self.pk, self.pk))
+        conn.execute(UPDATE_EVENT_STATUS, (self.pk, self.pk))
 
 
 class Store:
@@ -209,19 +273,24 @@ class Store:
 
     def __init__(
         self,
-        writer_conn: aiosqlite.Connection,
-        reader_conn: aiosqlite.Connection,
+        writer_conn: sqlite3.Connection,
+        quick_conn: sqlite3.Connection,
+        scan_conn: aiosqlite.Connection,
         *,
         max_batch: int,
+        signal: ChangeSignal | None = None,
     ) -> None:
-        self._reader = reader_conn
         self._writer_conn = writer_conn
-        self.writer = GroupCommitWriter(writer_conn, max_batch=max_batch)
-        # Insert tokens: unique per open store, without a syscall per event.
-        self._token_prefix = secrets.token_hex(8)
-        self.conversation_lookups = BatchedLookup(self._conversations_by_id)
-        self.outbox = Outbox(reader_conn, self.writer)
-        self._tokens = itertools.count(1)
+        # Point lookups, on the loop's thread (see the module's docstring).
+        self._quick = quick_conn
+        # Scans, on aiosqlite's thread.
+        self._reader = scan_conn
+        self.lookups = LookupCache(signal)
+        self.writer = GroupCommitWriter(
+            writer_conn, max_batch=max_batch, on_touched=self.lookups.touched
+        )
+        self.outbox = Outbox(scan_conn, self.writer)
+        self._signal = signal
         self.path = Path(":memory:")
         # (account, kind, keyed digest) of suppressed people: checked on every capture and
         # conversion, so kept in memory and reloaded after an erasure and at housekeeping.
@@ -264,29 +333,41 @@ class Store:
                     fix=f"chmod {'700' if file.is_dir() else '600'} {file}",
                 )
         try:
-            writer = await aiosqlite.connect(path, isolation_level=None)
+            # Opened and migrated here (start-up, nothing else is running yet); written from
+            # the writer's thread afterwards, never from two threads at once.
+            writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the store {path}: {exc}") from None
+        quick: sqlite3.Connection | None = None
         try:
-            await writer.execute("PRAGMA journal_mode = WAL")
+            writer.execute("PRAGMA journal_mode = WAL")
             # FULL: a commit is on disk (WAL fsynced) before any caller hears "accepted".
-            await writer.execute("PRAGMA synchronous = FULL")
-            await writer.execute("PRAGMA busy_timeout = 5000")
-            await writer.execute("PRAGMA foreign_keys = ON")
+            writer.execute("PRAGMA synchronous = FULL")
+            writer.execute("PRAGMA busy_timeout = 5000")
+            writer.execute("PRAGMA foreign_keys = ON")
             # Deleted rows are overwritten, not left in free pages: an erased person's data
             # must be gone from the file, not only from the tables.
-            await writer.execute("PRAGMA secure_delete = ON")
-            await migrate(writer)
-            reader = await aiosqlite.connect(path, isolation_level=None)
+            writer.execute("PRAGMA secure_delete = ON")
+            migrate(writer)
+            quick = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # A WAL reader waits only in rare moments (another connection recovering the
+            # log); the loop waits with it, so briefly, and then the request fails with 503.
+            quick.execute("PRAGMA busy_timeout = 250")
+            quick.execute("PRAGMA query_only = ON")
+            scanner = await aiosqlite.connect(path, isolation_level=None)
         except BaseException as exc:
-            await writer.close()
+            writer.close()
+            if quick is not None:
+                quick.close()
             if isinstance(exc, sqlite3.DatabaseError):
                 # Not a database, or a damaged one: one line, not a traceback.
                 raise ConfigError(f"cannot open the store {path}: {exc}") from None
             raise
-        await reader.execute("PRAGMA busy_timeout = 5000")
-        await reader.execute("PRAGMA query_only = ON")
-        store = cls(writer, reader, max_batch=max_batch)
+        await scanner.execute("PRAGMA busy_timeout = 5000")
+        await scanner.execute("PRAGMA query_only = ON")
+        store = cls(
+            writer, quick, scanner, max_batch=max_batch, signal=ChangeSignal(changes_path(path))
+        )
         store.path = path
         store.writer.start()
         await store.load_suppressions()
@@ -377,9 +458,11 @@ class Store:
         for task in self._checkpoints:
             task.cancel()
         await self.writer.close()
-        await self.conversation_lookups.drain()
         await self._reader.close()
-        await self._writer_conn.close()
+        self._quick.close()
+        self._writer_conn.close()
+        if self._signal is not None:
+            self._signal.close()
 
     # -- conversations -------------------------------------------------------------------
 
@@ -457,19 +540,24 @@ class Store:
 
     async def get_conversation(self, account_id: str, conversation_id: str) -> Conversation | None:
         """Return the conversation with this id on this account."""
-        conversation = await self.conversation_lookups.get(conversation_id)
+        conversation = self._conversation(conversation_id)
         if conversation is None or conversation.account_id != account_id:
             return None
         return conversation
 
-    async def _conversations_by_id(self, ids: Sequence[str]) -> dict[str, Conversation]:
-        rows = await fetch_rows(
-            self._reader,
-            f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
-            f" WHERE id IN ({','.join('?' * len(ids))})",
-            ids,
+    def _conversation(self, conversation_id: str) -> Conversation | None:
+        key = ("id", conversation_id)
+        known, found = self.lookups.get(key)
+        if known:
+            return found  # type: ignore[no-any-return]
+        rows = select(
+            self._quick,
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
+            (conversation_id,),
         )
-        return {row[0]: conversation_from_row(row) for row in rows}
+        conversation = conversation_from_row(rows[0]) if rows else None
+        self.lookups.put(key, conversation, [key])
+        return conversation
 
     async def conversations_for_phones(
         self, account_id: str, phones: Sequence[str]
@@ -477,21 +565,25 @@ class Store:
         """Return the conversations known by any of these phones, best first: with a click,
         then most recent. A number that was the person's before a change matches through its
         alias; a recycled number's previous owner does not match at all."""
+        key = ("phones", account_id, *phones)
+        known, cached = self.lookups.get(key)
+        if known:
+            return cached  # type: ignore[no-any-return]
         marks = ",".join("?" * len(phones))
-        rows = await fetch_rows(
-            self._reader,
-            f"SELECT * FROM (SELECT {CONVERSATION_COLUMNS}, wa_id AS matched, 0 AS former,"
+        rows = select(
+            self._quick,
+            f"SELECT {CONVERSATION_COLUMNS}, wa_id AS matched, 0 AS former,"
             " NULL AS replaced FROM conversations"
             f" WHERE account_id = ? AND wa_id IN ({marks}) AND phone_released_at IS NULL"
             f" UNION ALL SELECT {_ALIASED_COLUMNS}, a.value, 1, a.replaced_at"
             " FROM conversation_aliases a"
             " JOIN conversations c ON c.id = a.conversation_id"
-            f" WHERE a.account_id = ? AND a.kind = 'phone' AND a.value IN ({marks}))"
-            " ORDER BY ctwa_clid IS NOT NULL DESC, COALESCE(last_inbound_at, created_at) DESC,"
-            " created_at DESC, former",
+            f" WHERE a.account_id = ? AND a.kind = 'phone' AND a.value IN ({marks})",
             [account_id, *phones, account_id, *phones],
         )
         width = len(CONVERSATION_FIELDS)
+        # A handful of rows: sorted here rather than through SQLite's temporary B-tree.
+        rows.sort(key=_best_first)
         seen: set[str] = set()
         found = []
         for row in rows:
@@ -501,26 +593,38 @@ class Store:
                 found.append(
                     PhoneMatch(conversation, row[width], bool(row[width + 1]), row[width + 2])
                 )
+        tags = tags_of(account_id, phones=phones)
+        tags.update(("id", m.conversation.id) for m in found)
+        self.lookups.put(key, found, tags)
         return found
 
     async def find_conversation(self, conversation_id: str) -> Conversation | None:
         """Return the conversation with this id, whatever its account."""
-        return await self.conversation_lookups.get(conversation_id)
+        return self._conversation(conversation_id)
 
     async def latest_conversation_for_bsuid(
         self, account_id: str, bsuid: str
     ) -> Conversation | None:
         """Return the most recent conversation with a click id of this BSUID (or parent BSUID,
         or former BSUID), else the most recent one."""
-        rows = await fetch_rows(
-            self._reader,
+        key = ("bsuid", account_id, bsuid)
+        known, cached = self.lookups.get(key)
+        if known:
+            return cached  # type: ignore[no-any-return]
+        rows = select(
+            self._quick,
             f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
             f" WHERE account_id = ? AND {_BY_BSUID}"
             " ORDER BY ctwa_clid IS NOT NULL DESC, COALESCE(last_inbound_at, created_at) DESC,"
             " created_at DESC LIMIT 1",
             (account_id, bsuid, bsuid, account_id, bsuid),
         )
-        return conversation_from_row(rows[0]) if rows else None
+        found = conversation_from_row(rows[0]) if rows else None
+        tags = tags_of(account_id, bsuids=[bsuid])
+        if found is not None:
+            tags.add(("id", found.id))
+        self.lookups.put(key, found, tags)
+        return found
 
     async def recent_conversations(
         self,
@@ -553,10 +657,9 @@ class Store:
     async def insert_event(self, new: StoredEvent) -> tuple[StoredEvent, bool]:
         """Store ``new`` (its ``pk`` and ``status`` are ignored) unless its eventId exists on
         its account; return the stored event and ``duplicate``."""
-        token = f"{self._token_prefix}{next(self._tokens):x}"
-        pk, duplicate = await self.writer.submit(_InsertEvent(new, token))
+        pk, duplicate = await self.writer.submit(_InsertEvent(new))
         if duplicate:
-            existing = await self._event_by_pk(pk)
+            existing = self._event_by_pk(pk)
             assert existing is not None  # rows are never deleted
             return existing, True
         deliveries = dict(new.deliveries)
@@ -579,12 +682,12 @@ class Store:
 
     async def find_event(self, account_id: str, event_id: str) -> StoredEvent | None:
         """Return the stored event with this eventId on this account."""
-        rows = await fetch_rows(
-            self._reader,
+        rows = select(
+            self._quick,
             f"SELECT {EVENT_COLUMNS} FROM events WHERE account_id = ? AND event_id = ?",
             (account_id, event_id),
         )
-        return (await self._with_deliveries(list(rows)))[0] if rows else None
+        return self._with_deliveries(rows[0]) if rows else None
 
     async def recent_events(self, account_id: str, limit: int) -> list[StoredEvent]:
         """Return the account's most recent events, newest first."""
@@ -593,26 +696,31 @@ class Store:
             f"SELECT {EVENT_COLUMNS} FROM events WHERE account_id = ? ORDER BY pk DESC LIMIT ?",
             (account_id, limit),
         )
-        return await self._with_deliveries(list(rows))
+        return await self._scan_with_deliveries(rows)
 
-    async def _event_by_pk(self, pk: int) -> StoredEvent | None:
-        rows = await fetch_rows(
-            self._reader, f"SELECT {EVENT_COLUMNS} FROM events WHERE pk = ?", (pk,)
-        )
-        return (await self._with_deliveries(list(rows)))[0] if rows else None
-
-    async def _with_deliveries(self, rows: list[Any]) -> list[StoredEvent]:
+    async def _scan_with_deliveries(self, rows: list[Any]) -> list[StoredEvent]:
         if not rows:
             return []
         pks = [row[0] for row in rows]
-        marks = ",".join("?" * len(pks))
-        states: dict[int, dict[str, SinkState]] = {pk: {} for pk in pks}
         found = await fetch_rows(
             self._reader,
             f"SELECT event_pk, sink, {DELIVERY_STATE_COLUMNS} FROM deliveries"
-            f" WHERE event_pk IN ({marks})",
+            f" WHERE event_pk IN ({','.join('?' * len(pks))})",
             pks,
         )
+        states: dict[int, dict[str, SinkState]] = {pk: {} for pk in pks}
         for pk, sink, *state in found:
             states[pk][sink] = sink_state_from_row(state)
         return [event_from_row(row, states[row[0]]) for row in rows]
+
+    def _event_by_pk(self, pk: int) -> StoredEvent | None:
+        rows = select(self._quick, f"SELECT {EVENT_COLUMNS} FROM events WHERE pk = ?", (pk,))
+        return self._with_deliveries(rows[0]) if rows else None
+
+    def _with_deliveries(self, row: Any) -> StoredEvent:
+        found = select(
+            self._quick,
+            f"SELECT sink, {DELIVERY_STATE_COLUMNS} FROM deliveries WHERE event_pk = ?",
+            (row[0],),
+        )
+        return event_from_row(row, {sink: sink_state_from_row(state) for sink, *state in found})

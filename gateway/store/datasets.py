@@ -6,6 +6,7 @@ delivery state. Plugins reach it through :class:`gateway.Store`.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import aiosqlite
@@ -17,11 +18,13 @@ __all__ = ["SaveDataset", "stored_datasets"]
 
 
 class SaveDataset(WriteOp[None]):
+    inline = True
+
     def __init__(self, account_id: str, dataset_id: str) -> None:
         self.row = (account_id, dataset_id, time.time())
 
-    async def apply(self, conn: aiosqlite.Connection) -> None:
-        await conn.execute(
+    def apply(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
             "INSERT INTO datasets (account_id, dataset_id, created_at) VALUES (?,?,?)"
             " ON CONFLICT (account_id) DO UPDATE SET dataset_id = excluded.dataset_id",
             self.row,

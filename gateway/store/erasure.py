@@ -22,16 +22,17 @@ An audit row says who asked, when, and how many rows of each kind went; no ident
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import aiosqlite
 import msgspec
 
 from gateway.hashing import keyed_digest
+from gateway.store.lookups import EVERYTHING, Touched
 from gateway.store.retention import delete_conversations, scrub_events
-from gateway.store.schema import fetch_rows
+from gateway.store.schema import select
 from gateway.store.writer import WriteOp
 from gateway.wire import ErasureCounts
 
@@ -121,25 +122,28 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
         self.actor, self.kind = actor, kind
         self.suppress_key = suppress_key
 
-    async def apply(self, conn: aiosqlite.Connection) -> tuple[int, ErasureCounts]:
+    def touched(self) -> Touched | None:
+        return EVERYTHING  # their conversations, found by every identifier they had
+
+    def apply(self, conn: sqlite3.Connection) -> tuple[int, ErasureCounts]:
         counts = ErasureCounts()
-        ids, phones, bsuids = await self._theirs(conn)
+        ids, phones, bsuids = self._theirs(conn)
         identifiers = set(phones | bsuids)
         if ids:
-            identifiers |= await self._traces(conn, ids)
-            counts.automatic_events = await self._delete_automatic(conn, identifiers)
-            scrubbed, cancelled = await scrub_events(conn, ids, account_id=self.account_id)
+            identifiers |= self._traces(conn, ids)
+            counts.automatic_events = self._delete_automatic(conn, identifiers)
+            scrubbed, cancelled = scrub_events(conn, ids, account_id=self.account_id)
             counts.events_scrubbed, counts.deliveries_cancelled = scrubbed, cancelled
-            deleted = await delete_conversations(conn, ids)
+            deleted = delete_conversations(conn, ids)
             counts.conversations = deleted["conversations"]
             counts.aliases = deleted["conversation_aliases"]
             counts.webhook_messages = deleted["webhook_messages"]
             counts.automatic_events += deleted["automatic_events"]
         if identifiers:
-            counts.notifications_redacted = await self._redact_archive(conn, frozenset(identifiers))
+            counts.notifications_redacted = self._redact_archive(conn, frozenset(identifiers))
         now = time.time()
         key = self.suppress_key
-        cursor = await conn.execute(
+        cursor = conn.execute(
             "INSERT INTO erasures (at, actor, account_id, kind, counts, suppressed)"
             " VALUES (?,?,?,?,?,?)",
             (now, self.actor, self.account_id, self.kind, _encode(counts), key is not None),
@@ -147,7 +151,7 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
         if key is not None:
             # Every identifier found, not only the one given: the person must not come back
             # by their BSUID after being erased by phone.
-            await conn.executemany(
+            conn.executemany(
                 "INSERT OR IGNORE INTO suppressions (account_id, kind, digest, created_at)"
                 " VALUES (?,?,?,?)",
                 [
@@ -159,17 +163,17 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
         assert cursor.lastrowid is not None
         return cursor.lastrowid, counts
 
-    async def _theirs(self, conn: aiosqlite.Connection) -> tuple[list[str], set[str], set[str]]:
+    def _theirs(self, conn: sqlite3.Connection) -> tuple[list[str], set[str], set[str]]:
         """The person's conversations on the account, and their phones and BSUIDs."""
         phones, bsuids = set(self.phones), set(self.bsuids)
         ids: set[str] = set()
         seeds = set(self.conversation_ids)
         for _ in range(8):  # identities chain through merges and changes; a few hops suffice
-            new = await self._matching(conn, phones, bsuids, seeds | ids) - ids
+            new = self._matching(conn, phones, bsuids, seeds | ids) - ids
             if not new:
                 break
             ids |= new
-            rows = await fetch_rows(
+            rows = select(
                 conn,
                 "SELECT wa_id, bsuid, parent_bsuid, superseded_by, phone_released_at"
                 f" FROM conversations WHERE id IN ({_marks(new)})",
@@ -183,7 +187,7 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
                     if superseded_by:
                         seeds.add(superseded_by)
                 bsuids.update(v for v in (bsuid, parent) if v)
-            aliases = await fetch_rows(
+            aliases = select(
                 conn,
                 "SELECT kind, value FROM conversation_aliases WHERE account_id = ?"
                 f" AND conversation_id IN ({_marks(new)})",
@@ -193,8 +197,8 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
                 (phones if kind == "phone" else bsuids).add(value)
         return sorted(ids), phones, bsuids
 
-    async def _matching(
-        self, conn: aiosqlite.Connection, phones: set[str], bsuids: set[str], ids: set[str]
+    def _matching(
+        self, conn: sqlite3.Connection, phones: set[str], bsuids: set[str], ids: set[str]
     ) -> set[str]:
         clauses, params = [], [self.account_id]
         if phones:
@@ -213,7 +217,7 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
             return set()
         found = {
             row[0]
-            for row in await fetch_rows(
+            for row in select(
                 conn,
                 f"SELECT id FROM conversations WHERE account_id = ? AND ({' OR '.join(clauses)})",
                 params,
@@ -223,7 +227,7 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
         if values:
             found |= {
                 row[0]
-                for row in await fetch_rows(
+                for row in select(
                     conn,
                     "SELECT conversation_id FROM conversation_aliases WHERE account_id = ?"
                     f" AND value IN ({_marks(values)})",
@@ -232,7 +236,7 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
             }
         return found
 
-    async def _traces(self, conn: aiosqlite.Connection, ids: Sequence[str]) -> set[str]:
+    def _traces(self, conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
         """Their usernames, click ids and message ids (a wamid carries the phone)."""
         marks = _marks(ids)
         found: set[str] = set()
@@ -243,24 +247,24 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
             f"SELECT wamid FROM automatic_events WHERE conversation_id IN ({marks})",
             f"SELECT ctwa_clid FROM automatic_events WHERE conversation_id IN ({marks})",
         ):
-            found |= {row[0] for row in await fetch_rows(conn, sql, list(ids)) if row[0]}
+            found |= {row[0] for row in select(conn, sql, list(ids)) if row[0]}
         return found
 
-    async def _delete_automatic(self, conn: aiosqlite.Connection, identifiers: set[str]) -> int:
+    def _delete_automatic(self, conn: sqlite3.Connection, identifiers: set[str]) -> int:
         """Automatic events that name their message ids or click ids without a conversation."""
         values = sorted(identifiers)
         marks = _marks(values)
-        cursor = await conn.execute(
+        cursor = conn.execute(
             "DELETE FROM automatic_events WHERE account_id = ? AND conversation_id IS NULL"
             f" AND (wamid IN ({marks}) OR ctwa_clid IN ({marks}))",
             [self.account_id, *values, *values],
         )
         return cursor.rowcount
 
-    async def _redact_archive(self, conn: aiosqlite.Connection, identifiers: frozenset[str]) -> int:
+    def _redact_archive(self, conn: sqlite3.Connection, identifiers: frozenset[str]) -> int:
         # A cheap first cut in SQL (bytes that contain an identifier), the exact one in Python.
         where = " OR ".join("instr(body, ?) > 0" for _ in identifiers)
-        rows = await fetch_rows(
+        rows = select(
             conn,
             f"SELECT pk, body FROM webhook_notifications WHERE {where}",
             [value.encode() for value in sorted(identifiers)],
@@ -274,7 +278,7 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
                 phone_number_id=self.phone_number_id,
             )
             if redacted is not None:
-                await conn.execute(
+                conn.execute(
                     "UPDATE webhook_notifications SET body = ? WHERE pk = ?", (redacted, pk)
                 )
                 changed += 1

@@ -8,6 +8,7 @@ row per event). Nothing here knows about any one sink.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Sequence
 
@@ -16,7 +17,7 @@ import msgspec
 
 from gateway.domain import Attempt, QueuedEvent, SinkState
 from gateway.store.rows import QUEUED_COLUMNS, queued_from_row
-from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows
+from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows, select
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["AttemptResult", "Outbox"]
@@ -35,13 +36,15 @@ class AttemptResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Record(WriteOp[None]):
+    inline = True
+
     def __init__(self, sink: str, results: Sequence[AttemptResult]) -> None:
         self.sink = sink
         self.results = results
 
-    async def apply(self, conn: aiosqlite.Connection) -> None:
+    def apply(self, conn: sqlite3.Connection) -> None:
         now = time.time()
-        await conn.executemany(
+        conn.executemany(
             "UPDATE deliveries SET status = ?, attempts = ?, error = ?, error_code = ?,"
             " trace_id = ?, events_received = ?, warnings = ?, next_attempt_at = ?,"
             " updated_at = ? WHERE event_pk = ? AND sink = ? AND error_code IS NOT 'erased'",
@@ -62,7 +65,7 @@ class _Record(WriteOp[None]):
                 for r in self.results
             ],
         )
-        await conn.executemany(
+        conn.executemany(
             "INSERT OR REPLACE INTO delivery_attempts (event_pk, sink, attempt, at, outcome,"
             " http_status, error_code, message, trace_id, batch_size, duration_ms)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -84,7 +87,7 @@ class _Record(WriteOp[None]):
                 for a in r.attempts
             ],
         )
-        await conn.executemany(UPDATE_EVENT_STATUS, [(r.pk, r.pk) for r in self.results])
+        conn.executemany(UPDATE_EVENT_STATUS, [(r.pk, r.pk) for r in self.results])
 
 
 class _Requeue(WriteOp[int]):
@@ -93,7 +96,7 @@ class _Requeue(WriteOp[int]):
     ) -> None:
         self.args = (account_id, sinks, statuses, since)
 
-    async def apply(self, conn: aiosqlite.Connection) -> int:
+    def apply(self, conn: sqlite3.Connection) -> int:
         account_id, sinks, statuses, since = self.args
         now = time.time()
         sink_marks = ",".join("?" * len(sinks))
@@ -105,18 +108,14 @@ class _Requeue(WriteOp[int]):
             " (SELECT pk FROM events WHERE account_id = ? AND received_at >= ?)"
         )
         params = [*sinks, *statuses, account_id, since]
-        pks = [
-            row[0]
-            for row in await fetch_rows(
-                conn, f"SELECT DISTINCT event_pk FROM deliveries WHERE {where}", params
-            )
-        ]
-        cursor = await conn.execute(
+        distinct = f"SELECT DISTINCT event_pk FROM deliveries WHERE {where}"
+        pks = [row[0] for row in select(conn, distinct, params)]
+        cursor = conn.execute(
             "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, error = NULL,"
             f" error_code = NULL, updated_at = ? WHERE {where}",
             [now, now, *params],
         )
-        await conn.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
+        conn.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
         return cursor.rowcount
 
 
@@ -124,10 +123,10 @@ class _Defer(WriteOp[None]):
     def __init__(self, sink: str, account_ids: Sequence[str], until: float) -> None:
         self.args = (sink, account_ids, until)
 
-    async def apply(self, conn: aiosqlite.Connection) -> None:
+    def apply(self, conn: sqlite3.Connection) -> None:
         sink, account_ids, until = self.args
         marks = ",".join("?" * len(account_ids))
-        await conn.execute(
+        conn.execute(
             "UPDATE deliveries SET next_attempt_at = MAX(next_attempt_at, ?)"
             " WHERE sink = ? AND status = 'pending' AND event_pk IN"
             f" (SELECT pk FROM events WHERE account_id IN ({marks}))",

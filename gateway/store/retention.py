@@ -8,13 +8,14 @@ batch. Events leave their daily counts behind (``event_daily``), so totals survi
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import aiosqlite
 import msgspec
 
-from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows
+from gateway.store.lookups import EVERYTHING, Touched
+from gateway.store.schema import UPDATE_EVENT_STATUS, select
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["RetentionCutoffs", "delete_conversations", "prune_all", "scrub_events"]
@@ -36,8 +37,8 @@ def _marks(values: Sequence[Any]) -> str:
     return ",".join("?" * len(values))
 
 
-async def _column(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
-    return [row[0] for row in await fetch_rows(conn, sql, params)]
+def _column(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    return [row[0] for row in select(conn, sql, params)]
 
 
 class PruneEvents(WriteOp[int]):
@@ -47,8 +48,8 @@ class PruneEvents(WriteOp[int]):
     def __init__(self, before: float, statuses: Sequence[str], limit: int) -> None:
         self.before, self.statuses, self.limit = before, tuple(statuses), limit
 
-    async def apply(self, conn: aiosqlite.Connection) -> int:
-        pks = await _column(
+    def apply(self, conn: sqlite3.Connection) -> int:
+        pks = _column(
             conn,
             f"SELECT pk FROM events WHERE received_at < ? AND status IN ({_marks(self.statuses)})"
             # An event shows "failed" while another of its sinks is still pending: that
@@ -60,7 +61,7 @@ class PruneEvents(WriteOp[int]):
         if not pks:
             return 0
         marks = _marks(pks)
-        await conn.execute(
+        conn.execute(
             "INSERT INTO event_daily (day, account_id, event_name, status, events)"
             " SELECT date(received_at, 'unixepoch'), account_id, event_name, status, COUNT(*)"
             f" FROM events WHERE pk IN ({marks}) GROUP BY 1, 2, 3, 4"
@@ -68,9 +69,9 @@ class PruneEvents(WriteOp[int]):
             " DO UPDATE SET events = events + excluded.events",
             pks,
         )
-        await conn.execute(f"DELETE FROM delivery_attempts WHERE event_pk IN ({marks})", pks)
-        await conn.execute(f"DELETE FROM deliveries WHERE event_pk IN ({marks})", pks)
-        await conn.execute(f"DELETE FROM events WHERE pk IN ({marks})", pks)
+        conn.execute(f"DELETE FROM delivery_attempts WHERE event_pk IN ({marks})", pks)
+        conn.execute(f"DELETE FROM deliveries WHERE event_pk IN ({marks})", pks)
+        conn.execute(f"DELETE FROM events WHERE pk IN ({marks})", pks)
         return len(pks)
 
 
@@ -81,8 +82,11 @@ class ClearOldClicks(WriteOp[int]):
     def __init__(self, before: float, limit: int) -> None:
         self.before, self.limit = before, limit
 
-    async def apply(self, conn: aiosqlite.Connection) -> int:
-        ids = await _column(
+    def touched(self) -> Touched | None:
+        return EVERYTHING  # many conversations at once
+
+    def apply(self, conn: sqlite3.Connection) -> int:
+        ids = _column(
             conn,
             "SELECT id FROM conversations WHERE ctwa_clid IS NOT NULL"
             " AND COALESCE(ctwa_clicked_at, ctwa_captured_at) < ? LIMIT ?",
@@ -90,16 +94,14 @@ class ClearOldClicks(WriteOp[int]):
         )
         if ids:
             cleared = ", ".join(f"{field} = NULL" for field in _CLICK_FIELDS)
-            await conn.execute(
-                f"UPDATE conversations SET {cleared} WHERE id IN ({_marks(ids)})", ids
-            )
-        automatic = await _column(
+            conn.execute(f"UPDATE conversations SET {cleared} WHERE id IN ({_marks(ids)})", ids)
+        automatic = _column(
             conn,
             "SELECT pk FROM automatic_events WHERE received_at < ? LIMIT ?",
             [self.before, self.limit],
         )
         if automatic:
-            await conn.execute(
+            conn.execute(
                 f"DELETE FROM automatic_events WHERE pk IN ({_marks(automatic)})", automatic
             )
         return max(len(ids), len(automatic))
@@ -112,8 +114,11 @@ class PruneConversations(WriteOp[int]):
     def __init__(self, before: float, limit: int) -> None:
         self.before, self.limit = before, limit
 
-    async def apply(self, conn: aiosqlite.Connection) -> int:
-        ids = await _column(
+    def touched(self) -> Touched | None:
+        return EVERYTHING  # many conversations at once
+
+    def apply(self, conn: sqlite3.Connection) -> int:
+        ids = _column(
             conn,
             "SELECT id FROM conversations WHERE ctwa_clid IS NULL"
             " AND COALESCE(last_inbound_at, created_at) < ? LIMIT ?",
@@ -122,12 +127,12 @@ class PruneConversations(WriteOp[int]):
         if ids:
             # Their finished events lose the person's hashed identifiers too: once the
             # conversation is gone nothing could find them for an erasure any more.
-            await scrub_events(conn, ids, cancel_pending=False)
-            await delete_conversations(conn, ids)
+            scrub_events(conn, ids, cancel_pending=False)
+            delete_conversations(conn, ids)
         return len(ids)
 
 
-async def delete_conversations(conn: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, int]:
+def delete_conversations(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, int]:
     """Delete these conversations and every row that points at them; return the counts."""
     marks = _marks(ids)
     counts = {}
@@ -137,7 +142,7 @@ async def delete_conversations(conn: aiosqlite.Connection, ids: Sequence[str]) -
         ("automatic_events", "conversation_id"),
         ("conversations", "id"),
     ):
-        cursor = await conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
+        cursor = conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
         counts[table] = cursor.rowcount
     return counts
 
@@ -148,8 +153,8 @@ _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
 
-async def scrub_events(
-    conn: aiosqlite.Connection,
+def scrub_events(
+    conn: sqlite3.Connection,
     conversation_ids: Sequence[str],
     *,
     account_id: str | None = None,
@@ -171,7 +176,7 @@ async def scrub_events(
             " AND d.status = 'pending')"
         )
     scrubbed = []
-    for pk, raw in await fetch_rows(conn, sql, params):
+    for pk, raw in select(conn, sql, params):
         event = _decode(raw)
         user_data = event.get("user_data") if isinstance(event, dict) else None
         if isinstance(user_data, dict):
@@ -181,21 +186,19 @@ async def scrub_events(
     if not scrubbed:
         return 0, 0
     pks = [pk for _, pk in scrubbed]
-    await conn.executemany(
-        "UPDATE events SET event = ?, request_fields = NULL WHERE pk = ?", scrubbed
-    )
+    conn.executemany("UPDATE events SET event = ?, request_fields = NULL WHERE pk = ?", scrubbed)
     pk_marks = _marks(pks)
     cancelled = 0
     if cancel_pending:
-        cursor = await conn.execute(
+        cursor = conn.execute(
             "UPDATE deliveries SET status = 'failed', error_code = 'erased',"
             " error = 'cancelled: the person was erased on request; never sent',"
             f" next_attempt_at = NULL WHERE status = 'pending' AND event_pk IN ({pk_marks})",
             pks,
         )
         cancelled = cursor.rowcount
-    await conn.execute(f"UPDATE deliveries SET payload = NULL WHERE event_pk IN ({pk_marks})", pks)
-    await conn.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
+    conn.execute(f"UPDATE deliveries SET payload = NULL WHERE event_pk IN ({pk_marks})", pks)
+    conn.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
     return len(pks), cancelled
 
 

@@ -7,21 +7,30 @@ conversation was found, the request's digests), encoded and decoded here and now
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
-from gateway.domain import Conversation, QueuedEvent, Resolution, SinkState, StoredEvent
+from gateway.domain import (
+    Conversation,
+    QueuedEvent,
+    Resolution,
+    SinkState,
+    StoredEvent,
+    overall_status,
+)
 
 __all__ = [
     "CONVERSATION_COLUMNS",
     "CONVERSATION_FIELDS",
     "DELIVERY_COLUMNS",
     "DELIVERY_STATE_COLUMNS",
+    "DELIVERY_VALUES",
     "EVENT_COLUMNS",
     "INSERT_CONVERSATION",
     "INSERT_DELIVERY",
-    "INSERT_EVENT",
+    "INSERT_DELIVERY_HEAD",
     "MUTABLE_CONVERSATION_FIELDS",
     "QUEUED_COLUMNS",
     "conversation_from_row",
@@ -29,6 +38,7 @@ __all__ = [
     "delivery_row",
     "event_from_row",
     "event_params",
+    "insert_events",
     "queued_from_row",
     "sink_state_from_row",
 ]
@@ -55,18 +65,21 @@ DELIVERY_COLUMNS = (
     "event_pk, sink, status, attempts, payload, error, error_code, trace_id, events_received,"
     " warnings, next_attempt_at, updated_at"
 )
-INSERT_DELIVERY = f"INSERT INTO deliveries ({DELIVERY_COLUMNS}) VALUES ({', '.join('?' * 12)})"
+INSERT_DELIVERY_HEAD = f"INSERT INTO deliveries ({DELIVERY_COLUMNS}) VALUES"
+DELIVERY_VALUES = f"({','.join('?' * 12)})"
+INSERT_DELIVERY = f"{INSERT_DELIVERY_HEAD} {DELIVERY_VALUES}"
 # A sink's state, as _with_deliveries reads it (after event_pk and sink).
 DELIVERY_STATE_COLUMNS = (
     "status, attempts, payload, error, error_code, trace_id, events_received, warnings"
 )
-INSERT_EVENT = (
+_INSERT_EVENTS_HEAD = (
     "INSERT INTO events (account_id, event_id, event_name, conversation_id, event_time,"
-    " status, event, test_event_code, received_at, duration_ms, insert_token,"
-    " attribution_window_expired, resolution, request_fields)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-    " ON CONFLICT (account_id, event_id) DO NOTHING"
+    " status, event, test_event_code, received_at, duration_ms,"
+    " attribution_window_expired, resolution, request_fields, insert_token) VALUES"
 )
+# insert_token: a column of schema 1 nothing reads any more (a multi-row INSERT tells which
+# rows it inserted by their rowids); the empty string costs a byte.
+_EVENT_VALUES = f"({','.join('?' * 13)},'')"
 # What a sink needs to send a queued event (deliveries d JOIN events e).
 QUEUED_COLUMNS = (
     "e.pk, e.account_id, e.event_id, e.event_name, e.event, e.test_event_code, e.event_time,"
@@ -94,8 +107,18 @@ def conversation_params(conversation: Conversation) -> tuple[Any, ...]:
     return tuple(getattr(conversation, field) for field in CONVERSATION_FIELDS)
 
 
-def event_params(event: StoredEvent, status: str, token: str) -> tuple[Any, ...]:
-    """Return an event's values for ``INSERT_EVENT``."""
+def insert_events(events: Sequence[StoredEvent]) -> tuple[str, list[Any]]:
+    """Return one statement inserting these events (each unless its key exists)."""
+    sql = (
+        f"{_INSERT_EVENTS_HEAD} {','.join([_EVENT_VALUES] * len(events))}"
+        " ON CONFLICT (account_id, event_id) DO NOTHING"
+    )
+    params = [v for e in events for v in event_params(e, overall_status(e.deliveries))]
+    return sql, params
+
+
+def event_params(event: StoredEvent, status: str) -> tuple[Any, ...]:
+    """Return an event's values in the order of :func:`insert_events`' columns."""
     return (
         event.account_id,
         event.event_id,
@@ -107,7 +130,6 @@ def event_params(event: StoredEvent, status: str, token: str) -> tuple[Any, ...]
         event.test_event_code,
         event.received_at,
         event.duration_ms,
-        token,
         event.attribution_window_expired,
         _optional(event.resolution),
         _optional(event.request_fields),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ import aiosqlite
 
 from gateway.domain import STATUS_PRECEDENCE
 
-__all__ = ["MIGRATIONS", "UPDATE_EVENT_STATUS", "fetch_rows", "migrate"]
+__all__ = ["MIGRATIONS", "UPDATE_EVENT_STATUS", "fetch_rows", "migrate", "select"]
 
 # Append only: a released migration is never edited, a change is a new entry.
 MIGRATIONS: tuple[str, ...] = (
@@ -247,22 +248,26 @@ UPDATE_EVENT_STATUS = (
 
 
 async def fetch_rows(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
-    """Run a query and fetch every row in one trip to the connection's thread."""
+    """Run a query on a scanning connection and fetch every row in one trip to its thread."""
     # execute_fetchall: a cursor's execute/fetch/close would be three trips.
     return list(await conn.execute_fetchall(sql, params))
 
 
-async def migrate(conn: aiosqlite.Connection) -> None:
+def select(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    """Run a query on a plain connection (the writer's, or the quick reader) and fetch it."""
+    return conn.execute(sql, params).fetchall()
+
+
+def migrate(conn: sqlite3.Connection) -> None:
     """Apply the migrations this database has not seen yet."""
-    await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
-    async with conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cur:
-        row = await cur.fetchone()
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+    row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
     current = int(row[0]) if row else 0
     for version, script in enumerate(MIGRATIONS, start=1):
         if version <= current:
             continue
         # executescript commits first; the version row goes in the same script so a crash
         # between them cannot leave a half-applied migration recorded as done.
-        await conn.executescript(
+        conn.executescript(
             f"BEGIN IMMEDIATE; {script}; INSERT INTO schema_migrations VALUES ({version}); COMMIT;"
         )

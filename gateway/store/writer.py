@@ -1,126 +1,239 @@
-"""The single SQLite writer: group commit for every write the gateway makes.
+"""The single SQLite writer: every write the gateway makes, committed in groups.
 
 Many requests' writes share one transaction (and so one fsync): while a batch commits, the
 next requests queue up, and the next batch takes them all. A caller's future resolves only
 after the transaction holding its write has committed, so no response leaves before its row
-is on disk. One failing write does not fail its neighbours: the batch is rolled back and
-each write is then tried in a transaction of its own.
+is on disk (``synchronous = FULL``).
+
+Where a batch runs is what makes the hot path cheap. A batch of *inline* ops (a conversion's
+insert: a few rows into pages the connection has cached) is written right on the event loop's
+thread, and only its COMMIT, the fsync, goes to the writer's thread: one hop per transaction.
+Every hop costs the two threads a hand-over of the GIL each way, and a statement run on another
+thread pays one per statement. Any other batch (a webhook notification's capture, retention,
+an erasure: work that may read many pages) runs whole on the writer's thread, so the loop
+never waits on it; so does an inline batch when another process holds the write lock (the
+loop never waits for a lock either).
+
+One failing write does not fail its neighbours: the batch is rolled back and each write is
+then tried in a transaction of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-from collections.abc import Sequence
-from typing import Any, Generic, TypeVar
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, Generic, TypeVar
 
-import aiosqlite
 import structlog
+
+from gateway.store.lookups import EVERYTHING, Touched
 
 __all__ = ["GroupCommitWriter", "WriteOp"]
 
 T = TypeVar("T")
 log = structlog.get_logger()
 
+_Item = tuple["WriteOp[Any]", "asyncio.Future[Any]"]
+# How long the writer's thread waits for another process's write lock.
+_BUSY_TIMEOUT_MS = 5000
+
 
 class WriteOp(Generic[T]):
-    """One unit of writing; subclasses override :meth:`apply` or :meth:`apply_many`."""
+    """One unit of writing; subclasses override :meth:`apply` or :meth:`apply_many`.
 
-    async def apply(self, conn: aiosqlite.Connection) -> T:
+    Both run inside the open transaction with a plain ``sqlite3`` connection, on the loop's
+    thread for an ``inline`` op and on the writer's thread otherwise: nothing of the event
+    loop either way.
+    """
+
+    # True for a few rows' worth of writing into hot pages (see the module's docstring).
+    inline: ClassVar[bool] = False
+
+    def apply(self, conn: sqlite3.Connection) -> T:
         """Write inside the open transaction and return this op's result."""
         raise NotImplementedError
 
     @classmethod
-    async def apply_many(cls, conn: aiosqlite.Connection, ops: Sequence[WriteOp[Any]]) -> list[Any]:
+    def apply_many(cls, conn: sqlite3.Connection, ops: Sequence[WriteOp[Any]]) -> list[Any]:
         """Write several ops of this class at once; override to batch statements."""
-        return [await op.apply(conn) for op in ops]
+        return [op.apply(conn) for op in ops]
+
+    def touched(self) -> Touched | None:
+        """After :meth:`apply`: what this op changed that conversation lookups depend on
+        (:mod:`gateway.store.lookups`); None if it changed no conversation."""
+        return None
 
 
 class GroupCommitWriter:
     """Owns the write connection; :meth:`submit` is the only way to write."""
 
-    def __init__(self, conn: aiosqlite.Connection, *, max_batch: int = 1000) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        max_batch: int = 1000,
+        on_touched: Callable[[Touched], None] | None = None,
+    ) -> None:
         self._conn = conn
+        self._on_touched = on_touched
         self._max_batch = max_batch
-        self._queue: asyncio.Queue[tuple[WriteOp[Any], asyncio.Future[Any]] | None] = (
-            asyncio.Queue()
-        )
-        self._task: asyncio.Task[None] | None = None
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._running: asyncio.Task[None] | None = None
         self._closing = False
+        # The connection's busy timeout as last set: 0 on the loop, which must not wait.
+        self._busy_timeout_ms = -1
         self.batches = 0
         self.ops = 0
 
     def start(self) -> None:
-        """Start the writer task; call once, from a running loop."""
-        self._task = asyncio.create_task(self._run(), name="ctwa-gateway-writer")
+        """Start the writer; call once, from the running loop that will submit."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ctwa-gateway-writer")
 
     async def submit(self, op: WriteOp[T]) -> T:
         """Queue ``op`` and wait until the transaction holding it has committed."""
-        if self._closing or self._task is None:
+        loop = self._loop
+        if self._closing or loop is None:
             raise RuntimeError("the store writer is not running")
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((op, fut))
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.append((op, fut))
+        if self._running is None:
+            # A task, not a call now: the requests of this turn of the loop join the batch.
+            self._running = loop.create_task(self._drain(), name="ctwa-gateway-writer")
         return await fut
 
     async def close(self) -> None:
         """Let queued writes commit, then stop."""
-        if self._task is None or self._closing:
+        if self._thread is None or self._closing:
             return
         self._closing = True
-        self._queue.put_nowait(None)
-        await self._task
+        if self._running is not None:
+            await asyncio.shield(self._running)
+        self._thread.shutdown(wait=True)
 
-    async def _run(self) -> None:
-        stop = False
-        while not stop:
-            item = await self._queue.get()
-            if item is None:
-                break
-            batch = [item]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            await self._commit(batch)
-
-    async def _commit(self, batch: list[tuple[WriteOp[Any], asyncio.Future[Any]]]) -> None:
+    async def _drain(self) -> None:
         try:
-            results = await self._transaction([op for op, _ in batch])
-        except Exception:
-            # Isolate the failure: every op gets its own transaction and its own outcome.
-            for op, fut in batch:
-                try:
-                    (result,) = await self._transaction([op])
-                except Exception as exc:
-                    if not fut.done():
+            while self._queue:
+                batch = [
+                    self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
+                ]
+                settled = await self._commit(batch)
+                # Before any caller hears back: nothing after a write may see the old answers.
+                self._forget_touched([op for op, _ in batch])
+                for (_, fut), (result, exc) in zip(batch, settled, strict=True):
+                    if fut.done():
+                        continue  # the caller gave up (a client gone away)
+                    if exc is not None:
                         fut.set_exception(exc)
-                else:
-                    if not fut.done():
+                    else:
                         fut.set_result(result)
-            return
-        self.batches += 1
-        self.ops += len(batch)
-        for (_, fut), result in zip(batch, results, strict=True):
-            if not fut.done():
-                fut.set_result(result)
+        finally:
+            self._running = None
 
-    async def _transaction(self, ops: list[WriteOp[Any]]) -> list[Any]:
-        await self._conn.execute("BEGIN IMMEDIATE")
+    def _forget_touched(self, ops: list[WriteOp[Any]]) -> None:
+        if self._on_touched is None:
+            return
+        tags: set[tuple[str, ...]] = set()
+        for op in ops:
+            touched = op.touched()
+            if touched is EVERYTHING:
+                self._on_touched(EVERYTHING)
+                return
+            if touched:
+                tags |= touched
+        if tags:
+            self._on_touched(frozenset(tags))
+
+    async def _commit(self, batch: list[_Item]) -> list[tuple[Any, BaseException | None]]:
+        ops = [op for op, _ in batch]
+        results: list[Any] | None = None
+        if all(op.inline for op in ops) and self._begin_on_loop():
+            try:
+                results = self._apply(ops)
+            except Exception:
+                self._rollback()
+            else:
+                try:
+                    await self._on_thread(self._conn.execute, "COMMIT")
+                except Exception:
+                    self._rollback()
+                    results = None
+        if results is None:
+            settled: list[tuple[Any, BaseException | None]] = await self._on_thread(
+                self._commit_on_thread, ops
+            )
+            return settled
+        self.batches += 1
+        self.ops += len(ops)
+        return [(result, None) for result in results]
+
+    def _begin_on_loop(self) -> bool:
+        """BEGIN IMMEDIATE without waiting; False if another process holds the write lock."""
+        self._set_busy_timeout(0)
         try:
-            results: list[Any] = []
-            i = 0
-            # Consecutive ops of one class are applied together, so they can share statements.
-            while i < len(ops):
-                j = i
-                while j < len(ops) and type(ops[j]) is type(ops[i]):
-                    j += 1
-                results.extend(await type(ops[i]).apply_many(self._conn, ops[i:j]))
-                i = j
-            await self._conn.execute("COMMIT")
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return False
+        return True
+
+    def _commit_on_thread(self, ops: list[WriteOp[Any]]) -> list[tuple[Any, BaseException | None]]:
+        """The whole transaction on the writer's thread; on failure, each op on its own."""
+        self._set_busy_timeout(_BUSY_TIMEOUT_MS)
+        try:
+            results = self._transaction(ops)
+        except Exception:
+            settled: list[tuple[Any, BaseException | None]] = []
+            for op in ops:
+                try:
+                    (result,) = self._transaction([op])
+                except Exception as exc:
+                    settled.append((None, exc))
+                else:
+                    settled.append((result, None))
+            return settled
+        self.batches += 1
+        self.ops += len(ops)
+        return [(result, None) for result in results]
+
+    def _transaction(self, ops: list[WriteOp[Any]]) -> list[Any]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = self._apply(ops)
+            self._conn.execute("COMMIT")
         except BaseException:
-            with contextlib.suppress(Exception):
-                await self._conn.execute("ROLLBACK")
+            self._rollback()
             raise
         return results
+
+    def _apply(self, ops: list[WriteOp[Any]]) -> list[Any]:
+        results: list[Any] = []
+        i = 0
+        # Consecutive ops of one class are applied together, so they can share statements.
+        while i < len(ops):
+            j = i
+            while j < len(ops) and type(ops[j]) is type(ops[i]):
+                j += 1
+            results.extend(type(ops[i]).apply_many(self._conn, ops[i:j]))
+            i = j
+        return results
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.execute("ROLLBACK")
+
+    def _set_busy_timeout(self, ms: int) -> None:
+        if self._busy_timeout_ms != ms:
+            self._conn.execute(f"PRAGMA busy_timeout = {ms}")
+            self._busy_timeout_ms = ms
+
+    async def _on_thread(self, fn: Any, *args: Any) -> Any:
+        loop, thread = self._loop, self._thread
+        assert loop is not None
+        assert thread is not None
+        return await loop.run_in_executor(thread, fn, *args)
