@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 import msgspec
@@ -59,11 +60,25 @@ def redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """Replace the values of sensitive keys, at the top of the event and in nested mappings
     and lists."""
     for key, value in event_dict.items():
-        if key.lower() in _SENSITIVE:
+        sensitive = _VERDICTS.get(key)
+        if sensitive is None:
+            sensitive = _sensitive(key)
+        if sensitive:
             event_dict[key] = REDACTED
         elif type(value) in _CONTAINERS and key not in _HASHED:
             event_dict[key] = _redacted(value, 6)
     return event_dict
+
+
+# Top-level keys come from code, a handful of names: each one's verdict is worked out once.
+_VERDICTS: dict[str, bool] = {}
+
+
+def _sensitive(key: str) -> bool:
+    verdict = key.lower() in _SENSITIVE
+    if len(_VERDICTS) < 10_000:
+        _VERDICTS[key] = verdict
+    return verdict
 
 
 _CONTAINERS = frozenset({dict, list, tuple})
@@ -128,6 +143,26 @@ _json = msgspec.json.Encoder(enc_hook=str)
 
 def _render_json(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
     return _json.encode(event_dict).decode()
+
+
+class _Timestamp:
+    """structlog's ISO 8601 UTC stamp (``2026-11-25T18:07:08.123456Z``), with the part up to
+    the second formatted once a second rather than on every line."""
+
+    def __init__(self) -> None:
+        self._second: tuple[int, str] = (-1, "")
+
+    def __call__(self, _: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+        now = time.time()
+        second = int(now)
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (
+                second,
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
+            )
+        event_dict["timestamp"] = f"{cached[1]}.{int((now - second) * 1_000_000):06d}Z"
+        return event_dict
 
 
 class _LibraryLogs(logging.Handler):
@@ -217,7 +252,7 @@ def configure_logging(
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _Timestamp(),
         redact,
     ]
     if json:

@@ -6,6 +6,8 @@ gauge are read from the store when ``/metrics`` is scraped, so they are right af
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -18,6 +20,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "ctwa_http_requests", "HTTP requests by route and status.", ["route", "status"],
@@ -90,6 +93,15 @@ class Metrics:
             "ctwa_rate_limited", "Requests refused by the per-key rate limit.", ["key"],
             registry=r,
         )  # fmt: skip
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """Return ``metric.labels(*labels)``, remembered: prometheus_client validates the
+        labels and takes a lock on every ``labels()`` call, several times a request."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> bytes:
         """Return the Prometheus text exposition."""

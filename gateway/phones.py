@@ -14,6 +14,7 @@ refused. Matching then tries the equivalent forms WhatsApp ids take for the same
 
 from __future__ import annotations
 
+import functools
 import re
 
 import msgspec
@@ -101,6 +102,10 @@ def phone_digits(raw: str) -> str | None:
     return cleaned
 
 
+# A pure function of its text with an immutable answer: the same person converting again (a
+# lead, then a purchase) skips the numbering plans, which cost as much as the rest of a
+# request.
+@functools.lru_cache(maxsize=4096)
 def parse_phone(raw: str) -> PhoneForms | None:
     """Return the number and its WhatsApp forms, or None if it is not a phone number at all.
 

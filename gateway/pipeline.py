@@ -32,7 +32,7 @@ from gateway.phones import parse_phone
 from gateway.plugin_manager import Plugins, is_plugin_fault, sink_fault
 from gateway.store.database import Store
 from gateway.validation import check_conversion
-from gateway.wire import ConversionRequest, request_fingerprint
+from gateway.wire import ConversionRequest, request_fingerprint, sha256_fingerprint
 
 __all__ = ["Outcome", "Pipeline", "changed_fields", "check_normalizers"]
 
@@ -176,7 +176,7 @@ class Pipeline:
 
     def repeated(self, existing: StoredEvent, request: ConversionRequest) -> Outcome:
         """Answer a known eventId: the original outcome if this is a retry of it, else 409."""
-        differ = changed_fields(existing.request_fields, request_fingerprint(request))
+        differ = changed_fields(existing.request_fields, request)
         if differ and self.settings.events.on_reused_event_id == "conflict":
             raise Conflict(
                 f"eventId {request.event_id[:256]!r} was already used on this account for a"
@@ -187,7 +187,7 @@ class Pipeline:
                 param=differ[0],
                 details={"fields": differ},
             )
-        self.metrics.events_duplicate.labels(existing.account_id).inc()
+        self.metrics.child(self.metrics.events_duplicate, existing.account_id).inc()
         return Outcome(event=existing, duplicate=True, primary=self.plugins.primary_sink)
 
     async def submit(self, prepared: PreparedEvent, *, started: float | None = None) -> Outcome:
@@ -216,7 +216,7 @@ class Pipeline:
         if duplicate:
             return self.repeated(stored, request)
         for sink in states:
-            self.metrics.events_accepted.labels(new.account_id, sink).inc()
+            self.metrics.child(self.metrics.events_accepted, new.account_id, sink).inc()
         stored = await self._deliver(stored)
         return Outcome(event=stored, duplicate=False, primary=self.plugins.primary_sink)
 
@@ -293,14 +293,25 @@ def _suppressed(param: str) -> Unprocessable:
     )
 
 
-def changed_fields(before: dict[str, str] | None, now: dict[str, str]) -> list[str]:
-    """Return the fields whose digests differ (sent once and not the other time included).
+def changed_fields(before: dict[str, str] | None, request: ConversionRequest) -> list[str]:
+    """Return the fields of ``request`` whose checksums differ from the stored ones (sent
+    once and not the other time included).
 
-    An event stored before fingerprints existed compares equal: its retries keep working.
+    An event stored before fingerprints existed compares equal: its retries keep working. One
+    stored before CRC-32 fingerprints holds SHA-256 ones, and is compared with those.
     """
     if before is None:
         return []
-    return sorted(name for name in before.keys() | now.keys() if before.get(name) != now.get(name))
+    if any(len(v) == 16 for v in before.values()):
+        now = sha256_fingerprint(request)
+    else:
+        now = request_fingerprint(request)
+    names = (before.keys() | now.keys()) - _KEY_FIELDS
+    return sorted(name for name in names if before.get(name) != now.get(name))
+
+
+# The stored event's key: a reuse always has the same.
+_KEY_FIELDS = frozenset({"accountId", "eventId"})
 
 
 def check_normalizers(settings: Settings, plugins: Plugins) -> None:

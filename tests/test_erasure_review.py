@@ -205,7 +205,8 @@ def traces() -> dict[str, bytes]:
     )
     for field, digest in fp.items():
         if field in ("phoneE164", "email", "externalId"):
-            found[f"request digest {field}"] = digest.encode()
+            # Stored packed: the checksum's four bytes.
+            found[f"request digest {field}"] = bytes.fromhex(digest)
     return found
 
 

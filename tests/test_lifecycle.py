@@ -175,11 +175,14 @@ async def test_erasure_leaves_no_trace_and_cancels_pending_deliveries(
         NAME.encode(),
         CLICK.encode(),
         hash_email(EMAIL).encode(),
-        request_fingerprint(
-            ConversionRequest(
-                account_id="acme", event_name="LeadSubmitted", event_id="THEIRS", email=EMAIL
-            )
-        )["email"].encode(),
+        # The request's checksum of the email, stored packed (four bytes).
+        bytes.fromhex(
+            request_fingerprint(
+                ConversionRequest(
+                    account_id="acme", event_name="LeadSubmitted", event_id="THEIRS", email=EMAIL
+                )
+            )["email"]
+        ),
     ]
     assert all(t in file_bytes(db_path) for t in traces)  # the net this test checks
 

@@ -107,8 +107,8 @@ def make_middleware(
         elapsed = time.perf_counter() - started
         # Unmatched paths share one label: a scanner must not mint a time series per URL.
         route = _route(request) or "unmatched"
-        metrics.requests.labels(route, str(response.status)).inc()
-        metrics.request_seconds.labels(route).observe(elapsed)
+        metrics.child(metrics.requests, route, str(response.status)).inc()
+        metrics.child(metrics.request_seconds, route).observe(elapsed)
         log.info(
             "request",
             method=request.method,

@@ -69,7 +69,6 @@ from gateway.store.rows import (
     delivery_row,
     event_from_row,
     insert_events,
-    sink_state_from_row,
 )
 from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows, migrate, select
 from gateway.store.writer import GroupCommitWriter, WriteOp
@@ -169,8 +168,10 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
             mine_inserted = inserted and first[key] is op
             results.append((pk, not mine_inserted))
             if mine_inserted:
+                event = op.new.event
                 rows.extend(
-                    delivery_row(pk, sink, state, now) for sink, state in op.new.deliveries.items()
+                    delivery_row(pk, sink, state, now, event)
+                    for sink, state in op.new.deliveries.items()
                 )
         for start in range(0, len(rows), _ROWS_PER_STATEMENT):
             part = rows[start : start + _ROWS_PER_STATEMENT]
@@ -708,10 +709,10 @@ class Store:
             f" WHERE event_pk IN ({','.join('?' * len(pks))})",
             pks,
         )
-        states: dict[int, dict[str, SinkState]] = {pk: {} for pk in pks}
-        for pk, sink, *state in found:
-            states[pk][sink] = sink_state_from_row(state)
-        return [event_from_row(row, states[row[0]]) for row in rows]
+        sinks: dict[int, list[Any]] = {pk: [] for pk in pks}
+        for pk, *state in found:
+            sinks[pk].append(state)
+        return [event_from_row(row, sinks[row[0]]) for row in rows]
 
     def _event_by_pk(self, pk: int) -> StoredEvent | None:
         rows = select(self._quick, f"SELECT {EVENT_COLUMNS} FROM events WHERE pk = ?", (pk,))
@@ -723,4 +724,4 @@ class Store:
             f"SELECT sink, {DELIVERY_STATE_COLUMNS} FROM deliveries WHERE event_pk = ?",
             (row[0],),
         )
-        return event_from_row(row, {sink: sink_state_from_row(state) for sink, *state in found})
+        return event_from_row(row, found)

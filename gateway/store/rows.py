@@ -7,7 +7,7 @@ conversation was found, the request's digests), encoded and decoded here and now
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -90,11 +90,141 @@ _encode = msgspec.json.Encoder().encode
 _decode_object = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_warnings = msgspec.json.Decoder(list[str]).decode
 _decode_resolution = msgspec.json.Decoder(Resolution).decode
+_decode_resolution_tuple = msgspec.json.Decoder(tuple[str, str | None, str | None, bool]).decode
 _decode_fields = msgspec.json.Decoder(dict[str, str]).decode
 
 
 def _optional(value: object) -> bytes | None:
     return None if value is None else _encode(value)
+
+
+# Compact forms (events stored since version 0.7; older rows are read as they were written):
+# each saves bytes on every event, which is the store's size.
+#
+# - The Meta event leaves out event_name, event_id and event_time, which have columns of
+#   their own, and action_source and messaging_channel when they say what every CTWA event
+#   says; they are put back, first and in the order the normalizers set them, when it is
+#   read. Every finished event has all five (EventDraft.finish), so a stored body without
+#   event_name is a compact one.
+_CTWA = {"action_source": "business_messaging", "messaging_channel": "whatsapp"}
+_LEFT_OUT = frozenset({"event_name", "event_id", "event_time", *_CTWA})
+
+
+def _event_blob(event: StoredEvent) -> bytes:
+    body = event.event
+    if (
+        body.get("event_name") == event.event_name
+        and body.get("event_id") == event.event_id
+        and body.get("event_time") == event.event_time
+        and body.get("action_source") == _CTWA["action_source"]
+        and body.get("messaging_channel") == _CTWA["messaging_channel"]
+    ):
+        return _encode({k: v for k, v in body.items() if k not in _LEFT_OUT})
+    return _encode(body)
+
+
+def _event_from(blob: bytes, event_name: str, event_id: str, event_time: int) -> dict[str, Any]:
+    body = _decode_object(blob)
+    if "event_name" in body:
+        return body
+    return {
+        "event_name": event_name,
+        "event_id": event_id,
+        **_CTWA,
+        "event_time": event_time,
+        **body,
+    }
+
+
+# - The request's field checksums (8 hex digits each, :func:`gateway.wire.request_fingerprint`)
+#   are packed: two bytes saying which fields were sent, then four bytes per field.
+# Append only: a stored mask's bits are positions in this list.
+_FIELDS = (
+    "eventName",
+    "conversationId",
+    "phoneE164",
+    "businessScopedUserId",
+    "value",
+    "currency",
+    "contentIds",
+    "email",
+    "externalId",
+    "testCode",
+    "eventTime",
+)
+
+
+def _fields_blob(fields: dict[str, str] | None) -> bytes | None:
+    if fields is None:
+        return None
+    if any(name not in _FIELD_BIT or len(v) != 8 for name, v in fields.items()):
+        return _encode(fields)  # not a CRC fingerprint: kept as it is
+    mask = 0
+    packed = b""
+    for name in _FIELDS:
+        digest = fields.get(name)
+        if digest is not None:
+            mask |= _FIELD_BIT[name]
+            packed += bytes.fromhex(digest)
+    return mask.to_bytes(2, "big") + packed
+
+
+def _fields_from(blob: bytes | None) -> dict[str, str] | None:
+    if blob is None:
+        return None
+    if blob[:1] == b"{":
+        return _decode_fields(blob)  # JSON: stored by an earlier version
+    mask = int.from_bytes(blob[:2], "big")
+    fields = {}
+    offset = 2
+    for name in _FIELDS:
+        if mask & _FIELD_BIT[name]:
+            fields[name] = blob[offset : offset + 4].hex()
+            offset += 4
+    return fields
+
+
+_FIELD_BIT = {name: 1 << i for i, name in enumerate(_FIELDS)}
+
+
+# - A sink's payload that carries the event itself (Meta's ``{"data": [event], ...}``) is
+#   stored with this in place of the list, and the event put back when it is read: an
+#   event's body is stored once, not once more per sink.
+_THE_EVENT = "$event"
+
+
+def _payload_blob(payload: dict[str, Any] | None, event: dict[str, Any] | None) -> bytes | None:
+    if payload is None:
+        return None
+    if event is not None and payload.get("data") == [event]:
+        return _encode({**payload, "data": _THE_EVENT})
+    return _encode(payload)
+
+
+def _payload_from(blob: bytes | None, event: dict[str, Any] | None) -> dict[str, Any] | None:
+    if blob is None:
+        return None
+    payload = _decode_object(blob)
+    if payload.get("data") == _THE_EVENT and event is not None:
+        payload["data"] = [event]
+    return payload
+
+
+# - How the conversation was found is a 4-item list rather than an object with its names.
+def _resolution_blob(resolution: Resolution | None) -> bytes | None:
+    if resolution is None:
+        return None
+    r = resolution
+    return _encode((r.resolver, r.field, r.form, r.ambiguous))
+
+
+def _resolution_from(blob: bytes | None) -> Resolution | None:
+    if blob is None:
+        return None
+    if blob[:1] == b"[":
+        resolver, field, form, ambiguous = _decode_resolution_tuple(blob)
+        return Resolution(resolver=resolver, field=field, form=form, ambiguous=ambiguous)
+    return _decode_resolution(blob)
 
 
 def conversation_from_row(row: Any) -> Conversation:
@@ -126,18 +256,20 @@ def event_params(event: StoredEvent, status: str) -> tuple[Any, ...]:
         event.conversation_id,
         event.event_time,
         status,
-        _encode(event.event),
+        _event_blob(event),
         event.test_event_code,
         event.received_at,
         event.duration_ms,
         event.attribution_window_expired,
-        _optional(event.resolution),
-        _optional(event.request_fields),
+        _resolution_blob(event.resolution),
+        _fields_blob(event.request_fields),
     )
 
 
-def event_from_row(row: Any, deliveries: dict[str, SinkState]) -> StoredEvent:
-    """Return the StoredEvent a ``SELECT EVENT_COLUMNS`` row holds, with its sinks' states."""
+def event_from_row(row: Any, sinks: Iterable[Sequence[Any]]) -> StoredEvent:
+    """Return the StoredEvent a ``SELECT EVENT_COLUMNS`` row holds, with its sinks' states
+    from ``(sink, *DELIVERY_STATE_COLUMNS)`` rows."""
+    event = _event_from(row[7], row[3], row[2], row[5])
     return StoredEvent(
         pk=row[0],
         account_id=row[1],
@@ -146,25 +278,28 @@ def event_from_row(row: Any, deliveries: dict[str, SinkState]) -> StoredEvent:
         conversation_id=row[4],
         event_time=row[5],
         status=row[6],
-        event=_decode_object(row[7]),
+        event=event,
         test_event_code=row[8],
         received_at=row[9],
         duration_ms=row[10],
         attribution_window_expired=bool(row[11]),
-        resolution=None if row[12] is None else _decode_resolution(row[12]),
-        request_fields=None if row[13] is None else _decode_fields(row[13]),
-        deliveries=deliveries,
+        resolution=_resolution_from(row[12]),
+        request_fields=_fields_from(row[13]),
+        deliveries={sink: sink_state_from_row(state, event) for sink, *state in sinks},
     )
 
 
-def delivery_row(pk: int, sink: str, state: SinkState, now: float) -> tuple[Any, ...]:
-    """Return a deliveries row; a pending delivery is due at once."""
+def delivery_row(
+    pk: int, sink: str, state: SinkState, now: float, event: dict[str, Any] | None = None
+) -> tuple[Any, ...]:
+    """Return a deliveries row; a pending delivery is due at once. ``event``: the Meta event
+    as stored, which a payload carrying it refers to instead of copying."""
     return (
         pk,
         sink,
         state.status,
         state.attempts,
-        _optional(state.payload),
+        _payload_blob(state.payload, event),
         state.error,
         state.error_code,
         state.trace_id,
@@ -175,13 +310,14 @@ def delivery_row(pk: int, sink: str, state: SinkState, now: float) -> tuple[Any,
     )
 
 
-def sink_state_from_row(row: Any) -> SinkState:
-    """Return the SinkState a ``SELECT DELIVERY_STATE_COLUMNS`` row holds."""
+def sink_state_from_row(row: Any, event: dict[str, Any] | None = None) -> SinkState:
+    """Return the SinkState a ``SELECT DELIVERY_STATE_COLUMNS`` row holds (``event``: its
+    event's Meta body, for a payload that refers to it)."""
     status, attempts, payload, error, code, trace, received, warnings = row
     return SinkState(
         status=status,
         attempts=attempts,
-        payload=None if payload is None else _decode_object(payload),
+        payload=_payload_from(payload, event),
         error=error,
         error_code=code,
         trace_id=trace,
@@ -197,7 +333,7 @@ def queued_from_row(row: Any) -> QueuedEvent:
         account_id=row[1],
         event_id=row[2],
         event_name=row[3],
-        event=_decode_object(row[4]),
+        event=_event_from(row[4], row[3], row[2], row[6]),
         test_event_code=row[5],
         event_time=row[6],
         attempts=row[7],
