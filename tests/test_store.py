@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import stat
 import time
@@ -14,7 +15,16 @@ import pytest
 from gateway.domain import SinkState, StoredEvent
 from gateway.store.database import Store, StoreMissing
 from gateway.store.schema import MIGRATIONS
-from tests.conftest import LogCapture, add_conversation
+from gateway.wire import ConversionRequest, sha256_fingerprint
+from tests.conftest import (
+    AUTH,
+    CLID,
+    ClientFactory,
+    LogCapture,
+    add_conversation,
+    event_detail,
+    store_of,
+)
 
 
 def new_event(event_id: str, account_id: str = "acme", status: str = "dry_run") -> StoredEvent:
@@ -183,3 +193,96 @@ async def test_a_store_that_must_exist_is_never_created(tmp_path: Path) -> None:
     with pytest.raises(StoreMissing, match="no store at"):
         await Store.open(missing, create=False)
     assert not missing.parent.exists()
+
+
+async def test_events_stored_by_earlier_versions_read_and_compare_as_written(
+    make_client: ClientFactory, db_path: Path
+) -> None:
+    """Rows written before the compact format (the whole Meta event, its copy in the sink's
+    payload, SHA-256 request digests, the resolution as an object) read back unchanged, and
+    a retry of one is still told apart from a reuse of its eventId."""
+    client = await make_client()
+    conversation = await add_conversation(store_of(client))
+    body = {
+        "accountId": "acme",
+        "eventName": "Purchase",
+        "eventId": "OLD-1",
+        "conversationId": conversation.id,
+        "value": 5.0,
+        "currency": "USD",
+    }
+    now = int(time.time())
+    event = {
+        "event_name": "Purchase",
+        "event_id": "OLD-1",
+        "action_source": "business_messaging",
+        "messaging_channel": "whatsapp",
+        "event_time": now,
+        "user_data": {"whatsapp_business_account_id": "102290129340398", "ctwa_clid": CLID},
+        "custom_data": {"currency": "USD", "value": 5.0},
+    }
+    payload = {"data": [event], "partner_agent": "ctwa-gateway"}
+    resolution = {"resolver": "conversation_id", "field": "conversationId"}
+    fingerprint = sha256_fingerprint(msgspec.json.decode(json.dumps(body), type=ConversionRequest))
+    with sqlite3.connect(db_path) as conn:  # as version 0.6 wrote them
+        pk = conn.execute(
+            "INSERT INTO events (account_id, event_id, event_name, conversation_id, event_time,"
+            " status, event, received_at, duration_ms, insert_token, resolution, request_fields)"
+            " VALUES ('acme', 'OLD-1', 'Purchase', ?, ?, 'dry_run', ?, ?, 1.0, 'tok', ?, ?)",
+            (
+                conversation.id,
+                now,
+                json.dumps(event).encode(),
+                now,
+                json.dumps(resolution).encode(),
+                json.dumps(fingerprint).encode(),
+            ),
+        ).lastrowid
+        conn.execute(
+            "INSERT INTO deliveries (event_pk, sink, status, attempts, payload, events_received,"
+            " updated_at) VALUES (?, 'log', 'dry_run', 0, ?, 0, ?)",
+            (pk, json.dumps(payload).encode(), now),
+        )
+
+    detail = await event_detail(client, "OLD-1")
+    assert detail["event"] == event
+    stored = await store_of(client).find_event("acme", "OLD-1")
+    assert stored is not None
+    assert stored.deliveries["log"].payload == payload
+    assert detail["resolution"]["resolver"] == "conversation_id"
+    retry = await client.post("/v1/whatsapp/conversions", json=body, headers=AUTH)
+    assert retry.status == 200, await retry.text()
+    assert (await retry.json())["duplicate"] is True
+    reuse = await client.post("/v1/whatsapp/conversions", json={**body, "value": 6.0}, headers=AUTH)
+    answer = await reuse.json()
+    assert reuse.status == 409, answer
+    assert answer["param"] == "value"
+
+
+async def test_a_stored_event_and_its_payload_read_back_exactly(store: Store) -> None:
+    """The compact row (event fields left out, the payload referring to the event) reads
+    back as the event and payload that were stored."""
+    event = {
+        "event_name": "Purchase",
+        "event_id": "NEW-1",
+        "action_source": "business_messaging",
+        "messaging_channel": "whatsapp",
+        "event_time": 1_790_000_000,
+        "user_data": {"whatsapp_business_account_id": "1", "ctwa_clid": "c"},
+        "custom_data": {"currency": "USD", "value": 1.5},
+    }
+    other = {**event, "event_id": "NEW-2", "action_source": "other", "event_time": 1_790_000_001}
+    for body in (event, other):
+        payload = {"data": [body], "partner_agent": "p", "test_event_code": "TEST1"}
+        new = msgspec.structs.replace(
+            new_event(body["event_id"]),
+            event=body,
+            event_time=body["event_time"],
+            deliveries={"log": SinkState(status="dry_run", payload=payload)},
+        )
+        await store.insert_event(new)
+        found = await store.find_event("acme", body["event_id"])
+        assert found is not None
+        assert found.event == body
+        assert list(found.event) == list(body)  # the order Meta is shown, too
+        assert found.deliveries["log"].payload == payload
