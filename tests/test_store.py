@@ -8,6 +8,7 @@ import sqlite3
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -262,7 +263,7 @@ async def test_events_stored_by_earlier_versions_read_and_compare_as_written(
 async def test_a_stored_event_and_its_payload_read_back_exactly(store: Store) -> None:
     """The compact row (event fields left out, the payload referring to the event) reads
     back as the event and payload that were stored."""
-    event = {
+    event: dict[str, Any] = {
         "event_name": "Purchase",
         "event_id": "NEW-1",
         "action_source": "business_messaging",
@@ -273,15 +274,16 @@ async def test_a_stored_event_and_its_payload_read_back_exactly(store: Store) ->
     }
     other = {**event, "event_id": "NEW-2", "action_source": "other", "event_time": 1_790_000_001}
     for body in (event, other):
+        event_id = str(body["event_id"])
         payload = {"data": [body], "partner_agent": "p", "test_event_code": "TEST1"}
         new = msgspec.structs.replace(
-            new_event(body["event_id"]),
+            new_event(event_id),
             event=body,
             event_time=body["event_time"],
             deliveries={"log": SinkState(status="dry_run", payload=payload)},
         )
         await store.insert_event(new)
-        found = await store.find_event("acme", body["event_id"])
+        found = await store.find_event("acme", event_id)
         assert found is not None
         assert found.event == body
         assert list(found.event) == list(body)  # the order Meta is shown, too
