@@ -9,6 +9,7 @@ the answer and the store already hold.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -55,4 +56,5 @@ def gateway_accept_event(event: PreparedEvent, config: Config) -> SinkState:
 
 @hookimpl
 def gateway_deliver_event(event: StoredEvent, state: SinkState) -> None:
-    log_payload("log", event, state.payload)
+    if log.is_enabled_for(logging.DEBUG):  # a call with its arguments is not free
+        log_payload("log", event, state.payload)

@@ -91,7 +91,10 @@ def make_middleware(
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
-        response = await _answer(request, handler, max_body_bytes)
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            response = _answer_failure(exc, request, max_body_bytes)
         if response.status in _FAILED_AUTHENTICATION:
             client = client_address(
                 request.remote, request.headers.get("X-Forwarded-For"), trusted_proxies
@@ -121,44 +124,42 @@ def make_middleware(
     return middleware
 
 
-async def _answer(
-    request: web.Request, handler: Handler, max_body_bytes: int
+def _answer_failure(
+    exc: Exception, request: web.Request, max_body_bytes: int
 ) -> web.StreamResponse:
-    """Run the handler; turn every error into an envelope with the right status."""
-    try:
-        return await handler(request)
-    except GatewayError as exc:
+    """Turn what the handler raised into an envelope with the right status (a redirect goes
+    on up; anything that is not an Exception, a cancellation, never comes here)."""
+    if isinstance(exc, GatewayError):
         # The param is a field path the client chose (unknown keys): bounded in the log.
         param = None if exc.param is None else exc.param[:100]
         structlog.contextvars.bind_contextvars(error_code=exc.code, error_param=param)
         return error_response(exc, headers=exc.headers or None)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         error = _from_http(exc, request, max_body_bytes)
         structlog.contextvars.bind_contextvars(error_code=error.code)
         return error_response(error, headers=_allow(exc))
-    except Exception as exc:
-        if _store_unavailable(exc):
-            # Disk full, database locked past its timeout, store closing: nothing was
-            # acknowledged, so the client may retry safely (duplicates are answered as such).
-            log.error("store_unavailable", error_type=type(exc).__name__, route=_route(request))
-            unavailable = ServiceUnavailable(
-                "The store cannot take writes right now (disk full or database locked); nothing"
-                " was accepted. Retry shortly.",
-                code="store_unavailable",
-            )
-            structlog.contextvars.bind_contextvars(error_code=unavailable.code)
-            return error_response(unavailable, headers={"Retry-After": "1"})
-        # Every other surprise, whatever its type: one envelope, one traceback, one count.
-        log.exception("unhandled_error", route=_route(request), error_type=type(exc).__name__)
-        structlog.contextvars.bind_contextvars(error_code="internal_error")
-        return error_response(
-            GatewayError(
-                "Internal error. Retry, and report the X-Request-Id if it persists.",
-                code="internal_error",
-            )
+    if _store_unavailable(exc):
+        # Disk full, database locked past its timeout, store closing: nothing was
+        # acknowledged, so the client may retry safely (duplicates are answered as such).
+        log.error("store_unavailable", error_type=type(exc).__name__, route=_route(request))
+        unavailable = ServiceUnavailable(
+            "The store cannot take writes right now (disk full or database locked); nothing"
+            " was accepted. Retry shortly.",
+            code="store_unavailable",
         )
+        structlog.contextvars.bind_contextvars(error_code=unavailable.code)
+        return error_response(unavailable, headers={"Retry-After": "1"})
+    # Every other surprise, whatever its type: one envelope, one traceback, one count.
+    log.error("unhandled_error", route=_route(request), error_type=type(exc).__name__, exc_info=exc)
+    structlog.contextvars.bind_contextvars(error_code="internal_error")
+    return error_response(
+        GatewayError(
+            "Internal error. Retry, and report the X-Request-Id if it persists.",
+            code="internal_error",
+        )
+    )
 
 
 # A wrong key, signature or metrics key (401), a wrong verify token (403).
