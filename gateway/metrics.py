@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 __all__ = ["Metrics"]
 
+_COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -89,6 +90,20 @@ class Metrics:
             "ctwa_auth_failures_limited",
             "Client addresses cut off for too many failed authentications (401s).", registry=r,
         )  # fmt: skip
+        self.store_commit_seconds = Histogram(
+            "ctwa_store_commit_seconds",
+            "Time from a group commit's first statement to its COMMIT returning (one fsync).",
+            buckets=_COMMIT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.store_writes_per_commit = Histogram(
+            "ctwa_store_writes_per_commit", "Writes (conversions, captures...) per group commit.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r,
+        )  # fmt: skip
+        self.store_lookups = Gauge(
+            "ctwa_store_lookups",
+            "Conversation lookups since start, answered from memory (hit) or the store (miss).",
+            ["result"], registry=r,
+        )  # fmt: skip
         self.rate_limited = Counter(
             "ctwa_rate_limited", "Requests refused by the per-key rate limit.", ["key"],
             registry=r,
@@ -102,6 +117,11 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def observe_commit(self, seconds: float, writes: int) -> None:
+        """Record one group commit (the store's writer calls this on the loop)."""
+        self.store_commit_seconds.observe(seconds)
+        self.store_writes_per_commit.observe(writes)
 
     def render(self) -> bytes:
         """Return the Prometheus text exposition."""

@@ -144,6 +144,7 @@ async def running(
         settings.store_path(), max_batch=settings.store.group_commit_max, create=create_store
     )
     store.suppression_key = suppression_key(settings, environ)
+    store.writer.on_commit = metrics.observe_commit
     try:
         async with AsyncExitStack() as stack:
             delivery = None

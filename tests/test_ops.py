@@ -72,6 +72,17 @@ async def test_metrics_count_what_happened(client: Client) -> None:
     assert "ctwa_webhook_clicks_captured_total 1.0" in text
     assert "ctwa_webhook_signature_failures_total 1.0" in text
     assert "ctwa_http_request_duration_seconds_bucket" in text
+    # Every write was committed alone (the requests came one at a time), and timed.
+    commits = _sample(text, "ctwa_store_commit_seconds_count")
+    assert commits >= 3  # the conversation, the event m1, the capture
+    assert _sample(text, "ctwa_store_writes_per_commit_sum") == commits
+    # The first conversion looked its conversation up in the store.
+    assert _sample(text, 'ctwa_store_lookups{result="miss"}') >= 1
+
+
+def _sample(text: str, name: str) -> float:
+    (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(line.rsplit(" ", 1)[1])
 
 
 async def test_metrics_can_require_a_key(

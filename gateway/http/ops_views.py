@@ -70,8 +70,11 @@ async def metrics(request: web.Request) -> web.Response:
     m.events_by_status.clear()
     for account, sink, status, count in by_status:
         m.events_by_status.labels(account, sink, status).set(count)
-    for status, count in (await request.app[PIPELINE].store.archive_counts()).items():
+    store = request.app[PIPELINE].store
+    for status, count in (await store.archive_counts()).items():
         m.webhook_archive_open.labels(status).set(count)
+    m.store_lookups.labels("hit").set(store.lookups.hits)
+    m.store_lookups.labels("miss").set(store.lookups.misses)
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Generic, TypeVar
@@ -77,9 +78,12 @@ class GroupCommitWriter:
         *,
         max_batch: int = 1000,
         on_touched: Callable[[Touched], None] | None = None,
+        on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
         self._conn = conn
         self._on_touched = on_touched
+        # (seconds from the first statement to COMMIT returning, writes): for the metrics.
+        self.on_commit = on_commit
         self._max_batch = max_batch
         self._queue: collections.deque[_Item] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -123,7 +127,10 @@ class GroupCommitWriter:
                 batch = [
                     self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
                 ]
+                started = time.perf_counter()
                 settled = await self._commit(batch)
+                if self.on_commit is not None:
+                    self.on_commit(time.perf_counter() - started, len(batch))
                 # Before any caller hears back: nothing after a write may see the old answers.
                 self._forget_touched([op for op, _ in batch])
                 for (_, fut), (result, exc) in zip(batch, settled, strict=True):
