@@ -134,3 +134,15 @@ async def test_the_loop_never_waits_for_another_process_holding_the_write_lock(
     _, duplicate = await asyncio.wait_for(insert, 5)
     assert not duplicate
     assert await store.find_event("acme", "held") is not None
+
+
+def test_what_is_remembered_stays_bounded() -> None:
+    """Answers dropped through one tag leave their other tags behind; neither map grows
+    past its bound however many people come and go."""
+    cache = LookupCache(None, max_entries=10)
+    for i in range(1000):
+        key = ("phones", "acme", f"1650555{i:04d}")
+        cache.put(key, [], [("phone", "acme", key[2]), ("id", f"conv_{i}")])
+        cache.touched(frozenset({("phone", "acme", key[2])}))  # a capture of that person
+    assert len(cache._entries) <= 10
+    assert len(cache._by_tag) <= 40

@@ -122,7 +122,9 @@ class LookupCache:
 
     def put(self, key: Hashable, answer: Any, tags: Iterable[tuple[str, ...]]) -> None:
         """Remember ``answer``; it is dropped when any of ``tags`` is touched."""
-        if len(self._entries) >= self._max_entries:
+        # Both maps are bounded: an answer dropped through one of its tags stays listed under
+        # its others until those are touched, so the tag map can outgrow the answers.
+        if len(self._entries) >= self._max_entries or len(self._by_tag) >= 4 * self._max_entries:
             self.clear()
         self._entries[key] = (time.monotonic() + self._ttl_s, answer)
         for tag in tags:
