@@ -7,6 +7,7 @@ is the net under that rule, for a key someone adds by mistake.
 from __future__ import annotations
 
 import atexit
+import contextvars
 import logging
 import re
 import sys
@@ -21,11 +22,50 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 __all__ = [
     "REDACTED",
     "BufferedLines",
+    "bind",
+    "bound",
     "configure_logging",
     "redact",
     "scrub",
     "scrub_exception",
+    "start_request_log",
 ]
+
+# The fields of the request being served (its id, account, event id, outcome...), merged into
+# every line logged while serving it. One dict per request in one context variable: binding a
+# field is a dict update, where structlog's contextvars set a variable per field and copy the
+# whole context at every line.
+_REQUEST_FIELDS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "ctwa_gateway_request_fields", default=None
+)
+
+
+def start_request_log(**fields: Any) -> None:
+    """Start the fields of a new request (in the request's own task)."""
+    _REQUEST_FIELDS.set(dict(fields))
+
+
+def bind(**fields: Any) -> None:
+    """Add fields to the current request's lines (outside a request: structlog's contextvars)."""
+    current = _REQUEST_FIELDS.get()
+    if current is None:
+        structlog.contextvars.bind_contextvars(**fields)
+    else:
+        current.update(fields)
+
+
+def bound() -> dict[str, Any]:
+    """The fields bound to the current request so far."""
+    return dict(_REQUEST_FIELDS.get() or structlog.contextvars.get_contextvars())
+
+
+def _merge_request_fields(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    current = _REQUEST_FIELDS.get()
+    if current:
+        for key, value in current.items():
+            event_dict.setdefault(key, value)
+    return event_dict
+
 
 REDACTED = "[redacted]"
 # Keys whose values are personal data or secrets, wherever they appear at the top of an event.
@@ -250,6 +290,8 @@ def configure_logging(
     out = stream if stream is not None else sys.stderr
     json = fmt == "json" or (fmt == "auto" and not out.isatty())
     processors: list[Processor] = [
+        _merge_request_fields,
+        # What plugins bind with structlog's own contextvars.
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         _Timestamp(),

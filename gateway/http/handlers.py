@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import TypeVar
 
 import msgspec
-import structlog
 from aiohttp import web
 
 from gateway.config import AccountConfig
@@ -16,6 +15,7 @@ from gateway.http.auth import ApiKey, KeyRing
 from gateway.http.body import read_json_body
 from gateway.http.keys import CREDENTIALS, PIPELINE, SETTINGS
 from gateway.http.query import AccountQuery, parse_query
+from gateway.logs import bind
 from gateway.validation import decode_body
 from gateway.wire import ENCODER
 
@@ -43,7 +43,7 @@ def authenticate(request: web.Request) -> ApiKey:
 
 def account_for(request: web.Request, key: ApiKey, account_id: str) -> AccountConfig:
     """Return the account ``key`` may act for, or raise 403/404."""
-    structlog.contextvars.bind_contextvars(account=account_id)
+    bind(account=account_id)
     KeyRing.authorize(key, account_id)
     return request.app[PIPELINE].account(account_id)
 

@@ -28,6 +28,7 @@ from gateway.errors import (
 )
 from gateway.http.auth import FailureLimiter, IPNetwork, client_address
 from gateway.http.body import too_large
+from gateway.logs import bind, start_request_log
 from gateway.metrics import Metrics
 from gateway.wire import ENCODER, ErrorBody, PlatformErrorBody
 
@@ -88,8 +89,7 @@ def make_middleware(
             request_id = supplied
         else:
             request_id = f"{prefix}{next(counter):016x}"
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        start_request_log(request_id=request_id)
         started = time.perf_counter()
         try:
             response = await handler(request)
@@ -132,13 +132,13 @@ def _answer_failure(
     if isinstance(exc, GatewayError):
         # The param is a field path the client chose (unknown keys): bounded in the log.
         param = None if exc.param is None else exc.param[:100]
-        structlog.contextvars.bind_contextvars(error_code=exc.code, error_param=param)
+        bind(error_code=exc.code, error_param=param)
         return error_response(exc, headers=exc.headers or None)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc
         error = _from_http(exc, request, max_body_bytes)
-        structlog.contextvars.bind_contextvars(error_code=error.code)
+        bind(error_code=error.code)
         return error_response(error, headers=_allow(exc))
     if _store_unavailable(exc):
         # Disk full, database locked past its timeout, store closing: nothing was
@@ -149,11 +149,11 @@ def _answer_failure(
             " was accepted. Retry shortly.",
             code="store_unavailable",
         )
-        structlog.contextvars.bind_contextvars(error_code=unavailable.code)
+        bind(error_code=unavailable.code)
         return error_response(unavailable, headers={"Retry-After": "1"})
     # Every other surprise, whatever its type: one envelope, one traceback, one count.
     log.error("unhandled_error", route=_route(request), error_type=type(exc).__name__, exc_info=exc)
-    structlog.contextvars.bind_contextvars(error_code="internal_error")
+    bind(error_code="internal_error")
     return error_response(
         GatewayError(
             "Internal error. Retry, and report the X-Request-Id if it persists.",
@@ -173,7 +173,7 @@ def _too_many_failures(wait: float) -> web.Response:
         code="too_many_failed_authentications",
         details={"retryAfterSeconds": round(wait, 3)},
     )
-    structlog.contextvars.bind_contextvars(error_code=error.code)
+    bind(error_code=error.code)
     return error_response(error, headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
 

@@ -22,6 +22,7 @@ from gateway.http.render import (
     event_detail,
     event_summary,
 )
+from gateway.logs import bind
 from gateway.validation import decode_conversion
 from gateway.wire import ConversationList, ErasureAnswer, EventList
 
@@ -52,12 +53,10 @@ async def post_conversion(request: web.Request) -> web.Response:
     key = authenticate(request)
     body = await read_json_body(request, request.app[SETTINGS].server.max_body_bytes)
     conversion = decode_conversion(body)
-    structlog.contextvars.bind_contextvars(event_id=conversion.event_id)
+    bind(event_id=conversion.event_id)
     account = account_for(request, key, conversion.account_id)
     outcome = await request.app[PIPELINE].handle(conversion, account, started=started)
-    structlog.contextvars.bind_contextvars(
-        event_status=outcome.event.status, duplicate=outcome.duplicate
-    )
+    bind(event_status=outcome.event.status, duplicate=outcome.duplicate)
     # 202: accepted and stored, not delivered yet (retrying, or the wait ran out).
     return json_response(conversion_response(outcome), status=answer_status(outcome))
 
@@ -117,7 +116,7 @@ async def get_conversation(request: web.Request) -> web.Response:
             code="conversation_not_found",
             param="conversationId",
         )
-    structlog.contextvars.bind_contextvars(account=conversation.account_id)
+    bind(account=conversation.account_id)
     return json_response(conversation_view(conversation))
 
 

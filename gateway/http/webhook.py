@@ -17,6 +17,7 @@ from gateway.errors import Forbidden, ServiceUnavailable, Unauthorized
 from gateway.http.body import read_body
 from gateway.http.keys import CREDENTIALS, METRICS, PIPELINE, SETTINGS
 from gateway.http.signature import signature_matches
+from gateway.logs import bind, bound
 from gateway.wire import ENCODER
 
 __all__ = ["routes"]
@@ -72,7 +73,7 @@ async def notify(request: web.Request) -> web.Response:
             " exact body with the app secret>.",
             code="invalid_signature",
         )
-    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    request_id = bound().get("request_id")
     result = await receive(
         request.app[PIPELINE].store,
         settings,
@@ -80,7 +81,7 @@ async def notify(request: web.Request) -> web.Response:
         body,
         request_id=request_id,
     )
-    structlog.contextvars.bind_contextvars(notification_id=result.notification_id)
+    bind(notification_id=result.notification_id)
     log.info(
         "webhook_captured",
         **msgspec.structs.asdict(msgspec.structs.replace(result, problems=[])),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -108,8 +109,11 @@ class GroupCommitWriter:
         fut: asyncio.Future[T] = loop.create_future()
         self._queue.append((op, fut))
         if self._running is None:
-            # A task, not a call now: the requests of this turn of the loop join the batch.
-            self._running = loop.create_task(self._drain(), name="ctwa-gateway-writer")
+            # A task, not a call now: the requests of this turn of the loop join the batch. In
+            # a context of its own: it serves every request, not the one that woke it.
+            self._running = loop.create_task(
+                self._drain(), name="ctwa-gateway-writer", context=contextvars.Context()
+            )
         return await fut
 
     async def close(self) -> None:
