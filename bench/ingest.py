@@ -19,6 +19,7 @@ the baseline down: its ratios read high.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -130,6 +131,20 @@ def pinned_rounds(args: argparse.Namespace, folder: Path) -> None:
                     raise RuntimeError(f"{target.label}: errors in round {round_}: {sample}")
                 samples[target.label].append(sample)
     report(args, samples)
+    store = folder / f"gateway-{found[1].port}.sqlite3"
+    events, size = stored_bytes(store)
+    print(
+        f"store: {events} events in {size / 1e6:.1f} MB, {size / max(1, events):.0f} bytes per"
+        " event (file size after a checkpoint; the one conversation and its click included)"
+    )
+
+
+def stored_bytes(store: Path) -> tuple[int, int]:
+    """Return the events in a stopped gateway's store and the file's size once checkpointed."""
+    with sqlite3.connect(store) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        (events,) = conn.execute("SELECT COUNT(*) FROM events").fetchone()
+    return int(events), store.stat().st_size
 
 
 def report(args: argparse.Namespace, samples: dict[str, list[Sample]]) -> None:
