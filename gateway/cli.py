@@ -24,6 +24,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.config import Settings, load_settings
+from gateway.console import CONSOLE_PATH
 from gateway.credentials import load_environ
 from gateway.errors import ConfigError, GatewayError, UsageError
 from gateway.http.app import create_app, startup_problems
@@ -283,6 +284,12 @@ def _serve(
         file=sys.stderr,
         flush=True,
     )
+    if settings.console.enabled:
+        print(
+            f"console: http://{shown}:{port}{CONSOLE_PATH}/ (sign in with an API key)",
+            file=sys.stderr,
+            flush=True,
+        )
     # access_log=None: aiohttp's access log writes IPs, query strings and user agents; the
     # canonical request line replaces it.
     web.run_app(app, sock=sock, access_log=None, print=None, loop=loop)

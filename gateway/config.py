@@ -21,6 +21,7 @@ __all__ = [
     "AccountConfig",
     "AuthConfig",
     "AuthKeyConfig",
+    "ConsoleConfig",
     "EventsConfig",
     "LoggingConfig",
     "MetricsConfig",
@@ -205,6 +206,17 @@ class PrivacyConfig(ConfigStruct, frozen=True):
     suppressions_refresh_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 10.0
 
 
+class ConsoleConfig(ConfigStruct, frozen=True):
+    """The browser console at ``/console`` (sign in with an API key)."""
+
+    enabled: bool = True
+    # A session ends this long after sign-in, whatever the activity (the key may have been
+    # revoked meanwhile; revoking it on SIGHUP ends its sessions at once anyway).
+    session_ttl_s: Annotated[int, msgspec.Meta(ge=60, le=30 * 86400)] = 43200
+    # Sessions live in the process's memory; past this many the oldest end first.
+    max_sessions: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+
+
 class Settings(ConfigStruct, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
@@ -218,6 +230,7 @@ class Settings(ConfigStruct, frozen=True):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
+    console: ConsoleConfig = msgspec.field(default_factory=ConsoleConfig)
     # The raw ``[plugins.<name>]`` tables; each plugin decodes its own into its Config Struct.
     plugin_tables: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     # Where the file was read from, for messages and for resolving relative paths.

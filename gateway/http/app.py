@@ -13,12 +13,14 @@ import structlog
 from aiohttp import web
 
 from gateway.config import Settings
+from gateway.console import setup_console
 from gateway.credentials import Credentials, metrics_key
 from gateway.errors import ConfigError
 from gateway.http.auth import FailureLimiter, KeyRing
 from gateway.http.keys import CREDENTIALS, METRICS, PIPELINE, PLUGINS, SETTINGS
 from gateway.http.middlewares import middlewares
 from gateway.http.ops_views import routes as ops_routes
+from gateway.http.report_views import routes as report_routes
 from gateway.http.views import routes as api_routes
 from gateway.http.webhook import routes as webhook_routes
 from gateway.metrics import Metrics
@@ -93,7 +95,11 @@ def create_app(
         app.cleanup_ctx.append(_on_sighup(reload_environ))
     # aiohttp's default Expect handler runs before any middleware and fails on odd values
     # with a bare 500: ours only answers 100-continue and lets the rest through.
-    ours = [_with_expect(route) for route in [*api_routes, *webhook_routes, *ops_routes]]
+    console_routes = setup_console(app, settings) if settings.console.enabled else []
+    ours = [
+        _with_expect(route)
+        for route in [*api_routes, *report_routes, *webhook_routes, *ops_routes, *console_routes]
+    ]
     app.add_routes(ours)
     taken = {(route.method, route.path): "the gateway" for route in ours}
     for name, plugin_route in plugins.routes():

@@ -91,6 +91,21 @@ class KeyRing:
                 return key
         raise Unauthorized("Unauthorized: unknown API key.", code="invalid_api_key")
 
+    def sign_in(self, presented: str) -> tuple[ApiKey, bytes]:
+        """Return the key a console sign-in presents and its digest (what the session
+        keeps: never the key), or raise 401 like a request with that key."""
+        key = self.authenticate(f"Bearer {presented}")
+        return key, _digest(presented.strip())
+
+    def by_digest(self, digest: bytes) -> ApiKey | None:
+        """Return the key a console session signed in with, metered like a request with
+        it; None once it is no longer configured (revoked or rotated on SIGHUP)."""
+        for known, key in self._keys.items():
+            if hmac.compare_digest(known, digest):
+                self._meter(key)
+                return key
+        return None
+
     def _meter(self, key: ApiKey) -> None:
         """Take one token from the key's bucket, or raise 429 saying when to come back."""
         if key.rate_per_s is None or key.burst is None:

@@ -15,6 +15,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.capture.payload import Envelope
+from gateway.reports import HealthAnswer, ReplayAnswer, ReplayRequest, StatsAnswer
 from gateway.store.capture import CaptureResult
 from gateway.wire import (
     ConversationList,
@@ -60,6 +61,10 @@ EXAMPLES: dict[str, tuple[type[Any], dict[str, Any]]] = {
         },
     ),
     "dataset": (DatasetRequest, {"accountId": "demo"}),
+    "replay": (
+        ReplayRequest,
+        {"accountId": "demo", "status": ["failed"], "since": "2026-11-24", "dryRun": True},
+    ),
 }
 
 
@@ -84,6 +89,10 @@ _CLIENT_ERRORS: dict[int, type[Any] | str] = {
 }
 _ACCOUNT = ("accountId", True, "An account id from [[accounts]].")
 _LIMIT = ("limit", False, "1-200, default 50.")
+_SINCE = ("since", False, "ISO 8601 date or time with a zone, e.g. 2026-11-24T00:00:00Z.")
+_UNTIL = ("until", False, "ISO 8601, exclusive (default: now).")
+_PAGE: dict[int, type[Any] | str] = {200: "text/html", 303: "text/html", 400: ErrorBody, 403: ErrorBody, 404: ErrorBody}
+_ACCOUNT_PATH = ("account_id",)
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/v1/whatsapp/conversions"): Operation(
@@ -102,9 +111,39 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         },
     ),
     ("GET", "/v1/whatsapp/conversions"): Operation(
-        "The account's most recent events, newest first.",
+        "The account's most recent events, newest first, optionally filtered.",
         answers={200: EventList, **_CLIENT_ERRORS},
-        query=(_ACCOUNT, _LIMIT),
+        query=(
+            _ACCOUNT,
+            _LIMIT,
+            ("status", False, "delivered, failed, pending, expired or dry_run."),
+            ("eventName", False, "One event name."),
+            _SINCE,
+            _UNTIL,
+            ("adId", False, "The ad (referral source_id) of the event's conversation."),
+        ),
+    ),
+    ("GET", "/v1/whatsapp/stats"): Operation(
+        "An account's clicks, conversations, conversions by status and value for a period,"
+        " per UTC day, per ad (funnel) or per event name.",
+        answers={200: StatsAnswer, **_CLIENT_ERRORS},
+        query=(
+            _ACCOUNT,
+            _SINCE,
+            _UNTIL,
+            ("groupBy", False, "day (default), ad or eventName."),
+        ),
+    ),
+    ("GET", "/v1/whatsapp/health"): Operation(
+        "Outbox depth, the last delivery error per sink, webhook backlog and store size.",
+        answers={200: HealthAnswer, **_CLIENT_ERRORS},
+        query=(_ACCOUNT,),
+    ),
+    ("POST", "/v1/whatsapp/replay"): Operation(
+        "Re-queue (or count, with dryRun) an account's failed or expired deliveries.",
+        request=ReplayRequest,
+        example="replay",
+        answers={200: ReplayAnswer, **_CLIENT_ERRORS, 413: ErrorBody, 415: ErrorBody},
     ),
     ("GET", "/v1/whatsapp/conversions/{event_id}"): Operation(
         "One event with each sink's state and every attempt.",
@@ -187,6 +226,51 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("GET", "/openapi.json"): Operation(
         "This document.", answers={200: "application/json"}, auth=False
+    ),
+    # The console: HTML pages for a browser signed in with a session cookie (not an API).
+    ("GET", "/console"): Operation("Console: the first account's overview.", answers=_PAGE),
+    ("GET", "/console/"): Operation("Console: the first account's overview.", answers=_PAGE),
+    ("GET", "/console/sign-in"): Operation(
+        "Console: the sign-in form.", answers={200: "text/html"}, auth=False
+    ),
+    ("POST", "/console/sign-in"): Operation(
+        "Console: sign in with an API key (form field `key`); sets the session cookie.",
+        answers={303: "text/html", 400: ErrorBody, 401: ErrorBody, 403: ErrorBody},
+        auth=False,
+    ),
+    ("POST", "/console/sign-out"): Operation(
+        "Console: end the session (form field `csrf`).",
+        answers={303: "text/html", 401: ErrorBody, 403: ErrorBody},
+        auth=False,
+    ),
+    ("GET", "/console/static/{name}"): Operation(
+        "Console: scripts, styles and licences.",
+        answers={200: "text/plain", 404: ErrorBody},
+        path_params=("name",),
+        auth=False,
+    ),
+    **{
+        ("GET", f"/console/accounts/{{account_id}}/{page}"): Operation(
+            f"Console: the {title} page.", answers=_PAGE, path_params=_ACCOUNT_PATH, auth=False
+        )
+        for page, title in (
+            ("overview", "overview"),
+            ("ads", "ads funnel"),
+            ("ads.csv", "ads funnel CSV"),
+            ("events", "events"),
+            ("replay", "replay confirmation"),
+            ("conversations", "conversations"),
+            ("health", "health"),
+        )
+    },
+    ("GET", "/console/accounts/{account_id}/events/{event_id}"): Operation(
+        "Console: one event.", answers=_PAGE, path_params=(*_ACCOUNT_PATH, "event_id"), auth=False
+    ),
+    ("POST", "/console/accounts/{account_id}/replay"): Operation(
+        "Console: re-queue the matching failed or expired deliveries (form field `csrf`).",
+        answers={303: "text/html", 400: ErrorBody, 401: ErrorBody, 403: ErrorBody},
+        path_params=_ACCOUNT_PATH,
+        auth=False,
     ),
 }
 

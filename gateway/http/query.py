@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 from aiohttp import web
 
 from gateway.errors import InvalidRequest
 
-__all__ = ["AccountQuery", "ConversationsQuery", "ErasureQuery", "ListQuery", "parse_query"]
+__all__ = [
+    "AccountQuery",
+    "ConversationsQuery",
+    "ErasureQuery",
+    "EventsQuery",
+    "ListQuery",
+    "StatsQuery",
+    "parse_query",
+]
 
 Q = TypeVar("Q", bound="QueryStruct")
 
@@ -52,6 +60,23 @@ class ErasureQuery(AccountQuery, frozen=True):
     suppress: bool = False
 
 
+TimeParam = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class StatsQuery(AccountQuery, frozen=True):
+    since: TimeParam | None = None
+    until: TimeParam | None = None
+    group_by: Literal["day", "ad", "eventName"] = "day"
+
+
+class EventsQuery(ListQuery, frozen=True):
+    status: Literal["delivered", "failed", "pending", "expired", "dry_run"] | None = None
+    event_name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    since: TimeParam | None = None
+    until: TimeParam | None = None
+    ad_id: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)] | None = None
+
+
 _HINTS = {
     "accountId": "`accountId` is required as a query parameter, e.g. ?accountId=demo.",
     "limit": f"Send `limit` as a whole number from 1 to {_LIST_MAX}, e.g. ?limit=50.",
@@ -59,6 +84,10 @@ _HINTS = {
     "businessScopedUserId": "Send `businessScopedUserId` as a WhatsApp business-scoped user id"
     " such as US.13491208655302741918 (letters, digits, dots; at most 256 characters).",
     "suppress": "Send `suppress` as true or false.",
+    "groupBy": "Send `groupBy` as day, ad or eventName.",
+    "status": "Send `status` as delivered, failed, pending, expired or dry_run.",
+    "since": "Send `since` as an ISO 8601 date or UTC time, e.g. 2026-11-24T00:00:00Z.",
+    "until": "Send `until` as an ISO 8601 date or UTC time, e.g. 2026-11-25T00:00:00Z.",
 }
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`")

@@ -14,7 +14,7 @@ from gateway.hashing import normalize_phone
 from gateway.http.body import read_json_body
 from gateway.http.handlers import account_for, authenticate, json_response, query_account_id
 from gateway.http.keys import PIPELINE, PLUGINS, SETTINGS
-from gateway.http.query import ConversationsQuery, ErasureQuery, ListQuery, parse_query
+from gateway.http.query import ConversationsQuery, ErasureQuery, EventsQuery, parse_query
 from gateway.http.render import (
     answer_status,
     conversation_view,
@@ -22,6 +22,7 @@ from gateway.http.render import (
     event_detail,
     event_summary,
 )
+from gateway.http.reporting import events_filter
 from gateway.logs import bind
 from gateway.validation import decode_conversion
 from gateway.wire import ConversationList, ErasureAnswer, EventList
@@ -64,9 +65,11 @@ async def post_conversion(request: web.Request) -> web.Response:
 @routes.get("/v1/whatsapp/conversions")
 async def list_conversions(request: web.Request) -> web.Response:
     key = authenticate(request)
-    query = parse_query(request, ListQuery)
+    query = parse_query(request, EventsQuery)
     account = account_for(request, key, query.account_id)
-    events = await request.app[PIPELINE].store.recent_events(account.id, query.limit)
+    store = request.app[PIPELINE].store
+    where = events_filter(account.id, query, now=time.time())
+    events = await store.events_matching(*where.where(), limit=query.limit)
     primary = request.app[PLUGINS].primary_sink
     return json_response(EventList(events=[event_summary(e, primary) for e in events]))
 

@@ -54,6 +54,7 @@ from gateway.store.datasets import SaveDataset, stored_datasets
 from gateway.store.erasure import Erase, redact_notification
 from gateway.store.lookups import ChangeSignal, LookupCache, Touched, tags_of
 from gateway.store.outbox import Outbox
+from gateway.store.reports import Reports
 from gateway.store.retention import RetentionCutoffs, prune_all
 from gateway.store.rows import (
     CONVERSATION_COLUMNS,
@@ -291,6 +292,7 @@ class Store:
             writer_conn, max_batch=max_batch, on_touched=self.lookups.touched
         )
         self.outbox = Outbox(scan_conn, self.writer)
+        self.reports = Reports(scan_conn)
         self._signal = signal
         self.path = Path(":memory:")
         # (account, kind, keyed digest) of suppressed people: checked on every capture and
@@ -696,6 +698,17 @@ class Store:
             self._reader,
             f"SELECT {EVENT_COLUMNS} FROM events WHERE account_id = ? ORDER BY pk DESC LIMIT ?",
             (account_id, limit),
+        )
+        return await self._scan_with_deliveries(rows)
+
+    async def events_matching(
+        self, where: str, params: Sequence[Any], limit: int
+    ) -> list[StoredEvent]:
+        """Return the events that match a condition on the events table, newest first."""
+        rows = await fetch_rows(
+            self._reader,
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY pk DESC LIMIT ?",
+            [*params, limit],
         )
         return await self._scan_with_deliveries(rows)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import aiosqlite
 import msgspec
@@ -20,7 +21,7 @@ from gateway.store.rows import QUEUED_COLUMNS, queued_from_row
 from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows, select
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
-__all__ = ["AttemptResult", "Outbox"]
+__all__ = ["AttemptResult", "EventsWhere", "Outbox"]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -90,33 +91,41 @@ class _Record(WriteOp[None]):
         conn.executemany(UPDATE_EVENT_STATUS, [(r.pk, r.pk) for r in self.results])
 
 
-class _Requeue(WriteOp[int]):
-    def __init__(
-        self, account_id: str, sinks: Sequence[str], statuses: Sequence[str], since: float
-    ) -> None:
-        self.args = (account_id, sinks, statuses, since)
+# Which events to replay: a condition on the events table's columns, and its parameters.
+EventsWhere = tuple[str, Sequence[Any]]
 
-    def apply(self, conn: sqlite3.Connection) -> int:
-        account_id, sinks, statuses, since = self.args
+
+def _requeueable(
+    sinks: Sequence[str], statuses: Sequence[str], events: EventsWhere
+) -> tuple[str, list[Any]]:
+    """The deliveries a replay makes pending again (a WHERE on deliveries)."""
+    sink_marks = ",".join("?" * len(sinks))
+    status_marks = ",".join("?" * len(statuses))
+    # An erased person's deliveries stay cancelled, whatever is replayed.
+    where = (
+        f"sink IN ({sink_marks}) AND status IN ({status_marks})"
+        f" AND error_code IS NOT 'erased' AND event_pk IN (SELECT pk FROM events WHERE {events[0]})"
+    )
+    return where, [*sinks, *statuses, *events[1]]
+
+
+class _Requeue(WriteOp[tuple[int, int]]):
+    """Make matching deliveries pending; return (events, deliveries) re-queued."""
+
+    def __init__(self, sinks: Sequence[str], statuses: Sequence[str], events: EventsWhere) -> None:
+        self.where, self.params = _requeueable(sinks, statuses, events)
+
+    def apply(self, conn: sqlite3.Connection) -> tuple[int, int]:
         now = time.time()
-        sink_marks = ",".join("?" * len(sinks))
-        status_marks = ",".join("?" * len(statuses))
-        # An erased person's deliveries stay cancelled, whatever is replayed.
-        where = (
-            f"sink IN ({sink_marks}) AND status IN ({status_marks})"
-            " AND error_code IS NOT 'erased' AND event_pk IN"
-            " (SELECT pk FROM events WHERE account_id = ? AND received_at >= ?)"
-        )
-        params = [*sinks, *statuses, account_id, since]
-        distinct = f"SELECT DISTINCT event_pk FROM deliveries WHERE {where}"
-        pks = [row[0] for row in select(conn, distinct, params)]
+        distinct = f"SELECT DISTINCT event_pk FROM deliveries WHERE {self.where}"
+        pks = [row[0] for row in select(conn, distinct, self.params)]
         cursor = conn.execute(
             "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, error = NULL,"
-            f" error_code = NULL, updated_at = ? WHERE {where}",
-            [now, now, *params],
+            f" error_code = NULL, updated_at = ? WHERE {self.where}",
+            [now, now, *self.params],
         )
         conn.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
-        return cursor.rowcount
+        return len(pks), cursor.rowcount
 
 
 class _Defer(WriteOp[None]):
@@ -200,10 +209,31 @@ class Outbox:
         self, account_id: str, *, sinks: Sequence[str], statuses: Sequence[str], since: float
     ) -> int:
         """Make matching deliveries pending again; return how many. Delivered ones never."""
+        events = ("account_id = ? AND received_at >= ?", [account_id, since])
+        return (await self.replay(sinks=sinks, statuses=statuses, events=events))[1]
+
+    async def replay(
+        self, *, sinks: Sequence[str], statuses: Sequence[str], events: EventsWhere
+    ) -> tuple[int, int]:
+        """Make the deliveries of the ``events`` that match pending again; return how many
+        events and deliveries. Delivered ones never."""
+        wanted = [s for s in statuses if s != "delivered"]
+        if not wanted or not sinks:
+            return 0, 0
+        return await self._writer.submit(_Requeue(sinks, wanted, events))
+
+    async def replayable(
+        self, *, sinks: Sequence[str], statuses: Sequence[str], events: EventsWhere
+    ) -> int:
+        """Return how many events :meth:`replay` would re-queue now."""
         wanted = [s for s in statuses if s != "delivered"]
         if not wanted or not sinks:
             return 0
-        return await self._writer.submit(_Requeue(account_id, sinks, wanted, since))
+        where, params = _requeueable(sinks, wanted, events)
+        rows = await fetch_rows(
+            self._reader, f"SELECT COUNT(DISTINCT event_pk) FROM deliveries WHERE {where}", params
+        )
+        return int(rows[0][0])
 
     async def attempts(self, pk: int) -> list[Attempt]:
         """Return every attempt made for an event, oldest first."""

@@ -1,0 +1,209 @@
+"""The console's event pages: events (filtered), one event, replay, and conversations."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated
+
+import aiohttp_jinja2
+import msgspec
+import structlog
+from aiohttp import web
+
+from gateway.console.guard import CONSOLE, Viewer, check_csrf, form_of, page, redirect
+from gateway.console.pages import context
+from gateway.errors import InvalidRequest, NotFound
+from gateway.hashing import normalize_phone
+from gateway.http.keys import PIPELINE, PLUGINS, SETTINGS
+from gateway.http.query import EventsQuery, QueryStruct, parse_query
+from gateway.http.render import conversation_view, event_detail, event_summary, iso_time
+from gateway.http.reporting import events_filter, replay
+from gateway.reports import ReplayRequest
+from gateway.store.reports import EventFilter
+
+__all__ = ["routes"]
+
+log = structlog.get_logger()
+routes = web.RouteTableDef()
+_REPLAY_FIELDS = ("status", "eventName", "since", "until", "adId", "eventIds")
+
+
+class EventsPageQuery(EventsQuery, frozen=True):
+    # What a replay just did, for the page to say (the redirect after it carries it).
+    replayed: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class FindQuery(QueryStruct, frozen=True):
+    q: Annotated[str, msgspec.Meta(max_length=256)] = ""
+
+
+@routes.get("/console/accounts/{account_id}/events")
+@page
+async def events(request: web.Request, viewer: Viewer) -> web.StreamResponse:
+    """The account's events, newest first, filtered by status, name, period and ad."""
+    account = viewer.account(request)
+    query = parse_query(request, EventsPageQuery)
+    found = await request.app[PIPELINE].store.events_matching(
+        *events_filter(account.id, query, now=time.time()).where(), limit=query.limit
+    )
+    primary = request.app[PLUGINS].primary_sink
+    return aiohttp_jinja2.render_template(
+        "events.html",
+        request,
+        context(
+            request,
+            viewer,
+            account,
+            "events",
+            filters=query,
+            events=[msgspec.to_builtins(event_summary(e, primary)) for e in found],
+            event_names=request.app[SETTINGS].events.allowed_names,
+            replayable=bool(request.app[PLUGINS].outbox_sinks),
+        ),
+    )
+
+
+@routes.get("/console/accounts/{account_id}/events/{event_id}")
+@page
+async def event(request: web.Request, viewer: Viewer) -> web.StreamResponse:
+    """One event: each sink's state, every attempt and the exact (hashed) payload."""
+    account = viewer.account(request)
+    event_id = request.match_info["event_id"]
+    store = request.app[PIPELINE].store
+    stored = await store.find_event(account.id, event_id)
+    if stored is None:
+        raise NotFound(
+            f"No event {event_id[:256]!r} on account {account.id!r}.",
+            code="event_not_found",
+            param="eventId",
+        )
+    detail = event_detail(stored, await store.outbox.attempts(stored.pk))
+    outbox = set(request.app[PLUGINS].outbox_sinks)
+    return aiohttp_jinja2.render_template(
+        "event.html",
+        request,
+        context(
+            request,
+            viewer,
+            account,
+            "events",
+            event=msgspec.to_builtins(detail),
+            payload=json.dumps(detail.event, indent=2, sort_keys=True),
+            replayable=any(
+                d.status in ("failed", "expired") and d.sink in outbox for d in detail.deliveries
+            ),
+            replayed=request.query.get("replayed"),
+        ),
+    )
+
+
+def _replay_request(account_id: str, fields: dict[str, str]) -> ReplayRequest:
+    """The replay a form (or the confirmation link) names, decoded like the API's body."""
+    body: dict[str, object] = {"accountId": account_id}
+    for name in _REPLAY_FIELDS:
+        value = fields.get(name, "").strip()
+        if not value:
+            continue
+        body[name] = value.split(",") if name in ("status", "eventIds") else value
+    body.setdefault("status", ["failed", "expired"])
+    try:
+        return msgspec.convert(body, ReplayRequest)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"Invalid replay: {exc}.", code="invalid_field") from None
+
+
+@routes.get("/console/accounts/{account_id}/replay")
+@page
+async def confirm_replay(request: web.Request, viewer: Viewer) -> web.StreamResponse:
+    """Say how many events a replay would re-queue, and ask to confirm it."""
+    account = viewer.account(request)
+    wanted = _replay_request(account.id, dict(request.query))
+    dry = msgspec.structs.replace(wanted, dry_run=True)
+    answer = await replay(request.app[PIPELINE].store, request.app[PLUGINS], dry, now=time.time())
+    hidden = {name: request.query[name] for name in _REPLAY_FIELDS if request.query.get(name)}
+    return aiohttp_jinja2.render_template(
+        "replay.html",
+        request,
+        context(request, viewer, account, "events", answer=answer, hidden=hidden, wanted=wanted),
+    )
+
+
+@routes.post("/console/accounts/{account_id}/replay")
+@page
+async def do_replay(request: web.Request, viewer: Viewer) -> web.StreamResponse:
+    """Re-queue the matching failed or expired deliveries; back to where it was asked."""
+    fields = await form_of(request)
+    check_csrf(request, viewer, fields)
+    account = viewer.account(request)
+    wanted = _replay_request(account.id, fields)
+    answer = await replay(
+        request.app[PIPELINE].store, request.app[PLUGINS], wanted, now=time.time()
+    )
+    log.info("deliveries_replayed", events=answer.requeued, sinks=answer.sinks, via="console")
+    base = f"{request.app[CONSOLE].path}/accounts/{account.id}"
+    if wanted.event_ids is not None and len(wanted.event_ids) == 1:
+        return redirect(f"{base}/events/{wanted.event_ids[0]}?replayed={answer.requeued}")
+    return redirect(f"{base}/events?replayed={answer.requeued}")
+
+
+def _find(q: str) -> dict[str, str]:
+    """Tell what the search box holds: a conversation id, a phone, or a BSUID."""
+    text = q.strip()
+    if not text:
+        return {}
+    if text.startswith("conv_"):
+        return {"conversation_id": text}
+    if text[:1] in "+0123456789(":
+        digits = normalize_phone(text)
+        if digits is None:
+            raise InvalidRequest(
+                "That is not a phone number: send it with its country code, e.g."
+                " +1 650 555 1234 (or search by BSUID or conversation id).",
+                code="invalid_phone",
+                param="q",
+            )
+        return {"wa_id": digits}
+    return {"bsuid": text}
+
+
+@routes.get("/console/accounts/{account_id}/conversations")
+@page
+async def conversations(request: web.Request, viewer: Viewer) -> web.StreamResponse:
+    """Find conversations by phone, BSUID or id; each with its click and conversions."""
+    account = viewer.account(request)
+    query = parse_query(request, FindQuery)
+    store = request.app[PIPELINE].store
+    wanted = _find(query.q)
+    if "conversation_id" in wanted:
+        one = await store.get_conversation(account.id, wanted["conversation_id"])
+        found = [one] if one is not None else []
+    else:
+        found = await store.recent_conversations(
+            account.id, wa_id=wanted.get("wa_id"), bsuid=wanted.get("bsuid"), limit=20
+        )
+    primary = request.app[PLUGINS].primary_sink
+    shown = []
+    for conversation in found:
+        where = EventFilter(account_id=account.id, conversation_id=conversation.id).where()
+        converted = await store.events_matching(*where, limit=50)
+        shown.append(
+            {
+                "conversation": msgspec.to_builtins(conversation_view(conversation)),
+                "events": [msgspec.to_builtins(event_summary(e, primary)) for e in converted],
+            }
+        )
+    return aiohttp_jinja2.render_template(
+        "conversations.html",
+        request,
+        context(
+            request,
+            viewer,
+            account,
+            "conversations",
+            q=query.q,
+            searched=bool(wanted),
+            found=shown,
+            now=iso_time(time.time()),
+        ),
+    )

@@ -1,0 +1,143 @@
+"""Mount the console on the app: templates, static assets, sign-in and sign-out, pages."""
+
+from __future__ import annotations
+
+import importlib.resources
+import ipaddress
+import mimetypes
+
+import aiohttp_jinja2
+import jinja2
+import structlog
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.console import event_pages, pages
+from gateway.console.guard import (
+    CONSOLE,
+    Console,
+    Viewer,
+    check_csrf,
+    check_same_origin,
+    form_of,
+    page,
+    protect,
+    redirect,
+    safe_next,
+    set_session_cookie,
+)
+from gateway.console.sessions import Sessions
+from gateway.errors import InvalidRequest, NotFound
+from gateway.http.keys import CREDENTIALS
+
+__all__ = ["CONSOLE_PATH", "setup_console"]
+
+CONSOLE_PATH = "/console"
+log = structlog.get_logger()
+routes = web.RouteTableDef()
+# Static assets: name -> (bytes, content type), read from the package once at startup.
+_ASSETS = web.AppKey("console_assets", dict[str, tuple[bytes, str]])
+
+
+def _load_assets() -> dict[str, tuple[bytes, str]]:
+    root = importlib.resources.files("gateway.console") / "static"
+    assets: dict[str, tuple[bytes, str]] = {}
+    folders = [("", root)]
+    while folders:
+        prefix, folder = folders.pop()
+        for item in folder.iterdir():
+            name = f"{prefix}{item.name}"
+            if item.is_dir():
+                folders.append((f"{name}/", item))
+                continue
+            kind = mimetypes.guess_type(item.name)[0] or "text/plain"
+            assets[name] = (item.read_bytes(), kind)
+    return assets
+
+
+@routes.get(f"{CONSOLE_PATH}/static/{{name:.+}}")
+async def static(request: web.Request) -> web.StreamResponse:
+    """The console's scripts, styles and licences (no session needed)."""
+    found = request.app[_ASSETS].get(request.match_info["name"])
+    if found is None:
+        raise NotFound("No such console asset.", code="route_not_found")
+    body, kind = found
+    charset = "utf-8" if kind.startswith(("text/", "application/javascript")) else None
+    return protect(web.Response(body=body, content_type=kind, charset=charset), cache=True)
+
+
+@routes.get(CONSOLE_PATH)
+@routes.get(f"{CONSOLE_PATH}/")
+@page
+async def index(request: web.Request, viewer: Viewer) -> web.StreamResponse:
+    """The first account's overview (or a page saying the key sees none)."""
+    if not viewer.accounts:
+        raise NotFound(
+            f"API key {viewer.key.name!r} may not see any configured account.",
+            code="account_not_found",
+        )
+    return redirect(f"{CONSOLE_PATH}/accounts/{viewer.accounts[0].id}/overview")
+
+
+@routes.get(f"{CONSOLE_PATH}/sign-in")
+async def sign_in_form(request: web.Request) -> web.StreamResponse:
+    """The sign-in form."""
+    target = safe_next(request.query.get("next"), f"{CONSOLE_PATH}/")
+    response = aiohttp_jinja2.render_template(
+        "sign_in.html", request, {"base": CONSOLE_PATH, "next": target, "nav": "sign-in"}
+    )
+    return protect(response)
+
+
+@routes.post(f"{CONSOLE_PATH}/sign-in")
+async def sign_in(request: web.Request) -> web.StreamResponse:
+    """Check the key (a wrong one counts as a failed authentication); open a session."""
+    check_same_origin(request)  # a sign-in made from another site is refused (login CSRF)
+    fields = await form_of(request)
+    presented = fields.get("key", "").strip()
+    if not presented:
+        raise InvalidRequest("Enter an API key to sign in.", code="missing_field", param="key")
+    _, digest = request.app[CREDENTIALS].keys.sign_in(presented)
+    session_id = request.app[CONSOLE].sessions.start(digest)
+    response = redirect(safe_next(fields.get("next"), f"{CONSOLE_PATH}/"))
+    set_session_cookie(response, request, session_id)
+    log.info("console_signed_in")
+    return protect(response)
+
+
+@routes.post(f"{CONSOLE_PATH}/sign-out")
+@page
+async def sign_out(request: web.Request, viewer: Viewer) -> web.StreamResponse:
+    """End the session (its id is worthless from now on) and clear the cookie."""
+    fields = await form_of(request)
+    check_csrf(request, viewer, fields)
+    request.app[CONSOLE].sessions.end(viewer.session_id)
+    response = redirect(f"{CONSOLE_PATH}/sign-in")
+    set_session_cookie(response, request, "")
+    log.info("console_signed_out")
+    return response
+
+
+def setup_console(app: web.Application, settings: Settings) -> list[web.RouteDef]:
+    """Put the console's state on ``app``; return its routes (the app adds them)."""
+    app[CONSOLE] = Console(
+        path=CONSOLE_PATH,
+        config=settings.console,
+        sessions=Sessions(
+            ttl_s=settings.console.session_ttl_s, max_sessions=settings.console.max_sessions
+        ),
+        trusted_proxies=[
+            ipaddress.ip_network(p, strict=False) for p in settings.server.trusted_proxies
+        ],
+    )
+    app[_ASSETS] = _load_assets()
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.PackageLoader("gateway.console", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    found: list[web.RouteDef] = []
+    for table in (routes, pages.routes, event_pages.routes):
+        found.extend(r for r in table if isinstance(r, web.RouteDef))
+    return found

@@ -1,0 +1,239 @@
+"""The reporting queries: an account's numbers for a period, the ads funnel, and health.
+
+Every query runs on the scanning connection (aiosqlite's thread), never on the writer, and
+reads through an index made for it (schema migration 7): the overview is one ordered pass over
+``events_stats`` (grouped by day, status and currency without a sort), clicks and
+conversations by their time indexes, the funnel per conversation through
+``events_by_conversation``. The SQL is kept portable where it can be (integer division,
+``COALESCE``, no ``FILTER``), for the PostgreSQL store to come.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+from gateway.reports import DAY_S, Period
+from gateway.store.outbox import EventsWhere
+from gateway.store.schema import fetch_rows
+
+__all__ = ["AdTally", "DayTally", "EventFilter", "Reports"]
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """Which events of an account: every given condition must hold. ``since``/``until``
+    bound the event time; ``ad_id`` is the ad of the event's conversation."""
+
+    account_id: str
+    statuses: tuple[str, ...] = ()
+    event_name: str | None = None
+    since: int | None = None
+    until: int | None = None
+    ad_id: str | None = None
+    event_ids: tuple[str, ...] = ()
+    conversation_id: str | None = None
+    before_pk: int | None = None
+
+    def where(self) -> EventsWhere:
+        """Return the condition on the events table, and its parameters."""
+        terms: list[str] = ["account_id = ?"]
+        params: list[Any] = [self.account_id]
+        if self.statuses:
+            terms.append(f"status IN ({','.join('?' * len(self.statuses))})")
+            params += self.statuses
+        if self.event_ids:
+            terms.append(f"event_id IN ({','.join('?' * len(self.event_ids))})")
+            params += self.event_ids
+        for clause, value in (
+            ("event_name = ?", self.event_name),
+            ("event_time >= ?", self.since),
+            ("event_time < ?", self.until),
+            ("conversation_id = ?", self.conversation_id),
+            ("pk < ?", self.before_pk),
+        ):
+            if value is not None:
+                terms.append(clause)
+                params.append(value)
+        if self.ad_id is not None:
+            terms.append(
+                "conversation_id IN (SELECT id FROM conversations"
+                " WHERE account_id = ? AND ctwa_source_id = ?)"
+            )
+            params += [self.account_id, self.ad_id]
+        return " AND ".join(terms), params
+
+
+@dataclass
+class DayTally:
+    """What the store counted for one UTC day (or the whole period)."""
+
+    clicks: int = 0
+    conversations: int = 0
+    # (status, currency or None) -> (events, value, events sent outside the window)
+    events: dict[tuple[str, str | None], tuple[int, float, int]] | None = None
+
+
+@dataclass
+class AdTally:
+    """What the store counted for one ad's conversations."""
+
+    headline: str | None = None
+    source_url: str | None = None
+    clicks: int = 0
+    conversations: int = 0
+    # Seconds from click to first conversion, one per converted conversation.
+    delays: list[float] | None = None
+    # (event name, status, currency or None) -> (events, value)
+    events: dict[tuple[str, str, str | None], tuple[int, float]] | None = None
+
+
+class Reports:
+    """The reporting queries, over the store's scanning connection."""
+
+    def __init__(self, reader: aiosqlite.Connection) -> None:
+        self._reader = reader
+
+    async def days(self, account_id: str, period: Period) -> dict[int, DayTally]:
+        """Return clicks, conversations and events per UTC day of the period."""
+        found: dict[int, DayTally] = defaultdict(DayTally)
+        rows = await fetch_rows(
+            self._reader,
+            "SELECT event_day, status, custom_currency, COUNT(*), SUM(custom_value),"
+            " SUM(attribution_window_expired) FROM events"
+            " WHERE account_id = ? AND event_day >= ? AND event_day <= ?"
+            " AND event_time >= ? AND event_time < ?"
+            " GROUP BY event_day, status, custom_currency",
+            (
+                account_id,
+                period.since // DAY_S,
+                (period.until - 1) // DAY_S,
+                period.since,
+                period.until,
+            ),
+        )
+        for day, status, currency, count, value, expired in rows:
+            tally = found[day]
+            if tally.events is None:
+                tally.events = {}
+            tally.events[(status, _currency(currency))] = (count, float(value or 0), expired)
+        for column, condition, attribute in (
+            ("ctwa_captured_at", " AND ctwa_clid IS NOT NULL", "clicks"),
+            ("created_at", "", "conversations"),
+        ):
+            counted = await fetch_rows(
+                self._reader,
+                f"SELECT CAST({column} / {DAY_S} AS INTEGER), COUNT(*) FROM conversations"
+                f" WHERE account_id = ?{condition} AND {column} >= ? AND {column} < ?"
+                " GROUP BY 1",
+                (account_id, period.since, period.until),
+            )
+            for day, count in counted:
+                setattr(found[day], attribute, count)
+        return dict(found)
+
+    async def event_names(
+        self, account_id: str, period: Period
+    ) -> dict[tuple[str, str, str | None], tuple[int, float]]:
+        """Return (events, value) per (event name, status, currency) in the period."""
+        rows = await fetch_rows(
+            self._reader,
+            "SELECT event_name, status, custom_currency, COUNT(*), SUM(custom_value)"
+            " FROM events WHERE account_id = ? AND event_day >= ? AND event_day <= ?"
+            " AND event_time >= ? AND event_time < ? GROUP BY 1, 2, 3",
+            (
+                account_id,
+                period.since // DAY_S,
+                (period.until - 1) // DAY_S,
+                period.since,
+                period.until,
+            ),
+        )
+        return {(n, s, _currency(c)): (count, float(v or 0)) for n, s, c, count, v in rows}
+
+    async def ads(self, account_id: str, period: Period) -> dict[str | None, AdTally]:
+        """Return the funnel of the conversations started in the period, per ad (None:
+        without an ad), with every conversion they brought, whenever it happened."""
+        found: dict[str | None, AdTally] = defaultdict(AdTally)
+        params = (account_id, period.since, period.until)
+        rows = await fetch_rows(
+            self._reader,
+            "SELECT c.ctwa_source_id, c.ctwa_headline, c.ctwa_source_url,"
+            " c.ctwa_clid IS NOT NULL, COALESCE(c.ctwa_clicked_at, c.ctwa_captured_at,"
+            " c.created_at), (SELECT MIN(e.event_time) FROM events e"
+            " WHERE e.conversation_id = c.id)"
+            " FROM conversations c WHERE c.account_id = ? AND c.created_at >= ?"
+            " AND c.created_at < ?",
+            params,
+        )
+        for ad, headline, url, clicked, clicked_at, first in rows:
+            tally = found[ad]
+            tally.conversations += 1
+            tally.clicks += clicked
+            # The newest non-empty headline and link (rows come in no particular order,
+            # so any of the ad's; they are the same ad's).
+            tally.headline = tally.headline or headline
+            tally.source_url = tally.source_url or url
+            if first is not None:
+                if tally.delays is None:
+                    tally.delays = []
+                tally.delays.append(max(0.0, first - clicked_at))
+        events = await fetch_rows(
+            self._reader,
+            "SELECT c.ctwa_source_id, e.event_name, e.status, e.custom_currency, COUNT(*),"
+            " SUM(e.custom_value) FROM conversations c"
+            " JOIN events e ON e.conversation_id = c.id"
+            " WHERE c.account_id = ? AND c.created_at >= ? AND c.created_at < ?"
+            " GROUP BY 1, 2, 3, 4",
+            params,
+        )
+        for ad, name, status, currency, count, value in events:
+            tally = found[ad]
+            if tally.events is None:
+                tally.events = {}
+            tally.events[(name, status, _currency(currency))] = (count, float(value or 0))
+        return dict(found)
+
+    async def outbox(self, account_id: str) -> dict[str, tuple[int, float]]:
+        """Return (pending deliveries, oldest pending event's receipt) per sink."""
+        rows = await fetch_rows(
+            self._reader,
+            "SELECT d.sink, COUNT(*), MIN(e.received_at) FROM deliveries d"
+            " JOIN events e ON e.pk = d.event_pk"
+            " WHERE d.status = 'pending' AND e.account_id = ? GROUP BY d.sink",
+            (account_id,),
+        )
+        return {sink: (count, oldest) for sink, count, oldest in rows}
+
+    async def last_error(self, account_id: str, sink: str) -> Sequence[Any] | None:
+        """Return the latest attempt of ``sink`` for the account that did not deliver:
+        (at, event id, outcome, http status, error code, message, trace id)."""
+        rows = await fetch_rows(
+            self._reader,
+            "SELECT a.at, e.event_id, a.outcome, a.http_status, a.error_code, a.message,"
+            " a.trace_id FROM delivery_attempts a JOIN events e ON e.pk = a.event_pk"
+            " WHERE a.outcome != 'delivered' AND a.sink = ? AND e.account_id = ?"
+            " ORDER BY a.at DESC LIMIT 1",
+            (sink, account_id),
+        )
+        return rows[0] if rows else None
+
+    async def webhook_problems(self, account_id: str) -> int:
+        """Return the unprocessed webhook parts naming this account, still open."""
+        rows = await fetch_rows(
+            self._reader,
+            "SELECT COUNT(*) FROM webhook_problems p"
+            " JOIN webhook_notifications n ON n.pk = p.notification_pk"
+            " WHERE p.account_id = ? AND n.status != 'processed'",
+            (account_id,),
+        )
+        return int(rows[0][0])
+
+
+def _currency(value: object) -> str | None:
+    """A stored currency code, or None for an event without one."""
+    return value if isinstance(value, str) and value else None
