@@ -40,7 +40,7 @@ class Sessions:
     ) -> None:
         self.ttl_s = ttl_s
         self._max = max_sessions
-        self._clock = clock
+        self.clock = clock
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
 
     def start(self, key_digest: bytes) -> str:
@@ -50,7 +50,7 @@ class Sessions:
         self._sessions[_slot(session_id)] = Session(
             key_digest=key_digest,
             csrf_token=secrets.token_urlsafe(32),
-            expires_at=self._clock() + self.ttl_s,
+            expires_at=self.clock() + self.ttl_s,
         )
         while len(self._sessions) > self._max:
             self._sessions.popitem(last=False)
@@ -60,7 +60,7 @@ class Sessions:
         """Return the live session with this id, or None (unknown, ended or expired)."""
         slot = _slot(session_id)
         session = self._sessions.get(slot)
-        if session is not None and session.expires_at <= self._clock():
+        if session is not None and session.expires_at <= self.clock():
             del self._sessions[slot]
             return None
         return session
@@ -74,7 +74,7 @@ class Sessions:
 
     def _expire(self) -> None:
         # Oldest first: sessions are appended in creation order and all live equally long.
-        now = self._clock()
+        now = self.clock()
         while self._sessions:
             slot, session = next(iter(self._sessions.items()))
             if session.expires_at > now:

@@ -1,0 +1,175 @@
+"""The reporting API over HTTP: exact numbers from a seeded store, scoping, bad parameters,
+the filtered events list, health and replay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.config import parse_settings
+from tests.conftest import AUTH, SCOPED_KEY, ClientFactory, store_of
+from tests.console_seed import ACME_TOTALS, seed
+
+Client = TestClient[web.Request, web.Application]
+SCOPED = {"Authorization": f"Bearer {SCOPED_KEY}"}
+
+
+@pytest.fixture
+async def seeded(make_client: ClientFactory, config: dict[str, Any]) -> Client:
+    # meta_capi at an address nothing listens on: a replayed delivery stays pending.
+    plugins = {"sinks": ["meta_capi"], "meta_capi": {"graph_url": "http://127.0.0.1:9"}}
+    client = await make_client(settings=parse_settings({**config, "plugins": plugins}))
+    await seed(store_of(client))
+    return client
+
+
+async def stats(client: Client, **params: str) -> dict[str, Any]:
+    resp = await client.get("/v1/whatsapp/stats", params={"accountId": "acme", **params}, headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    answer: dict[str, Any] = await resp.json()
+    return answer
+
+
+async def test_overview_totals_and_days_are_the_seeded_numbers(seeded: Client) -> None:
+    answer = await stats(seeded)
+    assert answer["groupBy"] == "day"
+    assert answer["totals"] == ACME_TOTALS
+    days = answer["days"]
+    assert len(days) in (7, 8)  # the period touches 7 or 8 UTC days
+    assert sum(d["clicks"] for d in days) == 4
+    assert sum(d["conversations"] for d in days) == 5
+    assert sum(d["conversions"]["delivered"] for d in days) == 2
+    # Only the last 24 hours: b1's click (a day ago, minus a little) is out, its event in.
+    recent = await stats(seeded, since="2000-01-01", until="2000-01-02")
+    assert recent["totals"]["events"] == 0
+    assert recent["totals"]["withinWindowShare"] is None
+
+
+async def test_ads_funnel_is_the_seeded_numbers(seeded: Client) -> None:
+    ads = {row["adId"]: row for row in (await stats(seeded, groupBy="ad"))["ads"]}
+    assert set(ads) == {"120000000000000001", "120000000000000002", "120000000000000003", None}
+    summer = ads["120000000000000001"]
+    assert summer["headline"] == "Summer sale"
+    assert summer["sourceUrl"] == "https://fb.me/summer"
+    assert (summer["clicks"], summer["conversations"], summer["converted"]) == (2, 2, 2)
+    assert summer["conversionRate"] == 1.0
+    assert summer["events"] == 3
+    assert summer["byEventName"] == {"LeadSubmitted": 1, "Purchase": 2}
+    assert summer["value"] == [{"currency": "USD", "value": 50.0}]
+    # a1 converted 1 h after its click, a2 3 h after: the median is 2 h.
+    assert summer["medianClickToConversionS"] == 7200.0
+    assert summer["conversions"] == {
+        "delivered": 2, "failed": 1, "pending": 0, "expired": 0, "dryRun": 0
+    }  # fmt: skip
+    organic = ads[None]
+    assert (organic["clicks"], organic["conversations"], organic["events"]) == (0, 1, 0)
+    assert organic["conversionRate"] == 0.0
+    assert organic["medianClickToConversionS"] is None
+    assert ads["120000000000000002"]["value"] == [{"currency": "EUR", "value": 25.5}]
+
+
+async def test_by_event_name(seeded: Client) -> None:
+    rows = (await stats(seeded, groupBy="eventName"))["eventNames"]
+    assert [(r["eventName"], r["events"]) for r in rows] == [("LeadSubmitted", 1), ("Purchase", 4)]
+
+
+async def test_a_scoped_key_sees_only_its_account(seeded: Client) -> None:
+    resp = await seeded.get("/v1/whatsapp/stats", params={"accountId": "acme"}, headers=SCOPED)
+    assert resp.status == 403
+    assert (await resp.json())["code"] == "account_not_allowed"
+    resp = await seeded.get("/v1/whatsapp/stats", params={"accountId": "other"}, headers=SCOPED)
+    other = await resp.json()
+    assert other["totals"]["events"] == 1
+    assert other["totals"]["value"] == [{"currency": "USD", "value": 999.0}]
+    for path in ("/v1/whatsapp/health", "/v1/whatsapp/conversions"):
+        resp = await seeded.get(path, params={"accountId": "acme"}, headers=SCOPED)
+        assert resp.status == 403
+    resp = await seeded.post(
+        "/v1/whatsapp/replay", json={"accountId": "acme", "dryRun": True}, headers=SCOPED
+    )
+    assert resp.status == 403
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"since": "yesterday"}, "since"),
+        ({"until": "2026-13-01"}, "until"),
+        ({"since": "2026-11-24T10:00:00"}, "since"),  # no zone
+        ({"since": "2026-11-25", "until": "2026-11-24"}, "since"),
+        ({"since": "2020-01-01", "until": "2026-01-01"}, "since"),  # too long
+        ({"groupBy": "week"}, "groupBy"),
+        ({"since": "9999-12-31T23:59:59+00:00"}, "since"),
+    ],
+)
+async def test_bad_parameters_are_400_naming_them(
+    seeded: Client, params: dict[str, str], param: str
+) -> None:
+    resp = await seeded.get(
+        "/v1/whatsapp/stats", params={"accountId": "acme", **params}, headers=AUTH
+    )
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["param"] == param
+    assert body["type"] == "invalid_request_error"
+    assert body["error"]
+
+
+async def test_events_list_filters(seeded: Client) -> None:
+    async def ids(**params: str) -> list[str]:
+        resp = await seeded.get(
+            "/v1/whatsapp/conversions", params={"accountId": "acme", **params}, headers=AUTH
+        )
+        assert resp.status == 200, await resp.text()
+        return [e["eventId"] for e in (await resp.json())["events"]]
+
+    assert await ids(status="failed") == ["order-a1-2"]
+    assert await ids(eventName="LeadSubmitted") == ["lead-a2"]
+    assert sorted(await ids(adId="120000000000000001")) == ["lead-a2", "order-a1-1", "order-a1-2"]
+    assert await ids(since="2000-01-01", until="2000-01-02") == []
+    assert len(await ids()) == 5
+    resp = await seeded.get(
+        "/v1/whatsapp/conversions", params={"accountId": "acme", "status": "lost"}, headers=AUTH
+    )
+    assert resp.status == 400
+    assert (await resp.json())["param"] == "status"
+
+
+async def test_health(seeded: Client) -> None:
+    resp = await seeded.get("/v1/whatsapp/health", params={"accountId": "acme"}, headers=AUTH)
+    answer = await resp.json()
+    assert answer["outbox"] == [
+        {"sink": "meta_capi", "pending": 1, "oldestPendingAgeS": pytest.approx(86400 - 7200, abs=60)}
+    ]
+    assert answer["webhooks"] == {"accountProblems": 0, "partial": 0, "pending": 0}
+    assert answer["storeBytes"] > 0
+    resp = await seeded.get("/v1/whatsapp/health", params={"accountId": "other"}, headers=SCOPED)
+    scoped = await resp.json()
+    assert scoped["storeBytes"] is None  # store-wide figures: keys for every account only
+    assert scoped["webhooks"]["partial"] is None
+
+
+async def test_replay_counts_then_requeues(seeded: Client) -> None:
+    body = {"accountId": "acme", "status": ["failed", "expired"], "dryRun": True}
+    resp = await seeded.post("/v1/whatsapp/replay", json=body, headers=AUTH)
+    assert await resp.json() == {"matched": 2, "requeued": 0, "dryRun": True, "sinks": ["meta_capi"]}
+    resp = await seeded.post(
+        "/v1/whatsapp/replay",
+        json={"accountId": "acme", "eventIds": ["order-a1-2"]},
+        headers=AUTH,
+    )
+    assert (await resp.json())["requeued"] == 1
+    detail = await (
+        await seeded.get(
+            "/v1/whatsapp/conversions/order-a1-2", params={"accountId": "acme"}, headers=AUTH
+        )
+    ).json()
+    assert detail["status"] == "pending"
+    resp = await seeded.post(
+        "/v1/whatsapp/replay", json={"accountId": "acme", "status": ["delivered"]}, headers=AUTH
+    )
+    assert resp.status == 400
+    assert (await resp.json())["param"] == "status[0]"
