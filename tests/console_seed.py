@@ -138,8 +138,16 @@ async def seed(store: Store, now: float | None = None) -> Seeded:
         # a2: a lead three hours after the click.
         _event(a2, "lead-a2", "LeadSubmitted", "delivered", a2.created_at + 3 * HOUR),
         # b1: a purchase in euros, still pending, sent after the click window (flagged).
-        _event(b1, "order-b1", "Purchase", "pending", b1.created_at + 2 * HOUR, 25.5, "EUR",
-               expired=True),  # fmt: skip
+        _event(
+            b1,
+            "order-b1",
+            "Purchase",
+            "pending",
+            b1.created_at + 2 * HOUR,
+            25.5,
+            "EUR",
+            expired=True,
+        ),  # fmt: skip
         # c1: a purchase that could not reach Meta in time.
         _event(c1, "order-c1", "Purchase", "expired", c1.created_at + 7 * HOUR, 15.0, "USD"),
         # other's account: must never show on acme's pages or answers.

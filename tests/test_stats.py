@@ -27,7 +27,9 @@ async def seeded(make_client: ClientFactory, config: dict[str, Any]) -> Client:
 
 
 async def stats(client: Client, **params: str) -> dict[str, Any]:
-    resp = await client.get("/v1/whatsapp/stats", params={"accountId": "acme", **params}, headers=AUTH)
+    resp = await client.get(
+        "/v1/whatsapp/stats", params={"accountId": "acme", **params}, headers=AUTH
+    )
     assert resp.status == 200, await resp.text()
     answer: dict[str, Any] = await resp.json()
     return answer
@@ -142,7 +144,11 @@ async def test_health(seeded: Client) -> None:
     resp = await seeded.get("/v1/whatsapp/health", params={"accountId": "acme"}, headers=AUTH)
     answer = await resp.json()
     assert answer["outbox"] == [
-        {"sink": "meta_capi", "pending": 1, "oldestPendingAgeS": pytest.approx(86400 - 7200, abs=60)}
+        {
+            "sink": "meta_capi",
+            "pending": 1,
+            "oldestPendingAgeS": pytest.approx(86400 - 7200, abs=60),
+        }
     ]
     assert answer["webhooks"] == {"accountProblems": 0, "partial": 0, "pending": 0}
     assert answer["storeBytes"] > 0
@@ -155,7 +161,12 @@ async def test_health(seeded: Client) -> None:
 async def test_replay_counts_then_requeues(seeded: Client) -> None:
     body = {"accountId": "acme", "status": ["failed", "expired"], "dryRun": True}
     resp = await seeded.post("/v1/whatsapp/replay", json=body, headers=AUTH)
-    assert await resp.json() == {"matched": 2, "requeued": 0, "dryRun": True, "sinks": ["meta_capi"]}
+    assert await resp.json() == {
+        "matched": 2,
+        "requeued": 0,
+        "dryRun": True,
+        "sinks": ["meta_capi"],
+    }
     resp = await seeded.post(
         "/v1/whatsapp/replay",
         json={"accountId": "acme", "eventIds": ["order-a1-2"]},

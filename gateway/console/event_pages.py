@@ -16,7 +16,7 @@ from gateway.console.pages import context
 from gateway.errors import InvalidRequest, NotFound
 from gateway.hashing import normalize_phone
 from gateway.http.keys import PIPELINE, PLUGINS, SETTINGS
-from gateway.http.query import EventsQuery, QueryStruct, parse_query
+from gateway.http.query import EventFilters, QueryStruct, parse_query
 from gateway.http.render import conversation_view, event_detail, event_summary, iso_time
 from gateway.http.reporting import events_filter, replay
 from gateway.reports import ReplayRequest
@@ -29,7 +29,7 @@ routes = web.RouteTableDef()
 _REPLAY_FIELDS = ("status", "eventName", "since", "until", "adId", "eventIds")
 
 
-class EventsPageQuery(EventsQuery, frozen=True):
+class EventsPageQuery(EventFilters, frozen=True):
     # What a replay just did, for the page to say (the redirect after it carries it).
     replayed: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
@@ -43,7 +43,7 @@ class FindQuery(QueryStruct, frozen=True):
 async def events(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     """The account's events, newest first, filtered by status, name, period and ad."""
     account = viewer.account(request)
-    query = parse_query(request, EventsPageQuery)
+    query = parse_query(request, EventsPageQuery, drop_empty=True)
     found = await request.app[PIPELINE].store.events_matching(
         *events_filter(account.id, query, now=time.time()).where(), limit=query.limit
     )
@@ -172,7 +172,7 @@ def _find(q: str) -> dict[str, str]:
 async def conversations(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     """Find conversations by phone, BSUID or id; each with its click and conversions."""
     account = viewer.account(request)
-    query = parse_query(request, FindQuery)
+    query = parse_query(request, FindQuery, drop_empty=True)
     store = request.app[PIPELINE].store
     wanted = _find(query.q)
     if "conversation_id" in wanted:

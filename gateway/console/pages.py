@@ -93,7 +93,7 @@ def _chart_data(answer: StatsAnswer) -> dict[str, Any]:
 async def overview(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     """Clicks, conversations, conversions by status, value and the chart, for a period."""
     account = viewer.account(request)
-    query = parse_query(request, PeriodQuery)
+    query = parse_query(request, PeriodQuery, drop_empty=True)
     answer = await _stats(request, account, query, "day")
     return aiohttp_jinja2.render_template(
         "overview.html",
@@ -120,7 +120,7 @@ def _sorted_ads(answer: StatsAnswer, query: AdsQuery) -> list[AdRow]:
 async def ads(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     """One row per ad: clicks, conversations, conversions, value, rate, time to convert."""
     account = viewer.account(request)
-    query = parse_query(request, AdsQuery)
+    query = parse_query(request, AdsQuery, drop_empty=True)
     answer = await _stats(request, account, query, "ad")
     rows = _sorted_ads(answer, query)
     names = sorted({name for row in rows for name in row.by_event_name})
@@ -156,7 +156,7 @@ def _cell(value: object) -> object:
 async def ads_csv(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     """The ads funnel as CSV (the page's period and order)."""
     account = viewer.account(request)
-    query = parse_query(request, AdsQuery)
+    query = parse_query(request, AdsQuery, drop_empty=True)
     answer = await _stats(request, account, query, "ad")
     rows = _sorted_ads(answer, query)
     names = sorted({name for row in rows for name in row.by_event_name})

@@ -84,7 +84,9 @@ async def sign_in_form(request: web.Request) -> web.StreamResponse:
     """The sign-in form."""
     target = safe_next(request.query.get("next"), f"{CONSOLE_PATH}/")
     response = aiohttp_jinja2.render_template(
-        "sign_in.html", request, {"base": CONSOLE_PATH, "next": target, "nav": "sign-in"}
+        "sign_in.html",
+        request,
+        {"base": CONSOLE_PATH, "next": target, "nav": "sign-in", "account": None},
     )
     return protect(response)
 

@@ -91,7 +91,13 @@ _ACCOUNT = ("accountId", True, "An account id from [[accounts]].")
 _LIMIT = ("limit", False, "1-200, default 50.")
 _SINCE = ("since", False, "ISO 8601 date or time with a zone, e.g. 2026-11-24T00:00:00Z.")
 _UNTIL = ("until", False, "ISO 8601, exclusive (default: now).")
-_PAGE: dict[int, type[Any] | str] = {200: "text/html", 303: "text/html", 400: ErrorBody, 403: ErrorBody, 404: ErrorBody}
+_PAGE: dict[int, type[Any] | str] = {
+    200: "text/html",
+    303: "text/html",
+    400: ErrorBody,
+    403: ErrorBody,
+    404: ErrorBody,
+}
 _ACCOUNT_PATH = ("account_id",)
 
 OPERATIONS: dict[tuple[str, str], Operation] = {

@@ -21,6 +21,7 @@ __all__ = [
     "AccountQuery",
     "ConversationsQuery",
     "ErasureQuery",
+    "EventFilters",
     "EventsQuery",
     "ListQuery",
     "StatsQuery",
@@ -69,12 +70,19 @@ class StatsQuery(AccountQuery, frozen=True):
     group_by: Literal["day", "ad", "eventName"] = "day"
 
 
-class EventsQuery(ListQuery, frozen=True):
+class EventFilters(QueryStruct, frozen=True):
+    """Which events of an account to list (the console's events page takes these too)."""
+
+    limit: Annotated[int, msgspec.Meta(ge=1, le=_LIST_MAX)] = 50
     status: Literal["delivered", "failed", "pending", "expired", "dry_run"] | None = None
     event_name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
     since: TimeParam | None = None
     until: TimeParam | None = None
     ad_id: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)] | None = None
+
+
+class EventsQuery(EventFilters, frozen=True, kw_only=True):
+    account_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
 _HINTS = {
@@ -98,12 +106,14 @@ def _names(kind: type[QueryStruct]) -> frozenset[str]:
     return frozenset(field.encode_name for field in msgspec.structs.fields(kind))
 
 
-def parse_query(request: web.Request, kind: type[Q]) -> Q:
-    """Return the request's query parameters as ``kind``, or raise 400 naming the parameter."""
+def parse_query(request: web.Request, kind: type[Q], *, drop_empty: bool = False) -> Q:
+    """Return the request's query parameters as ``kind``, or raise 400 naming the parameter.
+
+    ``drop_empty``: an empty value counts as absent (an HTML form's blank fields)."""
     known = _names(kind)
     values: dict[str, str] = {}
     for name, value in request.query.items():
-        if name not in known:
+        if name not in known or (drop_empty and not value):
             continue
         if name in values:
             raise InvalidRequest(

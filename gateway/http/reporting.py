@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import msgspec
 
 from gateway.config import AccountConfig
-from gateway.http.query import EventsQuery
+from gateway.http.query import EventFilters
 from gateway.http.render import iso_time
 from gateway.pipeline import Pipeline
 from gateway.plugin_manager import Plugins
@@ -240,7 +240,7 @@ def _store_bytes(store: Store) -> int:
     return total
 
 
-def events_filter(account_id: str, query: EventsQuery, *, now: float) -> EventFilter:
+def events_filter(account_id: str, query: EventFilters, *, now: float) -> EventFilter:
     """Return the events a list query asks for (a period only if it names a bound)."""
     since = until = None
     if query.since is not None or query.until is not None:
