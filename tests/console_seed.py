@@ -147,7 +147,7 @@ async def seed(store: Store, now: float | None = None) -> Seeded:
             25.5,
             "EUR",
             expired=True,
-        ),  # fmt: skip
+        ),
         # c1: a purchase that could not reach Meta in time.
         _event(c1, "order-c1", "Purchase", "expired", c1.created_at + 7 * HOUR, 15.0, "USD"),
         # other's account: must never show on acme's pages or answers.
