@@ -70,9 +70,7 @@ async def test_the_cookie_holds_a_random_id_only(client: Client) -> None:
 
 
 async def test_secure_cookie_behind_a_trusted_tls_proxy(make_client: ClientFactory) -> None:
-    client = await make_client(
-        server={"trusted_proxies": ["127.0.0.1"]}, metrics={"public": True}
-    )
+    client = await make_client(server={"trusted_proxies": ["127.0.0.1"]}, metrics={"public": True})
     resp = await client.post(
         "/console/sign-in",
         data={"key": API_KEY},
