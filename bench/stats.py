@@ -88,6 +88,13 @@ def fill(db: Path, events: int, conversations: int, ads: int) -> None:
                 span / conversations,
             ),
         )
+        # The reporting columns the gateway's insert fills, as the migration fills them.
+        conn.execute(
+            "UPDATE events SET"
+            " custom_value = json_extract(CAST(event AS TEXT), '$.custom_data.value'),"
+            " custom_currency = json_extract(CAST(event AS TEXT), '$.custom_data.currency'),"
+            " event_day = event_time / 86400"
+        )
         conn.execute(
             "INSERT INTO deliveries (event_pk, sink, status, attempts, events_received,"
             " updated_at) SELECT pk, 'meta_capi', status, 1, 1, received_at FROM events"

@@ -3,6 +3,9 @@ the filtered events list, health and replay."""
 
 from __future__ import annotations
 
+import sqlite3
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.config import parse_settings
+from gateway.store.schema import MIGRATIONS
 from tests.conftest import AUTH, SCOPED_KEY, ClientFactory, store_of
 from tests.console_seed import ACME_TOTALS, seed
 
@@ -184,3 +188,26 @@ async def test_replay_counts_then_requeues(seeded: Client) -> None:
     )
     assert resp.status == 400
     assert (await resp.json())["param"] == "status[0]"
+
+
+async def test_events_stored_before_the_reporting_columns_are_counted(
+    make_client: ClientFactory, config: dict[str, Any], db_path: Path
+) -> None:
+    """A store written by the version before the console: upgrading fills the value,
+    currency and day of its events from the stored Meta event, so the overview counts them."""
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)")
+        for version, script in enumerate(MIGRATIONS[:6], start=1):
+            conn.executescript(script)
+            conn.execute("INSERT INTO schema_migrations VALUES (?)", (version,))
+        now = int(time.time())
+        conn.execute(
+            "INSERT INTO events (account_id, event_id, event_name, conversation_id, event_time,"
+            " status, event, received_at, duration_ms, insert_token)"
+            " VALUES ('acme', 'OLD-1', 'Purchase', 'conv_old', ?, 'delivered', ?, ?, 1.0, '')",
+            (now, b'{"custom_data":{"currency":"EUR","value":12.5}}', now),
+        )
+    client = await make_client(settings=parse_settings(config))
+    totals = (await stats(client))["totals"]
+    assert totals["events"] == 1
+    assert totals["value"] == [{"currency": "EUR", "value": 12.5}]

@@ -236,23 +236,25 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (account_id, kind, digest)
     ) WITHOUT ROWID;
     """,
-    # The console and the stats API. An event's value and currency are read out of its
-    # stored Meta event by virtual generated columns (nothing is written twice, the write
-    # path is unchanged), and the covering index answers an account's overview for a period
-    # in one ordered pass: grouped by day, status and currency without a sort. Conversions
-    # of a conversation (the ads funnel, a conversation's page) are found by the wider
-    # events_by_conversation; clicks by the time they were captured.
+    # The console and the stats API. An event's value, currency and UTC day are columns the
+    # insert fills (virtual columns read from the stored JSON would not be covered by an
+    # index: every overview would read each row), and the covering index answers an
+    # account's overview for a period in one ordered pass, grouped by day, status and
+    # currency without a sort. events_by_conversation carries what the ads funnel sums, so
+    # its join reads no table rows; clicks are found by the time they were captured.
     """
-    ALTER TABLE events ADD COLUMN custom_value REAL GENERATED ALWAYS AS
-        (json_extract(CAST(event AS TEXT), '$.custom_data.value')) VIRTUAL;
-    ALTER TABLE events ADD COLUMN custom_currency TEXT GENERATED ALWAYS AS
-        (json_extract(CAST(event AS TEXT), '$.custom_data.currency')) VIRTUAL;
-    ALTER TABLE events ADD COLUMN event_day INTEGER GENERATED ALWAYS AS
-        (event_time / 86400) VIRTUAL;
+    ALTER TABLE events ADD COLUMN custom_value REAL;
+    ALTER TABLE events ADD COLUMN custom_currency TEXT;
+    ALTER TABLE events ADD COLUMN event_day INTEGER;
+    UPDATE events SET
+        custom_value = json_extract(CAST(event AS TEXT), '$.custom_data.value'),
+        custom_currency = json_extract(CAST(event AS TEXT), '$.custom_data.currency'),
+        event_day = event_time / 86400;
     CREATE INDEX events_stats ON events (account_id, event_day, status, custom_currency,
         event_time, custom_value, attribution_window_expired, event_name);
     DROP INDEX events_by_conversation;
-    CREATE INDEX events_by_conversation ON events (conversation_id, event_time);
+    CREATE INDEX events_by_conversation ON events (conversation_id, event_time, event_name,
+        status, custom_currency, custom_value);
     CREATE INDEX conversations_by_capture ON conversations (account_id, ctwa_captured_at)
         WHERE ctwa_clid IS NOT NULL;
     CREATE INDEX delivery_attempts_failed ON delivery_attempts (at)
