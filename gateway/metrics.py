@@ -6,9 +6,14 @@ gauge are read from the store when ``/metrics`` is scraped, so they are right af
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 __all__ = ["Metrics"]
 
@@ -23,18 +28,18 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
-        self.requests = Counter(
-            "ctwa_http_requests", "HTTP requests by route and status.", ["route", "status"],
-            registry=r,
+        # Every request moves these, and an event per sink the next: plain tallies, read when
+        # /metrics is scraped (prometheus_client's children take a lock per move).
+        self.requests = RequestTally(
+            "ctwa_http_requests", "HTTP requests by route and status.",
+            "ctwa_http_request_duration_seconds", "HTTP request latency by route.",
+            _LATENCY_BUCKETS,
         )  # fmt: skip
-        self.request_seconds = Histogram(
-            "ctwa_http_request_duration_seconds", "HTTP request latency by route.", ["route"],
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.events_accepted = Counter(
-            "ctwa_events_accepted", "Conversion events accepted (stored).", ["account", "sink"],
-            registry=r,
-        )  # fmt: skip
+        r.register(self.requests)
+        self.events_accepted = Tally(
+            "ctwa_events_accepted", "Conversion events accepted (stored).", ("account", "sink")
+        )
+        r.register(self.events_accepted)
         self.events_duplicate = Counter(
             "ctwa_events_duplicate", "Conversion requests answered from a stored eventId.",
             ["account"], registry=r,
@@ -126,3 +131,73 @@ class Metrics:
     def render(self) -> bytes:
         """Return the Prometheus text exposition."""
         return generate_latest(self.registry)
+
+
+class Tally(Collector):
+    """A counter by labels kept as a plain dict on the event loop's thread, exported as a
+    Prometheus counter when scraped."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labels = list(labels)
+        self.counts: dict[tuple[str, ...], int] = {}
+
+    def inc(self, *labels: str) -> None:
+        """Count one for these label values."""
+        counts = self.counts
+        counts[labels] = counts.get(labels, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+        for labels, count in dict(self.counts).items():  # a copy: scrapes may run elsewhere
+            family.add_metric(list(labels), count)
+        yield family
+
+
+class RequestTally(Collector):
+    """HTTP requests by route and status, and their latency by route: the counter and the
+    histogram every request moves, kept as plain dicts and lists, exported when scraped."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        latency_name: str,
+        latency_documentation: str,
+        buckets: Sequence[float],
+    ) -> None:
+        self._count = Tally(name, documentation, ("route", "status"))
+        self._latency_name = latency_name
+        self._latency_documentation = latency_documentation
+        self._bounds = list(buckets)
+        self._bound_labels = [*map(floatToGoString, buckets), "+Inf"]
+        # route -> [count per bucket (the last one +Inf)..., sum of seconds]
+        self._latency: dict[str, list[float]] = {}
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        """Count one request and its latency."""
+        self._count.inc(route, _STATUS.get(status) or str(status))
+        row = self._latency.get(route)
+        if row is None:
+            row = self._latency[route] = [0.0] * (len(self._bounds) + 2)
+        row[bisect.bisect_left(self._bounds, seconds)] += 1
+        row[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._count.collect()
+        family = HistogramMetricFamily(
+            self._latency_name, self._latency_documentation, labels=["route"]
+        )
+        for route, row in dict(self._latency).items():
+            counts, total, cumulative = row[:-1], row[-1], 0.0
+            buckets = []
+            for bound, count in zip(self._bound_labels, counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric([route], buckets, total)
+        yield family
+
+
+# The statuses a gateway answers with, as label values made once.
+_STATUS = {code: str(code) for code in range(100, 600)}

@@ -216,7 +216,7 @@ class Pipeline:
         if duplicate:
             return self.repeated(stored, request)
         for sink in states:
-            self.metrics.child(self.metrics.events_accepted, new.account_id, sink).inc()
+            self.metrics.events_accepted.inc(new.account_id, sink)
         stored = await self._deliver(stored)
         return Outcome(event=stored, duplicate=False, primary=self.plugins.primary_sink)
 
