@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.domain import SinkState, StoredEvent
+from gateway.domain import Resolution, SinkState, StoredEvent
 from gateway.store.database import Store, StoreMissing
 from gateway.store.schema import MIGRATIONS
 from gateway.wire import ConversionRequest, sha256_fingerprint
@@ -273,7 +273,13 @@ async def test_a_stored_event_and_its_payload_read_back_exactly(store: Store) ->
         "custom_data": {"currency": "USD", "value": 1.5},
     }
     other = {**event, "event_id": "NEW-2", "action_source": "other", "event_time": 1_790_000_001}
-    for body in (event, other):
+    # custom_data is left out when the reporting columns hold it: an integer value stays one,
+    # and one with more keys, or without a value, is stored as it is.
+    whole = {**event, "event_id": "NEW-3", "custom_data": {"currency": "EUR", "value": 20}}
+    more = {**event, "event_id": "NEW-4", "custom_data": {"currency": "EUR", "value": 2.5}}
+    more["custom_data"]["content_ids"] = ["sku-1"]
+    no_value = {**event, "event_id": "NEW-5", "custom_data": {"currency": "EUR"}}
+    for body in (event, other, whole, more, no_value):
         event_id = str(body["event_id"])
         payload = {"data": [body], "partner_agent": "p", "test_event_code": "TEST1"}
         new = msgspec.structs.replace(
@@ -288,3 +294,17 @@ async def test_a_stored_event_and_its_payload_read_back_exactly(store: Store) ->
         assert found.event == body
         assert list(found.event) == list(body)  # the order Meta is shown, too
         assert found.deliveries["log"].payload == payload
+
+
+async def test_how_an_event_was_resolved_reads_back_exactly(store: Store) -> None:
+    """The resolution is stored as a short list (``ambiguous`` only when set)."""
+    for i, ambiguous in enumerate((False, True)):
+        resolution = Resolution(
+            resolver="phone", field="phoneE164", form="without_trunk_zero", ambiguous=ambiguous
+        )
+        await store.insert_event(
+            msgspec.structs.replace(new_event(f"RES-{i}"), resolution=resolution)
+        )
+        found = await store.find_event("acme", f"RES-{i}")
+        assert found is not None
+        assert found.resolution == resolution

@@ -57,7 +57,7 @@ MUTABLE_CONVERSATION_FIELDS: tuple[str, ...] = tuple(
 EVENT_COLUMNS = (
     "pk, account_id, event_id, event_name, conversation_id, event_time, status, event,"
     " test_event_code, received_at, duration_ms, attribution_window_expired, resolution,"
-    " request_fields"
+    " request_fields, custom_value, custom_currency"
 )
 
 
@@ -84,14 +84,15 @@ _EVENT_VALUES = f"({','.join('?' * 16)},'')"
 # What a sink needs to send a queued event (deliveries d JOIN events e).
 QUEUED_COLUMNS = (
     "e.pk, e.account_id, e.event_id, e.event_name, e.event, e.test_event_code, e.event_time,"
-    " d.attempts"
+    " d.attempts, e.custom_value, e.custom_currency"
 )
 
 _encode = msgspec.json.Encoder().encode
 _decode_object = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_warnings = msgspec.json.Decoder(list[str]).decode
 _decode_resolution = msgspec.json.Decoder(Resolution).decode
-_decode_resolution_tuple = msgspec.json.Decoder(tuple[str, str | None, str | None, bool]).decode
+_decode_resolution_list = msgspec.json.Decoder(list[Any]).decode
+_decode_strings = msgspec.json.Decoder(list[str]).decode
 _decode_fields = msgspec.json.Decoder(dict[str, str]).decode
 
 
@@ -120,21 +121,62 @@ def _event_blob(event: StoredEvent) -> bytes:
         and body.get("action_source") == _CTWA["action_source"]
         and body.get("messaging_channel") == _CTWA["messaging_channel"]
     ):
-        return _encode({k: v for k, v in body.items() if k not in _LEFT_OUT})
+        compact = {k: v for k, v in body.items() if k not in _LEFT_OUT}
+        custom = compact.get("custom_data")
+        if custom is not None and _in_columns(custom) and next(reversed(compact)) == "custom_data":
+            # The reporting columns hold it: a float value is left out with it, an integer
+            # one leaves a 0 saying so.
+            if type(custom["value"]) is int:
+                compact["custom_data"] = 0
+            else:
+                del compact["custom_data"]
+        return _encode(compact)
     return _encode(body)
 
 
-def _event_from(blob: bytes, event_name: str, event_id: str, event_time: int) -> dict[str, Any]:
+def _in_columns(custom: object) -> bool:
+    """Whether ``custom_data`` is exactly what the custom_value and custom_currency columns
+    hold (currency, then a value): then it is put back from them when read."""
+    if type(custom) is not dict or list(custom) != ["currency", "value"]:
+        return False
+    value = custom["value"]
+    return type(custom["currency"]) is str and (
+        type(value) is float or (type(value) is int and abs(value) <= _EXACT_INT)
+    )
+
+
+# The largest integer a REAL column holds exactly.
+_EXACT_INT = 2**53
+
+
+def _event_from(
+    blob: bytes,
+    event_name: str,
+    event_id: str,
+    event_time: int,
+    value: float | None,
+    currency: str | None,
+) -> dict[str, Any]:
     body = _decode_object(blob)
     if "event_name" in body:
         return body
-    return {
+    event = {
         "event_name": event_name,
         "event_id": event_id,
         **_CTWA,
         "event_time": event_time,
         **body,
     }
+    if value is not None and currency is not None:
+        left = event.get("custom_data", _ABSENT)
+        if left is _ABSENT:
+            event["custom_data"] = {"currency": currency, "value": value}
+        elif left == 0:
+            event["custom_data"] = {"currency": currency, "value": int(value)}
+    return event
+
+
+_ABSENT = object()
 
 
 # - The request's field checksums (8 hex digits each, :func:`gateway.wire.request_fingerprint`)
@@ -194,10 +236,18 @@ _FIELD_BIT = {name: 1 << i for i, name in enumerate(_FIELDS)}
 _THE_EVENT = "$event"
 
 
+#   Meta's own shape, ``{"data": [event], "partner_agent": ..., ["test_event_code": ...]}``,
+#   is stored as the list of its strings alone.
+_META_SHAPES = (["data", "partner_agent"], ["data", "partner_agent", "test_event_code"])
+
+
 def _payload_blob(payload: dict[str, Any] | None, event: dict[str, Any] | None) -> bytes | None:
     if payload is None:
         return None
     if event is not None and payload.get("data") == [event]:
+        strings = list(payload.values())[1:]
+        if list(payload) in _META_SHAPES and all(type(v) is str for v in strings):
+            return _encode(strings)
         return _encode({**payload, "data": _THE_EVENT})
     return _encode(payload)
 
@@ -205,26 +255,34 @@ def _payload_blob(payload: dict[str, Any] | None, event: dict[str, Any] | None) 
 def _payload_from(blob: bytes | None, event: dict[str, Any] | None) -> dict[str, Any] | None:
     if blob is None:
         return None
+    if blob[:1] == b"[" and event is not None:
+        strings = _decode_strings(blob)
+        return {"data": [event], **dict(zip(_META_SHAPES[1][1:], strings, strict=False))}
     payload = _decode_object(blob)
     if payload.get("data") == _THE_EVENT and event is not None:
         payload["data"] = [event]
     return payload
 
 
-# - How the conversation was found is a 4-item list rather than an object with its names.
+# - How the conversation was found is a list rather than an object with its names, the
+#   ``ambiguous`` flag only when it is set.
 def _resolution_blob(resolution: Resolution | None) -> bytes | None:
     if resolution is None:
         return None
     r = resolution
-    return _encode((r.resolver, r.field, r.form, r.ambiguous))
+    if r.ambiguous:
+        return _encode((r.resolver, r.field, r.form, True))
+    return _encode((r.resolver, r.field, r.form))
 
 
 def _resolution_from(blob: bytes | None) -> Resolution | None:
     if blob is None:
         return None
     if blob[:1] == b"[":
-        resolver, field, form, ambiguous = _decode_resolution_tuple(blob)
-        return Resolution(resolver=resolver, field=field, form=form, ambiguous=ambiguous)
+        resolver, field, form, *ambiguous = _decode_resolution_list(blob)
+        return Resolution(
+            resolver=resolver, field=field, form=form, ambiguous=bool(ambiguous and ambiguous[0])
+        )
     return _decode_resolution(blob)
 
 
@@ -287,7 +345,7 @@ def _value_and_currency(event: dict[str, Any]) -> tuple[float | None, str | None
 def event_from_row(row: Any, sinks: Iterable[Sequence[Any]]) -> StoredEvent:
     """Return the StoredEvent a ``SELECT EVENT_COLUMNS`` row holds, with its sinks' states
     from ``(sink, *DELIVERY_STATE_COLUMNS)`` rows."""
-    event = _event_from(row[7], row[3], row[2], row[5])
+    event = _event_from(row[7], row[3], row[2], row[5], row[14], row[15])
     return StoredEvent(
         pk=row[0],
         account_id=row[1],
@@ -351,7 +409,7 @@ def queued_from_row(row: Any) -> QueuedEvent:
         account_id=row[1],
         event_id=row[2],
         event_name=row[3],
-        event=_event_from(row[4], row[3], row[2], row[6]),
+        event=_event_from(row[4], row[3], row[2], row[6], row[8], row[9]),
         test_event_code=row[5],
         event_time=row[6],
         attempts=row[7],
