@@ -26,6 +26,7 @@ PURE = [
     "gateway/draft.py",
     "gateway/hashing.py",
     "gateway/phones.py",
+    "gateway/reports.py",
     "gateway/validation.py",
 ]
 
