@@ -88,12 +88,17 @@ def fill(db: Path, events: int, conversations: int, ads: int) -> None:
                 span / conversations,
             ),
         )
-        # The reporting columns the gateway's insert fills, as the migration fills them.
+        # The reporting columns and hourly counts the gateway's insert fills, as the
+        # migration fills them for events already stored.
         conn.execute(
             "UPDATE events SET"
             " custom_value = json_extract(CAST(event AS TEXT), '$.custom_data.value'),"
-            " custom_currency = json_extract(CAST(event AS TEXT), '$.custom_data.currency'),"
-            " event_day = event_time / 86400"
+            " custom_currency = json_extract(CAST(event AS TEXT), '$.custom_data.currency')"
+        )
+        conn.execute(
+            "INSERT INTO event_hours SELECT account_id, event_time / 3600, event_name, status,"
+            " COALESCE(custom_currency, ''), attribution_window_expired, COUNT(*),"
+            " COALESCE(SUM(custom_value), 0) FROM events GROUP BY 1, 2, 3, 4, 5, 6"
         )
         conn.execute(
             "INSERT INTO deliveries (event_pk, sink, status, attempts, events_received,"

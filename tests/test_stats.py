@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.config import parse_settings
 from gateway.store.schema import MIGRATIONS
-from tests.conftest import AUTH, SCOPED_KEY, ClientFactory, store_of
+from tests.conftest import AUTH, SCOPED_KEY, ClientFactory, add_conversation, store_of
 from tests.console_seed import ACME_TOTALS, seed
 
 Client = TestClient[web.Request, web.Application]
@@ -183,6 +183,9 @@ async def test_replay_counts_then_requeues(seeded: Client) -> None:
         )
     ).json()
     assert detail["status"] == "pending"
+    # The overview's hourly counts moved with it.
+    moved = (await stats(seeded))["totals"]["conversions"]
+    assert (moved["failed"], moved["pending"]) == (0, 2)
     resp = await seeded.post(
         "/v1/whatsapp/replay", json={"accountId": "acme", "status": ["delivered"]}, headers=AUTH
     )
@@ -211,3 +214,53 @@ async def test_events_stored_before_the_reporting_columns_are_counted(
     totals = (await stats(client))["totals"]
     assert totals["events"] == 1
     assert totals["value"] == [{"currency": "EUR", "value": 12.5}]
+
+
+def iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+async def test_a_period_counts_exactly_its_events_to_the_second(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> None:
+    """Whole hours are counted from the hourly table, the partial hours at either end from
+    the events themselves: a period that starts and ends mid-hour counts exactly what lies
+    inside it, and a period within one hour too."""
+    client = await make_client(settings=parse_settings(config))
+    store = store_of(client)
+    start = (int(time.time()) // 3600 - 30) * 3600 + 1234  # mid-hour, 30 hours ago
+    await add_conversation(store, wa_id="16505550100", clid="clid-period")
+    times = [start - 1, start, start + 3600, start + 7 * 3600 + 10, start + 9 * 3600 - 1]
+    for i, at in enumerate(times):
+        resp = await client.post(
+            "/v1/whatsapp/conversions",
+            json={
+                "accountId": "acme",
+                "eventName": "Purchase",
+                "eventId": f"period-{i}",
+                "phoneE164": "+16505550100",
+                "eventTime": at,
+                "value": 10,
+                "currency": "USD",
+            },
+            headers=AUTH,
+        )
+        assert resp.status in (200, 202), await resp.text()
+    until = start + 9 * 3600 - 1  # excluded
+    answer = await stats(client, since=iso(start), until=iso(until))
+    assert answer["totals"]["events"] == 3
+    assert answer["totals"]["value"] == [{"currency": "USD", "value": 30.0}]
+    names = await stats(client, since=iso(start), until=iso(until), groupBy="eventName")
+    assert names["totals"]["events"] == 3
+    within_an_hour = await stats(client, since=iso(start), until=iso(start + 60))
+    assert within_an_hour["totals"]["events"] == 1
+
+
+async def test_events_pruned_by_retention_still_count(seeded: Client) -> None:
+    """The hourly counts outlive the events (as event_daily does for the history)."""
+    store = store_of(seeded)
+    before = (await stats(seeded))["totals"]
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("DELETE FROM deliveries")
+        conn.execute("DELETE FROM events")
+    assert (await stats(seeded))["totals"]["events"] == before["events"]

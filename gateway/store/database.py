@@ -54,7 +54,7 @@ from gateway.store.datasets import SaveDataset, stored_datasets
 from gateway.store.erasure import Erase, redact_notification
 from gateway.store.lookups import ChangeSignal, LookupCache, Touched, tags_of
 from gateway.store.outbox import Outbox
-from gateway.store.reports import Reports
+from gateway.store.reports import Reports, count_in_hours
 from gateway.store.retention import RetentionCutoffs, prune_all
 from gateway.store.rows import (
     CONVERSATION_COLUMNS,
@@ -163,12 +163,14 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
             pks.update(_insert_chunk(conn, [op.new for op in chunk]))
         results: list[tuple[int, bool]] = []
         rows: list[Any] = []
+        inserted_events: list[StoredEvent] = []
         for op in mine:
             key = (op.new.account_id, op.new.event_id)
             pk, inserted = pks[key]
             mine_inserted = inserted and first[key] is op
             results.append((pk, not mine_inserted))
             if mine_inserted:
+                inserted_events.append(op.new)
                 event = op.new.event
                 rows.extend(
                     delivery_row(pk, sink, state, now, event)
@@ -180,6 +182,7 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
                 f"{INSERT_DELIVERY_HEAD} {','.join([DELIVERY_VALUES] * len(part))}",
                 [v for row in part for v in row],
             )
+        count_in_hours(conn, inserted_events)
         return results
 
 

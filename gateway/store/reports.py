@@ -10,6 +10,7 @@ conversations by their time indexes, the funnel per conversation through
 
 from __future__ import annotations
 
+import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,11 +18,44 @@ from typing import Any
 
 import aiosqlite
 
+from gateway.domain import StoredEvent, overall_status
 from gateway.reports import DAY_S, Period
 from gateway.store.outbox import EventsWhere
+from gateway.store.rows import value_and_currency
 from gateway.store.schema import fetch_rows
 
-__all__ = ["AdTally", "DayTally", "EventFilter", "Reports"]
+__all__ = ["AdTally", "DayTally", "EventFilter", "Reports", "count_in_hours"]
+
+HOUR_S = 3600
+_ADD_TO_HOURS = (
+    "INSERT INTO event_hours (account_id, hour, event_name, status, currency, expired, events,"
+    " value) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
+    " events = events + excluded.events, value = value + excluded.value"
+)
+
+
+def count_in_hours(conn: sqlite3.Connection, events: Sequence[StoredEvent]) -> None:
+    """Add newly stored events to ``event_hours``, in the transaction that stores them: one
+    statement per distinct hour, name, status and currency of the batch (usually one)."""
+    if not events:
+        return
+    tallies: dict[tuple[str, int, str, str, str, int], list[float]] = {}
+    for e in events:
+        value, currency = value_and_currency(e.event)
+        key = (
+            e.account_id,
+            e.event_time // HOUR_S,
+            e.event_name,
+            overall_status(e.deliveries),
+            currency or "",
+            int(e.attribution_window_expired),
+        )
+        tally = tallies.get(key)
+        if tally is None:
+            tally = tallies[key] = [0, 0.0]
+        tally[0] += 1
+        tally[1] += value or 0.0
+    conn.executemany(_ADD_TO_HOURS, [(*key, int(n), v) for key, (n, v) in tallies.items()])
 
 
 @dataclass(frozen=True)
@@ -101,38 +135,24 @@ class Reports:
     async def days(self, account_id: str, period: Period) -> dict[int, DayTally]:
         """Return clicks, conversations and events per UTC day of the period."""
         found: dict[int, DayTally] = defaultdict(DayTally)
-        rows = await fetch_rows(
-            self._reader,
-            "SELECT event_day, status, custom_currency, COUNT(*), SUM(custom_value),"
-            " SUM(attribution_window_expired) FROM events"
-            " WHERE account_id = ? AND event_day >= ? AND event_day <= ?"
-            " AND event_time >= ? AND event_time < ?"
-            " GROUP BY event_day, status, custom_currency",
-            (
-                account_id,
-                period.since // DAY_S,
-                (period.until - 1) // DAY_S,
-                period.since,
-                period.until,
-            ),
-        )
-        for day, status, currency, count, value, expired in rows:
-            tally = found[day]
+        counted = await self._events(account_id, period, _BY_DAY)
+        for (day, status, currency), (count, value, expired) in counted.items():
+            tally = found[int(day)]
             if tally.events is None:
                 tally.events = {}
-            tally.events[(status, _currency(currency))] = (count, float(value or 0), expired)
+            tally.events[(str(status), _currency(currency))] = (count, value, expired)
         for column, condition, attribute in (
             ("ctwa_captured_at", " AND ctwa_clid IS NOT NULL", "clicks"),
             ("created_at", "", "conversations"),
         ):
-            counted = await fetch_rows(
+            rows = await fetch_rows(
                 self._reader,
                 f"SELECT CAST({column} / {DAY_S} AS INTEGER), COUNT(*) FROM conversations"
                 f" WHERE account_id = ?{condition} AND {column} >= ? AND {column} < ?"
                 " GROUP BY 1",
                 (account_id, period.since, period.until),
             )
-            for day, count in counted:
+            for day, count in rows:
                 setattr(found[day], attribute, count)
         return dict(found)
 
@@ -140,20 +160,56 @@ class Reports:
         self, account_id: str, period: Period
     ) -> dict[tuple[str, str, str | None], tuple[int, float]]:
         """Return (events, value) per (event name, status, currency) in the period."""
-        rows = await fetch_rows(
-            self._reader,
-            "SELECT event_name, status, custom_currency, COUNT(*), SUM(custom_value)"
-            " FROM events WHERE account_id = ? AND event_day >= ? AND event_day <= ?"
-            " AND event_time >= ? AND event_time < ? GROUP BY 1, 2, 3",
-            (
-                account_id,
-                period.since // DAY_S,
-                (period.until - 1) // DAY_S,
-                period.since,
-                period.until,
-            ),
-        )
-        return {(n, s, _currency(c)): (count, float(v or 0)) for n, s, c, count, v in rows}
+        counted = await self._events(account_id, period, _BY_NAME)
+        return {
+            (str(name), str(status), _currency(currency)): (count, value)
+            for (name, status, currency), (count, value, _) in counted.items()
+        }
+
+    async def _events(
+        self, account_id: str, period: Period, by: tuple[str, str]
+    ) -> dict[tuple[Any, ...], tuple[int, float, int]]:
+        """(events, value, events past the window) per group (``_BY_DAY`` or ``_BY_NAME``)
+        of the period's events: its whole UTC hours from event_hours, the partial hours at
+        either end (or a period within one hour) from the events themselves."""
+        hourly, direct = by
+        first = -(-period.since // HOUR_S)  # the first whole hour
+        last = period.until // HOUR_S  # the hour the period ends in (excluded)
+        queries: list[tuple[str, tuple[object, ...]]] = []
+        if first < last:
+            queries.append(
+                (
+                    f"SELECT {hourly}, SUM(events), SUM(value),"
+                    " SUM(CASE WHEN expired THEN events ELSE 0 END) FROM event_hours"
+                    " WHERE account_id = ? AND hour >= ? AND hour < ? GROUP BY 1, 2, 3",
+                    (account_id, first, last),
+                )
+            )
+            edges = [(period.since, first * HOUR_S), (last * HOUR_S, period.until)]
+        else:
+            edges = [(period.since, period.until)]
+        for since, until in edges:
+            if since < until:
+                queries.append(
+                    (
+                        f"SELECT {direct}, COUNT(*), COALESCE(SUM(custom_value), 0),"
+                        " SUM(attribution_window_expired) FROM events"
+                        " WHERE account_id = ? AND event_time >= ? AND event_time < ?"
+                        " GROUP BY 1, 2, 3",
+                        (account_id, since, until),
+                    )
+                )
+        totals: dict[tuple[Any, ...], tuple[int, float, int]] = {}
+        for sql, params in queries:
+            for *key, count, value, expired in await fetch_rows(self._reader, sql, params):
+                before = totals.get(tuple(key), (0, 0.0, 0))
+                totals[tuple(key)] = (
+                    before[0] + int(count),
+                    before[1] + float(value or 0),
+                    before[2] + int(expired or 0),
+                )
+        # A status an event left behind keeps its row in event_hours at zero.
+        return {key: tally for key, tally in totals.items() if tally[0]}
 
     async def ads(self, account_id: str, period: Period) -> dict[str | None, AdTally]:
         """Return the funnel of the conversations started in the period, per ad (None:
@@ -232,6 +288,14 @@ class Reports:
             (account_id,),
         )
         return int(rows[0][0])
+
+
+# The groups of Reports._events: (from event_hours, from events).
+_BY_DAY = (
+    "hour / 24, status, currency",
+    "event_time / 86400, status, COALESCE(custom_currency, '')",
+)
+_BY_NAME = ("event_name, status, currency", "event_name, status, COALESCE(custom_currency, '')")
 
 
 def _currency(value: object) -> str | None:

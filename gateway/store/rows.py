@@ -41,6 +41,7 @@ __all__ = [
     "insert_events",
     "queued_from_row",
     "sink_state_from_row",
+    "value_and_currency",
 ]
 
 # The conversations columns, in the order of Conversation's fields.
@@ -76,11 +77,11 @@ _INSERT_EVENTS_HEAD = (
     "INSERT INTO events (account_id, event_id, event_name, conversation_id, event_time,"
     " status, event, test_event_code, received_at, duration_ms,"
     " attribution_window_expired, resolution, request_fields, custom_value, custom_currency,"
-    " event_day, insert_token) VALUES"
+    " insert_token) VALUES"
 )
 # insert_token: a column of schema 1 nothing reads any more (a multi-row INSERT tells which
 # rows it inserted by their rowids); the empty string costs a byte.
-_EVENT_VALUES = f"({','.join('?' * 16)},'')"
+_EVENT_VALUES = f"({','.join('?' * 15)},'')"
 # What a sink needs to send a queued event (deliveries d JOIN events e).
 QUEUED_COLUMNS = (
     "e.pk, e.account_id, e.event_id, e.event_name, e.event, e.test_event_code, e.event_time,"
@@ -322,15 +323,11 @@ def event_params(event: StoredEvent, status: str) -> tuple[Any, ...]:
         event.attribution_window_expired,
         _resolution_blob(event.resolution),
         _fields_blob(event.request_fields),
-        *_value_and_currency(event.event),
-        event.event_time // _DAY,
+        *value_and_currency(event.event),
     )
 
 
-_DAY = 86400
-
-
-def _value_and_currency(event: dict[str, Any]) -> tuple[float | None, str | None]:
+def value_and_currency(event: dict[str, Any]) -> tuple[float | None, str | None]:
     """The Meta event's ``custom_data`` value and currency, for the reporting columns."""
     custom = event.get("custom_data")
     if not isinstance(custom, dict):

@@ -236,22 +236,51 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (account_id, kind, digest)
     ) WITHOUT ROWID;
     """,
-    # The console and the stats API. An event's value, currency and UTC day are columns the
-    # insert fills (virtual columns read from the stored JSON would not be covered by an
-    # index: every overview would read each row), and the covering index answers an
-    # account's overview for a period in one ordered pass, grouped by day, status and
-    # currency without a sort. events_by_conversation carries what the ads funnel sums, so
-    # its join reads no table rows; clicks are found by the time they were captured.
+    # The console and the stats API. An event's value and currency are columns the insert
+    # fills. The overview reads event_hours, per account and UTC hour the events and their
+    # value by name, status, currency and whether they were past the attribution window:
+    # the insert adds its batch's counts (a statement or two per group commit, where an
+    # index entry per event cost every request), the trigger moves them when an event's
+    # status changes, and retention leaves them (like event_daily, counts outlive pruned
+    # events). events_by_time finds the events of a period's partial first and last hours;
+    # events_by_conversation carries what the ads funnel sums, so its join reads no rows;
+    # clicks are found by the time they were captured.
     """
     ALTER TABLE events ADD COLUMN custom_value REAL;
     ALTER TABLE events ADD COLUMN custom_currency TEXT;
-    ALTER TABLE events ADD COLUMN event_day INTEGER;
     UPDATE events SET
         custom_value = json_extract(CAST(event AS TEXT), '$.custom_data.value'),
-        custom_currency = json_extract(CAST(event AS TEXT), '$.custom_data.currency'),
-        event_day = event_time / 86400;
-    CREATE INDEX events_stats ON events (account_id, event_day, status, custom_currency,
-        event_time, custom_value, attribution_window_expired, event_name);
+        custom_currency = json_extract(CAST(event AS TEXT), '$.custom_data.currency');
+    CREATE TABLE event_hours (
+        account_id TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        event_name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        expired INTEGER NOT NULL,
+        events INTEGER NOT NULL,
+        value REAL NOT NULL,
+        PRIMARY KEY (account_id, hour, event_name, status, currency, expired)
+    ) WITHOUT ROWID;
+    INSERT INTO event_hours
+        SELECT account_id, event_time / 3600, event_name, status, COALESCE(custom_currency, ''),
+            attribution_window_expired, COUNT(*), COALESCE(SUM(custom_value), 0)
+        FROM events GROUP BY 1, 2, 3, 4, 5, 6;
+    CREATE TRIGGER event_hours_status AFTER UPDATE OF status ON events
+        WHEN OLD.status IS NOT NEW.status
+    BEGIN
+        INSERT INTO event_hours VALUES (OLD.account_id, OLD.event_time / 3600, OLD.event_name,
+            OLD.status, COALESCE(OLD.custom_currency, ''), OLD.attribution_window_expired, -1,
+            -COALESCE(OLD.custom_value, 0))
+            ON CONFLICT DO UPDATE SET events = events + excluded.events,
+                value = value + excluded.value;
+        INSERT INTO event_hours VALUES (NEW.account_id, NEW.event_time / 3600, NEW.event_name,
+            NEW.status, COALESCE(NEW.custom_currency, ''), NEW.attribution_window_expired, 1,
+            COALESCE(NEW.custom_value, 0))
+            ON CONFLICT DO UPDATE SET events = events + excluded.events,
+                value = value + excluded.value;
+    END;
+    CREATE INDEX events_by_time ON events (account_id, event_time);
     DROP INDEX events_by_conversation;
     CREATE INDEX events_by_conversation ON events (conversation_id, event_time, event_name,
         status, custom_currency, custom_value);
