@@ -161,21 +161,31 @@ def scrub(text: str) -> str:
 
 
 def scrub_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """Mask personal data in rendered exceptions' messages (after ExceptionRenderer)."""
+    """Mask personal data in rendered exceptions' messages (after ExceptionRenderer), those
+    of an exception group's members included."""
     if "exception" not in event_dict:
         return event_dict
     exception = event_dict["exception"]
     if isinstance(exception, list):
-        for frame in exception:
-            if not isinstance(frame, dict):
-                continue
-            if isinstance(frame.get("exc_value"), str):
-                frame["exc_value"] = scrub(frame["exc_value"])
-            if isinstance(frame.get("exc_notes"), list):
-                frame["exc_notes"] = [scrub(str(note)) for note in frame["exc_notes"]]
+        _scrub_frames(exception, 8)
     elif isinstance(exception, str):
         event_dict["exception"] = scrub(exception)
     return event_dict
+
+
+def _scrub_frames(frames: list[Any], depth: int) -> None:
+    for frame in frames:
+        if not isinstance(frame, dict):
+            continue
+        if isinstance(frame.get("exc_value"), str):
+            frame["exc_value"] = scrub(frame["exc_value"])
+        if isinstance(frame.get("exc_notes"), list):
+            frame["exc_notes"] = [scrub(str(note)) for note in frame["exc_notes"]]
+        members = frame.get("exceptions")
+        if isinstance(members, list) and depth:
+            for member in members:
+                if isinstance(member, list):
+                    _scrub_frames(member, depth - 1)
 
 
 # msgspec renders an event several times faster than json.dumps; unknown types become str.
@@ -231,10 +241,11 @@ class JsonLine:
             structlog.contextvars.merge_contextvars(logger, method_name, event_dict)
         event_dict["level"] = _LEVELS.get(method_name, method_name)
         self._timestamp(logger, method_name, event_dict)
-        redact(logger, method_name, event_dict)
         if "exc_info" in event_dict or "exception" in event_dict:
+            # Rendered before redaction, which would turn an exc_info tuple into a list.
             self._exceptions(logger, method_name, event_dict)
             scrub_exception(logger, method_name, event_dict)
+        redact(logger, method_name, event_dict)
         return _json.encode(event_dict).decode()
 
 
@@ -346,10 +357,11 @@ def configure_logging(
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             _Timestamp(),
-            redact,
-            # The traceback as text first, so its messages are scrubbed too (no locals).
+            # The traceback as text first (before redaction turns an exc_info tuple into a
+            # list), so its messages are scrubbed too (no locals).
             structlog.processors.format_exc_info,
             scrub_exception,
+            redact,
             structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
         ]
     _route_library_logs()

@@ -89,6 +89,9 @@ def create_app(
             gc.freeze()
             yield
 
+    # Every answer, those aiohttp makes before the middleware (its Expect handler's 417)
+    # included.
+    app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(runtime_ctx)
     if reload_environ is not None:
         app.cleanup_ctx.append(_on_sighup(reload_environ))
@@ -191,3 +194,8 @@ def _on_sighup(
             loop.remove_signal_handler(signal.SIGHUP)
 
     return handler
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp's default names Python's and its own versions: a map for scanners.
+    response.headers["Server"] = "ctwa-gateway"

@@ -106,10 +106,7 @@ def make_middleware(
                 log.warning("auth_failures_limited", client=client)
             if wait is not None:
                 response = _too_many_failures(wait)
-        headers = response.headers
-        headers[REQUEST_ID_HEADER] = request_id
-        # aiohttp's default names Python's and its own versions: a map for scanners.
-        headers["Server"] = "ctwa-gateway"
+        response.headers[REQUEST_ID_HEADER] = request_id
         elapsed = time.perf_counter() - started
         # Unmatched paths share one label: a scanner must not mint a time series per URL.
         route = _route(request) or "unmatched"

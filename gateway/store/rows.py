@@ -7,6 +7,7 @@ conversation was found, the request's digests), encoded and decoded here and now
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -141,9 +142,12 @@ def _in_columns(custom: object) -> bool:
     if type(custom) is not dict or list(custom) != ["currency", "value"]:
         return False
     value = custom["value"]
-    return type(custom["currency"]) is str and (
-        type(value) is float or (type(value) is int and abs(value) <= _EXACT_INT)
-    )
+    if type(value) is float:
+        # A REAL column keeps neither NaN (it becomes NULL) nor the sign of -0.0.
+        exact = math.isfinite(value) and (value != 0 or math.copysign(1, value) > 0)
+    else:
+        exact = type(value) is int and abs(value) <= _EXACT_INT
+    return exact and type(custom["currency"]) is str
 
 
 # The largest integer a REAL column holds exactly.
@@ -333,8 +337,11 @@ def value_and_currency(event: dict[str, Any]) -> tuple[float | None, str | None]
     if not isinstance(custom, dict):
         return None, None
     value, currency = custom.get("value"), custom.get("currency")
+    number = (
+        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    )
     return (
-        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None,
+        number if number is not None and math.isfinite(number) else None,
         currency if isinstance(currency, str) else None,
     )
 

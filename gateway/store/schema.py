@@ -240,17 +240,22 @@ MIGRATIONS: tuple[str, ...] = (
     # fills. The overview reads event_hours, per account and UTC hour the events and their
     # value by name, status, currency and whether they were past the attribution window:
     # the insert adds its batch's counts (a statement or two per group commit, where an
-    # index entry per event cost every request), the trigger moves them when an event's
-    # status changes, and retention leaves them (like event_daily, counts outlive pruned
-    # events). events_by_time finds the events of a period's partial first and last hours;
-    # events_by_conversation carries what the ads funnel sums, so its join reads no rows;
-    # clicks are found by the time they were captured.
+    # index entry per event cost every request), one trigger moves them when an event's
+    # status changes and another takes them away when retention deletes it (so a pruned
+    # event counts nowhere, whatever the period's alignment). events_by_time finds the
+    # events of a period's partial first and last hours; events_by_conversation carries
+    # what the ads funnel sums, so its join reads no rows; clicks are found by the time they
+    # were captured.
     """
     ALTER TABLE events ADD COLUMN custom_value REAL;
     ALTER TABLE events ADD COLUMN custom_currency TEXT;
     UPDATE events SET
-        custom_value = json_extract(CAST(event AS TEXT), '$.custom_data.value'),
-        custom_currency = json_extract(CAST(event AS TEXT), '$.custom_data.currency');
+        custom_value = CASE json_type(CAST(event AS TEXT), '$.custom_data.value')
+            WHEN 'real' THEN json_extract(CAST(event AS TEXT), '$.custom_data.value')
+            WHEN 'integer' THEN json_extract(CAST(event AS TEXT), '$.custom_data.value') END,
+        custom_currency = CASE json_type(CAST(event AS TEXT), '$.custom_data.currency')
+            WHEN 'text' THEN json_extract(CAST(event AS TEXT), '$.custom_data.currency') END
+        WHERE json_valid(CAST(event AS TEXT));
     CREATE TABLE event_hours (
         account_id TEXT NOT NULL,
         hour INTEGER NOT NULL,
@@ -277,6 +282,14 @@ MIGRATIONS: tuple[str, ...] = (
         INSERT INTO event_hours VALUES (NEW.account_id, NEW.event_time / 3600, NEW.event_name,
             NEW.status, COALESCE(NEW.custom_currency, ''), NEW.attribution_window_expired, 1,
             COALESCE(NEW.custom_value, 0))
+            ON CONFLICT DO UPDATE SET events = events + excluded.events,
+                value = value + excluded.value;
+    END;
+    CREATE TRIGGER event_hours_pruned AFTER DELETE ON events
+    BEGIN
+        INSERT INTO event_hours VALUES (OLD.account_id, OLD.event_time / 3600, OLD.event_name,
+            OLD.status, COALESCE(OLD.custom_currency, ''), OLD.attribution_window_expired, -1,
+            -COALESCE(OLD.custom_value, 0))
             ON CONFLICT DO UPDATE SET events = events + excluded.events,
                 value = value + excluded.value;
     END;
