@@ -26,6 +26,7 @@ __all__ = [
     "bind",
     "bound",
     "configure_logging",
+    "log_request",
     "redact",
     "scrub",
     "scrub_exception",
@@ -251,6 +252,27 @@ class JsonLine:
 
 # structlog's add_log_level names these two differently from the method.
 _LEVELS = {"warn": "warning", "exception": "error"}
+
+
+def log_request(**fields: Any) -> None:
+    """Write the canonical line of a request (event ``request``, at info).
+
+    When the fused JSON processor is what is configured, it renders the line directly:
+    structlog's per-call machinery (the lazy proxy, the bound logger, the event dict's
+    copies) was two fifths of the line's cost, paid by every request. Otherwise (console
+    output, another configuration) the line goes through structlog like any other.
+    """
+    config = structlog.get_config()
+    processors = config["processors"]
+    if (
+        len(processors) == 1
+        and isinstance(processors[0], JsonLine)
+        and config["wrapper_class"].is_enabled_for(None, logging.INFO)
+    ):
+        line = processors[0](None, "info", {"event": "request", **fields})
+        config["logger_factory"]().info(line)
+    else:
+        structlog.get_logger().info("request", **fields)
 
 
 def _structlog_contextvars_used() -> bool:

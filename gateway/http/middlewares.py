@@ -28,7 +28,7 @@ from gateway.errors import (
 )
 from gateway.http.auth import FailureLimiter, IPNetwork, client_address
 from gateway.http.body import too_large
-from gateway.logs import bind, start_request_log
+from gateway.logs import bind, log_request, start_request_log
 from gateway.metrics import Metrics
 from gateway.wire import ENCODER, ErrorBody, PlatformErrorBody
 
@@ -111,8 +111,7 @@ def make_middleware(
         # Unmatched paths share one label: a scanner must not mint a time series per URL.
         route = _route(request) or "unmatched"
         metrics.requests.observe(route, response.status, elapsed)
-        log.info(
-            "request",
+        log_request(
             method=request.method,
             route=route,
             status=response.status,
