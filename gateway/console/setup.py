@@ -126,7 +126,9 @@ def setup_console(app: web.Application, settings: Settings) -> list[web.RouteDef
         path=CONSOLE_PATH,
         config=settings.console,
         sessions=Sessions(
-            ttl_s=settings.console.session_ttl_s, max_sessions=settings.console.max_sessions
+            ttl_s=settings.console.session_ttl_s,
+            max_sessions=settings.console.max_sessions,
+            max_per_key=settings.console.max_sessions_per_key,
         ),
         trusted_proxies=[
             ipaddress.ip_network(p, strict=False) for p in settings.server.trusted_proxies
