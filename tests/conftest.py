@@ -175,6 +175,20 @@ async def client(make_client: ClientFactory) -> TestClient[web.Request, web.Appl
     return await make_client()
 
 
+@pytest.fixture
+async def seeded(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> TestClient[web.Request, web.Application]:
+    """A client on the app with tests/console_seed.py's known numbers, delivering through
+    meta_capi at an address nothing listens on (a replayed delivery stays pending)."""
+    from tests.console_seed import seed  # console_seed imports this module
+
+    plugins = {"sinks": ["meta_capi"], "meta_capi": {"graph_url": "http://127.0.0.1:9"}}
+    client = await make_client(settings=parse_settings({**config, "plugins": plugins}))
+    await seed(store_of(client))
+    return client
+
+
 def install_distribution(
     site: Path, monkeypatch: pytest.MonkeyPatch, name: str, entry_points: dict[str, str]
 ) -> None:
