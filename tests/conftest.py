@@ -232,6 +232,23 @@ def sink_states(answer: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {d["sink"]: d for d in answer["deliveries"]}
 
 
+async def sink_state_when(
+    client: TestClient[web.Request, web.Application],
+    event_id: str,
+    sink: str,
+    done: Callable[[dict[str, Any]], bool],
+    timeout_s: float = 5.0,
+) -> dict[str, Any]:
+    """Return a sink's state of the event once ``done`` holds (or at the timeout): the
+    dispatcher logs a sink's failure before it writes the failed attempt to the store."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = sink_states(await event_detail(client, event_id))[sink]
+        if done(state) or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.02)
+
+
 def store_of(client: TestClient[web.Request, web.Application]) -> Store:
     """Return the store of the app behind ``client``."""
     return client.app[PIPELINE].store
