@@ -213,8 +213,12 @@ class ConsoleConfig(ConfigStruct, frozen=True):
     # A session ends this long after sign-in, whatever the activity (the key may have been
     # revoked meanwhile; revoking it on SIGHUP ends its sessions at once anyway).
     session_ttl_s: Annotated[int, msgspec.Meta(ge=60, le=30 * 86400)] = 43200
-    # Sessions live in the process's memory; past this many the oldest end first.
+    # Sessions live in the process's memory; past this many, the oldest session of the key
+    # holding the most ends first.
     max_sessions: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+    # Past this many sessions of one key, that key's own oldest ends: signing in again and
+    # again with one key never ends another key's sessions.
+    max_sessions_per_key: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 20
 
 
 class Settings(ConfigStruct, frozen=True):

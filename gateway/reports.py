@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from gateway.errors import InvalidRequest
-from gateway.wire import WireStruct
+from gateway.wire import EventId, WireStruct
 
 __all__ = [
     "DAY_S",
@@ -298,13 +298,8 @@ class ReplayRequest(WireStruct, frozen=True):
     status: Annotated[list[ReplayStatus], msgspec.Meta(min_length=1, max_length=2)] = msgspec.field(
         default_factory=lambda: ["failed"]
     )
-    event_ids: (
-        Annotated[
-            list[Annotated[str, msgspec.Meta(min_length=1, max_length=256)]],
-            msgspec.Meta(min_length=1, max_length=1000),
-        ]
-        | None
-    ) = None
+    # Ids as the conversions endpoint takes them (no control or invisible characters).
+    event_ids: Annotated[list[EventId], msgspec.Meta(min_length=1, max_length=1000)] | None = None
     event_name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
     ad_id: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)] | None = None
     since: Timestamp | None = None

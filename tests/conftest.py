@@ -175,6 +175,20 @@ async def client(make_client: ClientFactory) -> TestClient[web.Request, web.Appl
     return await make_client()
 
 
+@pytest.fixture
+async def seeded(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> TestClient[web.Request, web.Application]:
+    """A client on the app with tests/console_seed.py's known numbers, delivering through
+    meta_capi at an address nothing listens on (a replayed delivery stays pending)."""
+    from tests.console_seed import seed  # console_seed imports this module
+
+    plugins = {"sinks": ["meta_capi"], "meta_capi": {"graph_url": "http://127.0.0.1:9"}}
+    client = await make_client(settings=parse_settings({**config, "plugins": plugins}))
+    await seed(store_of(client))
+    return client
+
+
 def install_distribution(
     site: Path, monkeypatch: pytest.MonkeyPatch, name: str, entry_points: dict[str, str]
 ) -> None:
@@ -216,6 +230,23 @@ async def event_detail(
 def sink_states(answer: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Return an answer's ``deliveries`` by sink."""
     return {d["sink"]: d for d in answer["deliveries"]}
+
+
+async def sink_state_when(
+    client: TestClient[web.Request, web.Application],
+    event_id: str,
+    sink: str,
+    done: Callable[[dict[str, Any]], bool],
+    timeout_s: float = 5.0,
+) -> dict[str, Any]:
+    """Return a sink's state of the event once ``done`` holds (or at the timeout): the
+    dispatcher logs a sink's failure before it writes the failed attempt to the store."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = sink_states(await event_detail(client, event_id))[sink]
+        if done(state) or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.02)
 
 
 def store_of(client: TestClient[web.Request, web.Application]) -> Store:

@@ -23,7 +23,7 @@ class Seeded:
     ids: dict[str, str]
 
 
-def _event(
+def stored_event(
     conversation: Conversation,
     event_id: str,
     name: str,
@@ -133,12 +133,12 @@ async def seed(store: Store, now: float | None = None) -> Seeded:
     c1, x1 = conversations["c1"], conversations["x1"]
     events = [
         # a1: bought an hour after the click, then a second purchase that failed.
-        _event(a1, "order-a1-1", "Purchase", "delivered", a1.created_at + HOUR, 40.0, "USD"),
-        _event(a1, "order-a1-2", "Purchase", "failed", a1.created_at + 5 * HOUR, 10.0, "USD"),
+        stored_event(a1, "order-a1-1", "Purchase", "delivered", a1.created_at + HOUR, 40.0, "USD"),
+        stored_event(a1, "order-a1-2", "Purchase", "failed", a1.created_at + 5 * HOUR, 10.0, "USD"),
         # a2: a lead three hours after the click.
-        _event(a2, "lead-a2", "LeadSubmitted", "delivered", a2.created_at + 3 * HOUR),
+        stored_event(a2, "lead-a2", "LeadSubmitted", "delivered", a2.created_at + 3 * HOUR),
         # b1: a purchase in euros, still pending, sent after the click window (flagged).
-        _event(
+        stored_event(
             b1,
             "order-b1",
             "Purchase",
@@ -149,9 +149,9 @@ async def seed(store: Store, now: float | None = None) -> Seeded:
             expired=True,
         ),
         # c1: a purchase that could not reach Meta in time.
-        _event(c1, "order-c1", "Purchase", "expired", c1.created_at + 7 * HOUR, 15.0, "USD"),
+        stored_event(c1, "order-c1", "Purchase", "expired", c1.created_at + 7 * HOUR, 15.0, "USD"),
         # other's account: must never show on acme's pages or answers.
-        _event(x1, "order-x1", "Purchase", "delivered", x1.created_at + HOUR, 999.0, "USD"),
+        stored_event(x1, "order-x1", "Purchase", "delivered", x1.created_at + HOUR, 999.0, "USD"),
     ]
     for event in events:
         await store.insert_event(event)

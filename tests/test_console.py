@@ -247,3 +247,17 @@ async def test_every_page_fits_360_pixels(browser: Browser, server: TestServer) 
     await page.goto(f"{console.base}/console/sign-in")
     assert await page.evaluate("document.documentElement.scrollWidth") <= 360
     assert console.violations == []
+
+
+async def test_the_account_switcher_moves_only_when_asked(console: Console) -> None:
+    """Arrowing through the accounts goes nowhere; Switch opens the same page of the chosen
+    account (a plain form: no script needed)."""
+    await console.sign_in()
+    page = console.page
+    await page.goto(f"{console.base}/console/accounts/acme/events")
+    await page.locator("#account-select").focus()
+    await page.keyboard.press("ArrowDown")
+    assert page.url.endswith("/console/accounts/acme/events")
+    await page.get_by_role("button", name="Switch").click()
+    await page.wait_for_url("**/console/accounts/other/events")
+    assert console.violations == []

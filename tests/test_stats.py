@@ -15,19 +15,10 @@ from aiohttp.test_utils import TestClient
 from gateway.config import parse_settings
 from gateway.store.schema import MIGRATIONS
 from tests.conftest import AUTH, SCOPED_KEY, ClientFactory, add_conversation, store_of
-from tests.console_seed import ACME_TOTALS, seed
+from tests.console_seed import ACME_TOTALS
 
 Client = TestClient[web.Request, web.Application]
 SCOPED = {"Authorization": f"Bearer {SCOPED_KEY}"}
-
-
-@pytest.fixture
-async def seeded(make_client: ClientFactory, config: dict[str, Any]) -> Client:
-    # meta_capi at an address nothing listens on: a replayed delivery stays pending.
-    plugins = {"sinks": ["meta_capi"], "meta_capi": {"graph_url": "http://127.0.0.1:9"}}
-    client = await make_client(settings=parse_settings({**config, "plugins": plugins}))
-    await seed(store_of(client))
-    return client
 
 
 async def stats(client: Client, **params: str) -> dict[str, Any]:
@@ -191,6 +182,12 @@ async def test_replay_counts_then_requeues(seeded: Client) -> None:
     )
     assert resp.status == 400
     assert (await resp.json())["param"] == "status[0]"
+    # An event id with a control character matches nothing stored: refused, like on insert.
+    resp = await seeded.post(
+        "/v1/whatsapp/replay", json={"accountId": "acme", "eventIds": ["a\nb"]}, headers=AUTH
+    )
+    assert resp.status == 400
+    assert (await resp.json())["param"] == "eventIds[0]"
 
 
 async def test_events_stored_before_the_reporting_columns_are_counted(

@@ -8,6 +8,7 @@ key's accounts, under a strict Content-Security-Policy (no inline script or styl
 
 from __future__ import annotations
 
+from gateway.console.guard import security_headers
 from gateway.console.setup import CONSOLE_PATH, setup_console
 
-__all__ = ["CONSOLE_PATH", "setup_console"]
+__all__ = ["CONSOLE_PATH", "security_headers", "setup_console"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 import aiohttp_jinja2
@@ -11,7 +12,8 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.console.guard import CONSOLE, Viewer, check_csrf, form_of, page, redirect
+from gateway.console.forms import form_of
+from gateway.console.guard import CONSOLE, Viewer, check_csrf, page, redirect, segment
 from gateway.console.pages import context
 from gateway.errors import InvalidRequest, NotFound
 from gateway.hashing import normalize_phone
@@ -21,17 +23,26 @@ from gateway.http.render import conversation_view, event_detail, event_summary, 
 from gateway.http.reporting import events_filter, replay
 from gateway.reports import ReplayRequest
 from gateway.store.reports import EventFilter
+from gateway.validation import validation_error
 
 __all__ = ["routes"]
 
 log = structlog.get_logger()
 routes = web.RouteTableDef()
 _REPLAY_FIELDS = ("status", "eventName", "since", "until", "adId", "eventIds")
+# One value each per field; these repeat (one field per status, one per event id: an id may
+# hold a comma).
+_REPEATED = ("status", "eventIds")
+# What a replay just did, for the page to say (the redirect after it carries it).
+Replayed = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class EventsPageQuery(EventFilters, frozen=True):
-    # What a replay just did, for the page to say (the redirect after it carries it).
-    replayed: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    replayed: Replayed | None = None
+
+
+class EventPageQuery(QueryStruct, frozen=True):
+    replayed: Replayed | None = None
 
 
 class FindQuery(QueryStruct, frozen=True):
@@ -69,6 +80,7 @@ async def events(request: web.Request, viewer: Viewer) -> web.StreamResponse:
 async def event(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     """One event: each sink's state, every attempt and the exact (hashed) payload."""
     account = viewer.account(request)
+    query = parse_query(request, EventPageQuery, drop_empty=True)
     event_id = request.match_info["event_id"]
     store = request.app[PIPELINE].store
     stored = await store.find_event(account.id, event_id)
@@ -93,24 +105,35 @@ async def event(request: web.Request, viewer: Viewer) -> web.StreamResponse:
             replayable=any(
                 d.status in ("failed", "expired") and d.sink in outbox for d in detail.deliveries
             ),
-            replayed=request.query.get("replayed"),
+            replayed=query.replayed,
         ),
     )
 
 
-def _replay_request(account_id: str, fields: dict[str, str]) -> ReplayRequest:
-    """The replay a form (or the confirmation link) names, decoded like the API's body."""
+def _replay_request(account_id: str, values: Callable[[str], list[str]]) -> ReplayRequest:
+    """The replay a form (or the confirmation link) names, decoded like the API's body:
+    ``values(name)`` gives a field's values, in order."""
     body: dict[str, object] = {"accountId": account_id}
     for name in _REPLAY_FIELDS:
-        value = fields.get(name, "").strip()
-        if not value:
-            continue
-        body[name] = value.split(",") if name in ("status", "eventIds") else value
+        given = [v.strip() for v in values(name) if v.strip()]
+        if name in _REPEATED and given:
+            body[name] = given
+        elif len(given) > 1:
+            raise InvalidRequest(
+                f"`{name}` appears more than once; send it once.",
+                code="invalid_field",
+                param=name,
+            )
+        elif given:
+            body[name] = given[0]
     body.setdefault("status", ["failed", "expired"])
     try:
         return msgspec.convert(body, ReplayRequest)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"Invalid replay: {exc}.", code="invalid_field") from None
+        error = validation_error(exc, _REPLAY_FIELDS)
+        # The form's field, not the item in it (`eventIds[0]`): that is what the page names.
+        field = (error.param or "").partition("[")[0] or None
+        raise InvalidRequest(error.message, code=error.code, param=field) from None
 
 
 @routes.get("/console/accounts/{account_id}/replay")
@@ -118,10 +141,10 @@ def _replay_request(account_id: str, fields: dict[str, str]) -> ReplayRequest:
 async def confirm_replay(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     """Say how many events a replay would re-queue, and ask to confirm it."""
     account = viewer.account(request)
-    wanted = _replay_request(account.id, dict(request.query))
+    wanted = _replay_request(account.id, lambda name: request.query.getall(name, []))
     dry = msgspec.structs.replace(wanted, dry_run=True)
     answer = await replay(request.app[PIPELINE].store, request.app[PLUGINS], dry, now=time.time())
-    hidden = {name: request.query[name] for name in _REPLAY_FIELDS if request.query.get(name)}
+    hidden = [(name, value) for name in _REPLAY_FIELDS for value in request.query.getall(name, [])]
     return aiohttp_jinja2.render_template(
         "replay.html",
         request,
@@ -133,17 +156,17 @@ async def confirm_replay(request: web.Request, viewer: Viewer) -> web.StreamResp
 @page
 async def do_replay(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     """Re-queue the matching failed or expired deliveries; back to where it was asked."""
-    fields = await form_of(request)
-    check_csrf(request, viewer, fields)
+    form = await form_of(request)
+    check_csrf(request, viewer, form)
     account = viewer.account(request)
-    wanted = _replay_request(account.id, fields)
+    wanted = _replay_request(account.id, form.all)
     answer = await replay(
         request.app[PIPELINE].store, request.app[PLUGINS], wanted, now=time.time()
     )
     log.info("deliveries_replayed", events=answer.requeued, sinks=answer.sinks, via="console")
-    base = f"{request.app[CONSOLE].path}/accounts/{account.id}"
+    base = f"{request.app[CONSOLE].path}/accounts/{segment(account.id)}"
     if wanted.event_ids is not None and len(wanted.event_ids) == 1:
-        return redirect(f"{base}/events/{wanted.event_ids[0]}?replayed={answer.requeued}")
+        return redirect(f"{base}/events/{segment(wanted.event_ids[0])}?replayed={answer.requeued}")
     return redirect(f"{base}/events?replayed={answer.requeued}")
 
 

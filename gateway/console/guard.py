@@ -1,27 +1,28 @@
 """What stands between a browser and the console's pages: the session cookie, the API key
 behind it, CSRF checks on every state-changing request, and the security headers.
 
-Every refusal is the API's error envelope with the API's status (401 when signed out of a
-JSON-only place, 403 for another account or a failed CSRF check), so the failed-authentication
-limits count it exactly as they count the API's.
+Every refusal has the API's status (401 when signed out of a JSON-only place, 403 for another
+account or a failed CSRF check), so the failed-authentication limits count it exactly as they
+count the API's; it is the API's error envelope, or the same message on a page when a browser
+loads the page.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
+import aiohttp_jinja2
 from aiohttp import web
 
 from gateway.config import AccountConfig, ConsoleConfig, Settings
+from gateway.console.forms import Form
 from gateway.console.sessions import Session, Sessions
-from gateway.errors import Forbidden, GatewayError, InvalidRequest, Unauthorized
-from gateway.http.auth import ApiKey, IPNetwork, KeyRing
-from gateway.http.body import too_large
+from gateway.errors import Forbidden, GatewayError, Unauthorized
+from gateway.http.auth import ApiKey, IPNetwork, KeyRing, trusted_peer
 from gateway.http.keys import CREDENTIALS, PIPELINE, SETTINGS
 from gateway.http.middlewares import error_response
 from gateway.logs import bind
@@ -34,12 +35,15 @@ __all__ = [
     "Viewer",
     "check_csrf",
     "check_same_origin",
-    "form_of",
+    "http_url",
     "page",
-    "protect",
     "redirect",
+    "refusal",
     "safe_next",
+    "security_headers",
+    "segment",
     "set_session_cookie",
+    "sign_in_location",
 ]
 
 CSP = (
@@ -47,7 +51,6 @@ CSP = (
     " frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 COOKIE = "ctwa_console"
-_FORM_MAX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -73,28 +76,44 @@ class Viewer:
     # The accounts this key may see, in config order.
     accounts: list[AccountConfig]
 
-    def account(self, request: web.Request) -> AccountConfig:
-        """Return the account the page's path names, or raise 403/404 as the API does."""
-        account_id = request.match_info["account_id"]
+    def account(self, request: web.Request, account_id: str | None = None) -> AccountConfig:
+        """Return the account the page's path (or ``account_id``) names, or raise 403/404
+        as the API does."""
+        if account_id is None:
+            account_id = request.match_info["account_id"]
         bind(account=account_id[:128])
         KeyRing.authorize(self.key, account_id)
         return request.app[PIPELINE].account(account_id)
 
 
-def protect(response: web.StreamResponse, *, cache: bool = False) -> web.StreamResponse:
-    """Add the console's security headers (every console response has them)."""
+def security_headers(response: web.StreamResponse) -> None:
+    """Add the console's security headers; the app's middleware calls this for every answer
+    under the console's path (pages, redirects, refusals, unknown paths, 405s, 429s)."""
     headers = response.headers
     headers["Content-Security-Policy"] = CSP
     headers["X-Content-Type-Options"] = "nosniff"
     headers["X-Frame-Options"] = "DENY"
     headers["Referrer-Policy"] = "same-origin"
-    headers["Cache-Control"] = "public, max-age=3600" if cache else "no-store"
-    return response
+    headers.setdefault("Cache-Control", "no-store")  # the static assets say otherwise
 
 
 def redirect(location: str) -> web.Response:
     """A 303 to ``location`` (after a POST, the browser GETs it)."""
     return web.Response(status=303, headers={"Location": location})
+
+
+def segment(value: object) -> str:
+    """Quote a value for one URL path segment ("/" too: event ids may hold one)."""
+    return quote(str(value), safe="")
+
+
+_HTTP_URL = re.compile(r"\Ahttps?://[^\x00-\x20\x7f]+\Z", re.IGNORECASE)
+
+
+def http_url(value: object) -> bool:
+    """Tell whether a value is an http(s) URL, the only kind the pages make a link of (an ad's
+    link is whatever its author typed: ``javascript:`` too)."""
+    return isinstance(value, str) and _HTTP_URL.match(value) is not None
 
 
 _NEXT = re.compile(r"^/console/[A-Za-z0-9/_.~%?&=+:-]*\Z")
@@ -108,16 +127,27 @@ def safe_next(value: str | None, default: str) -> str:
     return default
 
 
+def sign_in_location(request: web.Request) -> str:
+    """The sign-in page, with the page asked for (its whole query) to come back to."""
+    # Everything but "/" is escaped: an unescaped "&" would end `next` at the first parameter.
+    return f"{request.app[CONSOLE].path}/sign-in?next={quote(request.path_qs, safe='/')}"
+
+
+def _forwarded(request: web.Request, name: str, trusted: Sequence[IPNetwork]) -> str | None:
+    """The value a trusted proxy put in an X-Forwarded-* header (the last one, its own)."""
+    value = request.headers.get(name)
+    if value is None or not trusted_peer(request.remote, trusted):
+        return None
+    return value.rpartition(",")[2].strip().lower()
+
+
 def _is_tls(request: web.Request, trusted: Sequence[IPNetwork]) -> bool:
-    if request.secure:
-        return True
-    if request.headers.get("X-Forwarded-Proto", "").lower() != "https":
-        return False
-    try:
-        peer = ipaddress.ip_address(request.remote or "")
-    except ValueError:
-        return False
-    return any(peer in network for network in trusted)
+    return request.secure or _forwarded(request, "X-Forwarded-Proto", trusted) == "https"
+
+
+def _public_host(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
+    """The host the browser asked for: a trusted proxy's X-Forwarded-Host, else Host."""
+    return _forwarded(request, "X-Forwarded-Host", trusted) or request.host.lower()
 
 
 def set_session_cookie(response: web.StreamResponse, request: web.Request, value: str) -> None:
@@ -157,7 +187,7 @@ PageHandler = Callable[[web.Request, Viewer], Awaitable[web.StreamResponse]]
 
 def page(handler: PageHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Wrap a console handler: signed out, a GET goes to the sign-in page (and any other
-    method is refused); refusals are envelopes; every answer gets the security headers."""
+    method is refused); refusals are envelopes, or an error page for a browser."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
@@ -169,70 +199,82 @@ def page(handler: PageHandler) -> Callable[[web.Request], Awaitable[web.StreamRe
                         " again at /console/sign-in.",
                         code="session_required",
                     )
-                path = request.app[CONSOLE].path
-                target = quote(request.path_qs, safe="/?&=")
-                response: web.StreamResponse = redirect(f"{path}/sign-in?next={target}")
-            else:
-                response = await handler(request, viewer)
+                return redirect(sign_in_location(request))
+            return await handler(request, viewer)
         except GatewayError as exc:
-            bind(error_code=exc.code, error_param=None if exc.param is None else exc.param[:100])
-            response = error_response(exc, headers=exc.headers or None)
-        return protect(response)
+            return refusal(request, exc)
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__
     return wrapped
 
 
-async def form_of(request: web.Request) -> dict[str, str]:
-    """Return a form POST's fields (each at most once), or raise 400/413."""
-    if (request.content_length or 0) > _FORM_MAX_BYTES:
-        raise too_large(_FORM_MAX_BYTES)
-    if request.content_type not in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        raise InvalidRequest(
-            "Send the console's forms as application/x-www-form-urlencoded.",
-            code="unsupported_media_type",
-            status=415,
-        )
-    try:
-        posted = await request.post()
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("The form could not be read.", code="invalid_form") from None
-    fields: dict[str, str] = {}
-    for name, value in posted.items():
-        if not isinstance(value, str):
-            raise InvalidRequest(f"`{name[:64]}` must be text.", code="invalid_field", param=name)
-        if name in fields:
-            raise InvalidRequest(
-                f"`{name[:64]}` appears more than once in the form; send it once.",
-                code="invalid_field",
-                param=name,
-            )
-        fields[name] = value
-    return fields
+def refusal(request: web.Request, exc: GatewayError) -> web.StreamResponse:
+    """Answer a refusal: the API's envelope, or for a browser's page load (Accept:
+    text/html) the same message on a page, with the same status."""
+    bind(error_code=exc.code, error_param=None if exc.param is None else exc.param[:100])
+    if "text/html" not in request.headers.get("Accept", ""):
+        return error_response(exc, headers=exc.headers or None)
+    context = {
+        "base": request.app[CONSOLE].path,
+        "account": None,
+        "nav": "error",
+        "error": exc,
+        # A page asked with bad choices (a custom period that ends before it starts): the
+        # same page without them. The path is the router's, so it is this site's.
+        "back": request.rel_url.raw_path
+        if request.method == "GET" and request.query_string
+        else None,
+    }
+    response = aiohttp_jinja2.render_template("error.html", request, context, status=exc.status)
+    response.headers.update(exc.headers)
+    return response
+
+
+def _shown(value: str) -> str:
+    # A header is quoted back only as printable ASCII: its raw bytes may be anything,
+    # including what cannot be encoded in the answer at all.
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in value[:32])
 
 
 def check_same_origin(request: web.Request) -> None:
-    """Refuse a request a browser says came from another site (403)."""
+    """Refuse a request a browser says came from another site (403).
+
+    ``Sec-Fetch-Site: same-origin`` settles it (no page can forge a ``Sec-`` header); else
+    the Origin must name the host the browser asked for: ``Host``, or behind a trusted
+    proxy its ``X-Forwarded-Host`` (from anyone else that header is ignored).
+    """
     site = request.headers.get("Sec-Fetch-Site")
-    if site is not None and site not in ("same-origin", "none"):
+    if site == "same-origin":
+        return
+    if site is not None and site != "none":
         raise Forbidden(
-            f"Refused: the browser says this request came from another site ({site[:32]}).",
+            f"Refused: the browser says this request came from another site ({_shown(site)}).",
             code="csrf_cross_site",
+            param="Sec-Fetch-Site",
         )
     origin = request.headers.get("Origin")
-    if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():
+    if origin is None:
+        return
+    try:
+        host: str | None = urlsplit(origin).netloc.lower()
+    except ValueError:  # "http://[::1": not a URL at all
+        host = None
+    if host != _public_host(request, request.app[CONSOLE].trusted_proxies):
         raise Forbidden(
-            "Refused: the request's Origin is not this console's; use the console's own forms.",
+            "Refused: the request's Origin is not this console's; use the console's own forms"
+            " (behind a reverse proxy: have it send `Host $host`, and list it in [server]"
+            " trusted_proxies).",
             code="csrf_origin_mismatch",
+            param="Origin",
         )
 
 
-def check_csrf(request: web.Request, viewer: Viewer, fields: dict[str, str]) -> None:
+def check_csrf(request: web.Request, viewer: Viewer, form: Form) -> None:
     """Refuse a state-changing request without this session's CSRF token, or sent from
     another site (403)."""
     check_same_origin(request)
-    presented = fields.get("csrf") or request.headers.get("X-CSRF-Token") or ""
+    presented = form.one("csrf") or request.headers.get("X-CSRF-Token") or ""
     expected = viewer.session.csrf_token
     if not hmac.compare_digest(presented.encode("utf-8", "replace"), expected.encode()):
         raise Forbidden(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 import msgspec
@@ -10,7 +10,7 @@ import msgspec
 from gateway.errors import InvalidRequest
 from gateway.http.query import QueryStruct
 from gateway.http.render import iso_time
-from gateway.reports import parse_time
+from gateway.reports import DAY_S, MAX_PERIOD_S, parse_time
 
 __all__ = ["PERIODS", "PeriodQuery", "since_until"]
 
@@ -37,6 +37,21 @@ def since_until(query: PeriodQuery, *, now: float) -> tuple[str, str | None]:
             code="missing_field",
             param="start" if query.start is None else "end",
         )
-    parse_time(query.start, "start")
-    end = datetime.fromtimestamp(parse_time(query.end, "end"), UTC) + timedelta(days=1)
-    return query.start, end.strftime("%Y-%m-%d")
+    # Checked here, naming the form's fields: the API's own checks would name `since`/`until`.
+    start = parse_time(query.start, "start")
+    end = parse_time(query.end, "end") + DAY_S
+    if end <= start:
+        raise InvalidRequest(
+            "The custom period's `end` date (To) is before its `start` date (From); pick a"
+            " To date on or after the From date.",
+            code="invalid_field",
+            param="end",
+        )
+    if end - start > MAX_PERIOD_S:
+        raise InvalidRequest(
+            f"The custom period is too long: at most {MAX_PERIOD_S // DAY_S} days from `start`"
+            " (From) to `end` (To).",
+            code="invalid_field",
+            param="start",
+        )
+    return query.start, datetime.fromtimestamp(end, UTC).strftime("%Y-%m-%d")

@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 
 from gateway.config import Settings
-from gateway.console import setup_console
+from gateway.console import CONSOLE_PATH, security_headers, setup_console
 from gateway.credentials import Credentials, metrics_key
 from gateway.errors import ConfigError
 from gateway.http.auth import FailureLimiter, KeyRing
@@ -72,7 +72,12 @@ def create_app(
     app = web.Application(
         client_max_size=largest,
         middlewares=middlewares(
-            max_body_bytes=largest, metrics=metrics, failures=failures, trusted_proxies=proxies
+            max_body_bytes=largest,
+            metrics=metrics,
+            failures=failures,
+            trusted_proxies=proxies,
+            # Every answer under /console gets its CSP, whoever made it (404, 405, 429 too).
+            section=(CONSOLE_PATH, security_headers) if settings.console.enabled else None,
         ),
     )
     app[METRICS] = metrics

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from gateway.config import AuthConfig
 from gateway.errors import ConfigError, Forbidden, RateLimited, Unauthorized
 
-__all__ = ["ApiKey", "FailureLimiter", "IPNetwork", "KeyRing", "client_address", "secret_matches"]
+__all__ = [
+    "ApiKey",
+    "FailureLimiter",
+    "IPNetwork",
+    "KeyRing",
+    "client_address",
+    "secret_matches",
+    "trusted_peer",
+]
 
 
 @dataclass(frozen=True)
@@ -222,6 +230,11 @@ def client_address(
             return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
+
+
+def trusted_peer(peer: str | None, trusted: Sequence[IPNetwork]) -> bool:
+    """Tell whether the peer is a trusted proxy, whose X-Forwarded-* headers are believed."""
+    return peer is not None and _within(peer, trusted)
 
 
 def _within(address: str, networks: Sequence[IPNetwork]) -> bool:

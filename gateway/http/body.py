@@ -23,7 +23,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise too_large(limit)
     try:
-        body = await request.read()
+        if request.content_length is None:
+            body = await _read_up_to(request, limit)
+        else:
+            body = await request.read()  # framed by its Content-Length, checked above
     except web.HTTPException:
         raise  # aiohttp's own 413 past client_max_size
     except Exception as exc:
@@ -38,6 +41,15 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if len(body) > limit:
         raise too_large(limit)
     return body
+
+
+async def _read_up_to(request: web.Request, limit: int) -> bytes:
+    # A chunked body declares no length: stop one chunk past the limit (the caller answers
+    # 413) rather than take in everything up to client_max_size, the largest route's limit.
+    body = bytearray()
+    while len(body) <= limit and (chunk := await request.content.readany()):
+        body.extend(chunk)
+    return bytes(body)
 
 
 async def read_json_body(request: web.Request, limit: int) -> bytes:

@@ -32,12 +32,15 @@ from gateway.logs import bind, log_request, start_request_log
 from gateway.metrics import Metrics
 from gateway.wire import ENCODER, ErrorBody, PlatformErrorBody
 
-__all__ = ["REQUEST_ID_HEADER", "error_response", "middlewares"]
+__all__ = ["REQUEST_ID_HEADER", "Section", "error_response", "middlewares"]
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A path prefix and what to add to every answer under it, whoever made the answer (the
+# console's security headers: its pages, and the 404s, 405s and 429s made out here).
+Section = tuple[str, Callable[[web.StreamResponse], None]]
 log = structlog.get_logger()
 
 
@@ -74,9 +77,10 @@ def make_middleware(
     metrics: Metrics,
     failures: FailureLimiter,
     trusted_proxies: Sequence[IPNetwork],
+    section: Section | None = None,
 ) -> Middleware:
     """Return the middleware: request id, errors as envelopes, failed-authentication limits,
-    and the canonical log line."""
+    ``section``'s headers, and the canonical log line."""
     # A random per-app prefix and a counter: unique like uuid4, without a getrandom() syscall
     # on every request.
     prefix = secrets.token_hex(8)
@@ -106,6 +110,9 @@ def make_middleware(
                 log.warning("auth_failures_limited", client=client)
             if wait is not None:
                 response = _too_many_failures(wait)
+        # One cached attribute and a prefix test: nothing measurable on the other routes.
+        if section is not None and request.path.startswith(section[0]):
+            section[1](response)
         response.headers[REQUEST_ID_HEADER] = request_id
         elapsed = time.perf_counter() - started
         # Unmatched paths share one label: a scanner must not mint a time series per URL.
@@ -225,6 +232,7 @@ def middlewares(
     metrics: Metrics,
     failures: FailureLimiter,
     trusted_proxies: Sequence[IPNetwork] = (),
+    section: Section | None = None,
 ) -> list[Middleware]:
     """Return the app's middlewares (one: each layer costs every request a coroutine)."""
-    return [make_middleware(max_body_bytes, metrics, failures, trusted_proxies)]
+    return [make_middleware(max_body_bytes, metrics, failures, trusted_proxies, section)]

@@ -29,9 +29,9 @@ from tests.conftest import (
     ClientFactory,
     LogCapture,
     add_conversation,
-    event_detail,
     install_distribution,
     settle,
+    sink_state_when,
     sink_states,
     store_of,
 )
@@ -296,7 +296,8 @@ async def test_a_hanging_webhook_is_cut_off_by_the_host_and_meta_delivers_once(
     (line,) = await logs.wait_for("sink_failed")
     assert (line["sink"], line["hook"]) == ("http_sink", "gateway_send_events")
     assert line["exception"]  # with its traceback
-    crm_state = sink_states(await event_detail(client, "L1"))["http_sink"]
+    # The failure is logged before its attempt is written: wait for the written state.
+    crm_state = await sink_state_when(client, "L1", "http_sink", lambda s: s["error"] is not None)
     assert crm_state["status"] == "pending"
     assert crm_state["error"].startswith("will retry: the http_sink sink failed")
     assert "timed out" in crm_state["error"]

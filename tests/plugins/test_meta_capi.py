@@ -35,8 +35,8 @@ from tests.conftest import (
     LogCapture,
     add_conversation,
     base_config,
-    event_detail,
     settle,
+    sink_state_when,
     sink_states,
     store_of,
 )
@@ -730,7 +730,8 @@ async def test_a_faulty_outbox_sink_is_held_back_and_never_costs_meta_its_event(
         ["L1"],
     )
     assert line["exception"]  # with its traceback
-    state = sink_states(await event_detail(client, "L1"))["faulty"]
+    # The failure is logged before its attempt is written: wait for the written state.
+    state = await sink_state_when(client, "L1", "faulty", lambda s: s["error"] is not None)
     assert state["status"] == "pending"
     assert state["error"].startswith("will retry: the faulty sink failed in gateway_send_events")
     # Held back (retry_cap_s), not retried in a loop.

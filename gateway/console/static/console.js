@@ -38,13 +38,4 @@
       });
     });
   }
-
-  // The account switcher goes to the same page of the chosen account.
-  var select = document.querySelector("select[data-navigate]");
-  if (select) {
-    select.addEventListener("change", function () {
-      var page = window.location.pathname.split("/")[4] || "overview";
-      window.location.assign(select.dataset.navigate + encodeURIComponent(select.value) + "/" + page);
-    });
-  }
 })();
