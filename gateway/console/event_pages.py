@@ -15,11 +15,12 @@ from aiohttp import web
 from gateway.console.forms import form_of
 from gateway.console.guard import CONSOLE, Viewer, check_csrf, page, redirect, segment
 from gateway.console.pages import context
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import InvalidRequest
 from gateway.hashing import normalize_phone
+from gateway.http.handlers import event_detail_or_404
 from gateway.http.keys import PIPELINE, PLUGINS, SETTINGS
 from gateway.http.query import EventFilters, QueryStruct, parse_query
-from gateway.http.render import conversation_view, event_detail, event_summary, iso_time
+from gateway.http.render import conversation_view, event_summary, iso_time
 from gateway.http.reporting import events_filter, replay
 from gateway.reports import ReplayRequest
 from gateway.store.reports import EventFilter
@@ -81,16 +82,8 @@ async def event(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     """One event: each sink's state, every attempt and the exact (hashed) payload."""
     account = viewer.account(request)
     query = parse_query(request, EventPageQuery, drop_empty=True)
-    event_id = request.match_info["event_id"]
     store = request.app[PIPELINE].store
-    stored = await store.find_event(account.id, event_id)
-    if stored is None:
-        raise NotFound(
-            f"No event {event_id[:256]!r} on account {account.id!r}.",
-            code="event_not_found",
-            param="eventId",
-        )
-    detail = event_detail(stored, await store.outbox.attempts(stored.pk))
+    detail = await event_detail_or_404(store, account.id, request.match_info["event_id"])
     outbox = set(request.app[PLUGINS].outbox_sinks)
     return aiohttp_jinja2.render_template(
         "event.html",

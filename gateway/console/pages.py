@@ -111,8 +111,15 @@ async def overview(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     )
 
 
-def _sorted_ads(answer: StatsAnswer, query: AdsQuery) -> list[AdRow]:
-    return sorted(answer.ads or [], key=_SORTS[query.sort], reverse=query.dir == "desc")
+async def _funnel(
+    request: web.Request, account: AccountConfig
+) -> tuple[AdsQuery, StatsAnswer, list[AdRow], list[str]]:
+    """The page's query, the funnel's answer, its rows in the page's order and the event
+    names any row has (the ads page and its CSV show the same)."""
+    query = parse_query(request, AdsQuery, drop_empty=True)
+    answer = await _stats(request, account, query, "ad")
+    rows = sorted(answer.ads or [], key=_SORTS[query.sort], reverse=query.dir == "desc")
+    return query, answer, rows, sorted({name for row in rows for name in row.by_event_name})
 
 
 @routes.get("/console/accounts/{account_id}/ads")
@@ -120,10 +127,7 @@ def _sorted_ads(answer: StatsAnswer, query: AdsQuery) -> list[AdRow]:
 async def ads(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     """One row per ad: clicks, conversations, conversions, value, rate, time to convert."""
     account = viewer.account(request)
-    query = parse_query(request, AdsQuery, drop_empty=True)
-    answer = await _stats(request, account, query, "ad")
-    rows = _sorted_ads(answer, query)
-    names = sorted({name for row in rows for name in row.by_event_name})
+    query, answer, rows, names = await _funnel(request, account)
     return aiohttp_jinja2.render_template(
         "ads.html",
         request,
@@ -156,10 +160,7 @@ def _cell(value: object) -> object:
 async def ads_csv(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     """The ads funnel as CSV (the page's period and order)."""
     account = viewer.account(request)
-    query = parse_query(request, AdsQuery, drop_empty=True)
-    answer = await _stats(request, account, query, "ad")
-    rows = _sorted_ads(answer, query)
-    names = sorted({name for row in rows for name in row.by_event_name})
+    _, answer, rows, names = await _funnel(request, account)
     currencies = sorted({m.currency for row in rows for m in row.value})
     out = io.StringIO()
     writer = csv.writer(out)

@@ -5,24 +5,28 @@ through :mod:`gateway`, so every endpoint authenticates, limits and answers erro
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 from aiohttp import web
 
 from gateway.config import AccountConfig
+from gateway.errors import NotFound
 from gateway.http.auth import ApiKey, KeyRing
 from gateway.http.body import read_json_body
 from gateway.http.keys import CREDENTIALS, PIPELINE, SETTINGS
 from gateway.http.query import AccountQuery, parse_query
+from gateway.http.render import event_detail
 from gateway.logs import bind
+from gateway.store.database import Store
 from gateway.validation import decode_body
-from gateway.wire import ENCODER
+from gateway.wire import ENCODER, EventDetail
 
 __all__ = [
     "account_for",
     "authenticate",
     "authorized_account",
+    "event_detail_or_404",
     "json_response",
     "query_account_id",
     "read_json",
@@ -63,3 +67,15 @@ async def read_json(request: web.Request, decoder: msgspec.json.Decoder[T]) -> T
     with ``decoder`` (400 naming the field)."""
     body = await read_json_body(request, request.app[SETTINGS].server.max_body_bytes)
     return decode_body(body, decoder)
+
+
+async def event_detail_or_404(store: Store, account_id: str, event_id: str) -> EventDetail:
+    """Return an event of the account with every attempt at delivering it, or raise 404."""
+    event = await store.find_event(account_id, event_id)
+    if event is None:
+        raise NotFound(
+            f"No event {event_id[:256]!r} on account {account_id!r}.",
+            code="event_not_found",
+            param="eventId",
+        )
+    return event_detail(event, await store.outbox.attempts(event.pk))

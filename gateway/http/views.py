@@ -12,14 +12,19 @@ from gateway.erasure import ErasureTarget, erase
 from gateway.errors import InvalidRequest, NotFound
 from gateway.hashing import normalize_phone
 from gateway.http.body import read_json_body
-from gateway.http.handlers import account_for, authenticate, json_response, query_account_id
+from gateway.http.handlers import (
+    account_for,
+    authenticate,
+    event_detail_or_404,
+    json_response,
+    query_account_id,
+)
 from gateway.http.keys import PIPELINE, PLUGINS, SETTINGS
 from gateway.http.query import ConversationsQuery, ErasureQuery, EventsQuery, parse_query
 from gateway.http.render import (
     answer_status,
     conversation_view,
     conversion_response,
-    event_detail,
     event_summary,
 )
 from gateway.http.reporting import events_filter
@@ -78,17 +83,9 @@ async def list_conversions(request: web.Request) -> web.Response:
 async def get_conversion(request: web.Request) -> web.Response:
     key = authenticate(request)
     account = account_for(request, key, query_account_id(request))
-    event_id = request.match_info["event_id"]
     store = request.app[PIPELINE].store
-    event = await store.find_event(account.id, event_id)
-    if event is None:
-        raise NotFound(
-            f"No event {event_id[:256]!r} on account {account.id!r}.",
-            code="event_not_found",
-            param="eventId",
-        )
-    attempts = await store.outbox.attempts(event.pk)
-    return json_response(event_detail(event, attempts))
+    detail = await event_detail_or_404(store, account.id, request.match_info["event_id"])
+    return json_response(detail)
 
 
 @routes.get("/v1/whatsapp/conversations")
