@@ -18,9 +18,11 @@ from gateway.http.keys import CREDENTIALS, PIPELINE, SETTINGS
 from gateway.http.query import AccountQuery, parse_query
 from gateway.http.render import event_detail
 from gateway.logs import bind
-from gateway.store.database import Store
 from gateway.validation import decode_body
 from gateway.wire import ENCODER, EventDetail
+
+if TYPE_CHECKING:
+    from gateway.store.database import Store
 
 __all__ = [
     "account_for",
