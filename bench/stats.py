@@ -104,6 +104,10 @@ def fill(db: Path, events: int, conversations: int, ads: int) -> None:
             "INSERT INTO deliveries (event_pk, sink, status, attempts, events_received,"
             " updated_at) SELECT pk, 'meta_capi', status, 1, 1, received_at FROM events"
         )
+        conn.execute(
+            "INSERT INTO delivery_counts SELECT account_id, 'meta_capi', status, COUNT(*)"
+            " FROM events GROUP BY 1, 2, 3"
+        )
         conn.execute("ANALYZE")
 
 

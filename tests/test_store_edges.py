@@ -124,6 +124,13 @@ async def assert_overview_is_the_events(
         shown = {k: v for k, v in totals["conversions"].items() if v}
         assert shown == statuses, group_by
         assert {m["currency"]: m["value"] for m in totals["value"]} == values, group_by
+    # And /metrics' deliveries per account, sink and status: kept on write, as if counted.
+    with sqlite3.connect(db) as conn:
+        joined = conn.execute(
+            "SELECT e.account_id, d.sink, d.status, COUNT(*) FROM deliveries d"
+            " JOIN events e ON e.pk = d.event_pk GROUP BY 1, 2, 3"
+        ).fetchall()
+    assert sorted((await store_of(client).outbox.stats())[1]) == sorted(joined)
 
 
 async def settle_deliveries(db: Path, wanted: int, timeout_s: float = 5.0) -> None:
@@ -142,6 +149,9 @@ async def settle_deliveries(db: Path, wanted: int, timeout_s: float = 5.0) -> No
 async def test_overview_matches_the_events_through_every_status_change(
     make_client: ClientFactory, db_path: Path
 ) -> None:
+    """The hourly counts behind the overview and the deliveries counts behind /metrics equal
+    a count of the events and deliveries after every way a status changes: duplicates,
+    outcomes, a replay, an erasure, retention's scrub and deletion, a state reported late."""
     sink = Scripted()
     client = await make_client(plugins={"sinks": ["scripted", "log"]}, extra={"scripted": sink})
     store = store_of(client)
@@ -203,6 +213,18 @@ async def test_overview_matches_the_events_through_every_status_change(
         RetentionCutoffs(conversations=now + 10, clicks=0, delivered_events=0, failed_events=0),
         batch_rows=100,
     )
+    await assert_overview_is_the_events(client, db_path, since, until)
+
+    # Retention deleting the delivered events, and a sink's state reported for an event that
+    # had none for it (an update that inserts).
+    await store.apply_retention(
+        RetentionCutoffs(conversations=0, clicks=0, delivered_events=now + 10, failed_events=0),
+        batch_rows=100,
+    )
+    await assert_overview_is_the_events(client, db_path, since, until)
+    lead = await store.find_event("acme", "lead-0")
+    assert lead is not None
+    await store.update_deliveries(lead.pk, {"extra": SinkState(status="failed", error="x")})
     await assert_overview_is_the_events(client, db_path, since, until)
 
 

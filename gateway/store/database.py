@@ -53,12 +53,13 @@ from gateway.store.capture import CaptureOp, CaptureResult
 from gateway.store.datasets import SaveDataset, stored_datasets
 from gateway.store.erasure import Erase, redact_notification
 from gateway.store.lookups import ChangeSignal, LookupCache, Touched, tags_of
-from gateway.store.outbox import Outbox
+from gateway.store.outbox import Outbox, count_deliveries
 from gateway.store.reports import Reports, count_in_hours
 from gateway.store.retention import RetentionCutoffs, prune_all
 from gateway.store.rows import (
     CONVERSATION_COLUMNS,
     CONVERSATION_FIELDS,
+    DELIVERY_COLUMNS,
     DELIVERY_STATE_COLUMNS,
     DELIVERY_VALUES,
     EVENT_COLUMNS,
@@ -164,6 +165,7 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
         results: list[tuple[int, bool]] = []
         rows: list[Any] = []
         inserted_events: list[StoredEvent] = []
+        counted: list[tuple[str, str, str]] = []
         for op in mine:
             key = (op.new.account_id, op.new.event_id)
             pk, inserted = pks[key]
@@ -176,6 +178,10 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
                     delivery_row(pk, sink, state, now, event)
                     for sink, state in op.new.deliveries.items()
                 )
+                counted.extend(
+                    (op.new.account_id, sink, state.status)
+                    for sink, state in op.new.deliveries.items()
+                )
         for start in range(0, len(rows), _ROWS_PER_STATEMENT):
             part = rows[start : start + _ROWS_PER_STATEMENT]
             conn.execute(
@@ -183,6 +189,7 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
                 [v for row in part for v in row],
             )
         count_in_hours(conn, inserted_events)
+        count_deliveries(conn, counted)
         return results
 
 
@@ -266,11 +273,28 @@ class _UpdateDeliveries(WriteOp[None]):
 
     def apply(self, conn: sqlite3.Connection) -> None:
         now = time.time()
+        had = {row[0] for row in select(conn, _SINKS_OF, (self.pk,))}
+        # An upsert, not a REPLACE: a replaced row's deletion fires no trigger, and
+        # delivery_counts follows status changes through one.
         conn.executemany(
-            INSERT_DELIVERY.replace("INSERT", "INSERT OR REPLACE", 1),
+            _UPSERT_DELIVERY,
             [delivery_row(self.pk, sink, state, now) for sink, state in self.states.items()],
         )
+        new = [(sink, state.status) for sink, state in self.states.items() if sink not in had]
+        if new:
+            (account_id,) = select(conn, "SELECT account_id FROM events WHERE pk = ?", (self.pk,))[
+                0
+            ]
+            count_deliveries(conn, [(account_id, sink, status) for sink, status in new])
         conn.execute(UPDATE_EVENT_STATUS, (self.pk, self.pk))
+
+
+_SINKS_OF = "SELECT sink FROM deliveries WHERE event_pk = ?"
+_UPSERT_DELIVERY = f"{INSERT_DELIVERY} ON CONFLICT (event_pk, sink) DO UPDATE SET " + ", ".join(
+    f"{column} = excluded.{column}"
+    for column in DELIVERY_COLUMNS.replace(" ", "").split(",")
+    if column not in ("event_pk", "sink")
+)
 
 
 class Store:

@@ -21,7 +21,23 @@ from gateway.store.rows import QUEUED_COLUMNS, queued_from_row
 from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows, select
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
-__all__ = ["AttemptResult", "EventsWhere", "Outbox"]
+__all__ = ["AttemptResult", "EventsWhere", "Outbox", "count_deliveries"]
+
+_COUNT_DELIVERIES = (
+    "INSERT INTO delivery_counts (account_id, sink, status, deliveries) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT DO UPDATE SET deliveries = deliveries + excluded.deliveries"
+)
+
+
+def count_deliveries(conn: sqlite3.Connection, added: Sequence[tuple[str, str, str]]) -> None:
+    """Add new deliveries rows, as (account, sink, status), to ``delivery_counts`` in the
+    transaction that writes them (triggers follow their status changes and deletions)."""
+    tallies: dict[tuple[str, str, str], int] = {}
+    for key in added:
+        tallies[key] = tallies.get(key, 0) + 1
+    if tallies:
+        conn.executemany(_COUNT_DELIVERIES, [(*key, n) for key, n in tallies.items()])
+
 
 _encode = msgspec.json.Encoder().encode
 
@@ -194,8 +210,8 @@ class Outbox:
         )
         by_status = await fetch_rows(
             self._reader,
-            "SELECT e.account_id, d.sink, d.status, COUNT(*) FROM deliveries d"
-            " JOIN events e ON e.pk = d.event_pk GROUP BY e.account_id, d.sink, d.status",
+            "SELECT account_id, sink, status, deliveries FROM delivery_counts"
+            " WHERE deliveries != 0",
             (),
         )
         return {row[0]: (row[1], row[2]) for row in pending}, [tuple(r) for r in by_status]

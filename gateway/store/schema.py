@@ -242,10 +242,12 @@ MIGRATIONS: tuple[str, ...] = (
     # the insert adds its batch's counts (a statement or two per group commit, where an
     # index entry per event cost every request), one trigger moves them when an event's
     # status changes and another takes them away when retention deletes it (so a pruned
-    # event counts nowhere, whatever the period's alignment). events_by_time finds the
-    # events of a period's partial first and last hours; events_by_conversation carries
-    # what the ads funnel sums, so its join reads no rows; clicks are found by the time they
-    # were captured.
+    # event counts nowhere, whatever the period's alignment). delivery_counts, the
+    # deliveries per account, sink and status that /metrics exports, is kept the same way
+    # (counting them at each scrape joined every delivery to its event: a second a scrape at
+    # a million events). events_by_time finds the events of a period's partial first and
+    # last hours; events_by_conversation carries what the ads funnel sums, so its join reads
+    # no rows; clicks are found by the time they were captured.
     """
     ALTER TABLE events ADD COLUMN custom_value REAL;
     ALTER TABLE events ADD COLUMN custom_currency TEXT;
@@ -294,6 +296,32 @@ MIGRATIONS: tuple[str, ...] = (
                 value = value + excluded.value;
     END;
     CREATE INDEX events_by_time ON events (account_id, event_time);
+    CREATE TABLE delivery_counts (
+        account_id TEXT NOT NULL,
+        sink TEXT NOT NULL,
+        status TEXT NOT NULL,
+        deliveries INTEGER NOT NULL,
+        PRIMARY KEY (account_id, sink, status)
+    ) WITHOUT ROWID;
+    INSERT INTO delivery_counts
+        SELECT e.account_id, d.sink, d.status, COUNT(*) FROM deliveries d
+        JOIN events e ON e.pk = d.event_pk GROUP BY 1, 2, 3;
+    CREATE TRIGGER delivery_counts_status AFTER UPDATE OF status ON deliveries
+        WHEN OLD.status IS NOT NEW.status
+    BEGIN
+        INSERT INTO delivery_counts SELECT account_id, OLD.sink, OLD.status, -1 FROM events
+            WHERE pk = OLD.event_pk
+            ON CONFLICT DO UPDATE SET deliveries = deliveries + excluded.deliveries;
+        INSERT INTO delivery_counts SELECT account_id, NEW.sink, NEW.status, 1 FROM events
+            WHERE pk = NEW.event_pk
+            ON CONFLICT DO UPDATE SET deliveries = deliveries + excluded.deliveries;
+    END;
+    CREATE TRIGGER delivery_counts_deleted AFTER DELETE ON deliveries
+    BEGIN
+        INSERT INTO delivery_counts SELECT account_id, OLD.sink, OLD.status, -1 FROM events
+            WHERE pk = OLD.event_pk
+            ON CONFLICT DO UPDATE SET deliveries = deliveries + excluded.deliveries;
+    END;
     DROP INDEX events_by_conversation;
     CREATE INDEX events_by_conversation ON events (conversation_id, event_time, event_name,
         status, custom_currency, custom_value);
