@@ -36,15 +36,18 @@ class EventDraft:
         event["user_data"] = dict(self.user_data)
         if self.custom_data:
             event["custom_data"] = dict(self.custom_data)
-        missing = [f for f in REQUIRED_FIELDS if event.get(f) in (None, "")]
-        missing += [f"user_data.{f}" for f in _REQUIRED_USER_DATA if not self.user_data.get(f)]
-        if missing:
+        if not self._complete(event):
+            missing = [f for f in REQUIRED_FIELDS if event.get(f) in (None, "")]
+            missing += [
+                f"user_data.{f}" for f in _REQUIRED_USER_DATA if not self.user_data.get(f)
+            ]
             raise IncompleteEvent(
                 "the configured normalizers left out "
                 + ", ".join(missing)
                 + "; list `business_messaging` and `event_time` in [plugins] normalizers"
             )
-        for key in sorted(HASHED_USER_DATA & self.user_data.keys()):
+        hashed = HASHED_USER_DATA.intersection(self.user_data)
+        for key in sorted(hashed) if hashed else ():
             values = self.user_data[key]
             for value in values if isinstance(values, list) else [values]:
                 if not (isinstance(value, str) and is_sha256_hex(value)):
@@ -52,3 +55,12 @@ class EventDraft:
                         f"user_data.{key} is not a SHA-256 hex digest; a normalizer must hash it"
                     )
         return event
+
+    def _complete(self, event: dict[str, Any]) -> bool:
+        """Whether every required field is set (the common case, checked without lists)."""
+        for field in REQUIRED_FIELDS:
+            value = event.get(field)
+            if value is None or value == "":
+                return False
+        user_data = self.user_data
+        return all(user_data.get(field) for field in _REQUIRED_USER_DATA)
