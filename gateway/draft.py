@@ -38,9 +38,7 @@ class EventDraft:
             event["custom_data"] = dict(self.custom_data)
         if not self._complete(event):
             missing = [f for f in REQUIRED_FIELDS if event.get(f) in (None, "")]
-            missing += [
-                f"user_data.{f}" for f in _REQUIRED_USER_DATA if not self.user_data.get(f)
-            ]
+            missing += [f"user_data.{f}" for f in _REQUIRED_USER_DATA if not self.user_data.get(f)]
             raise IncompleteEvent(
                 "the configured normalizers left out "
                 + ", ".join(missing)
