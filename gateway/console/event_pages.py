@@ -9,7 +9,6 @@ from typing import Annotated
 
 import aiohttp_jinja2
 import msgspec
-import structlog
 from aiohttp import web
 
 from gateway.console.forms import form_of
@@ -28,7 +27,6 @@ from gateway.validation import validation_error
 
 __all__ = ["routes"]
 
-log = structlog.get_logger()
 routes = web.RouteTableDef()
 _REPLAY_FIELDS = ("status", "eventName", "since", "until", "adId", "eventIds")
 # One value each per field; these repeat (one field per status, one per event id: an id may
@@ -156,7 +154,6 @@ async def do_replay(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     answer = await replay(
         request.app[PIPELINE].store, request.app[PLUGINS], wanted, now=time.time()
     )
-    log.info("deliveries_replayed", events=answer.requeued, sinks=answer.sinks, via="console")
     base = f"{request.app[CONSOLE].path}/accounts/{segment(account.id)}"
     if wanted.event_ids is not None and len(wanted.event_ids) == 1:
         return redirect(f"{base}/events/{segment(wanted.event_ids[0])}?replayed={answer.requeued}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import msgspec
-import structlog
 from aiohttp import web
 
 from gateway.http.handlers import account_for, authenticate, json_response, read_json
@@ -16,7 +15,6 @@ from gateway.reports import ReplayRequest
 
 __all__ = ["routes"]
 
-log = structlog.get_logger()
 routes = web.RouteTableDef()
 _REPLAY = msgspec.json.Decoder(ReplayRequest)
 
@@ -57,6 +55,4 @@ async def replay_events(request: web.Request) -> web.Response:
     body = await read_json(request, _REPLAY)
     account_for(request, key, body.account_id)  # 403/404 before anything is counted
     answer = await replay(request.app[PIPELINE].store, request.app[PLUGINS], body, now=time.time())
-    if not answer.dry_run:
-        log.info("deliveries_replayed", events=answer.requeued, sinks=answer.sinks)
     return json_response(answer)

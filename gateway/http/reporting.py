@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import msgspec
+import structlog
 
 from gateway.config import AccountConfig
 from gateway.http.query import EventFilters
@@ -44,6 +45,8 @@ from gateway.store.database import Store
 from gateway.store.reports import DayTally, EventFilter
 
 __all__ = ["events_filter", "health_answer", "replay", "replay_filter", "stats_answer"]
+
+log = structlog.get_logger()
 
 
 def _status_and_money(
@@ -283,4 +286,5 @@ async def replay(
         matched = await store.outbox.replayable(sinks=sinks, statuses=request.status, events=events)
         return ReplayAnswer(matched=matched, requeued=0, dry_run=True, sinks=sinks)
     requeued, _ = await store.outbox.replay(sinks=sinks, statuses=request.status, events=events)
+    log.info("deliveries_replayed", events=requeued, sinks=sinks)
     return ReplayAnswer(matched=requeued, requeued=requeued, dry_run=False, sinks=sinks)
