@@ -100,6 +100,7 @@ async def drain(db: Path, port: int, count: int, batch_max: int, in_flight: int)
                     poll_s=0.05,
                 ),
                 send_timeout_s=60,
+                owner="bench",
                 metrics=metrics,
             )
             started = time.perf_counter()

@@ -262,6 +262,9 @@ class DeliveryOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # The longest an idle dispatcher sleeps: work another process queued (``replay``) is
     # picked up within this many seconds.
     poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=300)] = 5.0
+    # How long a claim on a delivery lasts unless renewed (every third of it while the send is
+    # in flight): a process killed mid-send leaves its events to others after this long.
+    claim_lease_s: Annotated[float, msgspec.Meta(ge=1, le=600)] = 10.0
 
 
 # Which state an event shows when its sinks disagree: the one needing attention first.

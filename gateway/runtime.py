@@ -20,7 +20,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.plugin_manager import Plugins
 from gateway.store.database import Store
-from gateway.store.locks import delivery_lock, serving_lock
+from gateway.store.locks import serving_lock
 from gateway.store.retention import RetentionCutoffs
 
 __all__ = ["new_event_loop", "running"]
@@ -169,8 +169,7 @@ async def running(
                     metrics=metrics,
                     clock=clock,
                 )
-                lock = delivery_lock(settings.store_path())
-                delivery = await stack.enter_async_context(service.running(lock))
+                delivery = await stack.enter_async_context(service.running())
             yield Pipeline(
                 settings, plugins, store, clock=clock, metrics=metrics, delivery=delivery
             )

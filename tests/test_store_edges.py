@@ -353,8 +353,8 @@ async def test_a_negative_zero_value_is_read_back_as_stored(client: Client) -> N
     assert found is not None
     encode = msgspec.json.encode
     assert encode(found.event) == encode(new.event)
-    (queued,) = await store.outbox.due(
-        "meta_capi", now=time.time() + 10, limit=10, exclude=frozenset()
+    (queued,) = await store.outbox.claim(
+        "meta_capi", owner="test", now=time.time() + 10, lease_s=10, limit=10
     )
     assert encode(queued.event) == encode(new.event)
 

@@ -13,9 +13,14 @@ batch, with one attempt row per event:
   back for ``retry_cap_s`` (a fault that repeats must not become a busy loop), logged once
   with its traceback.
 
+Several processes may deliver from one store: each claims what it sends (a lease in the row,
+:mod:`gateway.store.outbox`), renews the lease while the batch is in flight and records the
+outcome only while the claim is still its own.
+
 Restart safety: a delivery stays ``pending`` until its outcome is committed, so a crash resends
 at most the batches in flight at that moment (the destination had taken them, the gateway had
-not yet written it down); at any other point nothing is lost or sent twice.
+not yet written it down), once their leases expire; at any other point nothing is lost or sent
+twice.
 """
 
 from __future__ import annotations
@@ -53,10 +58,13 @@ class Dispatcher:
         send: SendEvents,
         options: DeliveryOptions,
         send_timeout_s: float,
+        owner: str,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.sink = sink
+        # The name this dispatcher's claims carry: unique to the process.
+        self.owner = owner
         self.metrics = metrics or Metrics()
         self.outbox = outbox
         self.send = send
@@ -71,6 +79,7 @@ class Dispatcher:
         self._sends: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(options.max_in_flight)
         self._task: asyncio.Task[None] | None = None
+        self._renewing: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
@@ -80,6 +89,9 @@ class Dispatcher:
     def start(self) -> None:
         """Start dispatching; pending deliveries left by an earlier run go first."""
         self._task = asyncio.create_task(self._run(), name=f"ctwa-dispatcher-{self.sink}")
+        self._renewing = asyncio.create_task(
+            self._renew(), name=f"ctwa-dispatcher-{self.sink}-claims"
+        )
 
     async def stop(self) -> None:
         """Stop taking work; let batches in flight finish within the grace time, then cancel."""
@@ -94,6 +106,15 @@ class Dispatcher:
             if late:
                 await asyncio.gather(*late, return_exceptions=True)
                 log.warning("dispatcher_stopped_in_flight", sink=self.sink, batches=len(late))
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
+        try:
+            # What was cut off goes back now, not when its lease runs out.
+            await self.outbox.release(self.sink, owner=self.owner)
+        except Exception:
+            log.exception("dispatcher_release_failed", sink=self.sink)
         for futures in self._waiters.values():
             for future in futures:
                 future.cancel()
@@ -130,7 +151,7 @@ class Dispatcher:
             self._wake.clear()
             try:
                 await self._dispatch_due()
-                next_due = await self.outbox.next_due(self.sink)
+                next_due = await self.outbox.next_due(self.sink, now=self.clock(), owner=self.owner)
             except Exception:
                 # A store error must not kill the dispatcher: log, back off, try again.
                 log.exception("dispatcher_error", sink=self.sink)
@@ -145,31 +166,72 @@ class Dispatcher:
     async def _dispatch_due(self) -> None:
         o = self.options
         capacity = o.batch_max * o.max_in_flight
-        items = await self._due(capacity)
-        if items and len(items) < o.batch_max and o.linger_ms > 0 and self._sends:
-            # A partial batch while others are in flight: waiting to fill it costs no
-            # throughput. With nothing in flight it goes at once (no latency for a lone event).
-            await asyncio.sleep(o.linger_ms / 1000)
-            items = await self._due(capacity)
-        for start in range(0, len(items), o.batch_max):
-            batch = items[start : start + o.batch_max]
-            self._in_flight.update(item.pk for item in batch)
-            task = asyncio.create_task(self._send(batch))
-            self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
+        # No more than there are slots for: what waits for a slot here is held from every
+        # other process that could send it now.
+        items = await self._claim(capacity - len(self._in_flight))
+        try:
+            if items and len(items) < o.batch_max and o.linger_ms > 0 and self._sends:
+                # A partial batch while others are in flight: waiting to fill it costs no
+                # throughput. With nothing in flight it goes at once (no latency for a lone
+                # event).
+                await asyncio.sleep(o.linger_ms / 1000)
+                items += await self._claim(
+                    min(o.batch_max - len(items), capacity - len(self._in_flight))
+                )
+        finally:
+            # Whatever was claimed is sent, even if the second look failed.
+            for start in range(0, len(items), o.batch_max):
+                task = asyncio.create_task(self._send(items[start : start + o.batch_max]))
+                self._sends.add(task)
+                task.add_done_callback(self._sends.discard)
 
-    async def _due(self, limit: int) -> list[QueuedEvent]:
-        # A snapshot taken before the read: a batch that completes while the read is under way
-        # leaves the in-flight set, but the read may still show its events as pending. Judged
-        # against the live set they would be sent again.
-        in_flight = frozenset(self._in_flight)
-        return await self.outbox.due(self.sink, now=self.clock(), limit=limit, exclude=in_flight)
+    async def _claim(self, limit: int) -> list[QueuedEvent]:
+        if limit <= 0:
+            return []
+        items = await self.outbox.claim(
+            self.sink,
+            owner=self.owner,
+            now=self.clock(),
+            lease_s=self.options.claim_lease_s,
+            limit=limit,
+        )
+        # A lease of ours that ran out before its renewal (a stalled loop) is taken again by
+        # this claim: still ours, and still in flight here.
+        items = [item for item in items if item.pk not in self._in_flight]
+        self._in_flight.update(item.pk for item in items)
+        return items
+
+    async def _renew(self) -> None:
+        """Keep the claims on what is in flight alive (a slow destination, a long retry)."""
+        lease_s = self.options.claim_lease_s
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            if not self._in_flight:
+                continue
+            try:
+                await self.outbox.renew(
+                    self.sink,
+                    owner=self.owner,
+                    pks=sorted(self._in_flight),
+                    until=self.clock() + lease_s,
+                )
+            except Exception:
+                log.exception("dispatcher_renew_failed", sink=self.sink)
 
     async def _send(self, batch: list[QueuedEvent]) -> None:
         try:
             async with self._slots:
                 results, held = await self._round(batch)
-            await self.outbox.record(self.sink, results)
+            lost = await self.outbox.record(self.sink, results, owner=self.owner)
+            if lost:
+                log.warning(
+                    "delivery_claim_lost",
+                    sink=self.sink,
+                    events=lost,
+                    reason="their claims expired in flight and another process took them;"
+                    " they may have been sent twice",
+                    fix="raise the sink's claim_lease_s, or find what stalled this process",
+                )
         except Exception:
             log.exception("dispatcher_batch_error", sink=self.sink, events=len(batch))
             # Hold the batch back a while: a fault that repeats must not become a busy loop.
@@ -228,7 +290,7 @@ class Dispatcher:
             for item in batch
         ]
         try:
-            await self.outbox.record(self.sink, held)
+            await self.outbox.record(self.sink, held, owner=self.owner)
         except Exception:
             log.exception("dispatcher_hold_failed", sink=self.sink, events=len(batch))
 

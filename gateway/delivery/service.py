@@ -6,16 +6,17 @@ expires and records every attempt, ``ctwa-gateway replay``, the outcome metrics 
 history in ``GET /v1/whatsapp/conversions/{eventId}``. A request waits up to the primary
 sink's ``respond_within_ms`` for its event's first attempt.
 
-One process delivers for a store: the dispatchers run only while this process holds an
-exclusive lock on ``<store>.delivery.lock``. Another process on the same store (a second
-``serve``, ``ctwa-gateway send``) stores events and leaves them to the holder, and takes over
-within a second if the holder goes away; two dispatchers never read the same outbox.
+Every process on a store delivers: a second ``serve``, a ``ctwa-gateway send`` beside it, a
+replica on PostgreSQL. They share the outbox through claims in the store (each delivery is
+taken by one of them at a time, :mod:`gateway.store.outbox`), not through anything held in
+memory, so no arrangement of processes sends an event twice outside the in-flight window.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import os
+import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,7 +27,6 @@ from gateway.delivery.dispatcher import Dispatcher
 from gateway.domain import SinkState
 from gateway.metrics import Metrics
 from gateway.plugin_manager import Plugins
-from gateway.store.locks import FileLock
 from gateway.store.outbox import Outbox
 
 __all__ = ["DeliveryService"]
@@ -46,6 +46,8 @@ class DeliveryService:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        # Unique to this process (host, pid, and a random part a reused pid does not share).
+        self.owner = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
         self.dispatchers = {
             name: Dispatcher(
                 sink=name,
@@ -53,6 +55,7 @@ class DeliveryService:
                 send=plugins.sender(name),
                 options=plugins.delivery_options(name),
                 send_timeout_s=sink_timeout_s,
+                owner=self.owner,
                 metrics=metrics,
                 clock=clock,
             )
@@ -61,45 +64,22 @@ class DeliveryService:
         self._started = False
 
     @asynccontextmanager
-    async def running(self, lock: FileLock) -> AsyncIterator[DeliveryService]:
-        """Deliver while holding ``lock`` (at once, or when its holder goes away); on exit let
-        batches in flight finish, then stop and release it."""
-        standby: asyncio.Task[None] | None = None
-        if not self.dispatchers:
-            pass  # nothing delivers through the outbox: no lock to take
-        elif lock.acquire():
-            self._start()
-        else:
-            log.info("delivery_standby", lock=str(lock.path), reason="another process delivers")
-            standby = asyncio.create_task(self._take_over(lock), name="ctwa-delivery-standby")
+    async def running(self) -> AsyncIterator[DeliveryService]:
+        """Deliver; on exit let batches in flight finish, then stop and give back claims."""
+        for dispatcher in self.dispatchers.values():
+            dispatcher.start()
+        self._started = bool(self.dispatchers)
         try:
             yield self
         finally:
-            if standby is not None:
-                standby.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await standby
-            if self.started:
-                for dispatcher in self.dispatchers.values():
-                    await dispatcher.stop()
-            lock.release()
+            for dispatcher in self.dispatchers.values():
+                await dispatcher.stop()
+            self._started = False
 
     @property
     def started(self) -> bool:
-        """Whether this process delivers (it holds the store's delivery lock)."""
+        """Whether this process delivers through the outbox."""
         return self._started
-
-    def _start(self) -> None:
-        for dispatcher in self.dispatchers.values():
-            dispatcher.start()
-        self._started = True
-
-    async def _take_over(self, lock: FileLock) -> None:
-        # A file lock has no wake-up to wait on: polling it is the only way.
-        while not lock.acquire():  # noqa: ASYNC110
-            await asyncio.sleep(_STANDBY_POLL_S)
-        log.info("delivery_taken_over", lock=str(lock.path))
-        self._start()
 
     def waits_for(self, sink: str, state: SinkState) -> bool:
         """Whether a request may wait for ``sink`` to deliver ``state`` in this process."""
@@ -118,16 +98,9 @@ class DeliveryService:
         return await dispatcher.outcome(pk, dispatcher.options.respond_within_ms / 1000)
 
     def readiness_problems(self) -> dict[str, str]:
-        """Return, per outbox sink whose dispatcher is not running, what is wrong (none while
-        another process delivers: this one stores events for it)."""
-        if not self._started:
-            return {}
+        """Return, per outbox sink whose dispatcher is not running, what is wrong."""
         return {
             name: "its delivery dispatcher is not running"
             for name, dispatcher in self.dispatchers.items()
             if not dispatcher.running
         }
-
-
-# How often a standby process tries to take over delivery.
-_STANDBY_POLL_S = 1.0

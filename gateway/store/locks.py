@@ -1,9 +1,9 @@
-"""File locks beside the store: who serves it, and who delivers for it.
+"""File locks beside the store: who serves it.
 
 ``flock`` locks belong to the open file and the kernel drops them when the process ends, crash
 included, so a lock is never left behind. A serving gateway holds ``<store>.lock`` shared
-(several may serve one store); ``restore`` needs it exclusive. The one process that delivers
-holds ``<store>.delivery.lock`` exclusive.
+(several may serve one store); ``restore`` needs it exclusive. (Who delivers what is settled by
+claims in the store itself: :mod:`gateway.store.outbox`.)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-__all__ = ["FileLock", "delivery_lock", "serving_lock"]
+__all__ = ["FileLock", "serving_lock"]
 
 
 class FileLock:
@@ -45,8 +45,3 @@ class FileLock:
 def serving_lock(store: Path, *, shared: bool) -> FileLock:
     """The lock a serving gateway holds shared, and ``restore`` exclusive."""
     return FileLock(Path(f"{store}.lock"), shared=shared)
-
-
-def delivery_lock(store: Path) -> FileLock:
-    """The lock the one process that delivers for ``store`` holds."""
-    return FileLock(Path(f"{store}.delivery.lock"))

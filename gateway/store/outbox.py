@@ -1,9 +1,17 @@
 """The outbox: pending deliveries as the store holds them, for sinks that deliver later.
 
 An accepted event's delivery row is committed with status ``pending`` (and due at once) in the
-same transaction as the event. A dispatcher asks :meth:`Outbox.due` for work, sends it, and
+same transaction as the event. A dispatcher takes work with :meth:`Outbox.claim`, sends it, and
 records each outcome with :meth:`Outbox.record` (one transaction per batch, with one attempt
 row per event). Nothing here knows about any one sink.
+
+**Claims.** Any number of processes may deliver from one store (several ``serve``, a
+``ctwa-gateway send`` beside them). What keeps them from sending one event twice is in the row,
+not in anyone's memory: a claim writes the claimant's name and a lease expiry into each
+delivery it takes, in one statement that only takes rows nobody holds (the write transaction
+makes it atomic across processes). The claimant renews the lease while its request is in flight
+and clears it when it records the outcome, which it may do only while the claim is still its
+own. A claimant that dies leaves its lease to expire, and the rows are taken again.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from typing import Any
 
 import aiosqlite
 import msgspec
+import structlog
 
 from gateway.domain import Attempt, QueuedEvent, SinkState
 from gateway.store.rows import QUEUED_COLUMNS, queued_from_row
@@ -22,6 +31,8 @@ from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows, select
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["AttemptResult", "EventsWhere", "Outbox", "count_deliveries"]
+
+log = structlog.get_logger()
 
 _COUNT_DELIVERIES = (
     "INSERT INTO delivery_counts (account_id, sink, status, deliveries) VALUES (?, ?, ?, ?)"
@@ -52,19 +63,105 @@ class AttemptResult(msgspec.Struct, frozen=True, kw_only=True):
     next_attempt_at: float | None = None
 
 
-class _Record(WriteOp[None]):
+# Take up to N due deliveries of a sink that nobody holds (no claim, or an expired one).
+_CLAIM = (
+    "UPDATE deliveries SET claimed_by = ?, claim_until = ? WHERE sink = ? AND event_pk IN"
+    " (SELECT event_pk FROM deliveries WHERE sink = ? AND status = 'pending'"
+    " AND next_attempt_at <= ? AND (claim_until IS NULL OR claim_until <= ?)"
+    " ORDER BY next_attempt_at, event_pk LIMIT ?) RETURNING event_pk"
+)
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class _Claim(WriteOp[list[QueuedEvent]]):
+    """Claim up to ``limit`` due deliveries of ``sink`` for ``owner`` until ``until``."""
+
     inline = True
 
-    def __init__(self, sink: str, results: Sequence[AttemptResult]) -> None:
-        self.sink = sink
-        self.results = results
+    def __init__(self, sink: str, owner: str, now: float, until: float, limit: int) -> None:
+        self.args = (sink, owner, now, until, limit)
+
+    def apply(self, conn: sqlite3.Connection) -> list[QueuedEvent]:
+        sink, owner, now, until, limit = self.args
+        pks = [row[0] for row in select(conn, _CLAIM, (owner, until, sink, sink, now, now, limit))]
+        if not pks:
+            return []
+        rows = select(
+            conn,
+            f"SELECT {QUEUED_COLUMNS} FROM deliveries d JOIN events e ON e.pk = d.event_pk"
+            f" WHERE d.sink = ? AND d.event_pk IN ({_marks(len(pks))})"
+            " ORDER BY d.next_attempt_at, d.event_pk",
+            [sink, *pks],
+        )
+        return [queued_from_row(row) for row in rows]
+
+
+class _Renew(WriteOp[None]):
+    """Extend ``owner``'s claims on these deliveries of ``sink`` to ``until``."""
+
+    inline = True
+
+    def __init__(self, sink: str, owner: str, pks: Sequence[int], until: float) -> None:
+        self.args = (sink, owner, pks, until)
 
     def apply(self, conn: sqlite3.Connection) -> None:
+        sink, owner, pks, until = self.args
+        conn.execute(
+            "UPDATE deliveries SET claim_until = ? WHERE claimed_by = ? AND sink = ?"
+            f" AND event_pk IN ({_marks(len(pks))})",
+            [until, owner, sink, *pks],
+        )
+
+
+class _Release(WriteOp[int]):
+    """Give back every claim ``owner`` holds on ``sink`` (at shutdown)."""
+
+    def __init__(self, sink: str, owner: str) -> None:
+        self.args = (sink, owner)
+
+    def apply(self, conn: sqlite3.Connection) -> int:
+        cursor = conn.execute(
+            "UPDATE deliveries SET claimed_by = NULL, claim_until = NULL"
+            " WHERE claimed_by = ? AND sink = ?",
+            (self.args[1], self.args[0]),
+        )
+        return cursor.rowcount
+
+
+class _Record(WriteOp[int]):
+    """Store outcomes and clear their claims, for the rows ``owner`` still holds; return how
+    many it no longer did (their leases ran out and another process took them)."""
+
+    inline = True
+
+    def __init__(self, sink: str, owner: str, results: Sequence[AttemptResult]) -> None:
+        self.sink = sink
+        self.owner = owner
+        self.results = results
+
+    def apply(self, conn: sqlite3.Connection) -> int:
         now = time.time()
+        results = self.results
+        lost = {
+            row[0]
+            for row in select(
+                conn,
+                "SELECT event_pk FROM deliveries WHERE sink = ? AND claimed_by IS DISTINCT FROM ?"
+                f" AND event_pk IN ({_marks(len(results))})",
+                [self.sink, self.owner, *(r.pk for r in results)],
+            )
+        }
+        if lost:
+            # What the other process finds is its to record: ours would overwrite it.
+            results = [r for r in results if r.pk not in lost]
         conn.executemany(
             "UPDATE deliveries SET status = ?, attempts = ?, error = ?, error_code = ?,"
             " trace_id = ?, events_received = ?, warnings = ?, next_attempt_at = ?,"
-            " updated_at = ? WHERE event_pk = ? AND sink = ? AND error_code IS NOT 'erased'",
+            " updated_at = ?, claimed_by = NULL, claim_until = NULL"
+            " WHERE event_pk = ? AND sink = ? AND error_code IS DISTINCT FROM 'erased'",
             [
                 (
                     r.state.status,
@@ -79,7 +176,7 @@ class _Record(WriteOp[None]):
                     r.pk,
                     self.sink,
                 )
-                for r in self.results
+                for r in results
             ],
         )
         conn.executemany(
@@ -104,7 +201,8 @@ class _Record(WriteOp[None]):
                 for a in r.attempts
             ],
         )
-        conn.executemany(UPDATE_EVENT_STATUS, [(r.pk, r.pk) for r in self.results])
+        conn.executemany(UPDATE_EVENT_STATUS, [(r.pk, r.pk) for r in results])
+        return len(lost)
 
 
 # Which events to replay: a condition on the events table's columns, and its parameters.
@@ -120,7 +218,8 @@ def _requeueable(
     # An erased person's deliveries stay cancelled, whatever is replayed.
     where = (
         f"sink IN ({sink_marks}) AND status IN ({status_marks})"
-        f" AND error_code IS NOT 'erased' AND event_pk IN (SELECT pk FROM events WHERE {events[0]})"
+        " AND error_code IS DISTINCT FROM 'erased'"
+        f" AND event_pk IN (SELECT pk FROM events WHERE {events[0]})"
     )
     return where, [*sinks, *statuses, *events[1]]
 
@@ -166,26 +265,33 @@ class Outbox:
         self._reader = reader
         self._writer = writer
 
-    async def due(
-        self, sink: str, *, now: float, limit: int, exclude: frozenset[int]
+    async def claim(
+        self, sink: str, *, owner: str, now: float, lease_s: float, limit: int
     ) -> list[QueuedEvent]:
-        """Return up to ``limit`` deliveries of ``sink`` due by ``now``, oldest first."""
-        rows = await fetch_rows(
-            self._reader,
-            f"SELECT {QUEUED_COLUMNS} FROM deliveries d JOIN events e ON e.pk = d.event_pk"
-            " WHERE d.sink = ? AND d.status = 'pending' AND d.next_attempt_at <= ?"
-            " ORDER BY d.next_attempt_at, d.event_pk LIMIT ?",
-            (sink, now, limit + len(exclude)),
-        )
-        items = [queued_from_row(row) for row in rows if row[0] not in exclude]
-        return items[:limit]
+        """Claim up to ``limit`` deliveries of ``sink`` due by ``now`` that nobody holds, for
+        ``owner`` until ``now + lease_s``; return them oldest first."""
+        return await self._writer.submit(_Claim(sink, owner, now, now + lease_s, limit))
 
-    async def next_due(self, sink: str) -> float | None:
-        """Return when the earliest pending delivery of ``sink`` is due."""
+    async def renew(self, sink: str, *, owner: str, pks: Sequence[int], until: float) -> None:
+        """Extend ``owner``'s claims on these deliveries to ``until``."""
+        if pks:
+            await self._writer.submit(_Renew(sink, owner, pks, until))
+
+    async def release(self, sink: str, *, owner: str) -> int:
+        """Give back every claim ``owner`` holds on ``sink``; return how many."""
+        return await self._writer.submit(_Release(sink, owner))
+
+    async def next_due(self, sink: str, *, now: float, owner: str) -> float | None:
+        """Return when there may next be work for ``owner``: the earliest due delivery of
+        ``sink`` that nobody holds, or the earliest expiry of another's claim."""
         rows = await fetch_rows(
             self._reader,
-            "SELECT MIN(next_attempt_at) FROM deliveries WHERE sink = ? AND status = 'pending'",
-            (sink,),
+            "SELECT MIN(t) FROM (SELECT * FROM (SELECT next_attempt_at AS t FROM deliveries"
+            " WHERE sink = ? AND status = 'pending' AND (claim_until IS NULL OR claim_until <= ?)"
+            " ORDER BY next_attempt_at LIMIT 1) UNION ALL SELECT claim_until FROM deliveries"
+            " WHERE claimed_by IS NOT NULL AND claimed_by != ? AND sink = ?"
+            " AND status = 'pending' AND claim_until > ?)",
+            (sink, now, owner, sink, now),
         )
         return rows[0][0] if rows else None
 
@@ -216,10 +322,12 @@ class Outbox:
         )
         return {row[0]: (row[1], row[2]) for row in pending}, [tuple(r) for r in by_status]
 
-    async def record(self, sink: str, results: Sequence[AttemptResult]) -> None:
-        """Store the outcomes of one attempt (one transaction)."""
-        if results:
-            await self._writer.submit(_Record(sink, results))
+    async def record(self, sink: str, results: Sequence[AttemptResult], *, owner: str) -> int:
+        """Store the outcomes of one attempt (one transaction) and clear their claims, where
+        ``owner`` still holds them; return how many it no longer held."""
+        if not results:
+            return 0
+        return await self._writer.submit(_Record(sink, owner, results))
 
     async def requeue(
         self, account_id: str, *, sinks: Sequence[str], statuses: Sequence[str], since: float

@@ -330,6 +330,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX delivery_attempts_failed ON delivery_attempts (at)
         WHERE outcome != 'delivered';
     """,
+    # Delivery claims: whoever sends a pending delivery first writes its name and a lease into
+    # the row (gateway.store.outbox), so any number of processes can deliver from one store
+    # and none sends what another holds. Claimed rows are few (what is in flight): the index
+    # keeps renewing them and finding the next lease to expire cheap at any backlog.
+    """
+    ALTER TABLE deliveries ADD COLUMN claimed_by TEXT;
+    ALTER TABLE deliveries ADD COLUMN claim_until REAL;
+    CREATE INDEX deliveries_claimed ON deliveries (claimed_by, claim_until)
+        WHERE claimed_by IS NOT NULL;
+    """,
 )
 
 # overall_status() in SQL: the first status in precedence order that any sink of the event has.

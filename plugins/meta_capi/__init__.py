@@ -68,6 +68,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 10.0
     # How often an idle dispatcher looks for work queued by another process (replay).
     poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=300)] = 5.0
+    # How long a process's claim on an event it is sending lasts unless renewed: another
+    # process (replica) takes the event after this long if the claimant dies.
+    claim_lease_s: Annotated[float, msgspec.Meta(ge=1, le=600)] = 10.0
     # For appsecret_proof, when the app requires it.
     app_secret_env: EnvName | None = None
 
@@ -161,6 +164,7 @@ class MetaCapiSink:
             send_timeout_s=self._send_timeout_s(),
             shutdown_grace_s=c.shutdown_grace_s,
             poll_s=c.poll_s,
+            claim_lease_s=c.claim_lease_s,
         )
 
     @hookimpl

@@ -766,24 +766,65 @@ async def test_a_split_that_runs_out_of_time_never_resends_what_meta_took(
     assert set(sent.values()) == {1}, "an event Meta took was sent again"
 
 
-async def test_one_process_delivers_for_a_store_and_another_takes_over(
+async def test_two_gateways_on_one_store_share_its_outbox_and_send_nothing_twice(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    # Two gateways on one SQLite store both deliver (found by review: `ctwa-gateway send`
+    # next to `serve` sent events twice): each delivery is claimed in the store by one of them.
+    first = await make_meta(poll_s=0.05, respond_within_ms=0, batch_max=4, max_in_flight=2)
+    second = await make_meta(poll_s=0.05, respond_within_ms=0, batch_max=4, max_in_flight=2)
+    fake.delay_s = 0.03  # slow enough that both have batches in flight at once
+    conversation = await add_conversation(store_of(first))
+    ids = [f"L{i}" for i in range(60)]
+
+    await asyncio.gather(
+        *(
+            (first if i % 2 else second).post(URL, json=lead(conversation.id, id_), headers=AUTH)
+            for i, id_ in enumerate(ids)
+        )
+    )
+    for id_ in ids:
+        assert (await settle(first, id_))["status"] == "delivered"
+
+    assert sorted(fake.event_ids()) == sorted(ids), "an event was sent twice, or not at all"
+
+
+async def test_a_gateway_that_stops_gives_its_claims_back_at_once(
     make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
 ) -> None:
-    # Two gateways on one SQLite store (found by review: `ctwa-gateway send` next to `serve`
-    # sent events twice): the first holds the delivery lock, the second stores for it.
-    first = await make_meta(poll_s=0.1)
-    second = await make_meta(poll_s=0.1)
+    # A long lease: what the stopping gateway held must come back by its release, not expiry.
+    first = await make_meta(poll_s=0.05, respond_within_ms=0, claim_lease_s=600, batch_max=1,
+                            max_in_flight=1, shutdown_grace_s=0, timeout_s=5)  # fmt: skip
+    conversation = await add_conversation(store_of(first))
+    fake.delay_s = 2.0  # the first gateway's send is cut off at shutdown
+    resp = await first.post(URL, json=lead(conversation.id, "cut"), headers=AUTH)
+    assert resp.status == 202
+    for _ in range(100):
+        if fake.versions:
+            break
+        await asyncio.sleep(0.02)
+    await first.close()
+    fake.delay_s = 0.0
+    second = await make_meta(poll_s=0.05, claim_lease_s=600)
+
+    assert (await settle(second, "cut"))["status"] == "delivered"
+    assert logs.events("dispatcher_stopped_in_flight")
+
+
+async def test_a_send_slower_than_the_lease_keeps_its_claim(
+    make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
+) -> None:
+    # Meta takes 2.5 s; the lease is 1 s: renewed while in flight, the other never takes it.
+    options = {"poll_s": 0.05, "respond_within_ms": 0, "claim_lease_s": 1, "timeout_s": 5}
+    first = await make_meta(**options)
+    second = await make_meta(**options)
+    fake.delay_s = 2.5
     conversation = await add_conversation(store_of(first))
 
-    resp = await second.post(URL, json=lead(conversation.id), headers=AUTH)
+    resp = await first.post(URL, json=lead(conversation.id, "slow"), headers=AUTH)
+    assert resp.status == 202
+    assert (await settle(second, "slow"))["status"] == "delivered"
+    await asyncio.sleep(2.6)  # a second send, had there been one, would have landed by now
 
-    body = await resp.json()
-    assert (resp.status, body["status"]) == (202, "queued")  # stored, not waited for
-    assert (await settle(first, "L1"))["status"] == "delivered"
-    assert len(logs.events("delivery_standby")) == 1
-    # The one that delivers goes away: the other takes over, and nothing was sent twice.
-    await first.close()
-    resp = await second.post(URL, json=lead(conversation.id, "L2"), headers=AUTH)
-    assert (await settle(second, "L2"))["status"] == "delivered"
-    assert logs.events("delivery_taken_over")
-    assert sorted(fake.event_ids()) == ["L1", "L2"]
+    assert fake.event_ids() == ["slow"]
+    assert not logs.events("delivery_claim_lost")
