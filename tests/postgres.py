@@ -1,0 +1,224 @@
+"""A PostgreSQL server for tests, and a fresh empty database on it for each test.
+
+The server is ``CTWA_TEST_POSTGRES_URL`` when set (its role must be allowed to create
+databases), or else a throwaway cluster this module starts from the binaries the ``pgserver``
+wheel ships: PostgreSQL 16, nothing to download or install, up in about a second.
+
+The cluster is started here rather than through ``pgserver.get_server``: as root (CI, the dev
+machines) that adds a system user with ``useradd`` and opens up the permissions of every folder
+above its data directory and its binaries; it also fsyncs its ``initdb`` and stops the server
+only at exit. PostgreSQL refuses to run as root, so as root the cluster runs as ``nobody``: an
+unprivileged account every Linux has, given only the cluster's own temporary folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+__all__ = [
+    "SERVER_URL_VARIABLE",
+    "PostgresCluster",
+    "PostgresUnavailable",
+    "create_database",
+    "database_url",
+    "drop_database",
+]
+
+SERVER_URL_VARIABLE = "CTWA_TEST_POSTGRES_URL"
+
+# As root, the account the cluster runs as (PostgreSQL will not run as root).
+_UNPRIVILEGED_USER = "nobody"
+_START_TIMEOUT_S = 30.0
+_STOP_TIMEOUT_S = 10.0
+# A Unix socket's path must fit in sun_path (108 bytes on Linux, with its NUL).
+_SOCKET_PATH_MAX = 107
+
+
+class PostgresUnavailable(RuntimeError):
+    """The test PostgreSQL could not be started; the message says why."""
+
+
+def _binaries() -> Path:
+    """Return the folder of the PostgreSQL binaries inside the installed pgserver wheel."""
+    # find_spec locates the package without importing it: importing pgserver computes a
+    # runtime folder, and warns about XDG_RUNTIME_DIR where none is set.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise PostgresUnavailable(
+            f"pgserver is not installed (pip install -e '.[test]'), and {SERVER_URL_VARIABLE}"
+            " is not set"
+        )
+    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    if not (bin_dir / "postgres").is_file():
+        raise PostgresUnavailable(f"the pgserver wheel has no PostgreSQL binaries in {bin_dir}")
+    return bin_dir
+
+
+def _run_as() -> dict[str, Any]:
+    """Return the subprocess arguments that drop root to the unprivileged account."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        account = pwd.getpwnam(_UNPRIVILEGED_USER)
+    except KeyError:
+        raise PostgresUnavailable(
+            f"running as root, and there is no {_UNPRIVILEGED_USER!r} account to run"
+            " PostgreSQL as (it refuses to run as root)"
+        ) from None
+    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+
+@dataclass
+class PostgresCluster:
+    """A PostgreSQL server started in a temporary folder, listening on a Unix socket only."""
+
+    root: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        """Return the URL of the cluster's ``postgres`` database, as the superuser."""
+        return f"postgresql://postgres@/postgres?host={self.root}"
+
+    @classmethod
+    def start(cls) -> PostgresCluster:
+        """Create a cluster in a new temporary folder and start it; fail with the reason."""
+        bin_dir = _binaries()
+        run_as = _run_as()
+        root = Path(tempfile.mkdtemp(prefix="ctwa-pg-"))
+        try:
+            if len(str(root / ".s.PGSQL.5432")) > _SOCKET_PATH_MAX:
+                raise PostgresUnavailable(f"{root} is too long a path for a Unix socket")
+            if run_as:
+                os.chown(root, run_as["user"], run_as["group"])
+            process = _start(bin_dir, root, run_as)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        return cls(root=root, process=process)
+
+    def stop(self) -> None:
+        """Stop the server, disconnecting any client left, and delete its folder."""
+        try:
+            if self.process.poll() is None:
+                # SIGINT is the fast shutdown: SIGTERM would wait for every client to leave.
+                self.process.send_signal(signal.SIGINT)
+                try:
+                    self.process.wait(_STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _start(bin_dir: Path, root: Path, run_as: dict[str, Any]) -> subprocess.Popen[bytes]:
+    data = root / "data"
+    log_path = root / "postgres.log"
+    initdb = subprocess.run(
+        [
+            bin_dir / "initdb",
+            "--pgdata",
+            data,
+            "--username=postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            # A throwaway cluster: nothing is worth an fsync.
+            "--no-sync",
+        ],
+        cwd=root,
+        capture_output=True,
+        check=False,
+        **run_as,
+    )
+    if initdb.returncode != 0:
+        hint = f" (it runs as {_UNPRIVILEGED_USER!r}, who must reach {root})" if run_as else ""
+        raise PostgresUnavailable(
+            f"initdb failed ({initdb.returncode}){hint}:\n" + initdb.stderr.decode(errors="replace")
+        )
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                bin_dir / "postgres",
+                "-D",
+                data,
+                # The socket in our own folder, and no TCP port: nothing to collide with.
+                "-k",
+                root,
+                "-h",
+                "",
+                # Durability is no concern here; speed is.
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ],
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            **run_as,
+        )
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    pid_file = data / "postmaster.pid"
+    while True:
+        if process.poll() is not None:
+            raise PostgresUnavailable(
+                f"postgres exited with {process.returncode}:\n"
+                + log_path.read_text(errors="replace")
+            )
+        # The postmaster writes "ready" as the pid file's last line once it accepts clients.
+        if pid_file.exists() and pid_file.read_text().rstrip().endswith("ready"):
+            return process
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise PostgresUnavailable(
+                f"postgres was not ready after {_START_TIMEOUT_S:.0f} s:\n"
+                + log_path.read_text(errors="replace")
+            )
+        time.sleep(0.02)
+
+
+def database_url(server_url: str, name: str) -> str:
+    """Return ``server_url`` with its database replaced by ``name``."""
+    parts = urlsplit(server_url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def create_database(server_url: str) -> str:
+    """Create an empty database on the server; return its name."""
+    # Lower-case letters, digits and underscores only: no quoting needed.
+    name = f"ctwa_test_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    return name
+
+
+async def drop_database(server_url: str, name: str) -> None:
+    """Drop a database :func:`create_database` made, even with clients still connected."""
+    admin = await asyncpg.connect(server_url)
+    try:
+        # FORCE: a connection the test left open must not keep the database alive.
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
