@@ -82,6 +82,23 @@ def _run_as() -> dict[str, Any]:
     return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
 
 
+def _reachable_by_others(bin_dir: Path) -> bool:
+    """Whether an account other than the owner can run the binaries in ``bin_dir``."""
+    folders = [bin_dir.resolve(), *bin_dir.resolve().parents]
+    return all(folder.stat().st_mode & 0o001 for folder in folders) and bool(
+        (bin_dir / "postgres").stat().st_mode & 0o001
+    )
+
+
+def _copy_binaries(bin_dir: Path, into: Path) -> Path:
+    """Copy the wheel's PostgreSQL and its bundled libraries into ``into``, keeping the layout
+    their run path expects (``$ORIGIN/../../../pgserver.libs``); return the new bin folder."""
+    package = bin_dir.parent.parent
+    shutil.copytree(package / "pginstall", into / "pgserver" / "pginstall", symlinks=True)
+    shutil.copytree(package.parent / "pgserver.libs", into / "pgserver.libs", symlinks=True)
+    return into / "pgserver" / "pginstall" / "bin"
+
+
 @dataclass
 class PostgresCluster:
     """A PostgreSQL server started in a temporary folder, listening on a Unix socket only."""
@@ -105,6 +122,10 @@ class PostgresCluster:
                 raise PostgresUnavailable(f"{root} is too long a path for a Unix socket")
             if run_as:
                 os.chown(root, run_as["user"], run_as["group"])
+                if not _reachable_by_others(bin_dir):
+                    # A checkout under a private folder (/root): the unprivileged account
+                    # could not run the wheel's binaries where they are.
+                    bin_dir = _copy_binaries(bin_dir, root / "wheel")
             process = _start(bin_dir, root, run_as)
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
