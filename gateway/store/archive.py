@@ -13,15 +13,13 @@ or on its own when processing failed (:class:`ArchivePending`). Its status says 
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import aiosqlite
 import msgspec
 
 from gateway.capture.records import Problem
-from gateway.store.schema import fetch_rows, select
+from gateway.store.sql import Reader, Tx
 from gateway.store.writer import WriteOp
 
 __all__ = [
@@ -77,56 +75,56 @@ def _status(problems: int) -> NotificationStatus:
     return "partial" if problems else "processed"
 
 
-def _insert_problems(conn: sqlite3.Connection, pk: int, problems: Sequence[Problem]) -> None:
-    conn.executemany(
-        "INSERT OR REPLACE INTO webhook_problems (notification_pk, path, code, reason,"
-        " account_id, phone_number_id) VALUES (?,?,?,?,?,?)",
+async def _insert_problems(tx: Tx, pk: int, problems: Sequence[Problem]) -> None:
+    await tx.executemany(
+        "INSERT INTO webhook_problems (notification_pk, path, code, reason,"
+        " account_id, phone_number_id) VALUES (?,?,?,?,?,?)"
+        " ON CONFLICT (notification_pk, path, code) DO UPDATE SET reason = excluded.reason,"
+        " account_id = excluded.account_id, phone_number_id = excluded.phone_number_id",
         [(pk, p.path, p.code, p.reason, p.account_id, p.phone_number_id) for p in problems],
     )
 
 
-def record_new(
-    conn: sqlite3.Connection, new: NewNotification, problems: Sequence[Problem], now: float
-) -> int:
+async def record_new(tx: Tx, new: NewNotification, problems: Sequence[Problem], now: float) -> int:
     """Archive ``new`` with its problems (inside the capture's transaction); return its pk."""
-    cursor = conn.execute(
+    rows = await tx.fetch(
         "INSERT INTO webhook_notifications (received_at, request_id, body, status, problems,"
-        " processed_at) VALUES (?,?,?,?,?,?)",
+        " processed_at) VALUES (?,?,?,?,?,?) RETURNING pk",
         (new.received_at, new.request_id, new.body, _status(len(problems)), len(problems), now),
     )
-    pk = cursor.lastrowid
-    assert pk is not None
+    pk: int = rows[0][0]
     if problems:
-        _insert_problems(conn, pk, problems)
+        await _insert_problems(tx, pk, problems)
     return pk
 
 
-def claim(conn: sqlite3.Connection, reprocess: Reprocess) -> bool:
+async def claim(tx: Tx, reprocess: Reprocess) -> bool:
     """Tell whether the row is as it was read (else someone reprocessed it meanwhile)."""
-    rows = select(conn, "SELECT attempts FROM webhook_notifications WHERE pk = ?", (reprocess.pk,))
+    rows = await tx.fetch(
+        "SELECT attempts FROM webhook_notifications WHERE pk = ?", (reprocess.pk,)
+    )
     return bool(rows) and rows[0][0] == reprocess.attempts
 
 
-def record_reprocessed(
-    conn: sqlite3.Connection, reprocess: Reprocess, problems: Sequence[Problem], now: float
+async def record_reprocessed(
+    tx: Tx, reprocess: Reprocess, problems: Sequence[Problem], now: float
 ) -> NotificationStatus:
     """Replace the re-examined problems by the ones found now; return the new status."""
     if reprocess.examined is None:
-        conn.execute("DELETE FROM webhook_problems WHERE notification_pk = ?", (reprocess.pk,))
+        await tx.execute("DELETE FROM webhook_problems WHERE notification_pk = ?", (reprocess.pk,))
     else:
-        conn.executemany(
+        await tx.executemany(
             "DELETE FROM webhook_problems WHERE notification_pk = ? AND path = ?",
             [(reprocess.pk, path) for path in reprocess.examined],
         )
-    _insert_problems(conn, reprocess.pk, problems)
-    rows = select(
-        conn,
+    await _insert_problems(tx, reprocess.pk, problems)
+    rows = await tx.fetch(
         "SELECT COUNT(*) FROM webhook_problems WHERE notification_pk = ?",
         (reprocess.pk,),
     )
     left = int(rows[0][0])
     status = _status(left)
-    conn.execute(
+    await tx.execute(
         "UPDATE webhook_notifications SET status = ?, problems = ?, attempts = attempts + 1,"
         " error = NULL, processed_at = ? WHERE pk = ?",
         (status, left, now, reprocess.pk),
@@ -141,14 +139,14 @@ class ArchivePending(WriteOp[int]):
         self.new = new
         self.error = error
 
-    def apply(self, conn: sqlite3.Connection) -> int:
-        cursor = conn.execute(
+    async def apply(self, tx: Tx) -> int:
+        rows = await tx.fetch(
             "INSERT INTO webhook_notifications (received_at, request_id, body, status, error)"
-            " VALUES (?,?,?,'pending',?)",
+            " VALUES (?,?,?,'pending',?) RETURNING pk",
             (self.new.received_at, self.new.request_id, self.new.body, self.error),
         )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+        pk: int = rows[0][0]
+        return pk
 
 
 class MarkFailed(WriteOp[None]):
@@ -158,8 +156,8 @@ class MarkFailed(WriteOp[None]):
         self.pk = pk
         self.error = error
 
-    def apply(self, conn: sqlite3.Connection) -> None:
-        conn.execute(
+    async def apply(self, tx: Tx) -> None:
+        await tx.execute(
             "UPDATE webhook_notifications SET attempts = attempts + 1, error = ? WHERE pk = ?",
             (self.error, self.pk),
         )
@@ -171,20 +169,19 @@ class PruneArchive(WriteOp[int]):
     def __init__(self, before: float) -> None:
         self.before = before
 
-    def apply(self, conn: sqlite3.Connection) -> int:
-        conn.execute(
+    async def apply(self, tx: Tx) -> int:
+        await tx.execute(
             "DELETE FROM webhook_problems WHERE notification_pk IN"
             " (SELECT pk FROM webhook_notifications WHERE received_at < ?)",
             (self.before,),
         )
-        cursor = conn.execute(
+        return await tx.execute(
             "DELETE FROM webhook_notifications WHERE received_at < ?", (self.before,)
         )
-        return cursor.rowcount
 
 
 async def open_notifications(
-    conn: aiosqlite.Connection,
+    reader: Reader,
     *,
     since: float = 0.0,
     accounts: Sequence[tuple[str, str]] | None = None,
@@ -207,8 +204,7 @@ async def open_notifications(
             f" WHERE p.notification_pk = pk AND ({match}))"
         )
         params.extend(v for pair in accounts for v in pair)
-    rows = await fetch_rows(
-        conn,
+    rows = await reader.fetch(
         "SELECT pk, received_at, request_id, status, attempts, error FROM webhook_notifications"
         f" WHERE {where} ORDER BY pk LIMIT ?",
         [*params, limit],
@@ -217,8 +213,7 @@ async def open_notifications(
         return []
     pks = [row[0] for row in rows]
     problems: dict[int, list[Problem]] = {pk: [] for pk in pks}
-    found = await fetch_rows(
-        conn,
+    found = await reader.fetch(
         "SELECT notification_pk, path, code, reason, account_id, phone_number_id"
         f" FROM webhook_problems WHERE notification_pk IN ({','.join('?' * len(pks))})"
         " ORDER BY notification_pk, path",
@@ -244,16 +239,15 @@ async def open_notifications(
     ]
 
 
-async def body_of(conn: aiosqlite.Connection, pk: int) -> bytes | None:
+async def body_of(reader: Reader, pk: int) -> bytes | None:
     """Return an archived notification's bytes."""
-    rows = await fetch_rows(conn, "SELECT body FROM webhook_notifications WHERE pk = ?", (pk,))
+    rows = await reader.fetch("SELECT body FROM webhook_notifications WHERE pk = ?", (pk,))
     return bytes(rows[0][0]) if rows else None
 
 
-async def status_counts(conn: aiosqlite.Connection) -> dict[str, int]:
+async def status_counts(reader: Reader) -> dict[str, int]:
     """Return how many archived notifications are partial and pending."""
-    rows = await fetch_rows(
-        conn,
+    rows = await reader.fetch(
         "SELECT status, COUNT(*) FROM webhook_notifications WHERE status != 'processed'"
         " GROUP BY status",
         (),

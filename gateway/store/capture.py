@@ -19,7 +19,6 @@ Rules (META.md §3):
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -40,7 +39,7 @@ from gateway.store.rows import (
     conversation_from_row,
     conversation_params,
 )
-from gateway.store.schema import select
+from gateway.store.sql import Tx
 from gateway.store.writer import WriteOp
 
 __all__ = ["CaptureOp", "CaptureResult", "ProblemView"]
@@ -159,17 +158,17 @@ class CaptureOp(WriteOp[CaptureResult]):
     def touched(self) -> Touched | None:
         return self._touched
 
-    def apply(self, conn: sqlite3.Connection) -> CaptureResult:
+    async def apply(self, tx: Tx) -> CaptureResult:
         batch = self.batch
         result = _with_problems(
             CaptureResult(statuses=batch.statuses, ignored_changes=batch.ignored_changes),
             batch.problems,
         )
-        if isinstance(self.archive, Reprocess) and not claim(conn, self.archive):
+        if isinstance(self.archive, Reprocess) and not await claim(tx, self.archive):
             result.archive_status = "skipped"  # another process reprocessed it meanwhile
             return result
-        fresh = self._fresh_messages(conn, result)
-        live, aliases = self._live_conversations(conn, fresh)
+        fresh = await self._fresh_messages(tx, result)
+        live, aliases = await self._live_conversations(tx, fresh)
         identities = Identities(live, aliases=aliases, now=self.now)
         links: list[tuple[str, str, str, float]] = []
         for message in fresh:
@@ -187,21 +186,23 @@ class CaptureOp(WriteOp[CaptureResult]):
             links.append((message.wamid, message.account_id, conversation.id, self.now))
         result.conversations_created = len(identities.created)
         result.conversations_merged = identities.merged
-        self._write(conn, identities, links)
+        await self._write(tx, identities, links)
         for event in batch.automatic:
-            self._automatic(conn, event, result)
+            await self._automatic(tx, event, result)
         self._touched = _touched(identities, result)
         if isinstance(self.archive, NewNotification):
-            result.notification_id = record_new(conn, self.archive, batch.problems, self.now)
+            result.notification_id = await record_new(tx, self.archive, batch.problems, self.now)
             result.archive_status = "partial" if batch.problems else "processed"
         elif isinstance(self.archive, Reprocess):
             result.notification_id = self.archive.pk
-            result.archive_status = record_reprocessed(conn, self.archive, batch.problems, self.now)
+            result.archive_status = await record_reprocessed(
+                tx, self.archive, batch.problems, self.now
+            )
         return result
 
-    def _write(
+    async def _write(
         self,
-        conn: sqlite3.Connection,
+        tx: Tx,
         identities: Identities,
         links: list[tuple[str, str, str, float]],
     ) -> None:
@@ -210,35 +211,35 @@ class CaptureOp(WriteOp[CaptureResult]):
         for account_id, phone, taker in identities.released:
             # Every earlier conversation of a recycled number (not only the live one loaded
             # here) stops answering for that phone.
-            conn.execute(
+            await tx.execute(
                 "UPDATE conversations SET phone_released_at = ? WHERE account_id = ?"
                 " AND wa_id = ? AND phone_released_at IS NULL AND id != ?",
                 (self.now, account_id, phone, taker),
             )
         rekeyed = identities.rekeyed()
         if rekeyed:
-            conn.executemany(
+            await tx.executemany(
                 "UPDATE conversations SET superseded_by = '~' WHERE id = ?",
                 [(cid,) for cid in rekeyed],
             )
-        conn.executemany(
+        await tx.executemany(
             _UPDATE_CONVERSATION,
             [
                 (*(getattr(c, f) for f in MUTABLE_CONVERSATION_FIELDS), c.id)
                 for c in identities.changed()
             ],
         )
-        conn.executemany(
+        await tx.executemany(
             INSERT_CONVERSATION,
             [conversation_params(identities.by_id[cid]) for cid in identities.created],
         )
         if identities.aliases:
-            conn.executemany(
-                "INSERT OR IGNORE INTO conversation_aliases (account_id, kind, value,"
-                " conversation_id, replaced_at) VALUES (?,?,?,?,?)",
+            await tx.executemany(
+                "INSERT INTO conversation_aliases (account_id, kind, value,"
+                " conversation_id, replaced_at) VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
                 identities.aliases,
             )
-        conn.executemany(
+        await tx.executemany(
             "INSERT INTO webhook_messages (wamid, account_id, conversation_id, received_at)"
             " VALUES (?,?,?,?)",
             links,
@@ -283,14 +284,11 @@ class CaptureOp(WriteOp[CaptureResult]):
         result.referrals_ignored += 1
         return conversation
 
-    def _fresh_messages(
-        self, conn: sqlite3.Connection, result: CaptureResult
-    ) -> list[InboundMessage]:
+    async def _fresh_messages(self, tx: Tx, result: CaptureResult) -> list[InboundMessage]:
         wamids = list(dict.fromkeys(m.wamid for m in self.batch.messages))
         seen: set[str] = set()
         for chunk in _chunks(wamids):
-            rows = select(
-                conn,
+            rows = await tx.fetch(
                 f"SELECT wamid FROM webhook_messages WHERE wamid IN ({','.join('?' * len(chunk))})",
                 chunk,
             )
@@ -307,8 +305,8 @@ class CaptureOp(WriteOp[CaptureResult]):
         fresh.sort(key=lambda m: m.timestamp)
         return fresh
 
-    def _live_conversations(
-        self, conn: sqlite3.Connection, messages: list[InboundMessage]
+    async def _live_conversations(
+        self, tx: Tx, messages: list[InboundMessage]
     ) -> tuple[list[Conversation], list[tuple[str, str, str, str]]]:
         """Load the live conversations of every identifier the messages mention, current or
         former (the aliases a re-key left), with those aliases."""
@@ -324,8 +322,7 @@ class CaptureOp(WriteOp[CaptureResult]):
         found: dict[str, Conversation] = {}
         for (account_id, column), values in keys.items():
             for chunk in _chunks(list(dict.fromkeys(values))):
-                rows = select(
-                    conn,
+                rows = await tx.fetch(
                     f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE account_id = ?"
                     f" AND {column} IN ({','.join('?' * len(chunk))})"
                     " AND superseded_by IS NULL",
@@ -338,8 +335,7 @@ class CaptureOp(WriteOp[CaptureResult]):
         for (account_id, column), values in keys.items():
             kind = "phone" if column == "wa_id" else "bsuid"
             for chunk in _chunks(list(dict.fromkeys(values))):
-                aliases += select(
-                    conn,
+                aliases += await tx.fetch(
                     "SELECT account_id, kind, value, conversation_id FROM conversation_aliases"
                     " WHERE account_id = ? AND kind = ?"
                     f" AND value IN ({','.join('?' * len(chunk))})",
@@ -347,8 +343,7 @@ class CaptureOp(WriteOp[CaptureResult]):
                 )
         missing = list({alias[3] for alias in aliases} - found.keys())
         for chunk in _chunks(missing):
-            rows = select(
-                conn,
+            rows = await tx.fetch(
                 f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
                 f" WHERE id IN ({','.join('?' * len(chunk))}) AND superseded_by IS NULL",
                 chunk,
@@ -358,16 +353,13 @@ class CaptureOp(WriteOp[CaptureResult]):
                 found[conversation.id] = conversation
         return list(found.values()), [(a, k, v, c) for a, k, v, c in aliases]
 
-    def _automatic(
-        self, conn: sqlite3.Connection, event: DetectedEvent, result: CaptureResult
-    ) -> None:
-        rows = select(
-            conn,
+    async def _automatic(self, tx: Tx, event: DetectedEvent, result: CaptureResult) -> None:
+        rows = await tx.fetch(
             "SELECT conversation_id FROM webhook_messages WHERE wamid = ? AND account_id = ?",
             (event.wamid, event.account_id),
         )
         conversation_id = rows[0][0] if rows else None
-        cursor = conn.execute(
+        inserted = await tx.execute(
             "INSERT INTO automatic_events (account_id, wamid, event_name, ctwa_clid, custom_data,"
             " occurred_at, conversation_id, received_at) VALUES (?,?,?,?,?,?,?,?)"
             " ON CONFLICT (account_id, wamid, event_name) DO NOTHING",
@@ -382,16 +374,16 @@ class CaptureOp(WriteOp[CaptureResult]):
                 self.now,
             ),
         )
-        if cursor.rowcount == 0:
+        if inserted == 0:
             return  # seen before
         result.automatic_events += 1
         if conversation_id is None or event.ctwa_clid is None:
             return
-        cursor = conn.execute(
+        recovered = await tx.execute(
             "UPDATE conversations SET ctwa_clid = ?, ctwa_captured_at = ?,"
             " ctwa_clicked_at = COALESCE(ctwa_clicked_at, created_at),"
             " ctwa_capture_source = 'automatic_event'"
             " WHERE id = ? AND ctwa_clid IS NULL",
             (event.ctwa_clid, self.now, conversation_id),
         )
-        result.clicks_recovered += cursor.rowcount
+        result.clicks_recovered += recovered

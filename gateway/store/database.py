@@ -72,7 +72,8 @@ from gateway.store.rows import (
     event_from_row,
     insert_events,
 )
-from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows, migrate, select
+from gateway.store.schema import UPDATE_EVENT_STATUS, migrate, select
+from gateway.store.sql import SqliteReader, SqliteTx, Tx
 from gateway.store.writer import GroupCommitWriter, WriteOp
 from gateway.wire import ErasureCounts
 
@@ -149,7 +150,7 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
         self.new = new
 
     @classmethod
-    def apply_many(cls, conn: sqlite3.Connection, ops: Sequence[WriteOp[Any]]) -> list[Any]:
+    async def apply_many(cls, tx: Tx, ops: Sequence[WriteOp[Any]]) -> list[Any]:
         mine = [op for op in ops if isinstance(op, _InsertEvent)]
         now = time.time()
         # The first request per key is the one that may insert; a second in the same batch
@@ -161,7 +162,7 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
         pks: dict[tuple[str, str], tuple[int, bool]] = {}
         for start in range(0, len(candidates), _ROWS_PER_STATEMENT):
             chunk = candidates[start : start + _ROWS_PER_STATEMENT]
-            pks.update(_insert_chunk(conn, [op.new for op in chunk]))
+            pks.update(await _insert_chunk(tx, [op.new for op in chunk]))
         results: list[tuple[int, bool]] = []
         rows: list[Any] = []
         inserted_events: list[StoredEvent] = []
@@ -184,12 +185,12 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
                 )
         for start in range(0, len(rows), _ROWS_PER_STATEMENT):
             part = rows[start : start + _ROWS_PER_STATEMENT]
-            conn.execute(
+            await tx.execute(
                 f"{INSERT_DELIVERY_HEAD} {','.join([DELIVERY_VALUES] * len(part))}",
                 [v for row in part for v in row],
             )
-        count_in_hours(conn, inserted_events)
-        count_deliveries(conn, counted)
+        await count_in_hours(tx, inserted_events)
+        await count_deliveries(tx, counted)
         return results
 
 
@@ -198,13 +199,21 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
 _ROWS_PER_STATEMENT = 500
 
 
-def _insert_chunk(
-    conn: sqlite3.Connection, events: Sequence[StoredEvent]
+async def _insert_chunk(
+    tx: Tx, events: Sequence[StoredEvent]
 ) -> dict[tuple[str, str], tuple[int, bool]]:
     """Insert events whose keys differ; return each key's pk and whether this inserted it."""
     sql, params = insert_events(events)
-    cursor = conn.execute(sql, params)
     keys = [(e.account_id, e.event_id) for e in events]
+    if not isinstance(tx, SqliteTx):
+        inserted = {
+            (account_id, event_id): (pk, True)
+            for pk, account_id, event_id in await tx.fetch(
+                f"{sql} RETURNING pk, account_id, event_id", params
+            )
+        }
+        return {**await _existing(tx, [k for k in keys if k not in inserted]), **inserted}
+    cursor = tx.conn.execute(sql, params)
     last = cursor.lastrowid
     if cursor.rowcount == len(events) and last is not None:
         # No conflict: SQLite gave the rows consecutive rowids (each new one is the largest
@@ -213,16 +222,24 @@ def _insert_chunk(
     # Some keys existed (a retry racing its original, or another process): the rows this
     # statement inserted are the only ones above the largest rowid before it.
     inserted_above = (last or 0) - cursor.rowcount if cursor.rowcount > 0 else None
+    return {
+        key: (pk, inserted_above is not None and pk > inserted_above)
+        for key, (pk, _) in (await _existing(tx, keys)).items()
+    }
+
+
+async def _existing(
+    tx: Tx, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[int, bool]]:
+    """The pks of these (account, eventId) keys' stored events, as not inserted now."""
+    if not keys:
+        return {}
     where = " OR ".join("(account_id = ? AND event_id = ?)" for _ in keys)
-    found = select(
-        conn,
+    found = await tx.fetch(
         f"SELECT account_id, event_id, pk FROM events WHERE {where}",
         [v for key in keys for v in key],
     )
-    return {
-        (account_id, event_id): (pk, inserted_above is not None and pk > inserted_above)
-        for account_id, event_id, pk in found
-    }
+    return {(account_id, event_id): (pk, False) for account_id, event_id, pk in found}
 
 
 class _InsertConversation(WriteOp[None]):
@@ -231,8 +248,8 @@ class _InsertConversation(WriteOp[None]):
     def __init__(self, conversation: Conversation) -> None:
         self.conversation = conversation
 
-    def apply(self, conn: sqlite3.Connection) -> None:
-        conn.execute(INSERT_CONVERSATION, conversation_params(self.conversation))
+    async def apply(self, tx: Tx) -> None:
+        await tx.execute(INSERT_CONVERSATION, conversation_params(self.conversation))
 
     def touched(self) -> Touched | None:
         c = self.conversation
@@ -249,7 +266,7 @@ class _InsertConversation(WriteOp[None]):
 class _Ping(WriteOp[None]):
     """Nothing but the writer's own BEGIN IMMEDIATE / COMMIT: proves the file takes writes."""
 
-    def apply(self, conn: sqlite3.Connection) -> None:
+    async def apply(self, tx: Tx) -> None:
         return None
 
 
@@ -257,9 +274,10 @@ class _PruneMessages(WriteOp[int]):
     def __init__(self, before: float) -> None:
         self.before = before
 
-    def apply(self, conn: sqlite3.Connection) -> int:
-        cursor = conn.execute("DELETE FROM webhook_messages WHERE received_at < ?", (self.before,))
-        return cursor.rowcount
+    async def apply(self, tx: Tx) -> int:
+        return await tx.execute(
+            "DELETE FROM webhook_messages WHERE received_at < ?", (self.before,)
+        )
 
 
 class _UpdateDeliveries(WriteOp[None]):
@@ -271,22 +289,21 @@ class _UpdateDeliveries(WriteOp[None]):
         self.pk = pk
         self.states = states
 
-    def apply(self, conn: sqlite3.Connection) -> None:
+    async def apply(self, tx: Tx) -> None:
         now = time.time()
-        had = {row[0] for row in select(conn, _SINKS_OF, (self.pk,))}
+        had = {row[0] for row in await tx.fetch(_SINKS_OF, (self.pk,))}
         # An upsert, not a REPLACE: a replaced row's deletion fires no trigger, and
         # delivery_counts follows status changes through one.
-        conn.executemany(
+        await tx.executemany(
             _UPSERT_DELIVERY,
             [delivery_row(self.pk, sink, state, now) for sink, state in self.states.items()],
         )
         new = [(sink, state.status) for sink, state in self.states.items() if sink not in had]
         if new:
-            (account_id,) = select(conn, "SELECT account_id FROM events WHERE pk = ?", (self.pk,))[
-                0
-            ]
-            count_deliveries(conn, [(account_id, sink, status) for sink, status in new])
-        conn.execute(UPDATE_EVENT_STATUS, (self.pk, self.pk))
+            rows = await tx.fetch("SELECT account_id FROM events WHERE pk = ?", (self.pk,))
+            account_id = rows[0][0]
+            await count_deliveries(tx, [(account_id, sink, status) for sink, status in new])
+        await tx.execute(UPDATE_EVENT_STATUS, (self.pk, self.pk))
 
 
 _SINKS_OF = "SELECT sink FROM deliveries WHERE event_pk = ?"
@@ -313,13 +330,14 @@ class Store:
         # Point lookups, on the loop's thread (see the module's docstring).
         self._quick = quick_conn
         # Scans, on aiosqlite's thread.
-        self._reader = scan_conn
+        self._scan_conn = scan_conn
+        self._reader = SqliteReader(scan_conn)
         self.lookups = LookupCache(signal)
         self.writer = GroupCommitWriter(
             writer_conn, max_batch=max_batch, on_touched=self.lookups.touched
         )
-        self.outbox = Outbox(scan_conn, self.writer)
-        self.reports = Reports(scan_conn)
+        self.outbox = Outbox(self._reader, self.writer)
+        self.reports = Reports(self._reader)
         self._signal = signal
         self.path = Path(":memory:")
         # (account, kind, keyed digest) of suppressed people: checked on every capture and
@@ -461,7 +479,7 @@ class Store:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            rows = await fetch_rows(conn, "PRAGMA wal_checkpoint(TRUNCATE)", ())
+            rows = await SqliteReader(conn).fetch("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.OperationalError:
             return False
         finally:
@@ -470,9 +488,7 @@ class Store:
 
     async def load_suppressions(self) -> None:
         """Read the suppressed digests (at open, after an erasure, and at housekeeping)."""
-        rows = await fetch_rows(
-            self._reader, "SELECT account_id, kind, digest FROM suppressions", ()
-        )
+        rows = await self._reader.fetch("SELECT account_id, kind, digest FROM suppressions", ())
         self.suppressed = {(row[0], row[1], row[2]) for row in rows}
 
     async def prune_messages(self, before: float) -> int:
@@ -488,7 +504,7 @@ class Store:
         for task in self._checkpoints:
             task.cancel()
         await self.writer.close()
-        await self._reader.close()
+        await self._scan_conn.close()
         self._quick.close()
         self._writer_conn.close()
         if self._signal is not None:
@@ -674,8 +690,7 @@ class Store:
         if bsuid is not None:
             where += f" AND {_BY_BSUID}"
             params += [bsuid, bsuid, account_id, bsuid]
-        rows = await fetch_rows(
-            self._reader,
+        rows = await self._reader.fetch(
             f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE {where}"
             " ORDER BY created_at DESC, rowid DESC LIMIT ?",
             [*params, limit],
@@ -721,8 +736,7 @@ class Store:
 
     async def recent_events(self, account_id: str, limit: int) -> list[StoredEvent]:
         """Return the account's most recent events, newest first."""
-        rows = await fetch_rows(
-            self._reader,
+        rows = await self._reader.fetch(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE account_id = ? ORDER BY pk DESC LIMIT ?",
             (account_id, limit),
         )
@@ -732,8 +746,7 @@ class Store:
         self, where: str, params: Sequence[Any], limit: int
     ) -> list[StoredEvent]:
         """Return the events that match a condition on the events table, newest first."""
-        rows = await fetch_rows(
-            self._reader,
+        rows = await self._reader.fetch(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY pk DESC LIMIT ?",
             [*params, limit],
         )
@@ -743,8 +756,7 @@ class Store:
         if not rows:
             return []
         pks = [row[0] for row in rows]
-        found = await fetch_rows(
-            self._reader,
+        found = await self._reader.fetch(
             f"SELECT event_pk, sink, {DELIVERY_STATE_COLUMNS} FROM deliveries"
             f" WHERE event_pk IN ({','.join('?' * len(pks))})",
             pks,

@@ -6,12 +6,9 @@ delivery state. Plugins reach it through :class:`gateway.Store`.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
-import aiosqlite
-
-from gateway.store.schema import fetch_rows
+from gateway.store.sql import Reader, Tx
 from gateway.store.writer import WriteOp
 
 __all__ = ["SaveDataset", "stored_datasets"]
@@ -23,15 +20,15 @@ class SaveDataset(WriteOp[None]):
     def __init__(self, account_id: str, dataset_id: str) -> None:
         self.row = (account_id, dataset_id, time.time())
 
-    def apply(self, conn: sqlite3.Connection) -> None:
-        conn.execute(
+    async def apply(self, tx: Tx) -> None:
+        await tx.execute(
             "INSERT INTO datasets (account_id, dataset_id, created_at) VALUES (?,?,?)"
             " ON CONFLICT (account_id) DO UPDATE SET dataset_id = excluded.dataset_id",
             self.row,
         )
 
 
-async def stored_datasets(conn: aiosqlite.Connection) -> dict[str, str]:
+async def stored_datasets(reader: Reader) -> dict[str, str]:
     """Return the dataset id stored per account."""
-    rows = await fetch_rows(conn, "SELECT account_id, dataset_id FROM datasets", ())
+    rows = await reader.fetch("SELECT account_id, dataset_id FROM datasets", ())
     return {row[0]: row[1] for row in rows}

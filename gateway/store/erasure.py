@@ -22,7 +22,6 @@ An audit row says who asked, when, and how many rows of each kind went; no ident
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -32,7 +31,7 @@ import msgspec
 from gateway.hashing import keyed_digest
 from gateway.store.lookups import EVERYTHING, Touched
 from gateway.store.retention import delete_conversations, scrub_events
-from gateway.store.schema import select
+from gateway.store.sql import Tx
 from gateway.store.writer import WriteOp
 from gateway.wire import ErasureCounts
 
@@ -125,56 +124,55 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
     def touched(self) -> Touched | None:
         return EVERYTHING  # their conversations, found by every identifier they had
 
-    def apply(self, conn: sqlite3.Connection) -> tuple[int, ErasureCounts]:
+    async def apply(self, tx: Tx) -> tuple[int, ErasureCounts]:
         counts = ErasureCounts()
-        ids, phones, bsuids = self._theirs(conn)
+        ids, phones, bsuids = await self._theirs(tx)
         identifiers = set(phones | bsuids)
         if ids:
-            identifiers |= self._traces(conn, ids)
-            counts.automatic_events = self._delete_automatic(conn, identifiers)
-            scrubbed, cancelled = scrub_events(conn, ids, account_id=self.account_id)
+            identifiers |= await self._traces(tx, ids)
+            counts.automatic_events = await self._delete_automatic(tx, identifiers)
+            scrubbed, cancelled = await scrub_events(tx, ids, account_id=self.account_id)
             counts.events_scrubbed, counts.deliveries_cancelled = scrubbed, cancelled
-            deleted = delete_conversations(conn, ids)
+            deleted = await delete_conversations(tx, ids)
             counts.conversations = deleted["conversations"]
             counts.aliases = deleted["conversation_aliases"]
             counts.webhook_messages = deleted["webhook_messages"]
             counts.automatic_events += deleted["automatic_events"]
         if identifiers:
-            counts.notifications_redacted = self._redact_archive(conn, frozenset(identifiers))
+            counts.notifications_redacted = await self._redact_archive(tx, frozenset(identifiers))
         now = time.time()
         key = self.suppress_key
-        cursor = conn.execute(
+        rows = await tx.fetch(
             "INSERT INTO erasures (at, actor, account_id, kind, counts, suppressed)"
-            " VALUES (?,?,?,?,?,?)",
+            " VALUES (?,?,?,?,?,?) RETURNING pk",
             (now, self.actor, self.account_id, self.kind, _encode(counts), key is not None),
         )
         if key is not None:
             # Every identifier found, not only the one given: the person must not come back
             # by their BSUID after being erased by phone.
-            conn.executemany(
-                "INSERT OR IGNORE INTO suppressions (account_id, kind, digest, created_at)"
-                " VALUES (?,?,?,?)",
+            await tx.executemany(
+                "INSERT INTO suppressions (account_id, kind, digest, created_at)"
+                " VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
                 [
                     (self.account_id, kind, keyed_digest(key, kind, value), now)
                     for kind, values in (("phone", phones), ("bsuid", bsuids))
                     for value in sorted(values)
                 ],
             )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid, counts
+        erasure_id: int = rows[0][0]
+        return erasure_id, counts
 
-    def _theirs(self, conn: sqlite3.Connection) -> tuple[list[str], set[str], set[str]]:
+    async def _theirs(self, tx: Tx) -> tuple[list[str], set[str], set[str]]:
         """The person's conversations on the account, and their phones and BSUIDs."""
         phones, bsuids = set(self.phones), set(self.bsuids)
         ids: set[str] = set()
         seeds = set(self.conversation_ids)
         for _ in range(8):  # identities chain through merges and changes; a few hops suffice
-            new = self._matching(conn, phones, bsuids, seeds | ids) - ids
+            new = await self._matching(tx, phones, bsuids, seeds | ids) - ids
             if not new:
                 break
             ids |= new
-            rows = select(
-                conn,
+            rows = await tx.fetch(
                 "SELECT wa_id, bsuid, parent_bsuid, superseded_by, phone_released_at"
                 f" FROM conversations WHERE id IN ({_marks(new)})",
                 list(new),
@@ -187,8 +185,7 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
                     if superseded_by:
                         seeds.add(superseded_by)
                 bsuids.update(v for v in (bsuid, parent) if v)
-            aliases = select(
-                conn,
+            aliases = await tx.fetch(
                 "SELECT kind, value FROM conversation_aliases WHERE account_id = ?"
                 f" AND conversation_id IN ({_marks(new)})",
                 [self.account_id, *new],
@@ -197,8 +194,8 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
                 (phones if kind == "phone" else bsuids).add(value)
         return sorted(ids), phones, bsuids
 
-    def _matching(
-        self, conn: sqlite3.Connection, phones: set[str], bsuids: set[str], ids: set[str]
+    async def _matching(
+        self, tx: Tx, phones: set[str], bsuids: set[str], ids: set[str]
     ) -> set[str]:
         clauses, params = [], [self.account_id]
         if phones:
@@ -217,8 +214,7 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
             return set()
         found = {
             row[0]
-            for row in select(
-                conn,
+            for row in await tx.fetch(
                 f"SELECT id FROM conversations WHERE account_id = ? AND ({' OR '.join(clauses)})",
                 params,
             )
@@ -227,8 +223,7 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
         if values:
             found |= {
                 row[0]
-                for row in select(
-                    conn,
+                for row in await tx.fetch(
                     "SELECT conversation_id FROM conversation_aliases WHERE account_id = ?"
                     f" AND value IN ({_marks(values)})",
                     [self.account_id, *values],
@@ -236,7 +231,7 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
             }
         return found
 
-    def _traces(self, conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
+    async def _traces(self, tx: Tx, ids: Sequence[str]) -> set[str]:
         """Their usernames, click ids and message ids (a wamid carries the phone)."""
         marks = _marks(ids)
         found: set[str] = set()
@@ -247,25 +242,24 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
             f"SELECT wamid FROM automatic_events WHERE conversation_id IN ({marks})",
             f"SELECT ctwa_clid FROM automatic_events WHERE conversation_id IN ({marks})",
         ):
-            found |= {row[0] for row in select(conn, sql, list(ids)) if row[0]}
+            found |= {row[0] for row in await tx.fetch(sql, list(ids)) if row[0]}
         return found
 
-    def _delete_automatic(self, conn: sqlite3.Connection, identifiers: set[str]) -> int:
+    async def _delete_automatic(self, tx: Tx, identifiers: set[str]) -> int:
         """Automatic events that name their message ids or click ids without a conversation."""
         values = sorted(identifiers)
         marks = _marks(values)
-        cursor = conn.execute(
+        return await tx.execute(
             "DELETE FROM automatic_events WHERE account_id = ? AND conversation_id IS NULL"
             f" AND (wamid IN ({marks}) OR ctwa_clid IN ({marks}))",
             [self.account_id, *values, *values],
         )
-        return cursor.rowcount
 
-    def _redact_archive(self, conn: sqlite3.Connection, identifiers: frozenset[str]) -> int:
+    async def _redact_archive(self, tx: Tx, identifiers: frozenset[str]) -> int:
         # A cheap first cut in SQL (bytes that contain an identifier), the exact one in Python.
-        where = " OR ".join("instr(body, ?) > 0" for _ in identifiers)
-        rows = select(
-            conn,
+        contains = "instr(body, ?) > 0" if tx.engine == "sqlite" else "position(? IN body) > 0"
+        where = " OR ".join(contains for _ in identifiers)
+        rows = await tx.fetch(
             f"SELECT pk, body FROM webhook_notifications WHERE {where}",
             [value.encode() for value in sorted(identifiers)],
         )
@@ -278,7 +272,7 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
                 phone_number_id=self.phone_number_id,
             )
             if redacted is not None:
-                conn.execute(
+                await tx.execute(
                     "UPDATE webhook_notifications SET body = ? WHERE pk = ?", (redacted, pk)
                 )
                 changed += 1

@@ -16,18 +16,17 @@ own. A claimant that dies leaves its lease to expire, and the rows are taken aga
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import aiosqlite
 import msgspec
 import structlog
 
 from gateway.domain import Attempt, QueuedEvent, SinkState
 from gateway.store.rows import QUEUED_COLUMNS, queued_from_row
-from gateway.store.schema import UPDATE_EVENT_STATUS, fetch_rows, select
+from gateway.store.schema import UPDATE_EVENT_STATUS
+from gateway.store.sql import Reader, Tx, marks
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["AttemptResult", "EventsWhere", "Outbox", "count_deliveries"]
@@ -36,18 +35,20 @@ log = structlog.get_logger()
 
 _COUNT_DELIVERIES = (
     "INSERT INTO delivery_counts (account_id, sink, status, deliveries) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT DO UPDATE SET deliveries = deliveries + excluded.deliveries"
+    " ON CONFLICT (account_id, sink, status) DO UPDATE"
+    " SET deliveries = delivery_counts.deliveries + excluded.deliveries"
 )
 
 
-def count_deliveries(conn: sqlite3.Connection, added: Sequence[tuple[str, str, str]]) -> None:
+async def count_deliveries(tx: Tx, added: Sequence[tuple[str, str, str]]) -> None:
     """Add new deliveries rows, as (account, sink, status), to ``delivery_counts`` in the
-    transaction that writes them (triggers follow their status changes and deletions)."""
+    transaction that writes them (triggers follow their status changes and deletions); in key
+    order, so replicas adding to the same rows at once take their locks in one order."""
     tallies: dict[tuple[str, str, str], int] = {}
     for key in added:
         tallies[key] = tallies.get(key, 0) + 1
     if tallies:
-        conn.executemany(_COUNT_DELIVERIES, [(*key, n) for key, n in tallies.items()])
+        await tx.executemany(_COUNT_DELIVERIES, [(*key, n) for key, n in sorted(tallies.items())])
 
 
 _encode = msgspec.json.Encoder().encode
@@ -70,10 +71,17 @@ _CLAIM = (
     " AND next_attempt_at <= ? AND (claim_until IS NULL OR claim_until <= ?)"
     " ORDER BY next_attempt_at, event_pk LIMIT ?) RETURNING event_pk"
 )
-
-
-def _marks(n: int) -> str:
-    return ",".join("?" * n)
+# On PostgreSQL, rows another claimer has locked are skipped rather than waited for: without
+# SKIP LOCKED, a claimer that waited would take rows the first one just took (PostgreSQL does
+# not run the subquery again when it re-checks a row).
+_CLAIM_SKIP_LOCKED = _CLAIM.replace(" LIMIT ?)", " LIMIT ? FOR UPDATE SKIP LOCKED)")
+_REPLACE_ATTEMPT = ", ".join(
+    f" {column} = excluded.{column}"
+    for column in (
+        "at", "outcome", "http_status", "error_code", "message", "trace_id", "batch_size",
+        "duration_ms",
+    )
+)  # fmt: skip
 
 
 class _Claim(WriteOp[list[QueuedEvent]]):
@@ -84,15 +92,15 @@ class _Claim(WriteOp[list[QueuedEvent]]):
     def __init__(self, sink: str, owner: str, now: float, until: float, limit: int) -> None:
         self.args = (sink, owner, now, until, limit)
 
-    def apply(self, conn: sqlite3.Connection) -> list[QueuedEvent]:
+    async def apply(self, tx: Tx) -> list[QueuedEvent]:
         sink, owner, now, until, limit = self.args
-        pks = [row[0] for row in select(conn, _CLAIM, (owner, until, sink, sink, now, now, limit))]
+        claim = _CLAIM if tx.engine == "sqlite" else _CLAIM_SKIP_LOCKED
+        pks = [row[0] for row in await tx.fetch(claim, (owner, until, sink, sink, now, now, limit))]
         if not pks:
             return []
-        rows = select(
-            conn,
+        rows = await tx.fetch(
             f"SELECT {QUEUED_COLUMNS} FROM deliveries d JOIN events e ON e.pk = d.event_pk"
-            f" WHERE d.sink = ? AND d.event_pk IN ({_marks(len(pks))})"
+            f" WHERE d.sink = ? AND d.event_pk IN ({marks(len(pks))})"
             " ORDER BY d.next_attempt_at, d.event_pk",
             [sink, *pks],
         )
@@ -107,11 +115,11 @@ class _Renew(WriteOp[None]):
     def __init__(self, sink: str, owner: str, pks: Sequence[int], until: float) -> None:
         self.args = (sink, owner, pks, until)
 
-    def apply(self, conn: sqlite3.Connection) -> None:
+    async def apply(self, tx: Tx) -> None:
         sink, owner, pks, until = self.args
-        conn.execute(
+        await tx.execute(
             "UPDATE deliveries SET claim_until = ? WHERE claimed_by = ? AND sink = ?"
-            f" AND event_pk IN ({_marks(len(pks))})",
+            f" AND event_pk IN ({marks(len(pks))})",
             [until, owner, sink, *pks],
         )
 
@@ -122,13 +130,12 @@ class _Release(WriteOp[int]):
     def __init__(self, sink: str, owner: str) -> None:
         self.args = (sink, owner)
 
-    def apply(self, conn: sqlite3.Connection) -> int:
-        cursor = conn.execute(
+    async def apply(self, tx: Tx) -> int:
+        return await tx.execute(
             "UPDATE deliveries SET claimed_by = NULL, claim_until = NULL"
             " WHERE claimed_by = ? AND sink = ?",
             (self.args[1], self.args[0]),
         )
-        return cursor.rowcount
 
 
 class _Record(WriteOp[int]):
@@ -142,22 +149,21 @@ class _Record(WriteOp[int]):
         self.owner = owner
         self.results = results
 
-    def apply(self, conn: sqlite3.Connection) -> int:
+    async def apply(self, tx: Tx) -> int:
         now = time.time()
         results = self.results
         lost = {
             row[0]
-            for row in select(
-                conn,
+            for row in await tx.fetch(
                 "SELECT event_pk FROM deliveries WHERE sink = ? AND claimed_by IS DISTINCT FROM ?"
-                f" AND event_pk IN ({_marks(len(results))})",
+                f" AND event_pk IN ({marks(len(results))})",
                 [self.sink, self.owner, *(r.pk for r in results)],
             )
         }
         if lost:
             # What the other process finds is its to record: ours would overwrite it.
             results = [r for r in results if r.pk not in lost]
-        conn.executemany(
+        await tx.executemany(
             "UPDATE deliveries SET status = ?, attempts = ?, error = ?, error_code = ?,"
             " trace_id = ?, events_received = ?, warnings = ?, next_attempt_at = ?,"
             " updated_at = ?, claimed_by = NULL, claim_until = NULL"
@@ -179,10 +185,11 @@ class _Record(WriteOp[int]):
                 for r in results
             ],
         )
-        conn.executemany(
-            "INSERT OR REPLACE INTO delivery_attempts (event_pk, sink, attempt, at, outcome,"
+        await tx.executemany(
+            "INSERT INTO delivery_attempts (event_pk, sink, attempt, at, outcome,"
             " http_status, error_code, message, trace_id, batch_size, duration_ms)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (event_pk, sink, attempt) DO UPDATE SET"
+            + _REPLACE_ATTEMPT,
             [
                 (
                     r.pk,
@@ -201,7 +208,7 @@ class _Record(WriteOp[int]):
                 for a in r.attempts
             ],
         )
-        conn.executemany(UPDATE_EVENT_STATUS, [(r.pk, r.pk) for r in results])
+        await tx.executemany(UPDATE_EVENT_STATUS, [(r.pk, r.pk) for r in results])
         return len(lost)
 
 
@@ -230,30 +237,30 @@ class _Requeue(WriteOp[tuple[int, int]]):
     def __init__(self, sinks: Sequence[str], statuses: Sequence[str], events: EventsWhere) -> None:
         self.where, self.params = _requeueable(sinks, statuses, events)
 
-    def apply(self, conn: sqlite3.Connection) -> tuple[int, int]:
+    async def apply(self, tx: Tx) -> tuple[int, int]:
         now = time.time()
         distinct = f"SELECT DISTINCT event_pk FROM deliveries WHERE {self.where}"
-        pks = [row[0] for row in select(conn, distinct, self.params)]
-        cursor = conn.execute(
+        pks = [row[0] for row in await tx.fetch(distinct, self.params)]
+        requeued = await tx.execute(
             "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, error = NULL,"
             f" error_code = NULL, updated_at = ? WHERE {self.where}",
             [now, now, *self.params],
         )
-        conn.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
-        return len(pks), cursor.rowcount
+        await tx.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
+        return len(pks), requeued
 
 
 class _Defer(WriteOp[None]):
     def __init__(self, sink: str, account_ids: Sequence[str], until: float) -> None:
         self.args = (sink, account_ids, until)
 
-    def apply(self, conn: sqlite3.Connection) -> None:
+    async def apply(self, tx: Tx) -> None:
         sink, account_ids, until = self.args
-        marks = ",".join("?" * len(account_ids))
-        conn.execute(
-            "UPDATE deliveries SET next_attempt_at = MAX(next_attempt_at, ?)"
+        later = "MAX" if tx.engine == "sqlite" else "GREATEST"
+        await tx.execute(
+            f"UPDATE deliveries SET next_attempt_at = {later}(next_attempt_at, ?)"
             " WHERE sink = ? AND status = 'pending' AND event_pk IN"
-            f" (SELECT pk FROM events WHERE account_id IN ({marks}))",
+            f" (SELECT pk FROM events WHERE account_id IN ({marks(len(account_ids))}))",
             [until, sink, *account_ids],
         )
 
@@ -261,7 +268,7 @@ class _Defer(WriteOp[None]):
 class Outbox:
     """Queries and writes of pending deliveries, over the store's connections."""
 
-    def __init__(self, reader: aiosqlite.Connection, writer: GroupCommitWriter) -> None:
+    def __init__(self, reader: Reader, writer: GroupCommitWriter) -> None:
         self._reader = reader
         self._writer = writer
 
@@ -284,8 +291,7 @@ class Outbox:
     async def next_due(self, sink: str, *, now: float, owner: str) -> float | None:
         """Return when there may next be work for ``owner``: the earliest due delivery of
         ``sink`` that nobody holds, or the earliest expiry of another's claim."""
-        rows = await fetch_rows(
-            self._reader,
+        rows = await self._reader.fetch(
             "SELECT MIN(t) FROM (SELECT * FROM (SELECT next_attempt_at AS t FROM deliveries"
             " WHERE sink = ? AND status = 'pending' AND (claim_until IS NULL OR claim_until <= ?)"
             " ORDER BY next_attempt_at LIMIT 1) UNION ALL SELECT claim_until FROM deliveries"
@@ -297,8 +303,7 @@ class Outbox:
 
     async def pending(self, sink: str) -> int:
         """Return how many deliveries of ``sink`` are pending."""
-        rows = await fetch_rows(
-            self._reader,
+        rows = await self._reader.fetch(
             "SELECT COUNT(*) FROM deliveries WHERE sink = ? AND status = 'pending'",
             (sink,),
         )
@@ -308,14 +313,12 @@ class Outbox:
         self,
     ) -> tuple[dict[str, tuple[int, float | None]], list[tuple[str, str, str, int]]]:
         """Return pending (count, oldest received_at) per sink, and counts per status."""
-        pending = await fetch_rows(
-            self._reader,
+        pending = await self._reader.fetch(
             "SELECT d.sink, COUNT(*), MIN(e.received_at) FROM deliveries d"
             " JOIN events e ON e.pk = d.event_pk WHERE d.status = 'pending' GROUP BY d.sink",
             (),
         )
-        by_status = await fetch_rows(
-            self._reader,
+        by_status = await self._reader.fetch(
             "SELECT account_id, sink, status, deliveries FROM delivery_counts"
             " WHERE deliveries != 0",
             (),
@@ -354,15 +357,14 @@ class Outbox:
         if not wanted or not sinks:
             return 0
         where, params = _requeueable(sinks, wanted, events)
-        rows = await fetch_rows(
-            self._reader, f"SELECT COUNT(DISTINCT event_pk) FROM deliveries WHERE {where}", params
+        rows = await self._reader.fetch(
+            f"SELECT COUNT(DISTINCT event_pk) FROM deliveries WHERE {where}", params
         )
         return int(rows[0][0])
 
     async def attempts(self, pk: int) -> list[Attempt]:
         """Return every attempt made for an event, oldest first."""
-        rows = await fetch_rows(
-            self._reader,
+        rows = await self._reader.fetch(
             "SELECT sink, attempt, at, outcome, http_status, error_code, message, trace_id,"
             " batch_size, duration_ms FROM delivery_attempts WHERE event_pk = ?"
             " ORDER BY at, sink, attempt",

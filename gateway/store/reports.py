@@ -10,33 +10,32 @@ conversations by their time indexes, the funnel per conversation through
 
 from __future__ import annotations
 
-import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
-
 from gateway.domain import StoredEvent, overall_status
 from gateway.reports import DAY_S, Period
 from gateway.store.outbox import EventsWhere
 from gateway.store.rows import value_and_currency
-from gateway.store.schema import fetch_rows
+from gateway.store.sql import Reader, Tx
 
 __all__ = ["AdTally", "DayTally", "EventFilter", "Reports", "count_in_hours"]
 
 HOUR_S = 3600
 _ADD_TO_HOURS = (
     "INSERT INTO event_hours (account_id, hour, event_name, status, currency, expired, events,"
-    " value) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
-    " events = events + excluded.events, value = value + excluded.value"
+    " value) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (account_id, hour, event_name, status, currency, expired) DO UPDATE SET"
+    " events = event_hours.events + excluded.events, value = event_hours.value + excluded.value"
 )
 
 
-def count_in_hours(conn: sqlite3.Connection, events: Sequence[StoredEvent]) -> None:
+async def count_in_hours(tx: Tx, events: Sequence[StoredEvent]) -> None:
     """Add newly stored events to ``event_hours``, in the transaction that stores them: one
-    statement per distinct hour, name, status and currency of the batch (usually one)."""
+    statement per distinct hour, name, status and currency of the batch (usually one), in key
+    order (replicas adding to the same rows at once take their locks in one order)."""
     if not events:
         return
     tallies: dict[tuple[str, int, str, str, str, int], list[float]] = {}
@@ -55,7 +54,9 @@ def count_in_hours(conn: sqlite3.Connection, events: Sequence[StoredEvent]) -> N
             tally = tallies[key] = [0, 0.0]
         tally[0] += 1
         tally[1] += value or 0.0
-    conn.executemany(_ADD_TO_HOURS, [(*key, int(n), v) for key, (n, v) in tallies.items()])
+    await tx.executemany(
+        _ADD_TO_HOURS, [(*key, int(n), v) for key, (n, v) in sorted(tallies.items())]
+    )
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class AdTally:
 class Reports:
     """The reporting queries, over the store's scanning connection."""
 
-    def __init__(self, reader: aiosqlite.Connection) -> None:
+    def __init__(self, reader: Reader) -> None:
         self._reader = reader
 
     async def days(self, account_id: str, period: Period) -> dict[int, DayTally]:
@@ -145,8 +146,7 @@ class Reports:
             ("ctwa_captured_at", " AND ctwa_clid IS NOT NULL", "clicks"),
             ("created_at", "", "conversations"),
         ):
-            rows = await fetch_rows(
-                self._reader,
+            rows = await self._reader.fetch(
                 f"SELECT CAST({column} / {DAY_S} AS INTEGER), COUNT(*) FROM conversations"
                 f" WHERE account_id = ?{condition} AND {column} >= ? AND {column} < ?"
                 " GROUP BY 1",
@@ -201,7 +201,7 @@ class Reports:
                 )
         totals: dict[tuple[Any, ...], tuple[int, float, int]] = {}
         for sql, params in queries:
-            for *key, count, value, expired in await fetch_rows(self._reader, sql, params):
+            for *key, count, value, expired in await self._reader.fetch(sql, params):
                 before = totals.get(tuple(key), (0, 0.0, 0))
                 totals[tuple(key)] = (
                     before[0] + int(count),
@@ -216,8 +216,7 @@ class Reports:
         without an ad), with every conversion they brought, whenever it happened."""
         found: dict[str | None, AdTally] = defaultdict(AdTally)
         params = (account_id, period.since, period.until)
-        rows = await fetch_rows(
-            self._reader,
+        rows = await self._reader.fetch(
             "SELECT c.ctwa_source_id, c.ctwa_headline, c.ctwa_source_url,"
             " c.ctwa_clid IS NOT NULL, COALESCE(c.ctwa_clicked_at, c.ctwa_captured_at,"
             " c.created_at), (SELECT MIN(e.event_time) FROM events e"
@@ -238,8 +237,7 @@ class Reports:
                 if tally.delays is None:
                     tally.delays = []
                 tally.delays.append(max(0.0, first - clicked_at))
-        events = await fetch_rows(
-            self._reader,
+        events = await self._reader.fetch(
             "SELECT c.ctwa_source_id, e.event_name, e.status, e.custom_currency, COUNT(*),"
             " SUM(e.custom_value) FROM conversations c"
             " JOIN events e ON e.conversation_id = c.id"
@@ -256,8 +254,7 @@ class Reports:
 
     async def outbox(self, account_id: str) -> dict[str, tuple[int, float]]:
         """Return (pending deliveries, oldest pending event's receipt) per sink."""
-        rows = await fetch_rows(
-            self._reader,
+        rows = await self._reader.fetch(
             "SELECT d.sink, COUNT(*), MIN(e.received_at) FROM deliveries d"
             " JOIN events e ON e.pk = d.event_pk"
             " WHERE d.status = 'pending' AND e.account_id = ? GROUP BY d.sink",
@@ -268,8 +265,7 @@ class Reports:
     async def last_error(self, account_id: str, sink: str) -> Sequence[Any] | None:
         """Return the latest attempt of ``sink`` for the account that did not deliver:
         (at, event id, outcome, http status, error code, message, trace id)."""
-        rows = await fetch_rows(
-            self._reader,
+        rows = await self._reader.fetch(
             "SELECT a.at, e.event_id, a.outcome, a.http_status, a.error_code, a.message,"
             " a.trace_id FROM delivery_attempts a JOIN events e ON e.pk = a.event_pk"
             " WHERE a.outcome != 'delivered' AND a.sink = ? AND e.account_id = ?"
@@ -280,8 +276,7 @@ class Reports:
 
     async def webhook_problems(self, account_id: str) -> int:
         """Return the unprocessed webhook parts naming this account, still open."""
-        rows = await fetch_rows(
-            self._reader,
+        rows = await self._reader.fetch(
             "SELECT COUNT(*) FROM webhook_problems p"
             " JOIN webhook_notifications n ON n.pk = p.notification_pk"
             " WHERE p.account_id = ? AND n.status != 'processed'",

@@ -8,14 +8,14 @@ batch. Events leave their daily counts behind (``event_daily``), so totals survi
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 
 from gateway.store.lookups import EVERYTHING, Touched
-from gateway.store.schema import UPDATE_EVENT_STATUS, select
+from gateway.store.schema import UPDATE_EVENT_STATUS
+from gateway.store.sql import Tx
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["RetentionCutoffs", "delete_conversations", "prune_all", "scrub_events"]
@@ -37,8 +37,8 @@ def _marks(values: Sequence[Any]) -> str:
     return ",".join("?" * len(values))
 
 
-def _column(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
-    return [row[0] for row in select(conn, sql, params)]
+async def _column(tx: Tx, sql: str, params: Sequence[Any]) -> list[Any]:
+    return [row[0] for row in await tx.fetch(sql, params)]
 
 
 class PruneEvents(WriteOp[int]):
@@ -48,9 +48,9 @@ class PruneEvents(WriteOp[int]):
     def __init__(self, before: float, statuses: Sequence[str], limit: int) -> None:
         self.before, self.statuses, self.limit = before, tuple(statuses), limit
 
-    def apply(self, conn: sqlite3.Connection) -> int:
-        pks = _column(
-            conn,
+    async def apply(self, tx: Tx) -> int:
+        pks = await _column(
+            tx,
             f"SELECT pk FROM events WHERE received_at < ? AND status IN ({_marks(self.statuses)})"
             # An event shows "failed" while another of its sinks is still pending: that
             # delivery is not done, so the event stays.
@@ -61,17 +61,22 @@ class PruneEvents(WriteOp[int]):
         if not pks:
             return 0
         marks = _marks(pks)
-        conn.execute(
+        day = (
+            "date(received_at, 'unixepoch')"
+            if tx.engine == "sqlite"
+            else "to_char(to_timestamp(received_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+        )
+        await tx.execute(
             "INSERT INTO event_daily (day, account_id, event_name, status, events)"
-            " SELECT date(received_at, 'unixepoch'), account_id, event_name, status, COUNT(*)"
+            f" SELECT {day}, account_id, event_name, status, COUNT(*)"
             f" FROM events WHERE pk IN ({marks}) GROUP BY 1, 2, 3, 4"
             " ON CONFLICT (day, account_id, event_name, status)"
-            " DO UPDATE SET events = events + excluded.events",
+            " DO UPDATE SET events = event_daily.events + excluded.events",
             pks,
         )
-        conn.execute(f"DELETE FROM delivery_attempts WHERE event_pk IN ({marks})", pks)
-        conn.execute(f"DELETE FROM deliveries WHERE event_pk IN ({marks})", pks)
-        conn.execute(f"DELETE FROM events WHERE pk IN ({marks})", pks)
+        await tx.execute(f"DELETE FROM delivery_attempts WHERE event_pk IN ({marks})", pks)
+        await tx.execute(f"DELETE FROM deliveries WHERE event_pk IN ({marks})", pks)
+        await tx.execute(f"DELETE FROM events WHERE pk IN ({marks})", pks)
         return len(pks)
 
 
@@ -85,23 +90,23 @@ class ClearOldClicks(WriteOp[int]):
     def touched(self) -> Touched | None:
         return EVERYTHING  # many conversations at once
 
-    def apply(self, conn: sqlite3.Connection) -> int:
-        ids = _column(
-            conn,
+    async def apply(self, tx: Tx) -> int:
+        ids = await _column(
+            tx,
             "SELECT id FROM conversations WHERE ctwa_clid IS NOT NULL"
             " AND COALESCE(ctwa_clicked_at, ctwa_captured_at) < ? LIMIT ?",
             [self.before, self.limit],
         )
         if ids:
             cleared = ", ".join(f"{field} = NULL" for field in _CLICK_FIELDS)
-            conn.execute(f"UPDATE conversations SET {cleared} WHERE id IN ({_marks(ids)})", ids)
-        automatic = _column(
-            conn,
+            await tx.execute(f"UPDATE conversations SET {cleared} WHERE id IN ({_marks(ids)})", ids)
+        automatic = await _column(
+            tx,
             "SELECT pk FROM automatic_events WHERE received_at < ? LIMIT ?",
             [self.before, self.limit],
         )
         if automatic:
-            conn.execute(
+            await tx.execute(
                 f"DELETE FROM automatic_events WHERE pk IN ({_marks(automatic)})", automatic
             )
         return max(len(ids), len(automatic))
@@ -117,9 +122,9 @@ class PruneConversations(WriteOp[int]):
     def touched(self) -> Touched | None:
         return EVERYTHING  # many conversations at once
 
-    def apply(self, conn: sqlite3.Connection) -> int:
-        ids = _column(
-            conn,
+    async def apply(self, tx: Tx) -> int:
+        ids = await _column(
+            tx,
             "SELECT id FROM conversations WHERE ctwa_clid IS NULL"
             " AND COALESCE(last_inbound_at, created_at) < ? LIMIT ?",
             [self.before, self.limit],
@@ -127,12 +132,12 @@ class PruneConversations(WriteOp[int]):
         if ids:
             # Their finished events lose the person's hashed identifiers too: once the
             # conversation is gone nothing could find them for an erasure any more.
-            scrub_events(conn, ids, cancel_pending=False)
-            delete_conversations(conn, ids)
+            await scrub_events(tx, ids, cancel_pending=False)
+            await delete_conversations(tx, ids)
         return len(ids)
 
 
-def delete_conversations(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, int]:
+async def delete_conversations(tx: Tx, ids: Sequence[str]) -> dict[str, int]:
     """Delete these conversations and every row that points at them; return the counts."""
     marks = _marks(ids)
     counts = {}
@@ -142,8 +147,7 @@ def delete_conversations(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[s
         ("automatic_events", "conversation_id"),
         ("conversations", "id"),
     ):
-        cursor = conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
-        counts[table] = cursor.rowcount
+        counts[table] = await tx.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
     return counts
 
 
@@ -153,8 +157,8 @@ _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
 
-def scrub_events(
-    conn: sqlite3.Connection,
+async def scrub_events(
+    tx: Tx,
     conversation_ids: Sequence[str],
     *,
     account_id: str | None = None,
@@ -176,7 +180,7 @@ def scrub_events(
             " AND d.status = 'pending')"
         )
     scrubbed = []
-    for pk, raw in select(conn, sql, params):
+    for pk, raw in await tx.fetch(sql, params):
         event = _decode(raw)
         user_data = event.get("user_data") if isinstance(event, dict) else None
         if isinstance(user_data, dict):
@@ -186,19 +190,20 @@ def scrub_events(
     if not scrubbed:
         return 0, 0
     pks = [pk for _, pk in scrubbed]
-    conn.executemany("UPDATE events SET event = ?, request_fields = NULL WHERE pk = ?", scrubbed)
+    await tx.executemany(
+        "UPDATE events SET event = ?, request_fields = NULL WHERE pk = ?", scrubbed
+    )
     pk_marks = _marks(pks)
     cancelled = 0
     if cancel_pending:
-        cursor = conn.execute(
+        cancelled = await tx.execute(
             "UPDATE deliveries SET status = 'failed', error_code = 'erased',"
             " error = 'cancelled: the person was erased on request; never sent',"
             f" next_attempt_at = NULL WHERE status = 'pending' AND event_pk IN ({pk_marks})",
             pks,
         )
-        cancelled = cursor.rowcount
-    conn.execute(f"UPDATE deliveries SET payload = NULL WHERE event_pk IN ({pk_marks})", pks)
-    conn.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
+    await tx.execute(f"UPDATE deliveries SET payload = NULL WHERE event_pk IN ({pk_marks})", pks)
+    await tx.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
     return len(pks), cancelled
 
 

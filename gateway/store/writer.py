@@ -33,8 +33,9 @@ from typing import Any, ClassVar, Generic, TypeVar
 import structlog
 
 from gateway.store.lookups import EVERYTHING, Touched
+from gateway.store.sql import SqliteTx, Tx, run_sync
 
-__all__ = ["GroupCommitWriter", "WriteOp"]
+__all__ = ["GroupCommitWriter", "WriteOp", "apply_all"]
 
 T = TypeVar("T")
 log = structlog.get_logger()
@@ -47,27 +48,41 @@ _BUSY_TIMEOUT_MS = 5000
 class WriteOp(Generic[T]):
     """One unit of writing; subclasses override :meth:`apply` or :meth:`apply_many`.
 
-    Both run inside the open transaction with a plain ``sqlite3`` connection, on the loop's
-    thread for an ``inline`` op and on the writer's thread otherwise: nothing of the event
-    loop either way.
+    Both run inside the open transaction, through a :class:`~gateway.store.sql.Tx`. On SQLite
+    that is on the loop's thread for an ``inline`` op and on the writer's thread otherwise, and
+    nothing of the event loop is at hand either way: an op awaits only its ``tx``.
     """
 
     # True for a few rows' worth of writing into hot pages (see the module's docstring).
     inline: ClassVar[bool] = False
 
-    def apply(self, conn: sqlite3.Connection) -> T:
+    async def apply(self, tx: Tx) -> T:
         """Write inside the open transaction and return this op's result."""
         raise NotImplementedError
 
     @classmethod
-    def apply_many(cls, conn: sqlite3.Connection, ops: Sequence[WriteOp[Any]]) -> list[Any]:
+    async def apply_many(cls, tx: Tx, ops: Sequence[WriteOp[Any]]) -> list[Any]:
         """Write several ops of this class at once; override to batch statements."""
-        return [op.apply(conn) for op in ops]
+        return [await op.apply(tx) for op in ops]
 
     def touched(self) -> Touched | None:
         """After :meth:`apply`: what this op changed that conversation lookups depend on
         (:mod:`gateway.store.lookups`); None if it changed no conversation."""
         return None
+
+
+async def apply_all(tx: Tx, ops: Sequence[WriteOp[Any]]) -> list[Any]:
+    """Apply ``ops`` in order inside one transaction; return their results."""
+    results: list[Any] = []
+    i = 0
+    # Consecutive ops of one class are applied together, so they can share statements.
+    while i < len(ops):
+        j = i
+        while j < len(ops) and type(ops[j]) is type(ops[i]):
+            j += 1
+        results.extend(await type(ops[i]).apply_many(tx, ops[i:j]))
+        i = j
+    return results
 
 
 class GroupCommitWriter:
@@ -82,6 +97,7 @@ class GroupCommitWriter:
         on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
         self._conn = conn
+        self._tx = SqliteTx(conn)
         self._on_touched = on_touched
         # (seconds from the first statement to COMMIT returning, writes): for the metrics.
         self.on_commit = on_commit
@@ -223,16 +239,7 @@ class GroupCommitWriter:
         return results
 
     def _apply(self, ops: list[WriteOp[Any]]) -> list[Any]:
-        results: list[Any] = []
-        i = 0
-        # Consecutive ops of one class are applied together, so they can share statements.
-        while i < len(ops):
-            j = i
-            while j < len(ops) and type(ops[j]) is type(ops[i]):
-                j += 1
-            results.extend(type(ops[i]).apply_many(self._conn, ops[i:j]))
-            i = j
-        return results
+        return run_sync(apply_all(self._tx, ops))
 
     def _rollback(self) -> None:
         with contextlib.suppress(Exception):

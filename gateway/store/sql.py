@@ -1,0 +1,101 @@
+"""SQL the same way on both engines: what a write runs inside its transaction, and what a read
+runs outside one.
+
+Every write the store makes is a :class:`~gateway.store.writer.WriteOp` whose ``apply`` takes a
+:class:`Tx`; every query outside a write goes through a :class:`Reader`. Statements are written
+once, with ``?`` placeholders and SQL both engines take (``ON CONFLICT (...) DO ...``,
+``IS DISTINCT FROM``, ``RETURNING``); where they differ, the code asks ``engine``.
+
+The methods are coroutines on both engines. On PostgreSQL they wait on the network. On SQLite
+they never suspend (the statement runs right away, on whatever thread drives the op), so the
+writer runs a SQLite op to the end with :func:`run_sync`, without an event loop: the same op
+runs on the loop's thread or the writer's, as :mod:`gateway.store.writer` decides.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any, Literal, Protocol, TypeVar
+
+import aiosqlite
+
+__all__ = ["Engine", "Reader", "SqliteReader", "SqliteTx", "Tx", "marks", "run_sync"]
+
+T = TypeVar("T")
+Engine = Literal["sqlite", "postgresql"]
+
+
+class Tx(Protocol):
+    """Statements inside the open write transaction."""
+
+    engine: Engine
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; return how many rows it changed."""
+        ...
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Run one statement for each parameter row."""
+        ...
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Run one statement and return its rows (tuples, read by position)."""
+        ...
+
+
+class Reader(Protocol):
+    """Queries outside a write transaction."""
+
+    engine: Engine
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Run one query and return its rows (tuples, read by position)."""
+        ...
+
+
+class SqliteTx:
+    """A :class:`Tx` over the writer's ``sqlite3`` connection."""
+
+    engine: Engine = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self.conn.execute(sql, params).rowcount
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self.conn.execute(sql, params).fetchall()
+
+
+class SqliteReader:
+    """A :class:`Reader` over an aiosqlite connection: the query runs on its thread, and every
+    row comes back in one trip (``execute_fetchall``; a cursor's execute, fetch and close
+    would be three)."""
+
+    engine: Engine = "sqlite"
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return list(await self.conn.execute_fetchall(sql, params))
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (a write op on a :class:`SqliteTx`) to its end."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a write op on SQLite awaited something other than its transaction")
+
+
+def marks(count: int) -> str:
+    """``count`` placeholders, comma-separated: an ``IN (...)`` list's."""
+    return ",".join("?" * count)
