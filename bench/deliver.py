@@ -23,7 +23,7 @@ from bench.load import free_port, python, server
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.domain import DeliveryOptions, SinkState, StoredEvent
 from gateway.metrics import Metrics
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore, Store
 from plugins.meta_capi.graph import GraphClient
 from plugins.meta_capi.sender import GraphSender, Route
 
@@ -68,7 +68,7 @@ async def fill(store: Store, count: int, run: str) -> None:
 
 
 async def drain(db: Path, port: int, count: int, batch_max: int, in_flight: int) -> float:
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     try:
         await fill(store, count, f"b{batch_max}")
         async with aiohttp.ClientSession() as session:

@@ -30,13 +30,13 @@ import tomli_w
 
 from bench.load import free_port, python, server
 from bench.target import KEY
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore
 
 DAY = 86400
 
 
 async def migrate(db: Path) -> None:
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     await store.close()
 
 

@@ -17,7 +17,7 @@ import tomli_w
 
 from gateway.domain import Conversation
 from gateway.http.signature import sign
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore
 
 __all__ = ["ENV", "KEY", "capture", "seed", "shipped_config"]
 
@@ -91,7 +91,7 @@ def capture(port: int, phone: str) -> None:
 
 async def seed(db: Path, count: int = 1000) -> list[str]:
     """Write ``count`` conversations with a click straight into the store at ``db``."""
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     try:
         ids = []
         for i in range(count):

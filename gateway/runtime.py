@@ -19,7 +19,7 @@ from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.plugin_manager import Plugins
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore, Store
 from gateway.store.locks import serving_lock
 from gateway.store.retention import RetentionCutoffs
 
@@ -140,7 +140,7 @@ async def running(
     ``create_store=False`` is for commands that only read or fix an existing store.
     """
     metrics = metrics or Metrics()
-    store = await Store.open(
+    store = await SqliteStore.open(
         settings.store_path(), max_batch=settings.store.group_commit_max, create=create_store
     )
     store.suppression_key = suppression_key(settings, environ)

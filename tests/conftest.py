@@ -28,7 +28,7 @@ from gateway.http.app import create_app
 from gateway.http.keys import PIPELINE
 from gateway.logs import configure_logging
 from gateway.plugin_manager import build_plugins
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore, Store
 
 API_KEY = "test-key-0123456789abcdef"
 SCOPED_KEY = "scoped-key-0123456789abcdef"
@@ -254,6 +254,13 @@ def store_of(client: TestClient[web.Request, web.Application]) -> Store:
     return client.app[PIPELINE].store
 
 
+def sqlite_store_of(client: TestClient[web.Request, web.Application]) -> SqliteStore:
+    """Return the store of the app behind ``client``, which a test needs to be SQLite's."""
+    store = client.app[PIPELINE].store
+    assert isinstance(store, SqliteStore)
+    return store
+
+
 async def add_conversation(
     store: Store,
     *,
@@ -287,7 +294,7 @@ async def add_conversation(
 
 @pytest.fixture
 async def store(db_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path)
+    opened = await SqliteStore.open(db_path)
     yield opened
     await opened.close()
 

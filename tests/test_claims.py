@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore
 from tests.conftest import ACME_TOKEN, API_KEY, ENV, add_conversation, free_port
 from tests.fake_graph import FakeGraph
 from tests.live import start, write_config
@@ -29,7 +29,7 @@ async def _setup(
     tmp_path: Path, aiohttp_server: Any, delay_s: float
 ) -> tuple[Path, str, FakeGraph, str]:
     db = tmp_path / "store.sqlite3"
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     conversation = await add_conversation(store)
     await store.close()
     fake = FakeGraph(tokens={"1234567890": ACME_TOKEN}, delay_s=delay_s)

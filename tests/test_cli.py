@@ -23,7 +23,7 @@ from gateway.config import load_settings
 from gateway.errors import ConfigError
 from gateway.http.app import create_app
 from gateway.plugin_manager import build_plugins
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore
 from tests.conftest import ACME_TOKEN, API_KEY, CLID, ENV, WABA_ID, add_conversation, base_config
 
 
@@ -37,7 +37,7 @@ def config_file(tmp_path: Path) -> Path:
 
 def seed(db: Path) -> str:
     async def run() -> str:
-        store = await Store.open(db)
+        store = await SqliteStore.open(db)
         try:
             return (await add_conversation(store)).id
         finally:
@@ -81,7 +81,7 @@ def test_dry_run_prints_payload_and_stores_nothing(
     assert line["alreadyStored"] is False
 
     async def count() -> int:
-        store = await Store.open(tmp_path / "cli.sqlite3")
+        store = await SqliteStore.open(tmp_path / "cli.sqlite3")
         try:
             return len(await store.recent_events("acme", 10))
         finally:
@@ -295,7 +295,7 @@ def test_a_dry_run_by_bsuid_shows_how_it_resolved(
     config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async def run() -> None:
-        store = await Store.open(tmp_path / "cli.sqlite3")
+        store = await SqliteStore.open(tmp_path / "cli.sqlite3")
         try:
             await add_conversation(store, bsuid="US.777", wa_id="16505550777")
         finally:

@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from gateway.store.archive import NewNotification
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore
 from tests.conftest import ACME_TOKEN, API_KEY, add_conversation, free_port
 from tests.fake_graph import FakeGraph
 from tests.live import start, write_config
@@ -27,7 +27,7 @@ async def test_sigkill_while_meta_is_down_loses_and_duplicates_nothing(
     tmp_path: Path, aiohttp_server: Any
 ) -> None:
     db = tmp_path / "crash.sqlite3"
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     conversation = await add_conversation(store)
     await store.close()
     port = free_port()
@@ -83,7 +83,7 @@ async def test_sigkill_while_meta_is_down_loses_and_duplicates_nothing(
 
 async def test_sigterm_finishes_requests_in_flight(tmp_path: Path, aiohttp_server: Any) -> None:
     db = tmp_path / "term.sqlite3"
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     conversation = await add_conversation(store)
     await store.close()
     # Meta answers slowly, so the request is still waiting for its delivery when SIGTERM comes.
@@ -144,7 +144,7 @@ def _count(db: Path, sql: str, *params: str) -> int:
 async def test_sigkill_while_processing_archived_notifications(tmp_path: Path) -> None:
     db = tmp_path / "pending.sqlite3"
     bodies = _bodies(400, 25, "p")
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     for body in [*bodies, bodies[0]]:  # one delivered twice by Meta
         await store.archive_pending(
             NewNotification(body=body, received_at=time.time(), request_id=None), error="test"

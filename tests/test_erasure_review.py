@@ -19,7 +19,7 @@ from gateway.cli import main
 from gateway.config import parse_settings
 from gateway.http.app import reload_secrets
 from gateway.store.backup import restore
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore
 from gateway.store.retention import RetentionCutoffs
 from gateway.wire import ConversionRequest, request_fingerprint
 from tests.conftest import (
@@ -627,7 +627,7 @@ def test_restore_refuses_what_is_not_a_store(db_path: Path, tmp_path: Path) -> N
 
     async def seed() -> None:
 
-        store = await Store.open(db_path)
+        store = await SqliteStore.open(db_path)
         await add_conversation(store, wa_id=OLD)
         await store.close()
 

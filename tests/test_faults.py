@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore
 from tests.conftest import ACME_TOKEN, API_KEY, add_conversation, free_port
 from tests.fake_graph import FakeGraph
 from tests.live import start, write_config
@@ -70,7 +70,7 @@ class Load:
 
 
 async def stored_ids(db: Path) -> set[str]:
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     try:
         return {e.event_id for e in await store.recent_events("acme", 1_000_000)}
     finally:
@@ -82,7 +82,7 @@ async def test_faults_under_load_lose_nothing(tmp_path: Path, aiohttp_server: An
     fake = FakeGraph(tokens={"1234567890": ACME_TOKEN})
     graph: TestServer = await aiohttp_server(fake.app())
     db = tmp_path / "faults.sqlite3"
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     conversation = await add_conversation(store)
     await store.close()
     port = free_port()

@@ -20,7 +20,7 @@ from gateway.cli import main
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
 from gateway.store.backup import backup, restore
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore
 from gateway.store.locks import serving_lock
 from gateway.wire import ConversionRequest, request_fingerprint
 from tests.conftest import (
@@ -308,7 +308,7 @@ def test_restore_refuses_a_damaged_copy_and_a_running_gateway(
     good = tmp_path / "good.sqlite3"
 
     async def make_store() -> None:
-        await (await Store.open(db_path)).close()
+        await (await SqliteStore.open(db_path)).close()
 
     asyncio.run(make_store())
     backup(db_path, good)
@@ -329,7 +329,7 @@ def test_cli_erase_backup_restore_and_stats(
     args = ["--config", str(config_file)]
 
     async def seed() -> None:
-        store = await Store.open(db_path)
+        store = await SqliteStore.open(db_path)
         try:
             await add_conversation(store, wa_id=DIGITS)
         finally:

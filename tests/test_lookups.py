@@ -13,7 +13,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore, Store
 from gateway.store.lookups import LookupCache
 from tests.conftest import AUTH, CLID, ClientFactory, add_conversation, store_of
 from tests.payloads import message, messages_change, notification, post_signed, referral
@@ -47,8 +47,8 @@ async def test_a_conversion_right_after_the_click_is_captured_finds_it(
 
 
 async def test_a_write_by_another_process_is_seen_at_once(db_path: Path) -> None:
-    here = await Store.open(db_path)
-    there = await Store.open(db_path)  # another process: its own writer and its own memory
+    here = await SqliteStore.open(db_path)
+    there = await SqliteStore.open(db_path)  # another process: its own writer and its own memory
     try:
         # Remembered here: nobody by this phone, no BSUID, no such id.
         assert await here.conversations_for_phones("acme", ["16505550111"]) == []
@@ -70,8 +70,8 @@ async def test_a_write_by_another_process_is_seen_at_once(db_path: Path) -> None
 
 
 async def test_an_erasure_elsewhere_forgets_everything_remembered_here(db_path: Path) -> None:
-    here = await Store.open(db_path)
-    there = await Store.open(db_path)
+    here = await SqliteStore.open(db_path)
+    there = await SqliteStore.open(db_path)
     try:
         made = await add_conversation(here, wa_id="16505550122")
         assert await here.find_conversation(made.id) == made  # remembered

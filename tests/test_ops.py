@@ -12,7 +12,15 @@ from aiohttp.test_utils import TestClient
 from gateway.config import parse_settings
 from gateway.http.keys import PIPELINE
 from gateway.http.openapi import EXAMPLES
-from tests.conftest import AUTH, ENV, SCOPED_KEY, ClientFactory, add_conversation, store_of
+from tests.conftest import (
+    AUTH,
+    ENV,
+    SCOPED_KEY,
+    ClientFactory,
+    add_conversation,
+    sqlite_store_of,
+    store_of,
+)
 from tests.payloads import encode, message, messages_change, notification, referral, signed
 
 Client = TestClient[web.Request, web.Application]
@@ -36,7 +44,7 @@ async def test_healthz_and_readyz(client: Client) -> None:
 
 
 async def test_readyz_is_503_when_the_store_refuses_writes(client: Client) -> None:
-    store = store_of(client)
+    store = sqlite_store_of(client)
     store._writer_conn.execute("PRAGMA query_only = ON")
     resp = await client.get("/readyz")
     body = await resp.json()
@@ -152,7 +160,7 @@ async def test_rate_limit_per_key(make_client: ClientFactory, config: dict[str, 
 
 
 async def test_a_full_disk_is_503_and_loses_nothing_acknowledged(client: Client) -> None:
-    store = store_of(client)
+    store = sqlite_store_of(client)
     conversation = await add_conversation(store)
     (pages,) = store._writer_conn.execute("PRAGMA page_count").fetchone()
     store._writer_conn.execute(f"PRAGMA max_page_count = {pages + 2}")

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient
 from gateway import ConversionRequest, QueuedEvent, SendOutcome, hookimpl
 from gateway.cli import main
 from gateway.logs import configure_logging
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore
 from tests.conftest import (
     API_KEY,
     AUTH,
@@ -155,7 +155,7 @@ def test_cli_output_and_logs_carry_no_pii(
     config.write_bytes(tomli_w.dumps(base_config(db)).encode())
 
     async def seed() -> None:
-        store = await Store.open(db)
+        store = await SqliteStore.open(db)
         await add_conversation(store, wa_id=PHONE_DIGITS)
         await store.close()
 

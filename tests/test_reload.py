@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.credentials import read_env_file
 from gateway.errors import ConfigError
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore
 from tests.conftest import API_KEY, ENV, add_conversation, free_port
 from tests.fake_graph import FakeGraph
 from tests.live import start, write_config
@@ -48,7 +48,7 @@ async def test_sighup_rotates_keys_and_tokens_and_refuses_bad_ones(
     tmp_path: Path, aiohttp_server: Any
 ) -> None:
     db = tmp_path / "reload.sqlite3"
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     conversation = await add_conversation(store)
     await store.close()
     # Meta only takes the rotated token; the running gateway starts with the old one.

@@ -14,7 +14,14 @@ from aiohttp.test_utils import TestClient
 
 from gateway.config import parse_settings
 from gateway.store.schema import MIGRATIONS
-from tests.conftest import AUTH, SCOPED_KEY, ClientFactory, add_conversation, store_of
+from tests.conftest import (
+    AUTH,
+    SCOPED_KEY,
+    ClientFactory,
+    add_conversation,
+    sqlite_store_of,
+    store_of,
+)
 from tests.console_seed import ACME_TOTALS
 
 Client = TestClient[web.Request, web.Application]
@@ -256,7 +263,7 @@ async def test_a_period_counts_exactly_its_events_to_the_second(
 async def test_pruned_events_leave_the_counts(seeded: Client) -> None:
     """A deleted event (retention) leaves the hourly counts too: the overview counts what the
     events list can show (the daily history, event_daily, keeps the totals)."""
-    store = store_of(seeded)
+    store = sqlite_store_of(seeded)
     assert (await stats(seeded))["totals"]["events"] == 5
     with sqlite3.connect(store.path) as conn:
         conn.execute("DELETE FROM deliveries")

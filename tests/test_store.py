@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from gateway.domain import Resolution, SinkState, StoredEvent
-from gateway.store.database import Store, StoreMissing
+from gateway.store.database import SqliteStore, Store, StoreMissing
 from gateway.store.schema import MIGRATIONS
 from gateway.wire import ConversionRequest, sha256_fingerprint
 from tests.conftest import (
@@ -55,13 +55,13 @@ async def test_concurrent_writes_share_transactions(store: Store) -> None:
 
 
 async def test_committed_events_survive_reopen(db_path: Path) -> None:
-    store = await Store.open(db_path)
+    store = await SqliteStore.open(db_path)
     await asyncio.gather(*(store.insert_event(new_event(f"e{i}")) for i in range(50)))
     await store.close()
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (50,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    again = await Store.open(db_path)
+    again = await SqliteStore.open(db_path)
     try:
         found = await again.find_event("acme", "e7")
         assert found is not None
@@ -112,7 +112,7 @@ async def test_update_deliveries_recomputes_status(store: Store) -> None:
 
 async def test_migrations_run_once(db_path: Path) -> None:
     for _ in range(2):
-        store = await Store.open(db_path)
+        store = await SqliteStore.open(db_path)
         await store.close()
     with sqlite3.connect(db_path) as conn:
         versions = conn.execute("SELECT version FROM schema_migrations").fetchall()
@@ -130,7 +130,7 @@ async def test_phone_lookup_prefers_clicks_then_recency(store: Store) -> None:
 
 
 async def test_writes_after_close_are_refused(db_path: Path) -> None:
-    store = await Store.open(db_path)
+    store = await SqliteStore.open(db_path)
     await store.close()
     with pytest.raises(RuntimeError, match="not running"):
         await store.insert_event(new_event("late"))
@@ -169,7 +169,7 @@ async def test_old_webhook_message_ids_are_pruned(store: Store) -> None:
 
 async def test_store_files_are_private_to_the_service_user(tmp_path: Path) -> None:
     db = tmp_path / "var" / "gateway.sqlite3"
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     await add_conversation(store)  # writes the WAL
     try:
         assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
@@ -183,7 +183,7 @@ async def test_a_store_readable_by_others_is_warned_about(tmp_path: Path, logs: 
     db = tmp_path / "gateway.sqlite3"
     db.touch(mode=0o644)
     db.chmod(0o644)
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     await store.close()
     (line,) = logs.events("store_file_not_private")
     assert (line["path"], line["mode"], line["fix"]) == (str(db), "0o644", f"chmod 600 {db}")
@@ -192,7 +192,7 @@ async def test_a_store_readable_by_others_is_warned_about(tmp_path: Path, logs: 
 async def test_a_store_that_must_exist_is_never_created(tmp_path: Path) -> None:
     missing = tmp_path / "typo" / "gateway.sqlite3"
     with pytest.raises(StoreMissing, match="no store at"):
-        await Store.open(missing, create=False)
+        await SqliteStore.open(missing, create=False)
     assert not missing.parent.exists()
 
 

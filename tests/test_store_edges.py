@@ -23,7 +23,14 @@ from gateway.domain import SinkState, StoredEvent
 from gateway.logs import start_request_log
 from gateway.store.retention import RetentionCutoffs
 from gateway.store.schema import MIGRATIONS
-from tests.conftest import AUTH, ClientFactory, LogCapture, add_conversation, store_of
+from tests.conftest import (
+    AUTH,
+    ClientFactory,
+    LogCapture,
+    add_conversation,
+    sqlite_store_of,
+    store_of,
+)
 
 Client = TestClient[web.Request, web.Application]
 
@@ -283,7 +290,7 @@ def by_day(db: Path, since: int, until: int) -> dict[str, int]:
 
 
 async def test_period_edges_and_days_agree_with_the_events(client: Client) -> None:
-    store = store_of(client)
+    store = sqlite_store_of(client)
     midnight = (int(time.time()) // DAY - 2) * DAY
     times = [
         midnight - HOUR - 1, midnight - HOUR, midnight - 1, midnight, midnight + 1,
@@ -476,7 +483,7 @@ async def test_every_answer_names_the_gateway_not_aiohttp(client: Client) -> Non
 async def test_a_failing_batch_retried_op_by_op_counts_each_event_once(client: Client) -> None:
     """a batch with one write that fails is rolled back and each write retried
     alone; the others' hourly counts are added once."""
-    store = store_of(client)
+    store = sqlite_store_of(client)
     at = (int(time.time()) // HOUR - 3) * HOUR + 10
     news = [stored(f"batch-{i}", at, custom={"currency": "USD", "value": 1.5}) for i in range(4)]
     # A write the store refuses (events.conversation_id is NOT NULL).

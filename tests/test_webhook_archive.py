@@ -19,7 +19,7 @@ from gateway.capture.inbox import reprocess
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
 from gateway.store.archive import NewNotification
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore
 from gateway.store.schema import MIGRATIONS
 from tests.conftest import AUTH, ENV, ClientFactory, LogCapture, base_config, store_of
 from tests.payloads import (
@@ -331,7 +331,7 @@ async def test_store_migrates_conversations_of_the_previous_schema(tmp_path: Pat
         conn.execute("INSERT INTO conversations (id, account_id, wa_id, created_at, ctwa_clid)"
                      " VALUES ('conv_old', 'acme', '16505550412', 1, 'a'),"
                      " ('conv_new', 'acme', '16505550412', 2, 'b')")  # fmt: skip
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     try:
         (newest, oldest) = await store.recent_conversations("acme", limit=5)
     finally:

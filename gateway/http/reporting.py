@@ -7,7 +7,6 @@ not give.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -229,18 +228,8 @@ async def health_answer(
             partial=archive.get("partial", 0) if every_account else None,
             pending=archive.get("pending", 0) if every_account else None,
         ),
-        store_bytes=_store_bytes(store) if every_account else None,
+        store_bytes=await store.size_bytes() if every_account else None,
     )
-
-
-def _store_bytes(store: Store) -> int:
-    total = 0
-    for suffix in ("", "-wal"):
-        try:
-            total += os.stat(f"{store.path}{suffix}").st_size
-        except OSError:
-            continue
-    return total
 
 
 def events_filter(account_id: str, query: EventFilters, *, now: float) -> EventFilter:

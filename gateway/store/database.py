@@ -72,12 +72,12 @@ from gateway.store.rows import (
     event_from_row,
     insert_events,
 )
-from gateway.store.schema import UPDATE_EVENT_STATUS, migrate, select
-from gateway.store.sql import SqliteReader, SqliteTx, Tx
-from gateway.store.writer import GroupCommitWriter, WriteOp
+from gateway.store.schema import UPDATE_EVENT_STATUS, migrate
+from gateway.store.sql import Engine, Reader, SqliteReader, SqliteTx, Tx
+from gateway.store.writer import GroupCommitWriter, SqliteWriter, WriteOp
 from gateway.wire import ErasureCounts
 
-__all__ = ["Store", "StoreMissing", "check_store_path"]
+__all__ = ["SqliteStore", "Store", "StoreMissing", "check_store_path"]
 
 log = structlog.get_logger()
 
@@ -315,31 +315,22 @@ _UPSERT_DELIVERY = f"{INSERT_DELIVERY} ON CONFLICT (event_pk, sink) DO UPDATE SE
 
 
 class Store:
-    """Conversations and events in one SQLite file."""
+    """Conversations and events, in SQLite (:class:`SqliteStore`) or PostgreSQL
+    (:class:`gateway.store.postgres.PostgresStore`): the same queries and writes over each
+    engine's readers and writer."""
 
     def __init__(
-        self,
-        writer_conn: sqlite3.Connection,
-        quick_conn: sqlite3.Connection,
-        scan_conn: aiosqlite.Connection,
-        *,
-        max_batch: int,
-        signal: ChangeSignal | None = None,
+        self, *, writer: GroupCommitWriter, quick: Reader, scan: Reader, lookups: LookupCache
     ) -> None:
-        self._writer_conn = writer_conn
-        # Point lookups, on the loop's thread (see the module's docstring).
-        self._quick = quick_conn
-        # Scans, on aiosqlite's thread.
-        self._scan_conn = scan_conn
-        self._reader = SqliteReader(scan_conn)
-        self.lookups = LookupCache(signal)
-        self.writer = GroupCommitWriter(
-            writer_conn, max_batch=max_batch, on_touched=self.lookups.touched
-        )
-        self.outbox = Outbox(self._reader, self.writer)
-        self.reports = Reports(self._reader)
-        self._signal = signal
-        self.path = Path(":memory:")
+        self.engine: Engine = quick.engine
+        # Point lookups: a handful of rows by index (see the module's docstring).
+        self._quick = quick
+        # Anything that may read many rows.
+        self._reader = scan
+        self.lookups = lookups
+        self.writer = writer
+        self.outbox = Outbox(scan, writer)
+        self.reports = Reports(scan)
         # (account, kind, keyed digest) of suppressed people: checked on every capture and
         # conversion, so kept in memory and reloaded after an erasure and at housekeeping.
         self.suppressed: set[tuple[str, str, str]] = set()
@@ -358,68 +349,6 @@ class Store:
             for value in values
             if value
         )
-
-    @classmethod
-    async def open(cls, path: str | Path, *, max_batch: int = 1000, create: bool = True) -> Store:
-        """Open (creating if needed, unless ``create`` is false) and migrate the database, and
-        start the writer. The files hold phone numbers, BSUIDs and click ids: a new folder is
-        0700 and a new database 0600 (SQLite gives its -wal and -shm files the same mode)."""
-        path = Path(path)
-        if not path.exists():
-            if not create:
-                raise StoreMissing(f"no store at {path}: check [store] path (nothing was created)")
-            if not path.parent.exists():
-                path.parent.mkdir(mode=0o700, parents=True)
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        for file in (path.parent, path, *(Path(f"{path}{s}") for s in ("-wal", "-shm"))):
-            mode = file.stat().st_mode if file.exists() else 0
-            if mode & 0o077:
-                log.warning(
-                    "store_file_not_private",
-                    path=str(file),
-                    mode=oct(stat.S_IMODE(mode)),
-                    fix=f"chmod {'700' if file.is_dir() else '600'} {file}",
-                )
-        try:
-            # Opened and migrated here (start-up, nothing else is running yet); written from
-            # the writer's thread afterwards, never from two threads at once.
-            writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open the store {path}: {exc}") from None
-        quick: sqlite3.Connection | None = None
-        try:
-            writer.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit is on disk (WAL fsynced) before any caller hears "accepted".
-            writer.execute("PRAGMA synchronous = FULL")
-            writer.execute("PRAGMA busy_timeout = 5000")
-            writer.execute("PRAGMA foreign_keys = ON")
-            # Deleted rows are overwritten, not left in free pages: an erased person's data
-            # must be gone from the file, not only from the tables.
-            writer.execute("PRAGMA secure_delete = ON")
-            migrate(writer)
-            quick = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            # A WAL reader waits only in rare moments (another connection recovering the
-            # log); the loop waits with it, so briefly, and then the request fails with 503.
-            quick.execute("PRAGMA busy_timeout = 250")
-            quick.execute("PRAGMA query_only = ON")
-            scanner = await aiosqlite.connect(path, isolation_level=None)
-        except BaseException as exc:
-            writer.close()
-            if quick is not None:
-                quick.close()
-            if isinstance(exc, sqlite3.DatabaseError):
-                # Not a database, or a damaged one: one line, not a traceback.
-                raise ConfigError(f"cannot open the store {path}: {exc}") from None
-            raise
-        await scanner.execute("PRAGMA busy_timeout = 5000")
-        await scanner.execute("PRAGMA query_only = ON")
-        store = cls(
-            writer, quick, scanner, max_batch=max_batch, signal=ChangeSignal(changes_path(path))
-        )
-        store.path = path
-        store.writer.start()
-        await store.load_suppressions()
-        return store
 
     async def apply_retention(self, cutoffs: RetentionCutoffs, batch_rows: int) -> dict[str, int]:
         """Prune events, clicks and conversations past their cutoffs, ``batch_rows`` a
@@ -474,17 +403,13 @@ class Store:
         log.error("erasure_checkpoint_failed", erasure_id=erasure_id)
 
     async def checkpoint(self, *, busy_timeout_ms: int = 5000) -> bool:
-        """Move the write-ahead log into the database file and truncate it; return whether it
-        fully did (a reader holding an old snapshot keeps frames in the log)."""
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        try:
-            await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            rows = await SqliteReader(conn).fetch("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.OperationalError:
-            return False
-        finally:
-            await conn.close()
-        return bool(rows) and rows[0][0] == 0
+        """Make deleted and overwritten rows leave the database's files; return whether
+        they fully did (an engine with nothing to do says so)."""
+        return True
+
+    async def size_bytes(self) -> int:
+        """Return how much disk the store takes."""
+        raise NotImplementedError
 
     async def load_suppressions(self) -> None:
         """Read the suppressed digests (at open, after an erasure, and at housekeeping)."""
@@ -500,15 +425,14 @@ class Store:
         await asyncio.wait_for(self.writer.submit(_Ping()), timeout_s)
 
     async def close(self) -> None:
-        """Flush pending writes and close both connections."""
+        """Flush pending writes and close the connections."""
         for task in self._checkpoints:
             task.cancel()
         await self.writer.close()
-        await self._scan_conn.close()
-        self._quick.close()
-        self._writer_conn.close()
-        if self._signal is not None:
-            self._signal.close()
+        await self._closed()
+
+    async def _closed(self) -> None:
+        """Close what the engine holds (the writer has flushed)."""
 
     # -- conversations -------------------------------------------------------------------
 
@@ -586,18 +510,17 @@ class Store:
 
     async def get_conversation(self, account_id: str, conversation_id: str) -> Conversation | None:
         """Return the conversation with this id on this account."""
-        conversation = self._conversation(conversation_id)
+        conversation = await self._conversation(conversation_id)
         if conversation is None or conversation.account_id != account_id:
             return None
         return conversation
 
-    def _conversation(self, conversation_id: str) -> Conversation | None:
+    async def _conversation(self, conversation_id: str) -> Conversation | None:
         key = ("id", conversation_id)
         known, found = self.lookups.get(key)
         if known:
             return found  # type: ignore[no-any-return]
-        rows = select(
-            self._quick,
+        rows = await self._quick.fetch(
             f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
             (conversation_id,),
         )
@@ -616,8 +539,7 @@ class Store:
         if known:
             return cached  # type: ignore[no-any-return]
         marks = ",".join("?" * len(phones))
-        rows = select(
-            self._quick,
+        rows = await self._quick.fetch(
             f"SELECT {CONVERSATION_COLUMNS}, wa_id AS matched, 0 AS former,"
             " NULL AS replaced FROM conversations"
             f" WHERE account_id = ? AND wa_id IN ({marks}) AND phone_released_at IS NULL"
@@ -646,7 +568,7 @@ class Store:
 
     async def find_conversation(self, conversation_id: str) -> Conversation | None:
         """Return the conversation with this id, whatever its account."""
-        return self._conversation(conversation_id)
+        return await self._conversation(conversation_id)
 
     async def latest_conversation_for_bsuid(
         self, account_id: str, bsuid: str
@@ -657,8 +579,7 @@ class Store:
         known, cached = self.lookups.get(key)
         if known:
             return cached  # type: ignore[no-any-return]
-        rows = select(
-            self._quick,
+        rows = await self._quick.fetch(
             f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
             f" WHERE account_id = ? AND {_BY_BSUID}"
             " ORDER BY ctwa_clid IS NOT NULL DESC, COALESCE(last_inbound_at, created_at) DESC,"
@@ -692,7 +613,10 @@ class Store:
             params += [bsuid, bsuid, account_id, bsuid]
         rows = await self._reader.fetch(
             f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE {where}"
-            " ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            # Ties in time: the later insert first (SQLite's rowid; PostgreSQL has no such
+            # order, and the random ids make any order a stable one).
+            f" ORDER BY created_at DESC, {'rowid' if self.engine == 'sqlite' else 'id'} DESC"
+            " LIMIT ?",
             [*params, limit],
         )
         return [conversation_from_row(row) for row in rows]
@@ -704,7 +628,7 @@ class Store:
         its account; return the stored event and ``duplicate``."""
         pk, duplicate = await self.writer.submit(_InsertEvent(new))
         if duplicate:
-            existing = self._event_by_pk(pk)
+            existing = await self._event_by_pk(pk)
             assert existing is not None  # rows are never deleted
             return existing, True
         deliveries = dict(new.deliveries)
@@ -727,12 +651,11 @@ class Store:
 
     async def find_event(self, account_id: str, event_id: str) -> StoredEvent | None:
         """Return the stored event with this eventId on this account."""
-        rows = select(
-            self._quick,
+        rows = await self._quick.fetch(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE account_id = ? AND event_id = ?",
             (account_id, event_id),
         )
-        return self._with_deliveries(rows[0]) if rows else None
+        return await self._with_deliveries(rows[0]) if rows else None
 
     async def recent_events(self, account_id: str, limit: int) -> list[StoredEvent]:
         """Return the account's most recent events, newest first."""
@@ -766,14 +689,145 @@ class Store:
             sinks[pk].append(state)
         return [event_from_row(row, sinks[row[0]]) for row in rows]
 
-    def _event_by_pk(self, pk: int) -> StoredEvent | None:
-        rows = select(self._quick, f"SELECT {EVENT_COLUMNS} FROM events WHERE pk = ?", (pk,))
-        return self._with_deliveries(rows[0]) if rows else None
+    async def _event_by_pk(self, pk: int) -> StoredEvent | None:
+        rows = await self._quick.fetch(f"SELECT {EVENT_COLUMNS} FROM events WHERE pk = ?", (pk,))
+        return await self._with_deliveries(rows[0]) if rows else None
 
-    def _with_deliveries(self, row: Any) -> StoredEvent:
-        found = select(
-            self._quick,
+    async def _with_deliveries(self, row: Any) -> StoredEvent:
+        found = await self._quick.fetch(
             f"SELECT sink, {DELIVERY_STATE_COLUMNS} FROM deliveries WHERE event_pk = ?",
             (row[0],),
         )
         return event_from_row(row, found)
+
+
+class SqliteStore(Store):
+    """The store in one SQLite file (WAL, synchronous=FULL): the default, and the quick start.
+
+    Point lookups run right on the loop's thread (a :class:`QuickReader`), scans on
+    aiosqlite's, writes through :class:`~gateway.store.writer.SqliteWriter`."""
+
+    def __init__(
+        self,
+        path: Path,
+        writer_conn: sqlite3.Connection,
+        quick_conn: sqlite3.Connection,
+        scan_conn: aiosqlite.Connection,
+        *,
+        max_batch: int,
+    ) -> None:
+        lookups = LookupCache(ChangeSignal(changes_path(path)))
+        super().__init__(
+            writer=SqliteWriter(writer_conn, max_batch=max_batch, on_touched=lookups.touched),
+            quick=QuickReader(quick_conn),
+            scan=SqliteReader(scan_conn),
+            lookups=lookups,
+        )
+        self.path = path
+        self._writer_conn = writer_conn
+        self._quick_conn = quick_conn
+        self._scan_conn = scan_conn
+
+    @classmethod
+    async def open(
+        cls, path: str | Path, *, max_batch: int = 1000, create: bool = True
+    ) -> SqliteStore:
+        """Open (creating if needed, unless ``create`` is false) and migrate the database, and
+        start the writer. The files hold phone numbers, BSUIDs and click ids: a new folder is
+        0700 and a new database 0600 (SQLite gives its -wal and -shm files the same mode)."""
+        path = Path(path)
+        if not path.exists():
+            if not create:
+                raise StoreMissing(f"no store at {path}: check [store] path (nothing was created)")
+            if not path.parent.exists():
+                path.parent.mkdir(mode=0o700, parents=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        for file in (path.parent, path, *(Path(f"{path}{s}") for s in ("-wal", "-shm"))):
+            mode = file.stat().st_mode if file.exists() else 0
+            if mode & 0o077:
+                log.warning(
+                    "store_file_not_private",
+                    path=str(file),
+                    mode=oct(stat.S_IMODE(mode)),
+                    fix=f"chmod {'700' if file.is_dir() else '600'} {file}",
+                )
+        try:
+            # Opened and migrated here (start-up, nothing else is running yet); written from
+            # the writer's thread afterwards, never from two threads at once.
+            writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the store {path}: {exc}") from None
+        quick: sqlite3.Connection | None = None
+        try:
+            writer.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit is on disk (WAL fsynced) before any caller hears "accepted".
+            writer.execute("PRAGMA synchronous = FULL")
+            writer.execute("PRAGMA busy_timeout = 5000")
+            writer.execute("PRAGMA foreign_keys = ON")
+            # Deleted rows are overwritten, not left in free pages: an erased person's data
+            # must be gone from the file, not only from the tables.
+            writer.execute("PRAGMA secure_delete = ON")
+            migrate(writer)
+            quick = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # A WAL reader waits only in rare moments (another connection recovering the
+            # log); the loop waits with it, so briefly, and then the request fails with 503.
+            quick.execute("PRAGMA busy_timeout = 250")
+            quick.execute("PRAGMA query_only = ON")
+            scanner = await aiosqlite.connect(path, isolation_level=None)
+        except BaseException as exc:
+            writer.close()
+            if quick is not None:
+                quick.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                # Not a database, or a damaged one: one line, not a traceback.
+                raise ConfigError(f"cannot open the store {path}: {exc}") from None
+            raise
+        await scanner.execute("PRAGMA busy_timeout = 5000")
+        await scanner.execute("PRAGMA query_only = ON")
+        store = cls(path, writer, quick, scanner, max_batch=max_batch)
+        store.writer.start()
+        await store.load_suppressions()
+        return store
+
+    async def checkpoint(self, *, busy_timeout_ms: int = 5000) -> bool:
+        """Move the write-ahead log into the database file and truncate it; return whether it
+        fully did (a reader holding an old snapshot keeps frames in the log)."""
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            rows = await SqliteReader(conn).fetch("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            await conn.close()
+        return bool(rows) and rows[0][0] == 0
+
+    async def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except OSError:
+                continue
+        return total
+
+    async def _closed(self) -> None:
+        await self._scan_conn.close()
+        self._quick_conn.close()
+        self._writer_conn.close()
+        if self.lookups.signal is not None:
+            self.lookups.signal.close()
+
+
+class QuickReader:
+    """A :class:`~gateway.store.sql.Reader` that runs its query right away on the caller's
+    thread (the loop's): for point lookups, where a trip to another thread costs more than the
+    query. The coroutine never suspends."""
+
+    engine: Engine = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self.conn.execute(sql, params).fetchall()

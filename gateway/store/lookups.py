@@ -17,6 +17,9 @@ be wrong:
   moved it;
 - **as a last net**, an entry lives at most ``ttl_s`` (a process killed between its commit
   and moving the counter, or the database edited by hand).
+
+On PostgreSQL nothing is remembered (``enabled=False``): replicas on other machines share no
+file, and a notice from another replica would arrive after a request that needed it.
 """
 
 from __future__ import annotations
@@ -97,9 +100,15 @@ class LookupCache:
     """Answers of point lookups by key, each with the tags whose change invalidates it."""
 
     def __init__(
-        self, signal: ChangeSignal | None, *, ttl_s: float = 30.0, max_entries: int = 100_000
+        self,
+        signal: ChangeSignal | None,
+        *,
+        ttl_s: float = 30.0,
+        max_entries: int = 100_000,
+        enabled: bool = True,
     ) -> None:
-        self._signal = signal
+        self.signal = signal
+        self.enabled = enabled
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._entries: dict[Hashable, tuple[float, Any]] = {}
@@ -109,7 +118,9 @@ class LookupCache:
 
     def get(self, key: Hashable) -> tuple[bool, Any]:
         """Return (True, answer) if ``key`` is known and still exact, else (False, None)."""
-        signal = self._signal
+        if not self.enabled:
+            return False, None
+        signal = self.signal
         if signal is not None and signal.read() != signal.known:
             self.clear()
             signal.known = signal.read()
@@ -122,6 +133,8 @@ class LookupCache:
 
     def put(self, key: Hashable, answer: Any, tags: Iterable[tuple[str, ...]]) -> None:
         """Remember ``answer``; it is dropped when any of ``tags`` is touched."""
+        if not self.enabled:
+            return
         # Both maps are bounded: an answer dropped through one of its tags stays listed under
         # its others until those are touched, so the tag map can outgrow the answers.
         if len(self._entries) >= self._max_entries or len(self._by_tag) >= 4 * self._max_entries:
@@ -133,7 +146,7 @@ class LookupCache:
     def touched(self, tags: Touched) -> None:
         """A write of this process committed: drop what it may have changed, and tell the
         other processes (they drop everything)."""
-        if self._signal is not None and self._signal.move():
+        if self.signal is not None and self.signal.move():
             tags = EVERYTHING  # another process wrote too, and this one had not seen it
         if tags is EVERYTHING or ("*",) in tags:
             self.clear()

@@ -35,7 +35,7 @@ import structlog
 from gateway.store.lookups import EVERYTHING, Touched
 from gateway.store.sql import SqliteTx, Tx, run_sync
 
-__all__ = ["GroupCommitWriter", "WriteOp", "apply_all"]
+__all__ = ["GroupCommitWriter", "SqliteWriter", "WriteOp", "apply_all"]
 
 T = TypeVar("T")
 log = structlog.get_logger()
@@ -86,36 +86,30 @@ async def apply_all(tx: Tx, ops: Sequence[WriteOp[Any]]) -> list[Any]:
 
 
 class GroupCommitWriter:
-    """Owns the write connection; :meth:`submit` is the only way to write."""
+    """The queue every write goes through, committed in groups; :meth:`submit` is the only
+    way to write. Each engine's writer says how a group is committed (:meth:`_commit`)."""
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
         *,
         max_batch: int = 1000,
         on_touched: Callable[[Touched], None] | None = None,
         on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
-        self._conn = conn
-        self._tx = SqliteTx(conn)
         self._on_touched = on_touched
         # (seconds from the first statement to COMMIT returning, writes): for the metrics.
         self.on_commit = on_commit
         self._max_batch = max_batch
         self._queue: collections.deque[_Item] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: ThreadPoolExecutor | None = None
         self._running: asyncio.Task[None] | None = None
         self._closing = False
-        # The connection's busy timeout as last set: 0 on the loop, which must not wait.
-        self._busy_timeout_ms = -1
         self.batches = 0
         self.ops = 0
 
     def start(self) -> None:
         """Start the writer; call once, from the running loop that will submit."""
         self._loop = asyncio.get_running_loop()
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ctwa-gateway-writer")
 
     async def submit(self, op: WriteOp[T]) -> T:
         """Queue ``op`` and wait until the transaction holding it has committed."""
@@ -134,12 +128,20 @@ class GroupCommitWriter:
 
     async def close(self) -> None:
         """Let queued writes commit, then stop."""
-        if self._thread is None or self._closing:
+        if self._loop is None or self._closing:
             return
         self._closing = True
         if self._running is not None:
             await asyncio.shield(self._running)
-        self._thread.shutdown(wait=True)
+        self._stopped()
+
+    def _stopped(self) -> None:
+        """Release what the engine's writer holds (the queue is empty)."""
+
+    async def _commit(self, batch: list[_Item]) -> list[tuple[Any, BaseException | None]]:
+        """Commit the ops of ``batch`` in one transaction if they all succeed, else each
+        that can on its own; return each op's result or exception."""
+        raise NotImplementedError
 
     async def _drain(self) -> None:
         try:
@@ -176,6 +178,33 @@ class GroupCommitWriter:
                 tags |= touched
         if tags:
             self._on_touched(frozenset(tags))
+
+
+class SqliteWriter(GroupCommitWriter):
+    """The writer of one SQLite file, through its single write connection."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        max_batch: int = 1000,
+        on_touched: Callable[[Touched], None] | None = None,
+        on_commit: Callable[[float, int], None] | None = None,
+    ) -> None:
+        super().__init__(max_batch=max_batch, on_touched=on_touched, on_commit=on_commit)
+        self._conn = conn
+        self._tx = SqliteTx(conn)
+        self._thread: ThreadPoolExecutor | None = None
+        # The connection's busy timeout as last set: 0 on the loop, which must not wait.
+        self._busy_timeout_ms = -1
+
+    def start(self) -> None:
+        super().start()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ctwa-gateway-writer")
+
+    def _stopped(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
 
     async def _commit(self, batch: list[_Item]) -> list[tuple[Any, BaseException | None]]:
         ops = [op for op, _ in batch]

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway import PreparedEvent, QueuedEvent, SendOutcome, SinkState, hookimpl
 from gateway.config import parse_settings
 from gateway.http.keys import PIPELINE, PLUGINS
-from gateway.store.database import Store
+from gateway.store.database import SqliteStore
 from gateway.wire import ConversionRequest
 from plugins import meta_capi
 from plugins.meta_capi import MetaCapiSink
@@ -548,7 +548,7 @@ async def test_probe_event_names_asks_meta_and_records_nothing(
     tmp_path: Path, graph_server: TestServer, fake: FakeGraph
 ) -> None:
     db = tmp_path / "probe.sqlite3"
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     conversation = await add_conversation(store)
     await store.close()
     raw = base_config(db)
@@ -583,7 +583,7 @@ async def test_probe_event_names_asks_meta_and_records_nothing(
     assert {r.test_event_code for r in fake.received} == {"TEST123"}
     assert {r.event["user_data"]["ctwa_clid"] for r in fake.received} == {CLID}
     # Nothing recorded as a conversion.
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     try:
         assert await store.recent_events("acme", 10) == []
     finally:
