@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -73,7 +75,15 @@ class ServerConfig(ConfigStruct, frozen=True):
 
 
 class StoreConfig(ConfigStruct, frozen=True):
+    # The SQLite file (the default), unless a PostgreSQL database is named below.
     path: str = "var/ctwa-gateway.sqlite3"
+    # PostgreSQL instead: a postgresql:// URL without a password (a Unix socket, a
+    # password file or trust), or the environment variable that holds one with a password.
+    url: Annotated[str, msgspec.Meta(pattern=r"^postgres(ql)?://", max_length=2048)] | None = None
+    url_env: EnvName | None = None
+    # PostgreSQL connections per replica: the writer's, the readers', the listener's.
+    min_connections: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
+    max_connections: Annotated[int, msgspec.Meta(ge=3, le=1000)] = 10
     # The most write operations one transaction carries (group commit).
     group_commit_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
     # How often expired data is pruned (webhook message ids, archived notifications); the
@@ -271,6 +281,24 @@ class Settings(ConfigStruct, frozen=True):
         """Return the SQLite path, relative paths taken from the config file's folder."""
         return self._path(self.store.path)
 
+    def uses_postgres(self) -> bool:
+        """Tell whether the store is a PostgreSQL database rather than the SQLite file."""
+        return self.store.url is not None or self.store.url_env is not None
+
+    def store_url(self, environ: Mapping[str, str]) -> str:
+        """Return the PostgreSQL URL: ``[store] url``, or the variable ``url_env`` names."""
+        if self.store.url is not None:
+            return self.store.url
+        name = self.store.url_env
+        assert name is not None, "store_url() on a SQLite store"
+        value = environ.get(name, "")
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(
+                f"{name} (named by [store] url_env) must hold a postgresql:// URL"
+                + ("; it is not set" if not value else "")
+            )
+        return value
+
     def secrets_file(self) -> Path | None:
         """Return the ``[secrets] file`` path, if one is configured."""
         return None if self.secrets.file is None else self._path(self.secrets.file)
@@ -359,6 +387,19 @@ def _check_references(settings: Settings) -> None:
             f"{src}: archive_retention_days ({webhook.archive_retention_days}) must not exceed"
             f" message_retention_days ({webhook.message_retention_days}); raise the latter too"
             " - at `$.webhook.archive_retention_days`"
+        )
+    store = settings.store
+    if store.url is not None and store.url_env is not None:
+        raise ConfigError(f"{src}: set url or url_env, not both - at `$.store`")
+    if store.url is not None and urlsplit(store.url).password is not None:
+        raise ConfigError(
+            f"{src}: the URL holds a password; put the whole URL in an environment variable"
+            " and name it with url_env - at `$.store.url`"
+        )
+    if store.min_connections > store.max_connections:
+        raise ConfigError(
+            f"{src}: min_connections ({store.min_connections}) exceeds max_connections"
+            f" ({store.max_connections}) - at `$.store.min_connections`"
         )
     for kind in ("resolvers", "normalizers", "sinks"):
         listed: list[str] = getattr(settings.plugins, kind)

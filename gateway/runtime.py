@@ -20,7 +20,9 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.plugin_manager import Plugins
 from gateway.store.database import SqliteStore, Store
+from gateway.store.engines import open_store
 from gateway.store.locks import serving_lock
+from gateway.store.postgres import PostgresStore
 from gateway.store.retention import RetentionCutoffs
 
 __all__ = ["new_event_loop", "running"]
@@ -140,15 +142,13 @@ async def running(
     ``create_store=False`` is for commands that only read or fix an existing store.
     """
     metrics = metrics or Metrics()
-    store = await SqliteStore.open(
-        settings.store_path(), max_batch=settings.store.group_commit_max, create=create_store
-    )
+    store = await open_store(settings, environ, create=create_store)
     store.suppression_key = suppression_key(settings, environ)
     store.writer.on_commit = metrics.observe_commit
     try:
         async with AsyncExitStack() as stack:
             delivery = None
-            if start_plugins:
+            if start_plugins and isinstance(store, SqliteStore):
                 # Held for as long as this process serves: `restore` refuses to run under it.
                 serving = serving_lock(settings.store_path(), shared=True)
                 if not serving.acquire():
@@ -156,6 +156,7 @@ async def running(
                         f"a restore is writing {settings.store_path()}: start once it is done"
                     )
                 stack.callback(serving.release)
+            if start_plugins:
                 await stack.enter_async_context(_housekeeping(store, settings))
                 # Entered in load order and exited in reverse: the dispatchers stop (and
                 # record what they sent) before the plugins close what they send with, and
@@ -170,6 +171,9 @@ async def running(
                     clock=clock,
                 )
                 delivery = await stack.enter_async_context(service.running())
+                if isinstance(store, PostgresStore) and delivery.started:
+                    # Another replica's new events wake this one's dispatchers too.
+                    await store.listen(delivery.notify)
             yield Pipeline(
                 settings, plugins, store, clock=clock, metrics=metrics, delivery=delivery
             )

@@ -1,4 +1,9 @@
-"""Shared fixtures: a real app on a real SQLite file, with logs captured as JSON lines."""
+"""Shared fixtures: a real app on a real store, with logs captured as JSON lines.
+
+The store is a SQLite file; in a module that sets ``BOTH_ENGINES = True`` every test that uses
+the app (or the ``engine`` fixture) runs twice, on SQLite and on a fresh PostgreSQL database
+(tests/pg_fixtures.py: a throwaway server from the pgserver wheel, or
+``CTWA_TEST_POSTGRES_URL``)."""
 
 from __future__ import annotations
 
@@ -56,6 +61,8 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
+pytest_plugins = ["tests.pg_fixtures"]
+
 # How many cases each fuzzer ran (tests/test_fuzz.py), printed after the run.
 FUZZ_CASES = pytest.StashKey[dict[str, int]]()
 
@@ -105,14 +112,40 @@ def base_config(db: Path) -> dict[str, Any]:
     }
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "sqlite_only(why): in a BOTH_ENGINES module, a test of what only SQLite has (its"
+        " file, WAL, PRAGMAs); runs once, on SQLite",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if (
+        "engine" in metafunc.fixturenames
+        and getattr(metafunc.module, "BOTH_ENGINES", False)
+        and metafunc.definition.get_closest_marker("sqlite_only") is None
+    ):
+        metafunc.parametrize("engine", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def engine(request: pytest.FixtureRequest) -> str:
+    """The store's engine: "sqlite", or both in a module with ``BOTH_ENGINES = True``."""
+    return str(getattr(request, "param", "sqlite"))
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "gateway.sqlite3"
 
 
 @pytest.fixture
-def config(db_path: Path) -> dict[str, Any]:
-    return base_config(db_path)
+def config(db_path: Path, engine: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    settings = base_config(db_path)
+    if engine == "postgresql":
+        settings["store"] = {"url": request.getfixturevalue("pg_url")}
+    return settings
 
 
 class LogCapture:
@@ -252,6 +285,16 @@ async def sink_state_when(
 def store_of(client: TestClient[web.Request, web.Application]) -> Store:
     """Return the store of the app behind ``client``."""
     return client.app[PIPELINE].store
+
+
+async def db_rows(
+    client: TestClient[web.Request, web.Application], sql: str, *params: Any
+) -> list[tuple[Any, ...]]:
+    """Run a query (``?`` placeholders) on the app's store, whichever its engine; return its
+    rows as tuples. Booleans come back as 0/1 on SQLite and False/True on PostgreSQL, which
+    compare equal."""
+    store = client.app[PIPELINE].store
+    return [tuple(row) for row in await store._reader.fetch(sql, params)]
 
 
 def sqlite_store_of(client: TestClient[web.Request, web.Application]) -> SqliteStore:

@@ -43,6 +43,9 @@ from tests.payloads import (
 )
 from tests.test_lifecycle import Recorder, file_bytes, query
 
+# Run on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_ENGINES = True
+
 Client = TestClient[web.Request, web.Application]
 URL = "/v1/whatsapp/conversions"
 

@@ -18,6 +18,9 @@ from gateway.http.auth import client_address
 from tests.conftest import API_KEY, AUTH, ENV, ClientFactory, LogCapture, add_conversation, store_of
 from tests.live import raw_http
 
+# Run on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_ENGINES = True
+
 Client = TestClient[web.Request, web.Application]
 
 

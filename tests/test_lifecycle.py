@@ -35,6 +35,9 @@ from tests.conftest import (
 )
 from tests.payloads import message, messages_change, notification, post_signed, referral
 
+# Run on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_ENGINES = True
+
 Client = TestClient[web.Request, web.Application]
 URL = "/v1/whatsapp/conversions"
 DAY = 86400

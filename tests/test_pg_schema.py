@@ -18,8 +18,6 @@ from gateway.domain import STATUS_PRECEDENCE
 from gateway.store.pg_schema import MIGRATION_LOCK_KEY, PG_MIGRATIONS, migrate_pg
 from gateway.store.schema import UPDATE_EVENT_STATUS, migrate
 
-pytest_plugins = ["tests.pg_fixtures"]
-
 # How SQLite's declared column types are spelled on PostgreSQL.
 _PG_TYPES = {
     "INTEGER": "bigint",

@@ -36,6 +36,9 @@ from tests.conftest import (
 )
 from tests.payloads import encode, message, messages_change, notification, referral, signed
 
+# Run on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_ENGINES = True
+
 Client = TestClient[web.Request, web.Application]
 EMAIL = "Sentinel.Person@Leak-Check.example"
 PHONE = "+1 650 555 0199"

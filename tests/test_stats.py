@@ -24,6 +24,9 @@ from tests.conftest import (
 )
 from tests.console_seed import ACME_TOTALS
 
+# Run on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_ENGINES = True
+
 Client = TestClient[web.Request, web.Application]
 SCOPED = {"Authorization": f"Bearer {SCOPED_KEY}"}
 

@@ -27,6 +27,9 @@ from tests.conftest import (
     store_of,
 )
 
+# Run on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_ENGINES = True
+
 
 def new_event(event_id: str, account_id: str = "acme", status: str = "dry_run") -> StoredEvent:
     return StoredEvent(

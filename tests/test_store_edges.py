@@ -32,6 +32,9 @@ from tests.conftest import (
     store_of,
 )
 
+# Run on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_ENGINES = True
+
 Client = TestClient[web.Request, web.Application]
 
 

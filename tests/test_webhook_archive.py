@@ -33,6 +33,9 @@ from tests.payloads import (
     signed,
 )
 
+# Run on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_ENGINES = True
+
 Client = TestClient[web.Request, web.Application]
 URL = "/webhooks/whatsapp"
 UNKNOWN_NUMBER = "777000000000001"

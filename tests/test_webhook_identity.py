@@ -25,6 +25,9 @@ from tests.payloads import (
     system_message,
 )
 
+# Run on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_ENGINES = True
+
 Client = TestClient[web.Request, web.Application]
 URL = "/webhooks/whatsapp"
 CONVERSATIONS = "/v1/whatsapp/conversations"

@@ -73,7 +73,7 @@ from gateway.store.rows import (
     insert_events,
 )
 from gateway.store.schema import UPDATE_EVENT_STATUS, migrate
-from gateway.store.sql import Engine, Reader, SqliteReader, SqliteTx, Tx
+from gateway.store.sql import Engine, Reader, SqliteReader, SqliteTx, Tx, wake_dispatchers
 from gateway.store.writer import GroupCommitWriter, SqliteWriter, WriteOp
 from gateway.wire import ErasureCounts
 
@@ -191,6 +191,8 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
             )
         await count_in_hours(tx, inserted_events)
         await count_deliveries(tx, counted)
+        if any(status == "pending" for _, _, status in counted):
+            await wake_dispatchers(tx)
         return results
 
 

@@ -26,7 +26,7 @@ import structlog
 from gateway.domain import Attempt, QueuedEvent, SinkState
 from gateway.store.rows import QUEUED_COLUMNS, queued_from_row
 from gateway.store.schema import UPDATE_EVENT_STATUS
-from gateway.store.sql import Reader, Tx, marks
+from gateway.store.sql import Reader, Tx, marks, wake_dispatchers
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
 __all__ = ["AttemptResult", "EventsWhere", "Outbox", "count_deliveries"]
@@ -247,6 +247,8 @@ class _Requeue(WriteOp[tuple[int, int]]):
             [now, now, *self.params],
         )
         await tx.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in pks])
+        if requeued:
+            await wake_dispatchers(tx)
         return len(pks), requeued
 
 

@@ -20,10 +20,23 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import aiosqlite
 
-__all__ = ["Engine", "Reader", "SqliteReader", "SqliteTx", "Tx", "marks", "run_sync"]
+__all__ = [
+    "OUTBOX_CHANNEL",
+    "Engine",
+    "Reader",
+    "SqliteReader",
+    "SqliteTx",
+    "Tx",
+    "marks",
+    "run_sync",
+    "wake_dispatchers",
+]
 
 T = TypeVar("T")
 Engine = Literal["sqlite", "postgresql"]
+# PostgreSQL's channel for committed work for the dispatchers (new events, replays): every
+# replica listens on it.
+OUTBOX_CHANNEL = "ctwa_gateway_outbox"
 
 
 class Tx(Protocol):
@@ -99,3 +112,11 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 def marks(count: int) -> str:
     """``count`` placeholders, comma-separated: an ``IN (...)`` list's."""
     return ",".join("?" * count)
+
+
+async def wake_dispatchers(tx: Tx) -> None:
+    """Have every replica's dispatchers look for work once this transaction commits (a
+    PostgreSQL ``NOTIFY``, delivered at commit and only then; repeats in one transaction are
+    folded into one). On SQLite the one process that wrote wakes its own."""
+    if tx.engine == "postgresql":
+        await tx.execute("SELECT pg_notify(?, '')", (OUTBOX_CHANNEL,))

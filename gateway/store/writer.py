@@ -35,12 +35,13 @@ import structlog
 from gateway.store.lookups import EVERYTHING, Touched
 from gateway.store.sql import SqliteTx, Tx, run_sync
 
-__all__ = ["GroupCommitWriter", "SqliteWriter", "WriteOp", "apply_all"]
+__all__ = ["GroupCommitWriter", "QueuedWrite", "SqliteWriter", "WriteOp", "apply_all"]
 
 T = TypeVar("T")
 log = structlog.get_logger()
 
-_Item = tuple["WriteOp[Any]", "asyncio.Future[Any]"]
+# A queued write and the future its caller waits on.
+QueuedWrite = tuple["WriteOp[Any]", "asyncio.Future[Any]"]
 # How long the writer's thread waits for another process's write lock.
 _BUSY_TIMEOUT_MS = 5000
 
@@ -100,7 +101,7 @@ class GroupCommitWriter:
         # (seconds from the first statement to COMMIT returning, writes): for the metrics.
         self.on_commit = on_commit
         self._max_batch = max_batch
-        self._queue: collections.deque[_Item] = collections.deque()
+        self._queue: collections.deque[QueuedWrite] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: asyncio.Task[None] | None = None
         self._closing = False
@@ -138,7 +139,7 @@ class GroupCommitWriter:
     def _stopped(self) -> None:
         """Release what the engine's writer holds (the queue is empty)."""
 
-    async def _commit(self, batch: list[_Item]) -> list[tuple[Any, BaseException | None]]:
+    async def _commit(self, batch: list[QueuedWrite]) -> list[tuple[Any, BaseException | None]]:
         """Commit the ops of ``batch`` in one transaction if they all succeed, else each
         that can on its own; return each op's result or exception."""
         raise NotImplementedError
@@ -206,7 +207,7 @@ class SqliteWriter(GroupCommitWriter):
         if self._thread is not None:
             self._thread.shutdown(wait=True)
 
-    async def _commit(self, batch: list[_Item]) -> list[tuple[Any, BaseException | None]]:
+    async def _commit(self, batch: list[QueuedWrite]) -> list[tuple[Any, BaseException | None]]:
         ops = [op for op, _ in batch]
         results: list[Any] | None = None
         if all(op.inline for op in ops) and self._begin_on_loop():

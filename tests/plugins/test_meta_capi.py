@@ -42,6 +42,9 @@ from tests.conftest import (
 )
 from tests.fake_graph import BAD_CLID, FakeGraph
 
+# Run on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_ENGINES = True
+
 Client = TestClient[web.Request, web.Application]
 URL = "/v1/whatsapp/conversions"
 ACME_DATASET = "1234567890"

@@ -1,0 +1,52 @@
+"""Which store a configuration or a location names, opened: SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from gateway.config import Settings
+from gateway.errors import ConfigError
+from gateway.store.database import SqliteStore, Store
+from gateway.store.postgres import PostgresStore, redacted_url
+
+__all__ = ["describe", "open_location", "open_store"]
+
+
+async def open_store(
+    settings: Settings, environ: Mapping[str, str], *, create: bool = True
+) -> Store:
+    """Open the store ``[store]`` names: the PostgreSQL database of ``url``/``url_env``, else
+    the SQLite file at ``path`` (created unless ``create`` is false)."""
+    store = settings.store
+    if settings.uses_postgres():
+        return await PostgresStore.open(
+            settings.store_url(environ),
+            max_batch=store.group_commit_max,
+            min_connections=store.min_connections,
+            max_connections=store.max_connections,
+        )
+    return await SqliteStore.open(
+        settings.store_path(), max_batch=store.group_commit_max, create=create
+    )
+
+
+async def open_location(location: str, *, create: bool) -> Store:
+    """Open a store by its location: ``sqlite:///path/to/file`` (or a bare path) or a
+    ``postgresql://`` URL."""
+    if location.startswith(("postgresql://", "postgres://")):
+        return await PostgresStore.open(location, min_connections=1, max_connections=4)
+    path = location.removeprefix("sqlite://") if location.startswith("sqlite://") else location
+    if not path:
+        raise ConfigError(f"{location!r}: name a file, as sqlite:///var/ctwa-gateway.sqlite3")
+    return await SqliteStore.open(Path(path), create=create)
+
+
+def describe(settings: Settings, environ: Mapping[str, str]) -> str:
+    """Where the store is, for a person to read (a URL without its password)."""
+    if settings.uses_postgres():
+        try:
+            return redacted_url(settings.store_url(environ))
+        except ConfigError:
+            return f"PostgreSQL (${settings.store.url_env}, not set)"
+    return str(settings.store_path())

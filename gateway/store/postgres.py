@@ -1,0 +1,277 @@
+"""The store on PostgreSQL, through asyncpg: any number of gateway replicas on one database.
+
+The queries and writes are :class:`~gateway.store.database.Store`'s, the same as on SQLite;
+what differs is underneath:
+
+- **Group commit carries over.** :class:`PgWriter` takes every write queued while the last
+  transaction committed into the next one, on one pooled connection: one transaction (and one
+  WAL flush) for many requests, never one per request.
+- **Constraints settle races between replicas.** Two replicas handling Meta's retry of one
+  notification, or the same ``eventId``, at the same moment: the second writer's insert
+  waits on the first's unique key, then conflicts. A batch that fails is split, and an op
+  that failed on a unique violation, a serialization failure or a deadlock is run again in a
+  transaction of its own, where it now sees the first replica's rows (a message seen before,
+  an event stored before) and does what it does for a repeat.
+- **Claims skip what another replica holds** (``FOR UPDATE SKIP LOCKED``,
+  :mod:`gateway.store.outbox`), and a committed event wakes every replica's dispatchers
+  through ``NOTIFY`` (:data:`OUTBOX_CHANNEL`) instead of waiting for their next poll.
+- **Nothing is cached across requests** (:class:`~gateway.store.lookups.LookupCache` is off):
+  a click captured by one replica must resolve on another at once.
+- **A lost connection** fails the writes and reads in flight (503, nothing acknowledged) and
+  the pool connects again for the next ones: no restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import structlog
+
+from gateway.errors import ConfigError
+from gateway.store.database import Store
+from gateway.store.lookups import LookupCache, Touched
+from gateway.store.pg_schema import migrate_pg
+from gateway.store.sql import OUTBOX_CHANNEL, Engine
+from gateway.store.writer import GroupCommitWriter, QueuedWrite, WriteOp, apply_all
+
+__all__ = ["OUTBOX_CHANNEL", "PgReader", "PgTx", "PgWriter", "PostgresStore", "redacted_url"]
+
+log = structlog.get_logger()
+
+# A write that lost a race to another replica is run again alone this many times.
+_RETRIES = 3
+_RETRYABLE = (
+    asyncpg.UniqueViolationError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def numbered(sql: str) -> str:
+    """Return ``sql`` with its ``?`` placeholders as PostgreSQL's ``$1, $2, ...`` (none sits
+    inside a quoted literal in the gateway's statements; quotes are skipped all the same)."""
+    out: list[str] = []
+    n = 0
+    quoted = False
+    for char in sql:
+        if char == "'":
+            quoted = not quoted
+        if char == "?" and not quoted:
+            n += 1
+            out.append(f"${n}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _rowcount(status: str) -> int:
+    """The rows a command changed, from its status ("UPDATE 3", "INSERT 0 1", "DELETE 0")."""
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
+
+
+class PgTx:
+    """A :class:`~gateway.store.sql.Tx` on a connection inside an open transaction."""
+
+    engine: Engine = "postgresql"
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return _rowcount(await self.conn.execute(numbered(sql), *params))
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            await self.conn.executemany(numbered(sql), rows)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return [tuple(row) for row in await self.conn.fetch(numbered(sql), *params)]
+
+
+class PgReader:
+    """A :class:`~gateway.store.sql.Reader` on the pool: each query on a free connection."""
+
+    engine: Engine = "postgresql"
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return [tuple(row) for row in await self.pool.fetch(numbered(sql), *params)]
+
+
+class PgWriter(GroupCommitWriter):
+    """Commits each group of writes in one transaction on one pooled connection."""
+
+    def __init__(
+        self,
+        pool: Any,
+        *,
+        max_batch: int = 1000,
+        on_touched: Callable[[Touched], None] | None = None,
+        on_commit: Callable[[float, int], None] | None = None,
+    ) -> None:
+        super().__init__(max_batch=max_batch, on_touched=on_touched, on_commit=on_commit)
+        self._pool = pool
+
+    async def _commit(self, batch: list[QueuedWrite]) -> list[tuple[Any, BaseException | None]]:
+        ops = [op for op, _ in batch]
+        try:
+            results = await self._transaction(ops)
+        except Exception:
+            # One op's failure (or a lost race) must not fail its neighbours: each alone.
+            settled: list[tuple[Any, BaseException | None]] = []
+            for op in ops:
+                try:
+                    (result,) = await self._alone(op)
+                except Exception as exc:
+                    settled.append((None, exc))
+                else:
+                    settled.append((result, None))
+            return settled
+        self.batches += 1
+        self.ops += len(ops)
+        return [(result, None) for result in results]
+
+    async def _alone(self, op: WriteOp[Any]) -> list[Any]:
+        for attempt in range(_RETRIES + 1):
+            try:
+                return await self._transaction([op])
+            except _RETRYABLE:
+                if attempt == _RETRIES:
+                    raise
+                # Another replica's transaction is committing what this one collided with.
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _transaction(self, ops: Sequence[WriteOp[Any]]) -> list[Any]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            return await apply_all(PgTx(conn), ops)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+class PostgresStore(Store):
+    """The store in a PostgreSQL database, shared by every replica that opens it."""
+
+    def __init__(self, pool: Any, *, max_batch: int) -> None:
+        reader = PgReader(pool)
+        lookups = LookupCache(None, enabled=False)
+        super().__init__(
+            writer=PgWriter(pool, max_batch=max_batch, on_touched=lookups.touched),
+            quick=reader,
+            scan=reader,
+            lookups=lookups,
+        )
+        self.pool = pool
+        self._listening: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls, url: str, *, max_batch: int = 1000, min_connections: int = 2, max_connections: int = 10
+    ) -> PostgresStore:
+        """Connect, apply the migrations this database has not seen (once, however many
+        replicas start together) and start the writer."""
+        try:
+            pool = await asyncpg.create_pool(
+                url, min_size=min_connections, max_size=max_connections, command_timeout=60
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot connect to the PostgreSQL store {redacted_url(url)}:"
+                f" {type(exc).__name__}: {_without(str(exc), url)}"
+            ) from None
+        try:
+            async with pool.acquire() as conn:
+                await migrate_pg(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        store = cls(pool, max_batch=max_batch)
+        store.writer.start()
+        await store.load_suppressions()
+        return store
+
+    async def listen(self, on_work: Callable[[], None]) -> None:
+        """Call ``on_work`` whenever any replica commits work for the dispatchers; keep
+        listening across lost connections."""
+        self._listening = asyncio.create_task(self._listen(on_work), name="ctwa-pg-listen")
+
+    async def _listen(self, on_work: Callable[[], None]) -> None:
+        while True:
+            try:
+                conn = await self.pool.acquire()
+            except Exception:
+                log.warning("store_listen_failed", retry_s=1.0)
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                await self._listen_on(conn, on_work)
+                log.warning("store_listen_lost", retry_s=1.0)
+            except Exception:
+                log.warning("store_listen_failed", retry_s=1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await self.pool.release(conn)
+            await asyncio.sleep(1.0)
+
+    async def _listen_on(self, conn: Any, on_work: Callable[[], None]) -> None:
+        """Listen on ``conn`` until it is lost."""
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: lost.set())
+        await conn.add_listener(OUTBOX_CHANNEL, lambda *_: on_work())
+        # Work committed while nobody listened would otherwise wait for a poll.
+        on_work()
+        await lost.wait()
+
+    async def size_bytes(self) -> int:
+        rows = await self._reader.fetch("SELECT pg_database_size(current_database())")
+        return int(rows[0][0])
+
+    async def checkpoint(self, *, busy_timeout_ms: int = 5000) -> bool:
+        """VACUUM the tables an erasure rewrites, so their dead row versions (the erased
+        values) are pruned now rather than at autovacuum's next pass."""
+        async with self.pool.acquire() as conn:
+            for table in _ERASED_TABLES:
+                await conn.execute(f"VACUUM {table}")
+        return True
+
+    async def _closed(self) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listening
+        await self.pool.close()
+
+
+_ERASED_TABLES = (
+    "conversations",
+    "conversation_aliases",
+    "webhook_messages",
+    "automatic_events",
+    "events",
+    "deliveries",
+    "webhook_notifications",
+)
+
+
+def _without(message: str, url: str) -> str:
+    """An error message with the URL's password taken out, should the driver quote it."""
+    password = urlsplit(url).password
+    return message.replace(password, "***") if password else message
