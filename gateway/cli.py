@@ -43,6 +43,7 @@ from gateway.operations import (
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
 from gateway.runtime import new_event_loop, running
+from gateway.store.engines import describe
 from gateway.validation import decode_conversion
 from gateway.wire import PRINTABLE
 from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT, meta_request_body
@@ -453,7 +454,7 @@ def _check_config(settings: Settings, plugins: Plugins, env: Mapping[str, str], 
         f"server: http://{settings.server.host}:{settings.server.port}"
         f" (max body {settings.server.max_body_bytes} bytes)\n"
     )
-    w(f"store: {settings.store_path()}\n")
+    w(f"store: {describe(settings, env)}\n")
     w("accounts:\n")
     for account in settings.accounts:
         w(

@@ -172,8 +172,15 @@ async def erase_person(
     return 0
 
 
+def _sqlite_only(settings: Settings, instead: str) -> None:
+    """Refuse a command about the SQLite file when the store is PostgreSQL."""
+    if settings.uses_postgres():
+        raise UsageError(f"the store is a PostgreSQL database: {instead}")
+
+
 def backup_store(settings: Settings, args: argparse.Namespace) -> int:
     """``ctwa-gateway backup PATH``: an online, consistent copy of the store."""
+    _sqlite_only(settings, "back it up with pg_dump")
     size = backup(settings.store_path(), Path(args.path))
     print(f"backed up {settings.store_path()} to {args.path} ({size} bytes)")
     return 0
@@ -181,6 +188,7 @@ def backup_store(settings: Settings, args: argparse.Namespace) -> int:
 
 def restore_store(settings: Settings, args: argparse.Namespace) -> int:
     """``ctwa-gateway restore PATH``: verify a backup, then make it the store."""
+    _sqlite_only(settings, "restore it with pg_restore")
     version = restore(Path(args.path), settings.store_path())
     print(f"restored {args.path} (schema {version}) to {settings.store_path()}")
     return 0
@@ -188,6 +196,7 @@ def restore_store(settings: Settings, args: argparse.Namespace) -> int:
 
 def store_stats_command(settings: Settings, args: argparse.Namespace) -> int:
     """``ctwa-gateway stats --store``: rows, bytes and oldest row per table."""
+    _sqlite_only(settings, "see its tables' sizes with psql's \\dt+")
     rows = store_stats(settings.store_path())
     if args.json:
         for row in rows:

@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
+import asyncpg
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -183,10 +184,12 @@ def _too_many_failures(wait: float) -> web.Response:
 
 
 def _store_unavailable(exc: Exception) -> bool:
-    # aiosqlite raises ValueError("Connection closed") for a store that is shutting down.
-    return isinstance(exc, sqlite3.Error) or (
-        type(exc) is ValueError and "Connection closed" in str(exc)
-    )
+    # aiosqlite raises ValueError("Connection closed") for a store that is shutting down;
+    # asyncpg raises its own errors for a PostgreSQL that is gone, full or read-only, and a
+    # ConnectionError while it cannot connect again.
+    return isinstance(
+        exc, sqlite3.Error | asyncpg.PostgresError | asyncpg.InterfaceError | OSError
+    ) or (type(exc) is ValueError and "Connection closed" in str(exc))
 
 
 def _route(request: web.Request) -> str | None:

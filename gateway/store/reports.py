@@ -146,8 +146,15 @@ class Reports:
             ("ctwa_captured_at", " AND ctwa_clid IS NOT NULL", "clicks"),
             ("created_at", "", "conversations"),
         ):
+            # The UTC day of a time: SQLite's CAST truncates (times are positive), while
+            # PostgreSQL's rounds.
+            day = (
+                f"CAST({column} / {DAY_S} AS INTEGER)"
+                if self._reader.engine == "sqlite"
+                else f"CAST(FLOOR({column} / {DAY_S}) AS BIGINT)"
+            )
             rows = await self._reader.fetch(
-                f"SELECT CAST({column} / {DAY_S} AS INTEGER), COUNT(*) FROM conversations"
+                f"SELECT {day}, COUNT(*) FROM conversations"
                 f" WHERE account_id = ?{condition} AND {column} >= ? AND {column} < ?"
                 " GROUP BY 1",
                 (account_id, period.since, period.until),
@@ -180,7 +187,7 @@ class Reports:
             queries.append(
                 (
                     f"SELECT {hourly}, SUM(events), SUM(value),"
-                    " SUM(CASE WHEN expired THEN events ELSE 0 END) FROM event_hours"
+                    " SUM(CASE WHEN expired != 0 THEN events ELSE 0 END) FROM event_hours"
                     " WHERE account_id = ? AND hour >= ? AND hour < ? GROUP BY 1, 2, 3",
                     (account_id, first, last),
                 )

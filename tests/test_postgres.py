@@ -1,0 +1,181 @@
+"""What only PostgreSQL has to get right: several replicas racing on one database, a lost
+connection, and settings for the engine. (The behaviour both engines share is tested on both
+by the modules that set ``BOTH_ENGINES``.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.config import parse_settings
+from gateway.errors import ConfigError
+from gateway.store.postgres import PostgresStore
+from tests.conftest import (
+    AUTH,
+    ClientFactory,
+    add_conversation,
+    base_config,
+    db_rows,
+    store_of,
+)
+from tests.payloads import (
+    encode,
+    message,
+    messages_change,
+    notification,
+    referral,
+    signed,
+    system_message,
+)
+
+Client = TestClient[web.Request, web.Application]
+URL = "/v1/whatsapp/conversions"
+WEBHOOK = "/webhooks/whatsapp"
+
+
+@pytest.fixture
+def engine() -> str:
+    return "postgresql"
+
+
+async def _replicas(make_client: ClientFactory, count: int) -> list[Client]:
+    # Each client is a gateway of its own (its own pool, writer and dispatchers) on the
+    # one database the config names: replicas, as far as the database can tell.
+    return [await make_client() for _ in range(count)]
+
+
+def _lead(conversation_id: str, event_id: str) -> dict[str, Any]:
+    return {
+        "accountId": "acme",
+        "eventName": "LeadSubmitted",
+        "eventId": event_id,
+        "conversationId": conversation_id,
+    }
+
+
+async def test_two_replicas_capturing_one_notification_at_once_capture_it_once(
+    make_client: ClientFactory,
+) -> None:
+    # Meta retries a notification it thinks was lost; the retry reaches another replica
+    # while the first is still writing it.
+    first, second = await _replicas(make_client, 2)
+    body = encode(
+        notification(
+            messages_change(
+                [message(f"4479111{i:05d}", f"wamid.race{i}", ref=referral(f"clid-{i}"))
+                 for i in range(50)]
+            )
+        )
+    )  # fmt: skip
+    answers = await asyncio.gather(
+        *(c.post(WEBHOOK, data=body, headers=signed(body)) for c in (first, second) * 3)
+    )
+    assert [a.status for a in answers] == [200] * 6
+    assert await db_rows(first, "SELECT COUNT(*) FROM conversations") == [(50,)]
+    assert await db_rows(first, "SELECT COUNT(*) FROM webhook_messages") == [(50,)]
+    clicks = await db_rows(first, "SELECT COUNT(*) FROM conversations WHERE ctwa_clid IS NOT NULL")
+    assert clicks == [(50,)]
+    # The replica that lost the race saw the winner's rows at once (duplicates): nothing was
+    # left pending for a later reprocessing.
+    assert await db_rows(
+        first, "SELECT COUNT(*) FROM webhook_notifications WHERE status != 'processed'"
+    ) == [(0,)]
+    captured = [(await a.json())["clicksCaptured"] for a in answers]
+    assert sorted(captured) == [0, 0, 0, 0, 0, 50]
+
+
+async def test_a_phone_number_change_raced_on_two_replicas_leaves_one_live_conversation(
+    make_client: ClientFactory,
+) -> None:
+    first, second = await _replicas(make_client, 2)
+    hello = encode(
+        notification(messages_change([message("447911000001", "wamid.h1", ref=referral("c"))]))
+    )
+    assert (await first.post(WEBHOOK, data=hello, headers=signed(hello))).status == 200
+    changed = system_message(
+        "wamid.h2", "user_changed_number", wa_id="447911000001", new_wa_id="447911000002"
+    )
+    change = encode(notification(messages_change([changed])))
+    answers = await asyncio.gather(
+        *(c.post(WEBHOOK, data=change, headers=signed(change)) for c in (first, second))
+    )
+    assert [a.status for a in answers] == [200, 200]
+    live = await db_rows(
+        first,
+        "SELECT wa_id FROM conversations WHERE superseded_by IS NULL AND phone_released_at IS NULL",
+    )
+    assert live == [("447911000002",)]
+
+
+async def test_one_event_id_sent_to_three_replicas_at_once_is_stored_once(
+    make_client: ClientFactory,
+) -> None:
+    replicas = await _replicas(make_client, 3)
+    conversation = await add_conversation(store_of(replicas[0]))
+    answers = await asyncio.gather(
+        *(
+            replica.post(URL, json=_lead(conversation.id, f"E{i % 20}"), headers=AUTH)
+            for i, replica in enumerate(replicas * 20)
+        )
+    )
+    statuses = Counter(a.status for a in answers)
+    assert set(statuses) == {200}, statuses
+    assert await db_rows(replicas[0], "SELECT COUNT(*) FROM events") == [(20,)]
+    counts = await db_rows(replicas[0], "SELECT SUM(deliveries) FROM delivery_counts")
+    assert int(counts[0][0]) == 20  # each stored event counted once, not per request
+
+
+async def test_a_lost_database_answers_503_and_recovers_without_a_restart(
+    client: Client, pg_url: str, pg_server: str
+) -> None:
+    conversation = await add_conversation(store_of(client))
+    name = urlsplit(pg_url).path.lstrip("/")
+    admin = await asyncpg.connect(pg_server)
+    try:
+        # The database goes away: no new connections, and the pool's are cut.
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid != pg_backend_pid()",
+            name,
+        )
+        resp = await client.post(URL, json=_lead(conversation.id, "down"), headers=AUTH)
+        body = await resp.json()
+        assert resp.status == 503, body
+        assert body["code"] == "store_unavailable"
+        assert resp.headers["Retry-After"] == "1"
+        ready = await client.get("/readyz")
+        assert ready.status == 503
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    finally:
+        await admin.close()
+    # Back: the same gateway takes the retry.
+    resp = await client.post(URL, json=_lead(conversation.id, "down"), headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    assert (await client.get("/readyz")).status == 200
+
+
+async def test_a_url_with_a_password_must_come_from_the_environment(tmp_path: Any) -> None:
+    config = base_config(tmp_path / "unused.sqlite3")
+    config["store"] = {"url": "postgresql://gateway:s3cret@db.internal/ctwa"}
+    with pytest.raises(ConfigError) as error:
+        parse_settings(config)
+    assert "url_env" in str(error.value)
+    assert "s3cret" not in str(error.value)
+
+
+async def test_an_unreachable_database_is_a_clear_error_without_the_password() -> None:
+    with pytest.raises(ConfigError) as error:
+        await PostgresStore.open(
+            "postgresql://gateway:s3cret@127.0.0.1:9/ctwa", min_connections=1, max_connections=3
+        )
+    message = str(error.value)
+    assert "cannot connect to the PostgreSQL store" in message
+    assert "s3cret" not in message
