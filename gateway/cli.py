@@ -33,6 +33,7 @@ from gateway.http.render import conversion_response, resolution_view
 from gateway.logs import configure_logging
 from gateway.operations import (
     backup_store,
+    copy_command,
     erase_person,
     probe,
     replay,
@@ -193,6 +194,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     stats_cmd.add_argument("--json", action="store_true", help="one JSON object per table")
 
+    store_cmd = sub.add_parser("store", help="move the store: copy it into another engine")
+    store_actions = store_cmd.add_subparsers(dest="action", required=True)
+    copy_cmd = store_actions.add_parser(
+        "copy",
+        help="copy every row into a new, empty store (SQLite to PostgreSQL, or back)",
+        description="Copy conversations, events, deliveries, attempts, the webhook archive,"
+        " datasets and the rest into an empty store, then check every table's count on both"
+        " sides. Stop the gateway first. A location is sqlite:///path/to/file, a"
+        " postgresql:// URL, or env:NAME for a URL held in that environment variable (keep a"
+        " password off the command line).",
+    )
+    copy_cmd.add_argument("--from", dest="source", required=True, help="the store to copy")
+    copy_cmd.add_argument("--to", dest="target", required=True, help="an empty store")
+
     check = sub.add_parser("check-config", help="validate a config file and print what it loads")
     _add_config(check)
     return parser
@@ -202,6 +217,14 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
     base = os.environ if environ is None else environ
+    if args.command == "store":
+        # Needs no config: both stores are named on the command line.
+        configure_logging("warning", "console", cache=False)
+        try:
+            return asyncio.run(copy_command(args.source, args.target, base))
+        except ConfigError as exc:
+            print(f"ctwa-gateway: {exc}", file=sys.stderr)
+            return 2
     try:
         settings = load_settings(args.config)
         # Only the long-running server caches its loggers; one-shot commands stay

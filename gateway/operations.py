@@ -8,6 +8,7 @@ Each opens the existing store (never creating one) and starts nothing in the bac
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,8 @@ from gateway.plugin_manager import Plugins
 from gateway.probe import FAQ_EVENT_NAMES, GraphSettings, probe_event_names
 from gateway.runtime import running
 from gateway.store.backup import backup, restore, store_stats
+from gateway.store.copy import copy_store
+from gateway.store.engines import open_location
 from gateway.wire import ErasureAnswer
 
 __all__ = [
@@ -208,3 +211,39 @@ def store_stats_command(settings: Settings, args: argparse.Namespace) -> int:
         oldest = "-" if row["oldestDays"] is None else f"{row['oldestDays']:g}"
         print(f"{row['table']:<24}{row['rows']:>10}{size:>14}{oldest:>15}")
     return 0
+
+
+async def copy_command(source: str, target: str, environ: Mapping[str, str]) -> int:
+    """``ctwa-gateway store copy --from A --to B``: every row of A into the empty B, checked."""
+    origin = await open_location(_location(source, environ), create=False)
+    try:
+        destination = await open_location(_location(target, environ), create=True)
+        try:
+            copied = await copy_store(
+                origin, destination, progress=lambda table, rows: _progress(table, rows)
+            )
+        finally:
+            await destination.close()
+    finally:
+        await origin.close()
+    sys.stderr.write("\n")
+    width = max(len(name) for name in copied)
+    for name, rows in copied.items():
+        print(f"{name:<{width}}  {rows:>10} rows")
+    print(f"copied {sum(copied.values())} rows; every table's count matches")
+    return 0
+
+
+def _location(value: str, environ: Mapping[str, str]) -> str:
+    """A store location as given, or the URL in the variable ``env:NAME`` names."""
+    if not value.startswith("env:"):
+        return value
+    name = value.removeprefix("env:")
+    found = environ.get(name)
+    if not found:
+        raise ConfigError(f"{value}: the variable {name} is not set")
+    return found
+
+
+def _progress(table: str, rows: int) -> None:
+    sys.stderr.write(f"\r{table}: {rows} rows\x1b[K")

@@ -294,7 +294,7 @@ async def db_rows(
     rows as tuples. Booleans come back as 0/1 on SQLite and False/True on PostgreSQL, which
     compare equal."""
     store = client.app[PIPELINE].store
-    return [tuple(row) for row in await store._reader.fetch(sql, params)]
+    return [tuple(row) for row in await store.query(sql, params)]
 
 
 def sqlite_store_of(client: TestClient[web.Request, web.Application]) -> SqliteStore:

@@ -14,8 +14,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.cli import main
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
+from gateway.store.archive import NewNotification
+from gateway.store.copy import tables
+from gateway.store.database import SqliteStore
 from gateway.store.postgres import PostgresStore
 from tests.conftest import (
     AUTH,
@@ -25,6 +29,7 @@ from tests.conftest import (
     db_rows,
     store_of,
 )
+from tests.console_seed import seed
 from tests.payloads import (
     encode,
     message,
@@ -179,3 +184,50 @@ async def test_an_unreachable_database_is_a_clear_error_without_the_password() -
     message = str(error.value)
     assert "cannot connect to the PostgreSQL store" in message
     assert "s3cret" not in message
+
+
+async def test_store_copy_moves_every_row_into_postgresql_and_refuses_a_full_target(
+    tmp_path: Any, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "old.sqlite3"
+    sqlite = await SqliteStore.open(db)
+    try:
+        await seed(sqlite)
+        # The webhook archive, a delivery attempt and a dataset too.
+        body = encode(notification(messages_change([message("447911000009", "wamid.c1")])))
+        await sqlite.archive_pending(
+            NewNotification(body=body, received_at=1.0, request_id="r1"), error="Boom"
+        )
+        await sqlite.save_dataset("acme", "1234567890")
+        event = await sqlite.find_event("acme", "order-a1-1")
+        assert event is not None
+    finally:
+        await sqlite.close()
+
+    # The CLI runs its own loop: off this one's thread.
+    argv = ["store", "copy", "--from", f"sqlite:///{db}", "--to", "env:TARGET"]
+    assert await asyncio.to_thread(main, argv, environ={"TARGET": pg_url}) == 0
+    out = capsys.readouterr().out
+    assert "every table's count matches" in out
+
+    source = await SqliteStore.open(db, create=False)
+    target = await PostgresStore.open(pg_url, min_connections=1, max_connections=3)
+    try:
+        for table in tables():
+            key = ", ".join(table.key)
+            # Names from the store's own schema.
+            sql = f"SELECT {', '.join(table.columns)} FROM {table.name} ORDER BY {key}"  # noqa: S608
+            assert await target.query(sql) == await source.query(sql), table.name
+        # The copy is a working store: new rows do not collide with the copied keys.
+        conversation = await add_conversation(target)
+        assert await target.get_conversation("acme", conversation.id) == conversation
+        assert await target.find_event("acme", event.event_id) == event
+    finally:
+        await source.close()
+        await target.close()
+
+    # A second copy into the now full database writes nothing.
+    argv = ["store", "copy", "--from", f"sqlite:///{db}", "--to", pg_url]
+    code = await asyncio.to_thread(main, argv)
+    assert code == 2
+    assert "not empty" in capsys.readouterr().err

@@ -409,6 +409,11 @@ class Store:
         they fully did (an engine with nothing to do says so)."""
         return True
 
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Run a read-only query (``?`` placeholders) and return its rows: for tools that
+        read whole tables (``store copy``) and for tests."""
+        return await self._reader.fetch(sql, params)
+
     async def size_bytes(self) -> int:
         """Return how much disk the store takes."""
         raise NotImplementedError

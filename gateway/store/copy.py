@@ -1,0 +1,179 @@
+"""Moving an install: every row of one store into another, empty, one, then the counts checked.
+
+``ctwa-gateway store copy --from sqlite:///var/ctwa-gateway.sqlite3 --to env:CTWA_DATABASE_URL``
+moves a single-process install onto PostgreSQL (or back). The tables, their columns and their
+keys are SQLite's schema, which PostgreSQL's mirrors column for column; rows keep their keys
+(an event's ``pk`` is what its deliveries and attempts point at), and are read a chunk at a
+time in key order, so a store of any size copies in bounded memory. The counts tables
+(``event_hours``, ``delivery_counts``) are copied as they are: the target's triggers follow
+updates and deletions only, so copying rows adds nothing to them twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import ConfigError
+from gateway.store.database import Store
+from gateway.store.schema import migrate
+from gateway.store.sql import Tx, marks
+from gateway.store.writer import WriteOp
+
+__all__ = ["CopyMismatch", "Table", "copy_store", "tables"]
+
+_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    # Columns of SQLite type REAL and INTEGER: SQLite keeps what it was given, PostgreSQL
+    # (asyncpg) takes only floats for the one and whole numbers for the other.
+    reals: frozenset[str]
+    integers: frozenset[str]
+
+
+class CopyMismatch(ConfigError):
+    """The target's counts differ from the source's after the copy."""
+
+
+def tables() -> list[Table]:
+    """The store's tables, parents before the rows that point at them, as the migrations
+    leave them."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        migrate(conn)
+        names = [
+            row[0]
+            for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+                " AND name NOT LIKE 'sqlite_%' AND name != 'schema_migrations' ORDER BY rowid"
+            )
+        ]
+        found = []
+        for name in names:
+            info = conn.execute(f"PRAGMA table_info('{name}')").fetchall()
+            columns = tuple(row[1] for row in info)
+            key = tuple(row[1] for row in sorted(info, key=lambda r: r[5]) if row[5])
+            found.append(
+                Table(
+                    name=name,
+                    columns=columns,
+                    # A table without a declared key is read in rowid order on SQLite; every
+                    # table of the store has one.
+                    key=key or columns,
+                    reals=frozenset(row[1] for row in info if row[2].upper() == "REAL"),
+                    integers=frozenset(row[1] for row in info if row[2].upper() == "INTEGER"),
+                )
+            )
+        return found
+    finally:
+        conn.close()
+
+
+class _InsertRows(WriteOp[None]):
+    def __init__(self, table: Table, rows: Sequence[Sequence[Any]]) -> None:
+        self.table = table
+        self.rows = rows
+
+    async def apply(self, tx: Tx) -> None:
+        t = self.table
+        await tx.executemany(
+            f"INSERT INTO {t.name} ({', '.join(t.columns)}) VALUES ({marks(len(t.columns))})",
+            self.rows,
+        )
+
+
+class _SyncIdentities(WriteOp[None]):
+    """Move PostgreSQL's identity sequences past the copied keys (new rows must not collide
+    with copied ones)."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+    async def apply(self, tx: Tx) -> None:
+        if tx.engine != "postgresql" or self.table.key != ("pk",):
+            return
+        name = self.table.name
+        await tx.fetch(
+            f"SELECT setval(pg_get_serial_sequence('{name}', 'pk'),"
+            f" COALESCE((SELECT MAX(pk) FROM {name}), 0) + 1, false)"
+        )
+
+
+def _coercer(table: Table) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    reals = [i for i, c in enumerate(table.columns) if c in table.reals]
+    integers = [i for i, c in enumerate(table.columns) if c in table.integers]
+
+    def coerce(row: Sequence[Any]) -> tuple[Any, ...]:
+        values = list(row)
+        for i in reals:
+            if isinstance(values[i], int):
+                values[i] = float(values[i])
+        for i in integers:
+            value = values[i]
+            if (isinstance(value, float) and value.is_integer()) or isinstance(value, bool):
+                values[i] = int(value)
+        return tuple(values)
+
+    return coerce
+
+
+async def count_rows(store: Store, table: Table) -> int:
+    rows = await store.query(f"SELECT COUNT(*) FROM {table.name}")
+    return int(rows[0][0])
+
+
+async def copy_store(
+    source: Store, target: Store, *, progress: Callable[[str, int], None] | None = None
+) -> dict[str, int]:
+    """Copy every row of ``source`` into ``target``, which must be empty; return the rows
+    per table, checked to be equal on both sides."""
+    everything = tables()
+    for table in everything:
+        if await count_rows(target, table):
+            raise ConfigError(
+                f"the target store is not empty ({table.name} has rows): copy into a new,"
+                " empty database, nothing was written"
+            )
+    copied: dict[str, int] = {}
+    for table in everything:
+        coerce = _coercer(table)
+        columns = ", ".join(table.columns)
+        key = ", ".join(table.key)
+        after: tuple[Any, ...] | None = None
+        total = 0
+        while True:
+            where = "" if after is None else f" WHERE ({key}) > ({marks(len(table.key))})"
+            rows = await source.query(
+                f"SELECT {columns} FROM {table.name}{where} ORDER BY {key} LIMIT {_CHUNK}",
+                after or (),
+            )
+            if not rows:
+                break
+            await target.writer.submit(_InsertRows(table, [coerce(row) for row in rows]))
+            total += len(rows)
+            last = rows[-1]
+            after = tuple(last[table.columns.index(k)] for k in table.key)
+            if progress is not None:
+                progress(table.name, total)
+        await target.writer.submit(_SyncIdentities(table))
+        copied[table.name] = total
+    for table in everything:
+        there = await count_rows(target, table)
+        if there != copied[table.name]:
+            raise CopyMismatch(
+                f"{table.name}: {copied[table.name]} rows read, {there} in the target"
+            )
+        here = await count_rows(source, table)
+        if here != there:
+            raise CopyMismatch(
+                f"{table.name}: {here} rows in the source now, {there} copied: was a gateway"
+                " writing to it? Stop it, empty the target and copy again"
+            )
+    return copied
