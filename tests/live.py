@@ -14,9 +14,14 @@ import tomli_w
 from tests.conftest import ENV, base_config
 
 
-def write_config(path: Path, db: Path, port: int, graph_url: str, **meta: Any) -> None:
-    """Write a config for a server on ``port`` delivering to ``graph_url`` (meta_capi)."""
+def write_config(
+    path: Path, db: Path, port: int, graph_url: str, *, store_url: str | None = None, **meta: Any
+) -> None:
+    """Write a config for a server on ``port`` delivering to ``graph_url`` (meta_capi), on
+    the SQLite file ``db`` or the PostgreSQL database ``store_url``."""
     config: dict[str, Any] = base_config(db)
+    if store_url is not None:
+        config["store"] = {"url": store_url}
     config["server"] = {"host": "127.0.0.1", "port": port}
     config["plugins"] = {
         "sinks": ["meta_capi"],
