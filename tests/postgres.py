@@ -112,8 +112,10 @@ class PostgresCluster:
         return f"postgresql://postgres@/postgres?host={self.root}"
 
     @classmethod
-    def start(cls) -> PostgresCluster:
-        """Create a cluster in a new temporary folder and start it; fail with the reason."""
+    def start(cls, *, durable: bool = False) -> PostgresCluster:
+        """Create a cluster in a new temporary folder and start it; fail with the reason.
+        ``durable``: fsync and synchronous commit on, as in production (the benches); the
+        tests leave them off."""
         bin_dir = _binaries()
         run_as = _run_as()
         root = Path(tempfile.mkdtemp(prefix="ctwa-pg-"))
@@ -126,7 +128,7 @@ class PostgresCluster:
                     # A checkout under a private folder (/root): the unprivileged account
                     # could not run the wheel's binaries where they are.
                     bin_dir = _copy_binaries(bin_dir, root / "wheel")
-            process = _start(bin_dir, root, run_as)
+            process = _start(bin_dir, root, run_as, durable=durable)
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
@@ -147,7 +149,9 @@ class PostgresCluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _start(bin_dir: Path, root: Path, run_as: dict[str, Any]) -> subprocess.Popen[bytes]:
+def _start(
+    bin_dir: Path, root: Path, run_as: dict[str, Any], *, durable: bool
+) -> subprocess.Popen[bytes]:
     data = root / "data"
     log_path = root / "postgres.log"
     initdb = subprocess.run(
@@ -183,13 +187,10 @@ def _start(bin_dir: Path, root: Path, run_as: dict[str, Any]) -> subprocess.Pope
                 root,
                 "-h",
                 "",
-                # Durability is no concern here; speed is.
                 "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
+                "max_connections=200",
+                # Durability is no concern in tests; speed is.
+                *(() if durable else _FAST),
             ],
             cwd=root,
             stdout=log,
@@ -215,6 +216,9 @@ def _start(bin_dir: Path, root: Path, run_as: dict[str, Any]) -> subprocess.Pope
                 + log_path.read_text(errors="replace")
             )
         time.sleep(0.02)
+
+
+_FAST = ("-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")
 
 
 def database_url(server_url: str, name: str) -> str:
