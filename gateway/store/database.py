@@ -71,6 +71,7 @@ from gateway.store.rows import (
     delivery_row,
     event_from_row,
     insert_events,
+    insert_events_unnest,
 )
 from gateway.store.schema import UPDATE_EVENT_STATUS, migrate
 from gateway.store.sql import Engine, Reader, SqliteReader, SqliteTx, Tx, wake_dispatchers
@@ -183,12 +184,16 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
                     (op.new.account_id, sink, state.status)
                     for sink, state in op.new.deliveries.items()
                 )
-        for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-            part = rows[start : start + _ROWS_PER_STATEMENT]
-            await tx.execute(
-                f"{INSERT_DELIVERY_HEAD} {','.join([DELIVERY_VALUES] * len(part))}",
-                [v for row in part for v in row],
-            )
+        if tx.engine == "postgresql":
+            # One statement text for any count (see insert_events_unnest), sent as a batch.
+            await tx.executemany(INSERT_DELIVERY, rows)
+        else:
+            for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+                part = rows[start : start + _ROWS_PER_STATEMENT]
+                await tx.execute(
+                    f"{INSERT_DELIVERY_HEAD} {','.join([DELIVERY_VALUES] * len(part))}",
+                    [v for row in part for v in row],
+                )
         await count_in_hours(tx, inserted_events)
         await count_deliveries(tx, counted)
         if any(status == "pending" for _, _, status in counted):
@@ -205,16 +210,14 @@ async def _insert_chunk(
     tx: Tx, events: Sequence[StoredEvent]
 ) -> dict[tuple[str, str], tuple[int, bool]]:
     """Insert events whose keys differ; return each key's pk and whether this inserted it."""
-    sql, params = insert_events(events)
     keys = [(e.account_id, e.event_id) for e in events]
     if not isinstance(tx, SqliteTx):
         inserted = {
             (account_id, event_id): (pk, True)
-            for pk, account_id, event_id in await tx.fetch(
-                f"{sql} RETURNING pk, account_id, event_id", params
-            )
+            for pk, account_id, event_id in await tx.fetch(*insert_events_unnest(events))
         }
         return {**await _existing(tx, [k for k in keys if k not in inserted]), **inserted}
+    sql, params = insert_events(events)
     cursor = tx.conn.execute(sql, params)
     last = cursor.lastrowid
     if cursor.rowcount == len(events) and last is not None:

@@ -40,6 +40,7 @@ __all__ = [
     "event_from_row",
     "event_params",
     "insert_events",
+    "insert_events_unnest",
     "queued_from_row",
     "sink_state_from_row",
     "value_and_currency",
@@ -309,6 +310,32 @@ def insert_events(events: Sequence[StoredEvent]) -> tuple[str, list[Any]]:
     )
     params = [v for e in events for v in event_params(e, overall_status(e.deliveries))]
     return sql, params
+
+
+# The PostgreSQL types of the inserted events columns, in insert order.
+_EVENT_ARRAY_TYPES = (
+    "text", "text", "text", "text", "bigint", "text", "bytea", "text", "float8", "float8",
+    "bigint", "bytea", "bytea", "float8", "text",
+)  # fmt: skip
+_INSERT_EVENTS_UNNEST = (
+    f"{_INSERT_EVENTS_HEAD.removesuffix(' VALUES')} SELECT *, '' FROM unnest("
+    + ", ".join(f"?::{t}[]" for t in _EVENT_ARRAY_TYPES)
+    + ") ON CONFLICT (account_id, event_id) DO NOTHING RETURNING pk, account_id, event_id"
+)
+
+
+def insert_events_unnest(events: Sequence[StoredEvent]) -> tuple[str, list[Any]]:
+    """Return one statement inserting these events from one array per column, with the
+    (pk, account, eventId) of each it inserted: the same text whatever the batch's size, so
+    PostgreSQL prepares and plans it once per connection (a VALUES list per size would be a
+    new statement, and a new plan, for every size)."""
+    rows = [event_params(e, overall_status(e.deliveries)) for e in events]
+    # asyncpg's bigint[] takes whole numbers, not the bool a flag is held in.
+    columns = [
+        [int(v) for v in column] if kind == "bigint" else list(column)
+        for kind, column in zip(_EVENT_ARRAY_TYPES, zip(*rows, strict=True), strict=True)
+    ]
+    return _INSERT_EVENTS_UNNEST, columns
 
 
 def event_params(event: StoredEvent, status: str) -> tuple[Any, ...]:
