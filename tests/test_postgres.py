@@ -22,6 +22,7 @@ from gateway.store.copy import tables
 from gateway.store.database import SqliteStore
 from gateway.store.postgres import PostgresStore
 from tests.conftest import (
+    ACME_TOKEN,
     AUTH,
     ClientFactory,
     add_conversation,
@@ -30,6 +31,7 @@ from tests.conftest import (
     store_of,
 )
 from tests.console_seed import seed
+from tests.fake_graph import FakeGraph
 from tests.payloads import (
     encode,
     message,
@@ -231,3 +233,29 @@ async def test_store_copy_moves_every_row_into_postgresql_and_refuses_a_full_tar
     code = await asyncio.to_thread(main, argv)
     assert code == 2
     assert "not empty" in capsys.readouterr().err
+
+
+async def test_a_replicas_new_event_wakes_the_others_dispatchers_at_once(
+    make_client: ClientFactory, config: dict[str, Any], aiohttp_server: Any
+) -> None:
+    # Nobody polls (poll_s 300): the only way the second replica learns of the first's events
+    # is the database's NOTIFY. The first sends one event at a time and Meta takes 1.5 s, so
+    # two events are both delivered within 2.5 s only if the second replica took one.
+    fake = FakeGraph(tokens={"1234567890": ACME_TOKEN}, delay_s=1.5)
+    graph = await aiohttp_server(fake.app())
+    meta = {"graph_url": str(graph.make_url("")).rstrip("/"), "poll_s": 300,
+            "respond_within_ms": 0, "batch_max": 1, "max_in_flight": 1}  # fmt: skip
+    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": meta}})
+    first = await make_client(settings=settings)
+    second = await make_client(settings=settings)
+    await asyncio.sleep(0.2)  # both listening
+    conversation = await add_conversation(store_of(first))
+    for event_id in ("N1", "N2"):
+        resp = await first.post(URL, json=_lead(conversation.id, event_id), headers=AUTH)
+        assert resp.status == 202
+    for _ in range(50):
+        if sorted(fake.event_ids()) == ["N1", "N2"]:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(fake.event_ids()) == ["N1", "N2"], "the second replica was never woken"
+    assert second is not first
