@@ -1,6 +1,11 @@
-"""The Store: SQLite (WAL, synchronous=FULL).
+"""The Store: the queries and writes of conversations and events, and the SQLite engine.
 
-One connection writes, on the thread of :class:`~gateway.store.writer.GroupCommitWriter`.
+:class:`Store` is the same on both engines: it reads through two
+:class:`~gateway.store.sql.Reader` (point lookups, and scans) and writes through a
+:class:`~gateway.store.writer.GroupCommitWriter`. :class:`SqliteStore` is the default, one file
+(WAL, synchronous=FULL); :class:`gateway.store.postgres.PostgresStore` is the other.
+
+On SQLite one connection writes, on the thread of :class:`~gateway.store.writer.SqliteWriter`.
 Reads never queue behind a commit (WAL readers do not wait for the writer) and take one of two
 paths: a point lookup by index (the conversation a conversion belongs to, an event by its id)
 runs right on the event loop's thread, because it takes microseconds and a trip to another

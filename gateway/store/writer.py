@@ -1,18 +1,20 @@
-"""The single SQLite writer: every write the gateway makes, committed in groups.
+"""The store's writer: every write the gateway makes, committed in groups.
 
 Many requests' writes share one transaction (and so one fsync): while a batch commits, the
 next requests queue up, and the next batch takes them all. A caller's future resolves only
 after the transaction holding its write has committed, so no response leaves before its row
-is on disk (``synchronous = FULL``).
+is on disk (``synchronous = FULL``). :class:`GroupCommitWriter` is that queue;
+:class:`SqliteWriter` commits a group on SQLite (below), and
+:class:`gateway.store.postgres.PgWriter` on PostgreSQL.
 
-Where a batch runs is what makes the hot path cheap. A batch of *inline* ops (a conversion's
-insert: a few rows into pages the connection has cached) is written right on the event loop's
-thread, and only its COMMIT, the fsync, goes to the writer's thread: one hop per transaction.
-Every hop costs the two threads a hand-over of the GIL each way, and a statement run on another
-thread pays one per statement. Any other batch (a webhook notification's capture, retention,
-an erasure: work that may read many pages) runs whole on the writer's thread, so the loop
-never waits on it; so does an inline batch when another process holds the write lock (the
-loop never waits for a lock either).
+On SQLite, where a batch runs is what makes the hot path cheap. A batch of *inline* ops (a
+conversion's insert: a few rows into pages the connection has cached) is written right on the
+event loop's thread, and only its COMMIT, the fsync, goes to the writer's thread: one hop per
+transaction. Every hop costs the two threads a hand-over of the GIL each way, and a statement
+run on another thread pays one per statement. Any other batch (a webhook notification's
+capture, retention, an erasure: work that may read many pages) runs whole on the writer's
+thread, so the loop never waits on it; so does an inline batch when another process holds the
+write lock (the loop never waits for a lock either).
 
 One failing write does not fail its neighbours: the batch is rolled back and each write is
 then tried in a transaction of its own.
