@@ -22,7 +22,12 @@ from tests.live import start, write_config
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 # Small batches and a slow Meta: many batches, several in flight at any moment.
-DELIVERY = {"batch_max": 5, "max_in_flight": 2, "respond_within_ms": 0, "poll_s": 0.1}
+DELIVERY: dict[str, Any] = {
+    "batch_max": 5,
+    "max_in_flight": 2,
+    "respond_within_ms": 0,
+    "poll_s": 0.1,
+}
 
 
 async def _setup(

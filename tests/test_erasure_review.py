@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import tomli_w
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
@@ -29,6 +30,7 @@ from tests.conftest import (
     ClientFactory,
     LogCapture,
     add_conversation,
+    db_rows,
     store_of,
 )
 from tests.payloads import (
@@ -41,7 +43,8 @@ from tests.payloads import (
     referral,
     system_message,
 )
-from tests.test_lifecycle import Recorder, file_bytes, query
+from tests.store_sql import db_execute, stored_bytes
+from tests.test_lifecycle import Recorder
 
 # Run on SQLite and on PostgreSQL (tests/conftest.py).
 BOTH_ENGINES = True
@@ -214,7 +217,7 @@ def traces() -> dict[str, bytes]:
 
 
 async def test_erasure_leaves_no_trace_of_everything_a_person_left(
-    make_client: ClientFactory, db_path: Path
+    make_client: ClientFactory,
 ) -> None:
     recorder = Recorder()
     client = await make_client(plugins={"sinks": ["log", "recorder"]}, extra={"recorder": recorder})
@@ -229,17 +232,18 @@ async def test_erasure_leaves_no_trace_of_everything_a_person_left(
         currency="USD",
     )
     assert resp.status in (200, 202), await resp.text()
-    content = file_bytes(db_path)
+    content = await stored_bytes(client)
     present = {k for k, v in traces().items() if v in content}
     assert present == set(traces())  # every trace is there before: the check can fail
 
     resp = await erase(client, {"accountId": "acme", "phoneE164": "+52 55 1234 5678"})
     assert resp.status == 200
-    content = file_bytes(db_path)
+    content = await stored_bytes(client)
     left = sorted(k for k, v in traces().items() if v in content)
     assert left == [], left
 
 
+@pytest.mark.sqlite_only("a SQLite reader's snapshot holding the WAL checkpoint back")
 async def test_a_reader_in_the_way_delays_clearing_the_file_and_says_so(
     make_client: ClientFactory, db_path: Path, logs: LogCapture
 ) -> None:
@@ -283,6 +287,7 @@ async def test_a_reader_in_the_way_delays_clearing_the_file_and_says_so(
     assert left == [], f"still in {db_path.name}: {left}"
 
 
+@pytest.mark.sqlite_only("a SQLite reader's snapshot holding the WAL checkpoint back")
 async def test_the_erasure_checkpoint_never_stalls_conversions(
     make_client: ClientFactory, db_path: Path
 ) -> None:
@@ -312,7 +317,7 @@ async def test_the_erasure_checkpoint_never_stalls_conversions(
 
 
 async def test_a_key_for_another_account_cannot_touch_this_accounts_archive(
-    make_client: ClientFactory, db_path: Path
+    make_client: ClientFactory,
 ) -> None:
     """An erasure touches only its own account's archived notifications, and only values
     equal to the person's identifiers: a key for another account erasing acme's
@@ -323,7 +328,7 @@ async def test_a_key_for_another_account_cannot_touch_this_accounts_archive(
         client,
         notification(messages_change([message("16505550100", "wamid.A1", ref=referral(CLICK))])),
     )
-    before = query(db_path, "SELECT body FROM webhook_notifications")[0][0]
+    ((before,),) = await db_rows(client, "SELECT body FROM webhook_notifications")
     scoped = {"Authorization": f"Bearer {SCOPED_KEY}"}
     for param, value in (
         ("phoneE164", "106540352242922"),
@@ -333,7 +338,7 @@ async def test_a_key_for_another_account_cannot_touch_this_accounts_archive(
         await client.delete(
             "/v1/whatsapp/users", headers=scoped, params={"accountId": "other", param: value}
         )
-    after = query(db_path, "SELECT body FROM webhook_notifications")[0][0]
+    ((after,),) = await db_rows(client, "SELECT body FROM webhook_notifications")
     assert after == before
 
 
@@ -348,7 +353,7 @@ async def suppressing_client(make_client: ClientFactory, config: dict[str, Any])
 
 
 async def test_suppressed_by_phone_stays_out_by_bsuid(
-    make_client: ClientFactory, config: dict[str, Any], db_path: Path
+    make_client: ClientFactory, config: dict[str, Any]
 ) -> None:
     """Every identifier the erasure found is suppressed, not only the one given: erased by
     phone, the person stays out by their BSUID too."""
@@ -375,11 +380,11 @@ async def test_suppressed_by_phone_stays_out_by_bsuid(
     resp = await purchase(
         client, eventId="SUPP", businessScopedUserId=BSUID, value=1, currency="USD"
     )
-    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM conversations") == [(0,)]
 
 
 async def test_a_suppression_recorded_by_the_cli_reaches_a_running_gateway(
-    make_client: ClientFactory, config: dict[str, Any], db_path: Path, tmp_path: Path
+    make_client: ClientFactory, config: dict[str, Any], tmp_path: Path
 ) -> None:
     """A suppression recorded by `ctwa-gateway erase --suppress` (another process) reaches a
     running gateway within [privacy] suppressions_refresh_s."""
@@ -418,7 +423,7 @@ async def test_a_suppression_recorded_by_the_cli_reaches_a_running_gateway(
     await post_signed(
         client, notification(messages_change([message(OLD, "wamid.Q2", ref=referral(CLICK))]))
     )
-    rows = query(db_path, "SELECT id FROM conversations")
+    rows = await db_rows(client, "SELECT id FROM conversations")
     if rows:
         await purchase(
             client, eventId="CLI-SUPP", conversationId=rows[0][0], value=1, currency="USD"
@@ -427,7 +432,7 @@ async def test_a_suppression_recorded_by_the_cli_reaches_a_running_gateway(
 
 
 async def test_one_suppression_key_makes_and_checks_digests(
-    make_client: ClientFactory, config: dict[str, Any], db_path: Path
+    make_client: ClientFactory, config: dict[str, Any]
 ) -> None:
     """One key makes and checks digests, read at start: a SIGHUP does not split them."""
 
@@ -438,7 +443,7 @@ async def test_one_suppression_key_makes_and_checks_digests(
     await post_signed(
         client, notification(messages_change([message(OLD, "wamid.K1", ref=referral(CLICK))]))
     )
-    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM conversations") == [(0,)]
 
 
 class Gate:
@@ -466,9 +471,7 @@ class Gate:
         return [SendOutcome(status="delivered") for _ in events]
 
 
-async def test_an_erasure_during_an_attempt_stays_cancelled(
-    make_client: ClientFactory, db_path: Path
-) -> None:
+async def test_an_erasure_during_an_attempt_stays_cancelled(make_client: ClientFactory) -> None:
     """A batch in flight when the person is erased cannot revive the cancelled delivery: it
     is never sent again."""
 
@@ -491,9 +494,7 @@ async def test_an_erasure_during_an_attempt_stays_cancelled(
     assert len(gate.sent) == 1, "sent again after the erasure"
 
 
-async def test_replay_never_requeues_erased_deliveries(
-    make_client: ClientFactory, db_path: Path
-) -> None:
+async def test_replay_never_requeues_erased_deliveries(make_client: ClientFactory) -> None:
     """`ctwa-gateway replay` (default --status failed) leaves erased deliveries cancelled."""
     recorder = SlowRecorder()
     client = await make_client(plugins={"sinks": ["recorder"]}, extra={"recorder": recorder})
@@ -503,7 +504,7 @@ async def test_replay_never_requeues_erased_deliveries(
     resp = await purchase(client, eventId="REPLAYED", phoneE164="+" + OLD, value=1, currency="USD")
     assert resp.status == 202
     for _ in range(100):
-        if query(db_path, "SELECT attempts FROM deliveries") == [(1,)]:
+        if await db_rows(client, "SELECT attempts FROM deliveries") == [(1,)]:
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)
@@ -536,9 +537,7 @@ class Failer:
         return [SendOutcome(status="failed", reason="bad") for _ in events]
 
 
-async def test_failed_events_retention_keeps_a_pending_delivery(
-    make_client: ClientFactory, db_path: Path
-) -> None:
+async def test_failed_events_retention_keeps_a_pending_delivery(make_client: ClientFactory) -> None:
     """An event shows "failed" while another sink is still pending: retention of failed
     events keeps it, so the pending delivery is not lost."""
 
@@ -552,17 +551,16 @@ async def test_failed_events_retention_keeps_a_pending_delivery(
     )
     assert resp.status in (200, 202), await resp.text()
     for _ in range(100):
-        if ("failer", "failed") in query(db_path, "SELECT sink, status FROM deliveries"):
+        if ("failer", "failed") in await db_rows(client, "SELECT sink, status FROM deliveries"):
             break
         await asyncio.sleep(0.05)
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE events SET received_at = received_at - 2 * 86400")
+    await db_execute(client, "UPDATE events SET received_at = received_at - 2 * 86400")
     now = time.time()
     await store_of(client).apply_retention(
         RetentionCutoffs(conversations=0, clicks=0, delivered_events=0, failed_events=now - 86400),
         500,
     )
-    assert ("recorder", "pending") in query(db_path, "SELECT sink, status FROM deliveries")
+    assert ("recorder", "pending") in await db_rows(client, "SELECT sink, status FROM deliveries")
 
 
 async def test_delete_odd_inputs_never_5xx(client: Client) -> None:
@@ -593,7 +591,7 @@ async def test_delete_odd_inputs_never_5xx(client: Client) -> None:
 
 
 async def test_events_of_pruned_conversations_lose_their_identifiers(
-    make_client: ClientFactory, db_path: Path
+    make_client: ClientFactory,
 ) -> None:
     """When retention prunes a conversation, its finished events lose the person's hashed
     identifiers too: no erasure could find them afterwards."""
@@ -620,7 +618,7 @@ async def test_events_of_pruned_conversations_lose_their_identifiers(
     resp = await client.delete(
         "/v1/whatsapp/users", headers=AUTH, params={"accountId": "acme", "phoneE164": "+" + OLD}
     )
-    (event,) = query(db_path, "SELECT event, request_fields FROM events")
+    (event,) = await db_rows(client, "SELECT event, request_fields FROM events")
     assert hash_email(EMAIL).encode() not in event[0]
 
 
@@ -649,7 +647,7 @@ def test_restore_refuses_what_is_not_a_store(db_path: Path, tmp_path: Path) -> N
 
 
 async def test_erasing_a_recycled_numbers_new_owner_spares_the_previous_owner(
-    make_client: ClientFactory, db_path: Path
+    make_client: ClientFactory,
 ) -> None:
     """Erasing a recycled number's new owner never erases its previous owner, whose
     conversation was superseded by the new owner's."""
@@ -688,12 +686,12 @@ async def test_erasing_a_recycled_numbers_new_owner_spares_the_previous_owner(
         ),
     )
     await erase(client, {"accountId": "acme", "businessScopedUserId": "MX.200000000000000000002"})
-    left = query(db_path, "SELECT bsuid FROM conversations")
+    left = await db_rows(client, "SELECT bsuid FROM conversations")
     assert left == [("MX.100000000000000000001",)], left
 
 
 async def test_a_suppressed_persons_new_messages_stay_out_of_the_archive(
-    make_client: ClientFactory, config: dict[str, Any], db_path: Path
+    make_client: ClientFactory, config: dict[str, Any]
 ) -> None:
     """A suppressed person's new messages are kept out of the archive too, not only out of
     capture."""
@@ -709,13 +707,13 @@ async def test_a_suppressed_persons_new_messages_stay_out_of_the_archive(
             )
         ),
     )
-    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
-    content = file_bytes(db_path)
+    assert await db_rows(client, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    content = await stored_bytes(client)
     assert [t for t in (OLD, NAME, TEXT, CLICK) if t.encode() in content] == []
 
 
 async def test_a_redelivered_notification_recaptures_only_the_unsuppressed(
-    make_client: ClientFactory, config: dict[str, Any], db_path: Path
+    make_client: ClientFactory, config: dict[str, Any]
 ) -> None:
     """The wamid dedup rows go with the person (a wamid carries their phone): Meta
     re-delivering a notification it had no answer for would capture them again, as a new
@@ -731,4 +729,4 @@ async def test_a_redelivered_notification_recaptures_only_the_unsuppressed(
     await post_signed(client, body)
     await erase(client, {"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"})
     await post_signed(client, body)  # the same bytes, as Meta retries
-    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM conversations") == [(0,)]

@@ -21,6 +21,7 @@ from gateway.config import parse_settings
 from gateway.errors import ConfigError
 from gateway.store.backup import backup, restore
 from gateway.store.database import SqliteStore
+from gateway.store.engines import open_store
 from gateway.store.locks import serving_lock
 from gateway.wire import ConversionRequest, request_fingerprint
 from tests.conftest import (
@@ -29,11 +30,13 @@ from tests.conftest import (
     ClientFactory,
     LogCapture,
     add_conversation,
+    db_rows,
     event_detail,
     settle,
     store_of,
 )
 from tests.payloads import message, messages_change, notification, post_signed, referral
+from tests.store_sql import db_execute, stored_bytes
 
 # Run on SQLite and on PostgreSQL (tests/conftest.py).
 BOTH_ENGINES = True
@@ -41,17 +44,6 @@ BOTH_ENGINES = True
 Client = TestClient[web.Request, web.Application]
 URL = "/v1/whatsapp/conversions"
 DAY = 86400
-
-
-def query(db: Path, sql: str, *params: Any) -> list[Any]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql, params).fetchall()
-
-
-def age(db: Path, sql: str, *params: Any) -> None:
-    """Run an UPDATE that makes rows look older (received_at, created_at...)."""
-    with sqlite3.connect(db) as conn:
-        conn.execute(sql, params)
 
 
 async def lead(client: Client, event_id: str, conversation_id: str) -> None:
@@ -68,7 +60,7 @@ async def lead(client: Client, event_id: str, conversation_id: str) -> None:
 
 
 async def test_housekeeping_applies_each_retention_rule(
-    make_client: ClientFactory, config: dict[str, Any], db_path: Path, logs: LogCapture
+    make_client: ClientFactory, config: dict[str, Any], logs: LogCapture
 ) -> None:
     config["store"] = {**config["store"], "housekeeping_interval_s": 0.2}
     config["retention"] = {"batch_rows": 10}
@@ -82,16 +74,19 @@ async def test_housekeeping_applies_each_retention_rule(
     await lead(client, "FAILED", clicked.id)
     await lead(client, "NEW", clicked.id)
     now = time.time()
-    age(db_path, "UPDATE events SET received_at = ? WHERE event_id != 'NEW'", now - 100 * DAY)
-    age(db_path, "UPDATE events SET status = 'failed' WHERE event_id = 'FAILED'")
-    age(
-        db_path,
+    # Rows made to look older (received_at, created_at...).
+    await db_execute(
+        client, "UPDATE events SET received_at = ? WHERE event_id != 'NEW'", now - 100 * DAY
+    )
+    await db_execute(client, "UPDATE events SET status = 'failed' WHERE event_id = 'FAILED'")
+    await db_execute(
+        client,
         "UPDATE conversations SET ctwa_clicked_at = ? WHERE id = ?",
         now - 40 * DAY,
         clicked.id,
     )
-    age(
-        db_path,
+    await db_execute(
+        client,
         "UPDATE conversations SET created_at = ?, last_inbound_at = ? WHERE id = ?",
         now - 91 * DAY,
         now - 91 * DAY,
@@ -102,14 +97,14 @@ async def test_housekeeping_applies_each_retention_rule(
 
     assert (line["delivered_events"], line["failed_events"]) == (25, 0)
     assert (line["clicks"], line["conversations"]) == (1, 1)
-    events = {row[0] for row in query(db_path, "SELECT event_id FROM events")}
+    events = {row[0] for row in await db_rows(client, "SELECT event_id FROM events")}
     assert events == {"FAILED", "NEW"}  # failed ones are kept longer
-    assert query(db_path, "SELECT COUNT(*) FROM deliveries") == [(2,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM deliveries") == [(2,)]
     # The totals survive: 25 dry runs on that day, in the daily counts.
-    assert query(db_path, "SELECT account_id, event_name, status, events FROM event_daily") == [
-        ("acme", "Purchase", "dry_run", 25)
-    ]
-    conversations = dict(query(db_path, "SELECT id, ctwa_clid FROM conversations"))
+    assert await db_rows(
+        client, "SELECT account_id, event_name, status, events FROM event_daily"
+    ) == [("acme", "Purchase", "dry_run", 25)]
+    conversations = dict(await db_rows(client, "SELECT id, ctwa_clid FROM conversations"))
     assert conversations == {clicked.id: None, fresh.id: None}  # click cleared, quiet one gone
 
 
@@ -149,14 +144,8 @@ async def capture_person(client: Client, *, other: bool = True) -> None:
     await post_signed(client, notification(messages_change(people, names={DIGITS: NAME})))
 
 
-def file_bytes(db: Path) -> bytes:
-    return b"".join(
-        p.read_bytes() for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()
-    )
-
-
 async def test_erasure_leaves_no_trace_and_cancels_pending_deliveries(
-    make_client: ClientFactory, config: dict[str, Any], db_path: Path, logs: LogCapture
+    make_client: ClientFactory, config: dict[str, Any], logs: LogCapture
 ) -> None:
     recorder = Recorder()
     client = await make_client(plugins={"sinks": ["recorder"]}, extra={"recorder": recorder})
@@ -187,7 +176,8 @@ async def test_erasure_leaves_no_trace_and_cancels_pending_deliveries(
             )["email"]
         ),
     ]
-    assert all(t in file_bytes(db_path) for t in traces)  # the net this test checks
+    before = await stored_bytes(client)
+    assert all(t in before for t in traces)  # the net this test checks
 
     resp = await client.delete(
         "/v1/whatsapp/users", params={"accountId": "acme", "phoneE164": PHONE}, headers=AUTH
@@ -199,12 +189,12 @@ async def test_erasure_leaves_no_trace_and_cancels_pending_deliveries(
     assert answer["erased"]["deliveriesCancelled"] == 1
     assert answer["erased"]["notificationsRedacted"] == 1
     assert answer["suppressed"] is False
-    # Gone from the tables and from the file's bytes (database, WAL, shm).
-    content = file_bytes(db_path)
+    # Gone from the tables, and on SQLite from the file's bytes (database, WAL, shm).
+    content = await stored_bytes(client)
     for trace in traces:
         assert trace not in content, trace
     assert hash_email("someone.else@example.com").encode() in content  # not theirs: kept
-    (theirs,) = query(db_path, "SELECT event, status FROM events WHERE event_id = 'THEIRS'")
+    (theirs,) = await db_rows(client, "SELECT event, status FROM events WHERE event_id = 'THEIRS'")
     assert b'"em"' not in theirs[0]
     assert theirs[1] == "failed"
     # Never sent after erasure, even when the sink comes back; the other event is.
@@ -214,14 +204,14 @@ async def test_erasure_leaves_no_trace_and_cancels_pending_deliveries(
     detail = await event_detail(client, "THEIRS")
     assert detail["deliveries"][0]["errorCode"] == "erased"
     # An audit row, without who.
-    (audit,) = query(db_path, "SELECT actor, account_id, kind, suppressed FROM erasures")
+    (audit,) = await db_rows(client, "SELECT actor, account_id, kind, suppressed FROM erasures")
     assert audit == ("api_key:admin", "acme", "phone", 0)
     assert DIGITS not in logs.text
     assert BSUID not in logs.text
 
 
 async def test_suppression_refuses_their_next_message_and_conversion(
-    make_client: ClientFactory, config: dict[str, Any], db_path: Path
+    make_client: ClientFactory, config: dict[str, Any]
 ) -> None:
     config["privacy"] = {"suppression_key_env": "CTWA_SUPPRESSION_KEY"}
     client = await make_client(
@@ -234,13 +224,13 @@ async def test_suppression_refuses_their_next_message_and_conversion(
         headers=AUTH,
     )
     assert (await resp.json())["erased"]["conversations"] == 1
-    stored = query(db_path, "SELECT kind, digest FROM suppressions")
+    stored = await db_rows(client, "SELECT kind, digest FROM suppressions")
     assert stored
     assert all(len(d) == 64 for _, d in stored)
     assert hashlib.sha256(f"bsuid:{BSUID}".encode()).hexdigest() not in {d for _, d in stored}
     # They message again after another ad: nothing is captured.
     await capture_person(client, other=False)
-    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM conversations") == [(0,)]
     # A conversion naming them is refused with the reason.
     resp = await client.post(
         URL,
@@ -273,6 +263,7 @@ async def test_erasure_mistakes_are_400s_naming_the_field(client: Client) -> Non
     assert (resp.status, (await resp.json())["code"]) == (422, "suppression_not_configured")
 
 
+@pytest.mark.sqlite_only("backs up and restores the SQLite file")
 async def test_a_backup_taken_under_load_restores_every_acknowledged_event(
     make_client: ClientFactory, config: dict[str, Any], db_path: Path, tmp_path: Path
 ) -> None:
@@ -296,7 +287,8 @@ async def test_a_backup_taken_under_load_restores_every_acknowledged_event(
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
     restore(copy, db_path)
-    restored = {row[0] for row in query(db_path, "SELECT event_id FROM events")}
+    with sqlite3.connect(db_path) as conn:
+        restored = {row[0] for row in conn.execute("SELECT event_id FROM events")}
     assert set(before) <= restored
     assert restored <= set(acknowledged)
 
@@ -324,33 +316,44 @@ def test_restore_refuses_a_damaged_copy_and_a_running_gateway(
         serving.release()
 
 
-def test_cli_erase_backup_restore_and_stats(
-    config: dict[str, Any], db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+async def seed_person(config: dict[str, Any]) -> None:
+    """Store a conversation of the person, in the store ``config`` names (no app running)."""
+    store = await open_store(parse_settings(config), ENV)
+    try:
+        await add_conversation(store, wa_id=DIGITS)
+    finally:
+        await store.close()
+
+
+def test_cli_erase(
+    config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config_file = tmp_path / "gateway.toml"
     config_file.write_text(tomli_w.dumps(config))
     args = ["--config", str(config_file)]
+    asyncio.run(seed_person(config))
+    assert main(["erase", *args, "--account", "acme", "--phone", PHONE], environ=ENV) == 0
+    erased = json.loads(capsys.readouterr().out)
+    assert erased["erased"]["conversations"] == 1
+    assert DIGITS not in json.dumps(erased)
+    assert main(["erase", *args, "--account", "acme", "--phone", "nope"], environ=ENV) == 2
 
-    async def seed() -> None:
-        store = await SqliteStore.open(db_path)
-        try:
-            await add_conversation(store, wa_id=DIGITS)
-        finally:
-            await store.close()
 
-    asyncio.run(seed())
+@pytest.mark.sqlite_only("stats --store, backup and restore are commands of the SQLite file")
+def test_cli_backup_restore_and_stats(
+    config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(tomli_w.dumps(config))
+    args = ["--config", str(config_file)]
+    asyncio.run(seed_person(config))
     assert main(["stats", "--store", "--json", *args], environ=ENV) == 0
     tables = {
         json.loads(line)["table"]: json.loads(line) for line in capsys.readouterr().out.splitlines()
     }
     assert tables["conversations"]["rows"] == 1
     assert tables["conversations"]["oldestDays"] == 0
-    assert main(["erase", *args, "--account", "acme", "--phone", PHONE], environ=ENV) == 0
-    erased = json.loads(capsys.readouterr().out)
-    assert erased["erased"]["conversations"] == 1
-    assert DIGITS not in json.dumps(erased)
     copy = tmp_path / "copy.sqlite3"
     assert main(["backup", *args, str(copy)], environ=ENV) == 0
     assert main(["restore", *args, str(copy)], environ=ENV) == 0
     assert "restored" in capsys.readouterr().out
-    assert main(["erase", *args, "--account", "acme", "--phone", "nope"], environ=ENV) == 2

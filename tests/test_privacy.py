@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,12 @@ from tests.conftest import (
     LogCapture,
     add_conversation,
     base_config,
+    db_rows,
     event_detail,
     store_of,
 )
 from tests.payloads import encode, message, messages_change, notification, referral, signed
+from tests.store_sql import stored_bytes, table_columns
 
 # Run on SQLite and on PostgreSQL (tests/conftest.py).
 BOTH_ENGINES = True
@@ -72,9 +73,7 @@ def assert_clean(text: str) -> None:
         assert sentinel not in text, f"{sentinel!r} leaked"
 
 
-async def test_http_logs_and_database_carry_no_pii(
-    client: Client, logs: LogCapture, db_path: Path
-) -> None:
+async def test_http_logs_and_database_carry_no_pii(client: Client, logs: LogCapture) -> None:
     # Captured through the webhook, with a sentinel profile name; and once with a bad signature.
     msg = message(PHONE_DIGITS, "wamid.P1", ref=referral("privacy-click"))
     by_bsuid = message(None, "wamid.P2", bsuid=BSUID)
@@ -129,25 +128,23 @@ async def test_http_logs_and_database_carry_no_pii(
     assert logs.events("dry_run_payload")
     assert_clean(logs.text)
 
-    await client.close()  # flush and close the store before reading the file
-    stored = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    # Everything the store holds: on SQLite its files (database, WAL, shm), committed writes
+    # included; on PostgreSQL every value of every table.
+    stored = await stored_bytes(client)
     assert EMAIL.lower().encode() not in stored
     assert EXTERNAL.encode() not in stored
     assert EXTERNAL.lower().encode() not in stored
     # The profile name is only in the archive of raw notifications (kept for
     # [webhook] archive_retention_days, so nothing Meta sent is lost): no table derived from it.
-    with sqlite3.connect(db_path) as conn:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        assert "webhook_notifications" in tables
-        for table in tables:
-            columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
-            for column in columns:
-                if (table, column) == ("webhook_notifications", "body"):
-                    continue
-                values = conn.execute(f"SELECT {column} FROM {table}").fetchall()  # noqa: S608
-                assert all(NAME not in str(v[0]) for v in values), (table, column)
-        (archived,) = conn.execute("SELECT body FROM webhook_notifications").fetchone()
-        assert archived == body
+    tables = await table_columns(client)
+    assert "webhook_notifications" in tables
+    for table, columns in tables.items():
+        for column in columns:
+            if (table, column) == ("webhook_notifications", "body"):
+                continue
+            values = await db_rows(client, f'SELECT "{column}" FROM "{table}"')  # noqa: S608
+            assert all(NAME not in str(v[0]) for v in values), (table, column)
+    assert await db_rows(client, "SELECT body FROM webhook_notifications") == [(body,)]
 
 
 def test_cli_output_and_logs_carry_no_pii(

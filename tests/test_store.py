@@ -1,4 +1,5 @@
-"""The store: group commit, durability, duplicates and migrations on a real SQLite file."""
+"""The store: group commit, durability, duplicates and migrations, on a real SQLite file and on
+a PostgreSQL database."""
 
 from __future__ import annotations
 
@@ -7,28 +8,43 @@ import json
 import sqlite3
 import stat
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import msgspec
 import pytest
 
+from gateway.config import parse_settings
 from gateway.domain import Resolution, SinkState, StoredEvent
 from gateway.store.database import SqliteStore, Store, StoreMissing
+from gateway.store.engines import open_store
 from gateway.store.schema import MIGRATIONS
 from gateway.wire import ConversionRequest, sha256_fingerprint
 from tests.conftest import (
     AUTH,
     CLID,
+    ENV,
     ClientFactory,
     LogCapture,
     add_conversation,
+    db_rows,
     event_detail,
     store_of,
 )
+from tests.store_sql import db_execute
 
 # Run on SQLite and on PostgreSQL (tests/conftest.py).
 BOTH_ENGINES = True
+
+
+@pytest.fixture
+async def store(config: dict[str, Any]) -> AsyncIterator[Store]:
+    """A store of its own, without an app: the SQLite file, or a fresh PostgreSQL database."""
+    opened = await open_store(parse_settings(config), ENV)
+    yield opened
+    await opened.close()
 
 
 def new_event(event_id: str, account_id: str = "acme", status: str = "dry_run") -> StoredEvent:
@@ -81,7 +97,7 @@ async def test_duplicate_in_one_batch_returns_the_first(store: Store) -> None:
     assert a[0].pk == b[0].pk
 
 
-async def test_a_failing_write_does_not_fail_its_batch(store: Store) -> None:
+async def test_a_failing_write_does_not_fail_its_batch(store: Store, engine: str) -> None:
     # A sink state the schema refuses (NOT NULL status) makes only this write fail.
     broken = SinkState(status=None)  # type: ignore[arg-type]
     bad = msgspec.structs.replace(new_event("bad"), deliveries={"log": broken})
@@ -91,7 +107,8 @@ async def test_a_failing_write_does_not_fail_its_batch(store: Store) -> None:
         store.insert_event(new_event("ok2")),
         return_exceptions=True,
     )
-    assert isinstance(results[1], sqlite3.IntegrityError)
+    refused = sqlite3.IntegrityError if engine == "sqlite" else asyncpg.NotNullViolationError
+    assert isinstance(results[1], refused)
     assert not isinstance(results[0], BaseException)
     assert not isinstance(results[2], BaseException)
     assert await store.find_event("acme", "ok1") is not None
@@ -132,8 +149,8 @@ async def test_phone_lookup_prefers_clicks_then_recency(store: Store) -> None:
     assert await store.conversations_for_phones("other", ["16505551234"]) == []
 
 
-async def test_writes_after_close_are_refused(db_path: Path) -> None:
-    store = await SqliteStore.open(db_path)
+async def test_writes_after_close_are_refused(config: dict[str, Any]) -> None:
+    store = await open_store(parse_settings(config), ENV)
     await store.close()
     with pytest.raises(RuntimeError, match="not running"):
         await store.insert_event(new_event("late"))
@@ -200,7 +217,7 @@ async def test_a_store_that_must_exist_is_never_created(tmp_path: Path) -> None:
 
 
 async def test_events_stored_by_earlier_versions_read_and_compare_as_written(
-    make_client: ClientFactory, db_path: Path
+    make_client: ClientFactory,
 ) -> None:
     """Rows written before the compact format (the whole Meta event, its copy in the sink's
     payload, SHA-256 request digests, the resolution as an object) read back unchanged, and
@@ -228,25 +245,28 @@ async def test_events_stored_by_earlier_versions_read_and_compare_as_written(
     payload = {"data": [event], "partner_agent": "ctwa-gateway"}
     resolution = {"resolver": "conversation_id", "field": "conversationId"}
     fingerprint = sha256_fingerprint(msgspec.json.decode(json.dumps(body), type=ConversionRequest))
-    with sqlite3.connect(db_path) as conn:  # as version 0.6 wrote them
-        pk = conn.execute(
-            "INSERT INTO events (account_id, event_id, event_name, conversation_id, event_time,"
-            " status, event, received_at, duration_ms, insert_token, resolution, request_fields)"
-            " VALUES ('acme', 'OLD-1', 'Purchase', ?, ?, 'dry_run', ?, ?, 1.0, 'tok', ?, ?)",
-            (
-                conversation.id,
-                now,
-                json.dumps(event).encode(),
-                now,
-                json.dumps(resolution).encode(),
-                json.dumps(fingerprint).encode(),
-            ),
-        ).lastrowid
-        conn.execute(
-            "INSERT INTO deliveries (event_pk, sink, status, attempts, payload, events_received,"
-            " updated_at) VALUES (?, 'log', 'dry_run', 0, ?, 0, ?)",
-            (pk, json.dumps(payload).encode(), now),
-        )
+    # As version 0.6 wrote them.
+    await db_execute(
+        client,
+        "INSERT INTO events (account_id, event_id, event_name, conversation_id, event_time,"
+        " status, event, received_at, duration_ms, insert_token, resolution, request_fields)"
+        " VALUES ('acme', 'OLD-1', 'Purchase', ?, ?, 'dry_run', ?, ?, 1.0, 'tok', ?, ?)",
+        conversation.id,
+        now,
+        json.dumps(event).encode(),
+        float(now),
+        json.dumps(resolution).encode(),
+        json.dumps(fingerprint).encode(),
+    )
+    ((pk,),) = await db_rows(client, "SELECT pk FROM events WHERE event_id = 'OLD-1'")
+    await db_execute(
+        client,
+        "INSERT INTO deliveries (event_pk, sink, status, attempts, payload, events_received,"
+        " updated_at) VALUES (?, 'log', 'dry_run', 0, ?, 0, ?)",
+        pk,
+        json.dumps(payload).encode(),
+        float(now),
+    )
 
     detail = await event_detail(client, "OLD-1")
     assert detail["event"] == event

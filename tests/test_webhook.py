@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +16,7 @@ from tests.conftest import (
     WABA_ID,
     ClientFactory,
     LogCapture,
+    db_rows,
     store_of,
 )
 from tests.payloads import (
@@ -39,11 +38,6 @@ Client = TestClient[web.Request, web.Application]
 URL = "/webhooks/whatsapp"
 FIXTURE_WAMID = "wamid.HBgLMTY1MDM4Nzk0MzkVAgASGBQzQUQ0N0VFMDA2MTQ0RkJFNkNDNAA="
 DAY = 86400
-
-
-def rows(db: Path, sql: str) -> list[Any]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql).fetchall()
 
 
 # -- handshake ------------------------------------------------------------------------------
@@ -89,7 +83,7 @@ async def test_handshake_without_a_configured_token_is_403(
 # -- signatures -----------------------------------------------------------------------------
 
 
-async def test_metas_documented_ctwa_message_is_captured(client: Client, db_path: Path) -> None:
+async def test_metas_documented_ctwa_message_is_captured(client: Client) -> None:
     answer = await post_signed(client, fixture("webhook_ctwa_text_message.json"))
 
     assert answer["messages"] == 1
@@ -120,14 +114,14 @@ async def test_metas_documented_ctwa_message_is_captured(client: Client, db_path
     ids=["missing", "wrong", "other scheme", "garbage"],
 )
 async def test_bad_signatures_are_401_and_store_nothing(
-    client: Client, db_path: Path, headers: dict[str, str], logs: LogCapture
+    client: Client, headers: dict[str, str], logs: LogCapture
 ) -> None:
     body = fixture("webhook_ctwa_text_message.json")
     resp = await client.post(URL, data=body, headers=headers)
     answer = await resp.json()
     assert resp.status == 401
     assert answer["code"] == "invalid_signature"
-    assert rows(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM conversations") == [(0,)]
     assert logs.events("webhook_signature_rejected")
 
 
@@ -178,13 +172,11 @@ def _webhook_env() -> dict[str, str]:
 # -- what is captured -------------------------------------------------------------------------
 
 
-async def test_status_notifications_are_acknowledged_and_ignored(
-    client: Client, db_path: Path
-) -> None:
+async def test_status_notifications_are_acknowledged_and_ignored(client: Client) -> None:
     answer = await post_signed(client, fixture("webhook_status_failed.json"))
     assert answer["statuses"] == 1
     assert answer["messages"] == 0
-    assert rows(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM conversations") == [(0,)]
 
 
 async def test_video_ad_referral(client: Client) -> None:
@@ -278,14 +270,14 @@ async def test_a_new_click_after_the_window_starts_a_new_conversation(client: Cl
     assert (newest.ctwa_clid, oldest.ctwa_clid) == ("new-click", "old-click")
 
 
-async def test_the_same_message_twice_changes_nothing(client: Client, db_path: Path) -> None:
+async def test_the_same_message_twice_changes_nothing(client: Client) -> None:
     body = fixture("webhook_ctwa_text_message.json")
     await post_signed(client, body)
-    before = rows(db_path, "SELECT * FROM conversations")
+    before = await db_rows(client, "SELECT * FROM conversations")
     answer = await post_signed(client, body)
     assert answer["duplicates"] == 1
     assert answer["messages"] == 0
-    assert rows(db_path, "SELECT * FROM conversations") == before
+    assert await db_rows(client, "SELECT * FROM conversations") == before
 
 
 async def test_duplicates_inside_one_batch_count_once(client: Client) -> None:
@@ -295,7 +287,7 @@ async def test_duplicates_inside_one_batch_count_once(client: Client) -> None:
 
 
 async def test_unknown_numbers_are_acknowledged_counted_and_logged(
-    client: Client, db_path: Path, logs: LogCapture
+    client: Client, logs: LogCapture
 ) -> None:
     payload = notification(
         messages_change([message("16505550008", "wamid.X1")], phone_number_id="999999999999"),
@@ -303,7 +295,7 @@ async def test_unknown_numbers_are_acknowledged_counted_and_logged(
     )
     answer = await post_signed(client, payload)
     assert answer["unknownNumbers"] == 1
-    assert rows(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM conversations") == [(0,)]
     (line,) = logs.events("webhook_unknown_numbers")
     assert line["ids"] == ["999999999999"]
 
@@ -315,7 +307,7 @@ async def test_the_waba_id_maps_when_metadata_is_missing(client: Client) -> None
     assert answer["clicksCaptured"] == 1
 
 
-async def test_automatic_event_recovers_a_missing_click(client: Client, db_path: Path) -> None:
+async def test_automatic_event_recovers_a_missing_click(client: Client) -> None:
     await post_signed(client, notification(messages_change([message("16505550010", "wamid.AE1")])))
     event = {
         "id": "wamid.AE1",
@@ -332,8 +324,8 @@ async def test_automatic_event_recovers_a_missing_click(client: Client, db_path:
     # Kept for the history, once.
     again = await post_signed(client, notification(automatic_change([event])))
     assert again["automaticEvents"] == 0
-    assert rows(
-        db_path, "SELECT event_name, conversation_id IS NOT NULL FROM automatic_events"
+    assert await db_rows(
+        client, "SELECT event_name, conversation_id IS NOT NULL FROM automatic_events"
     ) == [("Purchase", 1)]
 
 
@@ -380,7 +372,7 @@ async def test_automatic_event_never_overwrites_a_captured_click(client: Client)
     ids=["timestamp", "from", "messages not a list", "no id"],
 )
 async def test_a_malformed_part_is_listed_and_the_rest_captured(
-    client: Client, db_path: Path, mutate: Any, where: str, code: str
+    client: Client, mutate: Any, where: str, code: str
 ) -> None:
     good = messages_change([message("16505550011", "wamid.M1", ref=referral("m"))])
     bad = messages_change([message("16505550012", "wamid.M2")])
@@ -393,8 +385,10 @@ async def test_a_malformed_part_is_listed_and_the_rest_captured(
     assert (problem["path"], problem["code"]) == (where, code)
     assert where in problem["reason"]
     assert answer["archiveStatus"] == "partial"
-    assert rows(db_path, "SELECT wa_id, ctwa_clid FROM conversations") == [("16505550011", "m")]
-    assert rows(db_path, "SELECT path, code FROM webhook_problems") == [(where, code)]
+    assert await db_rows(client, "SELECT wa_id, ctwa_clid FROM conversations") == [
+        ("16505550011", "m")
+    ]
+    assert await db_rows(client, "SELECT path, code FROM webhook_problems") == [(where, code)]
 
 
 @pytest.mark.parametrize(
@@ -409,16 +403,18 @@ async def test_a_malformed_part_is_listed_and_the_rest_captured(
     ids=["not json", "array", "null", "no object", "other object"],
 )
 async def test_signed_bodies_that_are_not_notifications_are_kept_and_explained(
-    client: Client, db_path: Path, body: bytes, reason: str
+    client: Client, body: bytes, reason: str
 ) -> None:
     answer = await post_signed(client, body)
     (problem,) = answer["problems"]
     assert problem["path"] == "$"
     assert reason in problem["reason"]
-    assert rows(db_path, "SELECT body, status FROM webhook_notifications") == [(body, "partial")]
+    assert await db_rows(client, "SELECT body, status FROM webhook_notifications") == [
+        (body, "partial")
+    ]
 
 
-async def test_a_thousand_messages_commit_in_one_transaction(client: Client, db_path: Path) -> None:
+async def test_a_thousand_messages_commit_in_one_transaction(client: Client) -> None:
     msgs = [
         message(f"1650{i:07d}", f"wamid.K{i}", ref=referral(f"clid-{i}") if i % 2 else None)
         for i in range(1000)
@@ -434,7 +430,7 @@ async def test_a_thousand_messages_commit_in_one_transaction(client: Client, db_
         500,
     )
     assert store.writer.batches == batches_before + 1
-    assert rows(db_path, "SELECT COUNT(*) FROM webhook_messages") == [(1000,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM webhook_messages") == [(1000,)]
     # Generous bound: it is a correctness test, the figure lives in bench/webhook.py.
     assert elapsed < 10
 

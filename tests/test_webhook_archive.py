@@ -21,7 +21,15 @@ from gateway.errors import ConfigError
 from gateway.store.archive import NewNotification
 from gateway.store.database import SqliteStore
 from gateway.store.schema import MIGRATIONS
-from tests.conftest import AUTH, ENV, ClientFactory, LogCapture, base_config, store_of
+from tests.conftest import (
+    AUTH,
+    ENV,
+    ClientFactory,
+    LogCapture,
+    base_config,
+    db_rows,
+    store_of,
+)
 from tests.payloads import (
     automatic_change,
     encode,
@@ -32,6 +40,7 @@ from tests.payloads import (
     referral,
     signed,
 )
+from tests.store_sql import add_fault, db_execute, drop_fault, store_rows
 
 # Run on SQLite and on PostgreSQL (tests/conftest.py).
 BOTH_ENGINES = True
@@ -39,11 +48,6 @@ BOTH_ENGINES = True
 Client = TestClient[web.Request, web.Application]
 URL = "/webhooks/whatsapp"
 UNKNOWN_NUMBER = "777000000000001"
-
-
-def query(db: Path, sql: str) -> list[Any]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql).fetchall()
 
 
 async def cli(*args: str) -> tuple[int, str]:
@@ -58,17 +62,17 @@ async def cli(*args: str) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
-async def test_a_signed_notification_is_archived_as_received(client: Client, db_path: Path) -> None:
+async def test_a_signed_notification_is_archived_as_received(client: Client) -> None:
     body = encode(notification(messages_change([message("16505550400", "wamid.A")])))
     answer = await post_signed(client, body, **{"X-Request-Id": "meta-delivery-0001"})
     assert answer["archiveStatus"] == "processed"
-    assert query(db_path, "SELECT pk, body, request_id, status FROM webhook_notifications") == [
-        (answer["notificationId"], body, "meta-delivery-0001", "processed")
-    ]
+    assert await db_rows(
+        client, "SELECT pk, body, request_id, status FROM webhook_notifications"
+    ) == [(answer["notificationId"], body, "meta-delivery-0001", "processed")]
 
 
 async def test_the_archive_is_off_only_on_purpose_and_says_so(
-    make_client: ClientFactory, db_path: Path, logs: LogCapture
+    make_client: ClientFactory, logs: LogCapture
 ) -> None:
     client = await make_client(
         webhook={
@@ -82,10 +86,10 @@ async def test_the_archive_is_off_only_on_purpose_and_says_so(
         client, encode(notification(messages_change([message("1650555", "w")])))
     )
     assert (answer["messages"], answer["notificationId"]) == (1, None)
-    assert query(db_path, "SELECT COUNT(*) FROM webhook_notifications") == [(0,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM webhook_notifications") == [(0,)]
 
 
-async def test_invalid_utf8_inside_a_value(client: Client, db_path: Path) -> None:
+async def test_invalid_utf8_inside_a_value(client: Client) -> None:
     good = message("16505550401", "wamid.U1", ref=referral("kept"), text="PLACEHOLDER_TEXT")
     bad = message(None, "wamid.U2", bsuid="PLACEHOLDER_ID", ref=referral("lost"))
     body = encode(notification(messages_change([good, bad])))
@@ -96,13 +100,11 @@ async def test_invalid_utf8_inside_a_value(client: Client, db_path: Path) -> Non
     (problem,) = answer["problems"]
     assert problem["path"] == "$.entry[0].changes[0].value.messages[1]"
     assert problem["code"] == "invalid_json"
-    assert query(db_path, "SELECT body FROM webhook_notifications") == [(body,)]
+    assert await db_rows(client, "SELECT body FROM webhook_notifications") == [(body,)]
 
 
 @pytest.mark.parametrize("where", ["value", "unknown field", "top level"])
-async def test_100000_nested_brackets_are_listed_not_a_500(
-    client: Client, db_path: Path, where: str
-) -> None:
+async def test_100000_nested_brackets_are_listed_not_a_500(client: Client, where: str) -> None:
     deep = "[" * 100_000 + "]" * 100_000
     good = messages_change([message("16505550402", "wamid.D1", ref=referral("deep-ok"))])
     payload = notification(good, messages_change([message("16505550403", "wamid.D2")]))
@@ -118,7 +120,7 @@ async def test_100000_nested_brackets_are_listed_not_a_500(
     assert (problem["path"], problem["code"]) == ("$", "too_deep")
     # Only the too-deep part is dropped: both messages are captured.
     assert (answer["messages"], answer["clicksCaptured"]) == (2, 1)
-    assert query(db_path, "SELECT body FROM webhook_notifications") == [(body,)]
+    assert await db_rows(client, "SELECT body FROM webhook_notifications") == [(body,)]
 
 
 async def test_millisecond_timestamps_are_read_as_milliseconds(client: Client) -> None:
@@ -139,16 +141,14 @@ async def test_implausible_timestamps_are_listed(client: Client, timestamp: str)
     assert (answer["messages"], answer["problems"][0]["code"]) == (0, "invalid_timestamp")
 
 
-async def test_reads_survive_a_time_stored_by_an_older_version(
-    client: Client, db_path: Path
-) -> None:
+async def test_reads_survive_a_time_stored_by_an_older_version(client: Client) -> None:
     await post_signed(
         client, encode(notification(messages_change([message("16505550406", "w.Y")])))
     )
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            "UPDATE conversations SET last_inbound_at = 1785000000000000, ctwa_clicked_at = 1e300"
-        )
+    await db_execute(
+        client,
+        "UPDATE conversations SET last_inbound_at = 1785000000000000, ctwa_clicked_at = 1e300",
+    )
     resp = await client.get(
         "/v1/whatsapp/conversations", params={"accountId": "acme"}, headers=AUTH
     )
@@ -159,9 +159,7 @@ async def test_reads_survive_a_time_stored_by_an_older_version(
     assert one.status == 200
 
 
-async def test_a_huge_click_id_is_refused_not_stored_nor_echoed(
-    client: Client, db_path: Path
-) -> None:
+async def test_a_huge_click_id_is_refused_not_stored_nor_echoed(client: Client) -> None:
     huge = message("16505550407", "wamid.H", ref=referral("A" * 500_000))
     resp = await client.post(URL, data=(body := encode(notification(messages_change([huge])))),
                              headers=signed(body))  # fmt: skip
@@ -169,7 +167,7 @@ async def test_a_huge_click_id_is_refused_not_stored_nor_echoed(
     assert resp.status == 200
     assert len(raw) < 5000
     assert b"length <= 512" in raw
-    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM conversations") == [(0,)]
 
 
 async def test_messages_past_the_limit_are_listed(client: Client) -> None:
@@ -187,7 +185,7 @@ async def test_metrics_count_unprocessed_parts_and_open_notifications(client: Cl
 
 
 async def test_an_unknown_number_is_captured_once_the_account_exists(
-    client: Client, db_path: Path, tmp_path: Path
+    client: Client, config: dict[str, Any], tmp_path: Path
 ) -> None:
     known = messages_change([message("16505550408", "wamid.K", ref=referral("known"))])
     unknown = messages_change(
@@ -198,10 +196,10 @@ async def test_an_unknown_number_is_captured_once_the_account_exists(
     assert (answer["clicksCaptured"], answer["unknownNumbers"]) == (1, 1)
     await client.close()
 
-    raw = base_config(db_path)
-    config = tmp_path / "gateway.toml"
-    config.write_bytes(tomli_w.dumps(raw).encode())
-    code, out = await cli("webhooks", "list", "--config", str(config))
+    raw = {**config, "accounts": [*config["accounts"]]}
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_bytes(tomli_w.dumps(raw).encode())
+    code, out = await cli("webhooks", "list", "--config", str(config_file))
     assert code == 0
     assert "$.entry[0].changes[1]  [unknown_number]" in out
     assert UNKNOWN_NUMBER in out
@@ -210,34 +208,37 @@ async def test_an_unknown_number_is_captured_once_the_account_exists(
     raw["accounts"].append(
         {"id": "late", "waba_id": "102290129340398", "phone_number_id": UNKNOWN_NUMBER}
     )
-    config.write_bytes(tomli_w.dumps(raw).encode())
-    code, out = await cli("webhooks", "reprocess", "--config", str(config), "--account", "late")
+    config_file.write_bytes(tomli_w.dumps(raw).encode())
+    code, out = await cli(
+        "webhooks", "reprocess", "--config", str(config_file), "--account", "late"
+    )
     assert code == 0, out
     assert "1 now fully processed" in out
     assert "1 messages and 1 click ids captured" in out
-    assert query(db_path, "SELECT account_id, bsuid, ctwa_clid FROM conversations ORDER BY 1") == [
-        ("acme", None, "known"),
-        ("late", "US.42", "late-click"),
-    ]
-    assert query(db_path, "SELECT status, problems FROM webhook_notifications") == [
+    assert await store_rows(
+        raw, "SELECT account_id, bsuid, ctwa_clid FROM conversations ORDER BY 1"
+    ) == [("acme", None, "known"), ("late", "US.42", "late-click")]
+    assert await store_rows(raw, "SELECT status, problems FROM webhook_notifications") == [
         ("processed", 0)
     ]
-    code, out = await cli("webhooks", "reprocess", "--config", str(config))
+    code, out = await cli("webhooks", "reprocess", "--config", str(config_file))
     assert "reprocessed 0 notifications" in out
-    code, out = await cli("webhooks", "list", "--config", str(config))
+    code, out = await cli("webhooks", "list", "--config", str(config_file))
     assert "no archived notification has unprocessed parts" in out
 
 
-async def test_reprocessing_twice_captures_nothing_twice(client: Client, db_path: Path) -> None:
+async def test_reprocessing_twice_captures_nothing_twice(
+    client: Client, config: dict[str, Any]
+) -> None:
     unknown = messages_change([message("16505550409", "wamid.T1", ref=referral("first"))],
                               phone_number_id=UNKNOWN_NUMBER)  # fmt: skip
     answer = await post_signed(client, encode(notification(unknown)))
     pk = answer["notificationId"]
     settings = parse_settings(
         {
-            **base_config(db_path),
+            **config,
             "accounts": [
-                *base_config(db_path)["accounts"],
+                *config["accounts"],
                 {"id": "late", "waba_id": "1", "phone_number_id": UNKNOWN_NUMBER},
             ],
         }
@@ -247,28 +248,29 @@ async def test_reprocessing_twice_captures_nothing_twice(client: Client, db_path
     # after the account was added): the reprocess must not capture it again.
     first = await reprocess(store, settings)
     assert (first.processed, first.messages) == (1, 1)
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE webhook_notifications SET status = 'partial' WHERE pk = ?", (pk,))
-        conn.execute(
-            "INSERT INTO webhook_problems VALUES (?, '$.entry[0].changes[0]', 'unknown_number',"
-            " 'again', NULL, ?)",
-            (pk, UNKNOWN_NUMBER),
-        )
+    await db_execute(client, "UPDATE webhook_notifications SET status = 'partial' WHERE pk = ?", pk)
+    await db_execute(
+        client,
+        "INSERT INTO webhook_problems VALUES (?, '$.entry[0].changes[0]', 'unknown_number',"
+        " 'again', NULL, ?)",
+        pk,
+        UNKNOWN_NUMBER,
+    )
     second = await reprocess(store, settings)
     assert (second.processed, second.messages) == (1, 0)
-    assert query(db_path, "SELECT COUNT(*), MAX(ctwa_clid) FROM conversations") == [(1, "first")]
+    assert await db_rows(client, "SELECT COUNT(*), MAX(ctwa_clid) FROM conversations") == [
+        (1, "first")
+    ]
 
 
 async def test_a_processing_fault_is_archived_pending_and_processed_at_the_next_start(
-    make_client: ClientFactory, db_path: Path, logs: LogCapture
+    make_client: ClientFactory, logs: LogCapture
 ) -> None:
     client = await make_client()
-    # A real SQLite fault in the middle of the capture transaction.
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            "CREATE TRIGGER boom BEFORE INSERT ON webhook_messages WHEN NEW.wamid = 'wamid.boom'"
-            " BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
-        )
+    # A real fault of the store in the middle of the capture transaction.
+    await add_fault(
+        client, "boom", "webhook_messages", "injected fault", when="NEW.wamid = 'wamid.boom'"
+    )
     msgs = [
         message("16505550410", "wamid.ok", ref=referral("c1")),
         message("1650555041", "wamid.boom"),
@@ -277,43 +279,36 @@ async def test_a_processing_fault_is_archived_pending_and_processed_at_the_next_
     assert (answer["archiveStatus"], answer["messages"]) == ("pending", 0)
     assert answer["problems"][0]["code"] == "processing_error"
     assert logs.events("webhook_processing_failed")
-    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    await drop_fault(client, "boom", "webhook_messages")
     await client.close()
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("DROP TRIGGER boom")
 
     restarted = await make_client()
     store = store_of(restarted)
     for _ in range(200):
-        if query(db_path, "SELECT status FROM webhook_notifications") == [("processed",)]:
+        if await db_rows(restarted, "SELECT status FROM webhook_notifications") == [("processed",)]:
             break
         await asyncio.sleep(0.02)
-    assert query(db_path, "SELECT status FROM webhook_notifications") == [("processed",)]
+    assert await db_rows(restarted, "SELECT status FROM webhook_notifications") == [("processed",)]
     assert len(await store.recent_conversations("acme", limit=10)) == 2
-    assert query(db_path, "SELECT COUNT(*) FROM webhook_messages") == [(2,)]
+    assert await db_rows(restarted, "SELECT COUNT(*) FROM webhook_messages") == [(2,)]
 
 
-async def test_when_nothing_can_be_stored_meta_hears_503(client: Client, db_path: Path) -> None:
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            "CREATE TRIGGER full BEFORE INSERT ON webhook_notifications"
-            " BEGIN SELECT RAISE(ABORT, 'disk full'); END"
-        )
+async def test_when_nothing_can_be_stored_meta_hears_503(client: Client) -> None:
+    await add_fault(client, "disk_full", "webhook_notifications", "disk full")
     body = encode(notification(messages_change([message("16505550411", "wamid.F")])))
     resp = await client.post(URL, data=body, headers=signed(body))
     assert resp.status == 503
     assert (await resp.json())["code"] == "store_unavailable"
-    assert query(db_path, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM conversations") == [(0,)]
 
 
-async def test_archived_notifications_are_pruned_with_their_problems(
-    client: Client, db_path: Path
-) -> None:
+async def test_archived_notifications_are_pruned_with_their_problems(client: Client) -> None:
     await post_signed(client, encode(notification(messages_change([message(None, "wamid.P")]))))
     store = store_of(client)
     assert await store.prune_archive(time.time() - 60) == 0
     assert await store.prune_archive(time.time() + 60) == 1
-    assert query(db_path, "SELECT COUNT(*) FROM webhook_problems") == [(0,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM webhook_problems") == [(0,)]
 
 
 def test_the_archive_cannot_outlive_the_message_ids(db_path: Path) -> None:
@@ -345,7 +340,7 @@ async def test_store_migrates_conversations_of_the_previous_schema(tmp_path: Pat
 
 @pytest.mark.parametrize("where", ["message", "automatic event"])
 async def test_a_400_digit_timestamp_is_listed_and_its_siblings_captured(
-    client: Client, db_path: Path, where: str
+    client: Client, where: str
 ) -> None:
     good = message("16505550420", "wamid.G4", ref=referral("sibling"))
     odd: dict[str, Any] = message("16505550421", "wamid.O4")
@@ -362,7 +357,7 @@ async def test_a_400_digit_timestamp_is_listed_and_its_siblings_captured(
     assert [p["code"] for p in answer["problems"]] == ["invalid_timestamp"]
 
 
-async def test_contacts_are_auxiliary_whatever_their_shape(client: Client, db_path: Path) -> None:
+async def test_contacts_are_auxiliary_whatever_their_shape(client: Client) -> None:
     change = messages_change([message(None, "wamid.C5", bsuid="US.C5", ref=referral("c5"))])
     change["value"]["contacts"] = {}
     other = messages_change([message(None, "wamid.C6", bsuid="US.C6", ref=referral("c6"))])
@@ -371,16 +366,16 @@ async def test_contacts_are_auxiliary_whatever_their_shape(client: Client, db_pa
     assert (answer["clicksCaptured"], answer["unprocessed"]) == (2, 0)
 
 
-async def test_two_problems_at_one_path_are_both_kept(client: Client, db_path: Path) -> None:
+async def test_two_problems_at_one_path_are_both_kept(client: Client) -> None:
     body = b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # too deep, and no `object`
     answer = await post_signed(client, body)
     assert sorted(p["code"] for p in answer["problems"]) == ["invalid_shape", "too_deep"]
-    assert query(db_path, "SELECT problems FROM webhook_notifications") == [(2,)]
-    assert query(db_path, "SELECT COUNT(*) FROM webhook_problems") == [(2,)]
+    assert await db_rows(client, "SELECT problems FROM webhook_notifications") == [(2,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM webhook_problems") == [(2,)]
 
 
 async def test_reprocess_for_one_account_leaves_pending_notifications_alone(
-    client: Client, db_path: Path, tmp_path: Path
+    client: Client, config: dict[str, Any], tmp_path: Path
 ) -> None:
     store = store_of(client)
     await store.archive_pending(
@@ -389,18 +384,20 @@ async def test_reprocess_for_one_account_leaves_pending_notifications_alone(
         error="test",
     )  # fmt: skip
     await client.close()
-    config = tmp_path / "gateway.toml"
-    config.write_bytes(tomli_w.dumps(base_config(db_path)).encode())
-    code, out = await cli("webhooks", "reprocess", "--config", str(config), "--account", "acme")
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_bytes(tomli_w.dumps(config).encode())
+    code, out = await cli(
+        "webhooks", "reprocess", "--config", str(config_file), "--account", "acme"
+    )
     assert "reprocessed 0 notifications" in out
-    assert query(db_path, "SELECT status FROM webhook_notifications") == [("pending",)]
-    code, out = await cli("webhooks", "list", "--config", str(config), "--limit", "0")
+    assert await store_rows(config, "SELECT status FROM webhook_notifications") == [("pending",)]
+    code, out = await cli("webhooks", "list", "--config", str(config_file), "--limit", "0")
     assert code == 2
     assert "not a whole number of at least 1" in out
 
 
 async def test_housekeeping_prunes_what_outlived_its_retention(
-    make_client: ClientFactory, config: dict[str, Any], db_path: Path, logs: LogCapture
+    make_client: ClientFactory, config: dict[str, Any], logs: LogCapture
 ) -> None:
     config["store"] = {**config["store"], "housekeeping_interval_s": 0.1}
     client = await make_client(settings=parse_settings(config))
@@ -408,15 +405,16 @@ async def test_housekeeping_prunes_what_outlived_its_retention(
         change = messages_change([message("16505550400", wamid)])
         await post_signed(client, encode(notification(change)))
     # One of them, and its message id, as if received 40 days ago (retention: 30).
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            "UPDATE webhook_notifications SET received_at = received_at - 40 * 86400"
-            " WHERE pk = (SELECT MIN(pk) FROM webhook_notifications)"
-        )
-        conn.execute(
-            "UPDATE webhook_messages SET received_at = received_at - 40 * 86400"
-            " WHERE wamid = 'wamid.O'"
-        )
+    await db_execute(
+        client,
+        "UPDATE webhook_notifications SET received_at = received_at - 40 * 86400"
+        " WHERE pk = (SELECT MIN(pk) FROM webhook_notifications)",
+    )
+    await db_execute(
+        client,
+        "UPDATE webhook_messages SET received_at = received_at - 40 * 86400"
+        " WHERE wamid = 'wamid.O'",
+    )
     pruned = [0, 0]
     for _ in range(50):
         # A run may straddle the update: count over every run.
@@ -426,5 +424,5 @@ async def test_housekeeping_prunes_what_outlived_its_retention(
             break
         await asyncio.sleep(0.05)
     assert pruned == [1, 1]
-    assert query(db_path, "SELECT wamid FROM webhook_messages") == [("wamid.N",)]
-    assert query(db_path, "SELECT COUNT(*) FROM webhook_notifications") == [(1,)]
+    assert await db_rows(client, "SELECT wamid FROM webhook_messages") == [("wamid.N",)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM webhook_notifications") == [(1,)]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import AUTH, CLID, store_of
+from tests.conftest import AUTH, CLID, db_rows, store_of
 from tests.payloads import (
     BSUID_CLID,
     SHEENA,
@@ -42,12 +40,13 @@ async def listed(client: Client, **params: str) -> list[dict[str, Any]]:
     return conversations
 
 
-def live(db: Path) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute(
-            "SELECT wa_id, bsuid, ctwa_clid FROM conversations WHERE superseded_by IS NULL"
-            " ORDER BY created_at, rowid"
-        ).fetchall()
+async def live(client: Client) -> list[tuple[Any, ...]]:
+    """Return the live conversations' phone, BSUID and click id, oldest first."""
+    return await db_rows(
+        client,
+        "SELECT wa_id, bsuid, ctwa_clid FROM conversations WHERE superseded_by IS NULL"
+        " ORDER BY created_at, id",
+    )
 
 
 def one(payload: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +65,7 @@ async def test_a_bsuid_only_message_with_a_click_is_captured(client: Client) -> 
     assert await listed(client, businessScopedUserId="US.1") == []
 
 
-async def test_the_phone_fills_in_when_meta_shares_it(client: Client, db_path: Path) -> None:
+async def test_the_phone_fills_in_when_meta_shares_it(client: Client) -> None:
     await post_signed(client, fixture("webhook_bsuid_username_referral.json"))
     answer = await post_signed(client, fixture("webhook_bsuid_with_phone.json"))
     assert (answer["messages"], answer["conversationsCreated"]) == (1, 0)
@@ -81,15 +80,15 @@ async def test_the_phone_fills_in_when_meta_shares_it(client: Client, db_path: P
     assert await listed(client, businessScopedUserId=SHEENA_PARENT) == [conversation]
 
 
-async def test_the_bsuid_fills_in_a_phone_conversation(client: Client, db_path: Path) -> None:
+async def test_the_bsuid_fills_in_a_phone_conversation(client: Client) -> None:
     await post_signed(client, fixture("webhook_ctwa_text_message.json"))  # phone only, with a click
     answer = await post_signed(client, fixture("webhook_bsuid_with_phone.json"))
     assert answer["conversationsCreated"] == 0
-    assert live(db_path) == [("16505551234", SHEENA, CLID)]
+    assert await live(client) == [("16505551234", SHEENA, CLID)]
 
 
 async def test_a_bsuid_and_a_phone_of_two_conversations_merge_into_the_clicked_one(
-    client: Client, db_path: Path
+    client: Client,
 ) -> None:
     now = time.time()
     # The person wrote from a phone first (no ad), then, with a username, from an ad.
@@ -97,12 +96,12 @@ async def test_a_bsuid_and_a_phone_of_two_conversations_merge_into_the_clicked_o
     await post_signed(
         client, one(message(None, "wamid.B1", ts=now - 300, bsuid="BR.1", ref=referral("clk")))
     )
-    assert len(live(db_path)) == 2
+    assert len(await live(client)) == 2
     answer = await post_signed(
         client, one(message("16505550300", "wamid.PB", ts=now, bsuid="BR.1"))
     )
     assert (answer["conversationsMerged"], answer["conversationsCreated"]) == (1, 0)
-    assert live(db_path) == [("16505550300", "BR.1", "clk")]
+    assert await live(client) == [("16505550300", "BR.1", "clk")]
     (survivor,) = await listed(client, businessScopedUserId="BR.1", phoneE164="16505550300")
     everything = await listed(client)
     (merged,) = [c for c in everything if c["id"] != survivor["id"]]
@@ -111,9 +110,7 @@ async def test_a_bsuid_and_a_phone_of_two_conversations_merge_into_the_clicked_o
     assert survivor["lastInboundAt"] > merged["lastInboundAt"]
 
 
-async def test_when_both_have_clicks_the_later_click_survives(
-    client: Client, db_path: Path
-) -> None:
+async def test_when_both_have_clicks_the_later_click_survives(client: Client) -> None:
     now = time.time()
     await post_signed(
         client, one(message("16505550301", "wamid.E1", ts=now - 900, ref=referral("old")))
@@ -122,12 +119,10 @@ async def test_when_both_have_clicks_the_later_click_survives(
         client, one(message(None, "wamid.E2", ts=now - 300, bsuid="MX.2", ref=referral("new")))
     )
     await post_signed(client, one(message("16505550301", "wamid.E3", ts=now, bsuid="MX.2")))
-    assert live(db_path) == [("16505550301", "MX.2", "new")]
+    assert await live(client) == [("16505550301", "MX.2", "new")]
 
 
-async def test_when_neither_has_a_click_the_bsuids_conversation_survives(
-    client: Client, db_path: Path
-) -> None:
+async def test_when_neither_has_a_click_the_bsuids_conversation_survives(client: Client) -> None:
     now = time.time()
     await post_signed(client, one(message("16505550302", "wamid.N1", ts=now - 900)))
     await post_signed(client, one(message(None, "wamid.N2", ts=now - 300, bsuid="AR.3")))
@@ -138,9 +133,7 @@ async def test_when_neither_has_a_click_the_bsuids_conversation_survives(
     assert survivor["phoneE164"] == "16505550302"
 
 
-async def test_a_recycled_number_starts_a_conversation_of_its_own(
-    client: Client, db_path: Path
-) -> None:
+async def test_a_recycled_number_starts_a_conversation_of_its_own(client: Client) -> None:
     now = time.time()
     await post_signed(
         client,
@@ -150,21 +143,19 @@ async def test_a_recycled_number_starts_a_conversation_of_its_own(
         client, one(message("16505550303", "wamid.R2", ts=now, bsuid="US.NEW"))
     )
     assert answer["conversationsCreated"] == 1
-    assert live(db_path) == [("16505550303", "US.NEW", None)]
+    assert await live(client) == [("16505550303", "US.NEW", None)]
     (old,) = await listed(client, businessScopedUserId="US.OLD")
     assert old["metadata"]["ctwa_clid"] == "a"
     assert old["supersededBy"] is not None
 
 
-async def test_user_changed_number_rekeys_and_keeps_the_click(
-    client: Client, db_path: Path
-) -> None:
+async def test_user_changed_number_rekeys_and_keeps_the_click(client: Client) -> None:
     await post_signed(client, fixture("webhook_bsuid_username_referral.json"))
     await post_signed(client, fixture("webhook_bsuid_with_phone.json"))
     answer = await post_signed(client, fixture("webhook_system_user_changed_number.json"))
     assert (answer["identityChanges"], answer["conversationsCreated"]) == (1, 0)
     # A new number comes with a new BSUID (META.md §3b): keyed by the phone until it arrives.
-    assert live(db_path) == [("16505559876", None, BSUID_CLID)]
+    assert await live(client) == [("16505559876", None, BSUID_CLID)]
     (conversation,) = await listed(client)
     # The old number and the old BSUID still find it (a CRM may hold them), the new one too.
     assert await listed(client, phoneE164="16505551234") == [conversation]
@@ -174,22 +165,22 @@ async def test_user_changed_number_rekeys_and_keeps_the_click(
     # The next message, from the new number with its new BSUID, is the same person.
     later = await post_signed(client, one(message("16505559876", "wamid.after", bsuid="US.7")))
     assert (later["conversationsCreated"], later["conversationsMerged"]) == (0, 0)
-    assert live(db_path) == [("16505559876", "US.7", BSUID_CLID)]
+    assert await live(client) == [("16505559876", "US.7", BSUID_CLID)]
 
 
-async def test_user_changed_number_before_any_other_message(client: Client, db_path: Path) -> None:
+async def test_user_changed_number_before_any_other_message(client: Client) -> None:
     answer = await post_signed(client, fixture("webhook_system_user_changed_number.json"))
     assert (answer["identityChanges"], answer["conversationsCreated"]) == (1, 1)
-    assert live(db_path) == [("16505559876", SHEENA, None)]
+    assert await live(client) == [("16505559876", SHEENA, None)]
     again = await post_signed(
         client, one(message(None, "wamid.first-real", bsuid=SHEENA, ref=referral("x")))
     )
     assert (again["conversationsCreated"], again["clicksCaptured"]) == (0, 1)
-    assert live(db_path) == [("16505559876", SHEENA, "x")]
+    assert await live(client) == [("16505559876", SHEENA, "x")]
 
 
 async def test_a_number_change_announced_late_merges_into_the_clicked_conversation(
-    client: Client, db_path: Path
+    client: Client,
 ) -> None:
     now = time.time()
     old = message("16505550310", "wamid.O", ts=now - 600, bsuid="US.A", ref=referral("kept"))
@@ -202,18 +193,16 @@ async def test_a_number_change_announced_late_merges_into_the_clicked_conversati
     )  # fmt: skip
     answer = await post_signed(client, one(change))
     assert (answer["identityChanges"], answer["conversationsMerged"]) == (1, 1)
-    assert live(db_path) == [("16505550311", "US.A2", "kept")]
+    assert await live(client) == [("16505550311", "US.A2", "kept")]
     (by_old_phone,) = await listed(client, phoneE164="16505550310")
     assert by_old_phone["phoneE164"] == "16505550311"
 
 
-async def test_user_changed_user_id_rekeys_and_keeps_the_click(
-    client: Client, db_path: Path
-) -> None:
+async def test_user_changed_user_id_rekeys_and_keeps_the_click(client: Client) -> None:
     await post_signed(client, fixture("webhook_bsuid_username_referral.json"))
     answer = await post_signed(client, fixture("webhook_system_user_changed_user_id.json"))
     assert (answer["identityChanges"], answer["conversationsCreated"]) == (1, 0)
-    assert live(db_path) == [(None, SHEENA_NEW, BSUID_CLID)]
+    assert await live(client) == [(None, SHEENA_NEW, BSUID_CLID)]
     (conversation,) = await listed(client, businessScopedUserId=SHEENA_NEW)
     assert await listed(client, businessScopedUserId=SHEENA) == [conversation]  # the old id
     later = await post_signed(client, one(message(None, "wamid.new-id", bsuid=SHEENA_NEW)))
@@ -224,20 +213,18 @@ async def test_user_changed_user_id_rekeys_and_keeps_the_click(
     assert found.ctwa_clid == BSUID_CLID
 
 
-async def test_user_changed_user_id_before_any_other_message(client: Client, db_path: Path) -> None:
+async def test_user_changed_user_id_before_any_other_message(client: Client) -> None:
     answer = await post_signed(client, fixture("webhook_system_user_changed_user_id.json"))
     assert answer["conversationsCreated"] == 1
-    assert live(db_path) == [(None, SHEENA_NEW, None)]
+    assert await live(client) == [(None, SHEENA_NEW, None)]
     # The user's next message, from the new BSUID, joins the conversation it started.
     await post_signed(
         client, one(message(None, "wamid.late-old", bsuid=SHEENA_NEW, ref=referral("y")))
     )
-    assert live(db_path) == [(None, SHEENA_NEW, "y")]
+    assert await live(client) == [(None, SHEENA_NEW, "y")]
 
 
-async def test_a_message_with_neither_phone_nor_bsuid_is_listed_not_refused(
-    client: Client, db_path: Path
-) -> None:
+async def test_a_message_with_neither_phone_nor_bsuid_is_listed_not_refused(client: Client) -> None:
     good = message(None, "wamid.G", bsuid="IN.5", ref=referral("good"))
     nobody = message(None, "wamid.X")
     answer = await post_signed(client, notification(messages_change([nobody, good])))
@@ -262,14 +249,14 @@ async def test_statuses_with_only_bsuids_are_acknowledged(client: Client) -> Non
 
 
 async def test_an_automatic_event_recovers_the_click_of_a_bsuid_conversation(
-    client: Client, db_path: Path
+    client: Client,
 ) -> None:
     await post_signed(client, one(message(None, "wamid.AEB", bsuid="CO.6")))
     event = {"id": "wamid.AEB", "event_name": "LeadSubmitted", "timestamp": int(time.time()),
              "ctwa_clid": "recovered"}  # fmt: skip
     answer = await post_signed(client, notification(automatic_change([event])))
     assert answer["clicksRecovered"] == 1
-    assert live(db_path) == [(None, "CO.6", "recovered")]
+    assert await live(client) == [(None, "CO.6", "recovered")]
 
 
 async def test_a_new_click_after_the_window_leaves_the_old_conversation_alone(
@@ -289,7 +276,7 @@ async def test_a_new_click_after_the_window_leaves_the_old_conversation_alone(
     assert (newest["metadata"]["ctwa_clid"], newest["businessScopedUserId"]) == ("second", "ES.7")
 
 
-async def test_a_mixed_thousand_message_notification(client: Client, db_path: Path) -> None:
+async def test_a_mixed_thousand_message_notification(client: Client) -> None:
     msgs: list[dict[str, Any]] = []
     for i in range(1000):
         if i % 100 == 7:
@@ -303,15 +290,13 @@ async def test_a_mixed_thousand_message_notification(client: Client, db_path: Pa
     answer = await post_signed(client, notification(messages_change(msgs)))
     assert (answer["messages"], answer["clicksCaptured"], answer["unprocessed"]) == (980, 980, 20)
     assert {p["code"] for p in answer["problems"]} == {"no_identity", "invalid_phone"}
-    with sqlite3.connect(db_path) as conn:
-        assert conn.execute(
-            "SELECT COUNT(*) FROM conversations WHERE bsuid IS NOT NULL"
-        ).fetchone() == (100,)
-        assert conn.execute("SELECT COUNT(*) FROM webhook_problems").fetchone() == (20,)
+    bsuids = await db_rows(client, "SELECT COUNT(*) FROM conversations WHERE bsuid IS NOT NULL")
+    assert bsuids == [(100,)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM webhook_problems") == [(20,)]
 
 
 async def test_a_recycled_number_is_recognised_when_the_new_bsuid_wrote_first(
-    client: Client, db_path: Path
+    client: Client,
 ) -> None:
     now = time.time()
     await post_signed(
@@ -321,7 +306,7 @@ async def test_a_recycled_number_is_recognised_when_the_new_bsuid_wrote_first(
     await post_signed(client, one(message(None, "w.S2", ts=now - 600, bsuid="US.NEW5")))
     answer = await post_signed(client, one(message("15550000051", "w.S3", ts=now, bsuid="US.NEW5")))
     assert answer["conversationsMerged"] == 0
-    assert live(db_path) == [("15550000051", "US.NEW5", None)]
+    assert await live(client) == [("15550000051", "US.NEW5", None)]
     (old,) = await listed(client, businessScopedUserId="US.OLD5")
     assert (old["businessScopedUserId"], old["metadata"]["ctwa_clid"]) == ("US.OLD5", "old")
 
@@ -345,7 +330,7 @@ async def test_a_conversion_by_a_recycled_number_never_takes_the_previous_owners
 
 
 async def test_moving_onto_a_number_someone_else_holds_does_not_merge_two_people(
-    client: Client, db_path: Path
+    client: Client,
 ) -> None:
     now = time.time()
     await post_signed(
@@ -360,14 +345,12 @@ async def test_moving_onto_a_number_someone_else_holds_does_not_merge_two_people
     )  # fmt: skip
     answer = await post_signed(client, one(change))
     assert answer["conversationsMerged"] == 0
-    assert live(db_path) == [("15550000004", "US.A4", "a")]
+    assert await live(client) == [("15550000004", "US.A4", "a")]
     (b,) = await listed(client, businessScopedUserId="US.B3")
     assert (b["metadata"]["ctwa_clid"], b["supersededBy"] is not None) == ("b", True)
 
 
-async def test_number_changes_arriving_out_of_order_keep_the_latest_number(
-    client: Client, db_path: Path
-) -> None:
+async def test_number_changes_arriving_out_of_order_keep_the_latest_number(client: Client) -> None:
     now = time.time()
     await post_signed(
         client, one(message("15550000081", "w.O", ts=now - 3000, bsuid="US.S8", ref=referral("c")))
@@ -378,6 +361,6 @@ async def test_number_changes_arriving_out_of_order_keep_the_latest_number(
                            new_wa_id="15550000082", ts=now - 2000)  # fmt: skip
     await post_signed(client, one(newer))
     await post_signed(client, one(older))
-    assert live(db_path) == [("15550000083", None, "c")]
+    assert await live(client) == [("15550000083", None, "c")]
     for phone in ("15550000081", "15550000082", "15550000083"):
         assert len(await listed(client, phoneE164=phone)) == 1, phone

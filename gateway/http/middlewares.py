@@ -31,6 +31,7 @@ from gateway.http.auth import FailureLimiter, IPNetwork, client_address
 from gateway.http.body import too_large
 from gateway.logs import bind, log_request, start_request_log
 from gateway.metrics import Metrics
+from gateway.store.postgres import BROKEN
 from gateway.wire import ENCODER, ErrorBody, PlatformErrorBody
 
 __all__ = ["REQUEST_ID_HEADER", "Section", "error_response", "middlewares"]
@@ -187,9 +188,9 @@ def _store_unavailable(exc: Exception) -> bool:
     # aiosqlite raises ValueError("Connection closed") for a store that is shutting down;
     # asyncpg raises its own errors for a PostgreSQL that is gone, full or read-only, and a
     # ConnectionError while it cannot connect again.
-    return isinstance(
-        exc, sqlite3.Error | asyncpg.PostgresError | asyncpg.InterfaceError | OSError
-    ) or (type(exc) is ValueError and "Connection closed" in str(exc))
+    return isinstance(exc, (sqlite3.Error, asyncpg.PostgresError, ConnectionError, *BROKEN)) or (
+        type(exc) is ValueError and "Connection closed" in str(exc)
+    )
 
 
 def _route(request: web.Request) -> str | None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,7 +40,7 @@ from gateway.store.pg_schema import migrate_pg
 from gateway.store.sql import OUTBOX_CHANNEL, Engine
 from gateway.store.writer import GroupCommitWriter, QueuedWrite, WriteOp, apply_all
 
-__all__ = ["OUTBOX_CHANNEL", "PgReader", "PgTx", "PgWriter", "PostgresStore", "redacted_url"]
+__all__ = ["BROKEN", "PgReader", "PgTx", "PgWriter", "PostgresStore", "redacted_url"]
 
 log = structlog.get_logger()
 
@@ -106,7 +106,9 @@ class PgReader:
         self.pool = pool
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        return [tuple(row) for row in await self.pool.fetch(numbered(sql), *params)]
+        async with self.pool.acquire() as conn:
+            with _dropped_if_broken(conn):
+                return [tuple(row) for row in await conn.fetch(numbered(sql), *params)]
 
 
 class PgWriter(GroupCommitWriter):
@@ -154,8 +156,26 @@ class PgWriter(GroupCommitWriter):
         raise AssertionError("unreachable")
 
     async def _transaction(self, ops: Sequence[WriteOp[Any]]) -> list[Any]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            return await apply_all(PgTx(conn), ops)
+        async with self._pool.acquire() as conn:
+            with _dropped_if_broken(conn):
+                async with conn.transaction():
+                    return await apply_all(PgTx(conn), ops)
+
+
+# What a connection whose server went away raises; asyncpg may not have noticed yet, and
+# reports it as a client state error (InternalClientError) on the next query.
+BROKEN = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+
+@contextlib.contextmanager
+def _dropped_if_broken(conn: Any) -> Iterator[None]:
+    """Terminate a pooled connection that failed as a connection (not a query): the pool
+    opens a fresh one for the next caller instead of handing this one out again."""
+    try:
+        yield
+    except BROKEN:
+        conn.terminate()
+        raise
 
 
 def redacted_url(url: str) -> str:
@@ -170,7 +190,7 @@ def redacted_url(url: str) -> str:
 class PostgresStore(Store):
     """The store in a PostgreSQL database, shared by every replica that opens it."""
 
-    def __init__(self, pool: Any, *, max_batch: int) -> None:
+    def __init__(self, pool: Any, url: str, *, max_batch: int) -> None:
         reader = PgReader(pool)
         lookups = LookupCache(None, enabled=False)
         super().__init__(
@@ -180,6 +200,7 @@ class PostgresStore(Store):
             lookups=lookups,
         )
         self.pool = pool
+        self._url = url
         self._listening: asyncio.Task[None] | None = None
 
     @classmethod
@@ -203,7 +224,7 @@ class PostgresStore(Store):
         except BaseException:
             await pool.close()
             raise
-        store = cls(pool, max_batch=max_batch)
+        store = cls(pool, url, max_batch=max_batch)
         store.writer.start()
         await store.load_suppressions()
         return store
@@ -214,9 +235,11 @@ class PostgresStore(Store):
         self._listening = asyncio.create_task(self._listen(on_work), name="ctwa-pg-listen")
 
     async def _listen(self, on_work: Callable[[], None]) -> None:
+        # A connection of its own, not the pool's: it stays in LISTEN for the process's life,
+        # and a shutdown must never wait for it to be given back.
         while True:
             try:
-                conn = await self.pool.acquire()
+                conn = await asyncpg.connect(self._url)
             except Exception:
                 log.warning("store_listen_failed", retry_s=1.0)
                 await asyncio.sleep(1.0)
@@ -227,8 +250,7 @@ class PostgresStore(Store):
             except Exception:
                 log.warning("store_listen_failed", retry_s=1.0)
             finally:
-                with contextlib.suppress(Exception):
-                    await self.pool.release(conn)
+                conn.terminate()
             await asyncio.sleep(1.0)
 
     async def _listen_on(self, conn: Any, on_work: Callable[[], None]) -> None:
@@ -257,9 +279,15 @@ class PostgresStore(Store):
             self._listening.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listening
-        await self.pool.close()
+        try:
+            # Gracefully, unless a connection is stuck (a query the server never answers).
+            await asyncio.wait_for(self.pool.close(), _CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("store_close_timed_out", timeout_s=_CLOSE_TIMEOUT_S)
+            self.pool.terminate()
 
 
+_CLOSE_TIMEOUT_S = 10.0
 _ERASED_TABLES = (
     "conversations",
     "conversation_aliases",
