@@ -449,3 +449,23 @@ async def test_other_fields_are_acknowledged(client: Client) -> None:
     payload = notification({"field": "account_update", "value": {"event": "VERIFIED_ACCOUNT"}})
     answer = await post_signed(client, payload)
     assert answer["ignoredChanges"] == 1
+
+
+async def test_nul_characters_lose_nothing_else_on_either_engine(client: Client) -> None:
+    """PostgreSQL's text cannot hold a NUL (SQLite's can): an id with one is recorded as an
+    unprocessed part, a display text loses it, and every other message is captured."""
+    clean = message("16505550101", "wamid.clean", ref=referral("clid-clean"))
+    bad_id = message("16505550102", "wamid.bad\u0000id", ref=referral("clid-bad"))
+    bad_click = message("16505550103", "wamid.badclick", ref=referral("clid\u0000x"))
+    headline = message("16505550104", "wamid.headline", ref=referral("clid-headline"))
+    headline["referral"]["headline"] = "Summer\u0000 sale"
+    answer = await post_signed(
+        client, notification(messages_change([clean, bad_id, bad_click, headline]))
+    )
+    assert answer["clicksCaptured"] == 2
+    assert sorted(p["path"] for p in answer["problems"]) == [
+        "$.entry[0].changes[0].value.messages[1]",
+        "$.entry[0].changes[0].value.messages[2]",
+    ]
+    rows = await db_rows(client, "SELECT wa_id, ctwa_headline FROM conversations ORDER BY wa_id")
+    assert rows == [("16505550101", "Chat with us"), ("16505550104", "Summer sale")]

@@ -47,6 +47,7 @@ from gateway.capture.records import (
 from gateway.capture.values import (
     bounded_referral,
     contact_phone,
+    display_text,
     flatten_deep,
     unix_seconds,
     whatsapp_phone,
@@ -279,7 +280,7 @@ class _Extractor:
                 bsuid=bsuid,
                 parent_bsuid=message.from_parent_user_id
                 or (contact.parent_user_id if contact else None),
-                username=username[:MAX_USERNAME] if username else None,
+                username=display_text(username, MAX_USERNAME) or None,
                 referral=None if message.referral is None else bounded_referral(message.referral),
                 change=change,
             )

@@ -54,12 +54,15 @@ MAX_USERNAME = 128
 # Meta batches up to 1,000 updates per POST; messages past this many are recorded unprocessed.
 MAX_MESSAGES = 2000
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID)]
+# Ids carry no control characters: Meta's never do, and PostgreSQL's text cannot hold a NUL
+# (a message whose id has one is recorded unprocessed, on either engine alike).
+_NO_CONTROL = r"^[^\x00-\x1f\x7f]*\Z"
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID, pattern=_NO_CONTROL)]
 # BSUIDs look like "US.13491208655302741918" or "US.ENT.1181..."; printable, no spaces.
 UserId = Annotated[
     str, msgspec.Meta(min_length=1, max_length=MAX_ID, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 ]
-ClickId = Annotated[str, msgspec.Meta(max_length=MAX_CLICK_ID)]
+ClickId = Annotated[str, msgspec.Meta(max_length=MAX_CLICK_ID, pattern=_NO_CONTROL)]
 # Meta sends Unix seconds as a string; numbers are tolerated.
 Timestamp = str | int | float
 

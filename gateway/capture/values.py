@@ -13,7 +13,14 @@ import msgspec
 
 from gateway.capture.payload import MAX_TEXT, Contact, Referral
 
-__all__ = ["bounded_referral", "contact_phone", "flatten_deep", "unix_seconds", "whatsapp_phone"]
+__all__ = [
+    "bounded_referral",
+    "contact_phone",
+    "display_text",
+    "flatten_deep",
+    "unix_seconds",
+    "whatsapp_phone",
+]
 
 # Before WhatsApp existed: a timestamp this old is not Meta's.
 _EARLIEST = 1_230_768_000.0  # 2009-01-01
@@ -100,19 +107,21 @@ def flatten_deep(body: bytes, limit: int) -> bytes:
     return bytes(out)
 
 
-def _text(value: str | None) -> str | None:
-    return None if value is None else value[:MAX_TEXT]
+def display_text(value: str | None, limit: int = MAX_TEXT) -> str | None:
+    """A display text as one row may hold it: cut to ``limit``, without NUL characters
+    (PostgreSQL's text cannot hold them; SQLite's rows are kept the same)."""
+    return None if value is None else value.replace("\x00", "")[:limit]
 
 
 def bounded_referral(referral: Referral) -> Referral:
     """Return ``referral`` with Meta's display texts cut to what one row may hold."""
     return msgspec.structs.replace(
         referral,
-        source_url=_text(referral.source_url),
-        source_id=_text(referral.source_id),
-        source_type=_text(referral.source_type),
-        headline=_text(referral.headline),
-        body=_text(referral.body),
-        media_type=_text(referral.media_type),
+        source_url=display_text(referral.source_url),
+        source_id=display_text(referral.source_id),
+        source_type=display_text(referral.source_type),
+        headline=display_text(referral.headline),
+        body=display_text(referral.body),
+        media_type=display_text(referral.media_type),
         ctwa_clid=referral.ctwa_clid or None,
     )
