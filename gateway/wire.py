@@ -8,6 +8,7 @@ shape plus fields of our own that say what happened (``eventId``, ``status``, ``
 from __future__ import annotations
 
 import hashlib
+import re
 import zlib
 from typing import Annotated, Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "Health",
     "PlatformErrorBody",
     "ResolutionView",
+    "printable",
     "request_field",
     "request_fingerprint",
 ]
@@ -53,6 +55,12 @@ _FORBIDDEN = (
     "\U000e0001\U000e0020-\U000e007f"
 )
 PRINTABLE = f"^[^{_FORBIDDEN}]*\\Z"
+_IS_PRINTABLE = re.compile(PRINTABLE)
+
+
+def printable(value: str) -> bool:
+    """Whether ``value`` has none of the characters identifiers may not carry."""
+    return _IS_PRINTABLE.match(value) is not None
 
 
 def _text(max_length: int) -> msgspec.Meta:

@@ -419,3 +419,27 @@ async def test_a_retry_that_would_now_fail_still_gets_its_original_answer(
     assert again["duplicate"] is True
     assert again["conversationId"] == first["conversationId"]
     assert again["payload"] == first["payload"]
+
+
+async def test_control_characters_in_the_url_are_a_400_or_a_404_on_either_engine(
+    client: Client,
+) -> None:
+    """Nothing stored has a NUL, and PostgreSQL's text cannot even be asked about one: a query
+    parameter with it is refused naming the parameter, an id in the path is not found."""
+    resp = await client.get(
+        "/v1/whatsapp/conversions",
+        params={"accountId": "acme", "eventName": "Lead\u0000"},
+        headers=AUTH,
+    )
+    body = await resp.json()
+    assert (resp.status, body["param"]) == (400, "eventName"), body
+    resp = await client.get("/v1/whatsapp/conversions/E%001?accountId=acme", headers=AUTH)
+    assert (resp.status, (await resp.json())["code"]) == (404, "event_not_found")
+    resp = await client.get("/v1/whatsapp/conversations/conv%00x", headers=AUTH)
+    assert (resp.status, (await resp.json())["code"]) == (404, "conversation_not_found")
+    resp = await client.get(
+        "/v1/whatsapp/conversations",
+        params={"accountId": "acme", "phoneE164": "+1650\u0000"},
+        headers=AUTH,
+    )
+    assert resp.status == 400

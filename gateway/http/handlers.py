@@ -19,7 +19,7 @@ from gateway.http.query import AccountQuery, parse_query
 from gateway.http.render import event_detail
 from gateway.logs import bind
 from gateway.validation import decode_body
-from gateway.wire import ENCODER, EventDetail
+from gateway.wire import ENCODER, EventDetail, printable
 
 if TYPE_CHECKING:
     from gateway.store.database import Store
@@ -73,7 +73,8 @@ async def read_json(request: web.Request, decoder: msgspec.json.Decoder[T]) -> T
 
 async def event_detail_or_404(store: Store, account_id: str, event_id: str) -> EventDetail:
     """Return an event of the account with every attempt at delivering it, or raise 404."""
-    event = await store.find_event(account_id, event_id)
+    # An id no event can have (a control character) is not asked of the store at all.
+    event = await store.find_event(account_id, event_id) if printable(event_id) else None
     if event is None:
         raise NotFound(
             f"No event {event_id[:256]!r} on account {account_id!r}.",

@@ -147,6 +147,17 @@ def _answer_failure(
         error = _from_http(exc, request, max_body_bytes)
         bind(error_code=error.code)
         return error_response(error, headers=_allow(exc))
+    if isinstance(exc, _UNSTORABLE_TEXT):
+        # The last net: a value the checks let through that PostgreSQL's text cannot hold
+        # (a NUL). It is the client's input, not an outage; nothing was stored.
+        log.warning("unstorable_text", error_type=type(exc).__name__, route=_route(request))
+        unstorable = InvalidRequest(
+            "A value holds a character the store cannot keep (NUL, U+0000); nothing was"
+            " accepted. Remove it and send again.",
+            code="invalid_character",
+        )
+        bind(error_code=unstorable.code)
+        return error_response(unstorable)
     if _store_unavailable(exc):
         # Disk full, database locked past its timeout, store closing: nothing was
         # acknowledged, so the client may retry safely (duplicates are answered as such).
@@ -182,6 +193,10 @@ def _too_many_failures(wait: float) -> web.Response:
     )
     bind(error_code=error.code)
     return error_response(error, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+
+# PostgreSQL's answers to text it cannot hold (SQLSTATE 22021, 22P05).
+_UNSTORABLE_TEXT = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
 
 
 def _store_unavailable(exc: Exception) -> bool:

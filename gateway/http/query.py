@@ -16,6 +16,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.errors import InvalidRequest
+from gateway.wire import PRINTABLE
 
 __all__ = [
     "AccountQuery",
@@ -33,7 +34,13 @@ Q = TypeVar("Q", bound="QueryStruct")
 _LIST_MAX = 200
 
 
-PhoneParam = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+def _text(max_length: int) -> msgspec.Meta:
+    # No control or invisible characters, as in the API's bodies (wire.PRINTABLE): nothing
+    # stored has one, and PostgreSQL's text cannot even be asked about a NUL.
+    return msgspec.Meta(min_length=1, max_length=max_length, pattern=PRINTABLE)
+
+
+PhoneParam = Annotated[str, _text(64)]
 BsuidParam = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*\Z")]
 
 
@@ -42,7 +49,7 @@ class QueryStruct(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
 
 
 class AccountQuery(QueryStruct, frozen=True):
-    account_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    account_id: Annotated[str, _text(128)]
 
 
 class ListQuery(AccountQuery, frozen=True):
@@ -57,11 +64,11 @@ class ConversationsQuery(ListQuery, frozen=True):
 class ErasureQuery(AccountQuery, frozen=True):
     phone_e164: PhoneParam | None = None
     business_scoped_user_id: BsuidParam | None = None
-    conversation_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    conversation_id: Annotated[str, _text(128)] | None = None
     suppress: bool = False
 
 
-TimeParam = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+TimeParam = Annotated[str, _text(64)]
 
 
 class StatsQuery(AccountQuery, frozen=True):
@@ -75,14 +82,14 @@ class EventFilters(QueryStruct, frozen=True):
 
     limit: Annotated[int, msgspec.Meta(ge=1, le=_LIST_MAX)] = 50
     status: Literal["delivered", "failed", "pending", "expired", "dry_run"] | None = None
-    event_name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    event_name: Annotated[str, _text(128)] | None = None
     since: TimeParam | None = None
     until: TimeParam | None = None
-    ad_id: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)] | None = None
+    ad_id: Annotated[str, _text(2048)] | None = None
 
 
 class EventsQuery(EventFilters, frozen=True, kw_only=True):
-    account_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    account_id: Annotated[str, _text(128)]
 
 
 _HINTS = {

@@ -30,7 +30,7 @@ from gateway.http.render import (
 from gateway.http.reporting import events_filter
 from gateway.logs import bind
 from gateway.validation import decode_conversion
-from gateway.wire import ConversationList, ErasureAnswer, EventList
+from gateway.wire import ConversationList, ErasureAnswer, EventList, printable
 
 __all__ = ["routes"]
 
@@ -108,7 +108,11 @@ async def list_conversations(request: web.Request) -> web.Response:
 async def get_conversation(request: web.Request) -> web.Response:
     key = authenticate(request)
     conversation_id = request.match_info["conversation_id"]
-    conversation = await request.app[PIPELINE].store.find_conversation(conversation_id)
+    store = request.app[PIPELINE].store
+    # An id no conversation can have (a control character) is not asked of the store at all.
+    conversation = (
+        await store.find_conversation(conversation_id) if printable(conversation_id) else None
+    )
     # Another account's conversation is "not found" to this key: ids reveal nothing.
     if conversation is None or not key.allows(conversation.account_id):
         raise NotFound(
