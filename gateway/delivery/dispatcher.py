@@ -80,6 +80,8 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(options.max_in_flight)
         self._task: asyncio.Task[None] | None = None
         self._renewing: asyncio.Task[None] | None = None
+        # When the claims in flight were last renewed (all of them at once).
+        self._renewed_at = 0.0
         self._stopping = False
 
     @property
@@ -165,23 +167,23 @@ class Dispatcher:
 
     async def _dispatch_due(self) -> None:
         o = self.options
-        capacity = o.batch_max * o.max_in_flight
-        # No more than there are slots for: what waits for a slot here is held from every
-        # other process that could send it now.
-        items = await self._claim(capacity - len(self._in_flight))
+        # No more than the free slots can send now: what would wait here for a slot is held
+        # from every other process that could send it at once, and its lease runs meanwhile.
+        room = (o.max_in_flight - len(self._sends)) * o.batch_max
+        claimed_at = self.clock()
+        items = await self._claim(room)
         try:
             if items and len(items) < o.batch_max and o.linger_ms > 0 and self._sends:
                 # A partial batch while others are in flight: waiting to fill it costs no
                 # throughput. With nothing in flight it goes at once (no latency for a lone
                 # event).
                 await asyncio.sleep(o.linger_ms / 1000)
-                items += await self._claim(
-                    min(o.batch_max - len(items), capacity - len(self._in_flight))
-                )
+                items += await self._claim(min(o.batch_max, room) - len(items))
         finally:
             # Whatever was claimed is sent, even if the second look failed.
             for start in range(0, len(items), o.batch_max):
-                task = asyncio.create_task(self._send(items[start : start + o.batch_max]))
+                batch = items[start : start + o.batch_max]
+                task = asyncio.create_task(self._send(batch, claimed_at))
                 self._sends.add(task)
                 task.add_done_callback(self._sends.discard)
 
@@ -209,18 +211,28 @@ class Dispatcher:
             if not self._in_flight:
                 continue
             try:
+                now = self.clock()
                 await self.outbox.renew(
-                    self.sink,
-                    owner=self.owner,
-                    pks=sorted(self._in_flight),
-                    until=self.clock() + lease_s,
+                    self.sink, owner=self.owner, pks=sorted(self._in_flight), until=now + lease_s
                 )
+                self._renewed_at = now
             except Exception:
                 log.exception("dispatcher_renew_failed", sink=self.sink)
 
-    async def _send(self, batch: list[QueuedEvent]) -> None:
+    def _lease_left(self, claimed_at: float) -> float:
+        """Seconds until a claim taken at ``claimed_at`` (and renewed since, if it was) runs
+        out."""
+        return max(claimed_at, self._renewed_at) + self.options.claim_lease_s - self.clock()
+
+    async def _send(self, batch: list[QueuedEvent], claimed_at: float) -> None:
         try:
             async with self._slots:
+                if self._lease_left(claimed_at) < _LEASE_MARGIN_S:
+                    # This process stalled (a paused VM, a blocked loop) past its lease: another
+                    # may have the batch by now, so it is not sent from here. Unrecorded, its
+                    # claims lapse and whoever holds them sends it.
+                    log.warning("delivery_lease_lapsed", sink=self.sink, events=len(batch))
+                    return
                 results, held = await self._round(batch)
             lost = await self.outbox.record(self.sink, results, owner=self.owner)
             if lost:
@@ -473,6 +485,8 @@ def _internal_error_state(item: QueuedEvent) -> SinkState:
     )
 
 
+# A batch is not sent with less of its lease left than this.
+_LEASE_MARGIN_S = 0.5
 # A delivery still retrying after this many attempts is worth a look (once each).
 _RETRY_ALERTS = frozenset({3, 10, 30})
 _LOGGED_IDS = 20

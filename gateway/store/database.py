@@ -199,8 +199,11 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
                     f"{INSERT_DELIVERY_HEAD} {','.join([DELIVERY_VALUES] * len(part))}",
                     [v for row in part for v in row],
                 )
-        await count_in_hours(tx, inserted_events)
+        # delivery_counts before event_hours, the order every other write takes them in (a
+        # status change updates deliveries, then events, and their triggers follow): on
+        # PostgreSQL the opposite order here deadlocked with the dispatchers' records.
         await count_deliveries(tx, counted)
+        await count_in_hours(tx, inserted_events)
         if any(status == "pending" for _, _, status in counted):
             await wake_dispatchers(tx)
         return results

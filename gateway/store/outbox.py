@@ -71,10 +71,18 @@ _CLAIM = (
     " AND next_attempt_at <= ? AND (claim_until IS NULL OR claim_until <= ?)"
     " ORDER BY next_attempt_at, event_pk LIMIT ?) RETURNING event_pk"
 )
+# Keys per IN list: well under the bound on a statement's parameters (32,766 on SQLite,
+# 32,767 on PostgreSQL).
+_KEYS_PER_STATEMENT = 10_000
 # On PostgreSQL, rows another claimer has locked are skipped rather than waited for: without
 # SKIP LOCKED, a claimer that waited would take rows the first one just took (PostgreSQL does
 # not run the subquery again when it re-checks a row).
 _CLAIM_SKIP_LOCKED = _CLAIM.replace(" LIMIT ?)", " LIMIT ? FOR UPDATE SKIP LOCKED)")
+_INSERT_ATTEMPT = (
+    "INSERT INTO delivery_attempts (event_pk, sink, attempt, at, outcome, http_status,"
+    " error_code, message, trace_id, batch_size, duration_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (event_pk, sink, attempt)"
+)
 _REPLACE_ATTEMPT = ", ".join(
     f" {column} = excluded.{column}"
     for column in (
@@ -98,11 +106,13 @@ class _Claim(WriteOp[list[QueuedEvent]]):
         pks = [row[0] for row in await tx.fetch(claim, (owner, until, sink, sink, now, now, limit))]
         if not pks:
             return []
+        # The rows just claimed carry this very stamp (a list of their keys could pass the
+        # engines' bound on parameters).
         rows = await tx.fetch(
             f"SELECT {QUEUED_COLUMNS} FROM deliveries d JOIN events e ON e.pk = d.event_pk"
-            f" WHERE d.sink = ? AND d.event_pk IN ({marks(len(pks))})"
+            " WHERE d.claimed_by = ? AND d.claim_until = ? AND d.sink = ?"
             " ORDER BY d.next_attempt_at, d.event_pk",
-            [sink, *pks],
+            (owner, until, sink),
         )
         return [queued_from_row(row) for row in rows]
 
@@ -117,11 +127,13 @@ class _Renew(WriteOp[None]):
 
     async def apply(self, tx: Tx) -> None:
         sink, owner, pks, until = self.args
-        await tx.execute(
-            "UPDATE deliveries SET claim_until = ? WHERE claimed_by = ? AND sink = ?"
-            f" AND event_pk IN ({marks(len(pks))})",
-            [until, owner, sink, *pks],
-        )
+        for start in range(0, len(pks), _KEYS_PER_STATEMENT):
+            part = pks[start : start + _KEYS_PER_STATEMENT]
+            await tx.execute(
+                "UPDATE deliveries SET claim_until = ? WHERE claimed_by = ? AND sink = ?"
+                f" AND event_pk IN ({marks(len(part))})",
+                [until, owner, sink, *part],
+            )
 
 
 class _Release(WriteOp[int]):
@@ -186,10 +198,7 @@ class _Record(WriteOp[int]):
             ],
         )
         await tx.executemany(
-            "INSERT INTO delivery_attempts (event_pk, sink, attempt, at, outcome,"
-            " http_status, error_code, message, trace_id, batch_size, duration_ms)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (event_pk, sink, attempt) DO UPDATE SET"
-            + _REPLACE_ATTEMPT,
+            _INSERT_ATTEMPT + " DO UPDATE SET" + _REPLACE_ATTEMPT,
             [
                 (
                     r.pk,
@@ -204,10 +213,23 @@ class _Record(WriteOp[int]):
                     a.batch_size,
                     a.duration_ms,
                 )
-                for r in self.results
+                for r in results
                 for a in r.attempts
             ],
         )
+        if lost:
+            # The attempts happened and stay in the history, but never over the rows of the
+            # process that holds the claim now.
+            await tx.executemany(
+                _INSERT_ATTEMPT + " DO NOTHING",
+                [
+                    (r.pk, self.sink, a.attempt, a.at, a.outcome, a.http_status, a.error_code,
+                     a.message, a.trace_id, a.batch_size, a.duration_ms)
+                    for r in self.results
+                    if r.pk in lost
+                    for a in r.attempts
+                ],
+            )  # fmt: skip
         await tx.executemany(UPDATE_EVENT_STATUS, [(r.pk, r.pk) for r in results])
         return len(lost)
 
