@@ -41,6 +41,7 @@ from tests.payloads import (
     signed,
     system_message,
 )
+from tests.postgres import PostgresCluster, create_database, database_url
 
 Client = TestClient[web.Request, web.Application]
 URL = "/v1/whatsapp/conversions"
@@ -259,3 +260,21 @@ async def test_a_replicas_new_event_wakes_the_others_dispatchers_at_once(
         await asyncio.sleep(0.05)
     assert sorted(fake.event_ids()) == ["N1", "N2"], "the second replica was never woken"
     assert second is not first
+
+
+async def test_a_stopped_server_on_a_unix_socket_is_a_503(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> None:
+    # The README's own example connects through a socket; with the server gone the socket
+    # file is too, and the operating system says "no such file", not "connection refused".
+    cluster = await asyncio.to_thread(PostgresCluster.start)
+    try:
+        url = database_url(cluster.url, await create_database(cluster.url))
+        client = await make_client(settings=parse_settings({**config, "store": {"url": url}}))
+        conversation = await add_conversation(store_of(client))
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    resp = await client.post(URL, json=_lead(conversation.id, "gone"), headers=AUTH)
+    body = await resp.json()
+    assert (resp.status, body["code"]) == (503, "store_unavailable"), body
+    assert (await client.get("/readyz")).status == 503

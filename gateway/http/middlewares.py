@@ -31,7 +31,7 @@ from gateway.http.auth import FailureLimiter, IPNetwork, client_address
 from gateway.http.body import too_large
 from gateway.logs import bind, log_request, start_request_log
 from gateway.metrics import Metrics
-from gateway.store.postgres import BROKEN
+from gateway.store.postgres import BROKEN, StoreUnavailable
 from gateway.wire import ENCODER, ErrorBody, PlatformErrorBody
 
 __all__ = ["REQUEST_ID_HEADER", "Section", "error_response", "middlewares"]
@@ -148,13 +148,13 @@ def _answer_failure(
         bind(error_code=error.code)
         return error_response(error, headers=_allow(exc))
     if isinstance(exc, _UNSTORABLE_TEXT):
-        # The last net: a value the checks let through that PostgreSQL's text cannot hold
-        # (a NUL). It is the client's input, not an outage; nothing was stored.
+        # The last net: a value the checks let through that PostgreSQL cannot hold. It is
+        # the client's input, not an outage; nothing was stored.
         log.warning("unstorable_text", error_type=type(exc).__name__, route=_route(request))
         unstorable = InvalidRequest(
-            "A value holds a character the store cannot keep (NUL, U+0000); nothing was"
-            " accepted. Remove it and send again.",
-            code="invalid_character",
+            "A value is one the store cannot keep (a NUL character, U+0000, or a number out"
+            " of range); nothing was accepted. Correct it and send again.",
+            code="invalid_value",
         )
         bind(error_code=unstorable.code)
         return error_response(unstorable)
@@ -195,15 +195,16 @@ def _too_many_failures(wait: float) -> web.Response:
     return error_response(error, headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
 
-# PostgreSQL's answers to text it cannot hold (SQLSTATE 22021, 22P05).
-_UNSTORABLE_TEXT = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
+# PostgreSQL's answers to values it cannot hold (SQLSTATE class 22: a NUL in text, a number
+# out of range): the request's data, not an outage.
+_UNSTORABLE_TEXT = asyncpg.DataError
 
 
 def _store_unavailable(exc: Exception) -> bool:
     # aiosqlite raises ValueError("Connection closed") for a store that is shutting down;
-    # asyncpg raises its own errors for a PostgreSQL that is gone, full or read-only, and a
-    # ConnectionError while it cannot connect again.
-    return isinstance(exc, (sqlite3.Error, asyncpg.PostgresError, ConnectionError, *BROKEN)) or (
+    # asyncpg raises its own errors for a PostgreSQL that is gone, full or read-only, and the
+    # PostgreSQL store StoreUnavailable while it cannot connect again.
+    return isinstance(exc, (sqlite3.Error, asyncpg.PostgresError, StoreUnavailable, *BROKEN)) or (
         type(exc) is ValueError and "Connection closed" in str(exc)
     )
 

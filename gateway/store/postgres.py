@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,7 +40,16 @@ from gateway.store.pg_schema import migrate_pg
 from gateway.store.sql import OUTBOX_CHANNEL, Engine
 from gateway.store.writer import GroupCommitWriter, QueuedWrite, WriteOp, apply_all
 
-__all__ = ["BROKEN", "PgReader", "PgTx", "PgWriter", "PostgresStore", "redacted_url"]
+__all__ = [
+    "BROKEN",
+    "PgReader",
+    "PgTx",
+    "PgWriter",
+    "PostgresStore",
+    "StoreUnavailable",
+    "connection",
+    "redacted_url",
+]
 
 log = structlog.get_logger()
 
@@ -106,9 +115,8 @@ class PgReader:
         self.pool = pool
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        async with self.pool.acquire() as conn:
-            with _dropped_if_broken(conn):
-                return [tuple(row) for row in await conn.fetch(numbered(sql), *params)]
+        async with connection(self.pool) as conn:
+            return [tuple(row) for row in await conn.fetch(numbered(sql), *params)]
 
 
 class PgWriter(GroupCommitWriter):
@@ -156,10 +164,12 @@ class PgWriter(GroupCommitWriter):
         raise AssertionError("unreachable")
 
     async def _transaction(self, ops: Sequence[WriteOp[Any]]) -> list[Any]:
-        async with self._pool.acquire() as conn:
-            with _dropped_if_broken(conn):
-                async with conn.transaction():
-                    return await apply_all(PgTx(conn), ops)
+        async with connection(self._pool) as conn, conn.transaction():
+            return await apply_all(PgTx(conn), ops)
+
+
+class StoreUnavailable(Exception):
+    """PostgreSQL cannot be reached (refused, no socket, not answering): nothing was done."""
 
 
 # What a connection whose server went away raises; asyncpg may not have noticed yet, and
@@ -167,15 +177,23 @@ class PgWriter(GroupCommitWriter):
 BROKEN = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
-@contextlib.contextmanager
-def _dropped_if_broken(conn: Any) -> Iterator[None]:
-    """Terminate a pooled connection that failed as a connection (not a query): the pool
-    opens a fresh one for the next caller instead of handing this one out again."""
+@contextlib.asynccontextmanager
+async def connection(pool: Any) -> AsyncIterator[Any]:
+    """A pooled connection. One that cannot be had is :class:`StoreUnavailable` (the OS's
+    own error says only "connection refused" or "no such file": a socket's path); one that
+    fails as a connection, not a query, is terminated, so the pool opens a fresh one for the
+    next caller instead of handing this one out again."""
     try:
-        yield
+        conn = await pool.acquire()
+    except OSError as exc:
+        raise StoreUnavailable(f"PostgreSQL cannot be reached: {type(exc).__name__}") from exc
+    try:
+        yield conn
     except BROKEN:
         conn.terminate()
         raise
+    finally:
+        await pool.release(conn)
 
 
 def redacted_url(url: str) -> str:
