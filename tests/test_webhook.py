@@ -469,3 +469,7 @@ async def test_nul_characters_lose_nothing_else_on_either_engine(client: Client)
     ]
     rows = await db_rows(client, "SELECT wa_id, ctwa_headline FROM conversations ORDER BY wa_id")
     assert rows == [("16505550101", "Chat with us"), ("16505550104", "Summer sale")]
+    # A NUL in a field a problem quotes (the number's id) is kept readable, not fatal.
+    change = messages_change([message("16505550105", "wamid.other")], phone_number_id="10\u00006")
+    answer = await post_signed(client, notification(change))
+    assert [p["code"] for p in answer["problems"]] == ["unknown_number"]

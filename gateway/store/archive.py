@@ -71,6 +71,12 @@ class ArchivedNotification(msgspec.Struct, frozen=True, kw_only=True):
     problems: list[Problem]
 
 
+def _storable(value: str | None) -> str | None:
+    """A problem's text as both engines keep it: it may quote what Meta sent, NULs included,
+    which PostgreSQL's text cannot hold."""
+    return None if value is None else value.replace("\x00", "\ufffd")
+
+
 def _status(problems: int) -> NotificationStatus:
     return "partial" if problems else "processed"
 
@@ -81,7 +87,16 @@ async def _insert_problems(tx: Tx, pk: int, problems: Sequence[Problem]) -> None
         " account_id, phone_number_id) VALUES (?,?,?,?,?,?)"
         " ON CONFLICT (notification_pk, path, code) DO UPDATE SET reason = excluded.reason,"
         " account_id = excluded.account_id, phone_number_id = excluded.phone_number_id",
-        [(pk, p.path, p.code, p.reason, p.account_id, p.phone_number_id) for p in problems],
+        [
+            (
+                pk,
+                *(
+                    _storable(v)
+                    for v in (p.path, p.code, p.reason, p.account_id, p.phone_number_id)
+                ),
+            )
+            for p in problems
+        ],
     )
 
 
