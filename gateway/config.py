@@ -391,11 +391,20 @@ def _check_references(settings: Settings) -> None:
     store = settings.store
     if store.url is not None and store.url_env is not None:
         raise ConfigError(f"{src}: set url or url_env, not both - at `$.store`")
-    if store.url is not None and urlsplit(store.url).password is not None:
-        raise ConfigError(
-            f"{src}: the URL holds a password; put the whole URL in an environment variable"
-            " and name it with url_env - at `$.store.url`"
-        )
+    if store.url is not None:
+        try:
+            parts = urlsplit(store.url)
+            parts.port  # noqa: B018 - parsing the port is what finds a bad one
+        except ValueError:
+            raise ConfigError(
+                f"{src}: not a valid URL; write it as postgresql://user@host:5432/database"
+                " - at `$.store.url`"
+            ) from None
+        if parts.password is not None or "password=" in parts.query.lower():
+            raise ConfigError(
+                f"{src}: the URL holds a password; put the whole URL in an environment"
+                " variable and name it with url_env - at `$.store.url`"
+            )
     if store.min_connections > store.max_connections:
         raise ConfigError(
             f"{src}: min_connections ({store.min_connections}) exceeds max_connections"

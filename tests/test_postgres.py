@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -24,6 +25,7 @@ from gateway.store.postgres import PostgresStore
 from tests.conftest import (
     ACME_TOKEN,
     AUTH,
+    ENV,
     ClientFactory,
     add_conversation,
     base_config,
@@ -278,3 +280,33 @@ async def test_a_stopped_server_on_a_unix_socket_is_a_503(
     body = await resp.json()
     assert (resp.status, body["code"]) == (503, "store_unavailable"), body
     assert (await client.get("/readyz")).status == 503
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("postgresql://ctwa@/ctwa?host=/run/postgresql&password=S3cretPW", "url_env"),
+        ("postgresql://u:S3cretPW@[::1/ctwa", "not a valid URL"),
+    ],
+)
+def test_a_store_url_with_a_password_anywhere_or_malformed_is_refused_cleanly(
+    tmp_path: Any, url: str, says: str
+) -> None:
+    config = base_config(tmp_path / "unused.sqlite3")
+    config["store"] = {"url": url}
+    with pytest.raises(ConfigError) as error:
+        parse_settings(config)
+    assert says in str(error.value)
+    assert "S3cretPW" not in str(error.value)
+
+
+def test_check_config_says_when_url_env_is_not_set(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = base_config(tmp_path / "unused.sqlite3")
+    config["store"] = {"url_env": "CTWA_DATABASE_URL"}
+    path = tmp_path / "gateway.toml"
+    path.write_bytes(tomli_w.dumps(config).encode())
+    assert main(["check-config", "--config", str(path)], environ=ENV) != 0
+    printed = capsys.readouterr()
+    assert "CTWA_DATABASE_URL" in printed.out + printed.err

@@ -144,7 +144,11 @@ def startup_problems(settings: Settings, plugins: Plugins, environ: Mapping[str,
         lambda: plugins.check_config(settings, environ),
         lambda: check_normalizers(settings, plugins),
         lambda: metrics_key(settings, environ),
-        lambda: None if settings.uses_postgres() else check_store_path(settings.store_path()),
+        lambda: (
+            settings.store_url(environ)
+            if settings.uses_postgres()
+            else check_store_path(settings.store_path())
+        ),
     ]
     problems = []
     for check in checks:

@@ -47,6 +47,6 @@ def describe(settings: Settings, environ: Mapping[str, str]) -> str:
     if settings.uses_postgres():
         try:
             return redacted_url(settings.store_url(environ))
-        except ConfigError:
-            return f"PostgreSQL (${settings.store.url_env}, not set)"
+        except ConfigError as exc:
+            return f"PostgreSQL, but {exc}"
     return str(settings.store_path())

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -197,12 +198,16 @@ async def connection(pool: Any) -> AsyncIterator[Any]:
 
 
 def redacted_url(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
+    """``url`` without its password (in the authority or as a ``password=`` parameter), for
+    messages and logs; one that does not parse is not shown at all."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "(a URL that does not parse)"
+    netloc = parts.netloc if password is None else parts.netloc.replace(f":{password}@", ":***@")
+    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 class PostgresStore(Store):
@@ -318,6 +323,12 @@ _ERASED_TABLES = (
 
 
 def _without(message: str, url: str) -> str:
-    """An error message with the URL's password taken out, should the driver quote it."""
-    password = urlsplit(url).password
-    return message.replace(password, "***") if password else message
+    """An error message with the URL's passwords taken out, should the driver quote them."""
+    try:
+        secrets = [urlsplit(url).password or ""]
+    except ValueError:
+        return "(the URL does not parse)"
+    secrets += re.findall(r"(?i)password=([^&]+)", url)
+    for secret in filter(None, secrets):
+        message = message.replace(secret, "***")
+    return message
