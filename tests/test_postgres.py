@@ -5,6 +5,8 @@ by the modules that set ``BOTH_ENGINES``.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
@@ -310,3 +312,43 @@ def test_check_config_says_when_url_env_is_not_set(
     assert main(["check-config", "--config", str(path)], environ=ENV) != 0
     printed = capsys.readouterr()
     assert "CTWA_DATABASE_URL" in printed.out + printed.err
+
+
+async def test_an_erasure_on_postgresql_does_not_claim_the_files_are_clear(
+    client: Client,
+) -> None:
+    conversation = await add_conversation(store_of(client))
+    resp = await client.delete(
+        "/v1/whatsapp/users",
+        params={"accountId": "acme", "conversationId": conversation.id},
+        headers=AUTH,
+    )
+    answer = await resp.json()
+    assert resp.status == 200, answer
+    assert answer["erased"]["conversations"] == 1
+    assert answer["fileCleared"] is False
+
+
+async def test_store_copy_keeps_a_sqlite_text_with_a_nul_and_refuses_an_unknown_scheme(
+    tmp_path: Any, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "old.sqlite3"
+    sqlite = await SqliteStore.open(db)
+    try:
+        conversation = await add_conversation(sqlite)
+    finally:
+        await sqlite.close()
+    # An older version kept Meta's display texts as sent, NULs included.
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE conversations SET ctwa_headline = ?", ("Sum\u0000mer",))
+    argv = ["store", "copy", "--from", f"sqlite:///{db}", "--to", pg_url]
+    assert await asyncio.to_thread(main, argv) == 0, capsys.readouterr().err
+    target = await PostgresStore.open(pg_url, min_connections=1, max_connections=3)
+    try:
+        rows = await target.query("SELECT id, ctwa_headline FROM conversations")
+        assert rows == [(conversation.id, "Summer")]
+    finally:
+        await target.close()
+    argv = ["store", "copy", "--from", "mysql://x/y", "--to", pg_url]
+    assert await asyncio.to_thread(main, argv) == 2
+    assert "mysql:// is not a store" in capsys.readouterr().err

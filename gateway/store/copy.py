@@ -19,7 +19,7 @@ from typing import Any
 from gateway.errors import ConfigError
 from gateway.store.database import Store
 from gateway.store.schema import migrate
-from gateway.store.sql import Tx, marks
+from gateway.store.sql import Engine, Tx, marks
 from gateway.store.writer import WriteOp
 
 __all__ = ["CopyMismatch", "Table", "copy_store", "tables"]
@@ -40,6 +40,10 @@ class Table:
 
 class CopyMismatch(ConfigError):
     """The target's counts differ from the source's after the copy."""
+
+
+class CopyFailed(ConfigError):
+    """The copy stopped part way: the target holds a partial copy."""
 
 
 def tables() -> list[Table]:
@@ -106,12 +110,17 @@ class _SyncIdentities(WriteOp[None]):
         )
 
 
-def _coercer(table: Table) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+def _coercer(table: Table, target: Engine) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
     reals = [i for i, c in enumerate(table.columns) if c in table.reals]
     integers = [i for i, c in enumerate(table.columns) if c in table.integers]
+    # SQLite's text may hold a NUL (a display text an older version kept); PostgreSQL's
+    # cannot: it goes, and the rest of the text with it stays.
+    strip_nul = target == "postgresql"
 
     def coerce(row: Sequence[Any]) -> tuple[Any, ...]:
         values = list(row)
+        if strip_nul:
+            values = [v.replace("\x00", "") if isinstance(v, str) else v for v in values]
         for i in reals:
             if isinstance(values[i], int):
                 values[i] = float(values[i])
@@ -142,28 +151,16 @@ async def copy_store(
                 " empty database, nothing was written"
             )
     copied: dict[str, int] = {}
-    for table in everything:
-        coerce = _coercer(table)
-        columns = ", ".join(table.columns)
-        key = ", ".join(table.key)
-        after: tuple[Any, ...] | None = None
-        total = 0
-        while True:
-            where = "" if after is None else f" WHERE ({key}) > ({marks(len(table.key))})"
-            rows = await source.query(
-                f"SELECT {columns} FROM {table.name}{where} ORDER BY {key} LIMIT {_CHUNK}",
-                after or (),
-            )
-            if not rows:
-                break
-            await target.writer.submit(_InsertRows(table, [coerce(row) for row in rows]))
-            total += len(rows)
-            last = rows[-1]
-            after = tuple(last[table.columns.index(k)] for k in table.key)
-            if progress is not None:
-                progress(table.name, total)
-        await target.writer.submit(_SyncIdentities(table))
-        copied[table.name] = total
+    try:
+        await _copy_tables(source, target, everything, copied, progress)
+    except Exception as exc:
+        done = ", ".join(f"{name} {rows}" for name, rows in copied.items() if rows)
+        raise CopyFailed(
+            # The error's type only: its text may quote a row's values.
+            f"the copy failed ({type(exc).__name__}); the target now holds part of the"
+            f" store ({done or 'nothing committed'} rows): drop and recreate it, empty, before"
+            " copying again"
+        ) from exc
     for table in everything:
         there = await count_rows(target, table)
         if there != copied[table.name]:
@@ -177,3 +174,34 @@ async def copy_store(
                 " writing to it? Stop it, empty the target and copy again"
             )
     return copied
+
+
+async def _copy_tables(
+    source: Store,
+    target: Store,
+    everything: Sequence[Table],
+    copied: dict[str, int],
+    progress: Callable[[str, int], None] | None,
+) -> None:
+    """Copy each table a chunk at a time in key order; ``copied`` counts what committed."""
+    for table in everything:
+        coerce = _coercer(table, target.engine)
+        columns = ", ".join(table.columns)
+        key = ", ".join(table.key)
+        after: tuple[Any, ...] | None = None
+        copied[table.name] = 0
+        while True:
+            where = "" if after is None else f" WHERE ({key}) > ({marks(len(table.key))})"
+            rows = await source.query(
+                f"SELECT {columns} FROM {table.name}{where} ORDER BY {key} LIMIT {_CHUNK}",
+                after or (),
+            )
+            if not rows:
+                break
+            await target.writer.submit(_InsertRows(table, [coerce(row) for row in rows]))
+            copied[table.name] += len(rows)
+            last = rows[-1]
+            after = tuple(last[table.columns.index(k)] for k in table.key)
+            if progress is not None:
+                progress(table.name, copied[table.name])
+        await target.writer.submit(_SyncIdentities(table))

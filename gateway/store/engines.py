@@ -36,6 +36,12 @@ async def open_location(location: str, *, create: bool) -> Store:
     ``postgresql://`` URL."""
     if location.startswith(("postgresql://", "postgres://")):
         return await PostgresStore.open(location, min_connections=1, max_connections=4)
+    scheme, sep, _ = location.partition("://")
+    if sep and scheme != "sqlite":
+        raise ConfigError(
+            f"{scheme}:// is not a store: name sqlite:///path/to/file, a postgresql:// URL,"
+            " or env:NAME"
+        )
     path = location.removeprefix("sqlite://") if location.startswith("sqlite://") else location
     if not path:
         raise ConfigError(f"{location!r}: name a file, as sqlite:///var/ctwa-gateway.sqlite3")
