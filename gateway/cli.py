@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import math
 import os
-import re
 import signal
 import socket
 import sys
@@ -46,7 +45,7 @@ from gateway.plugin_manager import Plugins, build_plugins
 from gateway.runtime import new_event_loop, running
 from gateway.store.engines import describe
 from gateway.validation import decode_conversion
-from gateway.wire import PRINTABLE
+from gateway.wire import printable
 from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT, meta_request_body
 
 __all__ = ["main"]
@@ -427,11 +426,10 @@ async def _send_one(
 
 
 _YEAR_10000 = 253_402_300_800
-_PRINTABLE = re.compile(PRINTABLE)
 
 
 def _identifier(value: str) -> str:
-    if not value.strip() or len(value) > 64 or not _PRINTABLE.match(value):
+    if not value.strip() or len(value) > 64 or not printable(value):
         raise argparse.ArgumentTypeError(
             f"{value!r}: 1 to 64 characters, no control or invisible ones"
         )

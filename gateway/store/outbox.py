@@ -161,6 +161,14 @@ class _Record(WriteOp[int]):
         self.owner = owner
         self.results = results
 
+    def _attempt_rows(self, results: Sequence[AttemptResult]) -> list[tuple[Any, ...]]:
+        return [
+            (r.pk, self.sink, a.attempt, a.at, a.outcome, a.http_status, a.error_code,
+             a.message, a.trace_id, a.batch_size, a.duration_ms)
+            for r in results
+            for a in r.attempts
+        ]  # fmt: skip
+
     async def apply(self, tx: Tx) -> int:
         now = time.time()
         results = self.results
@@ -198,38 +206,15 @@ class _Record(WriteOp[int]):
             ],
         )
         await tx.executemany(
-            _INSERT_ATTEMPT + " DO UPDATE SET" + _REPLACE_ATTEMPT,
-            [
-                (
-                    r.pk,
-                    self.sink,
-                    a.attempt,
-                    a.at,
-                    a.outcome,
-                    a.http_status,
-                    a.error_code,
-                    a.message,
-                    a.trace_id,
-                    a.batch_size,
-                    a.duration_ms,
-                )
-                for r in results
-                for a in r.attempts
-            ],
+            _INSERT_ATTEMPT + " DO UPDATE SET" + _REPLACE_ATTEMPT, self._attempt_rows(results)
         )
         if lost:
             # The attempts happened and stay in the history, but never over the rows of the
             # process that holds the claim now.
             await tx.executemany(
                 _INSERT_ATTEMPT + " DO NOTHING",
-                [
-                    (r.pk, self.sink, a.attempt, a.at, a.outcome, a.http_status, a.error_code,
-                     a.message, a.trace_id, a.batch_size, a.duration_ms)
-                    for r in self.results
-                    if r.pk in lost
-                    for a in r.attempts
-                ],
-            )  # fmt: skip
+                self._attempt_rows([r for r in self.results if r.pk in lost]),
+            )
         await tx.executemany(UPDATE_EVENT_STATUS, [(r.pk, r.pk) for r in results])
         return len(lost)
 

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
-from typing import Any
-
-import aiosqlite
 
 from gateway.domain import STATUS_PRECEDENCE
 
-__all__ = ["MIGRATIONS", "UPDATE_EVENT_STATUS", "fetch_rows", "migrate", "select"]
+__all__ = ["MIGRATIONS", "UPDATE_EVENT_STATUS", "migrate"]
 
 # Append only: a released migration is never edited, a change is a new entry.
 MIGRATIONS: tuple[str, ...] = (
@@ -349,17 +345,6 @@ UPDATE_EVENT_STATUS = (
     + " ".join(f"WHEN '{s}' THEN {i}" for i, s in enumerate(STATUS_PRECEDENCE))
     + " ELSE 99 END LIMIT 1), 'pending') WHERE pk = ?"
 )
-
-
-async def fetch_rows(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
-    """Run a query on a scanning connection and fetch every row in one trip to its thread."""
-    # execute_fetchall: a cursor's execute/fetch/close would be three trips.
-    return list(await conn.execute_fetchall(sql, params))
-
-
-def select(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
-    """Run a query on a plain connection (the writer's, or the quick reader) and fetch it."""
-    return conn.execute(sql, params).fetchall()
 
 
 def migrate(conn: sqlite3.Connection) -> None:
