@@ -533,3 +533,24 @@ async def test_scrubbing_a_compact_event_keeps_what_meta_is_sent(client: Client)
     assert found is not None
     assert "ctwa_clid" not in found.event["user_data"]
     assert msgspec.json.encode(found.event["custom_data"]) == b'{"currency":"USD","value":5}'
+
+
+@pytest.mark.sqlite_only("how the sqlite3 module binds parameters")
+async def test_sqlite_binds_none_bytes_and_bools_as_the_same_sql_values(tmp_path: Path) -> None:
+    # The writer binds None as a NaN, bytes as a bytearray and a bool as its int
+    # (gateway.store.sql.bindable: the sqlite3 module adapts the others slowly). Each must
+    # still store what it stood for: NULL, a BLOB, an INTEGER, and match in comparisons.
+    from gateway.store.sql import SqliteTx, run_sync
+
+    conn = sqlite3.connect(tmp_path / "bind.sqlite3", isolation_level=None)
+    conn.execute("CREATE TABLE t (a, b, c, d REAL, e TEXT)")
+    tx = SqliteTx(conn)
+    row = (None, b"\x00blob", True, None, None)
+    run_sync(tx.execute("INSERT INTO t VALUES (?, ?, ?, ?, ?)", row))
+    run_sync(tx.executemany("INSERT INTO t VALUES (?, ?, ?, ?, ?)", [row]))
+    stored = conn.execute(
+        "SELECT a, typeof(a), b, typeof(b), c, typeof(c), typeof(d), typeof(e) FROM t"
+    ).fetchall()
+    assert stored == [(None, "null", b"\x00blob", "blob", 1, "integer", "null", "null")] * 2
+    found = run_sync(tx.fetch("SELECT count(*) FROM t WHERE a IS ? AND b = ? AND c = ?", row[:3]))
+    assert found == [(2,)]

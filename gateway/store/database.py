@@ -79,7 +79,15 @@ from gateway.store.rows import (
     insert_events_unnest,
 )
 from gateway.store.schema import UPDATE_EVENT_STATUS, migrate
-from gateway.store.sql import Engine, Reader, SqliteReader, SqliteTx, Tx, wake_dispatchers
+from gateway.store.sql import (
+    Engine,
+    Reader,
+    SqliteReader,
+    SqliteTx,
+    Tx,
+    bindable,
+    wake_dispatchers,
+)
 from gateway.store.writer import GroupCommitWriter, SqliteWriter, WriteOp
 from gateway.wire import ErasureCounts
 
@@ -226,7 +234,7 @@ async def _insert_chunk(
         }
         return {**await _existing(tx, [k for k in keys if k not in inserted]), **inserted}
     sql, params = insert_events(events)
-    cursor = tx.conn.execute(sql, params)
+    cursor = tx.conn.execute(sql, bindable(params))
     last = cursor.lastrowid
     if cursor.rowcount == len(events) and last is not None:
         # No conflict: SQLite gave the rows consecutive rowids (each new one is the largest
