@@ -161,7 +161,10 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
     inline = True
 
     def __init__(self, new: StoredEvent) -> None:
-        self.new = new
+        # The event as it is stored: its status is its sinks' (worked out once here, for the
+        # row, the hourly counts and the answer alike).
+        status = overall_status(new.deliveries)
+        self.new = new if new.status == status else msgspec.structs.replace(new, status=status)
 
     @classmethod
     async def apply_many(cls, tx: Tx, ops: Sequence[WriteOp[Any]]) -> list[Any]:
@@ -182,21 +185,16 @@ class _InsertEvent(WriteOp[tuple[int, bool]]):
         inserted_events: list[StoredEvent] = []
         counted: list[tuple[str, str, str]] = []
         for op in mine:
-            key = (op.new.account_id, op.new.event_id)
+            new = op.new
+            key = (new.account_id, new.event_id)
             pk, inserted = pks[key]
             mine_inserted = inserted and first[key] is op
             results.append((pk, not mine_inserted))
             if mine_inserted:
-                inserted_events.append(op.new)
-                event = op.new.event
-                rows.extend(
-                    delivery_row(pk, sink, state, now, event)
-                    for sink, state in op.new.deliveries.items()
-                )
-                counted.extend(
-                    (op.new.account_id, sink, state.status)
-                    for sink, state in op.new.deliveries.items()
-                )
+                inserted_events.append(new)
+                for sink, state in new.deliveries.items():
+                    rows.append(delivery_row(pk, sink, state, now, new.event))
+                    counted.append((new.account_id, sink, state.status))
         if tx.engine == "postgresql":
             # One statement text for any count (see insert_events_unnest), sent as a batch.
             await tx.executemany(INSERT_DELIVERY, rows)
@@ -656,14 +654,13 @@ class Store:
     async def insert_event(self, new: StoredEvent) -> tuple[StoredEvent, bool]:
         """Store ``new`` (its ``pk`` and ``status`` are ignored) unless its eventId exists on
         its account; return the stored event and ``duplicate``."""
-        pk, duplicate = await self.writer.submit(_InsertEvent(new))
+        op = _InsertEvent(new)
+        pk, duplicate = await self.writer.submit(op)
         if duplicate:
             existing = await self._event_by_pk(pk)
             assert existing is not None  # rows are never deleted
             return existing, True
-        deliveries = dict(new.deliveries)
-        status = overall_status(deliveries)
-        return msgspec.structs.replace(new, pk=pk, status=status, deliveries=deliveries), False
+        return msgspec.structs.replace(op.new, pk=pk, deliveries=dict(new.deliveries)), False
 
     # -- the dataset registry --------------------------------------------------------------
 

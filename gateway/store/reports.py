@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.domain import StoredEvent, overall_status
+from gateway.domain import StoredEvent
 from gateway.reports import DAY_S, Period
 from gateway.store.outbox import EventsWhere
 from gateway.store.rows import value_and_currency
@@ -33,9 +33,10 @@ _ADD_TO_HOURS = (
 
 
 async def count_in_hours(tx: Tx, events: Sequence[StoredEvent]) -> None:
-    """Add newly stored events to ``event_hours``, in the transaction that stores them: one
-    statement per distinct hour, name, status and currency of the batch (usually one), in key
-    order (replicas adding to the same rows at once take their locks in one order)."""
+    """Add newly stored events, each with its ``status``, to ``event_hours``, in the
+    transaction that stores them: one statement per distinct hour, name, status and currency
+    of the batch (usually one), in key order (replicas adding to the same rows at once take
+    their locks in one order)."""
     if not events:
         return
     tallies: dict[tuple[str, int, str, str, str, int], list[float]] = {}
@@ -45,7 +46,7 @@ async def count_in_hours(tx: Tx, events: Sequence[StoredEvent]) -> None:
             e.account_id,
             e.event_time // HOUR_S,
             e.event_name,
-            overall_status(e.deliveries),
+            e.status,
             currency or "",
             int(e.attribution_window_expired),
         )

@@ -19,7 +19,6 @@ from gateway.domain import (
     Resolution,
     SinkState,
     StoredEvent,
-    overall_status,
 )
 
 __all__ = [
@@ -206,16 +205,13 @@ _FIELDS = (
 def _fields_blob(fields: dict[str, str] | None) -> bytes | None:
     if fields is None:
         return None
-    if any(name not in _FIELD_BIT or len(v) != 8 for name, v in fields.items()):
+    bits = [_FIELD_BIT.get(name, 0) for name in fields]
+    if 0 in bits or any(len(v) != 8 for v in fields.values()):
         return _encode(fields)  # not a CRC fingerprint: kept as it is
-    mask = 0
-    packed = b""
-    for name in _FIELDS:
-        digest = fields.get(name)
-        if digest is not None:
-            mask |= _FIELD_BIT[name]
-            packed += bytes.fromhex(digest)
-    return mask.to_bytes(2, "big") + packed
+    if bits != sorted(bits):
+        # Packed in the order of _FIELDS (a fingerprint's own order already).
+        fields = {name: fields[name] for name in _FIELDS if name in fields}
+    return sum(bits).to_bytes(2, "big") + bytes.fromhex("".join(fields.values()))
 
 
 def _fields_from(blob: bytes | None) -> dict[str, str] | None:
@@ -303,12 +299,13 @@ def conversation_params(conversation: Conversation) -> tuple[Any, ...]:
 
 
 def insert_events(events: Sequence[StoredEvent]) -> tuple[str, list[Any]]:
-    """Return one statement inserting these events (each unless its key exists)."""
+    """Return one statement inserting these events (each unless its key exists), each with the
+    ``status`` it carries (its sinks' overall status)."""
     sql = (
         f"{_INSERT_EVENTS_HEAD} {','.join([_EVENT_VALUES] * len(events))}"
         " ON CONFLICT (account_id, event_id) DO NOTHING"
     )
-    params = [v for e in events for v in event_params(e, overall_status(e.deliveries))]
+    params = [v for e in events for v in event_params(e, e.status)]
     return sql, params
 
 
@@ -329,7 +326,7 @@ def insert_events_unnest(events: Sequence[StoredEvent]) -> tuple[str, list[Any]]
     (pk, account, eventId) of each it inserted: the same text whatever the batch's size, so
     PostgreSQL prepares and plans it once per connection (a VALUES list per size would be a
     new statement, and a new plan, for every size)."""
-    rows = [event_params(e, overall_status(e.deliveries)) for e in events]
+    rows = [event_params(e, e.status) for e in events]
     # asyncpg's bigint[] takes whole numbers, not the bool a flag is held in.
     columns = [
         [int(v) for v in column] if kind == "bigint" else list(column)
@@ -364,13 +361,15 @@ def value_and_currency(event: dict[str, Any]) -> tuple[float | None, str | None]
     if not isinstance(custom, dict):
         return None, None
     value, currency = custom.get("value"), custom.get("currency")
-    number = (
-        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-    )
+    if type(value) is not float:  # the usual type, checked first
+        value = float(value) if isinstance(value, _NUMBERS) and type(value) is not bool else None
     return (
-        number if number is not None and math.isfinite(number) else None,
+        value if value is not None and math.isfinite(value) else None,
         currency if isinstance(currency, str) else None,
     )
+
+
+_NUMBERS = (int, float)
 
 
 def event_from_row(row: Any, sinks: Iterable[Sequence[Any]]) -> StoredEvent:
