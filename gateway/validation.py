@@ -21,7 +21,12 @@ from gateway.config import EventsConfig
 from gateway.errors import InvalidRequest
 from gateway.hashing import is_sha256_hex, normalize_email
 from gateway.phones import invalid_phone, phone_digits
-from gateway.wire import CONVERSION_DECODER, ConversionRequest
+from gateway.wire import (
+    CONVERSION_DECODER,
+    CONVERSION_TEXT_FIELDS,
+    ConversionRequest,
+    printable,
+)
 
 __all__ = [
     "check_conversion",
@@ -104,10 +109,7 @@ def validation_error(
             param=param,
         )
     if "matching regex" in msg and "\\x00-\\x1f" in msg:  # PRINTABLE, not a format pattern
-        msg = (
-            "it contains a control character (NUL, CR, LF, tab...) or an invisible one"
-            " (zero-width, bidirectional marks and overrides, line separators); remove it"
-        )
+        return _unprintable(param)
     return InvalidRequest(
         f"Invalid `{param}`: {msg}. {_FIELD_HINTS.get(top, '')}".strip(),
         code="invalid_field",
@@ -115,9 +117,36 @@ def validation_error(
     )
 
 
+def _unprintable(param: str) -> InvalidRequest:
+    top = re.split(r"[.\[]", param, maxsplit=1)[0]
+    return InvalidRequest(
+        f"Invalid `{param}`: it contains a control character (NUL, CR, LF, tab...) or an"
+        " invisible one (zero-width, bidirectional marks and overrides, line separators);"
+        f" remove it. {_FIELD_HINTS.get(top, '')}".strip(),
+        code="invalid_field",
+        param=param,
+    )
+
+
 def decode_conversion(body: bytes) -> ConversionRequest:
     """Decode the JSON body into a :class:`ConversionRequest` or raise a 400."""
-    return decode_body(body, CONVERSION_DECODER)
+    request = decode_body(body, CONVERSION_DECODER)
+    # Plain ASCII without escapes or DEL (raw control bytes are not JSON) cannot decode to a
+    # character PRINTABLE forbids: the usual body skips the per-field check.
+    if not body.isascii() or b"\\" in body or b"\x7f" in body:
+        _check_text(request)
+    return request
+
+
+def _check_text(request: ConversionRequest) -> None:
+    """Raise a 400 for the first text field holding a character identifiers may not carry."""
+    for attribute, name, is_list in CONVERSION_TEXT_FIELDS:
+        value = getattr(request, attribute)
+        if value is None:
+            continue
+        for i, text in enumerate(value) if is_list else [(None, value)]:
+            if not (text.isprintable() or printable(text)):
+                raise _unprintable(name if i is None else f"{name}[{i}]")
 
 
 def _field_names(kind: Any) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ import msgspec
 
 __all__ = [
     "CONVERSION_DECODER",
+    "CONVERSION_TEXT_FIELDS",
     "ENCODER",
     "AttemptView",
     "ConversationList",
@@ -67,19 +68,24 @@ def _text(max_length: int) -> msgspec.Meta:
     return msgspec.Meta(min_length=1, max_length=max_length, pattern=PRINTABLE)
 
 
+# A conversion's text holds to PRINTABLE too (the schema says so), but it is checked after
+# decoding (:func:`gateway.validation.decode_conversion`), and only when the body has
+# anything but plain ASCII: msgspec runs a pattern through Python's re for every string,
+# six calls a conversion, where the body's three byte scans clear the common case at once.
+_CHECKED_AFTER_DECODING: dict[str, Any] = {"pattern": PRINTABLE}
+
+
+def _conversion_text(max_length: int) -> msgspec.Meta:
+    return msgspec.Meta(
+        min_length=1, max_length=max_length, extra_json_schema=_CHECKED_AFTER_DECODING
+    )
+
+
 AccountId = Annotated[str, _text(128)]
-EventName = Annotated[str, _text(64)]
 EventId = Annotated[str, _text(256)]
-ConversationId = Annotated[str, _text(128)]
-Phone = Annotated[str, _text(32)]
 # A conversion's value: up to a quadrillion (sums of many stay far inside a double).
 Money = Annotated[float, msgspec.Meta(ge=0, le=1e15)]
-Currency = Annotated[str, _text(16)]
-ContentId = Annotated[str, _text(256)]
-ContentIds = Annotated[list[ContentId], msgspec.Meta(max_length=1000)]
-Email = Annotated[str, _text(320)]
-ExternalId = Annotated[str, _text(256)]
-TestCode = Annotated[str, _text(64)]
+ContentIds = Annotated[list[Annotated[str, _conversion_text(256)]], msgspec.Meta(max_length=1000)]
 # A WhatsApp business-scoped user id: "US.13491208655302741918", parents "US.ENT.1181...".
 Bsuid = Annotated[
     str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*\Z")
@@ -95,24 +101,41 @@ class WireStruct(
 class ConversionRequest(WireStruct, frozen=True):
     """``POST /v1/whatsapp/conversions``: one conversion event, Zernio's request shape."""
 
-    account_id: AccountId
-    event_name: EventName
-    event_id: EventId
-    conversation_id: ConversationId | None = None
-    phone_e164: Phone | None = None
+    account_id: Annotated[str, _conversion_text(128)]
+    event_name: Annotated[str, _conversion_text(64)]
+    event_id: Annotated[str, _conversion_text(256)]
+    conversation_id: Annotated[str, _conversion_text(128)] | None = None
+    phone_e164: Annotated[str, _conversion_text(32)] | None = None
     # Our extension (Zernio clients never send it): for users whose phone Meta withholds.
     business_scoped_user_id: Bsuid | None = None
     value: Money | None = None
-    currency: Currency | None = None
+    currency: Annotated[str, _conversion_text(16)] | None = None
     content_ids: ContentIds | None = None
-    email: Email | None = None
-    external_id: ExternalId | None = None
-    test_code: TestCode | None = None
+    email: Annotated[str, _conversion_text(320)] | None = None
+    external_id: Annotated[str, _conversion_text(256)] | None = None
+    test_code: Annotated[str, _conversion_text(64)] | None = None
     # Unix seconds; a float is accepted (and floored) because Zernio's type is "number".
     event_time: float | None = None
 
 
 _REQUEST_ATTRIBUTES = {f.encode_name: f.name for f in msgspec.structs.fields(ConversionRequest)}
+
+
+def _checked_after_decoding(kind: type[msgspec.Struct]) -> tuple[tuple[str, str, bool], ...]:
+    """(attribute, wire name, whether a list) of the fields of ``kind`` whose text is checked
+    against PRINTABLE after decoding."""
+    found = []
+    for field in msgspec.inspect.type_info(kind).fields:  # type: ignore[attr-defined]
+        kinds = getattr(field.type, "types", (field.type,))
+        for one in kinds:
+            item = getattr(one, "item_type", one)
+            if getattr(item, "extra_json_schema", None) == _CHECKED_AFTER_DECODING:
+                found.append((field.name, field.encode_name, item is not one))
+    return tuple(found)
+
+
+# The conversion's text fields that gateway.validation.decode_conversion checks.
+CONVERSION_TEXT_FIELDS = _checked_after_decoding(ConversionRequest)
 
 
 def request_field(request: ConversionRequest, name: str) -> object:

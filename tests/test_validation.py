@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.config import EventsConfig
 from gateway.errors import InvalidRequest
-from gateway.validation import check_conversion, iso_currencies
-from gateway.wire import ConversionRequest
+from gateway.validation import check_conversion, decode_conversion, iso_currencies
+from gateway.wire import CONVERSION_TEXT_FIELDS, ConversionRequest, printable
 from tests.conftest import AUTH, ClientFactory, add_conversation, store_of
 
 Client = TestClient[web.Request, web.Application]
@@ -241,3 +244,46 @@ def test_currency_list_is_iso_4217() -> None:
     assert {"USD", "EUR", "BRL", "INR", "JPY", "MXN"} <= codes
     assert "XXX" not in codes
     assert "ABC" not in codes
+
+
+def test_text_python_calls_printable_is_text_identifiers_may_carry() -> None:
+    # decode_conversion lets a string through on str.isprintable() before asking PRINTABLE:
+    # that is only sound while no character passes the first and fails the second.
+    leaks = [
+        hex(code)
+        for code in range(sys.maxunicode + 1)
+        if chr(code).isprintable() and not printable(chr(code))
+    ]
+    assert leaks == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"eventId": "del\x7fete"}, "eventId"),  # plain ASCII, but DEL
+        ({"accountId": "acme\u200b"}, "accountId"),  # an escape, zero-width space
+        ({"contentIds": ["ok", "sku\u2028"]}, "contentIds[1]"),
+        ({"email": "a@b.co\u0085"}, "email"),  # C1 control, non-ASCII UTF-8
+    ],
+)
+def test_text_checked_after_decoding_names_the_field(fields: dict[str, Any], param: str) -> None:
+    raw = json.dumps(body(**fields), ensure_ascii=False).encode()
+    with pytest.raises(InvalidRequest) as caught:
+        decode_conversion(raw)
+    assert (caught.value.code, caught.value.param) == ("invalid_field", param)
+    assert "control character" in caught.value.message
+
+
+def test_every_text_field_of_a_conversion_is_checked() -> None:
+    text = {name for _, name, _ in CONVERSION_TEXT_FIELDS}
+    strings = {
+        f.encode_name
+        for f in msgspec.structs.fields(ConversionRequest)
+        if "str" in str(f.type) and f.encode_name != "businessScopedUserId"  # its own pattern
+    }
+    assert text == strings
+    # Text that only looks odd is fine: a non-breaking space, accents, emoji.
+    request = decode_conversion(
+        json.dumps(body(eventId="caf\u00e9\u00a0\U0001f600"), ensure_ascii=False).encode()
+    )
+    assert request.event_id == "caf\u00e9\u00a0\U0001f600"
