@@ -132,8 +132,9 @@ def decode_conversion(body: bytes) -> ConversionRequest:
     """Decode the JSON body into a :class:`ConversionRequest` or raise a 400."""
     request = decode_body(body, CONVERSION_DECODER)
     # Plain ASCII without escapes or DEL (raw control bytes are not JSON) cannot decode to a
-    # character PRINTABLE forbids: the usual body skips the per-field check.
-    if not body.isascii() or b"\\" in body or b"\x7f" in body:
+    # character PRINTABLE forbids: the usual body skips the per-field check. (find, not
+    # `in`: bytes' `in` first tries its argument as an int and formats a TypeError.)
+    if not body.isascii() or body.find(b"\\") >= 0 or body.find(b"\x7f") >= 0:
         _check_text(request)
     return request
 
