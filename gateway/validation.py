@@ -130,13 +130,7 @@ def _unprintable(param: str) -> InvalidRequest:
 
 def decode_conversion(body: bytes) -> ConversionRequest:
     """Decode the JSON body into a :class:`ConversionRequest` or raise a 400."""
-    request = decode_body(body, CONVERSION_DECODER)
-    # Plain ASCII without escapes or DEL (raw control bytes are not JSON) cannot decode to a
-    # character PRINTABLE forbids: the usual body skips the per-field check. (find, not
-    # `in`: bytes' `in` first tries its argument as an int and formats a TypeError.)
-    if not body.isascii() or body.find(b"\\") >= 0 or body.find(b"\x7f") >= 0:
-        _check_text(request)
-    return request
+    return decode_body(body, CONVERSION_DECODER)
 
 
 def _check_text(request: ConversionRequest) -> None:
@@ -160,7 +154,7 @@ def _field_names(kind: Any) -> tuple[str, ...]:
 def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     """Decode a JSON request body with ``decoder`` or raise a 400 naming the field."""
     try:
-        return decoder.decode(body)
+        value = decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise validation_error(exc, _field_names(decoder.type)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -169,6 +163,16 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
             f"The body is not valid JSON ({exc}). Send one JSON object, UTF-8 encoded.",
             code="invalid_json",
         ) from None
+    # A conversion's text is checked here rather than by msgspec (wire._conversion_text),
+    # for every decoder of one (plugins' read_json too). Plain ASCII without escapes or DEL
+    # (raw control bytes are not JSON) cannot decode to a character PRINTABLE forbids: the
+    # usual body skips the check. (find, not `in`: bytes' `in` first tries its argument as an
+    # int and formats a TypeError.)
+    if isinstance(value, ConversionRequest) and (
+        not body.isascii() or body.find(b"\\") >= 0 or body.find(b"\x7f") >= 0
+    ):
+        _check_text(value)
+    return value
 
 
 def check_conversion(request: ConversionRequest, events: EventsConfig, *, now: float) -> None:

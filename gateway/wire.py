@@ -99,7 +99,11 @@ class WireStruct(
 
 
 class ConversionRequest(WireStruct, frozen=True):
-    """``POST /v1/whatsapp/conversions``: one conversion event, Zernio's request shape."""
+    """``POST /v1/whatsapp/conversions``: one conversion event, Zernio's request shape.
+
+    Decode it with :func:`gateway.read_json` (or ``gateway.validation.decode_body``): besides
+    msgspec's checks, that holds its text fields to PRINTABLE, which msgspec alone does not.
+    """
 
     account_id: Annotated[str, _conversion_text(128)]
     event_name: Annotated[str, _conversion_text(64)]

@@ -14,7 +14,12 @@ from aiohttp.test_utils import TestClient
 
 from gateway.config import EventsConfig
 from gateway.errors import InvalidRequest
-from gateway.validation import check_conversion, decode_conversion, iso_currencies
+from gateway.validation import (
+    check_conversion,
+    decode_body,
+    decode_conversion,
+    iso_currencies,
+)
 from gateway.wire import CONVERSION_TEXT_FIELDS, ConversionRequest, printable
 from tests.conftest import AUTH, ClientFactory, add_conversation, store_of
 
@@ -261,17 +266,21 @@ def test_text_python_calls_printable_is_text_identifiers_may_carry() -> None:
     ("fields", "param"),
     [
         ({"eventId": "del\x7fete"}, "eventId"),  # plain ASCII, but DEL
-        ({"accountId": "acme\u200b"}, "accountId"),  # an escape, zero-width space
+        ({"accountId": "acme\u200b"}, "accountId"),  # zero-width space, raw UTF-8
         ({"contentIds": ["ok", "sku\u2028"]}, "contentIds[1]"),
         ({"email": "a@b.co\u0085"}, "email"),  # C1 control, non-ASCII UTF-8
     ],
 )
 def test_text_checked_after_decoding_names_the_field(fields: dict[str, Any], param: str) -> None:
-    raw = json.dumps(body(**fields), ensure_ascii=False).encode()
-    with pytest.raises(InvalidRequest) as caught:
-        decode_conversion(raw)
-    assert (caught.value.code, caught.value.param) == ("invalid_field", param)
-    assert "control character" in caught.value.message
+    # As sent raw (UTF-8, or ASCII with a DEL), and as \u escapes in a plain ASCII body.
+    for raw in (
+        json.dumps(body(**fields), ensure_ascii=False).encode(),
+        json.dumps(body(**fields)).encode(),
+    ):
+        with pytest.raises(InvalidRequest) as caught:
+            decode_conversion(raw)
+        assert (caught.value.code, caught.value.param) == ("invalid_field", param)
+        assert "control character" in caught.value.message
 
 
 def test_every_text_field_of_a_conversion_is_checked() -> None:
@@ -287,3 +296,12 @@ def test_every_text_field_of_a_conversion_is_checked() -> None:
         json.dumps(body(eventId="caf\u00e9\u00a0\U0001f600"), ensure_ascii=False).encode()
     )
     assert request.event_id == "caf\u00e9\u00a0\U0001f600"
+
+
+def test_any_decoder_of_a_conversion_checks_its_text() -> None:
+    # A plugin's route decodes with a decoder of its own (gateway.read_json): the text check
+    # is decode_body's, not only decode_conversion's.
+    raw = json.dumps(body(eventId="id\u202etxt")).encode()
+    with pytest.raises(InvalidRequest) as caught:
+        decode_body(raw, msgspec.json.Decoder(ConversionRequest))
+    assert (caught.value.code, caught.value.param) == ("invalid_field", "eventId")

@@ -79,7 +79,7 @@ _BOUND_AS_IS = frozenset({str, int, float, bytearray})
 _NULL = float("nan")
 
 
-def bindable(params: Iterable[Any]) -> list[Any]:
+def bindable(params: Sequence[Any]) -> list[Any]:
     """``params`` as the sqlite3 module binds fastest, each to the same SQL value: None as
     NaN (NULL), bytes as a bytearray (the same BLOB), a bool as its int."""
     return [
