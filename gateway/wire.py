@@ -69,9 +69,9 @@ def _text(max_length: int) -> msgspec.Meta:
 
 
 # A conversion's text holds to PRINTABLE too (the schema says so), but it is checked after
-# decoding (:func:`gateway.validation.decode_conversion`), and only when the body has
-# anything but plain ASCII: msgspec runs a pattern through Python's re for every string,
-# six calls a conversion, where the body's three byte scans clear the common case at once.
+# decoding (:func:`gateway.validation.decode_body`), and only when the body has anything but
+# plain ASCII: msgspec runs a pattern through Python's re for every string, six calls a
+# conversion, where the body's three byte scans clear the common case at once.
 _CHECKED_AFTER_DECODING: dict[str, Any] = {"pattern": PRINTABLE}
 
 
