@@ -95,35 +95,18 @@ async def test_migrating_an_empty_database_creates_sqlite_s_tables(
         assert [(c[0], c[1], c[2] == "NO") for c in columns] == expected, table
 
     # Every index SQLite was given by name (not those behind its keys and UNIQUEs).
-    indexes = {
-        (name, table)
-        for name, table in lite.execute(
-            "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
-        )
-    }
-    pg_indexes = {
-        (r[0], r[1])
-        for r in await pg.fetch(
-            "SELECT i.indexname, i.tablename FROM pg_indexes i WHERE i.schemaname = 'public'"
-            " AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)"
-        )
-    }
-    assert pg_indexes == indexes
-
-    triggers = {
-        (name, table)
-        for name, table in lite.execute(
-            "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"
-        )
-    }
-    pg_triggers = {
-        (r[0], r[1])
-        for r in await pg.fetch(
-            "SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-            " WHERE NOT t.tgisinternal"
-        )
-    }
-    assert pg_triggers == triggers
+    indexes = "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+    pg_indexes = (
+        "SELECT i.indexname, i.tablename FROM pg_indexes i WHERE i.schemaname = 'public'"
+        " AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)"
+    )
+    assert {tuple(r) for r in await pg.fetch(pg_indexes)} == set(lite.execute(indexes))
+    triggers = "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"
+    pg_triggers = (
+        "SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+        " WHERE NOT t.tgisinternal"
+    )
+    assert {tuple(r) for r in await pg.fetch(pg_triggers)} == set(lite.execute(triggers))
     assert await _versions(pg) == list(range(1, len(PG_MIGRATIONS) + 1))
 
 

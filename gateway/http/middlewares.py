@@ -144,40 +144,44 @@ def _answer_failure(
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc
-        error = _from_http(exc, request, max_body_bytes)
-        bind(error_code=error.code)
-        return error_response(error, headers=_allow(exc))
+        return _answered(_from_http(exc, request, max_body_bytes), headers=_allow(exc))
     if isinstance(exc, _UNSTORABLE_TEXT):
         # The last net: a value the checks let through that PostgreSQL cannot hold. It is
         # the client's input, not an outage; nothing was stored.
         log.warning("unstorable_text", error_type=type(exc).__name__, route=_route(request))
-        unstorable = InvalidRequest(
-            "A value is one the store cannot keep (a NUL character, U+0000, or a number out"
-            " of range); nothing was accepted. Correct it and send again.",
-            code="invalid_value",
+        return _answered(
+            InvalidRequest(
+                "A value is one the store cannot keep (a NUL character, U+0000, or a number"
+                " out of range); nothing was accepted. Correct it and send again.",
+                code="invalid_value",
+            )
         )
-        bind(error_code=unstorable.code)
-        return error_response(unstorable)
     if _store_unavailable(exc):
         # Disk full, database locked past its timeout, store closing: nothing was
         # acknowledged, so the client may retry safely (duplicates are answered as such).
         log.error("store_unavailable", error_type=type(exc).__name__, route=_route(request))
-        unavailable = ServiceUnavailable(
-            "The store cannot take writes right now (disk full or database locked); nothing"
-            " was accepted. Retry shortly.",
-            code="store_unavailable",
+        return _answered(
+            ServiceUnavailable(
+                "The store cannot take writes right now (disk full or database locked);"
+                " nothing was accepted. Retry shortly.",
+                code="store_unavailable",
+            ),
+            headers={"Retry-After": "1"},
         )
-        bind(error_code=unavailable.code)
-        return error_response(unavailable, headers={"Retry-After": "1"})
     # Every other surprise, whatever its type: one envelope, one traceback, one count.
     log.error("unhandled_error", route=_route(request), error_type=type(exc).__name__, exc_info=exc)
-    bind(error_code="internal_error")
-    return error_response(
+    return _answered(
         GatewayError(
             "Internal error. Retry, and report the X-Request-Id if it persists.",
             code="internal_error",
         )
     )
+
+
+def _answered(error: GatewayError, *, headers: dict[str, str] | None = None) -> web.Response:
+    """The envelope for ``error``, its code bound to the request's log line."""
+    bind(error_code=error.code)
+    return error_response(error, headers=headers)
 
 
 # A wrong key, signature or metrics key (401), a wrong verify token (403).
@@ -191,8 +195,7 @@ def _too_many_failures(wait: float) -> web.Response:
         code="too_many_failed_authentications",
         details={"retryAfterSeconds": round(wait, 3)},
     )
-    bind(error_code=error.code)
-    return error_response(error, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    return _answered(error, headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
 
 # PostgreSQL's answers to values it cannot hold (SQLSTATE class 22: a NUL in text, a number

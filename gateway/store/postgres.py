@@ -149,9 +149,7 @@ class PgWriter(GroupCommitWriter):
                 else:
                     settled.append((result, None))
             return settled
-        self.batches += 1
-        self.ops += len(ops)
-        return [(result, None) for result in results]
+        return self._committed(results)
 
     async def _alone(self, op: WriteOp[Any]) -> list[Any]:
         for attempt in range(_RETRIES + 1):

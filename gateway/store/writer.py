@@ -141,6 +141,12 @@ class GroupCommitWriter:
     def _stopped(self) -> None:
         """Release what the engine's writer holds (the queue is empty)."""
 
+    def _committed(self, results: list[Any]) -> list[tuple[Any, BaseException | None]]:
+        """Count a batch committed in one transaction; settle each op with its result."""
+        self.batches += 1
+        self.ops += len(results)
+        return [(result, None) for result in results]
+
     async def _commit(self, batch: list[QueuedWrite]) -> list[tuple[Any, BaseException | None]]:
         """Commit the ops of ``batch`` in one transaction if they all succeed, else each
         that can on its own; return each op's result or exception."""
@@ -228,9 +234,7 @@ class SqliteWriter(GroupCommitWriter):
                 self._commit_on_thread, ops
             )
             return settled
-        self.batches += 1
-        self.ops += len(ops)
-        return [(result, None) for result in results]
+        return self._committed(results)
 
     def _begin_on_loop(self) -> bool:
         """BEGIN IMMEDIATE without waiting; False if another process holds the write lock."""
@@ -256,9 +260,7 @@ class SqliteWriter(GroupCommitWriter):
                 else:
                     settled.append((result, None))
             return settled
-        self.batches += 1
-        self.ops += len(ops)
-        return [(result, None) for result in results]
+        return self._committed(results)
 
     def _transaction(self, ops: list[WriteOp[Any]]) -> list[Any]:
         self._conn.execute("BEGIN IMMEDIATE")
