@@ -205,16 +205,19 @@ class _Timestamp:
         self._second: tuple[int, str] = (-1, "")
 
     def __call__(self, _: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-        now = time.time()
-        second = int(now)
+        event_dict["timestamp"] = self.now()
+        return event_dict
+
+    def now(self) -> str:
+        """The stamp of this moment."""
+        second, micro = divmod(time.time_ns() // 1000, 1_000_000)
         cached = self._second
         if cached[0] != second:
             cached = self._second = (
                 second,
                 time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
             )
-        event_dict["timestamp"] = f"{cached[1]}.{int((now - second) * 1_000_000):06d}Z"
-        return event_dict
+        return "%s.%06dZ" % (cached[1], micro)  # noqa: UP031  (twice as fast as an f-string)
 
 
 class JsonLine:
@@ -249,6 +252,49 @@ class JsonLine:
         redact(logger, method_name, event_dict)
         return _json.encode(event_dict).decode()
 
+    def request_line(self, fields: dict[str, Any]) -> str:
+        """The canonical line of a request (event ``request``, at info) with ``fields``.
+
+        Its usual keys are ones the gateway binds with plain values (ids, names, codes,
+        flags): a line holding only those, with no container among its values, has nothing
+        for redaction to replace, and skips its walk. Any other line takes the whole path.
+        """
+        line = {"event": "request", **fields}
+        current = _REQUEST_FIELDS.get()
+        if current:
+            # The request's fields after the line's own, which win (as setdefault would).
+            line = {**line, **current, **line}
+        if (
+            not line.keys() <= _PLAIN_KEYS
+            or not _CONTAINERS.isdisjoint(map(type, line.values()))
+            or _structlog_contextvars_used()
+        ):
+            return self(None, "info", line)
+        line["level"] = "info"
+        line["timestamp"] = self._timestamp.now()
+        return _json.encode(line).decode()
+
+
+# What the gateway itself puts on a request's canonical line; none is personal data or a
+# secret (an API key's name is bound as ``api_key``, which redaction replaces: not here).
+_PLAIN_KEYS = frozenset(
+    {
+        "event",
+        "method",
+        "route",
+        "status",
+        "duration_ms",
+        "request_id",
+        "event_id",
+        "account",
+        "event_status",
+        "duplicate",
+        "error_code",
+        "error_param",
+        "notification_id",
+    }
+)
+
 
 # structlog's add_log_level names these two differently from the method.
 _LEVELS = {"warn": "warning", "exception": "error"}
@@ -269,8 +315,7 @@ def log_request(**fields: Any) -> None:
         and isinstance(processors[0], JsonLine)
         and config["wrapper_class"].is_enabled_for(None, logging.INFO)
     ):
-        line = processors[0](None, "info", {"event": "request", **fields})
-        config["logger_factory"]().info(line)
+        config["logger_factory"]().info(processors[0].request_line(fields))
     else:
         structlog.get_logger().info("request", **fields)
 

@@ -172,23 +172,28 @@ class Plugins:
         # Asked on every request: chosen once.
         fallback = sinks[0] if sinks else ""
         self._primary = primary or next((s for s in _META_SINKS if s in sinks), fallback)
+        # The hooks every request calls take their arguments positionally (_hot).
         self._resolvers = [
             (n, call, self.config(n), self._declared(n))
             for n in roles["resolvers"]
-            if (call := _one(pm, n, "gateway_resolve_conversation"))
+            if (call := _hot(pm, n, "gateway_resolve_conversation"))
         ]
         self._normalizers = [
             (call, self.config(n))
             for n in roles["normalizers"]
-            if (call := _one(pm, n, "gateway_normalize_event"))
+            if (call := _hot(pm, n, "gateway_normalize_event"))
         ]
-        self._accept = {n: _one(pm, n, "gateway_accept_event") for n in roles["sinks"]}
+        self._accept = [
+            (n, _hot(pm, n, "gateway_accept_event"), self.config(n)) for n in roles["sinks"]
+        ]
         self._send = {
             n: call for n in roles["sinks"] if (call := _one(pm, n, "gateway_send_events"))
         }
-        self._deliver = {
-            n: call for n in roles["sinks"] if (call := _one(pm, n, "gateway_deliver_event"))
-        }
+        self._deliver = [
+            (n, call, self.config(n))
+            for n in roles["sinks"]
+            if (call := _hot(pm, n, "gateway_deliver_event"))
+        ]
         self._check = [
             (item.name, call, self.config(item.name))
             for item in loaded
@@ -348,9 +353,7 @@ class Plugins:
     ) -> tuple[Conversation, Resolution] | None:
         """Ask the resolvers in order; ``None`` if none of them applies."""
         for name, call, config, fields in self._resolvers:
-            found: Awaitable[Conversation | Resolved] | None = call(
-                request=request, account=account, store=store, config=config
-            )
+            found: Awaitable[Conversation | Resolved] | None = call(request, account, store, config)
             if found is None:
                 continue
             result = await found
@@ -375,14 +378,7 @@ class Plugins:
     ) -> None:
         """Run the normalizers in order over ``draft``."""
         for call, config in self._normalizers:
-            call(
-                draft=draft,
-                request=request,
-                account=account,
-                conversation=conversation,
-                now=now,
-                config=config,
-            )
+            call(draft, request, account, conversation, now, config)
 
     def accept(self, event: PreparedEvent) -> dict[str, SinkState]:
         """Return each sink's starting state for ``event``.
@@ -392,14 +388,14 @@ class Plugins:
         that sink ``failed`` with the reason: it never keeps the event from the other sinks.
         """
         states: dict[str, SinkState] = {}
-        for name, call in self._accept.items():
+        for name, call, config in self._accept:
             if call is None:
                 # An outbox sink that does not say: every event waits in its outbox.
                 if name in self._send:
                     states[name] = SinkState(status="pending")
                 continue
             try:
-                state = call(event=event, config=self.config(name))
+                state = call(event, config)
                 if not isinstance(state, SinkState):
                     raise TypeError(f"gateway_accept_event returned {type(state).__name__}")
             except GatewayError:
@@ -416,12 +412,12 @@ class Plugins:
         and the sinks that failed to start (their state is ``failed``)."""
         pending: dict[str, Awaitable[SinkState | None]] = {}
         failed: dict[str, SinkState] = {}
-        for name, call in self._deliver.items():
+        for name, call, config in self._deliver:
             state = event.deliveries.get(name)
             if state is None or state.status == "failed":
                 continue
             try:
-                result = call(event=event, state=state, sink=name, config=self.config(name))
+                result = call(event, state, name, config)
             except Exception as exc:
                 failed[name] = sink_fault(name, "gateway_deliver_event", exc, event.event_id)
                 continue
@@ -484,24 +480,53 @@ def sink_fault(sink: str, hook: str, exc: BaseException, event_id: str) -> SinkS
     )
 
 
+def _implementation(
+    pm: pluggy.PluginManager, name: str, hook: str
+) -> tuple[Callable[..., Any], tuple[str, ...], tuple[str, ...]] | None:
+    """Plugin ``name``'s implementation of ``hook``, the arguments it declares and those of
+    the hook's spec (pluggy checked at registration that the first are among the second)."""
+    caller = getattr(pm.hook, hook)
+    impls = [i for i in caller.get_hookimpls() if i.plugin_name == name]
+    if not impls:
+        return None
+    (impl,) = impls  # a plugin object holds one function per hook name
+    return impl.function, tuple(impl.argnames), tuple(caller.spec.argnames)
+
+
 def _one(pm: pluggy.PluginManager, name: str, hook: str) -> Callable[..., Any] | None:
-    """Return a call of plugin ``name``'s implementation of ``hook``, or ``None``.
+    """Return a call of plugin ``name``'s implementation of ``hook`` taking the hook's
+    arguments by keyword, or ``None``.
 
     Each role calls one plugin at a time, in configured order, so the call goes straight to
     the implementation with the arguments it declares, as pluggy's own loop does; going
     through a per-plugin subset hook caller cost ~10 us a call on the request path.
     """
-    impls = [i for i in getattr(pm.hook, hook).get_hookimpls() if i.plugin_name == name]
-    if not impls:
+    found = _implementation(pm, name, hook)
+    if found is None:
         return None
-    (impl,) = impls  # a plugin object holds one function per hook name
-    function, argnames = impl.function, impl.argnames
+    function, argnames, _ = found
     if not argnames:
         return lambda **_: function()
     pick = operator.itemgetter(*argnames)  # in C: the arguments it declares, in its order
     if len(argnames) == 1:
         return lambda **kwargs: function(pick(kwargs))
     return lambda **kwargs: function(*pick(kwargs))
+
+
+def _hot(pm: pluggy.PluginManager, name: str, hook: str) -> Callable[..., Any] | None:
+    """:func:`_one` for the hooks every request calls: the call takes the hook's arguments
+    positionally, in its spec's order. Without a keyword dict to build and search, a call
+    costs half as much (about 0.2 us less, a dozen calls a request)."""
+    found = _implementation(pm, name, hook)
+    if found is None:
+        return None
+    function, argnames, spec = found
+    if not argnames:
+        return lambda *_: function()
+    pick = operator.itemgetter(*(spec.index(a) for a in argnames))
+    if len(argnames) == 1:
+        return lambda *args: function(pick(args))
+    return lambda *args: function(*pick(args))
 
 
 def build_plugins(settings: Settings, *, extra: Mapping[str, object] | None = None) -> Plugins:

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import DeliveryOptions, SendOutcome, hookimpl
 from gateway.config import parse_settings
 from gateway.domain import SinkState, StoredEvent
-from gateway.logs import start_request_log
+from gateway.logs import JsonLine, bind, log_request, start_request_log
 from gateway.store.retention import RetentionCutoffs
 from gateway.store.schema import MIGRATIONS
 from tests.conftest import (
@@ -482,6 +482,42 @@ def test_plugin_bound_contextvars_are_merged_and_redacted(logs: LogCapture) -> N
     assert line["level"] == "info"
     assert EMAIL not in logs.text
     assert PHONE not in logs.text
+
+
+def test_the_request_line_redacts_whatever_the_request_bound(
+    logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The canonical line skips the redaction walk only when it holds the gateway's own plain
+    fields: a sensitive key bound to the request, or a container under a plain key, is still
+    redacted there."""
+    # As in a server where nothing binds structlog's contextvars (the line's fast path).
+    monkeypatch.setattr(structlog.contextvars, "_CONTEXT_VARS", {})
+    start_request_log(request_id="req-line")
+    bind(email=EMAIL)
+    log_request(method="POST", route="/r", status=200, duration_ms=1.0)
+    start_request_log(request_id="req-line-2")
+    bind(account={"phone": PHONE})
+    log_request(method="POST", route="/r", status=200, duration_ms=1.0)
+    first, second = logs.events("request")
+    assert first["email"] == "[redacted]"
+    assert second["account"] == {"phone": "[redacted]"}
+    assert (first["request_id"], second["request_id"]) == ("req-line", "req-line-2")
+    assert EMAIL not in logs.text
+    assert PHONE not in logs.text
+
+
+def test_the_request_lines_fast_path_writes_what_the_whole_path_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(structlog.contextvars, "_CONTEXT_VARS", {})
+    start_request_log(request_id="req-same", event_id="E1")
+    bind(account="acme", event_status="dry_run", duplicate=False)
+    fields = {"method": "POST", "route": "/r", "status": 200, "duration_ms": 1.5}
+    line = JsonLine()
+    fast = json.loads(line.request_line(fields))
+    whole = json.loads(line(None, "info", {"event": "request", **fields}))
+    assert fast.pop("timestamp")[:10] == whole.pop("timestamp")[:10]
+    assert list(fast.items()) == list(whole.items())
 
 
 async def test_every_answer_names_the_gateway_not_aiohttp(client: Client) -> None:
