@@ -353,6 +353,18 @@ async def test_not_json_is_415(client: Client) -> None:
     assert "application/json" in body["error"]
 
 
+async def test_json_with_parameters_or_capitals_is_json(client: Client) -> None:
+    """A Content-Type other than the exact ``application/json`` is parsed, not refused."""
+    conversation = await add_conversation(store_of(client))
+    for i, kind in enumerate(("Application/JSON", "application/json; charset=utf-8")):
+        resp = await client.post(
+            URL,
+            data=json.dumps(purchase(conversation.id, eventId=f"typed-{i}")),
+            headers={**AUTH, "Content-Type": kind},
+        )
+        assert resp.status == 200, await resp.text()
+
+
 async def test_malformed_json_is_400(client: Client) -> None:
     resp = await client.post(
         URL, data=b'{"accountId": ', headers={**AUTH, "Content-Type": "application/json"}

@@ -56,12 +56,13 @@ def _phone_filter(raw: str | None) -> str | None:
 @routes.post("/v1/whatsapp/conversions")
 async def post_conversion(request: web.Request) -> web.Response:
     started = time.time()
+    app = request.app
     key = authenticate(request)
-    body = await read_json_body(request, request.app[SETTINGS].server.max_body_bytes)
+    body = await read_json_body(request, app[SETTINGS].server.max_body_bytes)
     conversion = decode_conversion(body)
     bind(event_id=conversion.event_id)
     account = account_for(request, key, conversion.account_id)
-    outcome = await request.app[PIPELINE].handle(conversion, account, started=started)
+    outcome = await app[PIPELINE].handle(conversion, account, started=started)
     bind(event_status=outcome.event.status, duplicate=outcome.duplicate)
     # 202: accepted and stored, not delivered yet (retrying, or the wait ran out).
     return json_response(conversion_response(outcome), status=answer_status(outcome))
