@@ -197,7 +197,8 @@ class Pipeline:
         begun = prepared.received_at if started is None else started
         new = StoredEvent(
             pk=0,
-            status="pending",
+            # Its sinks' status, as the store keeps it (worked out here, not copied later).
+            status=overall_status(states),
             account_id=prepared.account.id,
             event_id=request.event_id,
             event_name=request.event_name,
