@@ -27,6 +27,7 @@ __all__ = [
     "bound",
     "configure_logging",
     "log_request",
+    "logged_param",
     "redact",
     "scrub",
     "scrub_exception",
@@ -159,6 +160,12 @@ def scrub(text: str) -> str:
     text = _EMAIL.sub("[email]", text)
     text = _BEARER.sub(r"\1[redacted]", text)
     return _DIGITS.sub("[number]", text)
+
+
+def logged_param(param: str | None) -> str | None:
+    """A request field path as a log line may hold it: the client chose it (an unknown key can
+    be anything, an email included), so it is bounded and its personal data masked."""
+    return None if param is None else scrub(param[:100])
 
 
 def scrub_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:

@@ -6,12 +6,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from gateway import Conversation, ConversionRequest, EventDraft, hookimpl
+from gateway import Conversation, ConversionRequest, EventDraft, SinkState, hookimpl
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
 from gateway.http.app import create_app, startup_problems
@@ -49,6 +50,75 @@ def test_normalizers_run_in_listed_order(config: dict[str, Any], first: str, las
     settings = settings_with(config, normalizers=["business_messaging", "event_time", first, last])
     plugins = build_plugins(settings, extra={"a": Tagger("A"), "b": Tagger("B")})
     assert run_normalizers(plugins, settings).custom_data["tag"] == last.upper()
+
+
+class ArgumentSpy:
+    """Each per-request hook declaring every argument of its spec, last first: what it is
+    handed, by name, must be what the host passed for that name."""
+
+    def __init__(self) -> None:
+        self.got: dict[str, dict[str, Any]] = {}
+
+    @hookimpl
+    def gateway_resolve_conversation(
+        self, config: Any, store: Any, account: Any, request: Any
+    ) -> None:
+        self.got["resolve"] = {
+            "config": config,
+            "store": store,
+            "account": account,
+            "request": request,
+        }
+
+    @hookimpl
+    def gateway_normalize_event(
+        self, config: Any, now: Any, conversation: Any, account: Any, request: Any, draft: Any
+    ) -> None:
+        self.got["normalize"] = {
+            "config": config, "now": now, "conversation": conversation,
+            "account": account, "request": request, "draft": draft,
+        }  # fmt: skip
+
+    @hookimpl
+    def gateway_accept_event(self, config: Any, event: Any) -> SinkState:
+        self.got["accept"] = {"config": config, "event": event}
+        return SinkState(status="dry_run")
+
+    @hookimpl
+    def gateway_deliver_event(self, config: Any, sink: Any, state: Any, event: Any) -> None:
+        self.got["deliver"] = {"config": config, "sink": sink, "state": state, "event": event}
+
+
+async def test_per_request_hooks_get_each_argument_by_its_name(config: dict[str, Any]) -> None:
+    settings = settings_with(
+        config, resolvers=["spy"], normalizers=["business_messaging", "spy"], sinks=["spy"]
+    )
+    spy = ArgumentSpy()
+    plugins = build_plugins(settings, extra={"spy": spy})
+    spied = plugins.config("spy")
+    account = settings.accounts[0]
+    request = ConversionRequest(account_id="acme", event_name="LeadSubmitted", event_id="e")
+    store, draft, event, now = object(), EventDraft(), object(), 12.5
+    conversation = Conversation(id="c", account_id="acme", wa_id="1", created_at=0)
+    assert await plugins.resolve(request, account, store) is None  # type: ignore[arg-type]
+    plugins.normalize(draft, request, account, conversation, now)
+    plugins.accept(event)  # type: ignore[arg-type]
+    state = SinkState(status="dry_run")
+    stored = SimpleNamespace(deliveries={"spy": state}, event_id="e")
+    plugins.deliver(stored)  # type: ignore[arg-type]
+    assert spy.got == {
+        "resolve": {"config": spied, "store": store, "account": account, "request": request},
+        "normalize": {
+            "config": spied,
+            "now": now,
+            "conversation": conversation,
+            "account": account,
+            "request": request,
+            "draft": draft,
+        },
+        "accept": {"config": spied, "event": event},
+        "deliver": {"config": spied, "sink": "spy", "state": state, "event": stored},
+    }
 
 
 def test_unknown_plugin_is_named(config: dict[str, Any]) -> None:

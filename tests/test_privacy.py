@@ -218,6 +218,25 @@ async def test_the_redaction_net_catches_a_careless_plugin(
         assert sentinel not in logs.text, sentinel
 
 
+async def test_a_field_path_the_client_chose_reaches_the_log_masked(
+    client: Client, logs: LogCapture
+) -> None:
+    """An unknown key is the client's to choose, an email or a phone included: the answer
+    names it to its sender, the log line masks it."""
+    body = {"accountId": "acme", "eventName": "LeadSubmitted", "eventId": "E1", EMAIL: 1}
+    resp = await client.post("/v1/whatsapp/conversions", json=body, headers=AUTH)
+    assert resp.status == 400
+    assert (await resp.json())["param"] == EMAIL
+    del body[EMAIL]
+    resp = await client.post("/v1/whatsapp/conversions", json={**body, PHONE: 1}, headers=AUTH)
+    assert resp.status == 400
+    first, second = logs.events("request")[-2:]
+    assert first["error_param"] == "[email]"
+    assert "[number]" in second["error_param"]
+    assert EMAIL not in logs.text
+    assert PHONE not in logs.text
+
+
 def test_console_logs_scrub_exception_messages_too() -> None:
     out = io.StringIO()
     configure_logging("info", "console", stream=out, cache=False)

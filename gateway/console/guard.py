@@ -25,7 +25,7 @@ from gateway.errors import Forbidden, GatewayError, Unauthorized
 from gateway.http.auth import ApiKey, IPNetwork, KeyRing, trusted_peer
 from gateway.http.keys import CREDENTIALS, PIPELINE, SETTINGS
 from gateway.http.middlewares import error_response
-from gateway.logs import bind
+from gateway.logs import bind, logged_param
 
 __all__ = [
     "CONSOLE",
@@ -212,7 +212,7 @@ def page(handler: PageHandler) -> Callable[[web.Request], Awaitable[web.StreamRe
 def refusal(request: web.Request, exc: GatewayError) -> web.StreamResponse:
     """Answer a refusal: the API's envelope, or for a browser's page load (Accept:
     text/html) the same message on a page, with the same status."""
-    bind(error_code=exc.code, error_param=None if exc.param is None else exc.param[:100])
+    bind(error_code=exc.code, error_param=logged_param(exc.param))
     if "text/html" not in request.headers.get("Accept", ""):
         return error_response(exc, headers=exc.headers or None)
     context = {

@@ -29,7 +29,7 @@ from gateway.errors import (
 )
 from gateway.http.auth import FailureLimiter, IPNetwork, client_address
 from gateway.http.body import too_large
-from gateway.logs import bind, log_request, start_request_log
+from gateway.logs import bind, log_request, logged_param, start_request_log
 from gateway.metrics import Metrics
 from gateway.store.postgres import BROKEN, StoreUnavailable
 from gateway.wire import ENCODER, ErrorBody, PlatformErrorBody
@@ -137,9 +137,7 @@ def _answer_failure(
     """Turn what the handler raised into an envelope with the right status (a redirect goes
     on up; anything that is not an Exception, a cancellation, never comes here)."""
     if isinstance(exc, GatewayError):
-        # The param is a field path the client chose (unknown keys): bounded in the log.
-        param = None if exc.param is None else exc.param[:100]
-        bind(error_code=exc.code, error_param=param)
+        bind(error_code=exc.code, error_param=logged_param(exc.param))
         return error_response(exc, headers=exc.headers or None)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
