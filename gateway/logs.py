@@ -164,8 +164,18 @@ def scrub(text: str) -> str:
 
 def logged_param(param: str | None) -> str | None:
     """A request field path as a log line may hold it: the client chose it (an unknown key can
-    be anything, an email included), so it is bounded and its personal data masked."""
-    return None if param is None else scrub(param[:100])
+    be anything, an email included), so its personal data is masked and it is bounded.
+
+    Masked before it is cut, so an email straddling the cut is still whole to the pattern;
+    from a bounded slice, long enough for any email starting within the kept part, since the
+    patterns' cost grows with the text.
+    """
+    return None if param is None else scrub(param[:_PARAM_SCANNED])[:_PARAM_LOGGED]
+
+
+_PARAM_LOGGED = 100
+# An email is at most 320 characters.
+_PARAM_SCANNED = _PARAM_LOGGED + 400
 
 
 def scrub_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:

@@ -235,6 +235,12 @@ async def test_a_field_path_the_client_chose_reaches_the_log_masked(
     assert "[number]" in second["error_param"]
     assert EMAIL not in logs.text
     assert PHONE not in logs.text
+    # An email across the length the log keeps is masked whole, not cut to a fragment.
+    resp = await client.post(
+        "/v1/whatsapp/conversions", json={**body, "k" * 90 + EMAIL: 1}, headers=AUTH
+    )
+    assert resp.status == 400
+    assert logs.events("request")[-1]["error_param"] == "[email]"
 
 
 def test_console_logs_scrub_exception_messages_too() -> None:

@@ -143,7 +143,7 @@ def _answer_failure(
         if exc.status < 400:
             raise exc
         return _answered(_from_http(exc, request, max_body_bytes), headers=_allow(exc))
-    if isinstance(exc, _UNSTORABLE_TEXT):
+    if isinstance(exc, _UNSTORABLE):
         # The last net: a value the checks let through that PostgreSQL cannot hold. It is
         # the client's input, not an outage; nothing was stored.
         log.warning("unstorable_text", error_type=type(exc).__name__, route=_route(request))
@@ -198,7 +198,7 @@ def _too_many_failures(wait: float) -> web.Response:
 
 # PostgreSQL's answers to values it cannot hold (SQLSTATE class 22: a NUL in text, a number
 # out of range): the request's data, not an outage.
-_UNSTORABLE_TEXT = asyncpg.DataError
+_UNSTORABLE = asyncpg.DataError
 
 
 def _store_unavailable(exc: Exception) -> bool:
