@@ -319,6 +319,26 @@ async def test_a_stored_event_and_its_payload_read_back_exactly(store: Store) ->
         assert found.deliveries["log"].payload == payload
 
 
+async def test_request_fields_read_back_exactly_whatever_their_shape(store: Store) -> None:
+    """CRC fingerprints are packed into bytes (in any order they come); anything else (a
+    field the packing does not know, digits that are not 8 hex ones) is kept as it is."""
+    shapes = [
+        {"eventName": "0011aabb", "phoneE164": "12345678", "value": "deadbeef"},
+        {"value": "deadbeef", "eventName": "0011aabb"},
+        {"eventName": "0011aabb", "somethingNew": "12345678"},
+        {"eventName": "zzzzzzzz"},
+        {"eventName": "0011aabb", "value": "0123456789abcdef"},
+        {},
+    ]
+    for i, fields in enumerate(shapes):
+        await store.insert_event(
+            msgspec.structs.replace(new_event(f"FIELDS-{i}"), request_fields=fields)
+        )
+        found = await store.find_event("acme", f"FIELDS-{i}")
+        assert found is not None
+        assert found.request_fields == fields
+
+
 async def test_how_an_event_was_resolved_reads_back_exactly(store: Store) -> None:
     """The resolution is stored as a short list (``ambiguous`` only when set)."""
     for i, ambiguous in enumerate((False, True)):

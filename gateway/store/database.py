@@ -38,7 +38,6 @@ from gateway.domain import (
     PhoneMatch,
     SinkState,
     StoredEvent,
-    overall_status,
 )
 from gateway.errors import ConfigError
 from gateway.hashing import keyed_digest
@@ -57,36 +56,30 @@ from gateway.store.archive import (
 from gateway.store.capture import CaptureOp, CaptureResult
 from gateway.store.datasets import SaveDataset, stored_datasets
 from gateway.store.erasure import Erase, redact_notification
+from gateway.store.event_insert import InsertEvent
 from gateway.store.lookups import ChangeSignal, LookupCache, Touched, tags_of
 from gateway.store.outbox import Outbox, count_deliveries
-from gateway.store.reports import Reports, count_in_hours
+from gateway.store.reports import Reports
 from gateway.store.retention import RetentionCutoffs, prune_all
 from gateway.store.rows import (
     CONVERSATION_COLUMNS,
     CONVERSATION_FIELDS,
     DELIVERY_COLUMNS,
     DELIVERY_STATE_COLUMNS,
-    DELIVERY_VALUES,
     EVENT_COLUMNS,
     INSERT_CONVERSATION,
     INSERT_DELIVERY,
-    INSERT_DELIVERY_HEAD,
     conversation_from_row,
     conversation_params,
     delivery_row,
     event_from_row,
-    insert_events,
-    insert_events_unnest,
 )
 from gateway.store.schema import UPDATE_EVENT_STATUS, migrate
 from gateway.store.sql import (
     Engine,
     Reader,
     SqliteReader,
-    SqliteTx,
     Tx,
-    bindable,
-    wake_dispatchers,
 )
 from gateway.store.writer import GroupCommitWriter, SqliteWriter, WriteOp
 from gateway.wire import ErasureCounts
@@ -153,112 +146,6 @@ def check_store_path(path: Path) -> None:
     folder = next((p for p in path.parents if p.exists()), None)
     if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"[store] path {path}: its folder cannot be created or written")
-
-
-class _InsertEvent(WriteOp[tuple[int, bool]]):
-    """Insert an event unless its ``(account, eventId)`` exists; say which happened."""
-
-    inline = True
-
-    def __init__(self, new: StoredEvent) -> None:
-        # The event as it is stored: its status is its sinks' (worked out once here, for the
-        # row, the hourly counts and the answer alike).
-        status = overall_status(new.deliveries)
-        self.new = new if new.status == status else msgspec.structs.replace(new, status=status)
-
-    @classmethod
-    async def apply_many(cls, tx: Tx, ops: Sequence[WriteOp[Any]]) -> list[Any]:
-        mine = [op for op in ops if isinstance(op, _InsertEvent)]
-        now = time.time()
-        # The first request per key is the one that may insert; a second in the same batch
-        # is its duplicate.
-        first: dict[tuple[str, str], _InsertEvent] = {}
-        for op in mine:
-            first.setdefault((op.new.account_id, op.new.event_id), op)
-        candidates = list(first.values())
-        pks: dict[tuple[str, str], tuple[int, bool]] = {}
-        for start in range(0, len(candidates), _ROWS_PER_STATEMENT):
-            chunk = candidates[start : start + _ROWS_PER_STATEMENT]
-            pks.update(await _insert_chunk(tx, [op.new for op in chunk]))
-        results: list[tuple[int, bool]] = []
-        rows: list[Any] = []
-        inserted_events: list[StoredEvent] = []
-        counted: list[tuple[str, str, str]] = []
-        for op in mine:
-            new = op.new
-            key = (new.account_id, new.event_id)
-            pk, inserted = pks[key]
-            mine_inserted = inserted and first[key] is op
-            results.append((pk, not mine_inserted))
-            if mine_inserted:
-                inserted_events.append(new)
-                for sink, state in new.deliveries.items():
-                    rows.append(delivery_row(pk, sink, state, now, new.event))
-                    counted.append((new.account_id, sink, state.status))
-        if tx.engine == "postgresql":
-            # One statement text for any count (see insert_events_unnest), sent as a batch.
-            await tx.executemany(INSERT_DELIVERY, rows)
-        else:
-            for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-                part = rows[start : start + _ROWS_PER_STATEMENT]
-                await tx.execute(
-                    f"{INSERT_DELIVERY_HEAD} {','.join([DELIVERY_VALUES] * len(part))}",
-                    [v for row in part for v in row],
-                )
-        # delivery_counts before event_hours, the order every other write takes them in (a
-        # status change updates deliveries, then events, and their triggers follow): on
-        # PostgreSQL the opposite order here deadlocked with the dispatchers' records.
-        await count_deliveries(tx, counted)
-        await count_in_hours(tx, inserted_events)
-        if any(status == "pending" for _, _, status in counted):
-            await wake_dispatchers(tx)
-        return results
-
-
-# Rows per multi-row INSERT: one statement (one step, one release of the GIL) for a whole
-# batch, well under SQLite's 32,766 bound parameters.
-_ROWS_PER_STATEMENT = 500
-
-
-async def _insert_chunk(
-    tx: Tx, events: Sequence[StoredEvent]
-) -> dict[tuple[str, str], tuple[int, bool]]:
-    """Insert events whose keys differ; return each key's pk and whether this inserted it."""
-    keys = [(e.account_id, e.event_id) for e in events]
-    if not isinstance(tx, SqliteTx):
-        inserted = {
-            (account_id, event_id): (pk, True)
-            for pk, account_id, event_id in await tx.fetch(*insert_events_unnest(events))
-        }
-        return {**await _existing(tx, [k for k in keys if k not in inserted]), **inserted}
-    sql, params = insert_events(events)
-    cursor = tx.conn.execute(sql, bindable(params))
-    last = cursor.lastrowid
-    if cursor.rowcount == len(events) and last is not None:
-        # No conflict: SQLite gave the rows consecutive rowids (each new one is the largest
-        # plus one), in the order of the VALUES.
-        return {key: (last - len(events) + 1 + i, True) for i, key in enumerate(keys)}
-    # Some keys existed (a retry racing its original, or another process): the rows this
-    # statement inserted are the only ones above the largest rowid before it.
-    inserted_above = (last or 0) - cursor.rowcount if cursor.rowcount > 0 else None
-    return {
-        key: (pk, inserted_above is not None and pk > inserted_above)
-        for key, (pk, _) in (await _existing(tx, keys)).items()
-    }
-
-
-async def _existing(
-    tx: Tx, keys: Sequence[tuple[str, str]]
-) -> dict[tuple[str, str], tuple[int, bool]]:
-    """The pks of these (account, eventId) keys' stored events, as not inserted now."""
-    if not keys:
-        return {}
-    where = " OR ".join("(account_id = ? AND event_id = ?)" for _ in keys)
-    found = await tx.fetch(
-        f"SELECT account_id, event_id, pk FROM events WHERE {where}",
-        [v for key in keys for v in key],
-    )
-    return {(account_id, event_id): (pk, False) for account_id, event_id, pk in found}
 
 
 class _InsertConversation(WriteOp[None]):
@@ -654,7 +541,7 @@ class Store:
     async def insert_event(self, new: StoredEvent) -> tuple[StoredEvent, bool]:
         """Store ``new`` (its ``pk`` and ``status`` are ignored) unless its eventId exists on
         its account; return the stored event and ``duplicate``."""
-        op = _InsertEvent(new)
+        op = InsertEvent(new)
         pk, duplicate = await self.writer.submit(op)
         if duplicate:
             existing = await self._event_by_pk(pk)

@@ -38,7 +38,7 @@ from gateway.errors import ConfigError
 from gateway.store.database import Store
 from gateway.store.lookups import LookupCache, Touched
 from gateway.store.pg_schema import migrate_pg
-from gateway.store.sql import OUTBOX_CHANNEL, Engine
+from gateway.store.sql import NULL, OUTBOX_CHANNEL, Engine
 from gateway.store.writer import GroupCommitWriter, QueuedWrite, WriteOp, apply_all
 
 __all__ = [
@@ -96,15 +96,20 @@ class PgTx:
         self.conn = conn
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        return _rowcount(await self.conn.execute(numbered(sql), *params))
+        return _rowcount(await self.conn.execute(numbered(sql), *_params(params)))
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        rows = list(rows)
-        if rows:
-            await self.conn.executemany(numbered(sql), rows)
+        bound = [_params(row) for row in rows]
+        if bound:
+            await self.conn.executemany(numbered(sql), bound)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        return [tuple(row) for row in await self.conn.fetch(numbered(sql), *params)]
+        return [tuple(row) for row in await self.conn.fetch(numbered(sql), *_params(params))]
+
+
+def _params(params: Sequence[Any]) -> list[Any]:
+    """``params`` with the rows' NULL (:data:`gateway.store.sql.NULL`, SQLite's) as None."""
+    return [None if v is NULL else v for v in params]
 
 
 class PgReader:

@@ -7,6 +7,7 @@ conversation was found, the request's digests), encoded and decoded here and now
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from gateway.domain import (
     SinkState,
     StoredEvent,
 )
+from gateway.store.sql import NULL
 
 __all__ = [
     "CONVERSATION_COLUMNS",
@@ -38,6 +40,7 @@ __all__ = [
     "delivery_row",
     "event_from_row",
     "event_params",
+    "insert_deliveries",
     "insert_events",
     "insert_events_unnest",
     "queued_from_row",
@@ -205,13 +208,28 @@ _FIELDS = (
 def _fields_blob(fields: dict[str, str] | None) -> bytes | None:
     if fields is None:
         return None
-    bits = [_FIELD_BIT.get(name, 0) for name in fields]
-    if 0 in bits or any(len(v) != 8 for v in fields.values()):
+    packing = _packing(tuple(fields))
+    if packing is None or set(map(len, fields.values())) - {8}:
         return _encode(fields)  # not a CRC fingerprint: kept as it is
-    if bits != sorted(bits):
+    mask, in_order = packing
+    if not in_order:
         # Packed in the order of _FIELDS (a fingerprint's own order already).
         fields = {name: fields[name] for name in _FIELDS if name in fields}
-    return sum(bits).to_bytes(2, "big") + bytes.fromhex("".join(fields.values()))
+    try:
+        digests = bytes.fromhex("".join(fields.values()))
+    except ValueError:
+        return _encode(fields)  # not hex digits: kept as it is
+    return mask.to_bytes(2, "big") + digests
+
+
+@functools.lru_cache(maxsize=256)
+def _packing(names: tuple[str, ...]) -> tuple[int, bool] | None:
+    """The mask of fields named ``names`` and whether they are in the order of _FIELDS
+    (None if one is not among them); requests send one of a few sets of fields."""
+    bits = [_FIELD_BIT.get(name, 0) for name in names]
+    if 0 in bits:
+        return None
+    return sum(bits), bits == sorted(bits)
 
 
 def _fields_from(blob: bytes | None) -> dict[str, str] | None:
@@ -298,15 +316,20 @@ def conversation_params(conversation: Conversation) -> tuple[Any, ...]:
     return tuple(getattr(conversation, field) for field in CONVERSATION_FIELDS)
 
 
-def insert_events(events: Sequence[StoredEvent]) -> tuple[str, list[Any]]:
-    """Return one statement inserting these events (each unless its key exists), each with the
-    ``status`` it carries (its sinks' overall status)."""
-    sql = (
-        f"{_INSERT_EVENTS_HEAD} {','.join([_EVENT_VALUES] * len(events))}"
+@functools.cache
+def insert_events(count: int) -> str:
+    """Return one statement inserting ``count`` events' rows (:func:`event_params`), each
+    unless its key exists (SQLite's multi-row VALUES; one text per count, made once)."""
+    return (
+        f"{_INSERT_EVENTS_HEAD} {','.join([_EVENT_VALUES] * count)}"
         " ON CONFLICT (account_id, event_id) DO NOTHING"
     )
-    params = [v for e in events for v in event_params(e, e.status)]
-    return sql, params
+
+
+@functools.cache
+def insert_deliveries(count: int) -> str:
+    """Return one statement inserting ``count`` :func:`delivery_row` rows (SQLite's)."""
+    return f"{INSERT_DELIVERY_HEAD} {','.join([DELIVERY_VALUES] * count)}"
 
 
 # The PostgreSQL types of the inserted events columns, in insert order.
@@ -321,38 +344,42 @@ _INSERT_EVENTS_UNNEST = (
 )
 
 
-def insert_events_unnest(events: Sequence[StoredEvent]) -> tuple[str, list[Any]]:
-    """Return one statement inserting these events from one array per column, with the
-    (pk, account, eventId) of each it inserted: the same text whatever the batch's size, so
-    PostgreSQL prepares and plans it once per connection (a VALUES list per size would be a
-    new statement, and a new plan, for every size)."""
-    rows = [event_params(e, e.status) for e in events]
-    # asyncpg's bigint[] takes whole numbers, not the bool a flag is held in.
-    columns = [
-        [int(v) for v in column] if kind == "bigint" else list(column)
-        for kind, column in zip(_EVENT_ARRAY_TYPES, zip(*rows, strict=True), strict=True)
-    ]
+def insert_events_unnest(rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
+    """Return one statement inserting these :func:`event_params` rows from one array per
+    column, with the (pk, account, eventId) of each it inserted: the same text whatever the
+    batch's size, so PostgreSQL prepares and plans it once per connection (a VALUES list per
+    size would be a new statement, and a new plan, for every size)."""
+    columns = [[None if v is NULL else v for v in column] for column in zip(*rows, strict=True)]
     return _INSERT_EVENTS_UNNEST, columns
 
 
-def event_params(event: StoredEvent, status: str) -> tuple[Any, ...]:
-    """Return an event's values in the order of :func:`insert_events`' columns."""
+def event_params(event: StoredEvent) -> tuple[Any, ...]:
+    """Return an event's values in the order of :func:`insert_events`' columns, with its
+    ``status``, each as the sqlite3 module binds it without adapting (NULL as
+    :data:`~gateway.store.sql.NULL`, a BLOB as a bytearray, the flag as an int): the row
+    goes to SQLite as it is, with no pass over it (PostgreSQL's Tx puts None back)."""
+    value, currency = value_and_currency(event.event)
     return (
         event.account_id,
         event.event_id,
         event.event_name,
         event.conversation_id,
         event.event_time,
-        status,
-        _event_blob(event),
-        event.test_event_code,
+        event.status,
+        bytearray(_event_blob(event)),
+        NULL if event.test_event_code is None else event.test_event_code,
         event.received_at,
         event.duration_ms,
-        event.attribution_window_expired,
-        _resolution_blob(event.resolution),
-        _fields_blob(event.request_fields),
-        *value_and_currency(event.event),
+        int(event.attribution_window_expired),
+        _bound(_resolution_blob(event.resolution)),
+        _bound(_fields_blob(event.request_fields)),
+        NULL if value is None else value,
+        NULL if currency is None else currency,
     )
+
+
+def _bound(blob: bytes | None) -> Any:
+    return NULL if blob is None else bytearray(blob)
 
 
 def value_and_currency(event: dict[str, Any]) -> tuple[float | None, str | None]:
@@ -398,20 +425,21 @@ def event_from_row(row: Any, sinks: Iterable[Sequence[Any]]) -> StoredEvent:
 def delivery_row(
     pk: int, sink: str, state: SinkState, now: float, event: dict[str, Any] | None = None
 ) -> tuple[Any, ...]:
-    """Return a deliveries row; a pending delivery is due at once. ``event``: the Meta event
-    as stored, which a payload carrying it refers to instead of copying."""
+    """Return a deliveries row, bound as :func:`event_params`' are; a pending delivery is
+    due at once. ``event``: the Meta event as stored, which a payload carrying it refers to
+    instead of copying."""
     return (
         pk,
         sink,
         state.status,
         state.attempts,
-        _payload_blob(state.payload, event),
-        state.error,
-        state.error_code,
-        state.trace_id,
+        _bound(_payload_blob(state.payload, event)),
+        NULL if state.error is None else state.error,
+        NULL if state.error_code is None else state.error_code,
+        NULL if state.trace_id is None else state.trace_id,
         state.events_received,
-        _optional(state.warnings),
-        now if state.status == "pending" else None,
+        _bound(_optional(state.warnings)),
+        now if state.status == "pending" else NULL,
         now,
     )
 

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import aiosqlite
 
 __all__ = [
+    "NULL",
     "OUTBOX_CHANNEL",
     "Engine",
     "Reader",
@@ -75,8 +76,10 @@ class Reader(Protocol):
 _BOUND_AS_IS = frozenset({str, int, float, bytearray})
 # SQLite binds a NaN as NULL (it stores no NaN: sqlite3_bind_double makes it NULL), so a NaN
 # is a NULL the module binds without adapting None (tests/test_store_edges.py holds SQLite
-# to it).
-_NULL = float("nan")
+# to it). The rows of a conversion's write (gateway.store.rows) carry this very object for
+# NULL, already as SQLite binds it; PostgreSQL's Tx passes None in its place (the object,
+# not any NaN: a float column's NaN would stay one).
+NULL = float("nan")
 
 
 def bindable(params: Sequence[Any]) -> list[Any]:
@@ -85,7 +88,7 @@ def bindable(params: Sequence[Any]) -> list[Any]:
     return [
         v
         if type(v) in _BOUND_AS_IS
-        else _NULL
+        else NULL
         if v is None
         else bytearray(v)
         if type(v) is bytes
