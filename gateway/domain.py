@@ -275,10 +275,14 @@ STATUS_PRECEDENCE: tuple[DeliveryStatus, ...] = (
     "delivered",
     "dry_run",
 )
+_PRECEDENCE = frozenset(STATUS_PRECEDENCE)
 
 
 def overall_status(states: dict[str, SinkState]) -> str:
     """Return the event's status from its sinks' states."""
+    if len(states) == 1:  # the usual case, told without a set
+        (state,) = states.values()
+        return state.status if state.status in _PRECEDENCE else "pending"
     present = {state.status for state in states.values()}
     for status in STATUS_PRECEDENCE:
         if status in present:

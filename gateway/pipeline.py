@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -39,8 +38,7 @@ __all__ = ["Outcome", "Pipeline", "changed_fields", "check_normalizers"]
 log = structlog.get_logger()
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     """What happened to one conversion request."""
 
     event: StoredEvent

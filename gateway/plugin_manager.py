@@ -521,6 +521,8 @@ def _hot(pm: pluggy.PluginManager, name: str, hook: str) -> Callable[..., Any] |
     if found is None:
         return None
     function, argnames, spec = found
+    if argnames == spec:
+        return function  # it takes every argument, in the spec's order: called as it is
     if not argnames:
         return lambda *_: function()
     pick = operator.itemgetter(*(spec.index(a) for a in argnames))

@@ -130,6 +130,29 @@ async def test_update_deliveries_recomputes_status(store: Store) -> None:
     assert found.status == "failed"
 
 
+async def test_an_event_stores_its_sinks_worst_status(store: Store) -> None:
+    """One sink's state is the event's (an unknown one counts as pending); of several, the
+    one needing attention first."""
+    cases = [
+        ({"log": "dry_run"}, "dry_run"),
+        ({"log": "made-up"}, "pending"),
+        ({"log": "dry_run", "meta": "delivered"}, "delivered"),
+        ({"log": "dry_run", "meta": "pending", "crm": "failed"}, "failed"),
+        ({"meta": "expired", "crm": "delivered"}, "expired"),
+        ({"log": "made-up", "meta": "delivered"}, "delivered"),
+    ]
+    for i, (statuses, expected) in enumerate(cases):
+        new = msgspec.structs.replace(
+            new_event(f"WORST-{i}"),
+            deliveries={sink: SinkState(status=s) for sink, s in statuses.items()},  # type: ignore[arg-type]
+        )
+        stored, _ = await store.insert_event(new)
+        assert stored.status == expected, statuses
+        found = await store.find_event("acme", f"WORST-{i}")
+        assert found is not None
+        assert found.status == expected, statuses
+
+
 async def test_migrations_run_once(db_path: Path) -> None:
     for _ in range(2):
         store = await SqliteStore.open(db_path)
