@@ -344,12 +344,15 @@ async def test_a_stored_event_and_its_payload_read_back_exactly(store: Store) ->
 
 async def test_request_fields_read_back_exactly_whatever_their_shape(store: Store) -> None:
     """CRC fingerprints are packed into bytes (in any order they come); anything else (a
-    field the packing does not know, digits that are not 8 hex ones) is kept as it is."""
+    field the packing does not know, digits that are not 8 lowercase hex ones) is kept as
+    it is."""
     shapes = [
         {"eventName": "0011aabb", "phoneE164": "12345678", "value": "deadbeef"},
         {"value": "deadbeef", "eventName": "0011aabb"},
         {"eventName": "0011aabb", "somethingNew": "12345678"},
         {"eventName": "zzzzzzzz"},
+        {"eventName": "00 11 aa", "value": "deadbeef"},
+        {"eventName": "0011AABB"},
         {"eventName": "0011aabb", "value": "0123456789abcdef"},
         {},
     ]

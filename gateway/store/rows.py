@@ -215,10 +215,13 @@ def _fields_blob(fields: dict[str, str] | None) -> bytes | None:
     if not in_order:
         # Packed in the order of _FIELDS (a fingerprint's own order already).
         fields = {name: fields[name] for name in _FIELDS if name in fields}
+    joined = "".join(fields.values())
     try:
-        digests = bytes.fromhex("".join(fields.values()))
+        digests = bytes.fromhex(joined)
     except ValueError:
         return _encode(fields)  # not hex digits: kept as it is
+    if digests.hex() != joined:
+        return _encode(fields)  # spaces or capitals, which fromhex takes: kept as they are
     return mask.to_bytes(2, "big") + digests
 
 
@@ -316,17 +319,19 @@ def conversation_params(conversation: Conversation) -> tuple[Any, ...]:
     return tuple(getattr(conversation, field) for field in CONVERSATION_FIELDS)
 
 
-@functools.cache
+# The statement texts of recent batch sizes (a batch of 500 events' is 18 kB: all 500 sizes
+# would keep 8 MB).
+@functools.lru_cache(maxsize=32)
 def insert_events(count: int) -> str:
     """Return one statement inserting ``count`` events' rows (:func:`event_params`), each
-    unless its key exists (SQLite's multi-row VALUES; one text per count, made once)."""
+    unless its key exists (SQLite's multi-row VALUES)."""
     return (
         f"{_INSERT_EVENTS_HEAD} {','.join([_EVENT_VALUES] * count)}"
         " ON CONFLICT (account_id, event_id) DO NOTHING"
     )
 
 
-@functools.cache
+@functools.lru_cache(maxsize=32)
 def insert_deliveries(count: int) -> str:
     """Return one statement inserting ``count`` :func:`delivery_row` rows (SQLite's)."""
     return f"{INSERT_DELIVERY_HEAD} {','.join([DELIVERY_VALUES] * count)}"
