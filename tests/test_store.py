@@ -89,6 +89,16 @@ async def test_committed_events_survive_reopen(db_path: Path) -> None:
         await again.close()
 
 
+async def test_the_writer_keeps_statement_journals_in_memory(db_path: Path) -> None:
+    # A group commit's INSERT of many rows keeps a statement journal; on disk it spilled to a
+    # temporary file created and unlinked on about every commit of a busy store.
+    store = await SqliteStore.open(db_path)
+    try:
+        assert store._writer_conn.execute("PRAGMA temp_store").fetchone() == (2,)  # MEMORY
+    finally:
+        await store.close()
+
+
 async def test_duplicate_in_one_batch_returns_the_first(store: Store) -> None:
     a, b = await asyncio.gather(
         store.insert_event(new_event("same")), store.insert_event(new_event("same"))
