@@ -525,12 +525,16 @@ def _hot(pm: pluggy.PluginManager, name: str, hook: str) -> Callable[..., Any] |
         return function  # it takes every argument, in the spec's order: called as it is
     # A function with the spec's parameters that passes on the ones the implementation
     # declares, by name: half the cost of picking them out of *args at each call (about
-    # 80 ns, ten calls a request). The names are the hookspec's and those pluggy checked the
-    # implementation declares among them, so the text is made of identifiers only.
-    namespace: dict[str, Any] = {"_implementation": function}
-    text = f"def call({', '.join(spec)}):\n    return _implementation({', '.join(argnames)})"
+    # 80 ns, ten calls a request). The names are the hookspec's (pluggy checked that the
+    # implementation's are among them), so the text is made of identifiers only; the
+    # implementation's own name is one that none of them is.
+    hidden = "_implementation"
+    while hidden in spec:
+        hidden += "_"
+    text = f"def call({', '.join(spec)}):\n    return {hidden}({', '.join(argnames)})"
+    namespace: dict[str, Any] = {hidden: function}
     # Named in tracebacks as what it is: the frame between the gateway and the plugin.
-    exec(compile(text, f"<{hook} of plugin {name}>", "exec"), namespace)  # noqa: S102
+    exec(compile(text, f"<{hook} of plugin {name!r}>", "exec"), namespace)  # noqa: S102
     call: Callable[..., Any] = namespace["call"]
     return call
 

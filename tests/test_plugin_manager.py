@@ -121,6 +121,28 @@ async def test_per_request_hooks_get_each_argument_by_its_name(config: dict[str,
     }
 
 
+class PartialFailure:
+    """A sink whose accept declares one of its hook's two arguments, and fails."""
+
+    @hookimpl
+    def gateway_accept_event(self, event: Any) -> SinkState:
+        raise RuntimeError("boom")
+
+
+def test_a_failing_hook_s_traceback_names_the_plugin(
+    config: dict[str, Any], logs: LogCapture
+) -> None:
+    settings = settings_with(config, sinks=["partial"])
+    plugins = build_plugins(settings, extra={"partial": PartialFailure()})
+    request = ConversionRequest(account_id="acme", event_name="LeadSubmitted", event_id="e")
+    states = plugins.accept(SimpleNamespace(request=request))  # type: ignore[arg-type]
+    assert states["partial"].status == "failed"
+    (line,) = logs.events("sink_failed")
+    frames = [f["filename"] for f in line["exception"][0]["frames"]]
+    # The frame between the gateway and the plugin says which hook of which plugin it is.
+    assert "<gateway_accept_event of plugin 'partial'>" in frames
+
+
 def test_unknown_plugin_is_named(config: dict[str, Any]) -> None:
     with pytest.raises(ConfigError) as info:
         build_plugins(settings_with(config, sinks=["metaa"]))

@@ -96,13 +96,13 @@ def create_app(
             # flight, the default threshold (700 more allocations than frees) still ran a
             # young collection every ~40 requests, walking every in-flight request's objects:
             # about 5% of a conversion's CPU. At this threshold a loaded server ran none in
-            # 40,000 requests; garbage in cycles is still collected, a little later.
-            threshold = gc.get_threshold()
-            gc.set_threshold(_YOUNG_COLLECTION_THRESHOLD, *threshold[1:])
-            try:
-                yield
-            finally:
-                gc.set_threshold(*threshold)
+            # 40,000 requests; garbage in cycles is still collected, a little later. Like the
+            # freeze, a setting of the process that serves: raised, never lowered, and kept
+            # (apps in one process may stop in any order; a higher setting is left alone).
+            young, *older = gc.get_threshold()
+            if young < _YOUNG_COLLECTION_THRESHOLD:
+                gc.set_threshold(_YOUNG_COLLECTION_THRESHOLD, *older)
+            yield
 
     # Every answer, those aiohttp makes before the middleware (its Expect handler's 417)
     # included.

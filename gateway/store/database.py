@@ -678,16 +678,18 @@ class SqliteStore(Store):
             writer.execute("PRAGMA synchronous = FULL")
             writer.execute("PRAGMA busy_timeout = 5000")
             writer.execute("PRAGMA foreign_keys = ON")
-            # A group commit's multi-row INSERT keeps a statement journal (to undo it alone
-            # if it fails); past 64 KiB SQLite moves that journal to a temporary file, which
-            # a busy store did on about every commit: an open, an unlink and a dozen writes
-            # each time. In memory it costs none of those (about 6 us of system time per
-            # conversion on the benchmark).
-            writer.execute("PRAGMA temp_store = MEMORY")
             # Deleted rows are overwritten, not left in free pages: an erased person's data
             # must be gone from the file, not only from the tables.
             writer.execute("PRAGMA secure_delete = ON")
             migrate(writer)
+            # After migrating: an index built over millions of old rows sorts on disk, as
+            # SQLite does by default. From here on, a group commit's multi-row INSERT keeps
+            # a statement journal (to undo it alone if it fails); past 64 KiB SQLite moves
+            # it to a temporary file, which a busy store did on about every commit (an open,
+            # an unlink and a dozen writes). In memory it costs none of those: about 6 us of
+            # system time per conversion on the benchmark. The writer's other work
+            # (retention, erasure, requeues) was measured on a million events: no more memory.
+            writer.execute("PRAGMA temp_store = MEMORY")
             quick = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             # A WAL reader waits only in rare moments (another connection recovering the
             # log); the loop waits with it, so briefly, and then the request fails with 503.
