@@ -298,6 +298,12 @@ PG_MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER delivery_counts_deleted AFTER DELETE ON deliveries
         FOR EACH ROW EXECUTE FUNCTION delivery_counts_follow();
     """,
+    # As SQLite's: ascending, so each new event is appended at the index's end (B-trees split
+    # a page in half where they are inserted into, at the end only 90/10).
+    """
+    DROP INDEX events_recent;
+    CREATE INDEX events_recent ON events (account_id, pk);
+    """,
 )
 
 # The advisory lock every migrating process takes: a fixed 64-bit key derived from the name,

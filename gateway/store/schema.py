@@ -336,6 +336,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX deliveries_claimed ON deliveries (claimed_by, claim_until)
         WHERE claimed_by IS NOT NULL;
     """,
+    # An account's newest events, ascending: the listing reads it backwards just as fast, and
+    # each new event is appended at its end. Descending, every event went in at the front,
+    # where a B-tree splits pages in half: a group commit wrote four of its pages instead of
+    # one or two, and the index held 40% more pages than its entries fill.
+    """
+    DROP INDEX events_recent;
+    CREATE INDEX events_recent ON events (account_id, pk);
+    """,
 )
 
 # overall_status() in SQL: the first status in precedence order that any sink of the event has.
