@@ -13,7 +13,9 @@ The run is a chain of slices: ``--slice`` seconds of load on the gateway, then a
 of the same load on the baseline. A machine that slows down (a neighbour, a throttled CPU)
 slows both, so the gateway's first-to-last change divided by the baseline's is the gateway's
 own. Between the two, /metrics is scraped for the outbox depth left when the load stops and
-the delivered count, and the gateway's RSS read from /proc. Per minute the p99 is that of all
+the delivered count and the event loop's lateness (``ctwa_event_loop_lag_seconds``: a stall of
+the gateway's own shows there, a slow machine's in the probes), and the gateway's RSS read
+from /proc. Per minute the p99 is that of all
 the minute's requests (pooled from each slice's distribution), not a median of the slices'
 p99s: a stall once a minute is what a soak is for.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import sys
@@ -49,6 +52,7 @@ _DELIVERED = re.compile(
     r"[^}]*\} (\S+)$",
     re.M,
 )
+_LAG = re.compile(r'^ctwa_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', re.M)
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class Reading:
     outbox: float
     delivered: float
     scrape_ms: float
+    # The event loop's lateness so far: (upper bound in seconds, cumulative count) per bucket.
+    lag: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,17 @@ class Window:
     def outbox(self) -> float:
         return max(s.reading.outbox for s in self.slices)
 
+    @property
+    def loop_lag_ms(self) -> float:
+        """The bound (ms) under which the event loop was late all the window: a stall of the
+        gateway's own shows here; a slow machine's shows in the baseline probes too."""
+        before = dict(self.delivered_before.lag)
+        after = self.slices[-1].reading.lag
+        if not after:
+            return math.nan  # a gateway without the metric
+        total = after[-1][1] - before.get(after[-1][0], 0.0)  # the +Inf bucket: every turn
+        return next(b for b, count in after if count - before.get(b, 0.0) >= total) * 1000
+
 
 @dataclass(frozen=True)
 class Gateway:
@@ -143,6 +160,7 @@ class Gateway:
             outbox=float(pending.group(1)) if pending else 0.0,
             delivered=sum(float(found) for found in _DELIVERED.findall(text)),
             scrape_ms=(scraped - started) * 1000,
+            lag=tuple((float(le), float(count)) for le, count in _LAG.findall(text)),
         )
 
     def drained(self, timeout: float) -> float | None:
@@ -287,11 +305,12 @@ def report(args: argparse.Namespace, result: Soak) -> None:
     print(
         f"per {unit} (p99 of all the {unit}'s requests; probes: the lowest and highest p99 of"
         " its baseline probes; RSS, outbox left pending as each slice's load stopped, and"
-        " /metrics duration: the highest reading):"
+        " /metrics duration: the highest reading; loop lag: the gateway's event loop was never"
+        " later than this, from its ctwa_event_loop_lag_seconds):"
     )
     print(
         f"{'window':>11}{'gw p99':>8}{'base p99':>10}{'probes':>11}{'ratio':>7}{'req/s':>8}"
-        f"{'deliv/s':>9}{'RSS MB':>8}{'outbox':>8}{'/metrics ms':>13}"
+        f"{'deliv/s':>9}{'RSS MB':>8}{'outbox':>8}{'/metrics ms':>13}{'loop lag ms':>13}"
     )
     for w in found:
         scrape_ms = max(s.reading.scrape_ms for s in w.slices)
@@ -299,6 +318,7 @@ def report(args: argparse.Namespace, result: Soak) -> None:
             f"{w.label:>11}{w.p99('gateway'):>8.2f}{w.p99('baseline'):>10.2f}"
             f"{w.probe_range:>11}{w.p99('gateway') / w.p99('baseline'):>7.2f}{w.rate:>8.0f}"
             f"{w.delivered_rate:>9.0f}{w.rss_mb:>8.1f}{w.outbox:>8.0f}{scrape_ms:>13.1f}"
+            f"{'n/a' if math.isnan(w.loop_lag_ms) else f'<= {w.loop_lag_ms:g}':>13}"
         )
     first, last = found[0], found[-1]
     gw_first, gw_last = first.p99("gateway"), last.p99("gateway")

@@ -18,6 +18,8 @@ from prometheus_client.utils import floatToGoString
 __all__ = ["Metrics"]
 
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0)
+# A busy loop is a few ms late (the turn it is serving); a stall, the whole stall.
+_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -103,6 +105,11 @@ class Metrics:
         self.store_writes_per_commit = Histogram(
             "ctwa_store_writes_per_commit", "Writes (conversions, captures...) per group commit.",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r,
+        )  # fmt: skip
+        self.event_loop_lag = Histogram(
+            "ctwa_event_loop_lag_seconds",
+            "How late the event loop ran a timer set every 100 ms (gateway.loop_watch).",
+            buckets=_LAG_BUCKETS, registry=r,
         )  # fmt: skip
         self.store_lookups = Gauge(
             "ctwa_store_lookups",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import re
+import time
 from typing import Any
 
 import msgspec
@@ -18,6 +21,7 @@ from tests.conftest import (
     ENV,
     SCOPED_KEY,
     ClientFactory,
+    LogCapture,
     add_conversation,
     sqlite_store_of,
     store_of,
@@ -61,6 +65,29 @@ async def test_a_serving_app_runs_young_collections_rarely(make_client: ClientFa
         assert gc.get_threshold() == (50_000, 10, 10)
     finally:
         gc.set_threshold(*before)
+
+
+async def test_a_stalled_event_loop_is_measured_and_logged(
+    client: Client, logs: LogCapture
+) -> None:
+    # Every request in flight waits for a held loop: the operator sees by how long, and a
+    # soak can tell the gateway's own stall from the machine's.
+    await client.get("/healthz")
+    await asyncio.sleep(0.25)  # the watcher has timed a few quiet turns
+    assert logs.events("event_loop_stalled") == []
+    time.sleep(0.8)  # noqa: ASYNC251  (the point: a synchronous call holding the loop)
+    (stalled,) = await logs.wait_for("event_loop_stalled")
+    assert stalled["level"] == "warning"
+    assert 700 <= stalled["late_ms"] < 5000
+    metrics = await (await client.get("/metrics")).text()
+    buckets = {
+        le: float(count)
+        for le, count in re.findall(
+            r'ctwa_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)', metrics
+        )
+    }
+    assert buckets["1.0"] - buckets["0.5"] == 1  # the stall, timed whole
+    assert buckets["0.1"] >= 2  # the quiet turns before it
 
 
 async def test_readyz_is_503_when_the_store_refuses_writes(client: Client) -> None:

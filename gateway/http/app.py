@@ -23,6 +23,7 @@ from gateway.http.ops_views import routes as ops_routes
 from gateway.http.report_views import routes as report_routes
 from gateway.http.views import routes as api_routes
 from gateway.http.webhook import routes as webhook_routes
+from gateway.loop_watch import watching_loop
 from gateway.metrics import Metrics
 from gateway.pipeline import check_normalizers
 from gateway.plugin_manager import Plugins
@@ -102,7 +103,8 @@ def create_app(
             young, *older = gc.get_threshold()
             if young < _YOUNG_COLLECTION_THRESHOLD:
                 gc.set_threshold(_YOUNG_COLLECTION_THRESHOLD, *older)
-            yield
+            async with watching_loop(metrics):
+                yield
 
     # Every answer, those aiohttp makes before the middleware (its Expect handler's 417)
     # included.
