@@ -19,6 +19,7 @@ the baseline down: its ratios read high.
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import statistics
 import tempfile
@@ -40,7 +41,7 @@ from bench.pinned import (
     wrk,
     zero_instructions,
 )
-from bench.target import ENV, KEY, capture, shipped_config
+from bench.target import ENV, KEY, capture, histogram, metrics, quantile, shipped_config
 
 PATH = "/v1/whatsapp/conversions"
 PHONE = "16505551234"
@@ -119,6 +120,7 @@ def pinned_rounds(args: argparse.Namespace, folder: Path) -> None:
                 capture(target.port, PHONE)
             # Warm-up: connections, caches, the store's first pages; not counted.
             measure(target, procs[target.label].pid, 2, args.connections, f"warm-{run}")
+        commits_before = histogram(metrics(found[1].port), _COMMITS)
         for round_ in range(args.rounds):
             # Alternate who goes first, so a drift of the machine hits both alike.
             order = found if round_ % 2 == 0 else found[::-1]
@@ -130,13 +132,46 @@ def pinned_rounds(args: argparse.Namespace, folder: Path) -> None:
                 if sample.result.non_2xx or sample.result.socket_errors:
                     raise RuntimeError(f"{target.label}: errors in round {round_}: {sample}")
                 samples[target.label].append(sample)
+        commits_after = histogram(metrics(found[1].port), _COMMITS)
+        disk_ms = write_and_sync_ms(folder)
     report(args, samples)
+    p50, p99 = (quantile(commits_before, commits_after, q) * 1000 for q in (0.5, 0.99))
+    print(
+        f"commit turnaround in the gateway's rounds ({_COMMITS}: its statements, the hop to"
+        f" the writer's thread, the fsync, the way back to the loop): p50 {p50:.1f} ms, p99"
+        f" {p99:.1f} ms; this disk writes and fdatasyncs a commit's WAL frames"
+        f" ({_FRAMES} pages) in {disk_ms:.2f} ms (median)"
+    )
     store = folder / f"gateway-{found[1].port}.sqlite3"
     events, size = stored_bytes(store)
     print(
         f"store: {events} events in {size / 1e6:.1f} MB, {size / max(1, events):.0f} bytes per"
         " event (file size after a checkpoint; the one conversation and its click included)"
     )
+
+
+_COMMITS = "ctwa_store_commit_seconds"
+# WAL frames a group commit of about 30 conversions writes (a page and its 24-byte header).
+_FRAMES = 26
+
+
+def write_and_sync_ms(folder: Path, times: int = 50) -> float:
+    """The median time (ms) this disk takes to append a commit's WAL frames and fdatasync
+    them: the floor under a commit's turnaround."""
+    frames = os.urandom(_FRAMES * (4096 + 24))
+    path = folder / "fsync-probe"
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    taken = []
+    try:
+        for i in range(times):
+            started = time.perf_counter()
+            os.pwrite(fd, frames, i * len(frames))
+            os.fdatasync(fd)
+            taken.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return statistics.median(taken) * 1000
 
 
 def stored_bytes(store: Path) -> tuple[int, int]:

@@ -41,7 +41,7 @@ from pathlib import Path
 from bench.ingest import HEADERS, PATH, PHONE, TEMPLATE
 from bench.load import free_port, python, server
 from bench.pinned import LOAD_CPU, WrkResult, can_pin, lua_script, pin, pooled_percentile, wrk
-from bench.target import ENV, capture, shipped_config
+from bench.target import ENV, Buckets, capture, histogram, shipped_config
 
 SINK = "meta_capi"
 GOAL = 0.20  # the issue's "within 20%"
@@ -52,7 +52,6 @@ _DELIVERED = re.compile(
     r"[^}]*\} (\S+)$",
     re.M,
 )
-_LAG = re.compile(r'^ctwa_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', re.M)
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class Reading:
     delivered: float
     scrape_ms: float
     # The event loop's lateness so far: (upper bound in seconds, cumulative count) per bucket.
-    lag: tuple[tuple[float, float], ...] = ()
+    lag: Buckets = ()
 
 
 @dataclass(frozen=True)
@@ -160,7 +159,7 @@ class Gateway:
             outbox=float(pending.group(1)) if pending else 0.0,
             delivered=sum(float(found) for found in _DELIVERED.findall(text)),
             scrape_ms=(scraped - started) * 1000,
-            lag=tuple((float(le), float(count)) for le, count in _LAG.findall(text)),
+            lag=histogram(text, "ctwa_event_loop_lag_seconds"),
         )
 
     def drained(self, timeout: float) -> float | None:

@@ -2,12 +2,14 @@
 
 ``shipped_config`` is ``config.toml`` as a newcomer gets it (log sink, logs at info), moved to
 a free port and a throwaway store; ``capture`` records a click through the signed webhook, the
-way a real conversation starts; ``seed`` writes many conversations straight into a store.
+way a real conversation starts; ``seed`` writes many conversations straight into a store;
+``metrics``, ``histogram`` and ``quantile`` read its /metrics.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import tomllib
 import urllib.request
@@ -19,7 +21,17 @@ from gateway.domain import Conversation
 from gateway.http.signature import sign
 from gateway.store.database import SqliteStore
 
-__all__ = ["ENV", "KEY", "capture", "seed", "shipped_config"]
+__all__ = [
+    "ENV",
+    "KEY",
+    "Buckets",
+    "capture",
+    "histogram",
+    "metrics",
+    "quantile",
+    "seed",
+    "shipped_config",
+]
 
 KEY = "bench-key-0123456789abcdef"
 SECRET = "bench-app-secret"
@@ -110,3 +122,41 @@ async def seed(db: Path, count: int = 1000) -> list[str]:
         return ids
     finally:
         await store.close()
+
+
+# A Prometheus histogram as scraped: (upper bound in seconds, cumulative count), +Inf last.
+Buckets = tuple[tuple[float, float], ...]
+
+
+def metrics(port: int) -> str:
+    """The gateway's /metrics text (with the metrics key the shipped config names)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics",
+        headers={"Authorization": f"Bearer {ENV['CTWA_METRICS_KEY']}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return str(answer.read().decode())
+
+
+def histogram(text: str, name: str) -> Buckets:
+    """The buckets of histogram ``name`` (one without labels) in a /metrics text."""
+    found = re.findall(rf'^{re.escape(name)}_bucket\{{le="([^"]+)"\}} (\S+)$', text, re.M)
+    return tuple((float(le), float(count)) for le, count in found)
+
+
+def quantile(before: Buckets, after: Buckets, q: float) -> float:
+    """The ``q`` quantile (seconds) of what was observed between two scrapes, interpolated
+    within its bucket as Prometheus's histogram_quantile does (the lowest bucket from 0)."""
+    counts = dict(before)
+    grown = [(bound, count - counts.get(bound, 0.0)) for bound, count in after]
+    if not grown or grown[-1][1] <= 0:
+        return float("nan")
+    rank = q * grown[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in grown:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower  # past the last bound: all that can be said
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return lower
