@@ -120,7 +120,7 @@ def pinned_rounds(args: argparse.Namespace, folder: Path) -> None:
                 capture(target.port, PHONE)
             # Warm-up: connections, caches, the store's first pages; not counted.
             measure(target, procs[target.label].pid, 2, args.connections, f"warm-{run}")
-        commits_before = histogram(metrics(found[1].port), _COMMITS)
+        commits_before = histogram(metrics(f"http://127.0.0.1:{found[1].port}"), _COMMITS)
         for round_ in range(args.rounds):
             # Alternate who goes first, so a drift of the machine hits both alike.
             order = found if round_ % 2 == 0 else found[::-1]
@@ -132,7 +132,7 @@ def pinned_rounds(args: argparse.Namespace, folder: Path) -> None:
                 if sample.result.non_2xx or sample.result.socket_errors:
                     raise RuntimeError(f"{target.label}: errors in round {round_}: {sample}")
                 samples[target.label].append(sample)
-        commits_after = histogram(metrics(found[1].port), _COMMITS)
+        commits_after = histogram(metrics(f"http://127.0.0.1:{found[1].port}"), _COMMITS)
         disk_ms = write_and_sync_ms(folder)
     report(args, samples)
     p50, p99 = (quantile(commits_before, commits_after, q) * 1000 for q in (0.5, 0.99))

@@ -12,12 +12,11 @@ webhook, then Purchases by ``phoneE164``, each with a fresh ``eventId``.
 The run is a chain of slices: ``--slice`` seconds of load on the gateway, then a ``--probe``
 of the same load on the baseline. A machine that slows down (a neighbour, a throttled CPU)
 slows both, so the gateway's first-to-last change divided by the baseline's is the gateway's
-own. Between the two, /metrics is scraped for the outbox depth left when the load stops and
-the delivered count and the event loop's lateness (``ctwa_event_loop_lag_seconds``: a stall of
+own. Between the two, /metrics is scraped for the outbox depth left when the load stops, the
+delivered count and the event loop's lateness (``ctwa_event_loop_lag_seconds``: a stall of
 the gateway's own shows there, a slow machine's in the probes), and the gateway's RSS read
-from /proc. Per minute the p99 is that of all
-the minute's requests (pooled from each slice's distribution), not a median of the slices'
-p99s: a stall once a minute is what a soak is for.
+from /proc. Per minute the p99 is that of all the minute's requests (pooled from each slice's
+distribution), not a median of the slices' p99s: a stall once a minute is what a soak is for.
 
     python -m bench.soak [--minutes 10] [--slice 10] [--probe 2] [--connections 64]
 
@@ -41,7 +40,7 @@ from pathlib import Path
 from bench.ingest import HEADERS, PATH, PHONE, TEMPLATE
 from bench.load import free_port, python, server
 from bench.pinned import LOAD_CPU, WrkResult, can_pin, lua_script, pin, pooled_percentile, wrk
-from bench.target import ENV, Buckets, capture, histogram, shipped_config
+from bench.target import ENV, Buckets, capture, histogram, metrics, shipped_config
 
 SINK = "meta_capi"
 GOAL = 0.20  # the issue's "within 20%"
@@ -145,12 +144,7 @@ class Gateway:
     def read(self) -> Reading:
         """Scrape /metrics and read the RSS."""
         started = time.monotonic()
-        request = urllib.request.Request(
-            f"{self.url}/metrics",
-            headers={"Authorization": f"Bearer {ENV['CTWA_METRICS_KEY']}"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            text = answer.read().decode()
+        text = metrics(self.url)
         scraped = time.monotonic()
         pending = _PENDING.search(text)
         return Reading(

@@ -128,10 +128,11 @@ async def seed(db: Path, count: int = 1000) -> list[str]:
 Buckets = tuple[tuple[float, float], ...]
 
 
-def metrics(port: int) -> str:
-    """The gateway's /metrics text (with the metrics key the shipped config names)."""
+def metrics(url: str) -> str:
+    """The /metrics text of the gateway at ``url`` (with the metrics key the shipped config
+    names)."""
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/metrics",
+        f"{url}/metrics",
         headers={"Authorization": f"Bearer {ENV['CTWA_METRICS_KEY']}"},
     )
     with urllib.request.urlopen(request, timeout=30) as answer:
