@@ -5,9 +5,12 @@ every thread pinned to the other (``taskset -a -cp 1``). The gateway runs the sh
 ``config.toml`` (log sink, logs at info to a file); each request is a Purchase with value and
 currency by ``phoneE164`` of a conversation captured beforehand through the signed webhook,
 with a fresh ``eventId``. The baseline is a handler that reads the body and answers a small
-JSON. Baseline and gateway alternate for ``--rounds`` rounds; the summary is the median of
-each figure, and of the per-round ratios. With valgrind installed, both are then run under
-callgrind to count instructions per request (repeatable whatever the machine is doing).
+JSON. A third server, the floor (``bench.floor_server``: the issue's prototype, a durable
+insert with nothing else), shows what this stack can do at best, and so how much CPU the goal
+leaves for everything the gateway adds. The three alternate for ``--rounds`` rounds; the
+summary is the median of each figure, and of the per-round ratios. With valgrind installed,
+each is then run under callgrind to count instructions per request (repeatable whatever the
+machine is doing).
 
     python -m bench.ingest [--seconds 5] [--rounds 3] [--connections 64] [--no-instructions]
 
@@ -19,6 +22,7 @@ the baseline down: its ratios read high.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sqlite3
 import statistics
@@ -72,7 +76,8 @@ class Target:
 
 
 def targets(folder: Path) -> list[Target]:
-    base_port, gateway_port = free_port(), free_port()
+    """The baseline first, the gateway second, then the floor (``bench.floor_server``)."""
+    base_port, gateway_port, floor_port = free_port(), free_port(), free_port()
     config = shipped_config(folder, gateway_port)
     return [
         Target(
@@ -88,6 +93,13 @@ def targets(folder: Path) -> list[Target]:
             gateway_port,
             ENV,
             captures=True,
+        ),
+        Target(
+            "floor (issue's prototype)",
+            [python(), "-m", "bench.floor_server", str(floor_port), str(folder / "floor.db")],
+            floor_port,
+            {},
+            captures=False,
         ),
     ]
 
@@ -108,21 +120,22 @@ def measure(target: Target, pid: int, seconds: float, connections: int, prefix: 
 def pinned_rounds(args: argparse.Namespace, folder: Path) -> None:
     found = targets(folder)
     samples: dict[str, list[Sample]] = {t.label: [] for t in found}
+    gateway = found[1]
     run = int(time.time())
-    with (
-        server(found[0].argv, found[0].port, found[0].env, folder / "baseline.log") as base,
-        server(found[1].argv, found[1].port, found[1].env, folder / "gateway.log") as gateway,
-    ):
-        procs = {found[0].label: base, found[1].label: gateway}
+    with contextlib.ExitStack() as stack:
+        procs = {
+            t.label: stack.enter_context(server(t.argv, t.port, t.env, folder / f"{t.port}.log"))
+            for t in found
+        }
         for target in found:
             pin(procs[target.label].pid)
             if target.captures:
                 capture(target.port, PHONE)
             # Warm-up: connections, caches, the store's first pages; not counted.
             measure(target, procs[target.label].pid, 2, args.connections, f"warm-{run}")
-        commits_before = histogram(metrics(f"http://127.0.0.1:{found[1].port}"), _COMMITS)
+        commits_before = histogram(metrics(f"http://127.0.0.1:{gateway.port}"), _COMMITS)
         for round_ in range(args.rounds):
-            # Alternate who goes first, so a drift of the machine hits both alike.
+            # Alternate the order, so a drift of the machine hits all alike.
             order = found if round_ % 2 == 0 else found[::-1]
             for target in order:
                 prefix = f"r{run}-{round_}"
@@ -132,7 +145,7 @@ def pinned_rounds(args: argparse.Namespace, folder: Path) -> None:
                 if sample.result.non_2xx or sample.result.socket_errors:
                     raise RuntimeError(f"{target.label}: errors in round {round_}: {sample}")
                 samples[target.label].append(sample)
-        commits_after = histogram(metrics(f"http://127.0.0.1:{found[1].port}"), _COMMITS)
+        commits_after = histogram(metrics(f"http://127.0.0.1:{gateway.port}"), _COMMITS)
         disk_ms = write_and_sync_ms(folder)
     report(args, samples)
     p50, p99 = (quantile(commits_before, commits_after, q) * 1000 for q in (0.5, 0.99))
@@ -142,7 +155,7 @@ def pinned_rounds(args: argparse.Namespace, folder: Path) -> None:
         f" {p99:.1f} ms; this disk writes and fdatasyncs a commit's WAL frames"
         f" ({_FRAMES} pages) in {disk_ms:.2f} ms (median)"
     )
-    store = folder / f"gateway-{found[1].port}.sqlite3"
+    store = folder / f"gateway-{gateway.port}.sqlite3"
     events, size = stored_bytes(store)
     print(
         f"store: {events} events in {size / 1e6:.1f} MB, {size / max(1, events):.0f} bytes per"
@@ -183,7 +196,9 @@ def stored_bytes(store: Path) -> tuple[int, int]:
 
 
 def report(args: argparse.Namespace, samples: dict[str, list[Sample]]) -> None:
-    base_label, gw_label = list(samples)
+    base_label, gw_label, floor_label = list(samples)
+    base = samples[base_label]
+    others = {label: runs for label, runs in samples.items() if label != base_label}
     print(
         f"ingest: wrk -t1 -c{args.connections} pinned to cpu 0, server pinned to cpu 1,"
         f" {args.rounds} rounds of {args.seconds:g} s, interleaved"
@@ -208,15 +223,32 @@ def report(args: argparse.Namespace, samples: dict[str, list[Sample]]) -> None:
             f"{median(label, lambda s: s.per_request_us(s.cpu_all)):>12.0f}"
             f"{median(label, lambda s: s.per_request_us(s.cpu_main)):>10.0f}"
         )
-    pairs = list(zip(samples[base_label], samples[gw_label], strict=True))
-    ratio = statistics.median(g.result.rate / b.result.rate for b, g in pairs)
-    p99 = statistics.median(g.result.p99_ms / b.result.p99_ms for b, g in pairs)
-    print(f"ratio gateway/baseline req/s (median of rounds): {ratio:.2f}x (goal >= 0.50x)")
-    print(f"ratio gateway/baseline p99 (median of rounds): {p99:.2f}x (goal <= 3x)")
+    ratios = {
+        label: [g.result.rate / b.result.rate for b, g in zip(base, runs, strict=True)]
+        for label, runs in others.items()
+    }
+    p99s = [g.result.p99_ms / b.result.p99_ms for b, g in zip(base, others[gw_label], strict=True)]
+    print(
+        "ratio gateway/baseline req/s (median of rounds):"
+        f" {statistics.median(ratios[gw_label]):.2f}x (goal >= 0.50x)"
+    )
+    print(
+        "ratio gateway/baseline p99 (median of rounds):"
+        f" {statistics.median(p99s):.2f}x (goal <= 3x)"
+    )
+    floor = statistics.median(ratios[floor_label])
+    # What the goal leaves for everything the gateway does beyond the floor, in µs of the
+    # baseline's CPU: the goal allows 2 baseline requests' CPU, the floor already takes 1/floor.
+    base_cpu = median(base_label, lambda s: s.per_request_us(s.cpu_all))
+    print(
+        f"ratio floor/baseline req/s (median of rounds): {floor:.2f}x; at 0.50x the gateway may"
+        f" spend {(2 - 1 / floor) * base_cpu:.0f} µs of CPU per request beyond the floor's"
+        f" (baseline {base_cpu:.0f} µs/request)"
+    )
 
 
 def instructions(args: argparse.Namespace, folder: Path) -> None:
-    """Instructions per request of both targets, counted by callgrind after a warm-up."""
+    """Instructions per request of each target, counted by callgrind after a warm-up."""
     print(f"instructions per request (callgrind, {args.instruction_seconds:g} s of -c16 load):")
     counts = {}
     (folder / "callgrind").mkdir(exist_ok=True)
@@ -238,8 +270,9 @@ def instructions(args: argparse.Namespace, folder: Path) -> None:
         counts[target.label] = total / max(1, result.requests)
         thousands = counts[target.label] / 1000
         print(f"  {target.label:<27}{thousands:>9,.0f}k ({result.requests} requests)")
-    base, gw = counts.values()
-    print(f"  gateway/baseline: {gw / base:.2f}x the instructions")
+    base, *_ = counts.values()
+    for label, count in list(counts.items())[1:]:
+        print(f"  {label} / baseline: {count / base:.2f}x the instructions")
 
 
 def unpinned(args: argparse.Namespace) -> None:
@@ -266,8 +299,9 @@ def unpinned(args: argparse.Namespace) -> None:
             print(
                 f"{target.label:<27}{result.rate:>9.0f} req/s  p99 {result.percentile(99):.2f} ms"
             )
-        base, gw = rates.values()
-        print(f"ratio gateway/baseline: {gw / base:.2f}x")
+        base, *_ = rates.values()
+        for label, rate in list(rates.items())[1:]:
+            print(f"ratio {label} / baseline: {rate / base:.2f}x")
 
 
 def main() -> None:
