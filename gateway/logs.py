@@ -27,6 +27,7 @@ __all__ = [
     "bound",
     "configure_logging",
     "log_request",
+    "logged_id",
     "logged_param",
     "redact",
     "scrub",
@@ -102,6 +103,7 @@ _SENSITIVE = frozenset(
 def redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """Replace the values of sensitive keys, at the top of the event and in nested mappings
     and lists."""
+    _mask_client_ids(event_dict)
     for key, value in event_dict.items():
         sensitive = _VERDICTS.get(key)
         if sensitive is None:
@@ -111,6 +113,13 @@ def redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
         elif type(value) in _CONTAINERS and key not in _HASHED:
             event_dict[key] = _redacted(value, 6)
     return event_dict
+
+
+def _mask_client_ids(event_dict: EventDict) -> None:
+    for key in _CLIENT_IDS:
+        value = event_dict.get(key)
+        if type(value) is str:
+            event_dict[key] = logged_id(value)
 
 
 # Top-level keys come from code, a handful of names: each one's verdict is worked out once.
@@ -176,6 +185,24 @@ def logged_param(param: str | None) -> str | None:
 _PARAM_LOGGED = 100
 # An email is at most 320 characters.
 _PARAM_SCANNED = _PARAM_LOGGED + 400
+
+
+def logged_id(value: str) -> str:
+    """An id the client chose (an ``eventId``, an ``X-Request-Id``, an unknown ``accountId``)
+    as a log line holds it: as sent, which is how an operator finds a request by it, unless
+    it could be personal data. One holding an ``@``, or nothing but a number of 8 to 15
+    digits (a phone number's shape, ``+`` and separators allowed), is masked like any other
+    client text."""
+    if "@" in value or (value[:1] in _NUMBER_STARTS and _PHONE_SHAPED.fullmatch(value)):
+        return logged_param(value) or ""
+    return value
+
+
+# What a phone number written on its own looks like: E.164 has at most 15 digits.
+_PHONE_SHAPED = re.compile(r"\+?\(?\d(?:[ ().-]{0,2}\d){7,14}")
+_NUMBER_STARTS = frozenset("+(0123456789")
+# Keys whose values are ids a client chose: each line passes them through logged_id.
+_CLIENT_IDS = ("event_id", "request_id")
 
 
 def scrub_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
@@ -287,6 +314,7 @@ class JsonLine:
             or _structlog_contextvars_used()
         ):
             return self(None, "info", line)
+        _mask_client_ids(line)
         line["level"] = "info"
         line["timestamp"] = self._timestamp.now()
         return _json.encode(line).decode()

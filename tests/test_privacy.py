@@ -73,6 +73,36 @@ def assert_clean(text: str) -> None:
         assert sentinel not in text, f"{sentinel!r} leaked"
 
 
+async def test_ids_shaped_like_personal_data_are_masked_in_logs(
+    client: Client, logs: LogCapture
+) -> None:
+    # Ids are the client's to choose: an eventId that is an email or a phone number, an
+    # unknown accountId that is an email, a request id that is a phone number. Each request
+    # is answered as usual; the log masks the id instead of writing it.
+    url = "/v1/whatsapp/conversions"
+    by_email = await client.post(url, json=conversion(EMAIL), headers=AUTH)
+    by_phone = await client.post(
+        url, json=conversion(PHONE_DIGITS), headers={**AUTH, "X-Request-Id": PHONE_DIGITS}
+    )
+    account = await client.post(
+        url, json={**conversion("e-acct"), "accountId": EMAIL}, headers=AUTH
+    )
+    for resp in (by_email, by_phone, account):
+        assert resp.status < 500
+    # A request id the log would have to mask is replaced with one of the gateway's.
+    assert by_phone.headers["X-Request-Id"] != PHONE_DIGITS
+    # Ordinary ids are logged as sent: they are how an operator finds a request.
+    plain = await client.post(
+        url, json=conversion("order-5678"), headers={**AUTH, "X-Request-Id": "req-12345678"}
+    )
+    assert plain.status < 500
+    lines = logs.events("request")
+    assert {line.get("event_id") for line in lines} >= {"order-5678", "[email]", "[number]"}
+    assert {line.get("account") for line in lines} >= {"acme", "[email]"}
+    assert "req-12345678" in {line["request_id"] for line in lines}
+    assert_clean(logs.text)
+
+
 async def test_http_logs_and_database_carry_no_pii(client: Client, logs: LogCapture) -> None:
     # Captured through the webhook, with a sentinel profile name; and once with a bad signature.
     msg = message(PHONE_DIGITS, "wamid.P1", ref=referral("privacy-click"))

@@ -22,8 +22,9 @@ from gateway.config import AccountConfig, ConsoleConfig, Settings
 from gateway.console.forms import Form
 from gateway.console.sessions import Session, Sessions
 from gateway.errors import Forbidden, GatewayError, Unauthorized
-from gateway.http.auth import ApiKey, IPNetwork, KeyRing, trusted_peer
-from gateway.http.keys import CREDENTIALS, PIPELINE, SETTINGS
+from gateway.http.auth import ApiKey, IPNetwork, trusted_peer
+from gateway.http.handlers import account_for
+from gateway.http.keys import CREDENTIALS, SETTINGS
 from gateway.http.middlewares import error_response
 from gateway.logs import bind, logged_param
 
@@ -81,9 +82,7 @@ class Viewer:
         as the API does."""
         if account_id is None:
             account_id = request.match_info["account_id"]
-        bind(account=account_id[:128])
-        KeyRing.authorize(self.key, account_id)
-        return request.app[PIPELINE].account(account_id)
+        return account_for(request, self.key, account_id)
 
 
 def security_headers(response: web.StreamResponse) -> None:

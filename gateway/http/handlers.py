@@ -17,7 +17,7 @@ from gateway.http.body import read_json_body
 from gateway.http.keys import CREDENTIALS, PIPELINE, SETTINGS
 from gateway.http.query import AccountQuery, parse_query
 from gateway.http.render import event_detail
-from gateway.logs import bind
+from gateway.logs import bind, logged_id
 from gateway.validation import decode_body
 from gateway.wire import ENCODER, EventDetail, printable
 
@@ -49,9 +49,12 @@ def authenticate(request: web.Request) -> ApiKey:
 
 def account_for(request: web.Request, key: ApiKey, account_id: str) -> AccountConfig:
     """Return the account ``key`` may act for, or raise 403/404."""
-    bind(account=account_id)
+    pipeline = request.app[PIPELINE]
+    # A configured id is logged as it is; any other is the client's text, masked like it.
+    known = pipeline.settings.account(account_id) is not None
+    bind(account=account_id if known else logged_id(account_id[:128]))
     KeyRing.authorize(key, account_id)
-    return request.app[PIPELINE].account(account_id)
+    return pipeline.account(account_id)
 
 
 def authorized_account(request: web.Request, account_id: str) -> AccountConfig:

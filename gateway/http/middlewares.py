@@ -29,7 +29,7 @@ from gateway.errors import (
 )
 from gateway.http.auth import FailureLimiter, IPNetwork, client_address
 from gateway.http.body import too_large
-from gateway.logs import bind, log_request, logged_param, start_request_log
+from gateway.logs import bind, log_request, logged_id, logged_param, start_request_log
 from gateway.metrics import Metrics
 from gateway.store.postgres import BROKEN, StoreUnavailable
 from gateway.wire import ENCODER, ErrorBody, PlatformErrorBody
@@ -91,7 +91,9 @@ def make_middleware(
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         supplied = request.headers.get(REQUEST_ID_HEADER, "")
-        if _VALID_REQUEST_ID.match(supplied):
+        # Adopted unless the log would have to mask it (a phone number's shape): an id an
+        # operator cannot search for is no use, so that request gets one of ours.
+        if _VALID_REQUEST_ID.match(supplied) and logged_id(supplied) == supplied:
             request_id = supplied
         else:
             request_id = f"{prefix}{next(counter):016x}"
