@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from typing import Any
 
@@ -12,6 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway import ConversionRequest, EventDraft, hookimpl
 from gateway.config import PluginsConfig
+from gateway.console.forms import FORM_MAX_BYTES
 from gateway.errors import ConfigError
 from gateway.http.app import reload_secrets
 from gateway.http.auth import client_address
@@ -102,6 +104,26 @@ async def test_a_body_that_does_not_decompress_is_400(client: Client, path: byte
     )
     answer = json.loads(body)
     assert (status, answer["code"], answer["param"]) == (400, "unreadable_body", "Content-Encoding")
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "limit"),
+    [
+        ("/v1/whatsapp/conversions", "application/json", 1024 * 1024),
+        ("/console/sign-in", "application/x-www-form-urlencoded", FORM_MAX_BYTES),
+    ],
+)
+async def test_a_compressed_body_is_held_to_its_routes_limit(
+    client: Client, path: str, content_type: str, limit: int
+) -> None:
+    # 9 KiB on the wire, 9 MiB inflated: past every route's limit, aiohttp's bound included.
+    bomb = gzip.compress(b"a" * (9 << 20))
+    headers = {**AUTH, "Content-Type": content_type, "Content-Encoding": "gzip"}
+    resp = await client.post(path, data=bomb, headers=headers)
+    answer = await resp.json()
+    assert (resp.status, answer["code"]) == (413, "payload_too_large")
+    assert answer["details"]["maxBodyBytes"] == limit
+    assert str(limit) in answer["error"]
 
 
 async def test_failed_authentications_are_limited_per_client_address(
