@@ -33,6 +33,7 @@ __all__ = [
     "decode_body",
     "decode_conversion",
     "iso_currencies",
+    "pattern_error",
     "validation_error",
 ]
 
@@ -108,8 +109,9 @@ def validation_error(
             code="missing_field",
             param=param,
         )
-    if "matching regex" in msg and "\\x00-\\x1f" in msg:  # PRINTABLE, not a format pattern
-        return _unprintable(param)
+    worded = pattern_error(param, msg, _FIELD_HINTS.get(top, ""))
+    if worded is not None:
+        return worded
     return InvalidRequest(
         f"Invalid `{param}`: {msg}. {_FIELD_HINTS.get(top, '')}".strip(),
         code="invalid_field",
@@ -120,11 +122,28 @@ def validation_error(
 def _unprintable(param: str) -> InvalidRequest:
     top = re.split(r"[.\[]", param, maxsplit=1)[0]
     return InvalidRequest(
-        f"Invalid `{param}`: it contains a control character (NUL, CR, LF, tab...) or an"
-        " invisible one (zero-width, bidirectional marks and overrides, line separators);"
-        f" remove it. {_FIELD_HINTS.get(top, '')}".strip(),
+        f"Invalid `{param}`: {_UNPRINTABLE} {_FIELD_HINTS.get(top, '')}".strip(),
         code="invalid_field",
         param=param,
+    )
+
+
+_UNPRINTABLE = (
+    "it contains a control character (NUL, CR, LF, tab...) or an invisible one (zero-width,"
+    " bidirectional marks and overrides, line separators); remove it."
+)
+
+
+def pattern_error(param: str, msg: str, hint: str) -> InvalidRequest | None:
+    """The 400 for a value its field's pattern refused, said in words (msgspec's message
+    quotes the pattern: hundreds of characters of escapes), with ``hint``; None for any other
+    kind of failure."""
+    if "matching regex" not in msg:
+        return None
+    # PRINTABLE's pattern (every identifier's), or a format's (a BSUID's).
+    what = _UNPRINTABLE if "\\x00-\\x1f" in msg else "it has characters this field does not take."
+    return InvalidRequest(
+        f"Invalid `{param}`: {what} {hint}".strip(), code="invalid_field", param=param
     )
 
 

@@ -91,6 +91,44 @@ async def test_control_characters_in_identifiers_are_400(
     assert "control character" in answer["error"]
 
 
+@pytest.mark.parametrize(
+    ("query", "param", "says"),
+    [
+        ("accountId=acme%00", "accountId", "control character"),
+        ("accountId=acme&eventName=Purchase%E2%80%8B", "eventName", "control character"),
+        ("accountId=acme&adId=%0A1", "adId", "control character"),
+    ],
+)
+async def test_a_bad_character_in_a_query_parameter_is_named_in_words(
+    client: Client, query: str, param: str, says: str
+) -> None:
+    resp = await client.get(f"/v1/whatsapp/conversions?{query}", headers=AUTH)
+    answer = await resp.json()
+    assert (resp.status, answer["param"]) == (400, param)
+    assert says in answer["error"]
+    # msgspec's message quotes the whole pattern; a person reads what is wrong instead.
+    assert "regex" not in answer["error"]
+    assert len(answer["error"]) < 300
+
+
+async def test_a_bsuid_that_is_not_one_is_named_in_words(client: Client) -> None:
+    resp = await client.get(
+        "/v1/whatsapp/conversations",
+        params={"accountId": "acme", "businessScopedUserId": "US.1 2"},
+        headers=AUTH,
+    )
+    answer = await resp.json()
+    assert (resp.status, answer["param"]) == (400, "businessScopedUserId")
+    assert "regex" not in answer["error"]
+    assert "US.13491208655302741918" in answer["error"]
+    body = {"accountId": "acme", "eventName": "Purchase", "eventId": "b-1",
+            "businessScopedUserId": "US.1 2"}  # fmt: skip
+    resp = await client.post("/v1/whatsapp/conversions", json=body, headers=AUTH)
+    answer = await resp.json()
+    assert (resp.status, answer["param"]) == (400, "businessScopedUserId")
+    assert "regex" not in answer["error"]
+
+
 @pytest.mark.parametrize("path", [b"/webhooks/whatsapp", b"/v1/whatsapp/conversions"])
 async def test_a_body_that_does_not_decompress_is_400(client: Client, path: bytes) -> None:
     assert client.server.host is not None

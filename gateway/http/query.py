@@ -16,6 +16,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.errors import InvalidRequest
+from gateway.validation import pattern_error
 from gateway.wire import PRINTABLE
 
 __all__ = [
@@ -93,7 +94,8 @@ class EventsQuery(EventFilters, frozen=True, kw_only=True):
 
 
 _HINTS = {
-    "accountId": "`accountId` is required as a query parameter, e.g. ?accountId=demo.",
+    "accountId": "Send `accountId` as an account id from the gateway's config, e.g."
+    " ?accountId=demo.",
     "limit": f"Send `limit` as a whole number from 1 to {_LIST_MAX}, e.g. ?limit=50.",
     "phoneE164": "Send `phoneE164` as the number with its country code, e.g. 16505551234.",
     "businessScopedUserId": "Send `businessScopedUserId` as a WhatsApp business-scoped user id"
@@ -138,10 +140,15 @@ def parse_query(request: web.Request, kind: type[Q], *, drop_empty: bool = False
         param = missing["name"] if missing else (at["path"] if at else None)
         problem = _AT.sub("", text)
         hint = _HINTS.get(param or "", "")
-        raise InvalidRequest(
-            f"Invalid query parameter `{param}`: {problem}. {hint}".strip()
-            if not missing
-            else hint or f"`{param}` is required as a query parameter.",
-            code="missing_field" if missing else "invalid_field",
+        if missing:
+            raise InvalidRequest(
+                f"`{param}` is required as a query parameter. {hint}".strip(),
+                code="missing_field",
+                param=param,
+            ) from None
+        worded = pattern_error(f"{param}", problem, hint)
+        raise worded or InvalidRequest(
+            f"Invalid query parameter `{param}`: {problem}. {hint}".strip(),
+            code="invalid_field",
             param=param,
         ) from None
