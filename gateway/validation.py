@@ -30,6 +30,7 @@ from gateway.wire import (
 
 __all__ = [
     "check_conversion",
+    "choice_error",
     "decode_body",
     "decode_conversion",
     "iso_currencies",
@@ -74,11 +75,14 @@ def iso_currencies() -> frozenset[str]:
 
 
 def validation_error(
-    exc: msgspec.ValidationError, accepted: Sequence[str] = tuple(_FIELD_HINTS)
+    exc: msgspec.ValidationError,
+    accepted: Sequence[str] = tuple(_FIELD_HINTS),
+    kind: object = None,
 ) -> InvalidRequest:
     """Translate a msgspec error into an :class:`InvalidRequest` naming the field.
 
-    ``accepted``: the body's fields, for the hint on an unknown one.
+    ``accepted``: the body's fields, for the hint on an unknown one; ``kind``: the Struct it
+    was decoded as, for the values a field of fixed choices takes.
     """
     text = str(exc)
     match = _PATH.match(text)
@@ -90,8 +94,9 @@ def validation_error(
         if named:
             param = f"{path}.{named['name']}" if path else named["name"]
     if param is None:
+        some = ", ".join(f"`{name}`" for name in accepted[:3])
         return InvalidRequest(
-            f"The body must be one JSON object with the conversion's fields: {msg}.",
+            f"The body must be one JSON object of this endpoint's fields ({some}...): {msg}.",
             code="invalid_body",
         )
     top = re.split(r"[.\[]", param, maxsplit=1)[0]
@@ -109,7 +114,7 @@ def validation_error(
             code="missing_field",
             param=param,
         )
-    worded = pattern_error(param, msg, _FIELD_HINTS.get(top, ""))
+    worded = pattern_error(param, msg, _FIELD_HINTS.get(top, "")) or choice_error(param, msg, kind)
     if worded is not None:
         return worded
     return InvalidRequest(
@@ -132,6 +137,46 @@ _UNPRINTABLE = (
     "it contains a control character (NUL, CR, LF, tab...) or an invisible one (zero-width,"
     " bidirectional marks and overrides, line separators); remove it."
 )
+
+
+def choice_error(param: str, msg: str, kind: object) -> InvalidRequest | None:
+    """The 400 for a value that is not one of its field's choices, listing them (msgspec's
+    message names only the value); None for any other kind of failure."""
+    if kind is None or not msg.startswith("Invalid enum value"):
+        return None
+    top = re.split(r"[.\[]", param, maxsplit=1)[0]
+    choices = _choices(kind).get(top)
+    if not choices:
+        return None
+    return InvalidRequest(
+        f"Invalid `{param}`: {msg.removeprefix('Invalid enum value ')} is not one of"
+        f" {', '.join(choices)}.",
+        code="invalid_field",
+        param=param,
+        details={"allowed": list(choices)},
+    )
+
+
+@cache
+def _choices(kind: object) -> dict[str, tuple[str, ...]]:
+    """Each field of fixed choices (a Literal, or a list of one) of the Struct ``kind``, by
+    its wire name."""
+    info = msgspec.inspect.type_info(kind)
+    return {
+        field.encode_name: values
+        for field in getattr(info, "fields", ())
+        if (values := _literals(field.type))
+    }
+
+
+def _literals(info: msgspec.inspect.Type) -> tuple[str, ...]:
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return tuple(str(v) for v in info.values)
+    if isinstance(info, msgspec.inspect.UnionType):
+        return tuple(v for one in info.types for v in _literals(one))
+    if isinstance(info, msgspec.inspect.ListType | msgspec.inspect.SetType):
+        return _literals(info.item_type)
+    return ()
 
 
 def pattern_error(param: str, msg: str, hint: str) -> InvalidRequest | None:
@@ -175,7 +220,7 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     try:
         value = decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise validation_error(exc, _field_names(decoder.type)) from None
+        raise validation_error(exc, _field_names(decoder.type), decoder.type) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError (not a DecodeError) for invalid UTF-8 in strings.
         raise InvalidRequest(
@@ -222,9 +267,19 @@ def check_conversion(request: ConversionRequest, events: EventsConfig, *, now: f
                 code="invalid_content_id",
                 param=f"contentIds[{i}]",
             )
+    if not request.event_id.strip():
+        raise InvalidRequest(
+            "Invalid `eventId`: must not be blank; send one id per conversion, e.g. order-1234"
+            " (Meta deduplicates by it).",
+            code="invalid_field",
+            param="eventId",
+        )
     if request.external_id is not None and not request.external_id.strip():
         raise InvalidRequest(
-            "Invalid `externalId`: must not be blank.", code="invalid_field", param="externalId"
+            "Invalid `externalId`: must not be blank; send your customer id, or leave the field"
+            " out.",
+            code="invalid_field",
+            param="externalId",
         )
     if request.event_time is not None:
         _check_event_time(request.event_time, events, now=now)
@@ -270,6 +325,13 @@ def _check_money(request: ConversionRequest) -> None:
 
 
 def _check_event_time(event_time: float, events: EventsConfig, *, now: float) -> None:
+    if event_time >= _MILLISECONDS_FLOOR * 1000:
+        # Not even milliseconds: dividing by 1000 would not give a time either.
+        raise InvalidRequest(
+            f"Invalid `eventTime`: not a Unix time; send seconds since 1970, e.g. {int(now)}.",
+            code="invalid_field",
+            param="eventTime",
+        )
     if event_time >= _MILLISECONDS_FLOOR:
         raise InvalidRequest(
             f"Invalid `eventTime` {event_time:.0f}: this looks like milliseconds; send Unix"

@@ -146,6 +146,15 @@ CASES = [
     ("content ids not a list", body(contentIds="sku"), "invalid_field", "contentIds", "Expected"),
     ("long email", body(email="a" * 320 + "@x.io"), "invalid_field", "email", "length <= 320"),
     ("empty test code", body(testCode=""), "invalid_field", "testCode", "length >= 1"),
+    ("blank event id", body(eventId="   "), "invalid_field", "eventId", "must not be blank"),
+    ("blank external id", body(externalId=" "), "invalid_field", "externalId", "leave the field"),
+    (
+        "not even milliseconds",
+        body(eventTime=1e23),
+        "invalid_field",
+        "eventTime",
+        "not a Unix time; send seconds since 1970",
+    ),
 ]
 
 
@@ -305,3 +314,32 @@ def test_any_decoder_of_a_conversion_checks_its_text() -> None:
     with pytest.raises(InvalidRequest) as caught:
         decode_body(raw, msgspec.json.Decoder(ConversionRequest))
     assert (caught.value.code, caught.value.param) == ("invalid_field", "eventId")
+
+
+async def test_a_content_type_it_cannot_read_is_quoted_as_sent(client: Client) -> None:
+    headers = {**AUTH, "Content-Type": "application/json, text/plain"}
+    resp = await client.post(URL, data=b"{}", headers=headers)
+    answer = await resp.json()
+    assert (resp.status, answer["param"]) == (415, "Content-Type")
+    assert "got 'application/json, text/plain'" in answer["error"]
+
+
+async def test_a_value_not_among_a_fields_choices_lists_them(client: Client) -> None:
+    replay = {"accountId": "acme", "status": ["delivered"]}
+    resp = await client.post("/v1/whatsapp/replay", json=replay, headers=AUTH)
+    answer = await resp.json()
+    assert (resp.status, answer["param"]) == (400, "status[0]")
+    assert "'delivered' is not one of expired, failed" in answer["error"]
+    assert answer["details"] == {"allowed": ["expired", "failed"]}
+    # In the query string too.
+    query = {"accountId": "acme", "status": "sent"}
+    resp = await client.get(URL, params=query, headers=AUTH)
+    answer = await resp.json()
+    assert (resp.status, answer["param"]) == (400, "status")
+    assert "'sent' is not one of delivered, dry_run, expired, failed, pending" in answer["error"]
+    # A body that is not an object says which fields the endpoint takes.
+    resp = await client.post("/v1/whatsapp/replay", json=[], headers=AUTH)
+    answer = await resp.json()
+    assert (resp.status, answer["code"]) == (400, "invalid_body")
+    assert "`accountId`" in answer["error"]
+    assert "conversion" not in answer["error"]

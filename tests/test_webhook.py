@@ -61,15 +61,29 @@ async def test_handshake_echoes_the_challenge(client: Client) -> None:
         {"hub.mode": "subscribe", "hub.verify_token": "wrong", "hub.challenge": "1"},
         {"hub.mode": "unsubscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "1"},
         {"hub.mode": "subscribe", "hub.challenge": "1"},
-        {"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN},
+        {"hub.mode": "subscribe"},
         {},
     ],
-    ids=["wrong token", "wrong mode", "no token", "no challenge", "nothing"],
+    ids=["wrong token", "wrong mode", "no token", "no token nor challenge", "nothing"],
 )
 async def test_handshake_refusals_are_403(client: Client, params: dict[str, str]) -> None:
     resp = await client.get(URL, params=params)
     assert resp.status == 403
     assert (await resp.json())["code"] == "verification_failed"
+
+
+@pytest.mark.parametrize("challenge", [None, "", "x" * 257])
+async def test_a_handshake_with_the_token_but_no_usable_challenge_is_400(
+    client: Client, challenge: str | None
+) -> None:
+    # Mode and token are right: the answer says what is wrong, the challenge.
+    params = {"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN}
+    if challenge is not None:
+        params["hub.challenge"] = challenge
+    resp = await client.get(URL, params=params)
+    answer = await resp.json()
+    assert (resp.status, answer["param"]) == (400, "hub.challenge")
+    assert "1 to 256 characters" in answer["error"]
 
 
 async def test_handshake_without_a_configured_token_is_403(

@@ -121,7 +121,7 @@ def _replay_request(account_id: str, values: Callable[[str], list[str]]) -> Repl
     try:
         return msgspec.convert(body, ReplayRequest)
     except msgspec.ValidationError as exc:
-        error = validation_error(exc, _REPLAY_FIELDS)
+        error = validation_error(exc, _REPLAY_FIELDS, ReplayRequest)
         # The form's field, not the item in it (`eventIds[0]`): that is what the page names.
         field = (error.param or "").partition("[")[0] or None
         raise InvalidRequest(error.message, code=error.code, param=field) from None

@@ -64,8 +64,10 @@ async def read_json_body(request: web.Request, limit: int) -> bytes:
         request.headers.get("Content-Type") != "application/json"
         and request.content_type != "application/json"
     ):
+        # The header as sent (aiohttp reads one it cannot parse as application/octet-stream).
+        given = request.headers.get("Content-Type", "none")[:100]
         raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got {request.content_type or 'none'!r};"
+            f"Content-Type must be application/json, got {given!r};"
             " send `-H 'Content-Type: application/json'`.",
             param="Content-Type",
         )

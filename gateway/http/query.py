@@ -16,7 +16,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.errors import InvalidRequest
-from gateway.validation import pattern_error
+from gateway.validation import choice_error, pattern_error
 from gateway.wire import PRINTABLE
 
 __all__ = [
@@ -146,7 +146,7 @@ def parse_query(request: web.Request, kind: type[Q], *, drop_empty: bool = False
                 code="missing_field",
                 param=param,
             ) from None
-        worded = pattern_error(f"{param}", problem, hint)
+        worded = pattern_error(f"{param}", problem, hint) or choice_error(f"{param}", problem, kind)
         raise worded or InvalidRequest(
             f"Invalid query parameter `{param}`: {problem}. {hint}".strip(),
             code="invalid_field",

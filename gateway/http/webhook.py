@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 
 from gateway.capture.inbox import receive
-from gateway.errors import Forbidden, ServiceUnavailable, Unauthorized
+from gateway.errors import Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
 from gateway.http.body import read_body
 from gateway.http.keys import CREDENTIALS, METRICS, PIPELINE, SETTINGS
 from gateway.http.signature import signature_matches
@@ -34,16 +34,21 @@ async def verify(request: web.Request) -> web.Response:
     query = request.query
     secrets = request.app[CREDENTIALS].webhook
     challenge = query.get("hub.challenge", "")
-    if (
-        query.get("hub.mode") != "subscribe"
-        or not secrets.token_matches(query.get("hub.verify_token", ""))
-        or not 0 < len(challenge) <= _MAX_CHALLENGE
+    if query.get("hub.mode") != "subscribe" or not secrets.token_matches(
+        query.get("hub.verify_token", "")
     ):
         log.warning("webhook_verification_refused", configured=secrets.verify_token is not None)
         raise Forbidden(
             "Verification refused: hub.mode must be subscribe and hub.verify_token must equal"
             " the secret named by [webhook] verify_token_env.",
             code="verification_failed",
+        )
+    # Only a caller holding the verify token learns that its challenge is what is wrong.
+    if not 0 < len(challenge) <= _MAX_CHALLENGE:
+        raise InvalidRequest(
+            f"Send `hub.challenge` (1 to {_MAX_CHALLENGE} characters): the handshake echoes it.",
+            code="invalid_field",
+            param="hub.challenge",
         )
     return web.Response(text=challenge, content_type="text/plain")
 
