@@ -72,6 +72,10 @@ def create_app(
     proxies = [ipaddress.ip_network(p, strict=False) for p in settings.server.trusted_proxies]
     app = web.Application(
         client_max_size=largest,
+        # Bodies are inflated by gateway.http.body, held to each route's limit, and a coding
+        # it does not take is answered in the envelope; aiohttp's parser would answer that
+        # in plain text, before any handler runs.
+        handler_args={"auto_decompress": False},
         middlewares=middlewares(
             max_body_bytes=largest,
             metrics=metrics,
