@@ -236,7 +236,8 @@ async def test_csv_cells_cannot_run_as_formulas(client: Client) -> None:
 @pytest.mark.parametrize(
     "next_",
     ["//evil.example", "https://evil.example", "/console//evil.example", "/console/\\evil",
-     "/console/@evil.example", "javascript:alert(1)"],
+     "/console/@evil.example", "javascript:alert(1)", "/console/../../metrics",
+     "/console/%2e%2e/metrics", "/console/accounts/./../../healthz"],
 )  # fmt: skip
 async def test_sign_in_never_redirects_off_site(client: Client, next_: str) -> None:
     """`next` is followed only to a console path of this site."""

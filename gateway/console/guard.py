@@ -13,7 +13,7 @@ import hmac
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -122,7 +122,10 @@ def safe_next(value: str | None, default: str) -> str:
     """Return ``value`` if it is a console path of this site, else ``default`` (a sign-in
     must never send the browser elsewhere)."""
     if value and _NEXT.match(value) and "//" not in value:
-        return value
+        # No dot segments, escaped or not: the browser resolves them out of /console/.
+        segments = unquote(value.partition("?")[0]).split("/")
+        if "." not in segments and ".." not in segments:
+            return value
     return default
 
 
