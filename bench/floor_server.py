@@ -80,14 +80,23 @@ class GroupCommit:
         loop = asyncio.get_running_loop()
         while self.pending:
             batch, self.pending = self.pending, []
-            await loop.run_in_executor(self.thread, self._commit, [row for row, _ in batch])
-            for _, future in batch:
-                future.set_result(None)
+            try:
+                await loop.run_in_executor(self.thread, self._commit, [row for row, _ in batch])
+            except Exception as exc:  # its requests fail; the next batch goes on
+                for _, future in batch:
+                    future.set_exception(exc)
+            else:
+                for _, future in batch:
+                    future.set_result(None)
         self.busy = False
 
     def _commit(self, rows: list[Row]) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
-        self.conn.executemany(_INSERT, rows)
+        try:
+            self.conn.executemany(_INSERT, rows)
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
         self.conn.execute("COMMIT")
 
 

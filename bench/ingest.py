@@ -237,13 +237,14 @@ def report(args: argparse.Namespace, samples: dict[str, list[Sample]]) -> None:
         f" {statistics.median(p99s):.2f}x (goal <= 3x)"
     )
     floor = statistics.median(ratios[floor_label])
-    # What the goal leaves for everything the gateway does beyond the floor, in µs of the
-    # baseline's CPU: the goal allows 2 baseline requests' CPU, the floor already takes 1/floor.
+    # What the goal leaves for everything the gateway does beyond the floor: at 0.50x a
+    # request may take two baseline requests' CPU, of which the floor takes its own.
     base_cpu = median(base_label, lambda s: s.per_request_us(s.cpu_all))
+    floor_cpu = median(floor_label, lambda s: s.per_request_us(s.cpu_all))
     print(
         f"ratio floor/baseline req/s (median of rounds): {floor:.2f}x; at 0.50x the gateway may"
-        f" spend {(2 - 1 / floor) * base_cpu:.0f} µs of CPU per request beyond the floor's"
-        f" (baseline {base_cpu:.0f} µs/request)"
+        f" spend {2 * base_cpu - floor_cpu:.0f} µs of CPU per request beyond the floor's"
+        f" {floor_cpu:.0f} (baseline {base_cpu:.0f} µs/request)"
     )
 
 

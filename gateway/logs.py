@@ -120,6 +120,10 @@ def _mask_client_ids(event_dict: EventDict) -> None:
         value = event_dict.get(key)
         if type(value) is str:
             event_dict[key] = logged_id(value)
+    for key in _CLIENT_ID_LISTS:
+        values = event_dict.get(key)
+        if isinstance(values, list | tuple):
+            event_dict[key] = [logged_id(v) if type(v) is str else v for v in values]
 
 
 # Top-level keys come from code, a handful of names: each one's verdict is worked out once.
@@ -190,19 +194,26 @@ _PARAM_SCANNED = _PARAM_LOGGED + 400
 def logged_id(value: str) -> str:
     """An id the client chose (an ``eventId``, an ``X-Request-Id``, an unknown ``accountId``)
     as a log line holds it: as sent, which is how an operator finds a request by it, unless
-    it could be personal data. One holding an ``@``, or nothing but a number of 8 to 15
-    digits (a phone number's shape, ``+`` and separators allowed), is masked like any other
-    client text."""
-    if "@" in value or (value[:1] in _NUMBER_STARTS and _PHONE_SHAPED.fullmatch(value)):
-        return logged_param(value) or ""
+    it could be personal data. One holding an ``@`` is ``[email]``; one that is nothing but
+    a number of 8 to 15 digits (a phone number's shape: ``+``, separators, and blanks or
+    punctuation around it allowed) is ``[number]``."""
+    if "@" in value:
+        return "[email]"
+    # Blanks and punctuation around a number do not make it something else.
+    bare = value.strip(_AROUND)
+    if bare[:1] in _NUMBER_STARTS and _PHONE_SHAPED.fullmatch(bare):
+        return "[number]"
     return value
 
 
 # What a phone number written on its own looks like: E.164 has at most 15 digits.
 _PHONE_SHAPED = re.compile(r"\+?\(?\d(?:[ ().-]{0,2}\d){7,14}")
 _NUMBER_STARTS = frozenset("+(0123456789")
-# Keys whose values are ids a client chose: each line passes them through logged_id.
+_AROUND = " \t\n\r\f\v.,;:!?'\"-_/|*#~^`<>[]{}="
+# Keys whose values are ids a client chose (or lists of them): each line passes them through
+# logged_id.
 _CLIENT_IDS = ("event_id", "request_id")
+_CLIENT_ID_LISTS = ("event_ids",)
 
 
 def scrub_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:

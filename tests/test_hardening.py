@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -123,6 +124,14 @@ async def test_a_bsuid_that_is_not_one_is_named_in_words(client: Client) -> None
     assert (resp.status, answer["param"]) == (400, "businessScopedUserId")
     assert "regex" not in answer["error"]
     assert "US.13491208655302741918" in answer["error"]
+    resp = await client.get(
+        "/v1/whatsapp/conversations",
+        params={"accountId": "acme", "businessScopedUserId": ""},
+        headers=AUTH,
+    )
+    answer = await resp.json()
+    assert (resp.status, answer["param"]) == (400, "businessScopedUserId")
+    assert "is empty" in answer["error"]
     body = {"accountId": "acme", "eventName": "Purchase", "eventId": "b-1",
             "businessScopedUserId": "US.1 2"}  # fmt: skip
     resp = await client.post("/v1/whatsapp/conversions", json=body, headers=AUTH)
@@ -166,9 +175,27 @@ async def test_a_compressed_body_is_held_to_its_routes_limit(
     assert str(limit) in answer["error"]
 
 
+def _raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
+def _two_members(data: bytes) -> bytes:
+    return gzip.compress(data[:10]) + gzip.compress(data[10:])
+
+
 @pytest.mark.parametrize(
     ("encoding", "pack"),
-    [("gzip", gzip.compress), ("deflate", zlib.compress), ("identity", bytes)],
+    [
+        ("gzip", gzip.compress),
+        ("x-gzip", gzip.compress),
+        ("gzip", _two_members),
+        ("deflate", zlib.compress),
+        ("deflate", _raw_deflate),
+        ("identity", bytes),
+        ("", bytes),
+    ],
+    ids=["gzip", "x-gzip", "gzip members", "deflate", "raw deflate", "identity", "empty"],
 )
 async def test_a_compressed_conversion_is_read_like_a_plain_one(
     client: Client, encoding: str, pack: Callable[[bytes], bytes]
@@ -196,16 +223,37 @@ async def test_a_content_encoding_it_does_not_take_is_415_in_the_envelope(
     assert "gzip or deflate" in answer["error"]
 
 
-async def test_a_gzip_body_cut_short_is_400(client: Client) -> None:
+@pytest.mark.parametrize("after", [b"", b"junk after the stream"], ids=["cut short", "junk"])
+async def test_a_gzip_body_cut_short_or_followed_by_junk_is_400(
+    client: Client, after: bytes
+) -> None:
     whole = gzip.compress(b'{"accountId": "acme", "eventName": "Purchase"}')
+    sent = whole + after if after else whole[:-6]
     headers = {**AUTH, "Content-Type": "application/json", "Content-Encoding": "gzip"}
-    resp = await client.post("/v1/whatsapp/conversions", data=whole[:-6], headers=headers)
+    resp = await client.post("/v1/whatsapp/conversions", data=sent, headers=headers)
     answer = await resp.json()
     assert (resp.status, answer["code"], answer["param"]) == (
         400,
         "unreadable_body",
         "Content-Encoding",
     )
+
+
+async def test_compressed_bytes_are_held_to_the_limit_before_they_inflate(
+    client: Client,
+) -> None:
+    # Unsigned, unauthenticated, chunked (no Content-Length): a tiny gzip member followed by
+    # megabytes the inflater would keep (or endless empty deflate blocks) is refused once the
+    # bytes sent pass the route's limit, not read to the end.
+    async def chunks() -> AsyncIterator[bytes]:
+        yield gzip.compress(b"{}")
+        for _ in range(64):
+            yield os.urandom(1 << 20)
+
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    resp = await client.post("/webhooks/whatsapp", data=chunks(), headers=headers)
+    answer = await resp.json()
+    assert (resp.status, answer["details"]["maxBodyBytes"]) == (413, 8 * 1024 * 1024)
 
 
 async def test_failed_authentications_are_limited_per_client_address(

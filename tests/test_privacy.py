@@ -312,3 +312,21 @@ async def test_a_sinks_reason_is_scrubbed_before_it_is_stored_logged_or_shown(
     for text in (answer, json.dumps(detail), logs.text):
         assert EMAIL not in text
         assert PHONE not in text
+
+
+async def test_ids_shaped_like_personal_data_are_masked_in_delivery_lines_too(
+    make_client: ClientFactory, logs: LogCapture
+) -> None:
+    client = await make_client(
+        plugins={"sinks": ["careless"], "careless": {}}, extra={"careless": CarelessSink()}
+    )
+    conversation = await add_conversation(store_of(client))
+    for event_id in (EMAIL, PHONE_DIGITS):
+        body = {"accountId": "acme", "eventName": "LeadSubmitted", "eventId": event_id,
+                "conversationId": conversation.id}  # fmt: skip
+        resp = await client.post("/v1/whatsapp/conversions", json=body, headers=AUTH)
+        assert resp.status == 200
+    # The dispatcher's lines list the events they are about.
+    (*_, line) = logs.events("delivery_failed")
+    assert line["event_ids"] in (["[email]"], ["[number]"])
+    assert_clean(logs.text)

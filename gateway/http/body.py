@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 from aiohttp import web
 
@@ -52,10 +53,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 async def _inflated(request: web.Request, encoding: str, limit: int) -> bytes:
     """The body inflated here, not by aiohttp (the app turns its decompression off): only up
-    to ``limit``, whatever the Content-Length (what was sent, not what it inflates to), and a
-    coding the gateway does not take is a 415 in the envelope, not aiohttp's plain-text 400."""
+    to ``limit`` read and ``limit`` inflated, whatever the Content-Length says (what was sent,
+    not what it inflates to), and a coding the gateway does not take is a 415 in the envelope,
+    not aiohttp's plain-text 400."""
     name = encoding.strip().lower()
-    if name == "identity":
+    if name in ("", "identity"):
         return await _read_up_to(request, limit)
     if name not in _INFLATABLE:
         raise UnsupportedMediaType(
@@ -64,17 +66,35 @@ async def _inflated(request: web.Request, encoding: str, limit: int) -> bytes:
             code="unsupported_content_encoding",
             param="Content-Encoding",
         )
-    # 32 + 15: a gzip or a zlib stream, whichever header it starts with.
-    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)
+    compressed = await _read_up_to(request, limit)
+    if len(compressed) > limit:
+        raise too_large(limit)  # sent: more than the limit before inflating a byte
     body = bytearray()
-    while chunk := await request.content.readany():
-        body += inflater.decompress(chunk, limit + 1 - len(body))
+    while compressed:
+        inflater = _inflater(name, compressed)
+        body += inflater.decompress(compressed, limit + 1 - len(body))
         if len(body) > limit or inflater.unconsumed_tail:
             raise too_large(limit)
-    body += inflater.flush()
-    if not inflater.eof:
-        raise EOFError("the compressed stream ends early")
+        if not inflater.eof:
+            raise EOFError("the compressed stream ends early")
+        # What follows a gzip member is another member (gzip's own rule); nothing may
+        # follow a deflate stream.
+        compressed = inflater.unused_data
+        if compressed and name == "deflate":
+            raise ValueError("data after the end of the deflate stream")
     return bytes(body)
+
+
+def _inflater(name: str, head: bytes) -> Any:
+    if name != "deflate":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)  # a gzip member
+    # HTTP's deflate is a zlib stream; some clients send raw deflate (no zlib header), which
+    # aiohttp took too: a zlib header's first byte says "deflate" in its low four bits, and
+    # its first two bytes are a multiple of 31.
+    zlib_header = (
+        len(head) >= 2 and head[0] & 0x0F == 8 and int.from_bytes(head[:2], "big") % 31 == 0
+    )
+    return zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
 
 
 # Content-Encoding values the gateway inflates (HTTP's "deflate" is a zlib stream).

@@ -146,6 +146,12 @@ def parse_query(request: web.Request, kind: type[Q], *, drop_empty: bool = False
                 code="missing_field",
                 param=param,
             ) from None
+        if param is not None and values.get(param) == "":
+            raise InvalidRequest(
+                f"`{param}` is empty; send a value, or leave it out. {hint}".strip(),
+                code="invalid_field",
+                param=param,
+            ) from None
         worded = pattern_error(f"{param}", problem, hint) or choice_error(f"{param}", problem, kind)
         raise worded or InvalidRequest(
             f"Invalid query parameter `{param}`: {problem}. {hint}".strip(),
