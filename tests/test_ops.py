@@ -45,7 +45,15 @@ async def test_healthz_and_readyz(client: Client) -> None:
     assert (await (await client.get("/healthz")).json()) == {"status": "ok", "checks": {}}
     ready = await client.get("/readyz")
     assert ready.status == 200
-    assert (await ready.json())["checks"] == {"store": "ok", "log": "ok"}
+    assert (await ready.json())["checks"] == {"store": "ok", "log": "ok", "webhook": "ok"}
+
+
+async def test_readyz_says_when_webhooks_cannot_be_taken(make_client: ClientFactory) -> None:
+    client = await make_client(webhook={"app_secret_env": "CTWA_NOT_SET_ANYWHERE"})
+    ready = await client.get("/readyz")
+    # Still ready (conversions work), but it says why every notification gets a 503.
+    assert ready.status == 200
+    assert (await ready.json())["checks"]["webhook"].startswith("not configured")
 
 
 async def test_a_serving_app_runs_young_collections_rarely(make_client: ClientFactory) -> None:
@@ -244,7 +252,7 @@ async def test_readyz_is_503_when_the_dispatcher_is_not_running(
     plugins = {"sinks": ["meta_capi"], "meta_capi": {"graph_url": "http://127.0.0.1:9"}}
     client = await make_client(settings=parse_settings({**config, "plugins": plugins}))
     ready = await client.get("/readyz")
-    assert (await ready.json())["checks"] == {"store": "ok", "meta_capi": "ok"}
+    assert (await ready.json())["checks"] == {"store": "ok", "meta_capi": "ok", "webhook": "ok"}
     delivery = client.app[PIPELINE].delivery
     assert delivery is not None
     await delivery.dispatchers["meta_capi"].stop()

@@ -46,6 +46,14 @@ async def readyz(request: web.Request) -> web.Response:
             details={"checks": problems},
         )
     checks = {"store": "ok", **dict.fromkeys(request.app[PLUGINS].roles["sinks"], "ok")}
+    # Said, not failed on: conversions still work without it, and a load balancer that took
+    # the gateway out would stop those too.
+    checks["webhook"] = (
+        "ok"
+        if request.app[CREDENTIALS].webhook.app_secret is not None
+        else "not configured: notifications are refused with 503 until the variable"
+        " [webhook] app_secret_env names is set"
+    )
     return _json(Health(status="ready", checks=checks))
 
 
