@@ -122,7 +122,7 @@ def _mask_client_ids(event_dict: EventDict) -> None:
             event_dict[key] = logged_id(value)
     for key in _CLIENT_ID_LISTS:
         values = event_dict.get(key)
-        if isinstance(values, list | tuple):
+        if isinstance(values, (list, tuple)):
             event_dict[key] = [logged_id(v) if type(v) is str else v for v in values]
 
 
@@ -199,6 +199,8 @@ def logged_id(value: str) -> str:
     punctuation around it allowed) is ``[number]``."""
     if "@" in value:
         return "[email]"
+    if value[:1].isalpha():
+        return value  # the usual id (order-1234): a number never starts with a letter
     # Blanks and punctuation around a number do not make it something else.
     bare = value.strip(_AROUND)
     if bare[:1] in _NUMBER_STARTS and _PHONE_SHAPED.fullmatch(bare):
@@ -211,8 +213,9 @@ _PHONE_SHAPED = re.compile(r"\+?\(?\d(?:[ ().-]{0,2}\d){7,14}")
 _NUMBER_STARTS = frozenset("+(0123456789")
 _AROUND = " \t\n\r\f\v.,;:!?'\"-_/|*#~^`<>[]{}="
 # Keys whose values are ids a client chose (or lists of them): each line passes them through
-# logged_id.
-_CLIENT_IDS = ("event_id", "request_id")
+# logged_id. (A request id needs none: the middleware adopts only one logged_id leaves as it
+# is.)
+_CLIENT_IDS = ("event_id",)
 _CLIENT_ID_LISTS = ("event_ids",)
 
 
@@ -325,7 +328,10 @@ class JsonLine:
             or _structlog_contextvars_used()
         ):
             return self(None, "info", line)
-        _mask_client_ids(line)
+        # Of the client's ids, only an eventId can be among the plain keys.
+        event_id = line.get("event_id")
+        if type(event_id) is str:
+            line["event_id"] = logged_id(event_id)
         line["level"] = "info"
         line["timestamp"] = self._timestamp.now()
         return _json.encode(line).decode()
