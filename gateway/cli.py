@@ -241,9 +241,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         if args.command == "send":
             return asyncio.run(_send(settings, plugins, env, args.events, dry_run=args.dry_run))
         if args.command == "replay":
-            return asyncio.run(replay(settings, plugins, args))
+            return asyncio.run(replay(settings, plugins, env, args))
         if args.command == "webhooks":
-            return asyncio.run(webhooks(settings, plugins, args))
+            return asyncio.run(webhooks(settings, plugins, env, args))
         if args.command == "probe-event-names":
             return asyncio.run(probe(settings, plugins, env, args))
         if args.command == "erase":
@@ -437,9 +437,13 @@ def _identifier(value: str) -> str:
 
 
 def _positive(value: str) -> int:
-    if not (value.isascii() and value.isdigit()) or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    # Bounded: SQLite's integers end at 2**63 - 1, and nobody lists more than a million.
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= _MOST:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from 1 to {_MOST}")
     return int(value)
+
+
+_MOST = 1_000_000
 
 
 def _since(value: str) -> float:

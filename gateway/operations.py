@@ -41,7 +41,9 @@ __all__ = [
 _encode = msgspec.json.Encoder().encode
 
 
-async def replay(settings: Settings, plugins: Plugins, args: argparse.Namespace) -> int:
+async def replay(
+    settings: Settings, plugins: Plugins, env: Mapping[str, str], args: argparse.Namespace
+) -> int:
     if settings.account(args.account) is None:
         raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
     unknown = sorted(set(args.sink or []) - set(plugins.sink_names))
@@ -59,8 +61,12 @@ async def replay(settings: Settings, plugins: Plugins, args: argparse.Namespace)
             f" (sinks with an outbox: {', '.join(plugins.outbox_sinks) or 'none'})"
         )
     sinks = args.sink or plugins.outbox_sinks
+    if not sinks:
+        raise UsageError(
+            "no configured sink keeps an outbox (the log sink delivers at once): nothing to replay"
+        )
     statuses = args.status or ["failed"]
-    async with running(settings, plugins, {}, start_plugins=False, create_store=False) as pipeline:
+    async with running(settings, plugins, env, start_plugins=False, create_store=False) as pipeline:
         count = await pipeline.store.outbox.requeue(
             args.account, sinks=sinks, statuses=statuses, since=args.since
         )
@@ -72,13 +78,15 @@ async def replay(settings: Settings, plugins: Plugins, args: argparse.Namespace)
     return 0
 
 
-async def webhooks(settings: Settings, plugins: Plugins, args: argparse.Namespace) -> int:
+async def webhooks(
+    settings: Settings, plugins: Plugins, env: Mapping[str, str], args: argparse.Namespace
+) -> int:
     account = None
     if args.account is not None:
         account = settings.account(args.account)
         if account is None:
             raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
-    async with running(settings, plugins, {}, start_plugins=False, create_store=False) as pipeline:
+    async with running(settings, plugins, env, start_plugins=False, create_store=False) as pipeline:
         store = pipeline.store
         if args.action == "reprocess":
             report = await reprocess(store, settings, since=args.since, account=account)

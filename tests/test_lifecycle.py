@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from gateway import DeliveryOptions, QueuedEvent, SendOutcome, hash_email, hookimpl
 from gateway.cli import main
 from gateway.config import parse_settings
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, UsageError
 from gateway.store.backup import backup, restore
 from gateway.store.database import SqliteStore
 from gateway.store.engines import open_store
@@ -314,6 +314,41 @@ def test_restore_refuses_a_damaged_copy_and_a_running_gateway(
             restore(good, db_path)
     finally:
         serving.release()
+
+
+def test_a_backup_never_replaces_the_store_or_leaves_a_partial_copy(
+    db_path: Path, tmp_path: Path
+) -> None:
+    async def make_store() -> None:
+        await (await SqliteStore.open(db_path)).close()
+
+    asyncio.run(make_store())
+    # Swapped in under a serving gateway, a copy would lose what it acknowledged after.
+    for target in (
+        db_path,
+        db_path.with_name(db_path.name + "-wal"),
+        tmp_path / "." / db_path.name,
+    ):
+        with pytest.raises(UsageError, match="is the store itself"):
+            backup(db_path, target)
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    with pytest.raises(UsageError, match="is a folder"):
+        backup(db_path, folder)
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
+
+
+def test_a_restore_onto_a_fresh_host_makes_the_stores_folder(db_path: Path, tmp_path: Path) -> None:
+    async def make_store() -> None:
+        await (await SqliteStore.open(db_path)).close()
+
+    asyncio.run(make_store())
+    copy = tmp_path / "copy.sqlite3"
+    backup(db_path, copy)
+    fresh = tmp_path / "new-host" / "var" / "gateway.sqlite3"
+    assert restore(copy, fresh) > 0
+    assert fresh.parent.stat().st_mode & 0o777 == 0o700
+    assert fresh.stat().st_mode & 0o777 == 0o600
 
 
 async def seed_person(config: dict[str, Any]) -> None:

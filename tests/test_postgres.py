@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import sys
 from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
@@ -352,3 +354,28 @@ async def test_store_copy_keeps_a_sqlite_text_with_a_nul_and_refuses_an_unknown_
     argv = ["store", "copy", "--from", "mysql://x/y", "--to", pg_url]
     assert await asyncio.to_thread(main, argv) == 2
     assert "mysql:// is not a store" in capsys.readouterr().err
+
+
+async def test_commands_on_the_store_read_its_url_from_the_environment(
+    pg_url: str, tmp_path: Any
+) -> None:
+    # The layout "Scaling out" recommends: the URL (with its password) in a variable.
+    # replay and webhooks were handed an empty environment and said it was not set.
+    config = base_config(tmp_path / "unused.sqlite3")
+    config["store"] = {"url_env": "CTWA_DATABASE_URL"}
+    path = tmp_path / "gateway.toml"
+    path.write_bytes(tomli_w.dumps(config).encode())
+    env = {**os.environ, **ENV, "CTWA_DATABASE_URL": pg_url}
+    for command in (
+        ["webhooks", "list"],
+        ["webhooks", "reprocess"],
+        ["replay", "--account", "acme"],
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", *command, "--config", str(path),
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        assert "not set" not in out.decode(), (command, out.decode())
+        if command[0] == "webhooks":
+            assert proc.returncode == 0, (command, out.decode())

@@ -391,9 +391,11 @@ async def test_reprocess_for_one_account_leaves_pending_notifications_alone(
     )
     assert "reprocessed 0 notifications" in out
     assert await store_rows(config, "SELECT status FROM webhook_notifications") == [("pending",)]
-    code, out = await cli("webhooks", "list", "--config", str(config_file), "--limit", "0")
-    assert code == 2
-    assert "not a whole number of at least 1" in out
+    for limit in ("0", "9" * 20):
+        code, out = await cli("webhooks", "list", "--config", str(config_file), "--limit", limit)
+        assert code == 2
+        assert "not a whole number from 1 to 1000000" in out
+        assert "Traceback" not in out
 
 
 async def test_housekeeping_prunes_what_outlived_its_retention(

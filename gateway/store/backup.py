@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, UsageError
 from gateway.store.locks import serving_lock
 from gateway.store.schema import MIGRATIONS
 
@@ -48,22 +48,44 @@ def backup(store: Path, target: Path) -> int:
     if not store.exists():
         raise ConfigError(f"no store at {store}: check [store] path")
     if not target.parent.is_dir():
-        raise ConfigError(f"cannot write {target}: {target.parent} is not a folder")
+        raise UsageError(f"cannot write {target}: {target.parent} is not a folder")
+    if target.is_dir():
+        raise UsageError(
+            f"{target} is a folder: name the backup file, e.g. {target / 'ctwa.sqlite3'}"
+        )
+    # Replacing the live store (or a file beside it) would swap a copy in under a serving
+    # gateway, which goes on writing to the file it has open: what it answers after is lost.
+    if target.resolve() in _store_files(store):
+        raise UsageError(
+            f"{target} is the store itself (or one of its files): back it up elsewhere"
+        )
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)
     os.close(os.open(partial, os.O_CREAT | os.O_WRONLY, 0o600))
-    source = _connect(store)
     try:
-        copy = sqlite3.connect(partial)
+        source = _connect(store)
         try:
-            source.backup(copy)  # all pages in one step: one consistent snapshot
-            copy.execute("PRAGMA journal_mode = DELETE")  # a single self-contained file
+            copy = sqlite3.connect(partial)
+            try:
+                source.backup(copy)  # all pages in one step: one consistent snapshot
+                copy.execute("PRAGMA journal_mode = DELETE")  # a single self-contained file
+            finally:
+                copy.close()
         finally:
-            copy.close()
+            source.close()
+        os.replace(partial, target)
     finally:
-        source.close()
-    os.replace(partial, target)
+        partial.unlink(missing_ok=True)  # a copy that failed leaves nothing behind
     return target.stat().st_size
+
+
+def _store_files(store: Path) -> set[Path]:
+    """The store's file and every file SQLite and the gateway keep beside it."""
+    main = store.resolve()
+    return {main, *(main.with_name(main.name + s) for s in _SIDE_FILES)}
+
+
+_SIDE_FILES = ("-wal", "-shm", "-journal", ".lock", ".changes")
 
 
 def _copy(store: Path, target: Path) -> None:
@@ -115,14 +137,15 @@ def verify(path: Path) -> int:
 def restore(backup_path: Path, store: Path) -> int:
     """Replace the store's contents with a verified backup; return its schema version."""
     version = verify(backup_path)
+    # A fresh host has no folder yet, and the lock file lives in it.
+    if not store.parent.exists():
+        store.parent.mkdir(mode=0o700, parents=True)
     lock = serving_lock(store, shared=False)
     if not lock.acquire():
         raise ConfigError(
             f"a gateway is serving {store}: stop it (systemctl stop ctwa-gateway), then restore"
         )
     try:
-        if not store.parent.exists():
-            store.parent.mkdir(mode=0o700, parents=True)
         if store.exists():
             # Kept until the operator removes it: a restore must never lose the only copy.
             aside = store.with_name(f"{store.name}.before-restore-{int(time.time())}")
