@@ -9,6 +9,7 @@ import contextlib
 import os
 import sqlite3
 import sys
+import time
 from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,6 +23,7 @@ from aiohttp.test_utils import TestClient
 from gateway.cli import main
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
+from gateway.http.keys import PIPELINE
 from gateway.store.archive import NewNotification
 from gateway.store.copy import tables
 from gateway.store.database import SqliteStore
@@ -379,3 +381,31 @@ async def test_commands_on_the_store_read_its_url_from_the_environment(
         assert "not set" not in out.decode(), (command, out.decode())
         if command[0] == "webhooks":
             assert proc.returncode == 0, (command, out.decode())
+
+
+async def test_a_request_hears_of_its_event_delivered_by_another_replica(
+    make_client: ClientFactory, config: dict[str, Any], aiohttp_server: Any
+) -> None:
+    # The request waits (respond_within_ms) for its event's first attempt. Here the replica
+    # that accepts it does not send (its dispatcher is stopped); the other one, woken by the
+    # database, sends it at once. The answer must say so, not wait out the 2 s and say 202.
+    fake = FakeGraph(tokens={"1234567890": ACME_TOKEN})
+    graph = await aiohttp_server(fake.app())
+    meta = {"graph_url": str(graph.make_url("")).rstrip("/"), "respond_within_ms": 2000}
+    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": meta}})
+    first = await make_client(settings=settings)
+    second = await make_client(settings=settings)
+    delivery = first.app[PIPELINE].delivery
+    assert delivery is not None
+    await delivery.dispatchers["meta_capi"].stop()
+    await asyncio.sleep(0.2)  # the second is listening
+    conversation = await add_conversation(store_of(first))
+    for event_id in ("R1", "R2", "R3"):
+        started = time.monotonic()
+        resp = await first.post(URL, json=_lead(conversation.id, event_id), headers=AUTH)
+        answer = await resp.json()
+        assert (resp.status, answer["status"]) == (200, "delivered"), answer
+        assert answer["eventsReceived"] == 1
+        assert time.monotonic() - started < 1.5
+    assert sorted(fake.event_ids()) == ["R1", "R2", "R3"]
+    assert second is not first

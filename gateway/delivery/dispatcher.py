@@ -44,6 +44,10 @@ __all__ = ["Dispatcher", "SendEvents"]
 
 log = structlog.get_logger()
 
+# How long a waiting request first waits before looking in the store for another replica's
+# attempt (then twice as long each time).
+_FIRST_LOOK_S = 0.05
+
 SendEvents = Callable[[list[QueuedEvent]], Awaitable[list[SendOutcome]]]
 
 
@@ -133,15 +137,34 @@ class Dispatcher:
         self._waiters.setdefault(pk, []).append(future)
         self._wake.set()
         try:
-            return await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            return None
+            return await self._first_outcome(pk, future, timeout_s)
         finally:
             waiting = self._waiters.get(pk)
             if waiting is not None and future in waiting:
                 waiting.remove(future)
                 if not waiting:
                     del self._waiters[pk]
+
+    async def _first_outcome(
+        self, pk: int, future: asyncio.Future[SinkState], timeout_s: float
+    ) -> SinkState | None:
+        """Wait for this process's first attempt on ``pk``. While this process does not hold
+        it, look in the store now and then, sooner first: another replica may have claimed and
+        sent it, and its outcome settles no waiter here (the request would wait out its
+        whole ``respond_within_ms`` and answer 202 for an event Meta took at once)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        pause = _FIRST_LOOK_S
+        while (left := deadline - loop.time()) > 0:
+            done, _ = await asyncio.wait((future,), timeout=min(pause, left))
+            if done:
+                return future.result()
+            if pk not in self._in_flight:
+                state = await self.outbox.attempted(self.sink, pk)
+                if state is not None:
+                    return state
+            pause *= 2
+        return future.result() if future.done() else None
 
     # -- the loop ------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import msgspec
 import structlog
 
 from gateway.domain import Attempt, QueuedEvent, SinkState
-from gateway.store.rows import QUEUED_COLUMNS, queued_from_row
+from gateway.store.rows import QUEUED_COLUMNS, queued_from_row, sink_state_from_row
 from gateway.store.schema import UPDATE_EVENT_STATUS
 from gateway.store.sql import Reader, Tx, marks, wake_dispatchers
 from gateway.store.writer import GroupCommitWriter, WriteOp
@@ -309,6 +309,17 @@ class Outbox:
             (sink, now, owner, sink, now),
         )
         return rows[0][0] if rows else None
+
+    async def attempted(self, sink: str, pk: int) -> SinkState | None:
+        """Event ``pk``'s state at ``sink`` once any process has attempted it (or ended it
+        unattempted: expired), without its payload; None while it waits."""
+        rows = await self._reader.fetch(
+            "SELECT status, attempts, NULL, error, error_code, trace_id, events_received,"
+            " warnings FROM deliveries WHERE event_pk = ? AND sink = ?"
+            " AND (attempts > 0 OR status != 'pending')",
+            (pk, sink),
+        )
+        return sink_state_from_row(rows[0]) if rows else None
 
     async def pending(self, sink: str) -> int:
         """Return how many deliveries of ``sink`` are pending."""
