@@ -338,7 +338,7 @@ class JsonLine:
 
 
 # What the gateway itself puts on a request's canonical line; none is personal data or a
-# secret (an API key's name is bound as ``api_key``, which redaction replaces: not here).
+# secret (an API key's name, bound as ``key_name``, is a label from the config).
 _PLAIN_KEYS = frozenset(
     {
         "event",
@@ -354,6 +354,7 @@ _PLAIN_KEYS = frozenset(
         "error_code",
         "error_param",
         "notification_id",
+        "key_name",
     }
 )
 

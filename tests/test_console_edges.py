@@ -260,3 +260,14 @@ async def test_console_searches_leave_no_phone_or_key_in_logs(
     await client.post("/console/sign-in", data={"key": "wrong-key-0123456789-secret"})
     for secret in (API_KEY, "wrong-key-0123456789-secret", "6505557766", "13491208655302741918"):
         assert secret not in logs.text
+
+
+async def test_a_console_requests_line_names_the_key_it_signed_in_with(
+    client: Client, logs: LogCapture
+) -> None:
+    """The key's name from the config, never the key: an operator can tell who browsed."""
+    await signed_in(client)
+    assert (await client.get("/console/")).status in (200, 303)
+    line = logs.events("request")[-1]
+    assert line["key_name"] == "admin"
+    assert API_KEY not in logs.text

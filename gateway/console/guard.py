@@ -178,7 +178,9 @@ def _viewer(request: web.Request) -> Viewer | None:
     if key is None:
         sessions.end(session_id)  # the key was revoked or rotated
         return None
-    bind(api_key=key.name)
+    # The key's name from the config (never the key): which integrator's key this browser
+    # signed in with. (Bound as api_key, redaction replaced it.)
+    bind(key_name=key.name)
     settings: Settings = request.app[SETTINGS]
     accounts = [a for a in settings.accounts if key.allows(a.id)]
     return Viewer(session_id, session, key, accounts)
