@@ -99,7 +99,7 @@ def validation_error(
             f"The body must be one JSON object of this endpoint's fields ({some}...): {msg}.",
             code="invalid_body",
         )
-    top = re.split(r"[.\[]", param, maxsplit=1)[0]
+    top = _top(param)
     if msg.startswith("Object contains unknown field"):
         camel = _camel(top)
         hint = (
@@ -124,8 +124,13 @@ def validation_error(
     )
 
 
+def _top(param: str) -> str:
+    """The top-level field of a path (``contentIds`` of ``contentIds[1]``)."""
+    return re.split(r"[.\[]", param, maxsplit=1)[0]
+
+
 def _unprintable(param: str) -> InvalidRequest:
-    top = re.split(r"[.\[]", param, maxsplit=1)[0]
+    top = _top(param)
     return InvalidRequest(
         f"Invalid `{param}`: {_UNPRINTABLE} {_FIELD_HINTS.get(top, '')}".strip(),
         code="invalid_field",
@@ -144,7 +149,7 @@ def choice_error(param: str, msg: str, kind: object) -> InvalidRequest | None:
     message names only the value); None for any other kind of failure."""
     if kind is None or not msg.startswith("Invalid enum value"):
         return None
-    top = re.split(r"[.\[]", param, maxsplit=1)[0]
+    top = _top(param)
     choices = _choices(kind).get(top)
     if not choices:
         return None

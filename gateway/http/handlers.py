@@ -50,11 +50,11 @@ def authenticate(request: web.Request) -> ApiKey:
 def account_for(request: web.Request, key: ApiKey, account_id: str) -> AccountConfig:
     """Return the account ``key`` may act for, or raise 403/404."""
     pipeline = request.app[PIPELINE]
+    account = pipeline.settings.account(account_id)
     # A configured id is logged as it is; any other is the client's text, masked like it.
-    known = pipeline.settings.account(account_id) is not None
-    bind(account=account_id if known else logged_id(account_id[:128]))
+    bind(account=account_id if account is not None else logged_id(account_id[:128]))
     KeyRing.authorize(key, account_id)
-    return pipeline.account(account_id)
+    return account if account is not None else pipeline.account(account_id)  # 404
 
 
 def authorized_account(request: web.Request, account_id: str) -> AccountConfig:

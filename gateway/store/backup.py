@@ -61,18 +61,8 @@ def backup(store: Path, target: Path) -> int:
         )
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)
-    os.close(os.open(partial, os.O_CREAT | os.O_WRONLY, 0o600))
     try:
-        source = _connect(store)
-        try:
-            copy = sqlite3.connect(partial)
-            try:
-                source.backup(copy)  # all pages in one step: one consistent snapshot
-                copy.execute("PRAGMA journal_mode = DELETE")  # a single self-contained file
-            finally:
-                copy.close()
-        finally:
-            source.close()
+        _copy(store, partial)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)  # a copy that failed leaves nothing behind
@@ -89,13 +79,14 @@ _SIDE_FILES = ("-wal", "-shm", "-journal", ".lock", ".changes")
 
 
 def _copy(store: Path, target: Path) -> None:
+    """Copy the store into ``target``, a file private to the user."""
     os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
     source = _connect(store)
     try:
         copy = sqlite3.connect(target)
         try:
-            source.backup(copy)
-            copy.execute("PRAGMA journal_mode = DELETE")
+            source.backup(copy)  # all pages in one step: one consistent snapshot
+            copy.execute("PRAGMA journal_mode = DELETE")  # a single self-contained file
         finally:
             copy.close()
     finally:
