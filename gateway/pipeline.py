@@ -205,7 +205,7 @@ class Pipeline:
             event=prepared.event,
             test_event_code=prepared.test_event_code,
             received_at=prepared.received_at,
-            duration_ms=round((self.clock() - begun) * 1000, 3),
+            duration_ms=round((self.clock() - begun) * 1e6) / 1000,  # see the middleware
             deliveries=states,
             attribution_window_expired=prepared.attribution_window_expired,
             resolution=prepared.resolution,

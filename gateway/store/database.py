@@ -667,8 +667,14 @@ class SqliteStore(Store):
                 )
         try:
             # Opened and migrated here (start-up, nothing else is running yet); written from
-            # the writer's thread afterwards, never from two threads at once.
-            writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # the writer's thread afterwards, never from two threads at once. Its statement
+            # cache holds a group commit's multi-row INSERTs for each batch size that comes
+            # (one per size and table): at the module's default of 128, 64 connections'
+            # batches pushed them out of it, and preparing one again costs as much as
+            # inserting a few dozen rows.
+            writer = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, cached_statements=256
+            )
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the store {path}: {exc}") from None
         quick: sqlite3.Connection | None = None

@@ -21,11 +21,13 @@ from gateway.store.outbox import count_deliveries
 from gateway.store.reports import count_in_hours
 from gateway.store.rows import (
     INSERT_DELIVERY,
+    Money,
     delivery_row,
     event_params,
     insert_deliveries,
     insert_events,
     insert_events_unnest,
+    value_and_currency,
 )
 from gateway.store.sql import SqliteTx, Tx, wake_dispatchers
 from gateway.store.writer import WriteOp
@@ -51,7 +53,8 @@ class InsertEvent(WriteOp[tuple[int, bool]]):
         status = overall_status(new.deliveries)
         self.new = new if new.status == status else msgspec.structs.replace(new, status=status)
         self.key: Key = (new.account_id, new.event_id)
-        self.row = event_params(self.new)
+        self.money = value_and_currency(self.new.event)
+        self.row = event_params(self.new, self.money)
 
     @classmethod
     async def apply_many(cls, tx: Tx, ops: Sequence[WriteOp[Any]]) -> list[Any]:
@@ -69,7 +72,7 @@ class InsertEvent(WriteOp[tuple[int, bool]]):
         now = time.time()
         results: list[tuple[int, bool]] = []
         rows: list[tuple[Any, ...]] = []
-        inserted: list[StoredEvent] = []
+        inserted: list[tuple[StoredEvent, Money]] = []
         counted: list[tuple[str, str, str]] = []
         for op in mine:
             pk, new_row = pks[op.key]
@@ -77,7 +80,7 @@ class InsertEvent(WriteOp[tuple[int, bool]]):
             results.append((pk, not mine_inserted))
             if mine_inserted:
                 new = op.new
-                inserted.append(new)
+                inserted.append((new, op.money))
                 for sink, state in new.deliveries.items():
                     rows.append(delivery_row(pk, sink, state, now, new.event))
                     counted.append((new.account_id, sink, state.status))

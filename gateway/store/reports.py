@@ -18,7 +18,7 @@ from typing import Any
 from gateway.domain import StoredEvent
 from gateway.reports import DAY_S, Period
 from gateway.store.outbox import EventsWhere
-from gateway.store.rows import value_and_currency
+from gateway.store.rows import Money
 from gateway.store.sql import Reader, Tx
 
 __all__ = ["AdTally", "DayTally", "EventFilter", "Reports", "count_in_hours"]
@@ -32,16 +32,15 @@ _ADD_TO_HOURS = (
 )
 
 
-async def count_in_hours(tx: Tx, events: Sequence[StoredEvent]) -> None:
-    """Add newly stored events, each with its ``status``, to ``event_hours``, in the
-    transaction that stores them: one statement per distinct hour, name, status and currency
-    of the batch (usually one), in key order (replicas adding to the same rows at once take
-    their locks in one order)."""
+async def count_in_hours(tx: Tx, events: Sequence[tuple[StoredEvent, Money]]) -> None:
+    """Add newly stored events, each with its ``status`` and its :func:`value_and_currency`
+    (worked out once, for its row), to ``event_hours``, in the transaction that stores them:
+    one statement per distinct hour, name, status and currency of the batch (usually one), in
+    key order (replicas adding to the same rows at once take their locks in one order)."""
     if not events:
         return
     tallies: dict[tuple[str, int, str, str, str, int], list[float]] = {}
-    for e in events:
-        value, currency = value_and_currency(e.event)
+    for e, (value, currency) in events:
         key = (
             e.account_id,
             e.event_time // HOUR_S,

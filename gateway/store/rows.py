@@ -35,6 +35,7 @@ __all__ = [
     "INSERT_DELIVERY_HEAD",
     "MUTABLE_CONVERSATION_FIELDS",
     "QUEUED_COLUMNS",
+    "Money",
     "conversation_from_row",
     "conversation_params",
     "delivery_row",
@@ -267,7 +268,12 @@ _META_SHAPES = (["data", "partner_agent"], ["data", "partner_agent", "test_event
 def _payload_blob(payload: dict[str, Any] | None, event: dict[str, Any] | None) -> bytes | None:
     if payload is None:
         return None
-    if event is not None and payload.get("data") == [event]:
+    data = payload.get("data")
+    # The sink put the stored event itself in its payload (the usual case): no need to
+    # compare the two field by field.
+    if event is not None and (
+        (type(data) is list and len(data) == 1 and data[0] is event) or data == [event]
+    ):
         strings = list(payload.values())[1:]
         if list(payload) in _META_SHAPES and all(type(v) is str for v in strings):
             return _encode(strings)
@@ -358,12 +364,14 @@ def insert_events_unnest(rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]
     return _INSERT_EVENTS_UNNEST, columns
 
 
-def event_params(event: StoredEvent) -> tuple[Any, ...]:
+def event_params(event: StoredEvent, money: Money | None = None) -> tuple[Any, ...]:
     """Return an event's values in the order of :func:`insert_events`' columns, with its
     ``status``, each as the sqlite3 module binds it without adapting (NULL as
     :data:`~gateway.store.sql.NULL`, a BLOB as a bytearray, the flag as an int): the row
-    goes to SQLite as it is, with no pass over it (PostgreSQL's Tx puts None back)."""
-    value, currency = value_and_currency(event.event)
+    goes to SQLite as it is, with no pass over it (PostgreSQL's Tx puts None back).
+
+    ``money``: the event's :func:`value_and_currency`, if the caller has it already."""
+    value, currency = value_and_currency(event.event) if money is None else money
     return (
         event.account_id,
         event.event_id,
@@ -387,7 +395,11 @@ def _bound(blob: bytes | None) -> Any:
     return NULL if blob is None else bytearray(blob)
 
 
-def value_and_currency(event: dict[str, Any]) -> tuple[float | None, str | None]:
+# An event's custom_data value and currency, as the reporting columns hold them.
+Money = tuple[float | None, str | None]
+
+
+def value_and_currency(event: dict[str, Any]) -> Money:
     """The Meta event's ``custom_data`` value and currency, for the reporting columns."""
     custom = event.get("custom_data")
     if not isinstance(custom, dict):
