@@ -31,7 +31,12 @@ from gateway.phones import parse_phone
 from gateway.plugin_manager import Plugins, is_plugin_fault, sink_fault
 from gateway.store.database import Store
 from gateway.validation import check_conversion
-from gateway.wire import ConversionRequest, request_fingerprint, sha256_fingerprint
+from gateway.wire import (
+    ERASED_DIGEST,
+    ConversionRequest,
+    request_fingerprint,
+    sha256_fingerprint,
+)
 
 __all__ = ["Outcome", "Pipeline", "changed_fields", "check_normalizers"]
 
@@ -297,7 +302,9 @@ def changed_fields(before: dict[str, str] | None, request: ConversionRequest) ->
     once and not the other time included).
 
     An event stored before fingerprints existed compares equal: its retries keep working. One
-    stored before CRC-32 fingerprints holds SHA-256 ones, and is compared with those.
+    stored before CRC-32 fingerprints holds SHA-256 ones, and is compared with those. A
+    person's field whose digest an erasure removed compares equal if it is sent again (it
+    was sent, but what it said is gone); sent only now, or only then, it differs.
     """
     if before is None:
         return []
@@ -306,7 +313,12 @@ def changed_fields(before: dict[str, str] | None, request: ConversionRequest) ->
     else:
         now = request_fingerprint(request)
     names = (before.keys() | now.keys()) - _KEY_FIELDS
-    return sorted(name for name in names if before.get(name) != now.get(name))
+    return sorted(
+        name
+        for name in names
+        if before.get(name) != now.get(name)
+        and not (before.get(name) == ERASED_DIGEST and name in now)
+    )
 
 
 # The stored event's key: a reuse always has the same.

@@ -18,6 +18,8 @@ __all__ = [
     "CONVERSION_DECODER",
     "CONVERSION_TEXT_FIELDS",
     "ENCODER",
+    "ERASED_DIGEST",
+    "PERSONAL_FIELDS",
     "AttemptView",
     "ConversationList",
     "ConversationMetadata",
@@ -179,6 +181,11 @@ def sha256_fingerprint(request: ConversionRequest) -> dict[str, str]:
 
 
 _FINGERPRINT = msgspec.json.Encoder()
+# The fingerprinted fields that identify a person: an erasure keeps that they were sent, not
+# their digests (ERASED_DIGEST in their place). What was bought, when and for how much stays,
+# so a reused eventId is still told from a retry after the person is erased.
+PERSONAL_FIELDS = frozenset({"phoneE164", "businessScopedUserId", "email", "externalId"})
+ERASED_DIGEST = "erased"
 # (wire name, position in the request's fields) of each field a fingerprint covers.
 _FINGERPRINTED = tuple(
     (field.encode_name, position)

@@ -622,6 +622,43 @@ async def test_events_of_pruned_conversations_lose_their_identifiers(
     assert hash_email(EMAIL).encode() not in event[0]
 
 
+async def test_an_erased_person_s_reused_event_id_is_still_told_from_a_retry(
+    make_client: ClientFactory,
+) -> None:
+    """Erasure drops the digests of the person's fields, not those of what was bought: a
+    reused eventId with another value is still a 409 afterwards, and the retry of the very
+    same body (the phone included) still gets the original answer. (Found by review: every
+    digest was dropped, and any body with that eventId was answered as the original.)"""
+
+    client = await make_client()
+    await post_signed(
+        client, notification(messages_change([message(OLD, "wamid.T1", ref=referral(CLICK))]))
+    )
+    body = {"eventId": "ERASED-1", "phoneE164": "+" + OLD, "email": EMAIL, "value": 5,
+            "currency": "USD"}  # fmt: skip
+    first = await purchase(client, **body)
+    assert first.status == 200, await first.text()
+    resp = await erase(client, {"accountId": "acme", "phoneE164": "+" + OLD})
+    assert resp.status == 200
+
+    reused = await purchase(client, **{**body, "value": 7})
+    answer = await reused.json()
+    assert (reused.status, answer["code"], answer["param"]) == (409, "event_id_reused", "value")
+    other_name = await client.post(
+        URL, headers=AUTH, json={"accountId": "acme", **body, "eventName": "Lead"}
+    )
+    assert (other_name.status, (await other_name.json())["param"]) == (409, "eventName")
+    retry = await purchase(client, **body)
+    assert retry.status == 200
+    assert (await retry.json())["duplicate"] is True
+    # Sent only now, a field the original did not carry is still a difference.
+    more = await purchase(client, **body, externalId=EXTERNAL)
+    assert (more.status, (await more.json())["param"]) == (409, "externalId")
+    (fields,) = await db_rows(client, "SELECT request_fields FROM events")
+    assert b'"phoneE164":"erased"' in fields[0]
+    assert b'"email":"erased"' in fields[0]
+
+
 def test_restore_refuses_what_is_not_a_store(db_path: Path, tmp_path: Path) -> None:
     """A database that is not a ctwa-gateway store (another application's, an empty one) is
     refused, and the store is left as it was."""

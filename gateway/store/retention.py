@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from gateway.store.lookups import EVERYTHING, Touched
+from gateway.store.rows import scrubbed_fields
 from gateway.store.schema import UPDATE_EVENT_STATUS
 from gateway.store.sql import Tx
 from gateway.store.writer import GroupCommitWriter, WriteOp
@@ -169,7 +170,7 @@ async def scrub_events(
     deliveries, or, with ``cancel_pending`` false, leave events still pending untouched (they
     need their payload to be sent). Return (events scrubbed, deliveries cancelled)."""
     marks = _marks(conversation_ids)
-    sql = f"SELECT pk, event FROM events WHERE conversation_id IN ({marks})"
+    sql = f"SELECT pk, event, request_fields FROM events WHERE conversation_id IN ({marks})"
     params: list[Any] = list(conversation_ids)
     if account_id is not None:
         sql += " AND account_id = ?"
@@ -180,19 +181,17 @@ async def scrub_events(
             " AND d.status = 'pending')"
         )
     scrubbed = []
-    for pk, raw in await tx.fetch(sql, params):
+    for pk, raw, fields in await tx.fetch(sql, params):
         event = _decode(raw)
         user_data = event.get("user_data") if isinstance(event, dict) else None
         if isinstance(user_data, dict):
             for key in _PERSONAL_USER_DATA:
                 user_data.pop(key, None)
-        scrubbed.append((_encode(event), pk))
+        scrubbed.append((_encode(event), scrubbed_fields(fields), pk))
     if not scrubbed:
         return 0, 0
-    pks = [pk for _, pk in scrubbed]
-    await tx.executemany(
-        "UPDATE events SET event = ?, request_fields = NULL WHERE pk = ?", scrubbed
-    )
+    pks = [pk for *_, pk in scrubbed]
+    await tx.executemany("UPDATE events SET event = ?, request_fields = ? WHERE pk = ?", scrubbed)
     pk_marks = _marks(pks)
     cancelled = 0
     if cancel_pending:

@@ -22,6 +22,7 @@ from gateway.domain import (
     StoredEvent,
 )
 from gateway.store.sql import NULL
+from gateway.wire import ERASED_DIGEST, PERSONAL_FIELDS
 
 __all__ = [
     "CONVERSATION_COLUMNS",
@@ -45,6 +46,7 @@ __all__ = [
     "insert_events",
     "insert_events_unnest",
     "queued_from_row",
+    "scrubbed_fields",
     "sink_state_from_row",
     "value_and_currency",
 ]
@@ -234,6 +236,17 @@ def _packing(names: tuple[str, ...]) -> tuple[int, bool] | None:
     if 0 in bits:
         return None
     return sum(bits), bits == sorted(bits)
+
+
+def scrubbed_fields(blob: bytes | None) -> bytes | None:
+    """A stored fingerprint with the digests of the person's fields replaced by
+    :data:`~gateway.wire.ERASED_DIGEST` (kept as JSON, which is what it then is)."""
+    fields = _fields_from(blob)
+    if fields is None:
+        return None
+    return _encode(
+        {name: ERASED_DIGEST if name in PERSONAL_FIELDS else d for name, d in fields.items()}
+    )
 
 
 def _fields_from(blob: bytes | None) -> dict[str, str] | None:
