@@ -87,6 +87,17 @@ async def test_purchase_dry_run_answers_with_the_exact_meta_payload(client: Clie
     }
 
 
+async def test_a_negative_zero_value_is_sent_as_zero(client: Client) -> None:
+    # -0.0 passes JSON and the value's check (>= 0); Meta is sent no sign (review finding).
+    conversation = await add_conversation(store_of(client))
+    body = json.dumps(purchase(conversation.id, eventId="neg-zero")).replace("49.99", "-0.0")
+    resp = await client.post(URL, data=body, headers={**AUTH, "Content-Type": "application/json"})
+    text = await resp.text()
+    assert resp.status == 200, text
+    assert '"value":0.0' in text
+    assert "-0.0" not in text
+
+
 async def test_event_time_is_kept_as_integer_seconds(client: Client) -> None:
     conversation = await add_conversation(store_of(client))
     when = time.time() - 3600.7
