@@ -364,3 +364,88 @@ async def test_number_changes_arriving_out_of_order_keep_the_latest_number(clien
     assert await live(client) == [("15550000083", None, "c")]
     for phone in ("15550000081", "15550000082", "15550000083"):
         assert len(await listed(client, phoneE164=phone)) == 1, phone
+
+
+async def converted(client: Client, **identity: str) -> dict[str, Any]:
+    """POST a LeadSubmitted for this phoneE164 or businessScopedUserId; return the answer."""
+    body = {
+        "accountId": "acme",
+        "eventName": "LeadSubmitted",
+        "eventId": f"lead-{time.time_ns()}",
+        **identity,
+    }
+    resp = await client.post("/v1/whatsapp/conversions", json=body, headers=AUTH)
+    answer: dict[str, Any] = await resp.json()
+    assert resp.status == 200, answer
+    return answer
+
+
+def clid_of(answer: dict[str, Any]) -> str:
+    clid: str = answer["payload"]["data"][0]["user_data"]["ctwa_clid"]
+    return clid
+
+
+async def test_a_late_message_with_a_new_click_is_what_conversions_find(client: Client) -> None:
+    # Found by review: the new conversation took the time of its (delayed) message, older
+    # than the plain message before it, and conversions went to the old, expired click.
+    now = time.time()
+    await post_signed(
+        client,
+        one(
+            message(
+                "4917000000001", "w.L1", ts=now - 10 * DAY, bsuid="DE.71", ref=referral("old-click")
+            )
+        ),
+    )
+    await post_signed(client, one(message("4917000000001", "w.L2", ts=now - 60, bsuid="DE.71")))
+    answer = await post_signed(
+        client,
+        one(
+            message("4917000000001", "w.L3", ts=now - 120, bsuid="DE.71", ref=referral("new-click"))
+        ),
+    )
+    assert answer["conversationsCreated"] == 1
+    by_phone = await converted(client, phoneE164="+4917000000001")
+    assert clid_of(by_phone) == "new-click"
+    assert by_phone["attributionWindowExpired"] is False
+    assert clid_of(await converted(client, businessScopedUserId="DE.71")) == "new-click"
+
+
+async def test_a_former_number_finds_the_conversation_that_took_over(client: Client) -> None:
+    # Found by review: the old number's alias pointed at the conversation a new click had
+    # since superseded, and conversions by it went to the old, expired click.
+    now = time.time()
+    await post_signed(
+        client,
+        one(
+            message(
+                "61412345001", "w.F1", ts=now - 10 * DAY, bsuid="AU.111", ref=referral("old-click")
+            )
+        ),
+    )
+    change = system_message(
+        "w.F2",
+        "user_changed_number",
+        wa_id="61412345001",
+        bsuid="AU.111",
+        new_wa_id="61412345002",
+        new_bsuid="AU.222",
+        previous_bsuid="AU.111",
+        ts=now - 9 * DAY,
+    )
+    await post_signed(client, one(change))
+    answer = await post_signed(
+        client,
+        one(
+            message("61412345002", "w.F3", ts=now - 3600, bsuid="AU.222", ref=referral("new-click"))
+        ),
+    )
+    assert answer["conversationsCreated"] == 1
+    for identity in (
+        {"phoneE164": "+61412345001"},
+        {"businessScopedUserId": "AU.111"},
+        {"phoneE164": "+61412345002"},
+        {"businessScopedUserId": "AU.222"},
+    ):
+        found = await converted(client, **identity)
+        assert (clid_of(found), found["attributionWindowExpired"]) == ("new-click", False), identity

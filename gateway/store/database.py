@@ -105,16 +105,16 @@ def _without(archive: NewNotification, dropped: Sequence[InboundMessage]) -> New
     return archive if redacted is None else msgspec.structs.replace(archive, body=redacted)
 
 
-_CLICK = CONVERSATION_FIELDS.index("ctwa_clid")
-_LAST_INBOUND = CONVERSATION_FIELDS.index("last_inbound_at")
-_CREATED = CONVERSATION_FIELDS.index("created_at")
-_FORMER = len(CONVERSATION_FIELDS) + 1
+def _best_first(c: Conversation, former: bool = False) -> tuple[bool, bool, float, float, bool]:
+    """Sort key: with a click id, then live (a superseded conversation's successor took over
+    from it, whatever their message times say), then most recent activity, then newest,
+    current number first."""
+    activity = c.last_inbound_at if c.last_inbound_at is not None else c.created_at
+    return (c.ctwa_clid is None, c.superseded_by is not None, -activity, -c.created_at, former)
 
 
-def _best_first(row: Any) -> tuple[bool, float, float, int]:
-    """Sort key: with a click id, then most recent activity, then newest, current first."""
-    activity = row[_LAST_INBOUND] if row[_LAST_INBOUND] is not None else row[_CREATED]
-    return (row[_CLICK] is None, -activity, -row[_CREATED], row[_FORMER])
+# Links followed from a superseded conversation to the one that took over from it.
+_MAX_SUCCESSION = 16
 
 
 def changes_path(path: Path) -> Path:
@@ -443,12 +443,25 @@ class Store:
         self.lookups.put(key, conversation, [key])
         return conversation
 
+    async def _successor(self, c: Conversation) -> Conversation | None:
+        """The live conversation that took over from a superseded one (a merge, a click on a
+        new ad after the window), following the links; None for a live one."""
+        hops = 0
+        while c.superseded_by is not None and hops < _MAX_SUCCESSION:
+            following = await self._conversation(c.superseded_by)
+            if following is None or following.account_id != c.account_id:
+                return None
+            c, hops = following, hops + 1
+        return c if hops and c.superseded_by is None else None
+
     async def conversations_for_phones(
         self, account_id: str, phones: Sequence[str]
     ) -> list[PhoneMatch]:
         """Return the conversations known by any of these phones, best first: with a click,
-        then most recent. A number that was the person's before a change matches through its
-        alias; a recycled number's previous owner does not match at all."""
+        then live, then most recent. A number that was the person's before a change matches
+        through its alias; a recycled number's previous owner does not match at all. A
+        superseded conversation brings the one that took over from it along (matched as it
+        was): the person's number, old or current, finds where they are now."""
         key = ("phones", account_id, *phones)
         known, cached = self.lookups.get(key)
         if known:
@@ -465,19 +478,25 @@ class Store:
             [account_id, *phones, account_id, *phones],
         )
         width = len(CONVERSATION_FIELDS)
+        matches = [
+            PhoneMatch(conversation_from_row(row[:width]), row[width], bool(row[width + 1]),
+                       row[width + 2])
+            for row in rows
+        ]  # fmt: skip
+        for m in list(matches):
+            live = await self._successor(m.conversation)
+            if live is not None:
+                matches.append(m._replace(conversation=live))
         # A handful of rows: sorted here rather than through SQLite's temporary B-tree.
-        rows.sort(key=_best_first)
+        matches.sort(key=lambda m: _best_first(m.conversation, m.former))
         seen: set[str] = set()
         found = []
-        for row in rows:
-            conversation = conversation_from_row(row[:width])
-            if conversation.id not in seen:
-                seen.add(conversation.id)
-                found.append(
-                    PhoneMatch(conversation, row[width], bool(row[width + 1]), row[width + 2])
-                )
+        for m in matches:
+            if m.conversation.id not in seen:
+                seen.add(m.conversation.id)
+                found.append(m)
         tags = tags_of(account_id, phones=phones)
-        tags.update(("id", m.conversation.id) for m in found)
+        tags.update(("id", m.conversation.id) for m in matches)
         self.lookups.put(key, found, tags)
         return found
 
@@ -496,15 +515,18 @@ class Store:
             return cached  # type: ignore[no-any-return]
         rows = await self._quick.fetch(
             f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
-            f" WHERE account_id = ? AND {_BY_BSUID}"
-            " ORDER BY ctwa_clid IS NOT NULL DESC, COALESCE(last_inbound_at, created_at) DESC,"
-            " created_at DESC LIMIT 1",
+            f" WHERE account_id = ? AND {_BY_BSUID}",
             (account_id, bsuid, bsuid, account_id, bsuid),
         )
-        found = conversation_from_row(rows[0]) if rows else None
+        candidates = [conversation_from_row(row) for row in rows]
+        # As by phone: a superseded conversation brings its successor along.
+        for c in list(candidates):
+            live = await self._successor(c)
+            if live is not None:
+                candidates.append(live)
+        found = min(candidates, key=_best_first, default=None)
         tags = tags_of(account_id, bsuids=[bsuid])
-        if found is not None:
-            tags.add(("id", found.id))
+        tags.update(("id", c.id) for c in candidates)
         self.lookups.put(key, found, tags)
         return found
 
