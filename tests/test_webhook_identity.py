@@ -449,3 +449,23 @@ async def test_a_former_number_finds_the_conversation_that_took_over(client: Cli
     ):
         found = await converted(client, **identity)
         assert (clid_of(found), found["attributionWindowExpired"]) == ("new-click", False), identity
+
+
+async def test_an_automatic_event_before_its_message_still_gives_the_click(
+    client: Client,
+) -> None:
+    # Found by review: Meta does not promise order, and an automatic event whose message had
+    # not come yet kept its click id with no conversation, for good.
+    now = time.time()
+    event = {"id": "wamid.EARLY", "event_name": "Purchase", "timestamp": int(now - 30),
+             "ctwa_clid": "early-click"}  # fmt: skip
+    answer = await post_signed(client, notification(automatic_change([event])))
+    assert (answer["automaticEvents"], answer["clicksRecovered"]) == (1, 0)
+    answer = await post_signed(client, one(message("4915112345678", "wamid.EARLY", ts=now - 60)))
+    assert answer["clicksRecovered"] == 1
+    assert clid_of(await converted(client, phoneE164="+4915112345678")) == "early-click"
+    linked = await db_rows(client, "SELECT conversation_id IS NOT NULL FROM automatic_events")
+    assert linked == [(True,)]
+    # Again, nothing changes: the message is known, the click taken.
+    answer = await post_signed(client, one(message("4915112345678", "wamid.EARLY", ts=now - 60)))
+    assert answer["clicksRecovered"] == 0

@@ -14,7 +14,8 @@ Rules (META.md §3):
   attributed to the ad that brought them back;
 - a referral without ``ctwa_clid`` (WhatsApp Status ads) records the ad, not a click id;
 - an ``automatic_events`` entry whose message belongs to a conversation without a click id
-  fills it in (the recovery path Zernio documents), and is kept for the history.
+  fills it in (the recovery path Zernio documents), and is kept for the history; one that
+  comes before its message does so when the message comes.
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ class CaptureOp(WriteOp[CaptureResult]):
         result.conversations_created = len(identities.created)
         result.conversations_merged = identities.merged
         await self._write(tx, identities, links)
+        await self._automatic_before(tx, links, result)
         for event in batch.automatic:
             await self._automatic(tx, event, result)
         self._touched = _touched(identities, result)
@@ -353,6 +355,41 @@ class CaptureOp(WriteOp[CaptureResult]):
                 found[conversation.id] = conversation
         return list(found.values()), [(a, k, v, c) for a, k, v, c in aliases]
 
+    async def _automatic_before(
+        self, tx: Tx, links: list[tuple[str, str, str, float]], result: CaptureResult
+    ) -> None:
+        """Link the ``automatic_events`` that came before their message (Meta does not
+        promise order) to the message's conversation now, their click id filling in one
+        without, as when they come after: kept with no conversation, it was lost."""
+        by_account: dict[str, dict[str, str]] = defaultdict(dict)
+        for wamid, account_id, conversation_id, _ in links:
+            by_account[account_id][wamid] = conversation_id
+        for account_id, conversations in by_account.items():
+            for chunk in _chunks(list(conversations)):
+                waiting = await tx.fetch(
+                    "SELECT pk, wamid, ctwa_clid FROM automatic_events WHERE account_id = ?"
+                    f" AND wamid IN ({','.join('?' * len(chunk))}) AND conversation_id IS NULL",
+                    [account_id, *chunk],
+                )
+                for pk, wamid, clid in waiting:
+                    conversation_id = conversations[wamid]
+                    await tx.execute(
+                        "UPDATE automatic_events SET conversation_id = ? WHERE pk = ?",
+                        (conversation_id, pk),
+                    )
+                    if clid is not None:
+                        result.clicks_recovered += await self._recover(tx, clid, conversation_id)
+
+    async def _recover(self, tx: Tx, clid: str, conversation_id: str) -> int:
+        """Give a conversation without a click id an automatic event's; 1 if it took it."""
+        return await tx.execute(
+            "UPDATE conversations SET ctwa_clid = ?, ctwa_captured_at = ?,"
+            " ctwa_clicked_at = COALESCE(ctwa_clicked_at, created_at),"
+            " ctwa_capture_source = 'automatic_event'"
+            " WHERE id = ? AND ctwa_clid IS NULL",
+            (clid, self.now, conversation_id),
+        )
+
     async def _automatic(self, tx: Tx, event: DetectedEvent, result: CaptureResult) -> None:
         rows = await tx.fetch(
             "SELECT conversation_id FROM webhook_messages WHERE wamid = ? AND account_id = ?",
@@ -379,11 +416,4 @@ class CaptureOp(WriteOp[CaptureResult]):
         result.automatic_events += 1
         if conversation_id is None or event.ctwa_clid is None:
             return
-        recovered = await tx.execute(
-            "UPDATE conversations SET ctwa_clid = ?, ctwa_captured_at = ?,"
-            " ctwa_clicked_at = COALESCE(ctwa_clicked_at, created_at),"
-            " ctwa_capture_source = 'automatic_event'"
-            " WHERE id = ? AND ctwa_clid IS NULL",
-            (event.ctwa_clid, self.now, conversation_id),
-        )
-        result.clicks_recovered += recovered
+        result.clicks_recovered += await self._recover(tx, event.ctwa_clid, conversation_id)
