@@ -469,3 +469,35 @@ async def test_an_automatic_event_before_its_message_still_gives_the_click(
     # Again, nothing changes: the message is known, the click taken.
     answer = await post_signed(client, one(message("4915112345678", "wamid.EARLY", ts=now - 60)))
     assert answer["clicksRecovered"] == 0
+
+
+async def test_a_new_bsuid_writing_before_its_change_arrives_keeps_the_click(
+    client: Client,
+) -> None:
+    # Found by review: the message under the new BSUID came first and took the phone as a
+    # recycled number's; the user_changed_user_id that followed explained it, but the click
+    # stayed with the conversation that had lost the phone.
+    now = time.time()
+    await post_signed(client, one(message("5215512345678", "w.U1", ts=now - 3600,
+                                          bsuid="MX.111", ref=referral("the-click"))))  # fmt: skip
+    await post_signed(client, one(message("5215512345678", "w.U2", ts=now - 60, bsuid="MX.222")))
+    change = system_message("w.U3", "user_changed_user_id", wa_id="5215512345678",
+                            new_bsuid="MX.222", previous_bsuid="MX.111", ts=now - 120)  # fmt: skip
+    answer = await post_signed(client, one(change))
+    assert answer["conversationsMerged"] == 1
+    assert await live(client) == [("5215512345678", "MX.222", "the-click")]
+    for identity in ({"phoneE164": "+5215512345678"}, {"businessScopedUserId": "MX.222"},
+                     {"businessScopedUserId": "MX.111"}):  # fmt: skip
+        assert clid_of(await converted(client, **identity)) == "the-click", identity
+
+
+async def test_the_same_in_one_notification(client: Client) -> None:
+    now = time.time()
+    first = message("5215512340000", "w.V1", ts=now - 3600, bsuid="MX.311", ref=referral("clk"))
+    second = message("5215512340000", "w.V2", ts=now - 60, bsuid="MX.322")
+    change = system_message("w.V3", "user_changed_user_id", wa_id="5215512340000",
+                            new_bsuid="MX.322", previous_bsuid="MX.311", ts=now - 120)  # fmt: skip
+    await post_signed(client, one(first))
+    await post_signed(client, notification(messages_change([second, change])))
+    assert await live(client) == [("5215512340000", "MX.322", "clk")]
+    assert clid_of(await converted(client, phoneE164="+5215512340000")) == "clk"

@@ -18,7 +18,8 @@ Rules (README, "Who is who"):
 - ``user_changed_number`` and ``user_changed_user_id`` re-key the conversation to the new
   identifier, keeping its click and its history; the old identifier is kept as an alias so a
   conversion sent with it still finds the conversation. Arriving before any other message of
-  that user, they start a conversation under the new identifiers.
+  that user, they start a conversation under the new identifiers. A user_changed_user_id that
+  explains a recycled number (the new BSUID wrote first) undoes it: the two are merged.
 """
 
 from __future__ import annotations
@@ -258,6 +259,8 @@ class Identities:
                 self._formerly(account, phone=m.phone),
             ]
         )
+        if change.kind == "user_id" and own is not None and change.previous_bsuid:
+            own = self._restore(own, change.previous_bsuid)
         if change.kind == "number":
             new_phone = change.new_phone
             holder = self._live(account, phone=new_phone)
@@ -302,6 +305,28 @@ class Identities:
                 keys_changed_at=m.timestamp,
             )
         )
+
+    def _restore(self, own: Conversation, previous_bsuid: str) -> Conversation:
+        """Undo a recycled number that a user_changed_user_id explains.
+
+        A message under the new BSUID that comes before the change (Meta does not promise
+        order) finds the phone held by the previous BSUID's conversation, and takes it as a
+        recycled number. The change says both BSUIDs are one person: that conversation gets
+        its phone back and is merged with the one that took it (the click decides which
+        stays, as in any merge). Return the survivor."""
+        for c in list(self.by_id.values()):
+            if (
+                c.account_id == own.account_id
+                and c.bsuid == previous_bsuid
+                and c.superseded_by == own.id
+                and c.phone_released_at is not None
+                and c.wa_id == own.wa_id
+            ):
+                restored = self._put(
+                    msgspec.structs.replace(c, superseded_by=None, phone_released_at=None)
+                )
+                own = self._merge(self.by_id[own.id], restored)
+        return own
 
     @staticmethod
     def _with_profile(c: Conversation, m: InboundMessage) -> Conversation:

@@ -343,6 +343,19 @@ class CaptureOp(WriteOp[CaptureResult]):
                     f" AND value IN ({','.join('?' * len(chunk))})",
                     [account_id, kind, *chunk],
                 )
+        # A BSUID a user_changed_user_id names as the previous one may have lost its phone to
+        # the new BSUID's first message, come before the change (Identities.restore).
+        for m in messages:
+            if m.change is not None and m.change.kind == "user_id" and m.change.previous_bsuid:
+                rows = await tx.fetch(
+                    f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE account_id = ?"
+                    " AND bsuid = ? AND superseded_by IS NOT NULL"
+                    " AND phone_released_at IS NOT NULL",
+                    (m.account_id, m.change.previous_bsuid),
+                )
+                for row in rows:
+                    conversation = conversation_from_row(row)
+                    found.setdefault(conversation.id, conversation)
         missing = list({alias[3] for alias in aliases} - found.keys())
         for chunk in _chunks(missing):
             rows = await tx.fetch(
