@@ -501,3 +501,22 @@ async def test_the_same_in_one_notification(client: Client) -> None:
     await post_signed(client, notification(messages_change([second, change])))
     assert await live(client) == [("5215512340000", "MX.322", "clk")]
     assert clid_of(await converted(client, phoneE164="+5215512340000")) == "clk"
+
+
+async def test_a_new_number_writing_before_its_change_arrives_still_finds_the_click(
+    client: Client,
+) -> None:
+    # Found by review: the new number's first message came before user_changed_number, and
+    # a conversion by its new BSUID found the conversation the change retired, without the
+    # click; it now finds the one that took over.
+    now = time.time()
+    await post_signed(client, one(message("447700900111", "w.M1", ts=now - 3600,
+                                          bsuid="GB.111", ref=referral("clk"))))  # fmt: skip
+    await post_signed(client, one(message("447700900222", "w.M2", ts=now - 60, bsuid="GB.222")))
+    change = system_message("w.M3", "user_changed_number", wa_id="447700900111", bsuid="GB.111",
+                            new_wa_id="447700900222", ts=now - 120)  # fmt: skip
+    await post_signed(client, one(change))
+    identities = [{"phoneE164": "+447700900222"}, {"businessScopedUserId": "GB.222"},
+                  {"phoneE164": "+447700900111"}, {"businessScopedUserId": "GB.111"}]  # fmt: skip
+    for identity in identities:
+        assert clid_of(await converted(client, **identity)) == "clk", identity
