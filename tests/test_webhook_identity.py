@@ -503,20 +503,47 @@ async def test_the_same_in_one_notification(client: Client) -> None:
     assert clid_of(await converted(client, phoneE164="+5215512340000")) == "clk"
 
 
-async def test_a_new_number_writing_before_its_change_arrives_still_finds_the_click(
+async def test_a_recycled_number_s_previous_owner_never_gets_the_new_owner_s_click(
     client: Client,
 ) -> None:
-    # Found by review: the new number's first message came before user_changed_number, and
-    # a conversion by its new BSUID found the conversation the change retired, without the
-    # click; it now finds the one that took over.
+    # Found by review of the successor rule: a released conversation is superseded by the
+    # number's new owner's; following that link gave one person's conversion the other's click.
     now = time.time()
-    await post_signed(client, one(message("447700900111", "w.M1", ts=now - 3600,
-                                          bsuid="GB.111", ref=referral("clk"))))  # fmt: skip
-    await post_signed(client, one(message("447700900222", "w.M2", ts=now - 60, bsuid="GB.222")))
-    change = system_message("w.M3", "user_changed_number", wa_id="447700900111", bsuid="GB.111",
-                            new_wa_id="447700900222", ts=now - 120)  # fmt: skip
+    await post_signed(client, one(message("16505550903", "w.R1", ts=now - 900, bsuid="US.OLDX",
+                                          ref=referral("theirs"))))  # fmt: skip
+    await post_signed(client, one(message("16505550903", "w.R2", ts=now - 60, bsuid="US.NEWX",
+                                          ref=referral("mine"))))  # fmt: skip
+    assert clid_of(await converted(client, businessScopedUserId="US.OLDX")) == "theirs"
+    assert clid_of(await converted(client, businessScopedUserId="US.NEWX")) == "mine"
+    assert clid_of(await converted(client, phoneE164="+16505550903")) == "mine"
+
+
+async def test_a_number_change_onto_someone_else_s_number_leaves_them_their_click(
+    client: Client,
+) -> None:
+    now = time.time()
+    await post_signed(client, one(message("15550000013", "w.A", ts=now - 900, bsuid="US.A13",
+                                          ref=referral("a"))))  # fmt: skip
+    await post_signed(client, one(message("15550000014", "w.B", ts=now - 600, bsuid="US.B13",
+                                          ref=referral("b"))))  # fmt: skip
+    change = system_message("w.SYS3", "user_changed_number", wa_id="15550000013", bsuid="US.A13",
+                            new_wa_id="15550000014", new_bsuid="US.A14", ts=now)  # fmt: skip
     await post_signed(client, one(change))
-    identities = [{"phoneE164": "+447700900222"}, {"businessScopedUserId": "GB.222"},
-                  {"phoneE164": "+447700900111"}, {"businessScopedUserId": "GB.111"}]  # fmt: skip
-    for identity in identities:
-        assert clid_of(await converted(client, **identity)) == "clk", identity
+    assert clid_of(await converted(client, businessScopedUserId="US.B13")) == "b"
+    assert clid_of(await converted(client, phoneE164="+15550000014")) == "a"
+
+
+async def test_the_former_number_of_a_person_whose_new_number_was_taken(client: Client) -> None:
+    now = time.time()
+    await post_signed(client, one(message("15550000021", "w.B1", ts=now - 2000, bsuid="US.B21",
+                                          ref=referral("b"))))  # fmt: skip
+    await post_signed(client, one(system_message(
+        "w.B2", "user_changed_number", wa_id="15550000021", bsuid="US.B21",
+        new_wa_id="15550000022", new_bsuid="US.B22", ts=now - 1900)))  # fmt: skip
+    await post_signed(client, one(message("15550000022", "w.B3", ts=now - 1800, bsuid="US.B22")))
+    await post_signed(client, one(message("15550000023", "w.A1", ts=now - 900, bsuid="US.A23",
+                                          ref=referral("a"))))  # fmt: skip
+    await post_signed(client, one(system_message(
+        "w.A2", "user_changed_number", wa_id="15550000023", bsuid="US.A23",
+        new_wa_id="15550000022", new_bsuid="US.A24", ts=now - 60)))  # fmt: skip
+    assert clid_of(await converted(client, phoneE164="+15550000021")) == "b"

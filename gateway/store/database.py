@@ -445,9 +445,14 @@ class Store:
 
     async def _successor(self, c: Conversation) -> Conversation | None:
         """The live conversation that took over from a superseded one (a merge, a click on a
-        new ad after the window), following the links; None for a live one."""
+        new ad after the window), following the links; None for a live one.
+
+        Never across a recycled number: a conversation whose phone was released is
+        superseded by the number's new owner's, someone else (as erasure holds too)."""
         hops = 0
         while c.superseded_by is not None and hops < _MAX_SUCCESSION:
+            if c.phone_released_at is not None:
+                return None
             following = await self._conversation(c.superseded_by)
             if following is None or following.account_id != c.account_id:
                 return None
