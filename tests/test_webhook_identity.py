@@ -366,6 +366,14 @@ async def test_number_changes_arriving_out_of_order_keep_the_latest_number(clien
         assert len(await listed(client, phoneE164=phone)) == 1, phone
 
 
+async def wrote(
+    client: Client, phone: str, wamid: str, ts: float, bsuid: str, clid: str | None = None
+) -> dict[str, Any]:
+    """Post one signed message from this phone and BSUID, with an ad click if ``clid``."""
+    ref = referral(clid) if clid is not None else None
+    return await post_signed(client, one(message(phone, wamid, ts=ts, bsuid=bsuid, ref=ref)))
+
+
 async def converted(client: Client, **identity: str) -> dict[str, Any]:
     """POST a LeadSubmitted for this phoneE164 or businessScopedUserId; return the answer."""
     body = {
@@ -389,21 +397,9 @@ async def test_a_late_message_with_a_new_click_is_what_conversions_find(client: 
     # Found by review: the new conversation took the time of its (delayed) message, older
     # than the plain message before it, and conversions went to the old, expired click.
     now = time.time()
-    await post_signed(
-        client,
-        one(
-            message(
-                "4917000000001", "w.L1", ts=now - 10 * DAY, bsuid="DE.71", ref=referral("old-click")
-            )
-        ),
-    )
-    await post_signed(client, one(message("4917000000001", "w.L2", ts=now - 60, bsuid="DE.71")))
-    answer = await post_signed(
-        client,
-        one(
-            message("4917000000001", "w.L3", ts=now - 120, bsuid="DE.71", ref=referral("new-click"))
-        ),
-    )
+    await wrote(client, "4917000000001", "w.L1", now - 10 * DAY, "DE.71", "old-click")
+    await wrote(client, "4917000000001", "w.L2", now - 60, "DE.71")
+    answer = await wrote(client, "4917000000001", "w.L3", now - 120, "DE.71", "new-click")
     assert answer["conversationsCreated"] == 1
     by_phone = await converted(client, phoneE164="+4917000000001")
     assert clid_of(by_phone) == "new-click"
@@ -415,14 +411,7 @@ async def test_a_former_number_finds_the_conversation_that_took_over(client: Cli
     # Found by review: the old number's alias pointed at the conversation a new click had
     # since superseded, and conversions by it went to the old, expired click.
     now = time.time()
-    await post_signed(
-        client,
-        one(
-            message(
-                "61412345001", "w.F1", ts=now - 10 * DAY, bsuid="AU.111", ref=referral("old-click")
-            )
-        ),
-    )
+    await wrote(client, "61412345001", "w.F1", now - 10 * DAY, "AU.111", "old-click")
     change = system_message(
         "w.F2",
         "user_changed_number",
@@ -434,12 +423,7 @@ async def test_a_former_number_finds_the_conversation_that_took_over(client: Cli
         ts=now - 9 * DAY,
     )
     await post_signed(client, one(change))
-    answer = await post_signed(
-        client,
-        one(
-            message("61412345002", "w.F3", ts=now - 3600, bsuid="AU.222", ref=referral("new-click"))
-        ),
-    )
+    answer = await wrote(client, "61412345002", "w.F3", now - 3600, "AU.222", "new-click")
     assert answer["conversationsCreated"] == 1
     for identity in (
         {"phoneE164": "+61412345001"},
@@ -478,9 +462,8 @@ async def test_a_new_bsuid_writing_before_its_change_arrives_keeps_the_click(
     # recycled number's; the user_changed_user_id that followed explained it, but the click
     # stayed with the conversation that had lost the phone.
     now = time.time()
-    await post_signed(client, one(message("5215512345678", "w.U1", ts=now - 3600,
-                                          bsuid="MX.111", ref=referral("the-click"))))  # fmt: skip
-    await post_signed(client, one(message("5215512345678", "w.U2", ts=now - 60, bsuid="MX.222")))
+    await wrote(client, "5215512345678", "w.U1", now - 3600, "MX.111", "the-click")
+    await wrote(client, "5215512345678", "w.U2", now - 60, "MX.222")
     change = system_message("w.U3", "user_changed_user_id", wa_id="5215512345678",
                             new_bsuid="MX.222", previous_bsuid="MX.111", ts=now - 120)  # fmt: skip
     answer = await post_signed(client, one(change))
@@ -509,10 +492,8 @@ async def test_a_recycled_number_s_previous_owner_never_gets_the_new_owner_s_cli
     # Found by review of the successor rule: a released conversation is superseded by the
     # number's new owner's; following that link gave one person's conversion the other's click.
     now = time.time()
-    await post_signed(client, one(message("16505550903", "w.R1", ts=now - 900, bsuid="US.OLDX",
-                                          ref=referral("theirs"))))  # fmt: skip
-    await post_signed(client, one(message("16505550903", "w.R2", ts=now - 60, bsuid="US.NEWX",
-                                          ref=referral("mine"))))  # fmt: skip
+    await wrote(client, "16505550903", "w.R1", now - 900, "US.OLDX", "theirs")
+    await wrote(client, "16505550903", "w.R2", now - 60, "US.NEWX", "mine")
     assert clid_of(await converted(client, businessScopedUserId="US.OLDX")) == "theirs"
     assert clid_of(await converted(client, businessScopedUserId="US.NEWX")) == "mine"
     assert clid_of(await converted(client, phoneE164="+16505550903")) == "mine"
@@ -522,10 +503,8 @@ async def test_a_number_change_onto_someone_else_s_number_leaves_them_their_clic
     client: Client,
 ) -> None:
     now = time.time()
-    await post_signed(client, one(message("15550000013", "w.A", ts=now - 900, bsuid="US.A13",
-                                          ref=referral("a"))))  # fmt: skip
-    await post_signed(client, one(message("15550000014", "w.B", ts=now - 600, bsuid="US.B13",
-                                          ref=referral("b"))))  # fmt: skip
+    await wrote(client, "15550000013", "w.A", now - 900, "US.A13", "a")
+    await wrote(client, "15550000014", "w.B", now - 600, "US.B13", "b")
     change = system_message("w.SYS3", "user_changed_number", wa_id="15550000013", bsuid="US.A13",
                             new_wa_id="15550000014", new_bsuid="US.A14", ts=now)  # fmt: skip
     await post_signed(client, one(change))
@@ -535,14 +514,12 @@ async def test_a_number_change_onto_someone_else_s_number_leaves_them_their_clic
 
 async def test_the_former_number_of_a_person_whose_new_number_was_taken(client: Client) -> None:
     now = time.time()
-    await post_signed(client, one(message("15550000021", "w.B1", ts=now - 2000, bsuid="US.B21",
-                                          ref=referral("b"))))  # fmt: skip
+    await wrote(client, "15550000021", "w.B1", now - 2000, "US.B21", "b")
     await post_signed(client, one(system_message(
         "w.B2", "user_changed_number", wa_id="15550000021", bsuid="US.B21",
         new_wa_id="15550000022", new_bsuid="US.B22", ts=now - 1900)))  # fmt: skip
-    await post_signed(client, one(message("15550000022", "w.B3", ts=now - 1800, bsuid="US.B22")))
-    await post_signed(client, one(message("15550000023", "w.A1", ts=now - 900, bsuid="US.A23",
-                                          ref=referral("a"))))  # fmt: skip
+    await wrote(client, "15550000022", "w.B3", now - 1800, "US.B22")
+    await wrote(client, "15550000023", "w.A1", now - 900, "US.A23", "a")
     await post_signed(client, one(system_message(
         "w.A2", "user_changed_number", wa_id="15550000023", bsuid="US.A23",
         new_wa_id="15550000022", new_bsuid="US.A24", ts=now - 60)))  # fmt: skip
