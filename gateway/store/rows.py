@@ -377,14 +377,15 @@ def insert_events_unnest(rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]
     return _INSERT_EVENTS_UNNEST, columns
 
 
-def event_params(event: StoredEvent, money: Money | None = None) -> tuple[Any, ...]:
+def event_params(event: StoredEvent, money: Money) -> tuple[Any, ...]:
     """Return an event's values in the order of :func:`insert_events`' columns, with its
     ``status``, each as the sqlite3 module binds it without adapting (NULL as
     :data:`~gateway.store.sql.NULL`, a BLOB as a bytearray, the flag as an int): the row
     goes to SQLite as it is, with no pass over it (PostgreSQL's Tx puts None back).
 
-    ``money``: the event's :func:`value_and_currency`, if the caller has it already."""
-    value, currency = value_and_currency(event.event) if money is None else money
+    ``money``: the event's :func:`value_and_currency` (its caller keeps it for the hourly
+    counts too)."""
+    value, currency = money
     return (
         event.account_id,
         event.event_id,
