@@ -166,12 +166,16 @@ def _redacted(value: Any, depth: int) -> Any:
 _EMAIL = re.compile(r"[^\s@'\"<>(),;:]+@[^\s@'\"<>(),;:]+\.[A-Za-z]{2,}")
 _DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
 _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
+# A Meta access token (user, system-user and page tokens start EAA), quoted in an error.
+_META_TOKEN = re.compile(r"\bEAA[A-Za-z0-9]{20,}")
 
 
 def scrub(text: str) -> str:
-    """Return ``text`` with emails, phone-like numbers and bearer tokens masked."""
+    """Return ``text`` with emails, phone-like numbers, bearer tokens and Meta access tokens
+    masked."""
     text = _EMAIL.sub("[email]", text)
     text = _BEARER.sub(r"\1[redacted]", text)
+    text = _META_TOKEN.sub("[redacted]", text)
     return _DIGITS.sub("[number]", text)
 
 

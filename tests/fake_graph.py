@@ -56,7 +56,7 @@ class FakeGraph:
 
     def fail(self, *modes: str) -> None:
         """Queue failure modes, one per request: 500, timeout, html, drop, throttle4,
-        throttle17, 429, transient, token190, dataset33, permission10, count.
+        throttle17, 429, transient, token190, token_echo, dataset33, permission10, count.
         """
         self.failures.extend(modes)
 
@@ -113,6 +113,10 @@ class FakeGraph:
                 status=429,
                 headers={"Retry-After": "0.2"},
             )
+        if mode == "token_echo":
+            # Graph quotes a malformed token back in its message.
+            token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            return self._error(400, 190, f"Malformed access token {token}")
         if mode == "token190":
             return self._error(401, 190, "Error validating access token: Session has expired")
         if mode == "dataset33":

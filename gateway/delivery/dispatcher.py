@@ -249,33 +249,13 @@ class Dispatcher:
 
     async def _send(self, batch: list[QueuedEvent], claimed_at: float) -> None:
         try:
-            async with self._slots:
-                if self._lease_left(claimed_at) < _LEASE_MARGIN_S:
-                    # This process stalled (a paused VM, a blocked loop) past its lease: another
-                    # may have the batch by now, so it is not sent from here. Unrecorded, its
-                    # claims lapse and whoever holds them sends it.
-                    log.warning("delivery_lease_lapsed", sink=self.sink, events=len(batch))
-                    return
-                results, held = await self._round(batch)
-            lost = await self.outbox.record(self.sink, results, owner=self.owner)
-            if lost:
-                log.warning(
-                    "delivery_claim_lost",
-                    sink=self.sink,
-                    events=lost,
-                    reason="their claims expired in flight and another process took them;"
-                    " they may have been sent twice",
-                    fix="raise the sink's claim_lease_s, or find what stalled this process",
-                )
-        except Exception:
-            log.exception("dispatcher_batch_error", sink=self.sink, events=len(batch))
-            # Hold the batch back a while: a fault that repeats must not become a busy loop.
-            # (Only when nothing was recorded: a recorded outcome is never overwritten.)
-            await self._hold(batch, _internal_error_state)
-            return
+            sent = await self._send_and_record(batch, claimed_at)
         finally:
             self._in_flight.difference_update(item.pk for item in batch)
             self._wake.set()
+        if sent is None:
+            return
+        results, held = sent
         for account, until in held.items():
             try:
                 await self.outbox.defer(self.sink, [account], until)
@@ -288,6 +268,65 @@ class Dispatcher:
             self.metrics.events_outcome.labels(accounts[result.pk], self.sink, outcome).inc()
             self._settle(result.pk, result.state)
         self._report(batch, results)
+
+    async def _send_and_record(
+        self, batch: list[QueuedEvent], claimed_at: float
+    ) -> tuple[list[AttemptResult], dict[str, float]] | None:
+        """Send a batch and store its outcomes; None if there are none to act on."""
+        try:
+            async with self._slots:
+                if self._lease_left(claimed_at) < _LEASE_MARGIN_S:
+                    # This process stalled (a paused VM, a blocked loop) past its lease: another
+                    # may have the batch by now, so it is not sent from here. Unrecorded, its
+                    # claims lapse and whoever holds them sends it.
+                    log.warning("delivery_lease_lapsed", sink=self.sink, events=len(batch))
+                    return None
+                results, held = await self._round(batch)
+        except Exception:
+            log.exception("dispatcher_batch_error", sink=self.sink, events=len(batch))
+            # Hold the batch back a while: a fault that repeats must not become a busy loop.
+            # (Nothing was sent, or the sink said nothing: there is no outcome to keep.)
+            await self._hold(batch, _internal_error_state)
+            return None
+        try:
+            lost = await self._record(results)
+        except Exception:
+            # Stopped while the store refused the outcomes: the claims lapse and the batch is
+            # sent again (the window of a store that fails during a send; see the README).
+            log.exception("dispatcher_record_failed", sink=self.sink, events=len(batch))
+            return None
+        if lost:
+            log.warning(
+                "delivery_claim_lost",
+                sink=self.sink,
+                events=lost,
+                reason="their claims expired in flight and another process took them;"
+                " they may have been sent twice",
+                fix="raise the sink's claim_lease_s, or find what stalled this process",
+            )
+        return results, held
+
+    async def _record(self, results: list[AttemptResult]) -> int:
+        """Store a batch's outcomes, trying again while the store refuses: what the sink did
+        is known, and holding the batch instead would send what was delivered again. The
+        claims stay in flight meanwhile, so they are renewed; the tries stop when the
+        dispatcher does."""
+        pause = _RECORD_FIRST_PAUSE_S
+        while True:
+            try:
+                return await self.outbox.record(self.sink, results, owner=self.owner)
+            except Exception:
+                if self._stopping:
+                    raise
+                log.warning(
+                    "dispatcher_record_retry",
+                    sink=self.sink,
+                    events=len(results),
+                    retry_in_s=pause,
+                    exc_info=True,
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, self.options.claim_lease_s / 3)
 
     def _report(self, batch: list[QueuedEvent], results: list[AttemptResult]) -> None:
         """Log, once, every outcome a person must act on: ids, the code and the fix."""
@@ -364,7 +403,17 @@ class Dispatcher:
             return results, {}
         held: dict[str, float] = {}
         for item, outcome in zip(fresh, outcomes, strict=True):
-            result = self._result(item, outcome, len(fresh))
+            try:
+                result = self._result(item, outcome, len(fresh))
+            except Exception:
+                # One outcome the gateway cannot work out must not cost the others theirs
+                # (holding the whole batch would send the delivered ones again).
+                log.exception("dispatcher_outcome_error", sink=self.sink, event_pk=item.pk)
+                result = AttemptResult(
+                    pk=item.pk,
+                    state=_internal_error_state(item),
+                    next_attempt_at=self.clock() + self.options.retry_cap_s,
+                )
             results.append(result)
             if outcome.hold_account and result.next_attempt_at is not None:
                 held[item.account_id] = max(held.get(item.account_id, 0.0), result.next_attempt_at)
@@ -455,7 +504,8 @@ class Dispatcher:
         if outcome.status == "failed":
             return _final(item, "failed", reason, outcome.code or "failed", attempts, tried)
         o = self.options
-        delay = min(o.retry_cap_s, o.retry_base_s * 2 ** (attempts - 1))
+        # The exponent is bounded: past ~1,000 attempts 2**n no longer fits a float.
+        delay = min(o.retry_cap_s, o.retry_base_s * 2.0 ** min(attempts - 1, 64))
         delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not security
         delay = max(delay, outcome.retry_after_s or 0.0)
         when = now + delay
@@ -508,6 +558,9 @@ def _internal_error_state(item: QueuedEvent) -> SinkState:
     )
 
 
+# The first wait before storing a batch's outcomes again (it doubles, up to a third of the
+# claim lease, so renewals keep the claims meanwhile).
+_RECORD_FIRST_PAUSE_S = 0.1
 # A batch is not sent with less of its lease left than this.
 _LEASE_MARGIN_S = 0.5
 # A delivery still retrying after this many attempts is worth a look (once each).

@@ -13,6 +13,8 @@ same Graph API with the same tokens. Written against :mod:`gateway`'s public API
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -48,6 +50,9 @@ from plugins.meta_capi.sender import GraphSender, Route
 
 EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 SEVEN_DAYS_S = 7 * 86400
+# How often a gateway with an account that has no dataset looks in the store for one another
+# gateway on the same store created (POST /v1/whatsapp/dataset there).
+DATASET_LOOK_S = 5.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -89,6 +94,7 @@ class MetaCapiSink:
         self.store: Store | None = None
         self.tokens: dict[str, str] = {}
         self.stored_datasets: dict[str, str] = {}
+        self.settings: Settings | None = None
 
     def dataset_for(self, account: AccountConfig) -> str | None:
         """Return the account's dataset id: configured, else created through the API."""
@@ -169,9 +175,36 @@ class MetaCapiSink:
 
     @hookimpl
     def gateway_send_events(self, events: list[QueuedEvent]) -> Awaitable[list[SendOutcome]]:
+        return self._send(events)
+
+    async def _send(self, events: list[QueuedEvent]) -> list[SendOutcome]:
         # Set for as long as the dispatcher runs: lifespans start first and stop last.
         assert self.sender is not None
-        return self.sender.send(events)
+        routes = self.sender.routes
+        if any(event.account_id not in routes for event in events):
+            # Another gateway on this store may have created the dataset since: look before
+            # failing these events for want of one.
+            await self.look_for_datasets()
+        return await self.sender.send(events)
+
+    async def look_for_datasets(self) -> None:
+        """Take the datasets other gateways on this store created since this one started."""
+        if self.store is None or self.settings is None:
+            return
+        self.stored_datasets = await self.store.datasets()
+        if self.sender is not None:
+            self.sender.routes.update(self._routes(self.settings))
+
+    async def _look_while_missing(self, settings: Settings) -> None:
+        """Look for datasets now and then while an account has none: until one appears, that
+        account's conversions are refused (422 no_dataset) on this gateway."""
+        while True:
+            await asyncio.sleep(DATASET_LOOK_S)
+            if any(self.dataset_for(a) is None for a in settings.accounts):
+                try:
+                    await self.look_for_datasets()
+                except Exception:  # noqa: S112 - the store is away; the next look retries
+                    continue
 
     @hookimpl
     @asynccontextmanager
@@ -188,6 +221,7 @@ class MetaCapiSink:
         self.tokens = {a.id: environ.get(a.access_token_env or "", "") for a in settings.accounts}
         self.stored_datasets = await store.datasets()
         self.store = store
+        self.settings = settings
         async with aiohttp.ClientSession() as session:
             graph = GraphClient(
                 session,
@@ -208,9 +242,13 @@ class MetaCapiSink:
                 # batch always answers before the host's bound cuts it off (outcomes lost).
                 budget_s=max(0.0, self._send_timeout_s() - 2 * c.timeout_s) * 0.9,
             )
+            looking = asyncio.create_task(self._look_while_missing(settings))
             try:
                 yield
             finally:
+                looking.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await looking
                 self.sender = None
 
     @hookimpl
@@ -237,12 +275,20 @@ class MetaCapiSink:
 
     async def get_dataset(self, request: web.Request) -> web.Response:
         account = authorized_account(request, query_account_id(request))
-        return json_response(DatasetAnswer(dataset_id=self.dataset_for(account)))
+        return json_response(DatasetAnswer(dataset_id=await self._dataset_of(account)))
+
+    async def _dataset_of(self, account: AccountConfig) -> str | None:
+        """The account's dataset, looked for in the store if this gateway knows of none."""
+        known = self.dataset_for(account)
+        if known is None:
+            await self.look_for_datasets()
+            known = self.dataset_for(account)
+        return known
 
     async def post_dataset(self, request: web.Request) -> web.Response:
         wanted = await read_json(request, _DATASET_DECODER)
         account = authorized_account(request, wanted.account_id)
-        known = self.dataset_for(account)
+        known = await self._dataset_of(account)
         if known is not None:
             return json_response(DatasetAnswer(dataset_id=known, created=False))
         # Both are set while the app serves.

@@ -193,6 +193,12 @@ class GraphClient:
             return GraphReply(kind="transient", transport="timeout", duration_ms=_ms(started))
         except aiohttp.ClientError:
             return GraphReply(kind="transient", transport="connection", duration_ms=_ms(started))
+        # Meta quotes a malformed token back ("Malformed access token EAA..."): its words go
+        # to logs, the store and API answers, so the secrets this request carried are cut out
+        # of them first, wherever they appear.
+        for secret in (token, payload.get("appsecret_proof")):
+            if secret:
+                raw = raw.replace(secret.encode(), b"[redacted]")
         return _reply(status, raw, decoder, retry_after, _ms(started))
 
 

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway import PreparedEvent, QueuedEvent, SendOutcome, SinkState, hookimpl
 from gateway.config import parse_settings
 from gateway.http.keys import PIPELINE, PLUGINS
+from gateway.logs import scrub
 from gateway.store.engines import open_store
 from gateway.wire import ConversionRequest
 from plugins import meta_capi
@@ -40,6 +41,7 @@ from tests.conftest import (
     store_of,
 )
 from tests.fake_graph import BAD_CLID, FakeGraph
+from tests.store_sql import add_fault, db_execute, drop_fault, stored_bytes
 
 # Run on SQLite and on PostgreSQL (tests/conftest.py).
 BOTH_ENGINES = True
@@ -307,7 +309,7 @@ async def without_acme_dataset(
     make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer
 ) -> Client:
     """Return a client on an app whose account ``acme`` has no configured dataset."""
-    config["accounts"][0].pop("dataset_id")
+    config["accounts"][0].pop("dataset_id", None)
     plugins = {"sinks": ["meta_capi"], "meta_capi": {"graph_url": str(graph_server.make_url(""))}}
     return await make_client(settings=parse_settings({**config, "plugins": plugins}))
 
@@ -475,7 +477,13 @@ async def test_events_of_an_account_that_lost_its_dataset_fail_instead_of_spinni
     sink = client.app[PLUGINS].pm.get_plugin("meta_capi")
     assert isinstance(sink, MetaCapiSink)
     assert sink.sender is not None
-    # As if a restart came up with the account's dataset removed from config.
+    # As if a restart came up with the account's dataset removed from config (and none in
+    # the store either).
+    settings = client.app[PIPELINE].settings
+    acme, *others = settings.accounts
+    sink.settings = msgspec.structs.replace(
+        settings, accounts=[msgspec.structs.replace(acme, dataset_id=None), *others]
+    )
     del sink.sender.routes["acme"]
     await client.post(URL, json=lead(conversation.id), headers=AUTH)
     detail = await settle(client, "L1")
@@ -834,3 +842,114 @@ async def test_a_send_slower_than_the_lease_keeps_its_claim(
 
     assert fake.event_ids() == ["slow"]
     assert not logs.events("delivery_claim_lost")
+
+
+# -- found by review (helper 18): each fails without its fix ------------------------------------
+
+
+async def test_metas_words_never_carry_its_access_token(
+    make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
+) -> None:
+    # Graph quotes a malformed token back ("Malformed access token EAA..."): that text
+    # reaches the log, the store, the answer and health, none of which may hold the token.
+    client = await make_meta()
+    conversation = await add_conversation(store_of(client))
+    fake.fail("token_echo")
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    answer = await resp.text()
+    detail = await settle(client, "L1")
+    health = await (
+        await client.get("/v1/whatsapp/health", params={"accountId": "acme"}, headers=AUTH)
+    ).text()
+
+    assert detail["status"] == "failed"
+    assert "Malformed access token [redacted]" in detail["deliveries"][0]["error"]
+    for where, text in {
+        "answer": answer,
+        "detail": str(detail),
+        "health": health,
+        "log": logs.text,
+        "store": (await stored_bytes(client)).decode("latin-1"),
+    }.items():
+        assert ACME_TOKEN not in text, where
+
+
+def test_scrub_masks_a_meta_access_token() -> None:
+    token = "EAAJZCbZBw5ZAx0BAOZBvnqLk3eXyz0123456789"
+    assert scrub(f"Malformed access token {token}.") == "Malformed access token [redacted]."
+
+
+async def test_a_dataset_created_on_another_gateway_is_used_here(
+    make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer, fake: FakeGraph
+) -> None:
+    # Two gateways on one store, acme without a configured dataset: the one created through
+    # the first is the second's too (it refused acme's conversions, and failed the first's
+    # events it claimed, for good).
+    first = await without_acme_dataset(make_client, config, graph_server)
+    second = await without_acme_dataset(make_client, config, graph_server)
+    url = "/v1/whatsapp/dataset"
+    created = await first.post(url, json={"accountId": "acme"}, headers=AUTH)
+    assert (await created.json())["created"] is True
+    fake.tokens[f"ds-{WABA_ID}"] = ACME_TOKEN
+
+    got = await second.get(url, params={"accountId": "acme"}, headers=AUTH)
+    assert (await got.json()) == {"datasetId": f"ds-{WABA_ID}"}
+    conversation = await add_conversation(store_of(second))
+    resp = await second.post(URL, json=lead(conversation.id), headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["status"] == "delivered"
+    again = await second.post(url, json={"accountId": "acme"}, headers=AUTH)
+    assert (await again.json())["created"] is False
+    assert fake.datasets_created == [WABA_ID]
+
+
+async def test_a_delivery_past_a_thousand_attempts_keeps_backing_off(
+    make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
+) -> None:
+    # 2 ** 1024 is no float: the delay overflowed, the whole batch was held as an internal
+    # error, and Meta got its delivered neighbours again every retry_cap_s.
+    client = await make_meta(respond_within_ms=0, retry_cap_s=0.2)
+    conversation = await add_conversation(store_of(client))
+    fake.fail("transient")
+    await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    detail = await _after_attempts(client, "L1", 1)
+    assert detail["deliveries"][0]["status"] == "pending"
+    # Five days of a dataset that keeps answering "try again", in one step.
+    await db_execute(client, "UPDATE deliveries SET attempts = 1100, next_attempt_at = 0")
+    fake.fail("transient")
+
+    detail = await _after_attempts(client, "L1", 1101)
+    assert detail["deliveries"][0]["error"].startswith("will retry:")
+    assert (await settle(client, "L1"))["status"] == "delivered"
+    assert fake.event_ids() == ["L1"]
+    assert not logs.events("dispatcher_batch_error")
+
+
+async def _after_attempts(client: Client, event_id: str, attempts: int) -> dict[str, Any]:
+    """The event's detail once its first sink has made ``attempts`` attempts."""
+    url = f"{URL}/{event_id}"
+    for _ in range(200):
+        resp = await client.get(url, params={"accountId": "acme"}, headers=AUTH)
+        detail: dict[str, Any] = await resp.json()
+        if detail["deliveries"][0]["attempts"] >= attempts:
+            return detail
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{event_id} never reached {attempts} attempts: {detail}")
+
+
+async def test_outcomes_the_store_refuses_at_first_are_kept_not_sent_again(
+    make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
+) -> None:
+    # Meta took the batch, then the store refused its outcome for a while (locked by another
+    # process, a failover): the batch was held as pending and sent again.
+    client = await make_meta(respond_within_ms=0, retry_cap_s=0.2)
+    conversation = await add_conversation(store_of(client))
+    await add_fault(client, "refuse_attempts", "delivery_attempts", "the disk is full")
+    await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    await logs.wait_for("dispatcher_record_retry")
+    await asyncio.sleep(0.5)  # the old code held the batch and sent it again meanwhile
+    await drop_fault(client, "refuse_attempts", "delivery_attempts")
+
+    assert (await settle(client, "L1"))["status"] == "delivered"
+    assert fake.event_ids() == ["L1"]
+    assert not logs.events("dispatcher_batch_error")
