@@ -21,12 +21,15 @@ from gateway.config import parse_settings
 from gateway.http.app import reload_secrets
 from gateway.store.backup import restore
 from gateway.store.database import SqliteStore
+from gateway.store.erasure import redact_notification
 from gateway.store.retention import RetentionCutoffs
 from gateway.wire import ConversionRequest, request_fingerprint
 from tests.conftest import (
     AUTH,
     ENV,
+    PHONE_NUMBER_ID,
     SCOPED_KEY,
+    WABA_ID,
     ClientFactory,
     LogCapture,
     add_conversation,
@@ -41,6 +44,7 @@ from tests.payloads import (
     notification,
     post_signed,
     referral,
+    signed,
     system_message,
 )
 from tests.store_sql import db_execute, stored_bytes
@@ -340,6 +344,85 @@ async def test_a_key_for_another_account_cannot_touch_this_accounts_archive(
         )
     ((after,),) = await db_rows(client, "SELECT body FROM webhook_notifications")
     assert after == before
+
+
+SECOND_NUMBER = "106540352299999"
+
+
+async def test_an_account_sharing_the_waba_never_touches_the_others_archive(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> None:
+    """Found by review (helper 19): one WABA, two numbers, each an account. A key for the
+    second erasing the person (or the business's own numbers) rewrote the first's archived
+    notifications, and its count told that key the person had written to the first."""
+    config["accounts"][1]["waba_id"] = WABA_ID
+    config["accounts"][1]["phone_number_id"] = SECOND_NUMBER
+    client = await make_client(settings=parse_settings(config), environ=ENV)
+    await post_signed(
+        client,
+        notification(messages_change([message("16505550100", "wamid.A1", ref=referral(CLICK))])),
+    )
+    ((before,),) = await db_rows(client, "SELECT body FROM webhook_notifications")
+    scoped = {"Authorization": f"Bearer {SCOPED_KEY}"}
+    for value in ("+16505550100", "+15550783881", "+106540352242922"):
+        resp = await client.delete(
+            "/v1/whatsapp/users", headers=scoped, params={"accountId": "other", "phoneE164": value}
+        )
+        assert (await resp.json())["erased"]["notificationsRedacted"] == 0
+    ((after,),) = await db_rows(client, "SELECT body FROM webhook_notifications")
+    assert after == before
+
+    # The account's own erasure still redacts it, and leaves the business's metadata be.
+    resp = await client.delete(
+        "/v1/whatsapp/users",
+        headers=AUTH,
+        params={"accountId": "acme", "phoneE164": "+16505550100"},
+    )
+    assert (await resp.json())["erased"]["notificationsRedacted"] == 1
+    ((after,),) = await db_rows(client, "SELECT body FROM webhook_notifications")
+    assert b"16505550100" not in bytes(after)
+    assert b'"display_phone_number":"15550783881"' in bytes(after)
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        pytest.param(b"[" * 5000 + b"]" * 5000, id="nested-too-deeply"),
+        pytest.param(b"1e400", id="number-out-of-range"),
+    ],
+)
+async def test_a_body_that_does_not_decode_whole_is_still_redacted(
+    client: Client, part: bytes
+) -> None:
+    """Found by review: capture reads such a body in parts and keeps the message; the erasure
+    decoded it whole, and failed with a 500 (nested too deeply) or skipped it (a number
+    msgspec refuses), leaving the person in the archive."""
+    body = encode(notification(messages_change([message("16505550100", "wamid.D1")])))
+    body = body.replace(b'"Can I get more info about this?"', part)
+    resp = await client.post("/webhooks/whatsapp", data=body, headers=signed(body))
+    assert (await resp.json())["conversationsCreated"] == 1
+
+    resp = await client.delete(
+        "/v1/whatsapp/users",
+        headers=AUTH,
+        params={"accountId": "acme", "phoneE164": "+16505550100"},
+    )
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["erased"]["notificationsRedacted"] == 1
+    ((after,),) = await db_rows(client, "SELECT body FROM webhook_notifications")
+    assert b"16505550100" not in bytes(after)
+
+
+def test_a_body_that_cannot_be_read_at_all_becomes_a_tombstone_if_it_names_them() -> None:
+    # Who such a body names cannot be told apart: if it holds the person's identifier and the
+    # account's number, it must not keep them; another account's is left alone.
+    body = b'{"entry":[{"changes":[{"value":{"metadata":{"phone_number_id":"106540352242922"},'
+    body += b'"messages":[{"from":"16505550100","text":{"body":"\xff"}}]}}]}]}'
+    person = frozenset({"16505550100"})
+    tombstone = redact_notification(body, person, waba_id=WABA_ID, phone_number_id=PHONE_NUMBER_ID)
+    assert tombstone is not None
+    assert b"16505550100" not in tombstone
+    assert redact_notification(body, person, waba_id=WABA_ID, phone_number_id="1") is None
 
 
 KEY = "suppression-secret-0123456789"

@@ -45,6 +45,7 @@ from gateway.capture.records import (
     is_under,
 )
 from gateway.capture.values import (
+    MAX_DEPTH,
     bounded_referral,
     contact_phone,
     display_text,
@@ -57,8 +58,6 @@ from gateway.config import Settings
 __all__ = ["extract"]
 
 T = TypeVar("T")
-# Meta's notifications nest about 8 levels; deeper than this is not a notification's data.
-_MAX_DEPTH = 64
 
 
 def extract(
@@ -121,11 +120,11 @@ class _Extractor:
         except RecursionError:
             # Items stay raw until decoded one by one, but finding where a raw item ends
             # still recurses: drop the too-deep parts so the rest can be captured.
-            body = flatten_deep(body, _MAX_DEPTH)
+            body = flatten_deep(body, MAX_DEPTH)
             self.problem(
                 ROOT,
                 "too_deep",
-                f"Parts nested deeper than {_MAX_DEPTH} levels were read as null; everything"
+                f"Parts nested deeper than {MAX_DEPTH} levels were read as null; everything"
                 " else was processed.",
             )
         except (msgspec.DecodeError, UnicodeDecodeError):

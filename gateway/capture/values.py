@@ -14,6 +14,7 @@ import msgspec
 from gateway.capture.payload import MAX_TEXT, Contact, Referral
 
 __all__ = [
+    "MAX_DEPTH",
     "bounded_referral",
     "contact_phone",
     "display_text",
@@ -68,6 +69,10 @@ def unix_seconds(value: object, now: float) -> float | None:
 
 
 _JSON_STRUCTURE = re.compile(rb'[\\"\[\]{}]')
+
+
+# Meta's notifications nest about 8 levels; deeper than this is not a notification's data.
+MAX_DEPTH = 64
 
 
 def flatten_deep(body: bytes, limit: int) -> bytes:

@@ -22,12 +22,15 @@ An audit row says who asked, when, and how many rows of each kind went; no ident
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
+from decimal import Decimal
 from typing import Any
 
 import msgspec
 
+from gateway.capture.values import MAX_DEPTH, flatten_deep
 from gateway.hashing import keyed_digest
 from gateway.store.lookups import EVERYTHING, Touched
 from gateway.store.retention import delete_conversations, scrub_events
@@ -56,13 +59,21 @@ def redact_notification(
     waba_id: str | None = None,
     phone_number_id: str | None = None,
 ) -> bytes | None:
-    """Return ``body`` without ``identifiers`` in the account's entries (its WABA, or its
-    phone number's changes; every entry if neither is given), or None if nothing changed (or
-    it is not JSON: whose it is cannot be told, so it is left to the archive's retention)."""
-    try:
-        document = _decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return None
+    """Return ``body`` without ``identifiers`` in the account's changes, or None if nothing
+    changed.
+
+    A change is the account's when its ``metadata.phone_number_id`` is the account's number;
+    one without metadata, when its entry is the account's WABA (every change if neither is
+    given). The rule capture follows: one WABA may hold several numbers, each another
+    account's, and their changes are never touched here. The business's own ``metadata`` is
+    never rewritten. A body capture read in parts but that does not decode whole (nested too
+    deeply, a number out of range) is read the way capture read it; one that still cannot be
+    read, but holds one of the identifiers and the account's number, becomes a tombstone: who
+    it names cannot be told apart, and it must not keep them."""
+    document = _document(body)
+    if document is _UNREADABLE:
+        ours = phone_number_id is None or f'"{phone_number_id}"'.encode() in body
+        return _TOMBSTONE if ours else None
     changed = False
 
     def walk(value: Any) -> Any:
@@ -74,7 +85,7 @@ def redact_notification(
             ):
                 changed = True
                 return dict(_ERASED_OBJECT)
-            return {key: walk(item) for key, item in value.items()}
+            return {key: item if key == "metadata" else walk(item) for key, item in value.items()}
         if isinstance(value, list):
             return [walk(item) for item in value]
         if isinstance(value, str) and value in identifiers:
@@ -82,20 +93,53 @@ def redact_notification(
             return _ERASED
         return value
 
+    every = waba_id is None and phone_number_id is None
     entries = document.get("entry") if isinstance(document, dict) else None
     for entry in entries if isinstance(entries, list) else []:
         if not isinstance(entry, dict):
             continue
-        ours = entry.get("id") == waba_id or (waba_id is None and phone_number_id is None)
         changes = entry.get("changes")
         for change in changes if isinstance(changes, list) else []:
             if not isinstance(change, dict) or not isinstance(change.get("value"), dict):
                 continue
             metadata = change["value"].get("metadata")
             number = metadata.get("phone_number_id") if isinstance(metadata, dict) else None
-            if ours or number == phone_number_id:
+            if number is not None:
+                ours = every or number == phone_number_id
+            else:
+                ours = every or entry.get("id") == waba_id
+            if ours:
                 change["value"] = walk(change["value"])
-    return _encode(document) if changed else None
+    return _encode_read(document) if changed else None
+
+
+def _document(body: bytes) -> Any:
+    """The notification as capture read it, or _UNREADABLE."""
+    try:
+        return _decode(body)
+    except RecursionError:
+        body = flatten_deep(body, MAX_DEPTH)  # what capture did: too-deep parts read as null
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        pass
+    try:
+        return _decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        pass
+    try:
+        # Numbers msgspec refuses (1e400, integers past 64 bits) kept exactly as written.
+        return json.loads(body, parse_float=Decimal, parse_int=Decimal, parse_constant=_refuse)
+    except (ValueError, RecursionError):
+        return _UNREADABLE
+
+
+def _refuse(name: str) -> None:
+    raise ValueError(name)  # NaN, Infinity: not JSON
+
+
+_UNREADABLE = object()
+_TOMBSTONE = b'{"erased":true,"reason":"a body that could not be read whole named the person"}'
+# Decimals (numbers read as written) are written back as the same numbers.
+_encode_read = msgspec.json.Encoder(decimal_format="number").encode
 
 
 class Erase(WriteOp[tuple[int, ErasureCounts]]):
