@@ -19,6 +19,7 @@ from gateway.capture.inbox import reprocess
 from gateway.config import Settings
 from gateway.erasure import ErasureTarget, erase
 from gateway.errors import ConfigError, GatewayError, UsageError
+from gateway.http.query import ErasureQuery, convert_query
 from gateway.http.render import iso_time
 from gateway.plugin_manager import Plugins
 from gateway.probe import FAQ_EVENT_NAMES, GraphSettings, probe_event_names
@@ -164,8 +165,20 @@ async def erase_person(
     if settings.account(args.account) is None:
         raise ConfigError(f"unknown account {args.account!r}; use an id from [[accounts]]")
     try:
+        # The API's rules for the same parameters: an empty or malformed identifier (an unset
+        # shell variable) must not be recorded as an erasure done.
+        given = {
+            "accountId": args.account,
+            "phoneE164": args.phone,
+            "businessScopedUserId": args.bsuid,
+            "conversationId": args.conversation,
+        }
+        query = convert_query({k: v for k, v in given.items() if v is not None}, ErasureQuery)
         target = ErasureTarget(
-            args.account, phone=args.phone, bsuid=args.bsuid, conversation_id=args.conversation
+            args.account,
+            phone=query.phone_e164,
+            bsuid=query.business_scoped_user_id,
+            conversation_id=query.conversation_id,
         )
         async with running(
             settings, plugins, env, start_plugins=False, create_store=False

@@ -52,11 +52,15 @@ async def _housekeep(store: Store, settings: Settings) -> None:
     now = time.time()
     log.info("housekeeping_started")
     webhook = settings.webhook
-    pruned = await store.prune_messages(now - webhook.message_retention_days * 86400)
-    archived = await store.prune_archive(now - webhook.archive_retention_days * 86400)
+    keep = settings.retention
+    pruned = await store.prune_messages(
+        now - webhook.message_retention_days * 86400, keep.batch_rows
+    )
+    archived = await store.prune_archive(
+        now - webhook.archive_retention_days * 86400, keep.batch_rows
+    )
     if pruned or archived:
         log.info("webhook_data_pruned", message_ids=pruned, notifications=archived)
-    keep = settings.retention
     window = settings.events.attribution_window_s
     removed = await store.apply_retention(
         RetentionCutoffs(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import sqlite3
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -335,6 +337,13 @@ def test_a_backup_never_replaces_the_store_or_leaves_a_partial_copy(
     folder.mkdir()
     with pytest.raises(UsageError, match="is a folder"):
         backup(db_path, folder)
+    # A device or a pipe is never replaced by the copy (found by review: `backup /dev/null`
+    # as root replaced the host's /dev/null with the store).
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(UsageError, match="not a regular file"):
+        backup(db_path, pipe)
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)
     assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
 
 
@@ -372,6 +381,11 @@ def test_cli_erase(
     assert erased["erased"]["conversations"] == 1
     assert DIGITS not in json.dumps(erased)
     assert main(["erase", *args, "--account", "acme", "--phone", "nope"], environ=ENV) == 2
+    # An unset shell variable or a malformed id is refused as the API refuses it, not recorded
+    # as an erasure done (found by review).
+    for option, value in (("--bsuid", ""), ("--conversation", ""), ("--bsuid", " ")):
+        assert main(["erase", *args, "--account", "acme", option, value], environ=ENV) == 2
+    assert "erasureId" not in capsys.readouterr().out
 
 
 @pytest.mark.sqlite_only("stats --store, backup and restore are commands of the SQLite file")

@@ -27,6 +27,7 @@ __all__ = [
     "EventsQuery",
     "ListQuery",
     "StatsQuery",
+    "convert_query",
     "parse_query",
 ]
 
@@ -131,6 +132,13 @@ def parse_query(request: web.Request, kind: type[Q], *, drop_empty: bool = False
                 param=name,
             )
         values[name] = value
+    return convert_query(values, kind)
+
+
+def convert_query(values: dict[str, str], kind: type[Q]) -> Q:
+    """Return ``values`` (parameter names to their text) as ``kind``, or raise 400 naming the
+    parameter: the query string's rules, for whatever else brings the same parameters (the
+    CLI's options)."""
     try:
         return msgspec.convert(values, kind, strict=False)
     except msgspec.ValidationError as exc:

@@ -179,20 +179,23 @@ class MarkFailed(WriteOp[None]):
 
 
 class PruneArchive(WriteOp[int]):
-    """Forget archived notifications received before a time, with their problems."""
+    """Forget up to ``limit`` of the archived notifications received before a time, with
+    their problems."""
 
-    def __init__(self, before: float) -> None:
-        self.before = before
+    def __init__(self, before: float, limit: int) -> None:
+        self.before, self.limit = before, limit
 
     async def apply(self, tx: Tx) -> int:
-        await tx.execute(
-            "DELETE FROM webhook_problems WHERE notification_pk IN"
-            " (SELECT pk FROM webhook_notifications WHERE received_at < ?)",
-            (self.before,),
+        rows = await tx.fetch(
+            "SELECT pk FROM webhook_notifications WHERE received_at < ? ORDER BY pk LIMIT ?",
+            (self.before, self.limit),
         )
-        return await tx.execute(
-            "DELETE FROM webhook_notifications WHERE received_at < ?", (self.before,)
-        )
+        pks = [row[0] for row in rows]
+        if not pks:
+            return 0
+        marks = ",".join("?" * len(pks))
+        await tx.execute(f"DELETE FROM webhook_problems WHERE notification_pk IN ({marks})", pks)
+        return await tx.execute(f"DELETE FROM webhook_notifications WHERE pk IN ({marks})", pks)
 
 
 async def open_notifications(

@@ -53,6 +53,13 @@ def backup(store: Path, target: Path) -> int:
         raise UsageError(
             f"{target} is a folder: name the backup file, e.g. {target / 'ctwa.sqlite3'}"
         )
+    # The copy replaces a file it names; never a device or a pipe (``backup /dev/null`` as
+    # root replaced the host's /dev/null with a copy of the store), nor what a link points at.
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        raise UsageError(
+            f"{target} exists and is not a regular file (a device, a pipe, a link):"
+            " name a new file or an earlier backup"
+        )
     # Replacing the live store (or a file beside it) would swap a copy in under a serving
     # gateway, which goes on writing to the file it has open: what it answers after is lost.
     if target.resolve() in _store_files(store):

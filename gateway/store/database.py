@@ -24,7 +24,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -176,13 +176,30 @@ class _Ping(WriteOp[None]):
         return None
 
 
+async def _in_batches(
+    writer: GroupCommitWriter, batch: Callable[[], WriteOp[int]], limit: int
+) -> int:
+    """Commit ``batch()`` ops, each deleting up to ``limit`` rows, until one deletes fewer: a
+    prune of a million rows never holds the writer (and every conversion) for seconds."""
+    total = 0
+    while True:
+        deleted = await writer.submit(batch())
+        total += deleted
+        if deleted < limit:
+            return total
+
+
 class _PruneMessages(WriteOp[int]):
-    def __init__(self, before: float) -> None:
-        self.before = before
+    """Forget up to ``limit`` of the webhook message ids received before ``before``."""
+
+    def __init__(self, before: float, limit: int) -> None:
+        self.before, self.limit = before, limit
 
     async def apply(self, tx: Tx) -> int:
         return await tx.execute(
-            "DELETE FROM webhook_messages WHERE received_at < ?", (self.before,)
+            "DELETE FROM webhook_messages WHERE wamid IN (SELECT wamid FROM webhook_messages"
+            " WHERE received_at < ? LIMIT ?)",
+            (self.before, self.limit),
         )
 
 
@@ -331,9 +348,12 @@ class Store:
         rows = await self._reader.fetch("SELECT account_id, kind, digest FROM suppressions", ())
         self.suppressed = {(row[0], row[1], row[2]) for row in rows}
 
-    async def prune_messages(self, before: float) -> int:
-        """Forget webhook message ids received before ``before``; return how many."""
-        return await self.writer.submit(_PruneMessages(before))
+    async def prune_messages(self, before: float, batch_rows: int = 500) -> int:
+        """Forget webhook message ids received before ``before``, ``batch_rows`` a transaction
+        (conversions' commits wait for none of them long); return how many."""
+        return await _in_batches(
+            self.writer, lambda: _PruneMessages(before, batch_rows), batch_rows
+        )
 
     async def ping(self, timeout_s: float = 2.0) -> None:
         """Commit an empty transaction through the writer; raise if it cannot in time."""
@@ -392,9 +412,10 @@ class Store:
         """Count a failed attempt at processing an archived notification again."""
         await self.writer.submit(MarkFailed(pk, error))
 
-    async def prune_archive(self, before: float) -> int:
-        """Forget archived notifications received before ``before``; return how many."""
-        return await self.writer.submit(PruneArchive(before))
+    async def prune_archive(self, before: float, batch_rows: int = 500) -> int:
+        """Forget archived notifications received before ``before``, ``batch_rows`` a
+        transaction; return how many."""
+        return await _in_batches(self.writer, lambda: PruneArchive(before, batch_rows), batch_rows)
 
     async def open_notifications(
         self,
