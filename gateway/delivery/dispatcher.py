@@ -236,7 +236,11 @@ class Dispatcher:
             try:
                 now = self.clock()
                 await self.outbox.renew(
-                    self.sink, owner=self.owner, pks=sorted(self._in_flight), until=now + lease_s
+                    self.sink,
+                    owner=self.owner,
+                    pks=sorted(self._in_flight),
+                    now=now,
+                    lease_s=lease_s,
                 )
                 self._renewed_at = now
             except Exception:

@@ -92,6 +92,12 @@ _REPLACE_ATTEMPT = ", ".join(
 )  # fmt: skip
 
 
+async def database_clock(tx: Tx) -> float:
+    """The database server's time, in Unix seconds (PostgreSQL)."""
+    rows = await tx.fetch("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8", ())
+    return float(rows[0][0])
+
+
 class _Claim(WriteOp[list[QueuedEvent]]):
     """Claim up to ``limit`` due deliveries of ``sink`` for ``owner`` until ``until``."""
 
@@ -102,6 +108,11 @@ class _Claim(WriteOp[list[QueuedEvent]]):
 
     async def apply(self, tx: Tx) -> list[QueuedEvent]:
         sink, owner, now, until, limit = self.args
+        if tx.engine != "sqlite":
+            # Replicas on several machines: a claim's end is set and read by one clock, the
+            # database's, or a replica whose clock runs ahead takes claims still held.
+            skew = await database_clock(tx) - now
+            now, until = now + skew, until + skew
         claim = _CLAIM if tx.engine == "sqlite" else _CLAIM_SKIP_LOCKED
         pks = [row[0] for row in await tx.fetch(claim, (owner, until, sink, sink, now, now, limit))]
         if not pks:
@@ -122,11 +133,14 @@ class _Renew(WriteOp[None]):
 
     inline = True
 
-    def __init__(self, sink: str, owner: str, pks: Sequence[int], until: float) -> None:
+    def __init__(self, sink: str, owner: str, pks: Sequence[int], until: float, now: float) -> None:
         self.args = (sink, owner, pks, until)
+        self.now = now
 
     async def apply(self, tx: Tx) -> None:
         sink, owner, pks, until = self.args
+        if tx.engine != "sqlite":
+            until += await database_clock(tx) - self.now  # the database's clock (see _Claim)
         for start in range(0, len(pks), _KEYS_PER_STATEMENT):
             part = pks[start : start + _KEYS_PER_STATEMENT]
             await tx.execute(
@@ -288,10 +302,12 @@ class Outbox:
         ``owner`` until ``now + lease_s``; return them oldest first."""
         return await self._writer.submit(_Claim(sink, owner, now, now + lease_s, limit))
 
-    async def renew(self, sink: str, *, owner: str, pks: Sequence[int], until: float) -> None:
-        """Extend ``owner``'s claims on these deliveries to ``until``."""
+    async def renew(
+        self, sink: str, *, owner: str, pks: Sequence[int], now: float, lease_s: float
+    ) -> None:
+        """Extend ``owner``'s claims on these deliveries to ``now + lease_s``."""
         if pks:
-            await self._writer.submit(_Renew(sink, owner, pks, until))
+            await self._writer.submit(_Renew(sink, owner, pks, now + lease_s, now))
 
     async def release(self, sink: str, *, owner: str) -> int:
         """Give back every claim ``owner`` holds on ``sink``; return how many."""

@@ -17,8 +17,16 @@ import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway import PreparedEvent, QueuedEvent, SendOutcome, SinkState, hookimpl
+from gateway import (
+    DeliveryOptions,
+    PreparedEvent,
+    QueuedEvent,
+    SendOutcome,
+    SinkState,
+    hookimpl,
+)
 from gateway.config import parse_settings
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.http.keys import PIPELINE, PLUGINS
 from gateway.logs import scrub
 from gateway.store.engines import open_store
@@ -953,3 +961,42 @@ async def test_outcomes_the_store_refuses_at_first_are_kept_not_sent_again(
     assert (await settle(client, "L1"))["status"] == "delivered"
     assert fake.event_ids() == ["L1"]
     assert not logs.events("dispatcher_batch_error")
+
+
+async def test_a_replica_whose_clock_runs_ahead_never_takes_a_held_claim(
+    make_meta: MakeMeta, fake: FakeGraph, engine: str
+) -> None:
+    # Replicas on several machines (found by review): a claim's end was written by one
+    # machine's clock and compared with another's, so a replica 3 s ahead, with a 3 s lease
+    # renewed every second, took claims still held and sent their events again.
+    if engine == "sqlite":
+        pytest.skip("the processes of one SQLite store share one machine, and its clock")
+    client = await make_meta(respond_within_ms=0, poll_s=0.05, claim_lease_s=3, timeout_s=5)
+    fake.delay_s = 2.0  # Meta takes the batch, and answers slowly
+    conversation = await add_conversation(store_of(client))
+    for i in range(3):
+        await client.post(URL, json=lead(conversation.id, f"E{i}"), headers=AUTH)
+    await asyncio.sleep(0.3)  # the app has claimed and sent them
+    ahead: list[str] = []
+
+    async def send(batch: list[QueuedEvent]) -> list[SendOutcome]:
+        ahead.extend(item.event_id for item in batch)
+        return [SendOutcome(status="delivered", tries=1) for _ in batch]
+
+    replica = Dispatcher(
+        sink="meta_capi",
+        outbox=store_of(client).outbox,
+        send=send,
+        options=DeliveryOptions(batch_max=100, poll_s=0.05, claim_lease_s=3),
+        send_timeout_s=10,
+        owner="replica-ahead",
+        clock=lambda: time.time() + 3,
+    )
+    replica.start()
+    try:
+        for event_id in ("E0", "E1", "E2"):
+            assert (await settle(client, event_id))["status"] == "delivered"
+    finally:
+        await replica.stop()
+    assert ahead == []
+    assert sorted(fake.event_ids()) == ["E0", "E1", "E2"]
