@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.config import load_settings, parse_settings
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, Unauthorized
 from gateway.http.auth import KeyRing
 from gateway.plugin_manager import build_plugins
 
@@ -99,6 +99,23 @@ def test_secrets_come_from_the_environment() -> None:
         KeyRing.from_config(settings.auth, {"MY_KEY": "short"})
     ring = KeyRing.from_config(settings.auth, {"MY_KEY": "a-long-enough-secret-key"})
     assert ring.authenticate("Bearer a-long-enough-secret-key").name == "k"
+
+
+def test_a_key_ring_remembers_only_tokens_that_matched() -> None:
+    # A matched token is looked up, not hashed again; what an attacker sends is never kept
+    # (nothing they send can grow the process), and near misses stay refused.
+    settings = parse_settings(
+        {"auth": {"keys": [{"name": "k", "key_env": "MY_KEY", "accounts": ["*"]}]}}
+    )
+    ring = KeyRing.from_config(settings.auth, {"MY_KEY": "a-long-enough-secret-key"})
+    for i in range(1000):
+        with pytest.raises(Unauthorized):
+            ring.authenticate(f"Bearer a-long-enough-secret-ke{i}")
+    for _ in range(3):
+        assert ring.authenticate("Bearer  a-long-enough-secret-key ").name == "k"
+    with pytest.raises(Unauthorized):
+        ring.authenticate("Bearer a-long-enough-secret-kex")
+    assert len(ring._matched) == 1
 
 
 def test_the_readme_configuration_block_loads() -> None:

@@ -282,6 +282,17 @@ def _payload_blob(payload: dict[str, Any] | None, event: dict[str, Any] | None) 
     if payload is None:
         return None
     data = payload.get("data")
+    if (
+        event is not None
+        and type(data) is list
+        and len(data) == 1
+        and data[0] is event
+        and len(payload) == 2
+        and next(iter(payload)) == "data"
+        and type(partner := payload.get("partner_agent")) is str
+    ):
+        # The usual payload, the stored event itself and a partner agent: told at once.
+        return _encode((partner,))
     # The sink put the stored event itself in its payload (the usual case): no need to
     # compare the two field by field.
     if event is not None and (
