@@ -332,6 +332,7 @@ class JsonLine:
             # setdefault would have it).
             line = {"event": "request", **fields, **current}
             line.update(fields)
+            line["event"] = "request"
         else:
             line = {"event": "request", **fields}
         if not line.keys() <= _PLAIN_KEYS or _structlog_contextvars_used():

@@ -425,6 +425,32 @@ def test_a_body_that_cannot_be_read_at_all_becomes_a_tombstone_if_it_names_them(
     assert redact_notification(body, person, waba_id=WABA_ID, phone_number_id="1") is None
 
 
+def test_an_unwritable_body_that_named_them_becomes_a_tombstone() -> None:
+    # Review of the lenient reading: a lone surrogate (a cut emoji) that only it takes could
+    # not be written back, and the whole erasure failed (500).
+    body = (
+        b'{"entry":[{"changes":[{"value":{"metadata":{"phone_number_id":"106540352242922"},'
+        b'"messages":[{"from":"16505550100"},{"from":"16505550199","text":{"body":"\\ud83d"}}]}}]}]}'
+    )
+    person = frozenset({"16505550100"})
+    redacted = redact_notification(body, person, waba_id=WABA_ID, phone_number_id=PHONE_NUMBER_ID)
+    assert redacted is not None
+    assert b"16505550100" not in redacted
+
+
+def test_a_change_with_an_empty_number_is_the_wabas_as_capture_reads_it() -> None:
+    # Review of the ownership rule: capture reads an empty phone_number_id as none (and
+    # goes by the WABA); the erasure must take the change as capture did.
+    body = (
+        b'{"entry":[{"id":"%s","changes":[{"value":{"metadata":{"phone_number_id":""},'
+        b'"messages":[{"from":"16505550100"}]}}]}]}' % WABA_ID.encode()
+    )
+    person = frozenset({"16505550100"})
+    redacted = redact_notification(body, person, waba_id=WABA_ID, phone_number_id=PHONE_NUMBER_ID)
+    assert redacted is not None
+    assert b"16505550100" not in redacted
+
+
 KEY = "suppression-secret-0123456789"
 
 

@@ -523,6 +523,19 @@ def test_the_request_lines_fast_path_writes_what_the_whole_path_would(
     assert list(fast.items()) == list(whole.items())
 
 
+def test_the_request_line_keeps_its_name_whatever_is_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A plugin binding `event` must not rename the canonical line (found by review).
+    monkeypatch.setattr(structlog.contextvars, "_CONTEXT_VARS", {})
+    start_request_log(request_id="req-named")
+    bind(event="plugin_step", account="acme")
+    fields = {"method": "POST", "route": "/r", "status": 200, "duration_ms": 1.5}
+    line = JsonLine()
+    assert json.loads(line.request_line(fields))["event"] == "request"
+    assert json.loads(line(None, "info", {"event": "request", **fields}))["event"] == "request"
+
+
 async def test_every_answer_names_the_gateway_not_aiohttp(client: Client) -> None:
     """Every answer names the gateway, not Python and aiohttp, those made before the
     middleware (aiohttp's Expect handler's 417) included."""

@@ -295,9 +295,12 @@ class Dispatcher:
         try:
             lost = await self._record(results)
         except Exception:
-            # Stopped while the store refused the outcomes: the claims lapse and the batch is
-            # sent again (the window of a store that fails during a send; see the README).
+            # The store refused the outcomes for as long as the tries last, or the dispatcher
+            # stopped meanwhile: the batch is held back as an internal error (it will be sent
+            # again: the window of a store that fails during a send; see the README) rather
+            # than keeping its slot and claims for ever.
             log.exception("dispatcher_record_failed", sink=self.sink, events=len(batch))
+            await self._hold(batch, _internal_error_state)
             return None
         if lost:
             log.warning(
@@ -314,13 +317,14 @@ class Dispatcher:
         """Store a batch's outcomes, trying again while the store refuses: what the sink did
         is known, and holding the batch instead would send what was delivered again. The
         claims stay in flight meanwhile, so they are renewed; the tries stop when the
-        dispatcher does."""
+        dispatcher does, or after ``_RECORD_TRIES_S``."""
         pause = _RECORD_FIRST_PAUSE_S
+        give_up = self.clock() + max(_RECORD_TRIES_S, self.options.claim_lease_s)
         while True:
             try:
                 return await self.outbox.record(self.sink, results, owner=self.owner)
             except Exception:
-                if self._stopping:
+                if self._stopping or self.clock() >= give_up:
                     raise
                 log.warning(
                     "dispatcher_record_retry",
@@ -489,7 +493,7 @@ class Dispatcher:
             outcome=outcome.status,
             http_status=outcome.http_status,
             error_code=outcome.code,
-            message=None if outcome.reason is None else scrub(outcome.reason),
+            message=None if outcome.reason is None else _storable(outcome.reason),
             trace_id=outcome.trace_id,
             batch_size=batch_size,
             duration_ms=outcome.duration_ms,
@@ -504,7 +508,7 @@ class Dispatcher:
             )
             return AttemptResult(pk=item.pk, state=state, attempts=[tried])
         # A sink's own words reach logs, the store and API callers: no personal data in them.
-        reason = scrub(outcome.reason or f"the {self.sink} sink gave no reason")
+        reason = _storable(outcome.reason or f"the {self.sink} sink gave no reason")
         if outcome.status == "failed":
             return _final(item, "failed", reason, outcome.code or "failed", attempts, tried)
         o = self.options
@@ -530,6 +534,12 @@ class Dispatcher:
             f"expired: older than {days:g} days before the {self.sink} sink could deliver it;"
             " the destination would reject it"
         )
+
+
+def _storable(text: str) -> str:
+    """A sink's words as every store keeps them: personal data masked, and no lone surrogate
+    or NUL (neither SQLite's UTF-8 nor PostgreSQL's text takes one)."""
+    return scrub(text).encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
 
 
 def _final(
@@ -565,6 +575,10 @@ def _internal_error_state(item: QueuedEvent) -> SinkState:
 # The first wait before storing a batch's outcomes again (it doubles, up to a third of the
 # claim lease, so renewals keep the claims meanwhile).
 _RECORD_FIRST_PAUSE_S = 0.1
+# How long outcomes are offered to a store that refuses them (a lock, a failover) before the
+# batch is held back instead: a refusal that lasts (a value the store cannot hold) must not
+# keep the batch's slot and claims.
+_RECORD_TRIES_S = 30.0
 # A batch is not sent with less of its lease left than this.
 _LEASE_MARGIN_S = 0.5
 # A delivery still retrying after this many attempts is worth a look (once each).

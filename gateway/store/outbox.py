@@ -94,8 +94,11 @@ _REPLACE_ATTEMPT = ", ".join(
 
 async def database_clock(tx: Tx) -> float:
     """The database server's time, in Unix seconds (PostgreSQL)."""
-    rows = await tx.fetch("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8", ())
+    rows = await tx.fetch(_DATABASE_CLOCK, ())
     return float(rows[0][0])
+
+
+_DATABASE_CLOCK = "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8"
 
 
 class _Claim(WriteOp[list[QueuedEvent]]):
@@ -108,13 +111,18 @@ class _Claim(WriteOp[list[QueuedEvent]]):
 
     async def apply(self, tx: Tx) -> list[QueuedEvent]:
         sink, owner, now, until, limit = self.args
+        claims_now = now
         if tx.engine != "sqlite":
             # Replicas on several machines: a claim's end is set and read by one clock, the
-            # database's, or a replica whose clock runs ahead takes claims still held.
+            # database's, or a replica whose clock runs ahead takes claims still held. (When
+            # a delivery is due stays in the writers' clocks, as it was written.)
             skew = await database_clock(tx) - now
-            now, until = now + skew, until + skew
+            claims_now, until = now + skew, until + skew
         claim = _CLAIM if tx.engine == "sqlite" else _CLAIM_SKIP_LOCKED
-        pks = [row[0] for row in await tx.fetch(claim, (owner, until, sink, sink, now, now, limit))]
+        pks = [
+            row[0]
+            for row in await tx.fetch(claim, (owner, until, sink, sink, now, claims_now, limit))
+        ]
         if not pks:
             return []
         # The rows just claimed carry this very stamp (a list of their keys could pass the
@@ -316,13 +324,19 @@ class Outbox:
     async def next_due(self, sink: str, *, now: float, owner: str) -> float | None:
         """Return when there may next be work for ``owner``: the earliest due delivery of
         ``sink`` that nobody holds, or the earliest expiry of another's claim."""
+        skew = 0.0
+        if self._reader.engine != "sqlite":
+            # Claims' ends are in the database's clock (see _Claim): compared with it, and
+            # turned back into this process's.
+            rows = await self._reader.fetch(_DATABASE_CLOCK, ())
+            skew = float(rows[0][0]) - now
         rows = await self._reader.fetch(
             "SELECT MIN(t) FROM (SELECT * FROM (SELECT next_attempt_at AS t FROM deliveries"
             " WHERE sink = ? AND status = 'pending' AND (claim_until IS NULL OR claim_until <= ?)"
-            " ORDER BY next_attempt_at LIMIT 1) UNION ALL SELECT claim_until FROM deliveries"
+            " ORDER BY next_attempt_at LIMIT 1) UNION ALL SELECT claim_until - ? FROM deliveries"
             " WHERE claimed_by IS NOT NULL AND claimed_by != ? AND sink = ?"
             " AND status = 'pending' AND claim_until > ?)",
-            (sink, now, owner, sink, now),
+            (sink, now + skew, skew, owner, sink, now + skew),
         )
         return rows[0][0] if rows else None
 

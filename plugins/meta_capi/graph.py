@@ -22,6 +22,8 @@ __all__ = ["GraphClient", "GraphError", "GraphReply", "explain"]
 Kind = Literal["ok", "transient", "throttled", "permanent"]
 
 _TRANSIENT_CODES = frozenset({1, 2, 341})
+# Secrets at least this long are cut out of Meta's replies.
+_SECRET_CUT_MIN = 16
 _THROTTLE_CODES = frozenset({4, 17, 32, 613, 80004})
 
 
@@ -197,7 +199,9 @@ class GraphClient:
         # to logs, the store and API answers, so the secrets this request carried are cut out
         # of them first, wherever they appear.
         for secret in (token, payload.get("appsecret_proof")):
-            if secret:
+            # A short test token ("1") would cut into the reply's own numbers; a real token
+            # is far longer than this.
+            if secret and len(secret) >= _SECRET_CUT_MIN:
                 raw = raw.replace(secret.encode(), b"[redacted]")
         return _reply(status, raw, decoder, retry_after, _ms(started))
 

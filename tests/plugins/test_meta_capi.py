@@ -1000,3 +1000,116 @@ async def test_a_replica_whose_clock_runs_ahead_never_takes_a_held_claim(
         await replica.stop()
     assert ahead == []
     assert sorted(fake.event_ids()) == ["E0", "E1", "E2"]
+
+
+async def test_a_replica_whose_clock_runs_ahead_sends_its_own_events_at_once(
+    make_meta: MakeMeta, fake: FakeGraph, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review of the fix above: the database's clock had been used for when a delivery is
+    # due too, which the writers stamp with their own clocks: a replica 3 s ahead waited 3 s
+    # for each new event, claiming in a busy loop meanwhile.
+    client = await make_meta(respond_within_ms=0, poll_s=0.5)
+    await _app_dispatcher(client).stop()
+    conversation = await add_conversation(store_of(client))
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3)  # this whole machine runs ahead
+    outbox = store_of(client).outbox
+    claims = 0
+    claim = outbox.claim
+
+    async def counted(*args: Any, **kwargs: Any) -> list[QueuedEvent]:
+        nonlocal claims
+        claims += 1
+        return await claim(*args, **kwargs)
+
+    monkeypatch.setattr(outbox, "claim", counted)
+    sent_at: list[float] = []
+
+    async def send(batch: list[QueuedEvent]) -> list[SendOutcome]:
+        sent_at.append(real())
+        return [SendOutcome(status="delivered", tries=1) for _ in batch]
+
+    replica = Dispatcher(
+        sink="meta_capi",
+        outbox=outbox,
+        send=send,
+        options=DeliveryOptions(batch_max=100, poll_s=0.5, claim_lease_s=30),
+        send_timeout_s=10,
+        owner="ahead",
+        clock=lambda: real() + 3,
+    )
+    replica.start()
+    try:
+        started = real()
+        await client.post(URL, json=lead(conversation.id), headers=AUTH)
+        replica.notify()
+        for _ in range(100):
+            if sent_at:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await replica.stop()
+    assert sent_at
+    assert sent_at[0] - started < 1.0
+    assert claims < 20
+
+
+async def test_outcomes_the_store_can_never_take_do_not_jam_the_sink(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    # Review of the fix above: outcomes were offered to the store for as long as it refused
+    # them, and one it can never take (a sink's reason with a lone surrogate, which UTF-8
+    # cannot hold) kept the batch's slot for good: nothing else was sent. Such a reason is
+    # now stored with the character replaced.
+    client = await make_meta(respond_within_ms=0, poll_s=0.05)
+    await _app_dispatcher(client).stop()
+    conversation = await add_conversation(store_of(client))
+    for i in range(3):
+        await client.post(URL, json=lead(conversation.id, f"E{i}"), headers=AUTH)
+    sent: list[str] = []
+
+    async def send(batch: list[QueuedEvent]) -> list[SendOutcome]:
+        sent.extend(item.event_id for item in batch)
+        return [
+            SendOutcome(status="failed", reason="bad \ud800\x00 reply", code="x", tries=1)
+            for _ in batch
+        ]
+
+    dispatcher = Dispatcher(
+        sink="meta_capi",
+        outbox=store_of(client).outbox,
+        send=send,
+        options=DeliveryOptions(batch_max=1, max_in_flight=1, poll_s=0.05, linger_ms=0),
+        send_timeout_s=10,
+        owner="one-slot",
+    )
+    dispatcher.start()
+    try:
+        for event_id in ("E0", "E1", "E2"):
+            detail = await settle(client, event_id)
+            assert detail["deliveries"][0]["error"] == "bad ? reply"
+    finally:
+        await dispatcher.stop()
+    assert sorted(sent) == ["E0", "E1", "E2"]
+
+
+async def test_a_short_test_token_is_not_cut_out_of_metas_answers(
+    make_meta: MakeMeta, fake: FakeGraph, config: dict[str, Any]
+) -> None:
+    # Review of the token cut: a token like "1" (a mock setup) turned `"events_received":1`
+    # into `[redacted]`, and every delivered batch into a retry.
+    client = await make_meta()
+    sink = client.app[PLUGINS].pm.get_plugin("meta_capi")
+    assert isinstance(sink, MetaCapiSink)
+    assert sink.sender is not None
+    reply = await sink.sender.graph.send_events(ACME_DATASET, "1", {"data": []})
+    assert reply.http_status == 401  # the fake refuses the token, and says so whole
+    assert reply.error is not None
+    assert reply.error.message == "Invalid OAuth access token"
+
+
+def _app_dispatcher(client: Client) -> Dispatcher:
+    """The app's own dispatcher of the meta_capi sink."""
+    delivery = client.app[PIPELINE].delivery
+    assert delivery is not None
+    return delivery.dispatchers["meta_capi"]
