@@ -13,7 +13,6 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, TextIO
 
 import msgspec
@@ -278,9 +277,9 @@ class _Timestamp:
         if cached[0] != second:
             cached = self._second = (
                 second,
-                time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)),
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
             )
-        return cached[1] + "%06dZ" % micro  # noqa: UP031  (twice as fast as an f-string)
+        return "%s.%06dZ" % (cached[1], micro)  # noqa: UP031  (twice as fast as an f-string)
 
 
 class JsonLine:
@@ -294,10 +293,6 @@ class JsonLine:
 
     def __init__(self) -> None:
         self._timestamp = _Timestamp()
-        # Set by configure_logging when it installs this processor: what takes the canonical
-        # request line straight from log_request (the configured logger's info, or a no-op
-        # when info is filtered out). None: the line goes through structlog.
-        self.write_request: Callable[[dict[str, Any]], None] | None = None
         # show_locals=False: frame locals would put request bodies and secrets in the log.
         self._exceptions = structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
@@ -326,16 +321,16 @@ class JsonLine:
         flags): a line holding only those, with no container among its values, has nothing
         for redaction to replace, and skips its walk. Any other line takes the whole path.
         """
+        line = {"event": "request", **fields}
         current = _REQUEST_FIELDS.get()
         if current:
-            # The request's fields after the line's own, which win, in their own places (as
-            # setdefault would have it).
-            line = {"event": "request", **fields, **current}
-            line.update(fields)
-            line["event"] = "request"
-        else:
-            line = {"event": "request", **fields}
-        if not line.keys() <= _PLAIN_KEYS or _structlog_contextvars_used():
+            # The request's fields after the line's own, which win (as setdefault would).
+            line = {**line, **current, **line}
+        if (
+            not line.keys() <= _PLAIN_KEYS
+            or not _CONTAINERS.isdisjoint(map(type, line.values()))
+            or _structlog_contextvars_used()
+        ):
             return self(None, "info", line)
         # Of the client's ids, only an eventId can be among the plain keys.
         event_id = line.get("event_id")
@@ -343,27 +338,7 @@ class JsonLine:
             line["event_id"] = logged_id(event_id)
         line["level"] = "info"
         line["timestamp"] = self._timestamp.now()
-        encoded = _json.encode(line)
-        # Without a bracket in it, no value was a container: two byte scans, where looking
-        # at every value's type cost a fifth of the line. (A text with a bracket in it only
-        # sends the line to that exact look.)
-        if (b"[" in encoded or encoded.count(b"{") > 1) and not _CONTAINERS.isdisjoint(
-            map(type, line.values())
-        ):
-            return self(None, "info", line)
-        return encoded.decode()
-
-    def send_request_lines_to(self, info: Callable[[str], Any] | None) -> None:
-        """Have :func:`log_request` hand this processor's request lines straight to
-        ``info`` (the configured logger's), or drop them (None: info is filtered out)."""
-        if info is None:
-            self.write_request = _drop
-        else:
-            self.write_request = lambda fields: info(self.request_line(fields))
-
-
-def _drop(_: dict[str, Any]) -> None:
-    pass
+        return _json.encode(line).decode()
 
 
 # What the gateway itself puts on a request's canonical line; none is personal data or a
@@ -400,12 +375,14 @@ def log_request(**fields: Any) -> None:
     copies) was two fifths of the line's cost, paid by every request. Otherwise (console
     output, another configuration) the line goes through structlog like any other.
     """
-    processors = structlog.get_config()["processors"]
-    # configure_logging says where its processor's lines go (set once, looked up here: the
-    # filter and the logger were three calls a request).
-    write = getattr(processors[0], "write_request", None) if len(processors) == 1 else None
-    if write is not None:
-        write(fields)
+    config = structlog.get_config()
+    processors = config["processors"]
+    if (
+        len(processors) == 1
+        and isinstance(processors[0], JsonLine)
+        and config["wrapper_class"].is_enabled_for(None, logging.INFO)
+    ):
+        config["logger_factory"]().info(processors[0].request_line(fields))
     else:
         structlog.get_logger().info("request", **fields)
 
@@ -526,12 +503,11 @@ def configure_logging(
     if buffered and json:
         lines = BufferedLines(out)
         factory = lambda *_: lines  # noqa: E731  (one logger for the process)
-    threshold = logging.getLevelNamesMapping()[level.upper()]
-    if isinstance(processors[0], JsonLine):
-        processors[0].send_request_lines_to(factory().info if threshold <= logging.INFO else None)
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
         logger_factory=factory,
         cache_logger_on_first_use=cache,
     )

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import msgspec
 
 from gateway.capture.records import Problem
-from gateway.store.sql import Reader, Tx
+from gateway.store.sql import Reader, Tx, marks
 from gateway.store.writer import WriteOp
 
 __all__ = [
@@ -193,9 +193,9 @@ class PruneArchive(WriteOp[int]):
         pks = [row[0] for row in rows]
         if not pks:
             return 0
-        marks = ",".join("?" * len(pks))
-        await tx.execute(f"DELETE FROM webhook_problems WHERE notification_pk IN ({marks})", pks)
-        return await tx.execute(f"DELETE FROM webhook_notifications WHERE pk IN ({marks})", pks)
+        listed = marks(len(pks))
+        await tx.execute(f"DELETE FROM webhook_problems WHERE notification_pk IN ({listed})", pks)
+        return await tx.execute(f"DELETE FROM webhook_notifications WHERE pk IN ({listed})", pks)
 
 
 async def open_notifications(

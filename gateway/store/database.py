@@ -24,7 +24,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -60,7 +60,7 @@ from gateway.store.event_insert import InsertEvent
 from gateway.store.lookups import ChangeSignal, LookupCache, Touched, tags_of
 from gateway.store.outbox import Outbox, count_deliveries
 from gateway.store.reports import Reports
-from gateway.store.retention import RetentionCutoffs, prune_all
+from gateway.store.retention import RetentionCutoffs, in_batches, prune_all
 from gateway.store.rows import (
     CONVERSATION_COLUMNS,
     CONVERSATION_FIELDS,
@@ -174,19 +174,6 @@ class _Ping(WriteOp[None]):
 
     async def apply(self, tx: Tx) -> None:
         return None
-
-
-async def _in_batches(
-    writer: GroupCommitWriter, batch: Callable[[], WriteOp[int]], limit: int
-) -> int:
-    """Commit ``batch()`` ops, each deleting up to ``limit`` rows, until one deletes fewer: a
-    prune of a million rows never holds the writer (and every conversion) for seconds."""
-    total = 0
-    while True:
-        deleted = await writer.submit(batch())
-        total += deleted
-        if deleted < limit:
-            return total
 
 
 class _PruneMessages(WriteOp[int]):
@@ -351,9 +338,7 @@ class Store:
     async def prune_messages(self, before: float, batch_rows: int = 500) -> int:
         """Forget webhook message ids received before ``before``, ``batch_rows`` a transaction
         (conversions' commits wait for none of them long); return how many."""
-        return await _in_batches(
-            self.writer, lambda: _PruneMessages(before, batch_rows), batch_rows
-        )
+        return await in_batches(self.writer, lambda: _PruneMessages(before, batch_rows), batch_rows)
 
     async def ping(self, timeout_s: float = 2.0) -> None:
         """Commit an empty transaction through the writer; raise if it cannot in time."""
@@ -415,7 +400,7 @@ class Store:
     async def prune_archive(self, before: float, batch_rows: int = 500) -> int:
         """Forget archived notifications received before ``before``, ``batch_rows`` a
         transaction; return how many."""
-        return await _in_batches(self.writer, lambda: PruneArchive(before, batch_rows), batch_rows)
+        return await in_batches(self.writer, lambda: PruneArchive(before, batch_rows), batch_rows)
 
     async def open_notifications(
         self,

@@ -19,7 +19,7 @@ from gateway.store.schema import UPDATE_EVENT_STATUS
 from gateway.store.sql import Tx
 from gateway.store.writer import GroupCommitWriter, WriteOp
 
-__all__ = ["RetentionCutoffs", "delete_conversations", "prune_all", "scrub_events"]
+__all__ = ["RetentionCutoffs", "delete_conversations", "in_batches", "prune_all", "scrub_events"]
 
 # The click fields a cleared click loses.
 _CLICK_FIELDS = (
@@ -234,13 +234,18 @@ async def prune_all(
         ("clicks", lambda: ClearOldClicks(cutoffs.clicks, limit)),
         ("conversations", lambda: PruneConversations(cutoffs.conversations, limit)),
     ]
-    done: dict[str, int] = {}
-    for name, make in plan:
-        total = 0
-        while True:
-            count = await writer.submit(make())
-            total += count
-            if count < limit:
-                break
-        done[name] = total
-    return done
+    return {name: await in_batches(writer, make, limit) for name, make in plan}
+
+
+async def in_batches(
+    writer: GroupCommitWriter, make: Callable[[], WriteOp[int]], limit: int
+) -> int:
+    """Commit ``make()`` ops, each removing up to ``limit`` rows, until one removes fewer;
+    return how many they removed: a prune of a million rows never holds the writer (and every
+    conversion's commit) for seconds."""
+    total = 0
+    while True:
+        count = await writer.submit(make())
+        total += count
+        if count < limit:
+            return total
