@@ -56,7 +56,8 @@ class FakeGraph:
 
     def fail(self, *modes: str) -> None:
         """Queue failure modes, one per request: 500, timeout, html, drop, throttle4,
-        throttle17, 429, transient, token190, token_echo, dataset33, permission10, count.
+        throttle17, 429, transient, token190, token_echo, dataset33, permission10, count,
+        keep_none (a 200 that kept no event, with the warning Meta gives a future one).
         """
         self.failures.extend(modes)
 
@@ -122,6 +123,14 @@ class FakeGraph:
         if mode == "dataset33":
             return self._error(
                 400, 100, "Unsupported post request. Object does not exist", subcode=33
+            )
+        if mode == "keep_none":
+            return web.json_response(
+                {
+                    "events_received": 0,
+                    "messages": ["event_time is in the future; the event was discarded"],
+                    "fbtrace_id": self._trace_id(),
+                }
             )
         if mode == "permission10":
             return self._error(403, 10, "Application does not have permission for this action")

@@ -182,6 +182,20 @@ def _outcome(
         duration_ms=reply.duration_ms,
         warnings=warnings or None,
     )
+    if reply.kind == "ok" and reply.events_received == 0:
+        # A 200 that kept nothing (an event Meta judged to be in the future, say): the events
+        # were not received, and saying "delivered" would hide it. Meta's warnings say why.
+        said = "; ".join(w for w in warnings if not w.startswith("events_received ")) or (
+            "it gave no reason"
+        )
+        return replace(
+            delivered,
+            status="failed",
+            reason=f"Meta answered 200 but kept none of the events it was sent: {said}. Fix"
+            " what it names, then replay the event.",
+            code="meta_kept_none",
+            warnings=None,
+        )
     if reply.kind == "ok":
         return delivered
     reason, code = explain(reply), reply.error_code()

@@ -168,6 +168,41 @@ async def test_permanent_rejection_is_200_with_failures(
     assert len(fake.requests) == 1  # never retried
 
 
+async def test_a_time_ahead_of_the_gateways_clock_reaches_meta_as_now(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    # A client whose clock runs two minutes ahead: validation lets it through, and Meta would
+    # take the request and throw the event away as being in the future.
+    client = await make_meta()
+    conversation = await add_conversation(store_of(client))
+    ahead = int(time.time()) + 120
+
+    resp = await client.post(URL, json=lead(conversation.id, eventTime=ahead), headers=AUTH)
+
+    body = await resp.json()
+    assert (resp.status, body["status"], body["eventsReceived"]) == (200, "delivered", 1), body
+    (got,) = fake.received
+    assert got.event["event_time"] <= time.time() < ahead
+
+
+async def test_a_200_that_kept_no_event_is_a_failure_saying_why(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    client = await make_meta()
+    conversation = await add_conversation(store_of(client))
+    fake.fail("keep_none")
+
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert (body["status"], body["eventsReceived"], body["eventsFailed"]) == ("failed", 0, 1)
+    (failure,) = body["failures"]
+    assert failure["code"] == "meta_kept_none"
+    assert "event_time is in the future" in failure["message"]
+    assert len(fake.requests) == 1  # not resent: Meta may have counted it after all
+
+
 @pytest.mark.parametrize(
     "mode", ["500", "timeout", "html", "drop", "transient", "throttle4", "throttle17", "429"]
 )
@@ -279,16 +314,38 @@ async def test_expires_rather_than_retrying_past_max_age(
     assert (line["event_ids"], line["level"]) == (["L1"], "warning")
 
 
+async def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll ``condition`` until it holds."""
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
+
+
 async def test_meta_warnings_and_count_mismatch_are_kept(
     make_meta: MakeMeta, fake: FakeGraph
 ) -> None:
-    client = await make_meta()
-    conversation = await add_conversation(store_of(client))
-    fake.fail("count")
-    await client.post(URL, json=lead(conversation.id), headers=AUTH)
-    detail = await settle(client, "L1")
-    assert detail["status"] == "delivered"
-    assert detail["deliveries"][0]["warnings"] == ["events_received 0 of 1 sent"]
+    # Two events in one request, one not counted: Meta does not say which, and resending
+    # could count one twice. They wait together behind a first event's slow request.
+    client = await make_meta(respond_within_ms=0, max_in_flight=1)
+    store = store_of(client)
+    conversations = [
+        await add_conversation(store),
+        await add_conversation(store, wa_id="447911123456"),
+    ]
+    fake.delay_s = 0.3
+    await client.post(URL, json=lead(conversations[0].id, "W"), headers=AUTH)
+    await wait_for(lambda: len(fake.versions) == 1)
+    await handle_leads(client, [c.id for c in conversations])
+    await wait_for(lambda: len(fake.versions) == 2)
+    fake.fail("count")  # counted at the end of the second request
+    details = [await settle(client, event_id) for event_id in ("E0", "E1")]
+    assert [size for _, size, _ in fake.requests] == [1, 2]
+    assert [d["status"] for d in details] == ["delivered", "delivered"]
+    assert [d["deliveries"][0]["warnings"] for d in details] == [
+        ["events_received 1 of 2 sent"]
+    ] * 2
 
 
 async def test_each_sink_keeps_its_own_state(make_meta: MakeMeta, fake: FakeGraph) -> None:
