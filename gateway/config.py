@@ -84,6 +84,10 @@ class StoreConfig(ConfigStruct, frozen=True):
     # PostgreSQL connections per replica: the writer's, the readers', the listener's.
     min_connections: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
     max_connections: Annotated[int, msgspec.Meta(ge=3, le=1000)] = 10
+    # How long a PostgreSQL statement may take before the database counts as not answering:
+    # the request gets 503 store_unavailable (nothing acknowledged, safe to retry) rather
+    # than waiting on a database that stopped.
+    command_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     # The most write operations one transaction carries (group commit).
     group_commit_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
     # How often expired data is pruned (webhook message ids, archived notifications); the

@@ -178,6 +178,35 @@ async def test_a_lost_database_answers_503_and_recovers_without_a_restart(
     assert (await client.get("/readyz")).status == 200
 
 
+async def test_a_database_that_stops_answering_is_a_quick_503_not_a_500(
+    make_client: ClientFactory, config: dict[str, Any], pg_url: str
+) -> None:
+    # Found by review: a frozen server (or a lock held too long) was a 500 internal_error
+    # after two minutes (the statement timeout, then again for the write tried alone).
+    store = {**config["store"], "command_timeout_s": 1}
+    client = await make_client(settings=parse_settings({**config, "store": store}))
+    conversation = await add_conversation(store_of(client))
+    blocker = await asyncpg.connect(pg_url)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        # Every read and write of conversations now waits, as on a server that stopped.
+        await blocker.execute("LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        resp = await client.post(URL, json=_lead(conversation.id, "hung"), headers=AUTH)
+        took = time.monotonic() - started
+        await tx.rollback()
+    finally:
+        await blocker.close()
+    body = await resp.json()
+    assert (resp.status, body["code"]) == (503, "store_unavailable"), body
+    assert resp.headers["Retry-After"] == "1"
+    assert took < 5, took
+    # The database answers again: the retry is taken.
+    resp = await client.post(URL, json=_lead(conversation.id, "hung"), headers=AUTH)
+    assert resp.status == 200, await resp.json()
+
+
 async def test_a_url_with_a_password_must_come_from_the_environment(tmp_path: Any) -> None:
     config = base_config(tmp_path / "unused.sqlite3")
     config["store"] = {"url": "postgresql://gateway:s3cret@db.internal/ctwa"}

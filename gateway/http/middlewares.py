@@ -163,8 +163,8 @@ def _answer_failure(
         log.error("store_unavailable", error_type=type(exc).__name__, route=_route(request))
         return _answered(
             ServiceUnavailable(
-                "The store cannot take writes right now (disk full or database locked);"
-                " nothing was accepted. Retry shortly.",
+                "The store cannot be used right now (disk full, database locked, or a"
+                " database that does not answer); nothing was accepted. Retry shortly.",
                 code="store_unavailable",
             ),
             headers={"Retry-After": "1"},

@@ -25,6 +25,7 @@ async def open_store(
             max_batch=store.group_commit_max,
             min_connections=store.min_connections,
             max_connections=store.max_connections,
+            command_timeout_s=store.command_timeout_s,
         )
     return await SqliteStore.open(
         settings.store_path(), max_batch=store.group_commit_max, create=create

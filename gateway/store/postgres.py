@@ -143,6 +143,10 @@ class PgWriter(GroupCommitWriter):
         ops = [op for op, _ in batch]
         try:
             results = await self._transaction(ops)
+        except (StoreUnavailable, *BROKEN) as exc:
+            # The database, not an op, failed: trying each op alone would wait for it again
+            # once per op (a minute each for a database that stopped answering).
+            return [(None, exc) for _ in ops]
         except Exception:
             # One op's failure (or a lost race) must not fail its neighbours: each alone.
             settled: list[tuple[Any, BaseException | None]] = []
@@ -196,6 +200,13 @@ async def connection(pool: Any) -> AsyncIterator[Any]:
     except BROKEN:
         conn.terminate()
         raise
+    except TimeoutError as exc:
+        # A statement past ``[store] command_timeout_s``: a database that stopped answering
+        # (frozen, cut off, locked up). The caller hears the store is unavailable (a 503:
+        # nothing was acknowledged), not an internal error, and the connection, perhaps
+        # still inside that statement, is not handed out again.
+        conn.terminate()
+        raise StoreUnavailable("PostgreSQL did not answer in time") from exc
     finally:
         await pool.release(conn)
 
@@ -231,13 +242,24 @@ class PostgresStore(Store):
 
     @classmethod
     async def open(
-        cls, url: str, *, max_batch: int = 1000, min_connections: int = 2, max_connections: int = 10
+        cls,
+        url: str,
+        *,
+        max_batch: int = 1000,
+        min_connections: int = 2,
+        max_connections: int = 10,
+        command_timeout_s: float = 30.0,
     ) -> PostgresStore:
         """Connect, apply the migrations this database has not seen (once, however many
-        replicas start together) and start the writer."""
+        replicas start together) and start the writer. A statement that takes longer than
+        ``command_timeout_s`` makes the store unavailable for its caller (migrations, which
+        may index millions of rows, have no limit)."""
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=min_connections, max_size=max_connections, command_timeout=60
+                url,
+                min_size=min_connections,
+                max_size=max_connections,
+                command_timeout=command_timeout_s,
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
             raise ConfigError(
@@ -245,8 +267,11 @@ class PostgresStore(Store):
                 f" {type(exc).__name__}: {_without(str(exc), url)}"
             ) from None
         try:
-            async with pool.acquire() as conn:
+            conn = await asyncpg.connect(url)
+            try:
                 await migrate_pg(conn)
+            finally:
+                await conn.close()
         except BaseException:
             await pool.close()
             raise
