@@ -35,6 +35,7 @@ from gateway.operations import (
     copy_command,
     erase_person,
     probe,
+    prune_now,
     replay,
     restore_store,
     store_stats_command,
@@ -193,6 +194,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     stats_cmd.add_argument("--json", action="store_true", help="one JSON object per table")
 
+    prune_cmd = sub.add_parser(
+        "prune",
+        help="prune what is past its retention now (what serve does every [store]"
+        " housekeeping_interval_s)",
+    )
+    _add_config(prune_cmd)
+
     store_cmd = sub.add_parser("store", help="move the store: copy it into another engine")
     store_actions = store_cmd.add_subparsers(dest="action", required=True)
     copy_cmd = store_actions.add_parser(
@@ -254,6 +262,8 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
             return restore_store(settings, args)
         if args.command == "stats":
             return store_stats_command(settings, args)
+        if args.command == "prune":
+            return asyncio.run(prune_now(settings, plugins, env))
         return _check_config(settings, plugins, env, sys.stdout)
     except ConfigError as exc:
         print(f"ctwa-gateway: configuration error: {exc}", file=sys.stderr)

@@ -23,7 +23,7 @@ from gateway.http.query import ErasureQuery, convert_query
 from gateway.http.render import iso_time
 from gateway.plugin_manager import Plugins
 from gateway.probe import FAQ_EVENT_NAMES, GraphSettings, probe_event_names
-from gateway.runtime import running
+from gateway.runtime import housekeep, running
 from gateway.store.backup import backup, restore, store_stats
 from gateway.store.copy import copy_store
 from gateway.store.engines import open_location
@@ -215,6 +215,14 @@ def restore_store(settings: Settings, args: argparse.Namespace) -> int:
     _sqlite_only(settings, "restore it with pg_restore")
     version = restore(Path(args.path), settings.store_path())
     print(f"restored {args.path} (schema {version}) to {settings.store_path()}")
+    return 0
+
+
+async def prune_now(settings: Settings, plugins: Plugins, env: Mapping[str, str]) -> int:
+    """``ctwa-gateway prune``: one housekeeping pass now; print what each rule removed."""
+    async with running(settings, plugins, env, start_plugins=False, create_store=False) as pipeline:
+        removed = await housekeep(pipeline.store, settings)
+    print("pruned: " + ", ".join(f"{name} {count}" for name, count in removed.items()))
     return 0
 
 

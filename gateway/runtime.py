@@ -25,7 +25,7 @@ from gateway.store.locks import serving_lock
 from gateway.store.postgres import PostgresStore
 from gateway.store.retention import RetentionCutoffs
 
-__all__ = ["new_event_loop", "running"]
+__all__ = ["housekeep", "new_event_loop", "running"]
 
 log = structlog.get_logger()
 
@@ -46,9 +46,9 @@ def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
     return asyncio.new_event_loop(), "asyncio"
 
 
-async def _housekeep(store: Store, settings: Settings) -> None:
+async def housekeep(store: Store, settings: Settings) -> dict[str, int]:
     """Prune what is past its retention: webhook message ids and archived notifications,
-    events, clicks and quiet conversations ([retention])."""
+    events, clicks and quiet conversations ([retention]); return what each removed."""
     now = time.time()
     log.info("housekeeping_started")
     webhook = settings.webhook
@@ -75,6 +75,7 @@ async def _housekeep(store: Store, settings: Settings) -> None:
         log.info("retention_applied", **removed)
     # Suppressions another process recorded take effect here too.
     await store.load_suppressions()
+    return {"webhook_message_ids": pruned, "webhook_notifications": archived, **removed}
 
 
 _DAY = 86400
@@ -90,21 +91,37 @@ async def _refresh_suppressions(store: Store, every_s: float) -> None:
             log.exception("suppressions_reload_failed")
 
 
-async def _background(store: Store, settings: Settings) -> None:
-    """Process what a crash left pending, then keep the tables from growing forever."""
+async def _process_pending(store: Store, settings: Settings, *, before: float | None) -> None:
+    """Process again the notifications whose processing failed as a whole (``pending``)."""
     try:
-        report = await reprocess(store, settings, statuses=("pending",))
+        report = await reprocess(store, settings, statuses=("pending",), before=before)
         if report.notifications:
             log.info("webhook_pending_processed", **msgspec.structs.asdict(report))
     except Exception:
         log.exception("webhook_pending_failed")
+
+
+async def _background(store: Store, settings: Settings) -> None:
+    """Process what a crash left pending, then keep the tables from growing forever."""
+    await _process_pending(store, settings, before=None)
+    interval = settings.store.housekeeping_interval_s
+    # The first pass a minute after start, not an interval: startup stays quick, and a
+    # process restarted more often than the interval (deploys, a crash loop) still prunes.
+    wait = min(interval, _FIRST_PASS_S)
     while True:
-        # First one interval after start: startup stays quick and its writes predictable.
-        await asyncio.sleep(settings.store.housekeeping_interval_s)
+        await asyncio.sleep(wait)
+        wait = interval
+        # A notification a fault left pending in a process that keeps running would wait for
+        # the next start; one received a while ago is not being processed by anyone now.
+        await _process_pending(store, settings, before=time.time() - _PENDING_AGE_S)
         try:
-            await _housekeep(store, settings)
+            await housekeep(store, settings)
         except Exception:
             log.exception("housekeeping_failed")
+
+
+_FIRST_PASS_S = 60.0
+_PENDING_AGE_S = 60.0
 
 
 @asynccontextmanager

@@ -15,9 +15,11 @@ import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway import runtime
 from gateway.capture.inbox import reprocess
 from gateway.config import parse_settings
 from gateway.errors import ConfigError
+from gateway.http.keys import SETTINGS
 from gateway.store.archive import NewNotification
 from gateway.store.database import SqliteStore
 from gateway.store.schema import MIGRATIONS
@@ -294,6 +296,28 @@ async def test_a_processing_fault_is_archived_pending_and_processed_at_the_next_
     assert await db_rows(restarted, "SELECT COUNT(*) FROM webhook_messages") == [(2,)]
 
 
+async def test_a_pending_notification_is_processed_again_without_a_restart(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by review: only a start ran pending notifications again, so a replica that kept
+    # running left the click uncaptured (conversions 422) until someone ran reprocess.
+    monkeypatch.setattr(runtime, "_FIRST_PASS_S", 0.1)
+    monkeypatch.setattr(runtime, "_PENDING_AGE_S", 0.0)
+    client = await make_client()
+    await add_fault(
+        client, "boom", "webhook_messages", "injected fault", when="NEW.wamid = 'wamid.boom'"
+    )
+    msgs = [message("16505550412", "wamid.boom", ref=referral("c-pending"))]
+    answer = await post_signed(client, encode(notification(messages_change(msgs))))
+    assert answer["archiveStatus"] == "pending"
+    await drop_fault(client, "boom", "webhook_messages")
+    for _ in range(200):
+        if await db_rows(client, "SELECT status FROM webhook_notifications") == [("processed",)]:
+            break
+        await asyncio.sleep(0.02)
+    assert await db_rows(client, "SELECT ctwa_clid FROM conversations") == [("c-pending",)]
+
+
 async def test_when_nothing_can_be_stored_meta_hears_503(client: Client) -> None:
     await add_fault(client, "disk_full", "webhook_notifications", "disk full")
     body = encode(notification(messages_change([message("16505550411", "wamid.F")])))
@@ -401,6 +425,39 @@ async def test_reprocess_for_one_account_leaves_pending_notifications_alone(
         assert code == 2
         assert "not a whole number from 1 to 1000000" in out
         assert "Traceback" not in out
+
+
+async def test_prune_runs_a_housekeeping_pass_on_demand(
+    client: Client, config: dict[str, Any], tmp_path: Path
+) -> None:
+    change = messages_change([message("16505550402", "wamid.P1")])
+    await post_signed(client, encode(notification(change)))
+    await db_execute(client, "UPDATE webhook_messages SET received_at = received_at - 40 * 86400")
+    await client.close()
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_bytes(tomli_w.dumps(config).encode())
+    code, out = await cli("prune", "--config", str(config_file))
+    assert code == 0, out
+    assert "webhook_message_ids 1" in out
+    assert await store_rows(config, "SELECT COUNT(*) FROM webhook_messages") == [(0,)]
+
+
+async def test_the_first_housekeeping_pass_comes_soon_after_start(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, logs: LogCapture
+) -> None:
+    # Found by review: the first pass came one interval (an hour) after start, so a gateway
+    # restarted more often than that (deploys, a crash loop) never pruned anything.
+    monkeypatch.setattr(runtime, "_FIRST_PASS_S", 0.1)
+    client = await make_client()
+    assert client.app[SETTINGS].store.housekeeping_interval_s == 3600
+    change = messages_change([message("16505550401", "wamid.Old")])
+    await post_signed(client, encode(notification(change)))
+    await db_execute(client, "UPDATE webhook_messages SET received_at = received_at - 40 * 86400")
+    for _ in range(100):
+        if logs.events("webhook_data_pruned"):
+            break
+        await asyncio.sleep(0.02)
+    assert await db_rows(client, "SELECT COUNT(*) FROM webhook_messages") == [(0,)]
 
 
 async def test_housekeeping_prunes_what_outlived_its_retention(

@@ -140,14 +140,16 @@ async def reprocess(
     since: float = 0.0,
     account: AccountConfig | None = None,
     statuses: Sequence[NotificationStatus] = ("partial", "pending"),
+    before: float | None = None,
 ) -> ReprocessReport:
-    """Process archived notifications again: the failed parts of partial ones, pending whole."""
+    """Process archived notifications again: the failed parts of partial ones, pending whole;
+    only those received from ``since`` (and before ``before``, if given)."""
     report = ReprocessReport()
     accounts = None if account is None else [(account.id, account.phone_number_id)]
     after = 0
     while True:
         page = await store.open_notifications(
-            since=since, accounts=accounts, statuses=statuses, after_pk=after
+            since=since, accounts=accounts, statuses=statuses, after_pk=after, before=before
         )
         if not page:
             return report

@@ -206,6 +206,7 @@ async def open_notifications(
     statuses: Sequence[NotificationStatus] = ("partial", "pending"),
     limit: int = 100,
     after_pk: int = 0,
+    before: float | None = None,
 ) -> list[ArchivedNotification]:
     """Return notifications not fully processed, oldest first, with their problems.
 
@@ -215,6 +216,9 @@ async def open_notifications(
     marks = ",".join("?" * len(statuses))
     where = f"status IN ({marks}) AND received_at >= ? AND pk > ?"
     params: list[Any] = [*statuses, since, after_pk]
+    if before is not None:
+        where += " AND received_at < ?"
+        params.append(before)
     if accounts is not None:
         match = " OR ".join("p.account_id = ? OR p.phone_number_id = ?" for _ in accounts)
         where += (

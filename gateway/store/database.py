@@ -410,6 +410,7 @@ class Store:
         statuses: Sequence[NotificationStatus] = ("partial", "pending"),
         limit: int = 100,
         after_pk: int = 0,
+        before: float | None = None,
     ) -> list[ArchivedNotification]:
         """Return archived notifications that are not fully processed, oldest first."""
         return await open_notifications(
@@ -418,6 +419,7 @@ class Store:
             accounts=accounts,
             statuses=statuses,
             limit=limit,
+            before=before,
             after_pk=after_pk,
         )
 
