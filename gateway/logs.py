@@ -198,24 +198,51 @@ _PARAM_SCANNED = _PARAM_LOGGED + 400
 def logged_id(value: str) -> str:
     """An id the client chose (an ``eventId``, an ``X-Request-Id``, an unknown ``accountId``)
     as a log line holds it: as sent, which is how an operator finds a request by it, unless
-    it could be personal data. One holding an ``@`` is ``[email]``; one that is nothing but
-    a number of 8 to 15 digits (a phone number's shape: ``+``, separators, and blanks or
-    punctuation around it allowed) is ``[number]``."""
+    it could hold personal data.
+
+    - one holding an ``@`` is ``[email]``;
+    - one shaped like a BSUID (``US.13491208655302741918``) is ``[bsuid]``;
+    - one that is nothing but a number of 8 to 15 digits (a phone number's shape: ``+``,
+      separators, and blanks or punctuation around it allowed) is ``[number]``;
+    - in any other, a number written the way only phone numbers are (after a ``+``, or a
+      ``tel:``/``wa:`` prefix), or one of 8 to 15 digits the id starts with
+      (``16505551234-2``), becomes ``[number]`` and the rest is kept (``lead-[number]``).
+
+    Other numbers inside an id are kept (``order-12345678``, ``evt-1733212345``): masking every
+    digit run would hide most ids from the operator looking for them.
+    """
     if "@" in value:
         return "[email]"
-    if value[:1].isalpha():
-        return value  # the usual id (order-1234): a number never starts with a letter
+    first = value[:1]
+    if first.isalpha():
+        if first.isupper() and _BSUID_SHAPED.match(value):
+            return "[bsuid]"
+        # The usual id (order-1234): a letter first, and no number written as a phone's.
+        if "+" not in value and ":" not in value:
+            return value
+        return _PHONE_WRITTEN.sub("[number]", value)
     # Blanks and punctuation around a number do not make it something else.
     bare = value.strip(_AROUND)
-    if bare[:1] in _NUMBER_STARTS and _PHONE_SHAPED.fullmatch(bare):
-        return "[number]"
-    return value
+    if bare[:1] in _NUMBER_STARTS:
+        if _PHONE_SHAPED.fullmatch(bare):
+            return "[number]"
+        value = _PHONE_FIRST.sub("[number]", value, count=1)
+    return _PHONE_WRITTEN.sub("[number]", value) if "+" in value or ":" in value else value
 
 
 # What a phone number written on its own looks like: E.164 has at most 15 digits.
 _PHONE_SHAPED = re.compile(r"\+?\(?\d(?:[ ().-]{0,2}\d){7,14}")
 _NUMBER_STARTS = frozenset("+(0123456789")
 _AROUND = " \t\n\r\f\v.,;:!?'\"-_/|*#~^`<>[]{}="
+# A number an id starts with, followed by something that is not a digit.
+_PHONE_FIRST = re.compile(r"^[^\d]*\+?\(?\d(?:[ ().-]{0,2}\d){7,14}(?!\d)")
+# A number written as only phone numbers are, anywhere in an id.
+_PHONE_WRITTEN = re.compile(
+    r"(?i)(?:\+|\b(?:tel|wa|whatsapp|sms|phone):\+?)\(?\d(?:[ ().-]{0,2}\d){7,14}"
+)
+# A business-scoped user id: two capitals (a country), a dot, then digits and letters
+# (a parent's holds ENT), as Meta shows them (META.md 3b).
+_BSUID_SHAPED = re.compile(r"[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{6,128}(?:\Z|[^A-Za-z0-9])")
 # Keys whose values are ids a client chose (or lists of them): each line passes them through
 # logged_id. (A request id needs none: the middleware adopts only one logged_id leaves as it
 # is.)

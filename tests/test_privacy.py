@@ -103,6 +103,40 @@ async def test_ids_shaped_like_personal_data_are_masked_in_logs(
     assert_clean(logs.text)
 
 
+async def test_phones_and_bsuids_inside_ids_are_masked_in_logs(
+    client: Client, logs: LogCapture
+) -> None:
+    # Found by review: an id starting with a letter was logged as sent, so a BSUID, or a
+    # phone written as tel:+..., went to the log whole.
+    url = "/v1/whatsapp/conversions"
+    sent = [
+        (f"tel:+{PHONE_DIGITS}", "req-tel-1"),
+        (f"lead-+{PHONE_DIGITS}", "req-lead-1"),
+        (f"{PHONE_DIGITS}-2", "req-suffix-1"),
+        (BSUID, BSUID),
+    ]
+    for event_id, request_id in sent:
+        resp = await client.post(
+            url, json=conversion(event_id), headers={**AUTH, "X-Request-Id": request_id}
+        )
+        assert resp.status < 500
+    unknown = await client.post(url, json={**conversion("e-b"), "accountId": BSUID}, headers=AUTH)
+    assert unknown.status == 404
+    lines = logs.events("request")
+    assert {line.get("event_id") for line in lines} >= {"[number]", "lead-[number]", "[bsuid]"}
+    assert "[bsuid]" in {line.get("account") for line in lines}
+    # A BSUID is not adopted as the request's id; ordinary ones are.
+    assert BSUID not in {line["request_id"] for line in lines}
+    assert "req-tel-1" in {line["request_id"] for line in lines}
+    assert_clean(logs.text)
+    # Numbers that are not written as phones' stay: they are how an operator finds a request.
+    for event_id in ("order-12345678", "evt-1733212345"):
+        await client.post(url, json=conversion(event_id), headers=AUTH)
+    assert {"order-12345678", "evt-1733212345"} <= {
+        line.get("event_id") for line in logs.events("request")
+    }
+
+
 async def test_http_logs_and_database_carry_no_pii(client: Client, logs: LogCapture) -> None:
     # Captured through the webhook, with a sentinel profile name; and once with a bad signature.
     msg = message(PHONE_DIGITS, "wamid.P1", ref=referral("privacy-click"))
