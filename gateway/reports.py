@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from gateway.errors import InvalidRequest
-from gateway.wire import EventId, WireStruct
+from gateway.wire import PRINTABLE, EventId, WireStruct
 
 __all__ = [
     "DAY_S",
@@ -300,8 +300,14 @@ class ReplayRequest(WireStruct, frozen=True):
     )
     # Ids as the conversions endpoint takes them (no control or invisible characters).
     event_ids: Annotated[list[EventId], msgspec.Meta(min_length=1, max_length=1000)] | None = None
-    event_name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
-    ad_id: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)] | None = None
+    # Held to the rule of every identifier: a NUL (which PostgreSQL cannot compare) or an
+    # invisible character is a 400 naming the field, not a match for nothing.
+    event_name: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=PRINTABLE)] | None
+    ) = None
+    ad_id: Annotated[str, msgspec.Meta(min_length=1, max_length=2048, pattern=PRINTABLE)] | None = (
+        None
+    )
     since: Timestamp | None = None
     until: Timestamp | None = None
     dry_run: bool = False

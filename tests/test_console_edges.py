@@ -37,6 +37,17 @@ async def test_a_replay_naming_an_odd_event_id_is_a_400_naming_event_ids(
     assert (await resp.json())["param"] == "eventIds"
 
 
+@pytest.mark.parametrize("field", ["eventName", "adId"])
+async def test_a_replay_filter_with_a_nul_is_a_400_naming_it(client: Client, field: str) -> None:
+    # Found by review: on PostgreSQL a NUL reached the query and came back as a 400 naming no
+    # field (on SQLite, a replay of nothing).
+    resp = await client.post(
+        "/v1/whatsapp/replay", json={"accountId": "acme", field: "Pur\x00chase"}, headers=AUTH
+    )
+    assert resp.status == 400
+    assert (await resp.json())["param"] == field
+
+
 async def test_an_event_id_with_a_slash_opens_from_every_list(client: Client) -> None:
     """Event links quote the id whole ("/" too), so every list's link opens the event."""
     conversation = await add_conversation(store_of(client))
