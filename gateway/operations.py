@@ -24,7 +24,7 @@ from gateway.http.render import iso_time
 from gateway.plugin_manager import Plugins
 from gateway.probe import FAQ_EVENT_NAMES, GraphSettings, probe_event_names
 from gateway.runtime import housekeep, running
-from gateway.store.backup import backup, restore, store_stats
+from gateway.store.backup import backup, erasures_after, restore, store_stats
 from gateway.store.copy import copy_store
 from gateway.store.engines import open_location
 from gateway.wire import ErasureAnswer
@@ -63,9 +63,11 @@ async def replay(
         )
     sinks = args.sink or plugins.outbox_sinks
     if not sinks:
-        raise UsageError(
-            "no configured sink keeps an outbox (the log sink delivers at once): nothing to replay"
+        # Not a mistake (a replay cron job on a log-only gateway): there is nothing to do.
+        print(
+            "nothing to replay: no configured sink keeps an outbox (the log sink delivers at once)"
         )
+        return 0
     statuses = args.status or ["failed"]
     async with running(settings, plugins, env, start_plugins=False, create_store=False) as pipeline:
         count = await pipeline.store.outbox.requeue(
@@ -213,8 +215,23 @@ def backup_store(settings: Settings, args: argparse.Namespace) -> int:
 def restore_store(settings: Settings, args: argparse.Namespace) -> int:
     """``ctwa-gateway restore PATH``: verify a backup, then make it the store."""
     _sqlite_only(settings, "restore it with pg_restore")
-    version = restore(Path(args.path), settings.store_path())
-    print(f"restored {args.path} (schema {version}) to {settings.store_path()}")
+    store = settings.store_path()
+    done = restore(Path(args.path), store)
+    print(f"restored {args.path} (schema {done.version}) to {store}")
+    if done.aside is not None:
+        later = erasures_after(done.aside, store)
+        if later:
+            ids = ", ".join(f"#{pk} ({iso_time(at)}, {account})" for pk, at, account in later)
+            print(
+                f"warning: {len(later)} erasures were made after this backup was taken ({ids}):"
+                " the people they erased are in the restored store again. Erase them again"
+                " (the audit log keeps no identities to do it by).",
+                file=sys.stderr,
+            )
+        print(
+            f"the store it replaced is kept at {done.aside}: delete it once the restore is"
+            " checked (it holds what was erased since the backup)"
+        )
     return 0
 
 

@@ -355,7 +355,7 @@ def test_a_restore_onto_a_fresh_host_makes_the_stores_folder(db_path: Path, tmp_
     copy = tmp_path / "copy.sqlite3"
     backup(db_path, copy)
     fresh = tmp_path / "new-host" / "var" / "gateway.sqlite3"
-    assert restore(copy, fresh) > 0
+    assert restore(copy, fresh).version > 0
     assert fresh.parent.stat().st_mode & 0o777 == 0o700
     assert fresh.stat().st_mode & 0o777 == 0o600
 
@@ -404,5 +404,15 @@ def test_cli_backup_restore_and_stats(
     assert tables["conversations"]["oldestDays"] == 0
     copy = tmp_path / "copy.sqlite3"
     assert main(["backup", *args, str(copy)], environ=ENV) == 0
+    capsys.readouterr()
+    # Found by review: a restore said nothing of the store it set aside, nor that people
+    # erased since the backup were back.
+    assert main(["erase", *args, "--account", "acme", "--phone", PHONE], environ=ENV) == 0
+    erasure = json.loads(capsys.readouterr().out)["erasureId"]
     assert main(["restore", *args, str(copy)], environ=ENV) == 0
-    assert "restored" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "restored" in said.out
+    (aside,) = Path(config["store"]["path"]).parent.glob("*.before-restore-*")
+    assert f"kept at {aside}" in said.out
+    assert f"warning: 1 erasures were made after this backup was taken (#{erasure} " in said.err
+    assert DIGITS not in said.out + said.err

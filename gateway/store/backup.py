@@ -13,13 +13,13 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.errors import ConfigError, UsageError
 from gateway.store.locks import serving_lock
 from gateway.store.schema import MIGRATIONS
 
-__all__ = ["backup", "restore", "store_stats", "verify"]
+__all__ = ["Restored", "backup", "erasures_after", "restore", "store_stats", "verify"]
 
 # The age of the oldest row of each kind of data: (table, time column).
 _OLDEST = {
@@ -132,8 +132,16 @@ def verify(path: Path) -> int:
     return int(version)
 
 
-def restore(backup_path: Path, store: Path) -> int:
-    """Replace the store's contents with a verified backup; return its schema version."""
+class Restored(NamedTuple):
+    """What a restore did: the backup's schema version, and where the replaced store is kept
+    (None if there was none)."""
+
+    version: int
+    aside: Path | None
+
+
+def restore(backup_path: Path, store: Path) -> Restored:
+    """Replace the store's contents with a verified backup."""
     version = verify(backup_path)
     # A fresh host has no folder yet, and the lock file lives in it.
     if not store.parent.exists():
@@ -143,6 +151,7 @@ def restore(backup_path: Path, store: Path) -> int:
         raise ConfigError(
             f"a gateway is serving {store}: stop it (systemctl stop ctwa-gateway), then restore"
         )
+    aside = None
     try:
         if store.exists():
             # Kept until the operator removes it: a restore must never lose the only copy.
@@ -163,7 +172,32 @@ def restore(backup_path: Path, store: Path) -> int:
             source.close()
     finally:
         lock.release()
-    return version
+    return Restored(version, aside)
+
+
+def erasures_after(replaced: Path, restored: Path) -> list[tuple[int, float, str]]:
+    """The erasures (audit id, time, account) the replaced store recorded after the newest one
+    the restored store has: the people they erased are in the restored store again, and
+    the audit log keeps no identities to erase them by, so the operator must repeat them."""
+    newest = _read_one(restored, "SELECT COALESCE(MAX(at), 0) FROM erasures")
+    conn = sqlite3.connect(f"file:{replaced}?mode=ro", uri=True)
+    try:
+        rows = conn.execute(
+            "SELECT pk, at, account_id FROM erasures WHERE at > ? ORDER BY pk", (newest,)
+        ).fetchall()
+    except sqlite3.DatabaseError:
+        return []  # not a store (a restore onto a damaged file): nothing to compare
+    finally:
+        conn.close()
+    return [(int(pk), float(at), str(account)) for pk, at, account in rows]
+
+
+def _read_one(path: Path, sql: str) -> Any:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchone()[0]
+    finally:
+        conn.close()
 
 
 def store_stats(store: Path) -> list[dict[str, Any]]:
