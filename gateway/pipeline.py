@@ -173,7 +173,7 @@ class Pipeline:
         except GatewayError:
             existing = await self.store.find_event(account.id, request.event_id)
             if existing is not None:
-                return self.repeated(existing, request)
+                return await self._repeat(existing, request)
             raise
         return await self.submit(prepared, started=started)
 
@@ -192,6 +192,30 @@ class Pipeline:
             )
         self.metrics.child(self.metrics.events_duplicate, existing.account_id).inc()
         return Outcome(event=existing, duplicate=True, primary=self.plugins.primary_sink)
+
+    async def _repeat(self, existing: StoredEvent, request: ConversionRequest) -> Outcome:
+        """:meth:`repeated`; a retry racing the original's first attempt (sent at once, or to
+        another replica) waits for that attempt as the original does, so both answer alike
+        rather than one "delivered" and the other "queued"."""
+        outcome = self.repeated(existing, request)
+        primary = outcome.primary
+        state = existing.deliveries.get(primary)
+        delivery = self.delivery
+        if (
+            delivery is None
+            or state is None
+            or state.attempts  # retrying already: its state is the answer
+            or not delivery.waits_for(primary, state)
+        ):
+            return outcome
+        found = await delivery.outcome(primary, existing.pk)
+        if found is None:
+            return outcome
+        deliveries = {**existing.deliveries, primary: found}
+        event = msgspec.structs.replace(
+            existing, deliveries=deliveries, status=overall_status(deliveries)
+        )
+        return msgspec.structs.replace(outcome, event=event)
 
     async def submit(self, prepared: PreparedEvent, *, started: float | None = None) -> Outcome:
         """Store the prepared event with its sinks' states, then let the sinks act on it."""
@@ -218,7 +242,7 @@ class Pipeline:
         )
         stored, duplicate = await self.store.insert_event(new)
         if duplicate:
-            return self.repeated(stored, request)
+            return await self._repeat(stored, request)
         for sink in states:
             self.metrics.events_accepted.inc(new.account_id, sink)
         stored = await self._deliver(stored)

@@ -168,6 +168,27 @@ async def test_permanent_rejection_is_200_with_failures(
     assert len(fake.requests) == 1  # never retried
 
 
+async def test_a_retry_racing_its_original_answers_as_the_original(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    # Found by review: sent twice at once (a client retrying early, or two replicas), the
+    # original answered "delivered" and its duplicate "queued", still pending.
+    client = await make_meta()
+    conversation = await add_conversation(store_of(client))
+    fake.delay_s = 0.2
+    body = lead(conversation.id, "twice")
+
+    answers = await asyncio.gather(*(client.post(URL, json=body, headers=AUTH) for _ in "ab"))
+
+    bodies = [await a.json() for a in answers]
+    seen = [(a.status, b["status"], b["duplicate"]) for a, b in zip(answers, bodies, strict=True)]
+    assert sorted(seen) == [
+        (200, "delivered", False),
+        (200, "delivered", True),
+    ], bodies
+    assert fake.event_ids() == ["twice"]
+
+
 async def test_a_time_ahead_of_the_gateways_clock_reaches_meta_as_now(
     make_meta: MakeMeta, fake: FakeGraph
 ) -> None:
