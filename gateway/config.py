@@ -55,6 +55,17 @@ class ServerConfig(ConfigStruct, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    # The longest a request's body may take to arrive once the gateway reads it: past it, a
+    # 408 and the connection closes (also how long a refused body is drained, so the client
+    # sees the answer). A trickling client otherwise held its connection, and the bytes it
+    # had sent, for as long as it liked. 10 s is a 1 MiB body at 100 kB/s.
+    body_timeout_s: Annotated[float, msgspec.Meta(ge=0.1, le=600)] = 10.0
+    # A connection with no request in progress closes after this long: idle between requests,
+    # or still sending a request's line and headers (aiohttp has no separate deadline for
+    # headers; this timer is not restarted by bytes that do not complete them). 75 s, as
+    # aiohttp's run_app: above the idle timeout of the usual proxies and load balancers (nginx
+    # 60 s, AWS ALB 60 s), which would otherwise reuse a connection as it closes.
+    idle_timeout_s: Annotated[float, msgspec.Meta(ge=0.1, le=86400)] = 75.0
     # Reverse proxies (IPs or CIDRs) whose X-Forwarded-For names the client; from any other
     # peer the header is ignored (anyone can send it).
     trusted_proxies: list[Annotated[str, msgspec.Meta(max_length=64)]] = msgspec.field(
@@ -166,8 +177,18 @@ class WebhookConfig(ConfigStruct, frozen=True):
     # Unset: the handshake answers 403 and every notification 503 (fail closed, Meta retries).
     verify_token_env: EnvName | None = None
     app_secret_env: EnvName | None = None
-    # Meta batches up to 1,000 updates in one POST.
-    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
+    # Meta batches up to 1,000 updates in one POST: 280 kB of short messages half of which
+    # carry an ad referral (bench/webhook.py), about 1.5 MB if each also had a long referral
+    # (image URLs, ad body) and a contact. 3 MiB leaves headroom over that; every unsigned
+    # body may be this large, so a larger limit is more memory an anonymous client can ask for.
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 3 * 1024 * 1024
+    # The most bytes of notifications being received at once, counted by their Content-Length
+    # (or max_body_bytes when they send none) before a byte is read: the signature covers the
+    # body, so until it is whole, whoever sent it is unknown. Past it, 503 with Retry-After
+    # (Meta retries). 32 MiB: ten bodies of the largest size, a hundred of 1,000 updates.
+    max_bytes_in_flight: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024 * 1024)] = (
+        32 * 1024 * 1024
+    )
     # How long message ids are kept for deduplication (Meta retries for up to 7 days) and
     # for linking automatic events to their conversation.
     message_retention_days: Annotated[int, msgspec.Meta(ge=8, le=3650)] = 30
@@ -391,6 +412,12 @@ def _check_references(settings: Settings) -> None:
             f"{src}: archive_retention_days ({webhook.archive_retention_days}) must not exceed"
             f" message_retention_days ({webhook.message_retention_days}); raise the latter too"
             " - at `$.webhook.archive_retention_days`"
+        )
+    if webhook.max_bytes_in_flight < webhook.max_body_bytes:
+        # A body of the largest size allowed would never be taken.
+        raise ConfigError(
+            f"{src}: max_bytes_in_flight ({webhook.max_bytes_in_flight}) must be at least"
+            f" max_body_bytes ({webhook.max_body_bytes}) - at `$.webhook.max_bytes_in_flight`"
         )
     store = settings.store
     if store.url is not None and store.url_env is not None:

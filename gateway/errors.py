@@ -20,6 +20,7 @@ __all__ = [
     "PayloadTooLarge",
     "PlatformError",
     "RateLimited",
+    "RequestTimeout",
     "ServiceUnavailable",
     "Unauthorized",
     "Unprocessable",
@@ -109,6 +110,14 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     default_code = "payload_too_large"
+
+
+class RequestTimeout(GatewayError):
+    """The body did not arrive within ``server.body_timeout_s`` (408); the connection closes."""
+
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class UnsupportedMediaType(GatewayError):

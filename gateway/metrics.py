@@ -93,6 +93,11 @@ class Metrics:
             "ctwa_webhook_signature_failures", "Notifications refused for their signature.",
             registry=r,
         )  # fmt: skip
+        self.webhook_bodies_refused = Counter(
+            "ctwa_webhook_bodies_refused",
+            "Notifications refused unread: [webhook] max_bytes_in_flight were being received.",
+            registry=r,
+        )  # fmt: skip
         self.auth_failures_limited = Counter(
             "ctwa_auth_failures_limited",
             "Client addresses cut off for too many failed authentications (401s).", registry=r,

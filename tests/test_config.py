@@ -78,6 +78,10 @@ ACCOUNT = {"id": "a", "waba_id": "1", "phone_number_id": "2"}
         ),
         ({"plugins": {"sinks": ["log", "log"]}}, "sinks lists 'log' twice"),
         (
+            {"webhook": {"max_body_bytes": 4096, "max_bytes_in_flight": 4095}},
+            "must be at least max_body_bytes (4096) - at `$.webhook.max_bytes_in_flight`",
+        ),
+        (
             {"auth": {"keys": [{"name": "k", "key_env": "not valid", "accounts": ["*"]}]}},
             "$.auth.keys[0].key_env",
         ),

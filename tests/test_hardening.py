@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway import ConversionRequest, EventDraft, hookimpl
-from gateway.config import PluginsConfig
+from gateway.config import PluginsConfig, WebhookConfig
 from gateway.console.forms import FORM_MAX_BYTES
 from gateway.errors import ConfigError
 from gateway.http.app import reload_secrets
@@ -283,7 +283,8 @@ async def test_compressed_bytes_are_held_to_the_limit_before_they_inflate(
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
     resp = await client.post("/webhooks/whatsapp", data=chunks(), headers=headers)
     answer = await resp.json()
-    assert (resp.status, answer["details"]["maxBodyBytes"]) == (413, 8 * 1024 * 1024)
+    limit = WebhookConfig().max_body_bytes
+    assert (resp.status, answer["details"]["maxBodyBytes"]) == (413, limit)
 
 
 async def test_failed_authentications_are_limited_per_client_address(

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway.errors import InvalidRequest, UnsupportedMediaType
 from gateway.http.body import read_body
+from gateway.http.keys import SETTINGS
 
 __all__ = ["FORM_MAX_BYTES", "Form", "form_of"]
 
@@ -60,7 +61,9 @@ async def form_of(request: web.Request) -> Form:
             code="unsupported_charset",
             param="Content-Type",
         )
-    body = await read_body(request, FORM_MAX_BYTES)
+    body = await read_body(
+        request, FORM_MAX_BYTES, timeout_s=request.app[SETTINGS].server.body_timeout_s
+    )
     try:
         text = body.decode("utf-8")
         pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict")

@@ -17,7 +17,8 @@ from gateway.console import CONSOLE_PATH, security_headers, setup_console
 from gateway.credentials import Credentials, metrics_key
 from gateway.errors import ConfigError
 from gateway.http.auth import FailureLimiter, KeyRing
-from gateway.http.keys import CREDENTIALS, METRICS, PIPELINE, PLUGINS, SETTINGS
+from gateway.http.body import BodyBudget
+from gateway.http.keys import CREDENTIALS, METRICS, PIPELINE, PLUGINS, SETTINGS, WEBHOOK_BODIES
 from gateway.http.middlewares import middlewares
 from gateway.http.ops_views import routes as ops_routes
 from gateway.http.report_views import routes as report_routes
@@ -75,7 +76,15 @@ def create_app(
         # Bodies are inflated by gateway.http.body, held to each route's limit, and a coding
         # it does not take is answered in the envelope; aiohttp's parser would answer that
         # in plain text, before any handler runs.
-        handler_args={"auto_decompress": False},
+        handler_args={
+            "auto_decompress": False,
+            # aiohttp's only deadline before a handler runs: no request in progress (idle, or
+            # its headers still coming) for this long closes the connection.
+            "keepalive_timeout": settings.server.idle_timeout_s,
+            # How long a body the handler did not read (refused, or past its deadline) is
+            # drained so the client sees the answer, before the connection closes.
+            "lingering_time": settings.server.body_timeout_s,
+        },
         middlewares=middlewares(
             max_body_bytes=largest,
             metrics=metrics,
@@ -89,6 +98,9 @@ def create_app(
     app[SETTINGS] = settings
     app[PLUGINS] = plugins
     app[CREDENTIALS] = credentials
+    app[WEBHOOK_BODIES] = BodyBudget(
+        settings.webhook.max_bytes_in_flight, retry_after_s=settings.server.body_timeout_s
+    )
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         async with running(settings, plugins, environ, clock=clock, metrics=metrics) as pipeline:

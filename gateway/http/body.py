@@ -1,15 +1,32 @@
-"""Reading request bodies with a per-route size limit."""
+"""Reading request bodies: a size limit per route, a deadline for every body, and a budget
+for the bytes of bodies being received whose sender is not known yet."""
 
 from __future__ import annotations
 
+import asyncio
+import math
 import zlib
 from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+)
 
-__all__ = ["MAX_GZIP_MEMBERS", "inflate", "read_body", "read_json_body", "too_large"]
+__all__ = [
+    "MAX_GZIP_MEMBERS",
+    "BodyBudget",
+    "inflate",
+    "read_body",
+    "read_json_body",
+    "too_large",
+]
 
 
 def too_large(limit: int) -> PayloadTooLarge:
@@ -20,35 +37,91 @@ def too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, *, timeout_s: float) -> bytes:
     """Return the raw body (inflated, if it was sent compressed), or raise 413 if it is over
-    ``limit`` bytes, 415 for a Content-Encoding the gateway does not take."""
+    ``limit`` bytes, 415 for a Content-Encoding the gateway does not take, 408 if it has not
+    all arrived ``timeout_s`` after this started reading it."""
     # Refuse early on a declared length, before reading anything.
     length = request.content_length
     if length is not None and length > limit:
         raise too_large(limit)
+    if request.content.is_eof():
+        # All of it came in with the headers (a conversion nearly always does): nothing to
+        # wait for, so no timer on the hot path.
+        body = await _read(request, length, limit)
+    else:
+        try:
+            async with asyncio.timeout(timeout_s):
+                body = await _read(request, length, limit)
+        except TimeoutError:
+            # What had arrived is dropped here; aiohttp drains the rest (for as long as
+            # lingering_time, the same deadline) and closes the connection.
+            raise RequestTimeout(
+                f"The body did not arrive within {timeout_s:g} s; send all of it at once,"
+                " as soon as the headers (the limit is [server] body_timeout_s).",
+                details={"bodyTimeoutSeconds": timeout_s},
+            ) from None
+    if len(body) > limit:
+        raise too_large(limit)
+    return body
+
+
+async def _read(request: web.Request, length: int | None, limit: int) -> bytes:
     encoding = request.headers.get("Content-Encoding")
     try:
         if encoding is not None:
-            body = await _inflated(request, encoding, limit)
-        elif length is None:
-            body = await _read_up_to(request, limit)
-        else:
-            body = await request.read()  # framed by its Content-Length, checked above
+            return await _inflated(request, encoding, limit)
+        if length is None:
+            return await _read_up_to(request, limit)
+        return await request.read()  # framed by its Content-Length, checked above
     except (web.HTTPException, GatewayError):
         raise  # aiohttp's own 413 past client_max_size, or ours
     except Exception as exc:
         # A body that cannot be read as sent: a broken Content-Encoding (gzip, deflate...), a
-        # connection cut mid-body. The client's fault, so a 400 naming the header.
+        # connection cut mid-body. The client's fault, so a 400 naming the header. (The
+        # deadline's cancellation is not an Exception: it goes on up to the timeout.)
         raise InvalidRequest(
             f"The body could not be read ({type(exc).__name__}): send it uncompressed, or with a"
             " Content-Encoding that matches it.",
             code="unreadable_body",
             param="Content-Encoding",
         ) from None
-    if len(body) > limit:
-        raise too_large(limit)
-    return body
+
+
+class BodyBudget:
+    """The bytes of bodies being read at once, up to ``capacity``: what senders nobody has
+    authenticated yet (a webhook's signature covers its body) can make the gateway hold.
+
+    A body is counted by its Content-Length (its limit when it sends none) from before its
+    first byte is read until it is whole or refused; one that does not fit is not read at
+    all. Its deadline bounds how long it can keep its share.
+    """
+
+    def __init__(self, capacity: int, *, retry_after_s: float) -> None:
+        self.capacity = capacity
+        self.taken = 0
+        self._retry_after = str(max(1, math.ceil(retry_after_s)))
+
+    def take(self, request: web.Request, limit: int) -> int:
+        """Count ``request``'s body (at most ``limit`` bytes) and return its share, to give
+        back with :meth:`give_back`; or raise 503 with Retry-After if it does not fit."""
+        length = request.content_length
+        share = limit if length is None else min(length, limit)
+        if self.taken + share > self.capacity:
+            error = ServiceUnavailable(
+                "Too many notifications are being received at once; nothing was read. Retry"
+                " shortly (Meta does by itself).",
+                code="webhook_busy",
+                details={"maxBytesInFlight": self.capacity},
+            )
+            error.headers["Retry-After"] = self._retry_after
+            raise error
+        self.taken += share
+        return share
+
+    def give_back(self, share: int) -> None:
+        """Return a share :meth:`take` counted."""
+        self.taken -= share
 
 
 async def _inflated(request: web.Request, encoding: str, limit: int) -> bytes:
@@ -143,8 +216,9 @@ async def _read_up_to(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def read_json_body(request: web.Request, limit: int) -> bytes:
-    """Return the raw body of a JSON request, or raise 415 (not JSON) / 413 (too large)."""
+async def read_json_body(request: web.Request, limit: int, *, timeout_s: float) -> bytes:
+    """Return the raw body of a JSON request, or raise 415 (not JSON), 413 (too large) or
+    408 (not all there within ``timeout_s``)."""
     # The header as nearly every client sends it needs no parsing (aiohttp's parse copies
     # its parameters into a new dict for every request).
     if (
@@ -158,4 +232,4 @@ async def read_json_body(request: web.Request, limit: int) -> bytes:
             " send `-H 'Content-Type: application/json'`.",
             param="Content-Type",
         )
-    return await read_body(request, limit)
+    return await read_body(request, limit, timeout_s=timeout_s)

@@ -70,7 +70,8 @@ def query_account_id(request: web.Request) -> str:
 async def read_json(request: web.Request, decoder: msgspec.json.Decoder[T]) -> T:
     """Read a JSON body (415 if not JSON, 413 past ``[server] max_body_bytes``) and decode it
     with ``decoder`` (400 naming the field)."""
-    body = await read_json_body(request, request.app[SETTINGS].server.max_body_bytes)
+    server = request.app[SETTINGS].server
+    body = await read_json_body(request, server.max_body_bytes, timeout_s=server.body_timeout_s)
     return decode_body(body, decoder)
 
 

@@ -49,12 +49,17 @@ log = structlog.get_logger()
 def error_response(exc: GatewayError, *, headers: dict[str, str] | None = None) -> web.Response:
     """Render ``exc`` as Zernio's error envelope."""
     body = error_body(exc)
-    return web.Response(
+    response = web.Response(
         body=ENCODER.encode(body),
         status=exc.status,
         content_type="application/json",
         headers=headers,
     )
+    if exc.status == 408:
+        # A client whose body did not arrive in time gets no second request on this
+        # connection (RFC 9110 15.5.9: a 408 closes it).
+        response.force_close()
+    return response
 
 
 def error_body(exc: GatewayError) -> ErrorBody:

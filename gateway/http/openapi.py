@@ -109,6 +109,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             200: ConversionResponse,
             202: ConversionResponse,
             **_CLIENT_ERRORS,
+            408: ErrorBody,
             409: ErrorBody,
             413: ErrorBody,
             415: ErrorBody,
@@ -149,7 +150,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Re-queue (or count, with dryRun) an account's failed or expired deliveries.",
         request=ReplayRequest,
         example="replay",
-        answers={200: ReplayAnswer, **_CLIENT_ERRORS, 413: ErrorBody, 415: ErrorBody},
+        answers={
+            200: ReplayAnswer,
+            **_CLIENT_ERRORS,
+            408: ErrorBody,
+            413: ErrorBody,
+            415: ErrorBody,
+        },
     ),
     ("GET", "/v1/whatsapp/conversions/{event_id}"): Operation(
         "One event with each sink's state and every attempt.",
@@ -214,6 +221,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         answers={
             200: CaptureResult,
             401: ErrorBody,
+            408: ErrorBody,
             413: ErrorBody,
             503: ErrorBody,
         },

@@ -15,7 +15,7 @@ from aiohttp import web
 from gateway.capture.inbox import receive
 from gateway.errors import Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
 from gateway.http.body import read_body
-from gateway.http.keys import CREDENTIALS, METRICS, PIPELINE, SETTINGS
+from gateway.http.keys import CREDENTIALS, METRICS, PIPELINE, SETTINGS, WEBHOOK_BODIES
 from gateway.http.signature import signature_matches
 from gateway.logs import bind, bound
 from gateway.wire import ENCODER
@@ -65,7 +65,19 @@ async def notify(request: web.Request) -> web.Response:
             " app_secret_env names.",
             code="webhook_not_configured",
         )
-    body = await read_body(request, settings.webhook.max_body_bytes)
+    limit = settings.webhook.max_body_bytes
+    # Unsigned until it is whole: counted against the bytes anonymous senders may hold, and
+    # refused unread (503) past them, so slow or oversized bodies cannot pin the memory.
+    budget = request.app[WEBHOOK_BODIES]
+    try:
+        share = budget.take(request, limit)
+    except ServiceUnavailable:
+        request.app[METRICS].webhook_bodies_refused.inc()
+        raise
+    try:
+        body = await read_body(request, limit, timeout_s=settings.server.body_timeout_s)
+    finally:
+        budget.give_back(share)
     if not signature_matches(app_secret, body, request.headers.get("X-Hub-Signature-256")):
         request.app[METRICS].webhook_signature_failures.inc()
         log.warning(
