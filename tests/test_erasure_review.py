@@ -876,3 +876,123 @@ async def test_a_redelivered_notification_recaptures_only_the_unsuppressed(
     await erase(client, {"accountId": "acme", "phoneE164": "+" + OLD, "suppress": "true"})
     await post_signed(client, body)  # the same bytes, as Meta retries
     assert await db_rows(client, "SELECT COUNT(*) FROM conversations") == [(0,)]
+
+
+# A number that changes hands through a change of number (review of the recycled-number rule):
+# A writes from N, changes to M (a new BSUID), and N goes to B, who writes from it.
+N = "16505551234"
+M = "16505559876"
+A1, A2, B1 = "US.100000000000000000001", "US.100000000000000000002", "US.200000000000000000003"
+
+
+async def a_changes_away_and_b_takes_the_number(client: Client) -> tuple[bytes, bytes]:
+    """Capture A's click, A's change N -> M and B's click from N; return A's first archived
+    notification and B's, as stored."""
+    now = time.time()
+    for change in (
+        message(N, "wamid.A1", ts=now - 300, bsuid=A1, ref=referral(CLICK + "A")),
+        system_message(
+            "wamid.A2", "user_changed_number", wa_id=N, bsuid=A1, new_wa_id=M, new_bsuid=A2,
+            previous_bsuid=A1, ts=now - 200,
+        ),
+        message(N, "wamid.B1", ts=now - 100, bsuid=B1, ref=referral(CLICK + "B")),
+    ):  # fmt: skip
+        await post_signed(client, notification(messages_change([change])))
+    conversations = await db_rows(client, "SELECT wa_id, bsuid FROM conversations")
+    assert sorted(conversations) == [(N, B1), (M, A2)]  # two people, as capture tells them
+    bodies = await archived(client)
+    return bodies[0], bodies[2]
+
+
+async def archived(client: Client) -> list[bytes]:
+    """The archived notifications' bodies, oldest first."""
+    rows = await db_rows(client, "SELECT body FROM webhook_notifications ORDER BY pk")
+    return [bytes(row[0]) for row in rows]
+
+
+async def test_erasing_a_numbers_new_holder_spares_who_changed_away_from_it(
+    client: Client,
+) -> None:
+    """Found by review: N stayed an alias of A's conversation (a former number), and erasing
+    B by N erased A too, who is now on M."""
+    _, b_archived = await a_changes_away_and_b_takes_the_number(client)
+    resp = await erase(client, {"accountId": "acme", "phoneE164": "+" + N})
+    assert resp.status == 200
+    assert (await resp.json())["erased"]["conversations"] == 1
+    assert await db_rows(client, "SELECT wa_id, bsuid FROM conversations") == [(M, A2)]
+    archive = b"".join(await archived(client))
+    assert b_archived not in archive
+    assert B1.encode() not in archive
+    assert CLICK.encode() + b"B" not in archive
+
+
+async def test_erasing_who_changed_away_spares_their_former_numbers_new_holder(
+    client: Client,
+) -> None:
+    """Found by review: erasing A by M followed A's former number N to B's conversation, and
+    rewrote B's archived notifications."""
+    _, b_archived = await a_changes_away_and_b_takes_the_number(client)
+    resp = await erase(client, {"accountId": "acme", "phoneE164": "+" + M})
+    assert resp.status == 200
+    assert (await resp.json())["erased"]["conversations"] == 1
+    assert await db_rows(client, "SELECT wa_id, bsuid FROM conversations") == [(N, B1)]
+    bodies = await archived(client)
+    assert bodies[2] == b_archived  # B's, untouched
+    assert not any(v in body for body in bodies[:2] for v in (A1.encode(), A2.encode()))
+    # A BSUID names A as well, and spares B the same way.
+    resp = await erase(client, {"accountId": "acme", "businessScopedUserId": A1})
+    assert (await resp.json())["erased"]["conversations"] == 0
+    assert await db_rows(client, "SELECT wa_id, bsuid FROM conversations") == [(N, B1)]
+
+
+async def test_suppressing_who_changed_away_never_suppresses_their_former_numbers_new_holder(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> None:
+    """Found by review: suppressing A suppressed every phone and BSUID found, B's number and
+    BSUID among them, and B's next messages were dropped. Only A's identifiers are now."""
+    client = await suppressing_client(make_client, config)
+    await a_changes_away_and_b_takes_the_number(client)
+    resp = await erase(client, {"accountId": "acme", "phoneE164": "+" + M, "suppress": "true"})
+    assert resp.status == 200
+    # M, A2 and A's former BSUID A1; not N, which B holds, nor B1.
+    assert await db_rows(client, "SELECT COUNT(*) FROM suppressions") == [(3,)]
+    await post_signed(
+        client,
+        notification(messages_change([message(N, "wamid.B2", bsuid=B1, text=TEXT)])),
+    )
+    assert await db_rows(client, "SELECT wa_id, bsuid FROM conversations") == [(N, B1)]
+    assert await db_rows(client, "SELECT COUNT(*) FROM webhook_messages") == [(2,)]
+
+
+async def test_an_erasure_by_a_word_that_is_no_bsuid_is_refused_and_rewrites_nothing(
+    client: Client,
+) -> None:
+    """Found by review: any word passed for a BSUID, and the archive's values equal to it,
+    wherever they were, became "[erased]" ("type": "text" among them), corrupting what
+    `webhooks reprocess` reads."""
+    await post_signed(
+        client,
+        notification(messages_change([message(N, "wamid.X1", bsuid=A1, ref=referral(CLICK))])),
+    )
+    before = await db_rows(client, "SELECT body FROM webhook_notifications")
+    for word in ("text", "ad", "image", "whatsapp", "US", "US.1.2", "us.1", "US.1\n"):
+        resp = await erase(client, {"accountId": "acme", "businessScopedUserId": word})
+        answer = await resp.json()
+        assert (resp.status, answer["param"]) == (400, "businessScopedUserId"), word
+    assert await db_rows(client, "SELECT body FROM webhook_notifications") == before
+    assert await db_rows(client, "SELECT COUNT(*) FROM erasures") == [(0,)]
+
+
+def test_only_values_under_identifying_keys_are_redacted() -> None:
+    """An identifier is redacted where Meta puts a person's identifier, never elsewhere: a
+    username "text" must not rewrite a message's "type": "text"."""
+    body = encode(notification(messages_change([message(N, "wamid.K1", ref=referral(CLICK))])))
+    body = body.replace(b'"profile":{', b'"profile":{"username":"text",')
+    redacted = redact_notification(
+        body, frozenset({"text"}), waba_id=WABA_ID, phone_number_id=PHONE_NUMBER_ID
+    )
+    assert redacted is not None
+    assert b'"username"' not in redacted
+    assert b'"profile":{"erased":true}' in redacted
+    assert redacted.count(b'"text"') == body.count(b'"text"') - 1  # only the username
+    assert b'"type":"text"' in redacted

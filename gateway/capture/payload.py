@@ -40,6 +40,7 @@ __all__ = [
     "Metadata",
     "Referral",
     "System",
+    "UserId",
 ]
 
 # Limits on what one notification may make us store (README, "Webhook limits"). Ids longer
@@ -58,9 +59,16 @@ MAX_MESSAGES = 2000
 # (a message whose id has one is recorded unprocessed, on either engine alike).
 _NO_CONTROL = r"^[^\x00-\x1f\x7f]*\Z"
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID, pattern=_NO_CONTROL)]
-# BSUIDs look like "US.13491208655302741918" or "US.ENT.1181..."; printable, no spaces.
+# A BSUID as Meta documents it (META.md §3b): a two-letter country, a dot, up to 128
+# alphanumerics; a parent BSUID has "ENT." after the country ("US.13491208655302741918",
+# "US.ENT.1181..."). The one definition: webhooks are read, and the API's parameters checked,
+# against it, so a word like "text" is never taken for a person. \Z, not $: $ also matches
+# before a final newline.
 UserId = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=MAX_ID, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    str,
+    msgspec.Meta(
+        min_length=1, max_length=MAX_ID, pattern=r"^[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{1,128}\Z"
+    ),
 ]
 ClickId = Annotated[str, msgspec.Meta(max_length=MAX_CLICK_ID, pattern=_NO_CONTROL)]
 # Meta sends Unix seconds as a string; numbers are tolerated.

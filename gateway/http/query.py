@@ -15,6 +15,7 @@ from typing import Annotated, Literal, TypeVar
 import msgspec
 from aiohttp import web
 
+from gateway.capture.payload import UserId
 from gateway.errors import InvalidRequest
 from gateway.validation import choice_error, pattern_error
 from gateway.wire import PRINTABLE
@@ -43,7 +44,9 @@ def _text(max_length: int) -> msgspec.Meta:
 
 
 PhoneParam = Annotated[str, _text(64)]
-BsuidParam = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*\Z")]
+# Checked against the shape webhooks are read with: an erasure by a BSUID rewrites archived
+# notifications, and must never be asked for a value that cannot be one.
+BsuidParam = UserId
 
 
 class QueryStruct(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
@@ -100,7 +103,8 @@ _HINTS = {
     "limit": f"Send `limit` as a whole number from 1 to {_LIST_MAX}, e.g. ?limit=50.",
     "phoneE164": "Send `phoneE164` as the number with its country code, e.g. 16505551234.",
     "businessScopedUserId": "Send `businessScopedUserId` as a WhatsApp business-scoped user id"
-    " such as US.13491208655302741918 (letters, digits, dots; at most 256 characters).",
+    " as Meta sends it, e.g. US.13491208655302741918 or US.ENT.11815799212886844830 (a"
+    " two-letter country, a dot, then letters and digits).",
     "suppress": "Send `suppress` as true or false.",
     "groupBy": "Send `groupBy` as day, ad or eventName.",
     "status": "Send `status` as delivered, failed, pending, expired or dry_run.",

@@ -1,10 +1,13 @@
 """Erasure on request: every row that identifies one person, gone in one transaction.
 
-The person is found by phone (every form WhatsApp may have stored, held by them now, and
-numbers they had before a change), by BSUID (own, parent or former) or by conversation id;
-then every conversation that shares one of their identifiers, or was merged with one of
-theirs, is theirs too. A recycled number is not followed: its previous owner is someone else.
-For those conversations, on that account only:
+The person is found by phone, by BSUID (own, parent or former) or by conversation id; then
+every conversation that shares one of their identifiers, or was merged with one of theirs, is
+theirs too. A number names whom resolution would take it for (plugins/phone.py): in every form
+WhatsApp may have stored it, whoever holds it now; a number someone had before a change only
+while nobody holds it, and then only its latest former holder. So a recycled number is never
+followed, either way: erasing its new holder spares who had it before, and erasing who had it
+spares its new holder (nor are their identifiers suppressed). For those conversations, on that
+account only:
 
 - the conversations, their aliases, webhook message ids and automatic events (also those
   that name their message ids or click ids without a conversation) are deleted;
@@ -13,9 +16,10 @@ For those conversations, on that account only:
 - deliveries still pending are cancelled (``failed``, ``erased``): never sent after this, and
   neither a batch already in flight nor ``replay`` can bring them back;
 - the account's archived notifications are rewritten without them: an object naming one of
-  their identifiers exactly (a message, contact, status, referral, automatic event) becomes
-  ``{"erased": true}``; a value equal to one ``"[erased]"``. Exact values only: a short
-  identifier can never rewrite unrelated text.
+  their identifiers exactly under a key that carries one (``from``, ``wa_id``, ``user_id``,
+  ``recipient_id``...: a message, contact, status, referral, automatic event) becomes
+  ``{"erased": true}``; such a value in a list ``"[erased]"``. Exact values under those keys
+  only: an identifier can never rewrite unrelated text, nor a ``"type": "text"``.
 
 An audit row says who asked, when, and how many rows of each kind went; no identifier.
 """
@@ -42,11 +46,14 @@ __all__ = ["Erase", "redact_notification"]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
-# Keys whose value, when it is one of the person's identifiers, makes the whole object theirs.
+# The keys that carry a person's identifier in Meta's payloads (messages, contacts, statuses,
+# echoes, system messages, automatic events, referrals): one whose value is one of theirs makes
+# the whole object theirs. Values under any other key are left alone, whatever they equal.
 _IDENTIFYING_KEYS = frozenset(
-    {"from", "to", "wa_id", "recipient_id", "user_id", "from_user_id", "parent_user_id",
-     "from_parent_user_id", "recipient_user_id", "recipient_parent_user_id",
-     "previous_user_id", "id", "ctwa_clid", "username"}
+    {"from", "to", "wa_id", "new_wa_id", "customer", "recipient_id", "user_id",
+     "from_user_id", "parent_user_id", "from_parent_user_id", "recipient_user_id",
+     "recipient_parent_user_id", "previous_user_id", "previous_parent_user_id", "id",
+     "ctwa_clid", "username"}
 )  # fmt: skip
 _ERASED_OBJECT = {"erased": True}
 _ERASED = "[erased]"
@@ -76,19 +83,20 @@ def redact_notification(
         return _TOMBSTONE if ours else None
     changed = False
 
-    def walk(value: Any) -> Any:
+    def walk(value: Any, key: str | None = None) -> Any:
         nonlocal changed
         if isinstance(value, dict):
             if any(
-                key in _IDENTIFYING_KEYS and isinstance(item, str) and item in identifiers
-                for key, item in value.items()
+                name in _IDENTIFYING_KEYS and isinstance(item, str) and item in identifiers
+                for name, item in value.items()
             ):
                 changed = True
                 return dict(_ERASED_OBJECT)
-            return {key: item if key == "metadata" else walk(item) for key, item in value.items()}
+            return {name: item if name == "metadata" else walk(item, name)
+                    for name, item in value.items()}  # fmt: skip
         if isinstance(value, list):
-            return [walk(item) for item in value]
-        if isinstance(value, str) and value in identifiers:
+            return [walk(item, key) for item in value]  # a list's items are under its key
+        if isinstance(value, str) and key in _IDENTIFYING_KEYS and value in identifiers:
             changed = True
             return _ERASED
         return value
@@ -199,8 +207,9 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
             (now, self.actor, self.account_id, self.kind, _encode(counts), key is not None),
         )
         if key is not None:
-            # Every identifier found, not only the one given: the person must not come back
-            # by their BSUID after being erased by phone.
+            # Every identifier of theirs found, not only the one given: the person must not
+            # come back by their BSUID after being erased by phone. Only theirs: a number
+            # someone else holds now is not (see _theirs).
             await tx.executemany(
                 "INSERT INTO suppressions (account_id, kind, digest, created_at)"
                 " VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
@@ -217,7 +226,8 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
         """The person's conversations on the account, and their phones and BSUIDs."""
         phones, bsuids = set(self.phones), set(self.bsuids)
         ids: set[str] = set()
-        seeds = set(self.conversation_ids)
+        seeds = set(self.conversation_ids) | await self._named_by(tx, self.phones)
+        former: set[str] = set()
         for _ in range(8):  # identities chain through merges and changes; a few hops suffice
             new = await self._matching(tx, phones, bsuids, seeds | ids) - ids
             if not new:
@@ -242,12 +252,44 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
                 [self.account_id, *new],
             )
             for kind, value in aliases:
-                (phones if kind == "phone" else bsuids).add(value)
+                (former if kind == "phone" else bsuids).add(value)
+        # A number they had before a change is theirs only where it still names them: nobody
+        # holds it now and they were its latest holder. Otherwise it is someone else's, whose
+        # messages and suppression it must not reach.
+        for value in sorted(former - phones):
+            if await self._named_by(tx, [value]) & ids:
+                phones.add(value)
         return sorted(ids), phones, bsuids
+
+    async def _named_by(self, tx: Tx, forms: Sequence[str]) -> set[str]:
+        """The conversations one number (its forms) names, by resolution's rule
+        (plugins/phone.py): those that hold it now; only if none does, those of its latest
+        former holder. A recycled number never names whoever had it before."""
+        if not forms:
+            return set()
+        values = sorted(set(forms))
+        marks = _marks(values)
+        rows = await tx.fetch(
+            "SELECT id FROM conversations WHERE account_id = ?"
+            f" AND wa_id IN ({marks}) AND phone_released_at IS NULL",
+            [self.account_id, *values],
+        )
+        if rows:
+            return {row[0] for row in rows}
+        rows = await tx.fetch(
+            "SELECT a.conversation_id, a.replaced_at FROM conversation_aliases a"
+            " JOIN conversations c ON c.id = a.conversation_id"
+            f" WHERE a.account_id = ? AND a.kind = 'phone' AND a.value IN ({marks})",
+            [self.account_id, *values],
+        )
+        latest = max((row[1] for row in rows), default=None)
+        return {row[0] for row in rows if row[1] == latest}
 
     async def _matching(
         self, tx: Tx, phones: set[str], bsuids: set[str], ids: set[str]
     ) -> set[str]:
+        """Conversations that hold one of ``phones`` now, carry one of ``bsuids`` (own,
+        parent or former), or are ``ids`` or were superseded by one of them."""
         clauses, params = [], [self.account_id]
         if phones:
             clauses.append(f"(wa_id IN ({_marks(phones)}) AND phone_released_at IS NULL)")
@@ -270,14 +312,14 @@ class Erase(WriteOp[tuple[int, ErasureCounts]]):
                 params,
             )
         }
-        values = [*phones, *bsuids]
-        if values:
+        if bsuids:
+            # Former numbers are not matched here: one names its holder now (_named_by).
             found |= {
                 row[0]
                 for row in await tx.fetch(
                     "SELECT conversation_id FROM conversation_aliases WHERE account_id = ?"
-                    f" AND value IN ({_marks(values)})",
-                    [self.account_id, *values],
+                    f" AND kind = 'bsuid' AND value IN ({_marks(bsuids)})",
+                    [self.account_id, *sorted(bsuids)],
                 )
             }
         return found
