@@ -234,17 +234,15 @@ async def test_a_message_with_neither_phone_nor_bsuid_is_listed_not_refused(clie
     assert problem["path"] == "$.entry[0].changes[0].value.messages[0]"
 
 
-async def test_a_user_id_not_shaped_like_a_bsuid_is_listed_not_captured(client: Client) -> None:
-    """A sender is a BSUID of the shape Meta documents, the one an erasure takes: not a word,
-    and not one with a trailing newline (which a pattern ending in $ let through)."""
-    good = message(None, "wamid.G", bsuid="US.13491208655302741918", ref=referral("good"))
-    bad = [
-        message(None, f"wamid.B{i}", bsuid=user_id, ref=referral(f"bad{i}"))
-        for i, user_id in enumerate(("US.1\n", "text", "us.1", "US.1.2"))
-    ]
-    answer = await post_signed(client, notification(messages_change([*bad, good])))
-    assert (answer["messages"], answer["clicksCaptured"], answer["unprocessed"]) == (1, 1, 4)
-    assert await live(client) == [(None, "US.13491208655302741918", "good")]
+async def test_a_user_id_with_a_trailing_newline_is_listed_not_captured(client: Client) -> None:
+    """A sender's id is printable id characters (a pattern ending in $ let a trailing newline
+    through); one shaped otherwise than Meta's examples is still captured: refusing it would
+    lose the click until a new release."""
+    bad = message(None, "wamid.B0", bsuid="US.1\n", ref=referral("bad0"))
+    odd = message(None, "wamid.O", bsuid="us.1", ref=referral("odd"))
+    answer = await post_signed(client, notification(messages_change([bad, odd])))
+    assert (answer["messages"], answer["clicksCaptured"], answer["unprocessed"]) == (1, 1, 1)
+    assert await live(client) == [(None, "us.1", "odd")]
 
 
 async def test_statuses_with_only_bsuids_are_acknowledged(client: Client) -> None:

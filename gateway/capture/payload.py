@@ -17,6 +17,7 @@ import msgspec
 __all__ = [
     "AUTOMATIC_EVENTS_DECODER",
     "AUTOMATIC_EVENT_DECODER",
+    "BSUID_SHAPE",
     "CHANGE_DECODER",
     "CONTACTS_DECODER",
     "CONTACT_DECODER",
@@ -61,14 +62,15 @@ _NO_CONTROL = r"^[^\x00-\x1f\x7f]*\Z"
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID, pattern=_NO_CONTROL)]
 # A BSUID as Meta documents it (META.md §3b): a two-letter country, a dot, up to 128
 # alphanumerics; a parent BSUID has "ENT." after the country ("US.13491208655302741918",
-# "US.ENT.1181..."). The one definition: webhooks are read, and the API's parameters checked,
-# against it, so a word like "text" is never taken for a person. \Z, not $: $ also matches
-# before a final newline.
+# "US.ENT.1181..."). What the API's parameters are held to, so that a word like "text" is never
+# taken for a person to erase. \Z, not $: $ also matches before a final newline.
+BSUID_SHAPE = r"^[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{1,128}\Z"
+# A sender's id in a webhook is read more loosely (printable id characters): the shape is
+# Meta's example, not a promise, and a click refused for an id Meta shapes otherwise would be
+# lost until a new release. Erasures rewrite only the archive's identifying keys, so a loose id
+# never rewrites unrelated text.
 UserId = Annotated[
-    str,
-    msgspec.Meta(
-        min_length=1, max_length=MAX_ID, pattern=r"^[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{1,128}\Z"
-    ),
+    str, msgspec.Meta(min_length=1, max_length=MAX_ID, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*\Z")
 ]
 ClickId = Annotated[str, msgspec.Meta(max_length=MAX_CLICK_ID, pattern=_NO_CONTROL)]
 # Meta sends Unix seconds as a string; numbers are tolerated.

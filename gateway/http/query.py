@@ -15,7 +15,7 @@ from typing import Annotated, Literal, TypeVar
 import msgspec
 from aiohttp import web
 
-from gateway.capture.payload import UserId
+from gateway.capture.payload import BSUID_SHAPE, MAX_ID
 from gateway.errors import InvalidRequest
 from gateway.validation import choice_error, pattern_error
 from gateway.wire import PRINTABLE
@@ -46,7 +46,7 @@ def _text(max_length: int) -> msgspec.Meta:
 PhoneParam = Annotated[str, _text(64)]
 # Checked against the shape webhooks are read with: an erasure by a BSUID rewrites archived
 # notifications, and must never be asked for a value that cannot be one.
-BsuidParam = UserId
+BsuidParam = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID, pattern=BSUID_SHAPE)]
 
 
 class QueryStruct(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
