@@ -27,7 +27,7 @@ from gateway.http.keys import PIPELINE
 from gateway.store.archive import NewNotification
 from gateway.store.copy import tables
 from gateway.store.database import SqliteStore
-from gateway.store.postgres import PostgresStore
+from gateway.store.postgres import PostgresStore, StoreUnavailable
 from tests.conftest import (
     ACME_TOKEN,
     AUTH,
@@ -205,6 +205,71 @@ async def test_a_database_that_stops_answering_is_a_quick_503_not_a_500(
     # The database answers again: the retry is taken.
     resp = await client.post(URL, json=_lead(conversation.id, "hung"), headers=AUTH)
     assert resp.status == 200, await resp.json()
+
+
+async def test_an_erasure_that_committed_is_not_answered_nothing_was_accepted(
+    make_client: ClientFactory, config: dict[str, Any], pg_url: str
+) -> None:
+    # Found by review: the erasure committed, then its VACUUM (behind a lock here; on a big
+    # table, slow) timed out and the answer was 503 "nothing was accepted".
+    store = {**config["store"], "command_timeout_s": 1}
+    client = await make_client(settings=parse_settings({**config, "store": store}))
+    await add_conversation(store_of(client), wa_id="16505551234")
+    blocker = await asyncpg.connect(pg_url)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        # Compatible with every lock the erasure itself takes; only VACUUM waits on it.
+        await blocker.execute("LOCK TABLE webhook_notifications IN SHARE UPDATE EXCLUSIVE MODE")
+        resp = await client.delete(
+            "/v1/whatsapp/users",
+            headers=AUTH,
+            params={"accountId": "acme", "phoneE164": "+16505551234"},
+        )
+        answer = await resp.json()
+        await tx.rollback()
+    finally:
+        await blocker.close()
+    erased = await db_rows(client, "SELECT COUNT(*) FROM erasures")
+    conversations = await db_rows(client, "SELECT COUNT(*) FROM conversations")
+    assert (erased, conversations) == ([(1,)], [(0,)])  # the erasure was made...
+    assert resp.status == 200, answer
+
+
+async def test_one_slow_op_does_not_fail_the_writes_committed_beside_it(
+    make_client: ClientFactory, config: dict[str, Any], pg_url: str
+) -> None:
+    # Found by review: one statement that timed out (a lock wait, a slow erasure) failed
+    # every write of its group commit as the database being unavailable.
+    store_cfg = {**config["store"], "command_timeout_s": 1}
+    client = await make_client(settings=parse_settings({**config, "store": store_cfg}))
+    store = store_of(client)
+    locked = await add_conversation(store, wa_id="16505550001")
+    blocker = await asyncpg.connect(pg_url)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", locked.id)
+        erasure, innocent = await asyncio.gather(
+            store.erase(
+                account_id="acme",
+                waba_id="x",
+                phone_number_id="x",
+                kind="phone",
+                phones=["16505550001"],
+                bsuids=[],
+                conversation_ids=[],
+                actor="test",
+                suppress=False,
+            ),
+            add_conversation(store, wa_id="16505550002"),
+            return_exceptions=True,
+        )
+        await tx.rollback()
+    finally:
+        await blocker.close()
+    assert isinstance(erasure, StoreUnavailable)  # the op that waited: fair
+    assert not isinstance(innocent, BaseException), repr(innocent)
 
 
 async def test_a_url_with_a_password_must_come_from_the_environment(tmp_path: Any) -> None:

@@ -144,21 +144,38 @@ class PgWriter(GroupCommitWriter):
         try:
             results = await self._transaction(ops)
         except (StoreUnavailable, *BROKEN) as exc:
-            # The database, not an op, failed: trying each op alone would wait for it again
-            # once per op (a minute each for a database that stopped answering).
-            return [(None, exc) for _ in ops]
+            # Either the database failed (stopped answering, gone) or one op was slow (a lock
+            # wait, a big erasure). Trying each op alone would wait for a dead database again
+            # once per op, so only a database that still answers gets its ops tried alone.
+            if len(ops) == 1 or not await self._answers():
+                return [(None, exc) for _ in ops]
+            return await self._each_alone(ops)
         except Exception:
             # One op's failure (or a lost race) must not fail its neighbours: each alone.
-            settled: list[tuple[Any, BaseException | None]] = []
-            for op in ops:
-                try:
-                    (result,) = await self._alone(op)
-                except Exception as exc:
-                    settled.append((None, exc))
-                else:
-                    settled.append((result, None))
-            return settled
+            return await self._each_alone(ops)
         return self._committed(results)
+
+    async def _each_alone(
+        self, ops: Sequence[WriteOp[Any]]
+    ) -> list[tuple[Any, BaseException | None]]:
+        settled: list[tuple[Any, BaseException | None]] = []
+        for op in ops:
+            try:
+                (result,) = await self._alone(op)
+            except Exception as exc:
+                settled.append((None, exc))
+            else:
+                settled.append((result, None))
+        return settled
+
+    async def _answers(self) -> bool:
+        """Whether the database answers a trivial query within a moment."""
+        try:
+            async with asyncio.timeout(_PING_S), connection(self._pool) as conn:
+                await conn.fetchval("SELECT 1")
+        except Exception:
+            return False
+        return True
 
     async def _alone(self, op: WriteOp[Any]) -> list[Any]:
         for attempt in range(_RETRIES + 1):
@@ -327,6 +344,8 @@ class PostgresStore(Store):
         files are not known to be clear of them (see the README)."""
         async with connection(self.pool) as conn:
             for table in _ERASED_TABLES:
+                # Within the statement limit: one cut short (a lock in its way, a huge table)
+                # is left to autovacuum, and the erasure is answered all the same.
                 await conn.execute(f"VACUUM {table}")
         return False
 
@@ -344,6 +363,8 @@ class PostgresStore(Store):
 
 
 _CLOSE_TIMEOUT_S = 10.0
+# How long the database may take to answer SELECT 1 before a timeout counts as its failure.
+_PING_S = 2.0
 _ERASED_TABLES = (
     "conversations",
     "conversation_aliases",
