@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TypeVar
 
 import msgspec
@@ -41,7 +41,7 @@ from gateway.store.rows import (
     conversation_params,
 )
 from gateway.store.sql import Tx
-from gateway.store.writer import WriteOp
+from gateway.store.writer import LostRace, WriteOp
 
 __all__ = ["CaptureOp", "CaptureResult", "ProblemView"]
 
@@ -53,6 +53,29 @@ _encode = msgspec.json.Encoder().encode
 _UPDATE_CONVERSATION = (
     f"UPDATE conversations SET ({', '.join(MUTABLE_CONVERSATION_FIELDS)})"
     f" = ({', '.join('?' * len(MUTABLE_CONVERSATION_FIELDS))}) WHERE id = ?"
+)
+# Capture reads a person's conversations, decides in memory and writes whole rows back. On
+# SQLite the write transaction (BEGIN IMMEDIATE) holds the database from the first read, so
+# nothing changes in between. PostgreSQL runs at READ COMMITTED: a plain SELECT locks nothing,
+# and an UPDATE that meets a row another replica is updating waits for it, then applies to
+# the newest version (the docs' "Read Committed Isolation Level"): our stale copy would
+# overwrite the other's click, number change or recovered click, and one deleted by
+# housekeeping meanwhile would update nothing. So before writing, a capture on PostgreSQL
+# locks every row it read, in one statement ordered by id (ORDER BY is applied before the
+# locking clause, so any two captures take their locks in the same order and cannot deadlock
+# on them), and compares them with what it read: one changed or gone means another
+# transaction committed in between, and the op runs again alone (LostRace, PgWriter), now
+# reading what that one wrote. A row deleted meanwhile is then not there to find, and the
+# message starts a new conversation, as it would after the deletion.
+# Locking at read time instead (SELECT ... FOR UPDATE in _live_conversations) would take the
+# locks over several statements in no common order, and skip, not wait for, a row whose
+# newer version no longer matches its WHERE. An advisory lock on the identifiers a
+# notification names would miss conversations reached by others (a former number's alias, a
+# BSUID the row gained since), and REPEATABLE READ would apply to every op of the writer's
+# batch, not just this one. A person's first conversation, which no row lock can cover, is
+# settled by the unique indexes on live phones and BSUIDs, as before.
+_HOLD_AS_READ = (
+    f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ANY(?) ORDER BY id FOR UPDATE"
 )
 
 
@@ -139,6 +162,18 @@ def _touched(identities: Identities, result: CaptureResult) -> Touched:
     return frozenset(tags)
 
 
+async def _hold_as_read(tx: Tx, loaded: Mapping[str, Conversation]) -> None:
+    """Lock the conversations a capture read until it commits; :class:`LostRace` if any
+    changed or went since (PostgreSQL only: see ``_HOLD_AS_READ``)."""
+    if not loaded:
+        return
+    rows = await tx.fetch(_HOLD_AS_READ, [sorted(loaded)])
+    now = {c.id: c for c in map(conversation_from_row, rows)}
+    if now != loaded:
+        changed = sum(now.get(cid) != c for cid, c in loaded.items())
+        raise LostRace(f"{changed} conversations changed since capture read them")
+
+
 class CaptureOp(WriteOp[CaptureResult]):
     """Apply one notification's records (and archive it) inside the writer's transaction."""
 
@@ -208,6 +243,8 @@ class CaptureOp(WriteOp[CaptureResult]):
         identities: Identities,
         links: list[tuple[str, str, str, float]],
     ) -> None:
+        if tx.engine == "postgresql":
+            await _hold_as_read(tx, identities.loaded)
         # At most one live conversation per phone and per BSUID is a unique index, checked
         # row by row: rows that give up or change identifiers step aside first.
         for account_id, phone, taker in identities.released:

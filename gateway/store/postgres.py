@@ -11,7 +11,9 @@ what differs is underneath:
   waits on the first's unique key, then conflicts. A batch that fails is split, and an op
   that failed on a unique violation, a serialization failure or a deadlock is run again in a
   transaction of its own, where it now sees the first replica's rows (a message seen before,
-  an event stored before) and does what it does for a repeat.
+  an event stored before) and does what it does for a repeat. An op that writes back rows it
+  read first checks they are still as read, and runs again the same way when they are not
+  (:class:`~gateway.store.writer.LostRace`; capture's conversations).
 - **Claims skip what another replica holds** (``FOR UPDATE SKIP LOCKED``,
   :mod:`gateway.store.outbox`), and a committed event wakes every replica's dispatchers
   through ``NOTIFY`` (:data:`OUTBOX_CHANNEL`) instead of waiting for their next poll.
@@ -39,7 +41,7 @@ from gateway.store.database import Store
 from gateway.store.lookups import LookupCache, Touched
 from gateway.store.pg_schema import migrate_pg
 from gateway.store.sql import NULL, OUTBOX_CHANNEL, Engine
-from gateway.store.writer import GroupCommitWriter, QueuedWrite, WriteOp, apply_all
+from gateway.store.writer import GroupCommitWriter, LostRace, QueuedWrite, WriteOp, apply_all
 
 __all__ = [
     "BROKEN",
@@ -57,6 +59,7 @@ log = structlog.get_logger()
 # A write that lost a race to another replica is run again alone this many times.
 _RETRIES = 3
 _RETRYABLE = (
+    LostRace,
     asyncpg.UniqueViolationError,
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,

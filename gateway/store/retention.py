@@ -124,10 +124,16 @@ class PruneConversations(WriteOp[int]):
         return EVERYTHING  # many conversations at once
 
     async def apply(self, tx: Tx) -> int:
+        # On PostgreSQL another replica may be capturing a click for one of them right now:
+        # the rows are locked as chosen, one being captured is skipped (the next pass sees
+        # it), and one whose capture committed meanwhile is read again and, now with its
+        # click, not chosen; otherwise its click would be deleted with it. A capture that read
+        # a row this deletes finds it gone and runs again (gateway.store.capture).
+        locking = "" if tx.engine == "sqlite" else " FOR UPDATE SKIP LOCKED"
         ids = await _column(
             tx,
             "SELECT id FROM conversations WHERE ctwa_clid IS NULL"
-            " AND COALESCE(last_inbound_at, created_at) < ? LIMIT ?",
+            f" AND COALESCE(last_inbound_at, created_at) < ? LIMIT ?{locking}",
             [self.before, self.limit],
         )
         if ids:

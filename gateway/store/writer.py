@@ -37,7 +37,7 @@ import structlog
 from gateway.store.lookups import EVERYTHING, Touched
 from gateway.store.sql import SqliteTx, Tx, run_sync
 
-__all__ = ["GroupCommitWriter", "QueuedWrite", "SqliteWriter", "WriteOp", "apply_all"]
+__all__ = ["GroupCommitWriter", "LostRace", "QueuedWrite", "SqliteWriter", "WriteOp", "apply_all"]
 
 T = TypeVar("T")
 log = structlog.get_logger()
@@ -46,6 +46,13 @@ log = structlog.get_logger()
 QueuedWrite = tuple["WriteOp[Any]", "asyncio.Future[Any]"]
 # How long the writer's thread waits for another process's write lock.
 _BUSY_TIMEOUT_MS = 5000
+
+
+class LostRace(Exception):
+    """Raised inside a transaction by an op that finds rows it read changed (or gone) by
+    another process before it could write them back. Only PostgreSQL's replicas race: its
+    writer runs the op again in a transaction of its own, whose reads see the other's commit.
+    """
 
 
 class WriteOp(Generic[T]):
