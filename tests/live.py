@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import tomli_w
 
-from tests.conftest import ENV, base_config
+from tests.conftest import ENV, base_config, free_port
 
 
 def write_config(
@@ -60,6 +61,57 @@ async def start(config: Path, port: int, log: Path) -> asyncio.subprocess.Proces
         await writer.wait_closed()
         return proc
     raise AssertionError("the server did not start")
+
+
+class Replicas:
+    """``count`` gateway processes serving one store: the PostgreSQL database ``store_url``,
+    or else one SQLite file (several processes may serve it)."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        count: int,
+        graph_url: str,
+        *,
+        store_url: str | None = None,
+        **meta: Any,
+    ) -> None:
+        self.tmp_path, self.graph_url = tmp_path, graph_url
+        self.store_url, self.meta = store_url, meta
+        self.db = tmp_path / "replicas.sqlite3"
+        self.ports = [free_port() for _ in range(count)]
+        self.procs: list[asyncio.subprocess.Process | None] = [None] * count
+        self.log = tmp_path / "replicas.log"
+
+    async def start(self, i: int) -> None:
+        config = self.tmp_path / f"replica{i}.toml"
+        write_config(
+            config, self.db, self.ports[i], self.graph_url, store_url=self.store_url, **self.meta
+        )
+        self.procs[i] = await start(config, self.ports[i], self.log)
+
+    async def start_all(self) -> None:
+        for i in range(len(self.procs)):
+            await self.start(i)
+
+    async def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        self.procs[i] = None
+
+    async def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(proc.wait(), 30)
+
+    def alive(self) -> list[int]:
+        return [i for i, p in enumerate(self.procs) if p is not None]
+
+    def url(self, i: int, path: str) -> str:
+        return f"http://127.0.0.1:{self.ports[i]}{path}"
 
 
 def raw_http(host: str, port: int, head: bytes, body: bytes = b"") -> tuple[int, bytes, bytes]:

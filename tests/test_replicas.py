@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,9 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from gateway.store.postgres import PostgresStore
-from tests.conftest import ACME_TOKEN, API_KEY, add_conversation, free_port
+from tests.conftest import ACME_TOKEN, API_KEY, add_conversation
 from tests.fake_graph import FakeGraph
-from tests.live import start, write_config
+from tests.live import Replicas
 
 EVENTS = 240
 # Small batches, two in flight: what a killed replica may have had on the wire.
@@ -25,36 +24,6 @@ DELIVERY = {"batch_max": 5, "max_in_flight": 2, "claim_lease_s": 1.0, "poll_s": 
             "respond_within_ms": 50, "retry_base_s": 0.05, "retry_cap_s": 0.2}  # fmt: skip
 IN_FLIGHT = DELIVERY["batch_max"] * DELIVERY["max_in_flight"]
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
-
-
-class Replicas:
-    def __init__(self, tmp_path: Path, pg_url: str, graph_url: str) -> None:
-        self.tmp_path, self.pg_url, self.graph_url = tmp_path, pg_url, graph_url
-        self.ports = [free_port() for _ in range(3)]
-        self.procs: list[asyncio.subprocess.Process | None] = [None, None, None]
-        self.log = tmp_path / "replicas.log"
-
-    async def start(self, i: int) -> None:
-        config = self.tmp_path / f"replica{i}.toml"
-        write_config(config, self.tmp_path / "unused.sqlite3", self.ports[i], self.graph_url,
-                     store_url=self.pg_url, **DELIVERY)  # fmt: skip
-        self.procs[i] = await start(config, self.ports[i], self.log)
-
-    async def kill(self, i: int) -> None:
-        proc = self.procs[i]
-        assert proc is not None
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
-        self.procs[i] = None
-
-    async def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc is not None and proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                await asyncio.wait_for(proc.wait(), 30)
-
-    def alive(self) -> list[int]:
-        return [i for i, p in enumerate(self.procs) if p is not None]
 
 
 async def _send_all(replicas: Replicas, conversation_id: str, kill_at: int) -> set[str]:
@@ -99,9 +68,10 @@ async def test_three_replicas_survive_two_kills_and_send_each_event_once(
     await store.close()
     fake = FakeGraph(tokens={"1234567890": ACME_TOKEN}, delay_s=0.05)
     graph: TestServer = await aiohttp_server(fake.app())
-    replicas = Replicas(tmp_path, pg_url, str(graph.make_url("")).rstrip("/"))
-    for i in range(3):
-        await replicas.start(i)
+    replicas = Replicas(
+        tmp_path, 3, str(graph.make_url("")).rstrip("/"), store_url=pg_url, **DELIVERY
+    )
+    await replicas.start_all()
 
     async def flaky() -> None:
         # One request in five fails, as Meta sometimes does.
