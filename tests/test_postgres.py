@@ -27,7 +27,8 @@ from gateway.http.keys import PIPELINE
 from gateway.store.archive import NewNotification
 from gateway.store.copy import tables
 from gateway.store.database import SqliteStore
-from gateway.store.postgres import PostgresStore, StoreUnavailable
+from gateway.store.postgres import PgTx, PostgresStore, StoreUnavailable
+from gateway.store.retention import PruneConversations
 from tests.conftest import (
     ACME_TOKEN,
     AUTH,
@@ -503,3 +504,77 @@ async def test_a_request_hears_of_its_event_delivered_by_another_replica(
         assert time.monotonic() - started < 1.5
     assert sorted(fake.event_ids()) == ["R1", "R2", "R3"]
     assert second is not first
+
+
+async def _until_blocked(pg_url: str, done: asyncio.Future[Any] | None = None) -> None:
+    """Wait until a session of this database waits for a row lock (or ``done`` is done)."""
+    # Another connection: a session's view of pg_stat_activity holds still in a transaction.
+    watch = await asyncpg.connect(pg_url)
+    try:
+        for _ in range(500):
+            waiting = await watch.fetchval(
+                "SELECT COUNT(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if waiting or (done is not None and done.done()):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("nothing waited for a lock")
+    finally:
+        await watch.close()
+
+
+async def test_a_click_captured_while_housekeeping_deletes_its_conversation_is_kept(
+    make_client: ClientFactory, pg_url: str
+) -> None:
+    # A quiet conversation without a click: housekeeping on another replica deletes it while
+    # this one captures a click for it. The capture read the row before the deletion
+    # committed; it must not write into a row that is gone, but start the person afresh.
+    client = await make_client()
+    quiet = await add_conversation(store_of(client), clid=None, last_inbound_at=time.time() - 3600)
+    body = encode(
+        notification(messages_change([message(quiet.wa_id, "wamid.late", ref=referral("late"))]))
+    )
+    housekeeping = await asyncpg.connect(pg_url)
+    try:
+        async with housekeeping.transaction():
+            assert await PruneConversations(time.time(), 100).apply(PgTx(housekeeping)) == 1
+            posting = asyncio.ensure_future(client.post(WEBHOOK, data=body, headers=signed(body)))
+            await _until_blocked(pg_url, posting)
+        answer = await posting
+    finally:
+        await housekeeping.close()
+    assert answer.status == 200
+    assert (await answer.json())["clicksCaptured"] == 1
+    live = await db_rows(
+        client, "SELECT id, ctwa_clid FROM conversations WHERE wa_id = ?", quiet.wa_id
+    )
+    assert [clid for _, clid in live] == ["late"]
+    assert live[0][0] != quiet.id
+
+
+async def test_housekeeping_leaves_a_quiet_conversation_whose_click_is_being_captured(
+    make_client: ClientFactory, pg_url: str
+) -> None:
+    client = await make_client()
+    store = store_of(client)
+    quiet = await add_conversation(store, clid=None, last_inbound_at=time.time() - 3600)
+    capture = await asyncpg.connect(pg_url)
+    try:
+        async with capture.transaction():
+            # Another replica's capture, writing the click into the row, not committed yet.
+            await capture.execute(
+                "UPDATE conversations SET ctwa_clid = 'late', last_inbound_at = $1 WHERE id = $2",
+                time.time(),
+                quiet.id,
+            )
+            pruning = asyncio.ensure_future(
+                store.writer.submit(PruneConversations(time.time(), 100))
+            )
+            await _until_blocked(pg_url, pruning)
+        assert await pruning == 0
+    finally:
+        await capture.close()
+    assert await db_rows(client, "SELECT ctwa_clid FROM conversations WHERE id = ?", quiet.id) == [
+        ("late",)
+    ]
