@@ -55,25 +55,24 @@ _UPDATE_CONVERSATION = (
     f" = ({', '.join('?' * len(MUTABLE_CONVERSATION_FIELDS))}) WHERE id = ?"
 )
 # Capture reads a person's conversations, decides in memory and writes whole rows back. On
-# SQLite the write transaction (BEGIN IMMEDIATE) holds the database from the first read, so
-# nothing changes in between. PostgreSQL runs at READ COMMITTED: a plain SELECT locks nothing,
-# and an UPDATE that meets a row another replica is updating waits for it, then applies to
-# the newest version (the docs' "Read Committed Isolation Level"): our stale copy would
-# overwrite the other's click, number change or recovered click, and one deleted by
-# housekeeping meanwhile would update nothing. So before writing, a capture on PostgreSQL
-# locks every row it read, in one statement ordered by id (ORDER BY is applied before the
-# locking clause, so any two captures take their locks in the same order and cannot deadlock
-# on them), and compares them with what it read: one changed or gone means another
-# transaction committed in between, and the op runs again alone (LostRace, PgWriter), now
-# reading what that one wrote. A row deleted meanwhile is then not there to find, and the
-# message starts a new conversation, as it would after the deletion.
-# Locking at read time instead (SELECT ... FOR UPDATE in _live_conversations) would take the
-# locks over several statements in no common order, and skip, not wait for, a row whose
-# newer version no longer matches its WHERE. An advisory lock on the identifiers a
-# notification names would miss conversations reached by others (a former number's alias, a
-# BSUID the row gained since), and REPEATABLE READ would apply to every op of the writer's
-# batch, not just this one. A person's first conversation, which no row lock can cover, is
-# settled by the unique indexes on live phones and BSUIDs, as before.
+# SQLite the write transaction (BEGIN IMMEDIATE) holds the database from the first read. On
+# PostgreSQL, at READ COMMITTED, a plain SELECT locks nothing, and an UPDATE that meets a row
+# another replica is updating waits, then applies to the newest version (the docs' "Read
+# Committed Isolation Level"): our stale copy would overwrite the other's click, number
+# change or recovered click, and a row housekeeping deleted meanwhile would update nothing.
+# So before writing, a capture on PostgreSQL locks every row it read, in one statement
+# ordered by id (ORDER BY comes before the locking clause: two captures lock in the same
+# order), and compares them with what it read. One changed or gone means another transaction
+# committed in between: LostRace, and PgWriter runs the op again alone, its reads now seeing
+# that commit (a deleted row is not found, and the message starts a new conversation, as it
+# would have after the deletion). Two batches of several captures can still deadlock, as
+# their UPDATEs always could; PostgreSQL detects it and PgWriter retries the same way.
+# Not FOR UPDATE in _live_conversations: its several statements would lock in no common
+# order, and a row whose newer version no longer matches (a number just changed) is skipped
+# there, not reported. Not an advisory lock on the identifiers a notification names: a
+# conversation is also reached by others (a former number's alias, a BSUID it gained). Not
+# REPEATABLE READ: it would apply to every op of the writer's batch. A person's first
+# conversation, which no row lock covers, is settled by the unique indexes, as before.
 _HOLD_AS_READ = (
     f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ANY(?) ORDER BY id FOR UPDATE"
 )
