@@ -11,6 +11,7 @@ notifications at a time, so nearly every pair overlaps; they run on both engines
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -190,3 +191,36 @@ async def test_a_recovered_click_stays_when_a_message_is_captured_at_once_elsewh
     wiped = [phone for phone, clid in rows if clid != _clid(f"R{int(phone[-4:])}")]
     assert len(rows) == PEOPLE
     assert not wiped, f"{len(wiped)} of {PEOPLE} recovered clicks were wiped"
+
+
+async def test_busy_people_on_three_replicas_are_captured_at_once_and_once(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # 300 notifications of 15 people spread over three replicas at once: captures of one
+    # person keep losing races to each other; each must still be processed on its request
+    # (none left pending), and only the first click of each person counted and kept.
+    three = Replicas(tmp_path, 3, "http://127.0.0.1:9", store_url=pg_url)
+    rnd = random.Random(7)
+    now = float(int(time.time()))
+    try:
+        await three.start_all()
+        async with aiohttp.ClientSession() as session:
+
+            async def one(k: int) -> Any:
+                says = []
+                for j in range(rnd.randint(1, 6)):
+                    ref = referral(_clid(f"H{k}-{j}")) if rnd.random() < 0.5 else None
+                    says.append(message(_phone(rnd.randrange(15)), f"wamid.h{k}-{j}",
+                                        ts=now - 300 + k, ref=ref))  # fmt: skip
+                hook = three.url(k % 3, WEBHOOK)
+                return await _post(session, hook, notification(messages_change(says)))
+
+            answers = await asyncio.gather(*(one(k) for k in range(300)))
+    finally:
+        await three.stop_all()
+    assert [a["archiveStatus"] for a in answers] == ["processed"] * 300
+    rows = await _rows(
+        three, "SELECT COUNT(*), COUNT(ctwa_clid) FROM conversations WHERE superseded_by IS NULL"
+    )
+    assert rows == [(15, 15)]
+    assert sum(a["clicksCaptured"] for a in answers) == 15

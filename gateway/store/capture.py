@@ -63,16 +63,31 @@ _UPDATE_CONVERSATION = (
 # So before writing, a capture on PostgreSQL locks every row it read, in one statement
 # ordered by id (ORDER BY comes before the locking clause: two captures lock in the same
 # order), and compares them with what it read. One changed or gone means another transaction
-# committed in between: LostRace, and PgWriter runs the op again alone, its reads now seeing
-# that commit (a deleted row is not found, and the message starts a new conversation, as it
-# would have after the deletion). Two batches of several captures can still deadlock, as
-# their UPDATEs always could; PostgreSQL detects it and PgWriter retries the same way.
+# committed in between: the capture reads and decides again, in the same transaction, with
+# those rows now held (a deleted row is not found, and the message starts a new conversation,
+# as it would have after the deletion). Raising for PgWriter to run the op again alone, as it
+# does for its other lost races, could lose again each time under a busy person (several
+# replicas, a few retries: the notification was left pending), and rolled back the whole
+# batch. Rows the second reading finds that the first did not are compared in turn; after
+# _ROUNDS it gives up (LostRace, which PgWriter does run again alone). Two batches of
+# several captures can still deadlock, as their UPDATEs always could; PostgreSQL detects it
+# and PgWriter retries.
 # Not FOR UPDATE in _live_conversations: its several statements would lock in no common
 # order, and a row whose newer version no longer matches (a number just changed) is skipped
 # there, not reported. Not an advisory lock on the identifiers a notification names: a
 # conversation is also reached by others (a former number's alias, a BSUID it gained). Not
 # REPEATABLE READ: it would apply to every op of the writer's batch. A person's first
 # conversation, which no row lock covers, is settled by the unique indexes, as before.
+_ROUNDS = 4
+# The counts a capture's decision makes (the rest of its answer is counted once).
+_DECIDED = (
+    "identity_changes",
+    "clicks_captured",
+    "referrals_ignored",
+    "referrals_without_click",
+    "conversations_created",
+    "conversations_merged",
+)
 _HOLD_AS_READ = (
     f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ANY(?) ORDER BY id FOR UPDATE"
 )
@@ -161,16 +176,13 @@ def _touched(identities: Identities, result: CaptureResult) -> Touched:
     return frozenset(tags)
 
 
-async def _hold_as_read(tx: Tx, loaded: Mapping[str, Conversation]) -> None:
-    """Lock the conversations a capture read until it commits; :class:`LostRace` if any
-    changed or went since (PostgreSQL only: see ``_HOLD_AS_READ``)."""
+async def _held_as_read(tx: Tx, loaded: Mapping[str, Conversation]) -> bool:
+    """Lock the conversations a capture read until it commits; return whether they are still
+    as read (PostgreSQL only: see ``_HOLD_AS_READ``)."""
     if not loaded:
-        return
+        return True
     rows = await tx.fetch(_HOLD_AS_READ, [sorted(loaded)])
-    now = {c.id: c for c in map(conversation_from_row, rows)}
-    if now != loaded:
-        changed = sum(now.get(cid) != c for cid, c in loaded.items())
-        raise LostRace(f"{changed} conversations changed since capture read them")
+    return {c.id: c for c in map(conversation_from_row, rows)} == loaded
 
 
 class CaptureOp(WriteOp[CaptureResult]):
@@ -203,7 +215,38 @@ class CaptureOp(WriteOp[CaptureResult]):
             result.archive_status = "skipped"  # another process reprocessed it meanwhile
             return result
         fresh = await self._fresh_messages(tx, result)
-        live, aliases = await self._live_conversations(tx, fresh)
+        for _ in range(_ROUNDS):
+            live, aliases = await self._live_conversations(tx, fresh)
+            identities, links = self._decide(fresh, live, aliases, result)
+            if tx.engine == "sqlite" or await _held_as_read(tx, identities.loaded):
+                break
+            for field in _DECIDED:
+                setattr(result, field, 0)  # counted again by the next decision
+        else:
+            raise LostRace("the conversations kept changing while capture read them")
+        await self._write(tx, identities, links)
+        await self._automatic_before(tx, links, result)
+        for event in batch.automatic:
+            await self._automatic(tx, event, result)
+        self._touched = _touched(identities, result)
+        if isinstance(self.archive, NewNotification):
+            result.notification_id = await record_new(tx, self.archive, batch.problems, self.now)
+            result.archive_status = "partial" if batch.problems else "processed"
+        elif isinstance(self.archive, Reprocess):
+            result.notification_id = self.archive.pk
+            result.archive_status = await record_reprocessed(
+                tx, self.archive, batch.problems, self.now
+            )
+        return result
+
+    def _decide(
+        self,
+        fresh: list[InboundMessage],
+        live: list[Conversation],
+        aliases: list[tuple[str, str, str, str]],
+        result: CaptureResult,
+    ) -> tuple[Identities, list[tuple[str, str, str, float]]]:
+        """Apply the messages to the conversations read, in memory; count into ``result``."""
         identities = Identities(live, aliases=aliases, now=self.now)
         links: list[tuple[str, str, str, float]] = []
         for message in fresh:
@@ -221,20 +264,7 @@ class CaptureOp(WriteOp[CaptureResult]):
             links.append((message.wamid, message.account_id, conversation.id, self.now))
         result.conversations_created = len(identities.created)
         result.conversations_merged = identities.merged
-        await self._write(tx, identities, links)
-        await self._automatic_before(tx, links, result)
-        for event in batch.automatic:
-            await self._automatic(tx, event, result)
-        self._touched = _touched(identities, result)
-        if isinstance(self.archive, NewNotification):
-            result.notification_id = await record_new(tx, self.archive, batch.problems, self.now)
-            result.archive_status = "partial" if batch.problems else "processed"
-        elif isinstance(self.archive, Reprocess):
-            result.notification_id = self.archive.pk
-            result.archive_status = await record_reprocessed(
-                tx, self.archive, batch.problems, self.now
-            )
-        return result
+        return identities, links
 
     async def _write(
         self,
@@ -242,8 +272,6 @@ class CaptureOp(WriteOp[CaptureResult]):
         identities: Identities,
         links: list[tuple[str, str, str, float]],
     ) -> None:
-        if tx.engine == "postgresql":
-            await _hold_as_read(tx, identities.loaded)
         # At most one live conversation per phone and per BSUID is a unique index, checked
         # row by row: rows that give up or change identifiers step aside first.
         for account_id, phone, taker in identities.released:
