@@ -201,48 +201,42 @@ def logged_id(value: str) -> str:
     it could hold personal data.
 
     - one holding an ``@`` is ``[email]``;
-    - one shaped like a BSUID (``US.13491208655302741918``) is ``[bsuid]``;
     - one that is nothing but a number of 8 to 15 digits (a phone number's shape: ``+``,
       separators, and blanks or punctuation around it allowed) is ``[number]``;
-    - in any other, a number written the way only phone numbers are (after a ``+``, or a
-      ``tel:``/``wa:`` prefix), or one of 8 to 15 digits the id starts with
-      (``16505551234-2``), becomes ``[number]`` and the rest is kept (``lead-[number]``).
+    - in any other, a BSUID (``US.13491208655302741918``) becomes ``[bsuid]``, and a number
+      written the way only phone numbers are (after a ``+``, or ``tel:``, ``wa_``...) becomes
+      ``[number]``, the rest kept (``lead-[number]``).
 
-    Other numbers inside an id are kept (``order-12345678``, ``evt-1733212345``): masking every
-    digit run would hide most ids from the operator looking for them.
+    Other numbers inside an id are kept (``order-12345678``, ``1733212345-abc``, a UUID):
+    masking every digit run would hide most ids from the operator looking for them.
     """
     if "@" in value:
         return "[email]"
-    first = value[:1]
-    if first.isalpha():
-        if first.isupper() and _BSUID_SHAPED.match(value):
-            return "[bsuid]"
-        # The usual id (order-1234): a letter first, and no number written as a phone's.
-        if "+" not in value and ":" not in value:
-            return value
-        return _PHONE_WRITTEN.sub("[number]", value)
     # Blanks and punctuation around a number do not make it something else.
     bare = value.strip(_AROUND)
-    if bare[:1] in _NUMBER_STARTS:
-        if _PHONE_SHAPED.fullmatch(bare):
-            return "[number]"
-        value = _PHONE_FIRST.sub("[number]", value, count=1)
-    return _PHONE_WRITTEN.sub("[number]", value) if "+" in value or ":" in value else value
+    if bare[:1] in _NUMBER_STARTS and _PHONE_SHAPED.fullmatch(bare):
+        return "[number]"
+    if "." in value:
+        value = _BSUID_IN.sub("[bsuid]", value)
+    if "+" in value or "tel" in value or "wa" in value or "sms" in value or "phone" in value:
+        value = _PHONE_WRITTEN.sub("[number]", value)
+    return value
 
 
 # What a phone number written on its own looks like: E.164 has at most 15 digits.
 _PHONE_SHAPED = re.compile(r"\+?\(?\d(?:[ ().-]{0,2}\d){7,14}")
 _NUMBER_STARTS = frozenset("+(0123456789")
 _AROUND = " \t\n\r\f\v.,;:!?'\"-_/|*#~^`<>[]{}="
-# A number an id starts with, followed by something that is not a digit.
-_PHONE_FIRST = re.compile(r"^[^\d]*\+?\(?\d(?:[ ().-]{0,2}\d){7,14}(?!\d)")
-# A number written as only phone numbers are, anywhere in an id.
+# A number written as only phone numbers are, anywhere in an id: after a + that follows no
+# letter or digit, or after a tel/wa/whatsapp/sms/phone label.
 _PHONE_WRITTEN = re.compile(
-    r"(?i)(?:\+|\b(?:tel|wa|whatsapp|sms|phone):\+?)\(?\d(?:[ ().-]{0,2}\d){7,14}"
+    r"(?i)(?:(?<![A-Za-z0-9])\+|(?<![A-Za-z])(?:tel|wa|whatsapp|sms|phone)[:_-]\+?)"
+    r"\(?\d(?:[ ().-]{0,2}\d){7,14}"
 )
-# A business-scoped user id: two capitals (a country), a dot, then digits and letters
-# (a parent's holds ENT), as Meta shows them (META.md 3b).
-_BSUID_SHAPED = re.compile(r"[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{6,128}(?:\Z|[^A-Za-z0-9])")
+# A business-scoped user id anywhere in an id: two capitals (a country), a dot, then at
+# least 15 digits and letters (Meta's are about 20; "SO.1234567", an order number, is not
+# one), a parent's with ENT (META.md 3b).
+_BSUID_IN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{15,128}(?![A-Za-z0-9])")
 # Keys whose values are ids a client chose (or lists of them): each line passes them through
 # logged_id. (A request id needs none: the middleware adopts only one logged_id leaves as it
 # is.)

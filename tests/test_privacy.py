@@ -113,6 +113,8 @@ async def test_phones_and_bsuids_inside_ids_are_masked_in_logs(
         (f"tel:+{PHONE_DIGITS}", "req-tel-1"),
         (f"lead-+{PHONE_DIGITS}", "req-lead-1"),
         (f"{PHONE_DIGITS}-2", "req-suffix-1"),
+        (f"wa_{PHONE_DIGITS}", "req-wa-1"),
+        (f"conv-{BSUID}", "req-conv-1"),
         (BSUID, BSUID),
     ]
     for event_id, request_id in sent:
@@ -123,18 +125,29 @@ async def test_phones_and_bsuids_inside_ids_are_masked_in_logs(
     unknown = await client.post(url, json={**conversion("e-b"), "accountId": BSUID}, headers=AUTH)
     assert unknown.status == 404
     lines = logs.events("request")
-    assert {line.get("event_id") for line in lines} >= {"[number]", "lead-[number]", "[bsuid]"}
+    assert {line.get("event_id") for line in lines} >= {
+        "[number]",
+        "lead-[number]",
+        "conv-[bsuid]",
+        "[bsuid]",
+    }
     assert "[bsuid]" in {line.get("account") for line in lines}
     # A BSUID is not adopted as the request's id; ordinary ones are.
     assert BSUID not in {line["request_id"] for line in lines}
     assert "req-tel-1" in {line["request_id"] for line in lines}
     assert_clean(logs.text)
     # Numbers that are not written as phones' stay: they are how an operator finds a request.
-    for event_id in ("order-12345678", "evt-1733212345"):
-        await client.post(url, json=conversion(event_id), headers=AUTH)
-    assert {"order-12345678", "evt-1733212345"} <= {
-        line.get("event_id") for line in logs.events("request")
+    # (Found by the review of that fix: UUIDs, time prefixes and ERP numbers were masked.)
+    kept = {
+        "order-12345678",
+        "evt-1733212345",
+        "1733212345-abc",
+        "12345678-9abc-4def-8123-456789abcdef",
+        "SO.1234567",
     }
+    for event_id in kept:
+        await client.post(url, json=conversion(event_id), headers=AUTH)
+    assert kept <= {line.get("event_id") for line in logs.events("request")}
 
 
 async def test_http_logs_and_database_carry_no_pii(client: Client, logs: LogCapture) -> None:
