@@ -182,10 +182,10 @@ class WebhookConfig(ConfigStruct, frozen=True):
     # (image URLs, ad body) and a contact. 3 MiB leaves headroom over that; every unsigned
     # body may be this large, so a larger limit is more memory an anonymous client can ask for.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 3 * 1024 * 1024
-    # The most bytes of notifications being received at once, counted by their Content-Length
-    # (or max_body_bytes when they send none) before a byte is read: the signature covers the
-    # body, so until it is whole, whoever sent it is unknown. Past it, 503 with Retry-After
-    # (Meta retries). 32 MiB: ten bodies of the largest size, a hundred of 1,000 updates.
+    # The most bytes of notifications being received at once, counted as they are read: the
+    # signature covers the body, so until it is whole, whoever sent it is unknown. Past it,
+    # 503 with Retry-After (Meta retries). 32 MiB: ten bodies of the largest size, a hundred
+    # of 1,000 updates.
     max_bytes_in_flight: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024 * 1024)] = (
         32 * 1024 * 1024
     )

@@ -7,6 +7,7 @@ Each test talks to the real app over a real socket, byte by byte where it matter
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.http.keys import WEBHOOK_BODIES
+from gateway.http.keys import SETTINGS, WEBHOOK_BODIES
 from tests.conftest import AUTH, ClientFactory, store_of
 from tests.payloads import encode, message, messages_change, notification, signed
 
@@ -137,10 +138,10 @@ async def test_a_body_sent_in_pieces_within_its_deadline_is_taken(
 async def test_unsigned_bodies_in_flight_are_held_to_a_budget_past_which_503(
     make_client: ClientFactory,
 ) -> None:
-    # Two senders nobody knows yet hold the whole budget (one by its Content-Length, one
-    # chunked, counted as the limit): the next notification is refused before a byte of it
-    # is read, with Retry-After (Meta retries), whoever sent it. 40 connections each holding
-    # 8 MiB once took a gateway from 60 MB to 627 MB.
+    # Two senders nobody knows yet hold the whole budget with the bytes they sent (one framed
+    # by its Content-Length, one chunked): the next notification is refused, with Retry-After
+    # (Meta retries), whoever sent it. 40 connections each holding 8 MiB once took a gateway
+    # from 60 MB to 627 MB.
     limit = 64 * 1024
     webhook = {
         "verify_token_env": "CTWA_VERIFY_TOKEN",
@@ -151,14 +152,15 @@ async def test_unsigned_bodies_in_flight_are_held_to_a_budget_past_which_503(
     client = await make_client(webhook=webhook, server={"body_timeout_s": 30})
     budget = client.app[WEBHOOK_BODIES]
     body = encode(notification(messages_change([message("16505551234", "wamid.budget")])))
+    part = limit - 100
     async with connection(client) as (_, first), connection(client) as (_, second):
-        first.write(head(WEBHOOK, limit) + b"{")
-        second.write(head(WEBHOOK, None) + b"1\r\n{\r\n")
+        first.write(head(WEBHOOK, limit) + b" " * part)
+        second.write(head(WEBHOOK, None) + f"{part:x}\r\n".encode() + b" " * part + b"\r\n")
         for _ in range(250):
-            if budget.taken == 2 * limit:
+            if budget.taken == 2 * part:
                 break
             await asyncio.sleep(0.02)
-        assert budget.taken == 2 * limit
+        assert budget.taken == 2 * part
 
         resp = await client.post(WEBHOOK, data=body, headers=signed(body))
         refused = await resp.json()
@@ -169,10 +171,10 @@ async def test_unsigned_bodies_in_flight_are_held_to_a_budget_past_which_503(
         # A sender that goes away gives its share back.
         first.close()
         for _ in range(250):
-            if budget.taken == limit:
+            if budget.taken == part:
                 break
             await asyncio.sleep(0.02)
-        assert budget.taken == limit
+        assert budget.taken == part
         resp = await client.post(WEBHOOK, data=body, headers=signed(body))
         assert resp.status == 200, await resp.text()
     for _ in range(250):
@@ -182,6 +184,26 @@ async def test_unsigned_bodies_in_flight_are_held_to_a_budget_past_which_503(
     assert budget.taken == 0
     metrics = await (await client.get("/metrics")).text()
     assert "ctwa_webhook_bodies_refused_total 1.0" in metrics
+
+
+async def test_senders_that_only_declare_large_bodies_hold_nothing_of_the_budget(
+    make_client: ClientFactory,
+) -> None:
+    # Found by review: counted by Content-Length, eleven connections sending only a head
+    # (about 2 KB every body deadline) held the whole default budget, and every signed
+    # notification from Meta was a 503 for as long as they kept at it.
+    client = await make_client()
+    budget = client.app[WEBHOOK_BODIES]
+    limit = client.app[SETTINGS].webhook.max_body_bytes
+    body = encode(notification(messages_change([message("16505551234", "wamid.realmeta")])))
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(budget.capacity // limit + 1):
+            _, writer = await stack.enter_async_context(connection(client))
+            writer.write(head(WEBHOOK, limit))  # the head only: not a byte of the body
+        await asyncio.sleep(0.2)
+        assert budget.taken == 0
+        resp = await client.post(WEBHOOK, data=body, headers=signed(body))
+        assert resp.status == 200, await resp.text()
 
 
 async def test_a_connection_without_a_whole_request_closes_after_the_idle_timeout(

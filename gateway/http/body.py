@@ -4,8 +4,10 @@ for the bytes of bodies being received whose sender is not known yet."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -37,22 +39,38 @@ def too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-async def read_body(request: web.Request, limit: int, *, timeout_s: float) -> bytes:
+async def read_body(
+    request: web.Request, limit: int, *, timeout_s: float, budget: BodyBudget | None = None
+) -> bytes:
     """Return the raw body (inflated, if it was sent compressed), or raise 413 if it is over
     ``limit`` bytes, 415 for a Content-Encoding the gateway does not take, 408 if it has not
-    all arrived ``timeout_s`` after this started reading it."""
+    all arrived ``timeout_s`` after this started reading it, 503 if ``budget`` (the bytes
+    of bodies being read at once) runs out while it is read."""
     # Refuse early on a declared length, before reading anything.
     length = request.content_length
     if length is not None and length > limit:
         raise too_large(limit)
+    if budget is not None:
+        with budget.holding() as charge:
+            return await _read_in_time(request, length, limit, timeout_s, charge)
+    return await _read_in_time(request, length, limit, timeout_s, None)
+
+
+# Counts the bytes of a body as they are read (raising when there is no room for them).
+Charge = Callable[[int], None]
+
+
+async def _read_in_time(
+    request: web.Request, length: int | None, limit: int, timeout_s: float, charge: Charge | None
+) -> bytes:
     if request.content.is_eof():
         # All of it came in with the headers (a conversion nearly always does): nothing to
         # wait for, so no timer on the hot path.
-        body = await _read(request, length, limit)
+        body = await _read(request, length, limit, charge)
     else:
         try:
             async with asyncio.timeout(timeout_s):
-                body = await _read(request, length, limit)
+                body = await _read(request, length, limit, charge)
         except TimeoutError:
             # What had arrived is dropped here; aiohttp drains the rest (for as long as
             # lingering_time, the same deadline) and closes the connection.
@@ -66,13 +84,15 @@ async def read_body(request: web.Request, limit: int, *, timeout_s: float) -> by
     return body
 
 
-async def _read(request: web.Request, length: int | None, limit: int) -> bytes:
+async def _read(
+    request: web.Request, length: int | None, limit: int, charge: Charge | None
+) -> bytes:
     encoding = request.headers.get("Content-Encoding")
     try:
         if encoding is not None:
-            return await _inflated(request, encoding, limit)
-        if length is None:
-            return await _read_up_to(request, limit)
+            return await _inflated(request, encoding, limit, charge)
+        if length is None or charge is not None:
+            return await _read_up_to(request, limit, charge)
         return await request.read()  # framed by its Content-Length, checked above
     except (web.HTTPException, GatewayError):
         raise  # aiohttp's own 413 past client_max_size, or ours
@@ -92,9 +112,10 @@ class BodyBudget:
     """The bytes of bodies being read at once, up to ``capacity``: what senders nobody has
     authenticated yet (a webhook's signature covers its body) can make the gateway hold.
 
-    A body is counted by its Content-Length (its limit when it sends none) from before its
-    first byte is read until it is whole or refused; one that does not fit is not read at
-    all. Its deadline bounds how long it can keep its share.
+    A body is counted by the bytes actually read, as they arrive, until it is whole or
+    refused: a sender that only declares a large Content-Length holds nothing (aiohttp keeps
+    at most a small buffer per connection unread), so holding the budget takes sending that
+    many bytes, again every body deadline. A body that finds no room is refused (503).
     """
 
     def __init__(self, capacity: int, *, retry_after_s: float) -> None:
@@ -102,36 +123,45 @@ class BodyBudget:
         self.taken = 0
         self._retry_after = str(max(1, math.ceil(retry_after_s)))
 
-    def take(self, request: web.Request, limit: int) -> int:
-        """Count ``request``'s body (at most ``limit`` bytes) and return its share, to give
-        back with :meth:`give_back`; or raise 503 with Retry-After if it does not fit."""
-        length = request.content_length
-        share = limit if length is None else min(length, limit)
-        if self.taken + share > self.capacity:
-            error = ServiceUnavailable(
-                "Too many notifications are being received at once; nothing was read. Retry"
-                " shortly (Meta does by itself).",
-                code="webhook_busy",
-                details={"maxBytesInFlight": self.capacity},
-            )
-            error.headers["Retry-After"] = self._retry_after
-            raise error
-        self.taken += share
-        return share
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[Charge]:
+        """Count one body's bytes as they are read (the callable raises 503 with Retry-After
+        when they do not fit); all given back when it is done."""
+        held = 0
 
-    def give_back(self, share: int) -> None:
-        """Return a share :meth:`take` counted."""
-        self.taken -= share
+        def charge(size: int) -> None:
+            nonlocal held
+            if self.taken + size > self.capacity:
+                raise self._busy()
+            self.taken += size
+            held += size
+
+        try:
+            yield charge
+        finally:
+            self.taken -= held
+
+    def _busy(self) -> ServiceUnavailable:
+        error = ServiceUnavailable(
+            "Too many notifications are being received at once; this one was not taken."
+            " Retry shortly (Meta does by itself).",
+            code="webhook_busy",
+            details={"maxBytesInFlight": self.capacity},
+        )
+        error.headers["Retry-After"] = self._retry_after
+        return error
 
 
-async def _inflated(request: web.Request, encoding: str, limit: int) -> bytes:
+async def _inflated(
+    request: web.Request, encoding: str, limit: int, charge: Charge | None
+) -> bytes:
     """The body inflated here, not by aiohttp (the app turns its decompression off): only up
     to ``limit`` read and ``limit`` inflated, whatever the Content-Length says (what was sent,
     not what it inflates to), and a coding the gateway does not take is a 415 in the envelope,
     not aiohttp's plain-text 400."""
     name = encoding.strip().lower()
     if name in ("", "identity"):
-        return await _read_up_to(request, limit)
+        return await _read_up_to(request, limit, charge)
     if name not in _INFLATABLE:
         raise UnsupportedMediaType(
             f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed,"
@@ -139,7 +169,7 @@ async def _inflated(request: web.Request, encoding: str, limit: int) -> bytes:
             code="unsupported_content_encoding",
             param="Content-Encoding",
         )
-    compressed = await _read_up_to(request, limit)
+    compressed = await _read_up_to(request, limit, charge)
     if len(compressed) > limit:
         raise too_large(limit)  # sent: more than the limit before inflating a byte
     return inflate(name, compressed, limit)
@@ -207,11 +237,13 @@ def _inflater(name: str, head: memoryview) -> Any:
 _INFLATABLE = frozenset({"gzip", "x-gzip", "deflate"})
 
 
-async def _read_up_to(request: web.Request, limit: int) -> bytes:
+async def _read_up_to(request: web.Request, limit: int, charge: Charge | None = None) -> bytes:
     # A chunked body declares no length: stop one chunk past the limit (the caller answers
     # 413) rather than take in everything up to client_max_size, the largest route's limit.
     body = bytearray()
     while len(body) <= limit and (chunk := await request.content.readany()):
+        if charge is not None:
+            charge(len(chunk))
         body.extend(chunk)
     return bytes(body)
 

@@ -66,18 +66,20 @@ async def notify(request: web.Request) -> web.Response:
             code="webhook_not_configured",
         )
     limit = settings.webhook.max_body_bytes
-    # Unsigned until it is whole: counted against the bytes anonymous senders may hold, and
-    # refused unread (503) past them, so slow or oversized bodies cannot pin the memory.
-    budget = request.app[WEBHOOK_BODIES]
+    # Unsigned until it is whole: its bytes, as they arrive, count against what anonymous
+    # senders may hold, and past that it is refused (503), so slow or oversized bodies cannot
+    # pin the memory (and a body only declared holds nothing).
     try:
-        share = budget.take(request, limit)
-    except ServiceUnavailable:
-        request.app[METRICS].webhook_bodies_refused.inc()
+        body = await read_body(
+            request,
+            limit,
+            timeout_s=settings.server.body_timeout_s,
+            budget=request.app[WEBHOOK_BODIES],
+        )
+    except ServiceUnavailable as exc:
+        if exc.code == "webhook_busy":
+            request.app[METRICS].webhook_bodies_refused.inc()
         raise
-    try:
-        body = await read_body(request, limit, timeout_s=settings.server.body_timeout_s)
-    finally:
-        budget.give_back(share)
     if not signature_matches(app_secret, body, request.headers.get("X-Hub-Signature-256")):
         request.app[METRICS].webhook_signature_failures.inc()
         log.warning(
