@@ -176,6 +176,24 @@ def _touched(identities: Identities, result: CaptureResult) -> Touched:
     return frozenset(tags)
 
 
+async def _serialize_messages(tx: Tx, batch: CaptureBatch) -> None:
+    """(PostgreSQL) Take a transaction lock per message id the batch names, in one order.
+
+    A message and Meta's automatic event about it may be captured at once on two replicas;
+    each links to the other only if it reads what the other wrote (the event reads the
+    message's webhook_messages row, the message the event's automatic_events row), and at
+    READ COMMITTED each would read before the other committed: the click the event carries
+    was lost. No row or unique index covers the pair, so the message id is locked.
+    """
+    wamids = sorted({m.wamid for m in batch.messages} | {e.wamid for e in batch.automatic})
+    if wamids:
+        await tx.fetch(
+            "SELECT pg_advisory_xact_lock(hashtextextended(w, 0))"
+            " FROM unnest(?::text[]) AS w ORDER BY w",
+            [wamids],
+        )
+
+
 async def _held_as_read(tx: Tx, loaded: Mapping[str, Conversation]) -> bool:
     """Lock the conversations a capture read until it commits; return whether they are still
     as read (PostgreSQL only: see ``_HOLD_AS_READ``)."""
@@ -214,6 +232,8 @@ class CaptureOp(WriteOp[CaptureResult]):
         if isinstance(self.archive, Reprocess) and not await claim(tx, self.archive):
             result.archive_status = "skipped"  # another process reprocessed it meanwhile
             return result
+        if tx.engine != "sqlite":
+            await _serialize_messages(tx, self.batch)
         fresh = await self._fresh_messages(tx, result)
         for _ in range(_ROUNDS):
             live, aliases = await self._live_conversations(tx, fresh)

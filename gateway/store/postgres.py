@@ -144,27 +144,39 @@ class PgWriter(GroupCommitWriter):
 
     async def _commit(self, batch: list[QueuedWrite]) -> list[tuple[Any, BaseException | None]]:
         ops = [op for op, _ in batch]
+        in_flight: list[WriteOp[Any]] = []
         try:
-            results = await self._transaction(ops)
+            results = await self._transaction(ops, in_flight)
         except (StoreUnavailable, *BROKEN) as exc:
             # Either the database failed (stopped answering, gone) or one op was slow (a lock
             # wait, a big erasure). Trying each op alone would wait for a dead database again
-            # once per op, so only a database that still answers gets its ops tried alone.
+            # once per op, so only a database that still answers gets its ops tried alone,
+            # but not those the batch was applying when it failed (they would wait again).
             if len(ops) == 1 or not await self._answers():
                 return [(None, exc) for _ in ops]
-            return await self._each_alone(ops)
+            hung = {id(op) for op in in_flight}
+            others = [op for op in ops if id(op) not in hung]
+            alone = iter(await self._each_alone(others, give_up_on_timeout=True))
+            return [(None, exc) if id(op) in hung else next(alone) for op in ops]
         except Exception:
             # One op's failure (or a lost race) must not fail its neighbours: each alone.
             return await self._each_alone(ops)
         return self._committed(results)
 
     async def _each_alone(
-        self, ops: Sequence[WriteOp[Any]]
+        self, ops: Sequence[WriteOp[Any]], *, give_up_on_timeout: bool = False
     ) -> list[tuple[Any, BaseException | None]]:
+        """Each op in a transaction of its own. After a batch that timed out, the first op
+        that times out alone too fails the rest at once: they may all wait on one lock, and
+        a timeout each would hold every write of this process that long."""
         settled: list[tuple[Any, BaseException | None]] = []
         for op in ops:
             try:
                 (result,) = await self._alone(op)
+            except StoreUnavailable as exc:
+                if give_up_on_timeout:
+                    return settled + [(None, exc)] * (len(ops) - len(settled))
+                settled.append((None, exc))
             except Exception as exc:
                 settled.append((None, exc))
             else:
@@ -191,9 +203,11 @@ class PgWriter(GroupCommitWriter):
                 await asyncio.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def _transaction(self, ops: Sequence[WriteOp[Any]]) -> list[Any]:
+    async def _transaction(
+        self, ops: Sequence[WriteOp[Any]], in_flight: list[WriteOp[Any]] | None = None
+    ) -> list[Any]:
         async with connection(self._pool) as conn, conn.transaction():
-            return await apply_all(PgTx(conn), ops)
+            return await apply_all(PgTx(conn), ops, in_flight)
 
 
 class StoreUnavailable(Exception):
@@ -227,6 +241,12 @@ async def connection(pool: Any) -> AsyncIterator[Any]:
         # still inside that statement, is not handed out again.
         conn.terminate()
         raise StoreUnavailable("PostgreSQL did not answer in time") from exc
+    except asyncio.CancelledError:
+        # Cut off mid-statement (a deadline, a request gone away): released as it is, the
+        # pool would first wait, up to command_timeout_s, for a server that may not answer
+        # to confirm the statement's cancellation.
+        conn.terminate()
+        raise
     finally:
         await pool.release(conn)
 

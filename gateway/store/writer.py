@@ -81,8 +81,12 @@ class WriteOp(Generic[T]):
         return None
 
 
-async def apply_all(tx: Tx, ops: Sequence[WriteOp[Any]]) -> list[Any]:
-    """Apply ``ops`` in order inside one transaction; return their results."""
+async def apply_all(
+    tx: Tx, ops: Sequence[WriteOp[Any]], in_flight: list[WriteOp[Any]] | None = None
+) -> list[Any]:
+    """Apply ``ops`` in order inside one transaction; return their results. ``in_flight``,
+    if given, holds the ops being applied at any moment (those left there by a failure are
+    the ones it happened in)."""
     results: list[Any] = []
     i = 0
     # Consecutive ops of one class are applied together, so they can share statements.
@@ -90,6 +94,8 @@ async def apply_all(tx: Tx, ops: Sequence[WriteOp[Any]]) -> list[Any]:
         j = i
         while j < len(ops) and type(ops[j]) is type(ops[i]):
             j += 1
+        if in_flight is not None:
+            in_flight[:] = ops[i:j]
         results.extend(await type(ops[i]).apply_many(tx, ops[i:j]))
         i = j
     return results
