@@ -206,6 +206,9 @@ class Pipeline:
             or state is None
             or state.attempts  # retrying already: its state is the answer
             or not delivery.waits_for(primary, state)
+            # Past the original's own wait (an event held back, its claimant dead): nothing
+            # is under way to wait for, and the original answered as this one will.
+            or self.clock() - existing.received_at > delivery.answer_window_s(primary)
         ):
             return outcome
         found = await delivery.outcome(primary, existing.pk)

@@ -91,6 +91,10 @@ class DeliveryService:
             for dispatcher in self.dispatchers.values():
                 dispatcher.notify()
 
+    def answer_window_s(self, sink: str) -> float:
+        """How long a request waits for ``sink``'s first attempt (its ``respond_within_ms``)."""
+        return self.dispatchers[sink].options.respond_within_ms / 1000
+
     async def outcome(self, sink: str, pk: int) -> SinkState | None:
         """Wait (``sink``'s ``respond_within_ms``) for event ``pk``'s first attempt; ``None``
         if it has not happened yet."""

@@ -189,6 +189,26 @@ async def test_a_retry_racing_its_original_answers_as_the_original(
     assert fake.event_ids() == ["twice"]
 
 
+async def test_a_retry_of_an_event_long_pending_answers_at_once(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    # Found by review: a duplicate of an event held back (a throttled account, a dead
+    # claimant) waited the whole respond_within_ms for an attempt nobody was making.
+    client = await make_meta(respond_within_ms=1500, timeout_s=10)
+    conversation = await add_conversation(store_of(client))
+    fake.delay_s = 5.0  # the first attempt is still under way throughout
+    body = lead(conversation.id, "held")
+    first = await client.post(URL, json=body, headers=AUTH)
+    assert first.status == 202
+    await db_execute(client, "UPDATE events SET received_at = received_at - 3600")
+    started = time.monotonic()
+    again = await client.post(URL, json=body, headers=AUTH)
+    took = time.monotonic() - started
+    answer = await again.json()
+    assert (again.status, answer["duplicate"], answer["status"]) == (202, True, "queued")
+    assert took < 0.75, took
+
+
 async def test_a_time_ahead_of_the_gateways_clock_reaches_meta_as_now(
     make_meta: MakeMeta, fake: FakeGraph
 ) -> None:
