@@ -13,6 +13,7 @@ unprivileged account every Linux has, given only the cluster's own temporary fol
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import pwd
@@ -36,6 +37,7 @@ __all__ = [
     "create_database",
     "database_url",
     "drop_database",
+    "sessions_waiting_on_locks",
 ]
 
 SERVER_URL_VARIABLE = "CTWA_TEST_POSTGRES_URL"
@@ -247,3 +249,34 @@ async def drop_database(server_url: str, name: str) -> None:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     finally:
         await admin.close()
+
+
+async def sessions_waiting_on_locks(
+    pg_url: str,
+    count: int = 1,
+    *,
+    watching: tuple[asyncio.Future[Any], ...] = (),
+    finishing_is_enough: bool = False,
+) -> None:
+    """Wait until ``count`` sessions of this database wait for a lock. One of ``watching``
+    that finishes first ends the wait too when ``finishing_is_enough`` (a statement that may
+    skip the lock rather than wait), and is an error otherwise (the race was never set up)."""
+    # Another connection: a session's view of pg_stat_activity holds still in a transaction.
+    watch = await asyncpg.connect(pg_url)
+    try:
+        for _ in range(1000):
+            waiting = await watch.fetchval(
+                "SELECT COUNT(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if waiting >= count:
+                return
+            for fut in watching:
+                if fut.done():
+                    if finishing_is_enough:
+                        return
+                    raise AssertionError(f"finished without waiting: {fut.result()!r}")
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{count} sessions never waited for a lock")
+    finally:
+        await watch.close()

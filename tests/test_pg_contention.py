@@ -27,6 +27,7 @@ from tests.payloads import (
     notification,
     signed,
 )
+from tests.postgres import sessions_waiting_on_locks
 
 Client = TestClient[web.Request, web.Application]
 WEBHOOK = "/webhooks/whatsapp"
@@ -35,26 +36,6 @@ WEBHOOK = "/webhooks/whatsapp"
 @pytest.fixture
 def engine() -> str:
     return "postgresql"
-
-
-async def _until_waiting(pg_url: str, count: int, *pending: asyncio.Future[Any]) -> None:
-    """Wait until ``count`` sessions of this database wait for a lock."""
-    watch = await asyncpg.connect(pg_url)
-    try:
-        for _ in range(1000):
-            waiting = await watch.fetchval(
-                "SELECT COUNT(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-            if waiting >= count:
-                return
-            for fut in pending:
-                if fut.done():
-                    raise AssertionError(f"finished without waiting: {fut.result()!r}")
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{count} sessions never waited for a lock")
-    finally:
-        await watch.close()
 
 
 async def test_an_automatic_events_click_is_recovered_when_its_message_is_captured_at_once(
@@ -76,9 +57,9 @@ async def test_an_automatic_events_click_is_recovered_when_its_message_is_captur
         # Holds both captures just before their archive row: each has done all its reading.
         await blocker.execute("LOCK TABLE webhook_notifications IN EXCLUSIVE MODE")
         on_second = asyncio.ensure_future(second.post(WEBHOOK, data=msg, headers=signed(msg)))
-        await _until_waiting(pg_url, 1, on_second)
+        await sessions_waiting_on_locks(pg_url, 1, watching=(on_second,))
         on_first = asyncio.ensure_future(first.post(WEBHOOK, data=auto, headers=signed(auto)))
-        await _until_waiting(pg_url, 2, on_first)
+        await sessions_waiting_on_locks(pg_url, 2, watching=(on_first,))
         await tx.rollback()
     finally:
         await blocker.close()

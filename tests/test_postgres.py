@@ -50,7 +50,12 @@ from tests.payloads import (
     signed,
     system_message,
 )
-from tests.postgres import PostgresCluster, create_database, database_url
+from tests.postgres import (
+    PostgresCluster,
+    create_database,
+    database_url,
+    sessions_waiting_on_locks,
+)
 
 Client = TestClient[web.Request, web.Application]
 URL = "/v1/whatsapp/conversions"
@@ -506,24 +511,6 @@ async def test_a_request_hears_of_its_event_delivered_by_another_replica(
     assert second is not first
 
 
-async def _until_blocked(pg_url: str, done: asyncio.Future[Any] | None = None) -> None:
-    """Wait until a session of this database waits for a row lock (or ``done`` is done)."""
-    # Another connection: a session's view of pg_stat_activity holds still in a transaction.
-    watch = await asyncpg.connect(pg_url)
-    try:
-        for _ in range(500):
-            waiting = await watch.fetchval(
-                "SELECT COUNT(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-            if waiting or (done is not None and done.done()):
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("nothing waited for a lock")
-    finally:
-        await watch.close()
-
-
 async def test_a_click_captured_while_housekeeping_deletes_its_conversation_is_kept(
     make_client: ClientFactory, pg_url: str
 ) -> None:
@@ -540,7 +527,7 @@ async def test_a_click_captured_while_housekeeping_deletes_its_conversation_is_k
         async with housekeeping.transaction():
             assert await PruneConversations(time.time(), 100).apply(PgTx(housekeeping)) == 1
             posting = asyncio.ensure_future(client.post(WEBHOOK, data=body, headers=signed(body)))
-            await _until_blocked(pg_url, posting)
+            await sessions_waiting_on_locks(pg_url, watching=(posting,), finishing_is_enough=True)
         answer = await posting
     finally:
         await housekeeping.close()
@@ -571,7 +558,7 @@ async def test_housekeeping_leaves_a_quiet_conversation_whose_click_is_being_cap
             pruning = asyncio.ensure_future(
                 store.writer.submit(PruneConversations(time.time(), 100))
             )
-            await _until_blocked(pg_url, pruning)
+            await sessions_waiting_on_locks(pg_url, watching=(pruning,), finishing_is_enough=True)
         assert await pruning == 0
     finally:
         await capture.close()

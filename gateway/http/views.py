@@ -58,9 +58,8 @@ async def post_conversion(request: web.Request) -> web.Response:
     started = time.time()
     app = request.app
     key = authenticate(request)
-    body = await read_json_body(
-        request, app[SETTINGS].server.max_body_bytes, timeout_s=app[SETTINGS].server.body_timeout_s
-    )
+    server = app[SETTINGS].server
+    body = await read_json_body(request, server.max_body_bytes, timeout_s=server.body_timeout_s)
     conversion = decode_conversion(body)
     bind(event_id=conversion.event_id)
     account = account_for(request, key, conversion.account_id)
