@@ -56,8 +56,9 @@ class FakeGraph:
 
     def fail(self, *modes: str) -> None:
         """Queue failure modes, one per request: 500, timeout, html, drop, throttle4,
-        throttle17, 429, transient, token190, token_echo, dataset33, permission10, count,
-        keep_none (a 200 that kept no event, with the warning Meta gives a future one).
+        throttle17, 429, 429_text (a plain-text 429 asking for 1.5 s), blocked368 (a policy
+        block), transient, token190, token_echo, dataset33, permission10, count, keep_none (a
+        200 that kept no event, with the warning Meta gives a future one).
         """
         self.failures.extend(modes)
 
@@ -114,6 +115,12 @@ class FakeGraph:
                 status=429,
                 headers={"Retry-After": "0.2"},
             )
+        if mode == "429_text":
+            return web.Response(
+                status=429, text="Too Many Requests", headers={"Retry-After": "1.5"}
+            )
+        if mode == "blocked368":
+            return self._error(400, 368, "Temporarily blocked for policies violations")
         if mode == "token_echo":
             # Graph quotes a malformed token back in its message.
             token = request.headers.get("Authorization", "").removeprefix("Bearer ")

@@ -2,9 +2,9 @@
 
 Every reply is classified (META.md §2): ``ok``; ``transient`` (5xx, timeouts, dropped
 connections, non-JSON bodies, ``is_transient``, codes 1, 2, 341) and ``throttled`` (HTTP 429,
-codes 4, 17, 32, 613, 80004), both retried; ``permanent`` (code 100 and its subcodes, 190, 10,
-200-299, any other 4xx), never retried. The token travels in the ``Authorization`` header, never
-in a URL, so no access log anywhere sees it.
+whatever its body, codes 4, 17, 32, 368, 613, 80004), both retried; ``permanent`` (code 100
+and its subcodes, 190, 10, 200-299, any other 4xx), never retried. The token travels in the
+``Authorization`` header, never in a URL, so no access log anywhere sees it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ Kind = Literal["ok", "transient", "throttled", "permanent"]
 _TRANSIENT_CODES = frozenset({1, 2, 341})
 # Secrets at least this long are cut out of Meta's replies.
 _SECRET_CUT_MIN = 16
-_THROTTLE_CODES = frozenset({4, 17, 32, 613, 80004})
+# 368 is a temporary block for a policy violation: Meta's error guide says wait and retry, and
+# every other request of the account would meet it meanwhile, so it holds the account too.
+_THROTTLE_CODES = frozenset({4, 17, 32, 368, 613, 80004})
 
 
 class GraphError(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,10 +96,12 @@ class GraphReply(msgspec.Struct, frozen=True, kw_only=True):
 
 def classify(http_status: int, error: GraphError | None) -> Kind:
     """Return what a Graph answer means for retrying."""
+    # A 429 says "too many" whatever its body (an edge proxy's is plain text): its Retry-After
+    # is kept and the account held, as for Meta's own throttling codes.
+    if http_status == 429 or (error is not None and error.code in _THROTTLE_CODES):
+        return "throttled"
     if error is None:
         return "ok" if 200 <= http_status < 300 else "transient"
-    if http_status == 429 or error.code in _THROTTLE_CODES:
-        return "throttled"
     if error.is_transient or error.code in _TRANSIENT_CODES or http_status >= 500:
         return "transient"
     return "permanent"
@@ -130,6 +134,8 @@ def explain(reply: GraphReply) -> str:
             "permission denied: the token needs ads_management and whatsapp_business_management"
             f" on this WABA and dataset ({detail})"
         )
+    if code == 368:
+        return f"Meta has blocked this app or account for a while (a policy block) ({detail})"
     if sub == 2804066:
         return f"Meta does not accept this event name for business messaging ({detail})"
     if sub == 2804087:

@@ -8,6 +8,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -245,8 +246,12 @@ async def test_a_200_that_kept_no_event_is_a_failure_saying_why(
 
 
 @pytest.mark.parametrize(
-    "mode", ["500", "timeout", "html", "drop", "transient", "throttle4", "throttle17", "429"]
-)
+    "mode",
+    [
+        "500", "timeout", "html", "drop", "transient", "throttle4", "throttle17", "429",
+        "429_text", "blocked368",
+    ],
+)  # fmt: skip
 async def test_transient_failures_retry_until_delivered(
     make_meta: MakeMeta, fake: FakeGraph, mode: str
 ) -> None:
@@ -1208,6 +1213,33 @@ async def test_a_short_test_token_is_not_cut_out_of_metas_answers(
     assert reply.http_status == 401  # the fake refuses the token, and says so whole
     assert reply.error is not None
     assert reply.error.message == "Invalid OAuth access token"
+
+
+# -- found by review (delivery to Meta): each fails without its fix ------------------------------
+
+
+async def test_a_429_without_json_waits_out_its_retry_after(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    # An edge proxy's 429 is plain text: it was taken for a 5xx and retried after the backoff
+    # (0.05 s here), whatever its Retry-After said, and the account was not held meanwhile.
+    client = await make_meta(respond_within_ms=100)
+    conversation = await add_conversation(store_of(client))
+    fake.fail("429_text")  # Retry-After: 1.5
+    held = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    assert held.status == 202
+    detail = await settle(client, "L1")
+
+    assert detail["status"] == "delivered"
+    refused, delivered = detail["attempts"]
+    assert (refused["outcome"], refused["httpStatus"]) == ("retry", 429)
+    waited = _at(delivered["at"]) - _at(refused["at"])
+    assert waited >= 1.4, waited
+    assert fake.event_ids() == ["L1"]
+
+
+def _at(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def _app_dispatcher(client: Client) -> Dispatcher:
