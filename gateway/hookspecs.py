@@ -115,8 +115,13 @@ def gateway_check_ready(name: str, config: Any) -> str | None:
 
 
 @hookspec
-def gateway_register_routes(name: str, config: Any) -> list[web.RouteDef] | None:
-    """Return extra HTTP routes the plugin serves, or ``None``."""
+def gateway_register_routes(name: str, config: Any, sinks: list[str]) -> list[web.RouteDef] | None:
+    """Return extra HTTP routes the plugin serves, or ``None``.
+
+    ``sinks`` are the configured sinks, in order: a plugin that shares its routes with another
+    (``test_mode`` the dataset endpoints with ``meta_capi``) serves them when that one is not
+    configured.
+    """
 
 
 @hookspec(firstresult=True)

@@ -334,7 +334,8 @@ class Plugins:
         found: list[tuple[str, web.RouteDef]] = []
         for name, call, config in self._routes:
             try:
-                found.extend((name, route) for route in call(name=name, config=config) or [])
+                routes = call(name=name, config=config, sinks=self.sink_names)
+                found.extend((name, route) for route in routes or [])
             except Exception as exc:
                 raise plugin_error(name, "gateway_register_routes", exc) from None
         return found

@@ -3,7 +3,7 @@
 Events sent with a test code show up in Events Manager's "Test events" tab and do not count as
 conversions, so a new integration can be exercised against the real API safely. Everything
 else (outbox, batching, retries, history) is the ``meta_capi`` sink's; the dataset endpoints
-stay with ``meta_capi``.
+are ``meta_capi``'s when both are listed, else this sink's.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ class Config(meta_capi.Config, frozen=True, kw_only=True):
 
 
 class TestModeSink(meta_capi.MetaCapiSink):
-    serves_datasets = False
-
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.forced_test_event_code = config.test_event_code
+
+    def serves_datasets(self, sinks: list[str]) -> bool:
+        # A gateway trying Meta out (sinks = ["test_mode"]) creates its dataset here too.
+        return "meta_capi" not in sinks
 
     @hookimpl
     def gateway_check_config(self, settings: Settings, environ: Mapping[str, str]) -> None:

@@ -83,9 +83,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
 class MetaCapiSink:
     """The plugin object: one per app, holding the Graph session while the app runs."""
 
-    # test_mode forces a code and leaves the dataset endpoints to meta_capi.
+    # test_mode forces a code (and leaves the dataset endpoints to meta_capi, when listed).
     forced_test_event_code: str | None = None
-    serves_datasets = True
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -262,9 +261,13 @@ class MetaCapiSink:
             )
         return SinkState(status="pending")
 
+    def serves_datasets(self, sinks: list[str]) -> bool:
+        """Whether this sink serves the dataset endpoints, given the configured sinks."""
+        return True
+
     @hookimpl
-    def gateway_register_routes(self) -> list[web.RouteDef] | None:
-        if not self.serves_datasets:
+    def gateway_register_routes(self, sinks: list[str]) -> list[web.RouteDef] | None:
+        if not self.serves_datasets(sinks):
             return None
         return [
             web.get("/v1/whatsapp/dataset", self.get_dataset),

@@ -1247,3 +1247,36 @@ def _app_dispatcher(client: Client) -> Dispatcher:
     delivery = client.app[PIPELINE].delivery
     assert delivery is not None
     return delivery.dispatchers["meta_capi"]
+
+
+async def test_a_gateway_in_test_mode_can_create_its_dataset(
+    make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer, fake: FakeGraph
+) -> None:
+    # The README's first run against Meta is sinks = ["test_mode"], creating the dataset with
+    # POST /v1/whatsapp/dataset: that answered 404 (the endpoints were meta_capi's alone),
+    # while every conversion was refused with 422 no_dataset saying to POST there.
+    config["accounts"][0].pop("dataset_id", None)
+    table = {"graph_url": str(graph_server.make_url(""))}
+    both = {"meta_capi": table, "test_mode": {**table, "test_event_code": "T1"}}
+    url = "/v1/whatsapp/dataset"
+    # With meta_capi listed too, it serves them (once: two would stop the app starting).
+    with_meta = await make_client(
+        settings=parse_settings(
+            {**config, "plugins": {"sinks": ["test_mode", "meta_capi"], **both}}
+        )
+    )
+    known = await with_meta.get(url, params={"accountId": "acme"}, headers=AUTH)
+    assert (await known.json()) == {"datasetId": None}
+
+    client = await make_client(
+        settings=parse_settings({**config, "plugins": {"sinks": ["test_mode"], **both}})
+    )
+    created = await client.post(url, json={"accountId": "acme"}, headers=AUTH)
+
+    assert (await created.json()) == {"datasetId": f"ds-{WABA_ID}", "created": True}
+    fake.tokens[f"ds-{WABA_ID}"] = ACME_TOKEN
+    conversation = await add_conversation(store_of(client))
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    assert (await resp.json())["status"] == "delivered"
+    (got,) = fake.received
+    assert (got.dataset_id, got.test_event_code) == (f"ds-{WABA_ID}", "T1")
