@@ -215,7 +215,8 @@ class SendOutcome(msgspec.Struct, frozen=True, kw_only=True):
     - ``retry``: not this time; the host retries with exponential backoff, no sooner than
       ``retry_after_s`` if given, until the sink's ``max_age_s``, then the event expires.
       ``hold_account`` holds every pending delivery of the event's account for this sink as
-      long (throttling: the destination asked the whole account to slow down);
+      long, and those accepted meanwhile (throttling: the destination asked the whole account
+      to slow down);
     - ``failed``: never going to work as sent; ``reason`` says why and what to fix, and the
       operator can ``replay`` it after fixing that.
     """

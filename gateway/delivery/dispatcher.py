@@ -7,7 +7,8 @@ batch, with one attempt row per event:
 
 - ``delivered`` and ``failed`` are final (a failed one can be replayed by the operator);
 - ``retry`` comes back after exponential backoff with jitter, no sooner than the sink's
-  ``retry_after_s``; ``hold_account`` holds that account's other deliveries as long;
+  ``retry_after_s``; ``hold_account`` holds that account's other deliveries as long, and
+  those this process takes meanwhile (new events) are put back unsent until then;
 - an event older than ``max_age_s`` at its next attempt expires instead;
 - a sink that raises, hangs past its send timeout or answers out of contract holds the batch
   back for ``retry_cap_s`` (a fault that repeats must not become a busy loop), logged once
@@ -87,6 +88,9 @@ class Dispatcher:
         # When the claims in flight were last renewed (all of them at once).
         self._renewed_at = 0.0
         self._stopping = False
+        # Accounts a sink asked to hold (throttling), until when: what this process claims of
+        # theirs meanwhile, new events included, waits too rather than meeting the limit.
+        self._holds: dict[str, float] = {}
 
     @property
     def running(self) -> bool:
@@ -396,6 +400,8 @@ class Dispatcher:
         for item in batch:
             if now - item.event_time > self.options.max_age_s:
                 results.append(_final(item, "expired", self._too_old(), "expired", 0))
+            elif (until := self._holds.get(item.account_id, 0.0)) > now:
+                results.append(self._held_back(item, until))
             else:
                 fresh.append(item)
         if not fresh:
@@ -425,7 +431,23 @@ class Dispatcher:
             results.append(result)
             if outcome.hold_account and result.next_attempt_at is not None:
                 held[item.account_id] = max(held.get(item.account_id, 0.0), result.next_attempt_at)
+        for account, until in held.items():
+            self._holds[account] = max(self._holds.get(account, 0.0), until)
         return results, held
+
+    def _held_back(self, item: QueuedEvent, until: float) -> AttemptResult:
+        """Not sent: its account is held (the sink was throttled); due again when that ends."""
+        return AttemptResult(
+            pk=item.pk,
+            state=SinkState(
+                status="pending",
+                attempts=item.attempts,
+                error=f"will retry: the {self.sink} sink asked to hold this account's deliveries"
+                " for a while (throttled); not sent yet",
+                error_code="account_held",
+            ),
+            next_attempt_at=until,
+        )
 
     def _faulted(
         self, fresh: list[QueuedEvent], exc: BaseException, now: float, started: float

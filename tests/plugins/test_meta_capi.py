@@ -1238,6 +1238,28 @@ async def test_a_429_without_json_waits_out_its_retry_after(
     assert fake.event_ids() == ["L1"]
 
 
+async def test_a_throttled_account_holds_its_new_events_too(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    # The hold moved only the deliveries pending when Meta throttled: each conversion that
+    # came in meanwhile went straight to Meta, into the limit (and held the account again).
+    client = await make_meta(respond_within_ms=100, retry_base_s=0.25)  # held for >= 1 s
+    conversation = await add_conversation(store_of(client))
+    fake.fail("throttle4")
+    first = await client.post(URL, json=lead(conversation.id, "A1"), headers=AUTH)
+    assert first.status == 202
+
+    second = await client.post(URL, json=lead(conversation.id, "A2"), headers=AUTH)
+
+    answer = await second.json()
+    assert (second.status, answer["status"]) == (202, "queued"), answer
+    assert "hold this account" in answer["deliveries"][0]["error"]
+    assert len(fake.requests) == 1
+    assert (await settle(client, "A2"))["status"] == "delivered"
+    assert (await settle(client, "A1"))["status"] == "delivered"
+    assert sorted(fake.event_ids()) == ["A1", "A2"]
+
+
 def _at(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
