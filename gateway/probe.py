@@ -20,6 +20,7 @@ from gateway.draft import EventDraft
 from gateway.errors import ConfigError
 from gateway.plugin_manager import Plugins
 from gateway.wire import ConversionRequest
+from plugins.meta_capi import access_token
 from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT, meta_request_body
 from plugins.meta_capi.graph import DEFAULT_API_VERSION, DEFAULT_GRAPH_URL, GraphClient, explain
 
@@ -75,7 +76,7 @@ async def probe_event_names(
     environ: Mapping[str, str],
 ) -> list[ProbeResult]:
     """Send one test event per name to Meta; return what Meta said of each."""
-    token = environ.get(account.access_token_env or "", "")
+    token = access_token(account, environ)
     if not token:
         raise ConfigError(
             f"account {account.id!r} has no access token: set the variable its"

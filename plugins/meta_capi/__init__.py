@@ -80,6 +80,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     app_secret_env: EnvName | None = None
 
 
+def access_token(account: AccountConfig, environ: Mapping[str, str]) -> str:
+    """Return the account's Graph API token from ``environ`` ("" if unset), without the
+    surrounding whitespace a secret mounted from a file often ends with (a newline): the
+    [secrets] file's values are read the same way."""
+    return environ.get(account.access_token_env or "", "").strip()
+
+
 class MetaCapiSink:
     """The plugin object: one per app, holding the Graph session while the app runs."""
 
@@ -108,10 +115,18 @@ class MetaCapiSink:
                     f"{settings.source}: account {account.id!r} has no access_token_env; the"
                     f" Meta sink needs a token for every account - at {where}"
                 )
-            if not environ.get(account.access_token_env):
+            token = access_token(account, environ)
+            if not token:
                 raise ConfigError(
                     f"{settings.source}: account {account.id!r}: environment variable"
                     f" {account.access_token_env} is not set (named at {where})"
+                )
+            if not token.isprintable() or any(c.isspace() for c in token):
+                # It goes in an HTTP header: every send would fail before reaching Meta.
+                raise ConfigError(
+                    f"{settings.source}: account {account.id!r}: environment variable"
+                    f" {account.access_token_env} holds a space or control character inside"
+                    f" the token; set it to the token alone (named at {where})"
                 )
         secret = self.config.app_secret_env
         if secret and not environ.get(secret):
@@ -121,7 +136,7 @@ class MetaCapiSink:
     def gateway_reload_secrets(
         self, settings: Settings, environ: Mapping[str, str]
     ) -> list[str] | None:
-        tokens = {a.id: environ.get(a.access_token_env or "", "") for a in settings.accounts}
+        tokens = {a.id: access_token(a, environ) for a in settings.accounts}
         changed = [
             f"access_token:{a}" for a, token in tokens.items() if token != self.tokens.get(a)
         ]
@@ -217,7 +232,7 @@ class MetaCapiSink:
     ) -> AsyncIterator[None]:
         c = self.config
         secret = environ.get(c.app_secret_env, "") if c.app_secret_env else ""
-        self.tokens = {a.id: environ.get(a.access_token_env or "", "") for a in settings.accounts}
+        self.tokens = {a.id: access_token(a, environ) for a in settings.accounts}
         self.stored_datasets = await store.datasets()
         self.store = store
         self.settings = settings

@@ -1302,3 +1302,34 @@ async def test_a_gateway_in_test_mode_can_create_its_dataset(
     assert (await resp.json())["status"] == "delivered"
     (got,) = fake.received
     assert (got.dataset_id, got.test_event_code) == (f"ds-{WABA_ID}", "T1")
+
+
+async def test_a_token_ending_in_a_newline_is_sent_without_it(
+    make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer, fake: FakeGraph
+) -> None:
+    # A secret mounted from a file made with `echo` ends in a newline. In a header that made
+    # every send raise before reaching Meta: each batch held back as a sink fault, retried
+    # every retry_cap_s until the events expired, and POST /v1/whatsapp/dataset a 500.
+    table = {"graph_url": str(graph_server.make_url("")), "retry_cap_s": 0.2}
+    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
+    client = await make_client(
+        settings=settings, environ={**ENV, "CTWA_ACME_TOKEN": ACME_TOKEN + "\n"}
+    )
+    conversation = await add_conversation(store_of(client))
+
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+
+    assert (await resp.json())["status"] == "delivered"
+    assert fake.received[0].token == ACME_TOKEN
+
+
+@pytest.mark.parametrize("token", [f"{ACME_TOKEN} x", f"EAAG\x00{ACME_TOKEN}"])
+async def test_a_token_with_a_space_or_control_character_inside_stops_startup(
+    make_client: ClientFactory, config: dict[str, Any], token: str
+) -> None:
+    from gateway.errors import ConfigError
+
+    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"]}})
+    with pytest.raises(ConfigError, match="CTWA_ACME_TOKEN holds a space or control") as raised:
+        await make_client(settings=settings, environ={**ENV, "CTWA_ACME_TOKEN": token})
+    assert ACME_TOKEN not in str(raised.value)
