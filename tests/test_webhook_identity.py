@@ -535,3 +535,66 @@ async def test_the_former_number_of_a_person_whose_new_number_was_taken(client: 
         "w.A2", "user_changed_number", wa_id="15550000023", bsuid="US.A23",
         new_wa_id="15550000022", new_bsuid="US.A24", ts=now - 60)))  # fmt: skip
     assert clid_of(await converted(client, phoneE164="+15550000021")) == "b"
+
+
+async def test_a_click_delayed_past_the_user_s_change_of_bsuid_still_counts(
+    client: Client,
+) -> None:
+    # Found by review: the user_changed_user_id came first (the click's notification was
+    # being retried by Meta) and started a conversation under the new BSUID alone; the click,
+    # sent under the old one, started another, and conversions by the new BSUID were 422.
+    now = time.time()
+    change = system_message("w.D2", "user_changed_user_id", new_bsuid="BR.NEW1",
+                            previous_bsuid="BR.OLD1", ts=now - 600)  # fmt: skip
+    await post_signed(client, one(change))
+    delayed = message(None, "w.D1", ts=now - 3600, bsuid="BR.OLD1", ref=referral("late-click"))
+    answer = await post_signed(client, one(delayed))
+    assert (answer["conversationsCreated"], answer["clicksCaptured"]) == (0, 1)
+    assert await live(client) == [(None, "BR.NEW1", "late-click")]
+    for bsuid in ("BR.NEW1", "BR.OLD1"):
+        assert clid_of(await converted(client, businessScopedUserId=bsuid)) == "late-click"
+
+
+async def test_a_delayed_click_from_the_same_phone_is_not_a_recycled_number(
+    client: Client,
+) -> None:
+    # Found by review: as above with the phone shared; the delayed message's old BSUID made
+    # the phone look recycled, and the new BSUID's conversation lost its phone and the click.
+    now = time.time()
+    change = system_message("w.E2", "user_changed_user_id", wa_id="5511987650001",
+                            new_bsuid="BR.NEW2", previous_bsuid="BR.OLD2",
+                            ts=now - 600)  # fmt: skip
+    await post_signed(client, one(change))
+    await wrote(client, "5511987650001", "w.E1", now - 3600, "BR.OLD2", "late-click")
+    assert await live(client) == [("5511987650001", "BR.NEW2", "late-click")]
+    for identity in ({"phoneE164": "+5511987650001"}, {"businessScopedUserId": "BR.NEW2"},
+                     {"businessScopedUserId": "BR.OLD2"}):  # fmt: skip
+        assert clid_of(await converted(client, **identity)) == "late-click", identity
+
+
+async def test_a_click_delayed_past_a_number_change_keeps_the_new_number(client: Client) -> None:
+    # Found by review: the delayed message re-keyed the conversation back to the number the
+    # person had left.
+    now = time.time()
+    change = system_message("w.G2", "user_changed_number", wa_id="447700900001", bsuid="GB.G1",
+                            new_wa_id="447700900002", ts=now - 600)  # fmt: skip
+    await post_signed(client, one(change))
+    await wrote(client, "447700900001", "w.G1", now - 3600, "GB.G1", "late-click")
+    assert await live(client) == [("447700900002", "GB.G1", "late-click")]
+    for phone in ("+447700900001", "+447700900002"):
+        assert clid_of(await converted(client, phoneE164=phone)) == "late-click", phone
+
+
+async def test_a_number_change_of_a_user_known_by_bsuid_keeps_the_old_number(
+    client: Client,
+) -> None:
+    # Found by review: the system message's `from` (the number left) was dropped when the
+    # conversation had no phone yet, and conversions by it were 404.
+    now = time.time()
+    first = message(None, "w.H1", ts=now - 3600, bsuid="US.H1", ref=referral("h-click"))
+    await post_signed(client, one(first))
+    await post_signed(client, one(system_message(
+        "w.H2", "user_changed_number", wa_id="15550000031", bsuid="US.H1",
+        new_wa_id="15550000032", ts=now - 600)))  # fmt: skip
+    for phone in ("+15550000031", "+15550000032"):
+        assert clid_of(await converted(client, phoneE164=phone)) == "h-click", phone

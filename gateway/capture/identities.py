@@ -18,8 +18,10 @@ Rules (README, "Who is who"):
 - ``user_changed_number`` and ``user_changed_user_id`` re-key the conversation to the new
   identifier, keeping its click and its history; the old identifier is kept as an alias so a
   conversion sent with it still finds the conversation. Arriving before any other message of
-  that user, they start a conversation under the new identifiers. A user_changed_user_id that
-  explains a recycled number (the new BSUID wrote first) undoes it: the two are merged.
+  that user, they start a conversation under the new identifiers, the old ones its aliases. A
+  message sent before the last change and delivered after it (Meta retries for days) joins
+  the conversation without re-keying it: what it names becomes an alias. A user_changed_user_id
+  that explains a recycled number (the new BSUID wrote first) undoes it: the two are merged.
 """
 
 from __future__ import annotations
@@ -220,7 +222,11 @@ class Identities:
         account = m.account_id
         by_bsuid = self._live(account, bsuid=m.bsuid)
         by_phone = self._live(account, phone=m.phone)
-        if by_phone is not None and self._another_person(by_phone, m.bsuid):
+        if (
+            by_phone is not None
+            and self._another_person(by_phone, m.bsuid)
+            and self._formerly(account, bsuid=m.bsuid) is not by_phone
+        ):
             taker = by_bsuid or self.start(account, phone=None, bsuid=m.bsuid)
             self._release(by_phone, taker)
             by_bsuid, by_phone = self.by_id[taker.id], None
@@ -233,6 +239,12 @@ class Identities:
                 # Sent under an identifier the person has since changed: theirs, un-re-keyed.
                 return self._put(self._with_profile(former, m))
             conversation = self.start(account, phone=m.phone, bsuid=m.bsuid)
+        if m.timestamp < (conversation.keys_changed_at or 0.0):
+            # Sent before the person's last change (a delayed message): what it names is
+            # theirs from before, an alias; the change's identifiers stay the keys.
+            self._alias(conversation, "phone", m.phone if m.phone != conversation.wa_id else None)
+            self._alias(conversation, "bsuid", m.bsuid if m.bsuid != conversation.bsuid else None)
+            return self._put(self._with_profile(conversation, m))
         conversation = self._rekey(conversation, phone=m.phone, bsuid=m.bsuid)
         former = self._formerly(account, phone=m.phone)
         if former is not None and former.id != conversation.id and m.phone is not None:
@@ -281,7 +293,12 @@ class Identities:
             new_phone = m.phone
         if own is None:
             fresh = self.start(account, phone=new_phone, bsuid=change.new_bsuid or m.bsuid)
-            return self._put(msgspec.structs.replace(fresh, keys_changed_at=m.timestamp))
+            fresh = self._put(msgspec.structs.replace(fresh, keys_changed_at=m.timestamp))
+            # What the person was known by before: their messages from before the change,
+            # delivered after it (Meta retries for days), join this conversation.
+            self._alias(fresh, "bsuid", change.previous_bsuid)
+            self._alias(fresh, "phone", m.phone if m.phone != new_phone else None)
+            return fresh
         if own.keys_changed_at is not None and m.timestamp < own.keys_changed_at:
             # An older change arriving late: what it names still finds the conversation, but
             # the newer change stands.
@@ -292,6 +309,10 @@ class Identities:
             # A new number comes with a new BSUID (META.md §3b); until a message brings it, the
             # conversation is keyed by the phone (the old BSUID stays an alias).
             new_bsuid = change.new_bsuid or (m.bsuid if m.bsuid != own.bsuid else None)
+            if m.phone not in (own.wa_id, new_phone):
+                # The number it was sent from, which the conversation did not have (a user
+                # known by BSUID alone): theirs before the change.
+                self._alias(own, "phone", m.phone)
             if new_bsuid is None and own.bsuid is not None:
                 self._alias(own, "bsuid", own.bsuid)
                 own = self._put(msgspec.structs.replace(own, bsuid=None))
