@@ -259,3 +259,40 @@ async def test_a_stored_id_phonenumbers_calls_invalid_is_still_reachable(client:
     )
     status, answer = await convert(client, purchase("il-1", phoneE164="972501234567"))
     assert (status, answer["payload"]["data"][0]["user_data"]["ctwa_clid"]) == (200, "CLID-IL")
+
+
+async def test_a_conversation_merged_away_answers_with_the_one_that_took_over(
+    client: Client,
+) -> None:
+    # Found by review: a conversation merged into the clicked one (its BSUID and the clicked
+    # conversation's phone turned out to be one person) was a 422 missing_ctwa_clid by its id,
+    # though GET /v1/whatsapp/conversations lists it and the person's click was kept.
+    clicked = message("16505550021", "w.m1", ts=1.77e9, ref=referral("CLID-M"))
+    await post_signed(client, notification(messages_change([clicked])))
+    await post_signed(
+        client, notification(messages_change([message(None, "w.m2", ts=1.77e9 + 5, bsuid="US.M")]))
+    )
+    (merged_away,) = await store_of(client).recent_conversations("acme", bsuid="US.M", limit=1)
+    both = message("16505550021", "w.m3", ts=1.77e9 + 10, bsuid="US.M")
+    assert (await post_signed(client, notification(messages_change([both]))))[
+        "conversationsMerged"
+    ] == 1
+    status, answer = await convert(client, purchase("m-1", conversationId=merged_away.id))
+    assert status == 200, answer
+    assert answer["payload"]["data"][0]["user_data"]["ctwa_clid"] == "CLID-M"
+    assert answer["conversationId"] != merged_away.id
+    assert answer["resolution"] == {
+        "resolver": "conversation_id", "field": "conversationId", "form": "successor"
+    }  # fmt: skip
+
+
+async def test_a_recycled_number_s_previous_owner_is_not_followed_by_id(client: Client) -> None:
+    # The number's new owner is someone else: their click never answers for the id of the
+    # previous owner's conversation.
+    a = message("16505550031", "w.r1", ts=1.77e9, bsuid="US.R1")
+    await post_signed(client, notification(messages_change([a])))
+    (previous,) = await store_of(client).recent_conversations("acme", bsuid="US.R1", limit=1)
+    b = message("16505550031", "w.r2", ts=1.77e9 + 10, bsuid="US.R2", ref=referral("CLID-R"))
+    await post_signed(client, notification(messages_change([b])))
+    status, answer = await convert(client, purchase("r-1", conversationId=previous.id))
+    assert (status, answer["code"]) == (422, "missing_ctwa_clid")
