@@ -598,3 +598,53 @@ async def test_a_number_change_of_a_user_known_by_bsuid_keeps_the_old_number(
         new_wa_id="15550000032", ts=now - 600)))  # fmt: skip
     for phone in ("+15550000031", "+15550000032"):
         assert clid_of(await converted(client, phoneE164=phone)) == "h-click", phone
+
+
+async def test_a_late_click_with_the_phone_after_a_bsuid_change_is_found_by_phone(
+    client: Client,
+) -> None:
+    # Found by review: the click's message joined the conversation the change started, but
+    # the phone it carried was not kept, and conversions by it were 404.
+    now = time.time()
+    change = system_message("w.J2", "user_changed_user_id", new_bsuid="CO.NEW3",
+                            previous_bsuid="CO.OLD3", ts=now - 600)  # fmt: skip
+    await post_signed(client, one(change))
+    await wrote(client, "573001234567", "w.J1", now - 3600, "CO.OLD3", "late-click")
+    for identity in ({"phoneE164": "+573001234567"}, {"businessScopedUserId": "CO.NEW3"}):
+        assert clid_of(await converted(client, **identity)) == "late-click", identity
+
+
+async def test_a_number_change_sent_under_the_previous_bsuid_does_not_key_by_it(
+    client: Client,
+) -> None:
+    # Found by review: a conversation known by phone alone took the change's sender BSUID as
+    # the new one, though the change named it as the previous one; the new BSUID's first
+    # message from the new number then looked like a recycled number's, and took the phone
+    # away from the click.
+    now = time.time()
+    await post_signed(
+        client, one(message("34600000001", "w.K1", ts=now - 3600, ref=referral("k-click")))
+    )
+    change = system_message("w.K2", "user_changed_number", wa_id="34600000001", bsuid="ES.K1",
+                            new_wa_id="34600000002", previous_bsuid="ES.K1",
+                            ts=now - 600)  # fmt: skip
+    await post_signed(client, one(change))
+    await wrote(client, "34600000002", "w.K3", now - 60, "ES.K2")
+    assert await live(client) == [("34600000002", "ES.K2", "k-click")]
+    for identity in ({"phoneE164": "+34600000002"}, {"businessScopedUserId": "ES.K2"},
+                     {"businessScopedUserId": "ES.K1"}, {"phoneE164": "+34600000001"}):  # fmt: skip
+        assert clid_of(await converted(client, **identity)) == "k-click", identity
+
+
+async def test_the_same_when_the_number_change_comes_first(client: Client) -> None:
+    now = time.time()
+    change = system_message("w.L2", "user_changed_number", wa_id="34600000011", bsuid="ES.L1",
+                            new_wa_id="34600000012", previous_bsuid="ES.L1",
+                            ts=now - 600)  # fmt: skip
+    await post_signed(client, one(change))
+    await wrote(client, "34600000012", "w.L3", now - 60, "ES.L2")
+    await wrote(client, "34600000011", "w.L1", now - 3600, "ES.L1", "l-click")
+    assert await live(client) == [("34600000012", "ES.L2", "l-click")]
+    for identity in ({"phoneE164": "+34600000012"}, {"businessScopedUserId": "ES.L2"},
+                     {"businessScopedUserId": "ES.L1"}, {"phoneE164": "+34600000011"}):  # fmt: skip
+        assert clid_of(await converted(client, **identity)) == "l-click", identity

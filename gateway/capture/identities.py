@@ -237,14 +237,10 @@ class Identities:
             )
             if former is not None and m.timestamp <= (former.keys_changed_at or 0.0):
                 # Sent under an identifier the person has since changed: theirs, un-re-keyed.
-                return self._put(self._with_profile(former, m))
+                return self._before_change(former, m)
             conversation = self.start(account, phone=m.phone, bsuid=m.bsuid)
         if m.timestamp < (conversation.keys_changed_at or 0.0):
-            # Sent before the person's last change (a delayed message): what it names is
-            # theirs from before, an alias; the change's identifiers stay the keys.
-            self._alias(conversation, "phone", m.phone if m.phone != conversation.wa_id else None)
-            self._alias(conversation, "bsuid", m.bsuid if m.bsuid != conversation.bsuid else None)
-            return self._put(self._with_profile(conversation, m))
+            return self._before_change(conversation, m)
         conversation = self._rekey(conversation, phone=m.phone, bsuid=m.bsuid)
         former = self._formerly(account, phone=m.phone)
         if former is not None and former.id != conversation.id and m.phone is not None:
@@ -252,6 +248,14 @@ class Identities:
             # number. That person's older conversations stop answering for it.
             self.released.append((account, m.phone, conversation.id))
         return self._put(self._with_profile(conversation, m))
+
+    def _before_change(self, c: Conversation, m: InboundMessage) -> Conversation:
+        """Add a message sent before the person's last change and delivered after it (Meta
+        retries for days): what it names is theirs from before, an alias; the change's
+        identifiers stay the keys."""
+        self._alias(c, "phone", m.phone if m.phone != c.wa_id else None)
+        self._alias(c, "bsuid", m.bsuid if m.bsuid != c.bsuid else None)
+        return self._put(self._with_profile(c, m))
 
     def _changed_identity(self, m: InboundMessage) -> Conversation:
         change = m.change
@@ -273,6 +277,8 @@ class Identities:
         )
         if change.kind == "user_id" and own is not None and change.previous_bsuid:
             own = self._restore(own, change.previous_bsuid)
+        # The BSUID it was sent under, unless the change names that as the previous one.
+        sender = m.bsuid if m.bsuid != change.previous_bsuid else None
         if change.kind == "number":
             new_phone = change.new_phone
             holder = self._live(account, phone=new_phone)
@@ -285,14 +291,14 @@ class Identities:
                 )
                 if self._another_person(holder, *mine):
                     # The new number was someone else's: it is recycled to this person.
-                    own = own or self.start(account, phone=None, bsuid=change.new_bsuid or m.bsuid)
+                    own = own or self.start(account, phone=None, bsuid=change.new_bsuid or sender)
                     self._release(holder, own)
                 else:
                     own = self._one([own, holder])
         else:
             new_phone = m.phone
         if own is None:
-            fresh = self.start(account, phone=new_phone, bsuid=change.new_bsuid or m.bsuid)
+            fresh = self.start(account, phone=new_phone, bsuid=change.new_bsuid or sender)
             fresh = self._put(msgspec.structs.replace(fresh, keys_changed_at=m.timestamp))
             # What the person was known by before: their messages from before the change,
             # delivered after it (Meta retries for days), join this conversation.
@@ -308,7 +314,11 @@ class Identities:
         if change.kind == "number":
             # A new number comes with a new BSUID (META.md §3b); until a message brings it, the
             # conversation is keyed by the phone (the old BSUID stays an alias).
-            new_bsuid = change.new_bsuid or (m.bsuid if m.bsuid != own.bsuid else None)
+            new_bsuid = change.new_bsuid or (sender if sender != own.bsuid else None)
+            if sender is None and m.bsuid not in (None, own.bsuid):
+                # Sent under the BSUID the change names as the previous one, which the
+                # conversation did not have yet (its change came first or is still to come).
+                self._alias(own, "bsuid", m.bsuid)
             if m.phone not in (own.wa_id, new_phone):
                 # The number it was sent from, which the conversation did not have (a user
                 # known by BSUID alone): theirs before the change.
