@@ -648,3 +648,30 @@ async def test_the_same_when_the_number_change_comes_first(client: Client) -> No
     for identity in ({"phoneE164": "+34600000012"}, {"businessScopedUserId": "ES.L2"},
                      {"businessScopedUserId": "ES.L1"}, {"phoneE164": "+34600000011"}):  # fmt: skip
         assert clid_of(await converted(client, **identity)) == "l-click", identity
+
+
+async def test_a_late_number_change_onto_the_person_s_own_later_conversation_merges(
+    client: Client,
+) -> None:
+    # Found by review: the person's new number had started a conversation whose BSUID had
+    # changed again since; the number change, arriving last, took that conversation for a
+    # recycled number's, and conversions by the newest BSUID lost the click.
+    now = time.time()
+    await wrote(client, "819012340001", "w.N1", now - 3600, "JP.N1", "n-click")
+    await wrote(client, "819012340002", "w.N3", now - 1800, "JP.N2")
+    bsuid_change = system_message("w.N4", "user_changed_user_id", wa_id="819012340002",
+                                  new_bsuid="JP.N3", previous_bsuid="JP.N2",
+                                  ts=now - 600)  # fmt: skip
+    await post_signed(client, one(bsuid_change))
+    number_change = system_message("w.N2", "user_changed_number", wa_id="819012340001",
+                                   bsuid="JP.N1", new_wa_id="819012340002", new_bsuid="JP.N2",
+                                   previous_bsuid="JP.N1", ts=now - 2400)  # fmt: skip
+    answer = await post_signed(client, one(number_change))
+    assert answer["conversationsMerged"] == 1
+    for identity in (
+        {"phoneE164": "+819012340002"},
+        {"businessScopedUserId": "JP.N3"},
+        {"businessScopedUserId": "JP.N1"},
+        {"phoneE164": "+819012340001"},
+    ):
+        assert clid_of(await converted(client, **identity)) == "n-click", identity

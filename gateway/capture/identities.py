@@ -204,10 +204,14 @@ class Identities:
             self.aliases.append((c.account_id, kind, value, c.id, self.now))
             self._former[(c.account_id, kind, value)] = c.id
 
-    @staticmethod
-    def _another_person(holder: Conversation, *bsuids: str | None) -> bool:
-        """Is ``holder`` (found by phone) someone else than the BSUIDs of this person?"""
-        return holder.bsuid is not None and any(bsuids) and holder.bsuid not in bsuids
+    def _another_person(self, holder: Conversation, *bsuids: str | None) -> bool:
+        """Is ``holder`` (found by phone) someone else than the BSUIDs of this person? Not if
+        one of them is a BSUID ``holder`` had before a change (its changes came first)."""
+        if holder.bsuid is None or not any(bsuids) or holder.bsuid in bsuids:
+            return False
+        return all(
+            self._former.get((holder.account_id, "bsuid", b)) != holder.id for b in bsuids if b
+        )
 
     def _release(self, holder: Conversation, taker: Conversation) -> None:
         """A recycled number: ``holder``'s phone now belongs to ``taker``'s person."""
@@ -222,11 +226,7 @@ class Identities:
         account = m.account_id
         by_bsuid = self._live(account, bsuid=m.bsuid)
         by_phone = self._live(account, phone=m.phone)
-        if (
-            by_phone is not None
-            and self._another_person(by_phone, m.bsuid)
-            and self._formerly(account, bsuid=m.bsuid) is not by_phone
-        ):
+        if by_phone is not None and self._another_person(by_phone, m.bsuid):
             taker = by_bsuid or self.start(account, phone=None, bsuid=m.bsuid)
             self._release(by_phone, taker)
             by_bsuid, by_phone = self.by_id[taker.id], None
