@@ -675,3 +675,26 @@ async def test_a_late_number_change_onto_the_person_s_own_later_conversation_mer
         {"phoneE164": "+819012340001"},
     ):
         assert clid_of(await converted(client, **identity)) == "n-click", identity
+
+
+async def test_a_late_number_change_that_names_no_new_bsuid_merges_what_came_after_it(
+    client: Client,
+) -> None:
+    # Found by review: the change named only the previous BSUID (its sender); the new
+    # number's messages, under the new BSUID, had come first, and the change took them for a
+    # recycled number's: conversions by the new number and BSUID were 422 missing_ctwa_clid.
+    now = time.time()
+    await wrote(client, "628120000001", "w.Q1", now - 3600, "ID.Q1", "q-click")
+    await wrote(client, "628120000002", "w.Q3", now - 60, "ID.Q2")
+    change = system_message("w.Q2", "user_changed_number", wa_id="628120000001", bsuid="ID.Q1",
+                            new_wa_id="628120000002", previous_bsuid="ID.Q1",
+                            ts=now - 600)  # fmt: skip
+    answer = await post_signed(client, one(change))
+    assert answer["conversationsMerged"] == 1
+    for identity in (
+        {"phoneE164": "+628120000002"},
+        {"businessScopedUserId": "ID.Q2"},
+        {"businessScopedUserId": "ID.Q1"},
+        {"phoneE164": "+628120000001"},
+    ):
+        assert clid_of(await converted(client, **identity)) == "q-click", identity

@@ -15,6 +15,8 @@ Rules (README, "Who is who"):
   but superseded: it never receives messages again.
 - A phone whose live conversation has another BSUID and no message from this BSUID yet is a
   recycled number: the new BSUID starts a conversation of its own, which takes the phone over.
+  Not if that conversation had this BSUID before a change, nor, for a ``user_changed_number``
+  naming no new BSUID, if it was written to after the change (the person's new BSUID).
 - ``user_changed_number`` and ``user_changed_user_id`` re-key the conversation to the new
   identifier, keeping its click and its history; the old identifier is kept as an alias so a
   conversion sent with it still finds the conversation. Arriving before any other message of
@@ -289,7 +291,7 @@ class Identities:
                     change.previous_bsuid,
                     own.bsuid if own else None,
                 )
-                if self._another_person(holder, *mine):
+                if self._another_person(holder, *mine) and not self._moved_in(holder, own, m):
                     # The new number was someone else's: it is recycled to this person.
                     own = own or self.start(account, phone=None, bsuid=change.new_bsuid or sender)
                     self._release(holder, own)
@@ -335,6 +337,24 @@ class Identities:
                 parent_bsuid=change.new_parent_bsuid or rekeyed.parent_bsuid,
                 keys_changed_at=m.timestamp,
             )
+        )
+
+    @staticmethod
+    def _moved_in(holder: Conversation, own: Conversation | None, m: InboundMessage) -> bool:
+        """Is ``holder`` of the new number this person's conversation since the change?
+
+        A new number comes with a new BSUID that a ``user_changed_number`` need not name
+        (META.md §3b): its first messages, delivered before the change, started a
+        conversation under it. A recycled number's previous owner wrote from it before the
+        change, never after (it was no longer theirs); this one writes after. Not when the
+        change names the new BSUID, nor when it is older than one already applied."""
+        change = m.change
+        assert change is not None
+        return (
+            change.new_bsuid is None
+            and holder.last_inbound_at is not None
+            and holder.last_inbound_at > m.timestamp
+            and (own is None or (own.keys_changed_at or 0.0) <= m.timestamp)
         )
 
     def _restore(self, own: Conversation, previous_bsuid: str) -> Conversation:
