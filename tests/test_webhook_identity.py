@@ -698,3 +698,50 @@ async def test_a_late_number_change_that_names_no_new_bsuid_merges_what_came_aft
         {"phoneE164": "+628120000001"},
     ):
         assert clid_of(await converted(client, **identity)) == "q-click", identity
+
+
+async def test_two_number_changes_arriving_newest_first_stay_one_conversation(
+    client: Client,
+) -> None:
+    # Found by review: the second change, arriving first, started a conversation on the
+    # newest number; the first, arriving next, started another on the number between, and
+    # the click went there: conversions by the newest number were 422 missing_ctwa_clid.
+    now = time.time()
+    first = system_message("w.R1", "user_changed_number", wa_id="447700900101", bsuid="GB.R1",
+                           new_wa_id="447700900102", previous_bsuid="GB.R1",
+                           ts=now - 3000)  # fmt: skip
+    second = system_message("w.R2", "user_changed_number", wa_id="447700900102", bsuid="GB.R2",
+                            new_wa_id="447700900103", previous_bsuid="GB.R2",
+                            ts=now - 600)  # fmt: skip
+    await post_signed(client, one(second))
+    await post_signed(client, one(first))
+    await wrote(client, "447700900101", "w.R0", now - 3600, "GB.R1", "r-click")
+    await wrote(client, "447700900103", "w.R3", now - 60, "GB.R3")
+    assert await live(client) == [("447700900103", "GB.R3", "r-click")]
+    for identity in (
+        {"phoneE164": "+447700900103"},
+        {"businessScopedUserId": "GB.R3"},
+        {"phoneE164": "+447700900102"},
+        {"businessScopedUserId": "GB.R2"},
+        {"phoneE164": "+447700900101"},
+        {"businessScopedUserId": "GB.R1"},
+    ):
+        assert clid_of(await converted(client, **identity)) == "r-click", identity
+
+
+async def test_a_late_change_keeps_the_bsuids_it_names(client: Client) -> None:
+    # Found by review: a change older than the one applied kept only its phones, and the
+    # BSUID it named as the previous one found nothing (404).
+    now = time.time()
+    await wrote(client, "447700900201", "w.S0", now - 3600, "GB.S1", "s-click")
+    await post_signed(client, one(system_message(
+        "w.S1", "user_changed_number", wa_id="447700900201", bsuid="GB.S1",
+        new_wa_id="447700900202", previous_bsuid="GB.S1", ts=now - 3000)))  # fmt: skip
+    await wrote(client, "447700900202", "w.S3", now - 1200, "GB.S3")
+    await post_signed(client, one(system_message(
+        "w.S4", "user_changed_user_id", wa_id="447700900202", new_bsuid="GB.S4",
+        previous_bsuid="GB.S3", ts=now - 600)))  # fmt: skip
+    await post_signed(client, one(system_message(
+        "w.S2", "user_changed_user_id", new_bsuid="GB.S3", previous_bsuid="GB.S2",
+        ts=now - 1800)))  # fmt: skip
+    assert clid_of(await converted(client, businessScopedUserId="GB.S2")) == "s-click"

@@ -279,6 +279,7 @@ class Identities:
         )
         if change.kind == "user_id" and own is not None and change.previous_bsuid:
             own = self._restore(own, change.previous_bsuid)
+        own = self._with_later(own, m)
         # The BSUID it was sent under, unless the change names that as the previous one.
         sender = m.bsuid if m.bsuid != change.previous_bsuid else None
         if change.kind == "number":
@@ -312,6 +313,8 @@ class Identities:
             # the newer change stands.
             self._alias(own, "phone", m.phone if m.phone != own.wa_id else None)
             self._alias(own, "phone", new_phone if new_phone != own.wa_id else None)
+            for bsuid in (change.previous_bsuid, m.bsuid, change.new_bsuid):
+                self._alias(own, "bsuid", bsuid if bsuid != own.bsuid else None)
             return own
         if change.kind == "number":
             # A new number comes with a new BSUID (META.md §3b); until a message brings it, the
@@ -330,12 +333,45 @@ class Identities:
                 own = self._put(msgspec.structs.replace(own, bsuid=None))
         else:
             new_bsuid = change.new_bsuid
+            if change.previous_bsuid not in (own.bsuid, new_bsuid):
+                # One the conversation never had (keyed by phone since a number change).
+                self._alias(own, "bsuid", change.previous_bsuid)
         rekeyed = self._rekey(own, phone=new_phone, bsuid=new_bsuid)
         return self._put(
             msgspec.structs.replace(
                 rekeyed,
                 parent_bsuid=change.new_parent_bsuid or rekeyed.parent_bsuid,
                 keys_changed_at=m.timestamp,
+            )
+        )
+
+    def _with_later(self, own: Conversation | None, m: InboundMessage) -> Conversation | None:
+        """Join ``own`` with the conversation this person's later changes started.
+
+        Changes may arrive out of order: a later one, arriving first, started a conversation
+        that has this change's new number or BSUID as a former one, and changed after this
+        one. That is where the person is now: the two are merged (the click decides which
+        stays, as in any merge) under the later change's identifiers."""
+        change = m.change
+        assert change is not None
+        new_phone = change.new_phone if change.kind == "number" else None
+        later = self._formerly(m.account_id, bsuid=change.new_bsuid) or self._formerly(
+            m.account_id, phone=new_phone
+        )
+        if later is None or (later.keys_changed_at or 0.0) <= m.timestamp:
+            return own
+        if own is None or own.id == later.id:
+            return later
+        survivor = self._merge(own, later)
+        for c in (own, survivor):
+            self._alias(survivor, "phone", c.wa_id if c.wa_id != later.wa_id else None)
+            self._alias(survivor, "bsuid", c.bsuid if c.bsuid != later.bsuid else None)
+        return self._put(
+            msgspec.structs.replace(
+                survivor,
+                wa_id=later.wa_id,
+                bsuid=later.bsuid,
+                keys_changed_at=later.keys_changed_at,
             )
         )
 
