@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP gateway")
     _add_config(serve)
     serve.add_argument("--host", help="override [server] host")
-    serve.add_argument("--port", type=int, help="override [server] port")
+    serve.add_argument("--port", type=_port, help="override [server] port")
 
     send = sub.add_parser("send", help="run events through the pipeline without HTTP")
     _add_config(send)
@@ -298,11 +298,13 @@ def _serve(
             dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6(),
         )
     except OSError as exc:
-        print(
-            f"ctwa-gateway: cannot listen on {host}:{port}:"
-            f" {os.strerror(exc.errno) if exc.errno else exc}",
-            file=sys.stderr,
-        )
+        # A host that does not resolve carries a resolver code (negative), which
+        # os.strerror renders as "Unknown error -2"; the resolver's own text names it.
+        if exc.errno is not None and exc.errno < 0:
+            reason = str(exc.strerror).split(" (while attempting", 1)[0]
+        else:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"ctwa-gateway: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
         return 2
     # Until the loop's own handlers are in place: a reload must not kill us, and a stop is
     # kept and honoured once the app has started, as a clean shutdown (not death by signal).
@@ -454,6 +456,16 @@ def _positive(value: str) -> int:
 
 
 _MOST = 1_000_000
+
+
+def _port(value: str) -> int:
+    # As [server] port: out of range, the bind raised OverflowError, a traceback.
+    if not (value.isascii() and value.isdigit()) or int(value) > _LAST_PORT:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port: a number from 0 to 65535")
+    return int(value)
+
+
+_LAST_PORT = 65535
 
 
 def _since(value: str) -> float:

@@ -206,6 +206,37 @@ def test_a_port_in_use_is_one_line_and_exit_2(config_file: Path, tmp_path: Path)
     assert not (tmp_path / "cli.sqlite3").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--port", "99999"], "argument --port: '99999' is not a port: a number from 0 to 65535"),
+        (["--port", "-1"], "argument --port: '-1' is not a port: a number from 0 to 65535"),
+        (
+            ["--host", "no-such-host.invalid", "--port", "0"],
+            "ctwa-gateway: cannot listen on no-such-host.invalid:0: ",
+        ),
+    ],
+)
+def test_an_address_that_cannot_be_served_is_one_line_and_exit_2(
+    tmp_path: Path, flags: list[str], expected: str
+) -> None:
+    # A port out of range was a traceback (OverflowError from bind), and a host that does
+    # not resolve said "Unknown error -2".
+    raw = base_config(tmp_path / "cli.sqlite3")
+    raw["metrics"] = {"public": True}  # a host off loopback passes startup's checks
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_bytes(tomli_w.dumps(raw).encode())
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config_file), *flags],
+        capture_output=True, text=True, env={**os.environ, **ENV}, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "Unknown error" not in done.stderr
+    assert expected in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "cli.sqlite3").exists()
+
+
 def test_a_dry_run_on_a_mistyped_store_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
