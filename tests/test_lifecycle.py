@@ -6,8 +6,11 @@ import asyncio
 import hashlib
 import json
 import os
+import shlex
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -416,3 +419,84 @@ def test_cli_backup_restore_and_stats(
     assert f"kept at {aside}" in said.out
     assert f"warning: 1 erasures were made after this backup was taken (#{erasure} " in said.err
     assert DIGITS not in said.out + said.err
+
+
+def _limited(command: list[str], config_file: Path, kib: int) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a process that may write files of at most ``kib`` KiB (a full disk:
+    SQLite fails as it does on one, and Python ignores SIGXFSZ)."""
+    cli = shlex.join([sys.executable, "-m", "gateway", *command, "--config", str(config_file)])
+    return subprocess.run(
+        ["/bin/sh", "-c", f"ulimit -f {kib * 2} && exec {cli}"],
+        capture_output=True, text=True, env={**os.environ, **ENV}, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.sqlite_only("backup and restore are commands of the SQLite file")
+def test_a_backup_or_restore_that_cannot_write_says_so_and_leaves_nothing_half_done(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    # Found by review: a full disk (or a read-only folder) made backup and restore print a
+    # traceback, and a restore whose copy aside failed left an empty "before-restore" file
+    # beside the store, looking like the copy it promised to keep.
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(tomli_w.dumps(config))
+    asyncio.run(seed_person(config))
+    store = Path(config["store"]["path"])
+    copy = tmp_path / "backups" / "copy.sqlite3"
+    copy.parent.mkdir()
+    assert main(["backup", "--config", str(config_file), str(copy)], environ=ENV) == 0
+    kib = copy.stat().st_size // 1024 // 2
+
+    done = _limited(["backup", str(copy)], config_file, kib)
+    assert done.returncode == 2
+    # SQLite's own words for it (here "disk I/O error"), between what and what to do.
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"ctwa-gateway: cannot write {copy}: ")
+    assert line.endswith("; an earlier backup there is left as it was")
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.sqlite3"]
+    assert restore(copy, tmp_path / "check.sqlite3").version > 0  # the earlier one, whole
+
+    before = store.read_bytes()
+    done = _limited(["restore", str(copy)], config_file, kib)
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"ctwa-gateway: cannot keep the current store aside at {store}.")
+    assert line.endswith(
+        f"; nothing was changed: make room (or give write access) in {store.parent},"
+        " then restore again"
+    )
+    assert list(store.parent.glob("*.before-restore-*")) == []
+    assert store.read_bytes() == before
+
+    fresh = tmp_path / "new-host" / "gateway.sqlite3"
+    config_file.write_text(tomli_w.dumps({**config, "store": {"path": str(fresh)}}))
+    done = _limited(["restore", str(copy)], config_file, kib)
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"ctwa-gateway: cannot restore into {fresh}: ")
+    assert line.endswith(
+        f"; make room (or give write access) in {fresh.parent}, then restore again"
+    )
+    assert not fresh.exists()  # no empty store for the next start to serve
+
+
+@pytest.mark.sqlite_only("stats --store and backup are commands of the SQLite file")
+def test_stats_and_backup_of_a_store_that_cannot_be_read_name_the_store(
+    config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found by review: [store] path naming a file that is not a store made `stats --store`
+    # and `backup` print a traceback; a store this user could not open was reported by
+    # `backup` as "cannot write <the backup>".
+    store = Path(config["store"]["path"])
+    store.write_bytes(b"not a database at all" * 100)
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(tomli_w.dumps(config))
+    args = ["--config", str(config_file)]
+    target = tmp_path / "copy.sqlite3"
+    for command in (["stats", "--store"], ["backup", str(target)]):
+        assert main([*command, *args], environ=ENV) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"ctwa-gateway: cannot read the store {store}: file is not a database;"
+            " check [store] path"
+        ]
+    assert not target.exists()

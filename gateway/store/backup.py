@@ -66,14 +66,46 @@ def backup(store: Path, target: Path) -> int:
         raise UsageError(
             f"{target} is the store itself (or one of its files): back it up elsewhere"
         )
+    _check_readable(store)
     partial = target.with_name(target.name + ".partial")
-    partial.unlink(missing_ok=True)
     try:
-        _copy(store, partial)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)  # a copy that failed leaves nothing behind
+        partial.unlink(missing_ok=True)
+        try:
+            _copy(store, partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)  # a copy that failed leaves nothing behind
+    except (OSError, sqlite3.Error) as exc:
+        # A full disk, a read-only or someone else's folder: one line, not a traceback.
+        raise UsageError(
+            f"cannot write {target}: {_reason(exc)}; an earlier backup there is left as it was"
+        ) from None
     return target.stat().st_size
+
+
+def _reason(exc: OSError | sqlite3.Error) -> str:
+    """What went wrong, without the path the message already names."""
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+
+
+def _check_readable(store: Path) -> None:
+    """Raise UsageError if this user cannot read the store (before blaming anything else)."""
+    try:
+        conn = _connect(store)
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        # A reader of a store in WAL mode writes its -shm file: a read-only folder, or
+        # another user's, cannot be read either ("unable to open database file").
+        fix = (
+            f"reading it needs write access to {store.parent} too (SQLite's shared-memory"
+            " file): run it as the gateway's user"
+            if getattr(exc, "sqlite_errorname", "") == "SQLITE_CANTOPEN"
+            else "check [store] path"
+        )
+        raise UsageError(f"cannot read the store {store}: {exc}; {fix}") from None
 
 
 def _store_files(store: Path) -> set[Path]:
@@ -147,7 +179,14 @@ def restore(backup_path: Path, store: Path) -> Restored:
     if not store.parent.exists():
         store.parent.mkdir(mode=0o700, parents=True)
     lock = serving_lock(store, shared=False)
-    if not lock.acquire():
+    try:
+        free = lock.acquire()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot restore into {store}: {_reason(exc)}; restore needs write access to"
+            f" {store.parent}: run it as the gateway's user"
+        ) from None
+    if not free:
         raise ConfigError(
             f"a gateway is serving {store}: stop it (systemctl stop ctwa-gateway), then restore"
         )
@@ -156,23 +195,48 @@ def restore(backup_path: Path, store: Path) -> Restored:
         if store.exists():
             # Kept until the operator removes it: a restore must never lose the only copy.
             aside = store.with_name(f"{store.name}.before-restore-{int(time.time())}")
-            _copy(store, aside)
-        else:
-            os.close(os.open(store, os.O_CREAT | os.O_WRONLY, 0o600))
-        source = sqlite3.connect(f"file:{backup_path}?mode=ro", uri=True)
-        try:
-            target = _connect(store)
             try:
-                target.execute("PRAGMA journal_mode = WAL")
-                source.backup(target)
-                target.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                target.close()
-        finally:
-            source.close()
+                _copy(store, aside)
+            except (OSError, sqlite3.Error) as exc:
+                aside.unlink(missing_ok=True)  # a half copy is no copy
+                raise UsageError(
+                    f"cannot keep the current store aside at {aside}: {_reason(exc)};"
+                    f" nothing was changed: make room (or give write access) in {store.parent},"
+                    " then restore again"
+                ) from None
+        try:
+            if aside is None:
+                os.close(os.open(store, os.O_CREAT | os.O_WRONLY, 0o600))
+            _replace_contents(backup_path, store)
+        except (OSError, sqlite3.Error) as exc:
+            # SQLite swaps the pages in one transaction: the store is the old one or the
+            # backup, whole, and a restore run again starts over.
+            if aside is None:  # the store this made: none, as before
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    Path(f"{store}{suffix}").unlink(missing_ok=True)
+            kept = "" if aside is None else f" (the store it replaced is kept at {aside})"
+            raise UsageError(
+                f"cannot restore into {store}: {_reason(exc)}; make room (or give write access)"
+                f" in {store.parent}, then restore again{kept}"
+            ) from None
     finally:
         lock.release()
     return Restored(version, aside)
+
+
+def _replace_contents(backup_path: Path, store: Path) -> None:
+    """Copy the backup's pages over the store's, in one transaction."""
+    source = sqlite3.connect(f"file:{backup_path}?mode=ro", uri=True)
+    try:
+        target = _connect(store)
+        try:
+            target.execute("PRAGMA journal_mode = WAL")
+            source.backup(target)
+            target.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            target.close()
+    finally:
+        source.close()
 
 
 def erasures_after(replaced: Path, restored: Path) -> list[tuple[int, float, str]]:
@@ -204,6 +268,7 @@ def store_stats(store: Path) -> list[dict[str, Any]]:
     """Rows, bytes and the age of the oldest row, per table."""
     if not store.exists():
         raise ConfigError(f"no store at {store}: check [store] path")
+    _check_readable(store)
     conn = _connect(store)
     try:
         conn.execute("PRAGMA query_only = ON")
