@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import socket
+import sqlite3
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -44,7 +45,7 @@ from gateway.operations import (
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
 from gateway.runtime import new_event_loop, running
-from gateway.store.engines import describe
+from gateway.store.engines import describe, store_unavailable
 from gateway.validation import decode_conversion
 from gateway.wire import printable
 from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT, meta_request_body
@@ -271,6 +272,25 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     except UsageError as exc:
         print(f"ctwa-gateway: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not store_unavailable(exc):
+            raise
+        return _store_failed(exc)
+
+
+def _store_failed(exc: Exception) -> int:
+    """Say in one line that the store refused the work (a full disk, a lock held past its
+    timeout, a database gone), as the API's 503 does; return the exit status."""
+    # SQLite's messages are fixed texts ("database or disk is full"); a PostgreSQL error
+    # may quote the row it refused, so only its kind is shown.
+    reason = str(exc) if isinstance(exc, sqlite3.Error) else type(exc).__name__
+    print(
+        f"ctwa-gateway: the store cannot be written now ({reason}): what it refused was not"
+        " done. Free space on its disk, or wait for whoever holds it locked, then run the"
+        " command again (safe to repeat)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _serve(

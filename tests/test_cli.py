@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -235,6 +236,42 @@ def test_an_address_that_cannot_be_served_is_one_line_and_exit_2(
     assert "Unknown error" not in done.stderr
     assert expected in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "cli.sqlite3").exists()
+
+
+def test_a_store_that_refuses_the_write_is_one_line_and_exit_1(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found by review: a full disk or a store locked past its timeout made `erase` (and
+    # send, replay, prune...) print two chained tracebacks; the API answers the same as a
+    # 503 store_unavailable. Another process holds the write lock here.
+    db = tmp_path / "cli.sqlite3"
+    seed(db)
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        code = main(
+            ["erase", "--config", str(config_file), "--account", "acme", "--phone", "+16505551234"],
+            environ=ENV,
+        )
+    finally:
+        holder.close()
+    assert code == 1
+    said = capsys.readouterr()
+    assert said.out == ""
+    assert said.err.splitlines() == [
+        "ctwa-gateway: the store cannot be written now (database is locked): what it refused"
+        " was not done. Free space on its disk, or wait for whoever holds it locked, then run"
+        " the command again (safe to repeat)"
+    ]
+    # Nothing was erased: run again once the store is free, it is.
+    assert (
+        main(
+            ["erase", "--config", str(config_file), "--account", "acme", "--phone", "+16505551234"],
+            environ=ENV,
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["erased"]["conversations"] == 1
 
 
 def test_a_dry_run_on_a_mistyped_store_creates_nothing(

@@ -10,7 +10,6 @@ import itertools
 import math
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -31,7 +30,7 @@ from gateway.http.auth import FailureLimiter, IPNetwork, client_address
 from gateway.http.body import too_large
 from gateway.logs import bind, log_request, logged_id, logged_param, start_request_log
 from gateway.metrics import Metrics
-from gateway.store.postgres import BROKEN, StoreUnavailable
+from gateway.store.engines import store_unavailable
 from gateway.wire import ENCODER, ErrorBody, PlatformErrorBody
 
 __all__ = ["REQUEST_ID_HEADER", "Section", "error_response", "middlewares"]
@@ -162,7 +161,7 @@ def _answer_failure(
                 code="invalid_value",
             )
         )
-    if _store_unavailable(exc):
+    if store_unavailable(exc):
         # Disk full, database locked past its timeout, store closing: nothing was
         # acknowledged, so the client may retry safely (duplicates are answered as such).
         log.error("store_unavailable", error_type=type(exc).__name__, route=_route(request))
@@ -207,15 +206,6 @@ def _too_many_failures(wait: float) -> web.Response:
 # PostgreSQL's answers to values it cannot hold (SQLSTATE class 22: a NUL in text, a number
 # out of range): the request's data, not an outage.
 _UNSTORABLE = asyncpg.DataError
-
-
-def _store_unavailable(exc: Exception) -> bool:
-    # aiosqlite raises ValueError("Connection closed") for a store that is shutting down;
-    # asyncpg raises its own errors for a PostgreSQL that is gone, full or read-only, and the
-    # PostgreSQL store StoreUnavailable while it cannot connect again.
-    return isinstance(exc, (sqlite3.Error, asyncpg.PostgresError, StoreUnavailable, *BROKEN)) or (
-        type(exc) is ValueError and "Connection closed" in str(exc)
-    )
 
 
 def _route(request: web.Request) -> str | None:

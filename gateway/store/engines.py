@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
+
+import asyncpg
 
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.store.database import SqliteStore, Store
-from gateway.store.postgres import PostgresStore, redacted_url
+from gateway.store.postgres import BROKEN, PostgresStore, StoreUnavailable, redacted_url
 
-__all__ = ["describe", "open_location", "open_store"]
+__all__ = ["describe", "open_location", "open_store", "store_unavailable"]
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store failing (full, locked, gone), not the caller's mistake:
+    nothing it was writing was kept, and the same work may be tried again."""
+    # aiosqlite raises ValueError("Connection closed") for a store that is shutting down;
+    # asyncpg raises its own errors for a PostgreSQL that is gone, full or read-only, and the
+    # PostgreSQL store StoreUnavailable while it cannot connect again.
+    return isinstance(exc, (sqlite3.Error, asyncpg.PostgresError, StoreUnavailable, *BROKEN)) or (
+        type(exc) is ValueError and "Connection closed" in str(exc)
+    )
 
 
 async def open_store(
