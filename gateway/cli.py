@@ -284,6 +284,13 @@ def _store_failed(exc: Exception) -> int:
     # SQLite's messages are fixed texts ("database or disk is full"); a PostgreSQL error
     # may quote the row it refused, so only its kind is shown.
     reason = str(exc) if isinstance(exc, sqlite3.Error) else type(exc).__name__
+    if getattr(exc, "sqlite_errorname", "") in {"SQLITE_CORRUPT", "SQLITE_NOTADB"}:
+        print(
+            f"ctwa-gateway: the store is damaged ({reason}): restore the latest backup"
+            " (ctwa-gateway restore PATH; the damaged file is kept aside)",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"ctwa-gateway: the store cannot be written now ({reason}): what it refused was not"
         " done. Free space on its disk, or wait for whoever holds it locked, then run the"

@@ -500,3 +500,44 @@ def test_stats_and_backup_of_a_store_that_cannot_be_read_name_the_store(
             " check [store] path"
         ]
     assert not target.exists()
+
+
+@pytest.mark.sqlite_only("restore is a command of the SQLite file")
+def test_a_restore_replaces_a_damaged_store_and_keeps_its_bytes(
+    config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found by review: the store a restore is for, one that is no database any more, was
+    # refused (a traceback: its copy aside went through SQLite, which cannot read it), and
+    # commands on a damaged one said to free space.
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(tomli_w.dumps(config))
+    args = ["--config", str(config_file)]
+    asyncio.run(seed_person(config))
+    copy = tmp_path / "copy.sqlite3"
+    assert main(["backup", *args, str(copy)], environ=ENV) == 0
+    store = Path(config["store"]["path"])
+
+    # Pages overwritten (the header still says SQLite): commands say it is damaged.
+    with store.open("r+b") as file:
+        file.seek(4096)
+        file.write(b"\xff" * 16384)
+    capsys.readouterr()
+    assert main(["stats", "--store", *args], environ=ENV) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "ctwa-gateway: the store is damaged (database disk image is malformed): restore the"
+        " latest backup (ctwa-gateway restore PATH; the damaged file is kept aside)"
+    ]
+
+    garbage = b"not a database at all" * 100
+    store.write_bytes(garbage)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{store}{suffix}").unlink(missing_ok=True)
+    assert main(["restore", *args, str(copy)], environ=ENV) == 0
+    (aside,) = store.parent.glob("*.before-restore-*")
+    assert f"kept at {aside}" in capsys.readouterr().out
+    assert aside.read_bytes() == garbage
+    assert stat.S_IMODE(aside.stat().st_mode) == 0o600
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
+    assert main(["stats", "--store", "--json", *args], environ=ENV) == 0
+    tables = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {t["table"]: t["rows"] for t in tables}["conversations"] == 1

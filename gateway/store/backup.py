@@ -10,6 +10,7 @@ version knows) and refuses to run while a gateway serves the store.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -192,26 +193,19 @@ def restore(backup_path: Path, store: Path) -> Restored:
         )
     aside = None
     try:
-        if store.exists():
+        made = not store.exists()
+        if not made:
             # Kept until the operator removes it: a restore must never lose the only copy.
             aside = store.with_name(f"{store.name}.before-restore-{int(time.time())}")
-            try:
-                _copy(store, aside)
-            except (OSError, sqlite3.Error) as exc:
-                aside.unlink(missing_ok=True)  # a half copy is no copy
-                raise UsageError(
-                    f"cannot keep the current store aside at {aside}: {_reason(exc)};"
-                    f" nothing was changed: make room (or give write access) in {store.parent},"
-                    " then restore again"
-                ) from None
+            made = _keep_aside(store, aside)
         try:
-            if aside is None:
+            if made:
                 os.close(os.open(store, os.O_CREAT | os.O_WRONLY, 0o600))
             _replace_contents(backup_path, store)
         except (OSError, sqlite3.Error) as exc:
             # SQLite swaps the pages in one transaction: the store is the old one or the
             # backup, whole, and a restore run again starts over.
-            if aside is None:  # the store this made: none, as before
+            if made:  # the store this made: none, as before
                 for suffix in ("", "-wal", "-shm", "-journal"):
                     Path(f"{store}{suffix}").unlink(missing_ok=True)
             kept = "" if aside is None else f" (the store it replaced is kept at {aside})"
@@ -222,6 +216,46 @@ def restore(backup_path: Path, store: Path) -> Restored:
     finally:
         lock.release()
     return Restored(version, aside)
+
+
+# What SQLite says of a file that is no database, or a damaged one: what a restore is for.
+_DAMAGED = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
+
+
+def _keep_aside(store: Path, aside: Path) -> bool:
+    """Copy the store to ``aside``. A damaged store is kept as its bytes and taken out of the
+    way: return True, and the backup goes into a new file."""
+    try:
+        try:
+            _copy(store, aside)
+            return False
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorname", "") not in _DAMAGED:
+                raise
+            aside.unlink()  # what the copy began
+        for suffix in ("", "-wal"):  # its log beside it, as SQLite would pair them
+            if Path(f"{store}{suffix}").exists():
+                _copy_bytes(Path(f"{store}{suffix}"), Path(f"{aside}{suffix}"))
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{store}{suffix}").unlink(missing_ok=True)
+        return True
+    except (OSError, sqlite3.Error) as exc:
+        for suffix in ("", "-wal"):
+            Path(f"{aside}{suffix}").unlink(missing_ok=True)  # a half copy is no copy
+        raise UsageError(
+            f"cannot keep the current store aside at {aside}: {_reason(exc)};"
+            f" nothing was changed: make room (or give write access) in {store.parent},"
+            " then restore again"
+        ) from None
+
+
+def _copy_bytes(source: Path, target: Path) -> None:
+    """Copy a file as it is into a new file private to the user."""
+    with (
+        source.open("rb") as read,
+        open(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "wb") as write,
+    ):
+        shutil.copyfileobj(read, write)
 
 
 def _replace_contents(backup_path: Path, store: Path) -> None:
