@@ -484,10 +484,12 @@ def test_a_backup_or_restore_that_cannot_write_says_so_and_leaves_nothing_half_d
 def test_stats_and_backup_of_a_store_that_cannot_be_read_name_the_store(
     config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Found by review: [store] path naming a file that is not a store made `stats --store`
-    # and `backup` print a traceback; a store this user could not open was reported by
-    # `backup` as "cannot write <the backup>".
+    # Found by review: [store] path naming a file that is not a store, or a folder, made
+    # `stats --store`, `backup` and `restore` print a traceback.
+    asyncio.run(seed_person(config))
     store = Path(config["store"]["path"])
+    copy = tmp_path / "good.sqlite3"
+    backup(store, copy)
     store.write_bytes(b"not a database at all" * 100)
     config_file = tmp_path / "gateway.toml"
     config_file.write_text(tomli_w.dumps(config))
@@ -496,8 +498,17 @@ def test_stats_and_backup_of_a_store_that_cannot_be_read_name_the_store(
     for command in (["stats", "--store"], ["backup", str(target)]):
         assert main([*command, *args], environ=ENV) == 2
         assert capsys.readouterr().err.splitlines() == [
-            f"ctwa-gateway: cannot read the store {store}: file is not a database;"
-            " check [store] path"
+            f"ctwa-gateway: configuration error: [store] path {store} is not an SQLite database"
+        ]
+    # A folder: said as serve says it, not "unable to open" and advice about write access
+    # (nor, for restore, "make room").
+    store.unlink()
+    store.mkdir()
+    for command in (["stats", "--store"], ["backup", str(target)], ["restore", str(copy)]):
+        assert main([*command, *args], environ=ENV) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"ctwa-gateway: configuration error: [store] path {store} is a folder;"
+            " name a file in it"
         ]
     assert not target.exists()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from gateway.errors import ConfigError, UsageError
+from gateway.store.database import check_store_path
 from gateway.store.locks import serving_lock
 from gateway.store.schema import MIGRATIONS
 
@@ -91,6 +92,7 @@ def _reason(exc: OSError | sqlite3.Error) -> str:
 
 def _check_readable(store: Path) -> None:
     """Raise UsageError if this user cannot read the store (before blaming anything else)."""
+    check_store_path(store)  # a folder, or a file that is no SQLite database: say so
     try:
         conn = _connect(store)
         try:
@@ -176,6 +178,8 @@ class Restored(NamedTuple):
 def restore(backup_path: Path, store: Path) -> Restored:
     """Replace the store's contents with a verified backup."""
     version = verify(backup_path)
+    if store.is_dir():
+        raise ConfigError(f"[store] path {store} is a folder; name a file in it")
     # A fresh host has no folder yet, and the lock file lives in it.
     if not store.parent.exists():
         store.parent.mkdir(mode=0o700, parents=True)
