@@ -160,6 +160,15 @@ async def probe(
     return 1 if any(r.verdict == "error" for r in results) else 0
 
 
+# The erasure API's parameters, as `erase` spells them.
+_ERASE_FLAGS = {
+    "phoneE164": "--phone",
+    "businessScopedUserId": "--bsuid",
+    "conversationId": "--conversation",
+    "suppress": "--suppress",
+}
+
+
 async def erase_person(
     settings: Settings, plugins: Plugins, env: Mapping[str, str], args: argparse.Namespace
 ) -> int:
@@ -190,7 +199,11 @@ async def erase_person(
                 pipeline.store, account, target, actor="cli", suppress=args.suppress
             )
     except GatewayError as exc:
-        raise UsageError(exc.message) from None
+        # The API's words name its parameters; here the person was named with flags.
+        message = exc.message
+        for name, flag in _ERASE_FLAGS.items():
+            message = message.replace(f"`{name}`", f"`{flag}`")
+        raise UsageError(message) from None
     answer = ErasureAnswer(
         erasure_id=erasure_id, erased=counts, suppressed=args.suppress, file_cleared=cleared
     )

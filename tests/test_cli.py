@@ -274,6 +274,27 @@ def test_a_store_that_refuses_the_write_is_one_line_and_exit_1(
     assert json.loads(capsys.readouterr().out)["erased"]["conversations"] == 1
 
 
+def test_erase_mistakes_name_the_flags_that_were_typed(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found by review: `erase --phone +1` answered "Invalid `phoneE164`", the API's
+    # parameter, which the operator never typed.
+    seed(tmp_path / "cli.sqlite3")
+    args = ["erase", "--config", str(config_file), "--account", "acme"]
+    for flags, flag in (
+        (["--phone", "+1"], "--phone"),
+        (["--bsuid", "abc"], "--bsuid"),
+        (["--conversation", ""], "--conversation"),
+    ):
+        assert main([*args, *flags], environ=ENV) == 2
+        said = capsys.readouterr()
+        assert said.out == ""
+        (line,) = said.err.splitlines()
+        assert f"`{flag}`" in line
+        for name in ("phoneE164", "businessScopedUserId", "conversationId"):
+            assert name not in line
+
+
 def test_a_dry_run_on_a_mistyped_store_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
