@@ -341,6 +341,7 @@ def _serve(
     app.on_startup.append(stop.replay)
     loop, kind = new_event_loop(settings.server.event_loop)
     shown = f"[{host}]" if ipv6 else host
+    port = sock.getsockname()[1]  # port 0: the one the system chose, which is the one to call
     print(
         f"ctwa-gateway listening on http://{shown}:{port} ({kind} event loop)",
         file=sys.stderr,

@@ -295,6 +295,35 @@ def test_erase_mistakes_name_the_flags_that_were_typed(
             assert name not in line
 
 
+def test_serve_on_port_0_says_the_port_it_got(config_file: Path) -> None:
+    # Found by review: `--port 0` (or [server] port = 0) printed "listening on
+    # http://127.0.0.1:0": the address to call was nowhere.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config_file), "--port", "0"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV},
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert first.startswith("ctwa-gateway listening on http://127.0.0.1:"), first
+        port = int(first.split("127.0.0.1:")[1].split()[0])
+        assert port != 0
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
 def test_a_dry_run_on_a_mistyped_store_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
