@@ -272,6 +272,11 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     except UsageError as exc:
         print(f"ctwa-gateway: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Whoever read the output stopped (`stats --store | head`): not a failure to report.
+        # Python would report it again flushing stdout at exit: that goes nowhere now.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:
         if not store_unavailable(exc):
             raise

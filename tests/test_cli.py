@@ -324,6 +324,24 @@ def test_serve_on_port_0_says_the_port_it_got(config_file: Path) -> None:
     assert proc.returncode == 0
 
 
+def test_output_cut_short_by_its_reader_is_no_traceback(config_file: Path, tmp_path: Path) -> None:
+    # Found by review: `ctwa-gateway stats --store | head -1` (or `webhooks list | head`)
+    # ended in a BrokenPipeError traceback.
+    seed(tmp_path / "cli.sqlite3")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes a line
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "stats", "--store", "--config", str(config_file)],
+            stdout=write, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV},
+            timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.stderr == ""
+    assert done.returncode == 1
+
+
 def test_a_dry_run_on_a_mistyped_store_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
