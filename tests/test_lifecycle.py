@@ -552,3 +552,31 @@ def test_a_restore_replaces_a_damaged_store_and_keeps_its_bytes(
     assert main(["stats", "--store", "--json", *args], environ=ENV) == 0
     tables = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {t["table"]: t["rows"] for t in tables}["conversations"] == 1
+
+
+@pytest.mark.sqlite_only("restore is a command of the SQLite file")
+def test_restores_in_the_same_second_keep_each_replaced_store(
+    db_path: Path, tmp_path: Path
+) -> None:
+    # Found by review: the copy kept aside is named by the second; a second restore within it
+    # wrote its copy over the first one's, and the store the first replaced (the only copy
+    # of what it held) was gone.
+    async def make_store() -> None:
+        await (await SqliteStore.open(db_path)).close()
+
+    asyncio.run(make_store())
+    copy = tmp_path / "copy.sqlite3"
+    backup(db_path, copy)
+    conn = sqlite3.connect(db_path)  # what only the store the first restore replaces holds
+    conn.execute("CREATE TABLE only_in_the_original (n INTEGER)")
+    conn.commit()
+    conn.close()
+    asides = [restore(copy, db_path).aside for _ in range(3)]  # well within two seconds
+    assert len(set(asides)) == 3
+    assert all(a is not None and a.exists() for a in asides)
+    first = sqlite3.connect(f"file:{asides[0]}?mode=ro", uri=True)
+    try:
+        names = {row[0] for row in first.execute("SELECT name FROM sqlite_master")}
+    finally:
+        first.close()
+    assert "only_in_the_original" in names

@@ -200,7 +200,7 @@ def restore(backup_path: Path, store: Path) -> Restored:
         made = not store.exists()
         if not made:
             # Kept until the operator removes it: a restore must never lose the only copy.
-            aside = store.with_name(f"{store.name}.before-restore-{int(time.time())}")
+            aside = _unused(store.with_name(f"{store.name}.before-restore-{int(time.time())}"))
             made = _keep_aside(store, aside)
         try:
             if made:
@@ -220,6 +220,16 @@ def restore(backup_path: Path, store: Path) -> Restored:
     finally:
         lock.release()
     return Restored(version, aside)
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or else ``path-2``, ``path-3``...: the first name no file has. A restore in
+    the same second as the last must not write over the store that one kept aside."""
+    candidate, n = path, 1
+    while candidate.exists() or Path(f"{candidate}-wal").exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 # What SQLite says of a file that is no database, or a damaged one: what a restore is for.
