@@ -24,7 +24,7 @@ from gateway.http.render import iso_time
 from gateway.plugin_manager import Plugins
 from gateway.probe import FAQ_EVENT_NAMES, GraphSettings, probe_event_names
 from gateway.runtime import housekeep, running
-from gateway.store.backup import backup, erasures_after, restore, store_stats
+from gateway.store.backup import backup, carry_deliveries, erasures_after, restore, store_stats
 from gateway.store.copy import copy_store
 from gateway.store.engines import open_location
 from gateway.wire import ErasureAnswer
@@ -232,6 +232,14 @@ def restore_store(settings: Settings, args: argparse.Namespace) -> int:
     done = restore(Path(args.path), store)
     print(f"restored {args.path} (schema {done.version}) to {store}")
     if done.aside is not None:
+        carried = carry_deliveries(done.aside, store)
+        if carried:
+            sinks = ", ".join(f"{sink} {n}" for sink, n in sorted(carried.items()))
+            print(
+                f"{sum(carried.values())} deliveries still pending in the backup were made since"
+                f" by the store it replaced ({sinks}): taken over from it, so they are not sent"
+                " again (Meta would count them twice)"
+            )
         later = erasures_after(done.aside, store)
         if later:
             ids = ", ".join(f"#{pk} ({iso_time(at)}, {account})" for pk, at, account in later)

@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient
 from gateway import DeliveryOptions, QueuedEvent, SendOutcome, hash_email, hookimpl
 from gateway.cli import main
 from gateway.config import parse_settings
+from gateway.domain import SinkState, StoredEvent
 from gateway.errors import ConfigError, UsageError
 from gateway.store.backup import backup, restore
 from gateway.store.database import SqliteStore
@@ -419,6 +420,79 @@ def test_cli_backup_restore_and_stats(
     assert f"kept at {aside}" in said.out
     assert f"warning: 1 erasures were made after this backup was taken (#{erasure} " in said.err
     assert DIGITS not in said.out + said.err
+
+
+def _event(event_id: str) -> StoredEvent:
+    return StoredEvent(
+        pk=0,
+        status="pending",
+        account_id="acme",
+        event_id=event_id,
+        event_name="Purchase",
+        conversation_id="conv_1",
+        event_time=int(time.time()),
+        event={"event_name": "Purchase", "event_id": event_id},
+        test_event_code=None,
+        received_at=time.time(),
+        duration_ms=1.0,
+        deliveries={"meta_capi": SinkState(status="pending")},
+    )
+
+
+@pytest.mark.sqlite_only("backup and restore are commands of the SQLite file")
+def test_a_restore_takes_over_deliveries_made_since_the_backup(
+    config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by review: deliveries pending in a backup but made since by the store it replaced
+    were sent to Meta again at the next start, and Meta counts each of them twice."""
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(tomli_w.dumps(config))
+    args = ["--config", str(config_file)]
+    settings = parse_settings(config)
+
+    async def accept(*event_ids: str) -> list[int]:
+        store = await open_store(settings, ENV)
+        try:
+            return [(await store.insert_event(_event(e)))[0].pk for e in event_ids]
+        finally:
+            await store.close()
+
+    async def deliver(pk: int) -> None:
+        store = await open_store(settings, ENV)
+        try:
+            sent = SinkState(status="delivered", attempts=1, trace_id="AbC123", events_received=1)
+            await store.update_deliveries(pk, {"meta_capi": sent})
+        finally:
+            await store.close()
+
+    sent_pk, _ = asyncio.run(accept("sent-since", "never-sent"))
+    copy = tmp_path / "copy.sqlite3"
+    assert main(["backup", *args, str(copy)], environ=ENV) == 0
+    # Nothing made since: nothing to take over, and nothing said of it.
+    assert main(["restore", *args, str(copy)], environ=ENV) == 0
+    assert "deliveries still pending" not in capsys.readouterr().out
+    asyncio.run(deliver(sent_pk))
+    assert main(["restore", *args, str(copy)], environ=ENV) == 0
+    said = capsys.readouterr().out
+    assert "1 deliveries still pending in the backup were made since" in said
+    assert "(meta_capi 1)" in said
+    conn = sqlite3.connect(config["store"]["path"])
+    try:
+        deliveries = dict(
+            conn.execute(
+                "SELECT e.event_id, d.status || ' ' || d.attempts || ' '"
+                " || COALESCE(d.trace_id, '') FROM deliveries d JOIN events e ON e.pk = d.event_pk"
+            ).fetchall()
+        )
+        statuses = dict(conn.execute("SELECT event_id, status FROM events").fetchall())
+        counts = dict(
+            conn.execute("SELECT status, deliveries FROM delivery_counts WHERE sink = 'meta_capi'")
+        )
+    finally:
+        conn.close()
+    assert deliveries == {"sent-since": "delivered 1 AbC123", "never-sent": "pending 0 "}
+    assert statuses == {"sent-since": "delivered", "never-sent": "pending"}
+    assert {k: v for k, v in counts.items() if v} == {"delivered": 1, "pending": 1}
 
 
 def _limited(command: list[str], config_file: Path, kib: int) -> subprocess.CompletedProcess[str]:

@@ -15,11 +15,12 @@ import sqlite3
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import quote
 
 from gateway.errors import ConfigError, UsageError
 from gateway.store.database import check_store_path
 from gateway.store.locks import serving_lock
-from gateway.store.schema import MIGRATIONS
+from gateway.store.schema import MIGRATIONS, UPDATE_EVENT_STATUS
 
 __all__ = ["Restored", "backup", "erasures_after", "restore", "store_stats", "verify"]
 
@@ -302,6 +303,51 @@ def erasures_after(replaced: Path, restored: Path) -> list[tuple[int, float, str
     finally:
         conn.close()
     return [(int(pk), float(at), str(account)) for pk, at, account in rows]
+
+
+def carry_deliveries(replaced: Path, restored: Path) -> dict[str, int]:
+    """Take over, from the store a restore replaced, the deliveries it made that the restored
+    one still has pending (per sink, how many): the destination has them, and Meta does not
+    deduplicate, so sending them again would count each conversion twice. The state is taken
+    whole (attempts, trace id, Meta's count); the events' statuses and the counts follow."""
+    conn = sqlite3.connect(f"file:{quote(str(restored))}", uri=True, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("ATTACH DATABASE ? AS replaced", (f"file:{quote(str(replaced))}?mode=ro",))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute(_DELIVERED_SINCE).fetchall()
+            conn.executemany(_TAKE_OVER, [(*row[2:], row[0], row[1]) for row in rows])
+            conn.executemany(UPDATE_EVENT_STATUS, [(pk, pk) for pk in {row[0] for row in rows}])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    except sqlite3.DatabaseError:
+        return {}  # not a store (a restore onto a damaged file): nothing to take over
+    finally:
+        conn.close()
+    carried: dict[str, int] = {}
+    for _, sink, *_ in rows:
+        carried[sink] = carried.get(sink, 0) + 1
+    return carried
+
+
+# Pending here, delivered there: the same event (account and eventId), the same sink.
+_DELIVERED_SINCE = (
+    "SELECT d.event_pk, d.sink, r.status, r.attempts, r.payload, r.error, r.error_code,"
+    " r.trace_id, r.events_received, r.warnings, r.updated_at"
+    " FROM main.deliveries d JOIN main.events e ON e.pk = d.event_pk"
+    " JOIN replaced.events re ON re.account_id = e.account_id AND re.event_id = e.event_id"
+    " JOIN replaced.deliveries r ON r.event_pk = re.pk AND r.sink = d.sink"
+    " WHERE d.status = 'pending' AND r.status = 'delivered'"
+)
+_TAKE_OVER = (
+    "UPDATE main.deliveries SET status = ?, attempts = ?, payload = ?, error = ?,"
+    " error_code = ?, trace_id = ?, events_received = ?, warnings = ?, updated_at = ?,"
+    " next_attempt_at = NULL, claimed_by = NULL, claim_until = NULL"
+    " WHERE event_pk = ? AND sink = ?"
+)
 
 
 def _read_one(path: Path, sql: str) -> Any:
