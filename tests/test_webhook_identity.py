@@ -745,3 +745,31 @@ async def test_a_late_change_keeps_the_bsuids_it_names(client: Client) -> None:
         "w.S2", "user_changed_user_id", new_bsuid="GB.S3", previous_bsuid="GB.S2",
         ts=now - 1800)))  # fmt: skip
     assert clid_of(await converted(client, businessScopedUserId="GB.S2")) == "s-click"
+
+
+async def test_a_late_move_onto_a_recycled_number_never_joins_its_previous_owner(
+    client: Client,
+) -> None:
+    # Found by review: D left 15550001002 (changed to ...003), the number was recycled to A,
+    # and A's move onto it reached us after D's next change. A's change took D's conversation
+    # (which has the number as a former one, changed after A's move) for A's own later one and
+    # merged them: conversions by D's number went to A's click, and A's to D's.
+    now = time.time()
+    await wrote(client, "15550001002", "w.T1", now - 5000, "US.D1", "d-click")
+    await post_signed(client, one(system_message(
+        "w.T2", "user_changed_number", wa_id="15550001002", bsuid="US.D1",
+        new_wa_id="15550001003", new_bsuid="US.D2", previous_bsuid="US.D1",
+        ts=now - 4000)))  # fmt: skip
+    await wrote(client, "15550001001", "w.T3", now - 3500, "US.A1", "a-click")
+    await post_signed(client, one(system_message(
+        "w.T5", "user_changed_user_id", wa_id="15550001003", new_bsuid="US.D3",
+        previous_bsuid="US.D2", ts=now - 2000)))  # fmt: skip
+    late = system_message("w.T4", "user_changed_number", wa_id="15550001001", bsuid="US.A1",
+                          new_wa_id="15550001002", new_bsuid="US.A2", previous_bsuid="US.A1",
+                          ts=now - 3000)  # fmt: skip
+    answer = await post_signed(client, one(late))
+    assert answer["conversationsMerged"] == 0
+    for identity in ({"phoneE164": "+15550001003"}, {"businessScopedUserId": "US.D3"}):
+        assert clid_of(await converted(client, **identity)) == "d-click", identity
+    for identity in ({"phoneE164": "+15550001001"}, {"businessScopedUserId": "US.A2"}):
+        assert clid_of(await converted(client, **identity)) == "a-click", identity

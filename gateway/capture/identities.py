@@ -351,10 +351,14 @@ class Identities:
         Changes may arrive out of order: a later one, arriving first, started a conversation
         that has this change's new number or BSUID as a former one, and changed after this
         one. That is where the person is now: the two are merged (the click decides which
-        stays, as in any merge) under the later change's identifiers."""
+        stays, as in any merge) under the later change's identifiers.
+
+        By the new number only when the change names no new BSUID: a number is recycled, and
+        a conversation that left it may be its previous owner's, changed since; the person's
+        own later change, sent from the new number, names the new BSUID it had there."""
         change = m.change
         assert change is not None
-        new_phone = change.new_phone if change.kind == "number" else None
+        new_phone = change.new_phone if change.kind == "number" and not change.new_bsuid else None
         later = self._formerly(m.account_id, bsuid=change.new_bsuid) or self._formerly(
             m.account_id, phone=new_phone
         )
