@@ -773,3 +773,29 @@ async def test_a_late_move_onto_a_recycled_number_never_joins_its_previous_owner
         assert clid_of(await converted(client, **identity)) == "d-click", identity
     for identity in ({"phoneE164": "+15550001001"}, {"businessScopedUserId": "US.A2"}):
         assert clid_of(await converted(client, **identity)) == "a-click", identity
+
+
+async def test_a_move_off_a_recycled_number_never_takes_its_previous_owner_s_click(
+    client: Client,
+) -> None:
+    # E left 15550001012 (changed to ...019) and the number was recycled to A, who had no
+    # conversation with the business when moving off it in turn: A's change took E's
+    # conversation (the number is a former one of it) for A's own, and re-keyed it to A's
+    # new number: conversions by A's new number went to E's click.
+    now = time.time()
+    await wrote(client, "15550001012", "w.U1", now - 5000, "US.E1", "e-click")
+    await post_signed(client, one(system_message(
+        "w.U2", "user_changed_number", wa_id="15550001012", bsuid="US.E1",
+        new_wa_id="15550001019", new_bsuid="US.E2", previous_bsuid="US.E1",
+        ts=now - 4000)))  # fmt: skip
+    answer = await post_signed(client, one(system_message(
+        "w.U3", "user_changed_number", wa_id="15550001012", bsuid="US.A11",
+        new_wa_id="15550001013", new_bsuid="US.A12", previous_bsuid="US.A11",
+        ts=now - 3000)))  # fmt: skip
+    assert answer["conversationsCreated"] == 1
+    for identity in ({"phoneE164": "+15550001019"}, {"businessScopedUserId": "US.E2"}):
+        assert clid_of(await converted(client, **identity)) == "e-click", identity
+    resp = await client.post("/v1/whatsapp/conversions", headers=AUTH, json={
+        "accountId": "acme", "eventName": "LeadSubmitted", "eventId": "a-new-number",
+        "phoneE164": "+15550001013"})  # fmt: skip
+    assert resp.status == 422, await resp.text()  # A clicked no ad: E's click is not A's

@@ -274,7 +274,7 @@ class Identities:
             [
                 self._formerly(account, bsuid=change.previous_bsuid),
                 self._formerly(account, bsuid=m.bsuid),
-                self._formerly(account, phone=m.phone),
+                self._left_later(self._formerly(account, phone=m.phone), m),
             ]
         )
         if change.kind == "user_id" and own is not None and change.previous_bsuid:
@@ -378,6 +378,15 @@ class Identities:
                 keys_changed_at=later.keys_changed_at,
             )
         )
+
+    @staticmethod
+    def _left_later(former: Conversation | None, m: InboundMessage) -> Conversation | None:
+        """``former`` (found by the number ``m`` was sent from, a former one of it) if it
+        changed after ``m``: this person's later change, come first. One that left the number
+        before is its previous owner's: the number was recycled to this person since."""
+        if former is None or (former.keys_changed_at or 0.0) <= m.timestamp:
+            return None
+        return former
 
     @staticmethod
     def _moved_in(holder: Conversation, own: Conversation | None, m: InboundMessage) -> bool:
