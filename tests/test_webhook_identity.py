@@ -799,3 +799,26 @@ async def test_a_move_off_a_recycled_number_never_takes_its_previous_owner_s_cli
         "accountId": "acme", "eventName": "LeadSubmitted", "eventId": "a-new-number",
         "phoneE164": "+15550001013"})  # fmt: skip
     assert resp.status == 422, await resp.text()  # A clicked no ad: E's click is not A's
+
+
+async def test_a_recycled_number_s_delayed_message_never_joins_its_previous_owner(
+    client: Client,
+) -> None:
+    # E left 15550001022 and it was recycled to C; C's first message reached us after E's next
+    # change. Sent before that change from a number E had, it was taken for E's own, delivered
+    # late: C's BSUID became E's alias, and conversions by it went to E's click.
+    now = time.time()
+    await wrote(client, "15550001022", "w.V1", now - 5000, "US.E21", "e-click")
+    await post_signed(client, one(system_message(
+        "w.V2", "user_changed_number", wa_id="15550001022", bsuid="US.E21",
+        new_wa_id="15550001029", new_bsuid="US.E22", previous_bsuid="US.E21",
+        ts=now - 4000)))  # fmt: skip
+    await post_signed(client, one(system_message(
+        "w.V4", "user_changed_user_id", wa_id="15550001029", new_bsuid="US.E23",
+        previous_bsuid="US.E22", ts=now - 1000)))  # fmt: skip
+    answer = await wrote(client, "15550001022", "w.V3", now - 2000, "US.C21", "c-click")
+    assert answer["conversationsCreated"] == 1
+    for identity in ({"phoneE164": "+15550001022"}, {"businessScopedUserId": "US.C21"}):
+        assert clid_of(await converted(client, **identity)) == "c-click", identity
+    for identity in ({"phoneE164": "+15550001029"}, {"businessScopedUserId": "US.E23"}):
+        assert clid_of(await converted(client, **identity)) == "e-click", identity

@@ -234,8 +234,10 @@ class Identities:
             by_bsuid, by_phone = self.by_id[taker.id], None
         conversation = self._one([by_bsuid, by_phone])
         if conversation is None:
-            former = self._formerly(account, bsuid=m.bsuid) or self._formerly(
-                account, phone=m.phone
+            # By the number only for a message without a BSUID: a number is recycled, and one
+            # sent with a BSUID by the person who left the number finds them by that BSUID.
+            former = self._formerly(account, bsuid=m.bsuid) or (
+                self._formerly(account, phone=m.phone) if m.bsuid is None else None
             )
             if former is not None and m.timestamp <= (former.keys_changed_at or 0.0):
                 # Sent under an identifier the person has since changed: theirs, un-re-keyed.
