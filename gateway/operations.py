@@ -241,7 +241,14 @@ def restore_store(settings: Settings, args: argparse.Namespace) -> int:
                 " again (Meta would count them twice)"
             )
         later = erasures_after(done.aside, store)
-        if later:
+        if later is None:
+            print(
+                "warning: the store it replaced cannot be read, so the erasures made after this"
+                " backup was taken are unknown: the people they erased may be in the restored"
+                " store again. Erase again everyone erased since the backup.",
+                file=sys.stderr,
+            )
+        elif later:
             ids = ", ".join(f"#{pk} ({iso_time(at)}, {account})" for pk, at, account in later)
             print(
                 f"warning: {len(later)} erasures were made after this backup was taken ({ids}):"

@@ -288,10 +288,11 @@ def _replace_contents(backup_path: Path, store: Path) -> None:
         source.close()
 
 
-def erasures_after(replaced: Path, restored: Path) -> list[tuple[int, float, str]]:
+def erasures_after(replaced: Path, restored: Path) -> list[tuple[int, float, str]] | None:
     """The erasures (audit id, time, account) the replaced store recorded after the newest one
     the restored store has: the people they erased are in the restored store again, and
-    the audit log keeps no identities to erase them by, so the operator must repeat them."""
+    the audit log keeps no identities to erase them by, so the operator must repeat them.
+    ``None`` if the replaced store cannot be read (a damaged one): nobody can tell."""
     newest = _read_one(restored, "SELECT COALESCE(MAX(at), 0) FROM erasures")
     conn = sqlite3.connect(f"file:{replaced}?mode=ro", uri=True)
     try:
@@ -299,7 +300,7 @@ def erasures_after(replaced: Path, restored: Path) -> list[tuple[int, float, str
             "SELECT pk, at, account_id FROM erasures WHERE at > ? ORDER BY pk", (newest,)
         ).fetchall()
     except sqlite3.DatabaseError:
-        return []  # not a store (a restore onto a damaged file): nothing to compare
+        return None  # a restore onto a damaged file: what it erased cannot be read
     finally:
         conn.close()
     return [(int(pk), float(at), str(account)) for pk, at, account in rows]
