@@ -82,7 +82,7 @@ async def probe_event_names(
             f"account {account.id!r} has no access token: set the variable its"
             " access_token_env names"
         )
-    secret = environ.get(graph.app_secret_env or "", "")
+    secret = environ.get(graph.app_secret_env or "", "").strip()
     results = []
     run = int(time.time())
     async with aiohttp.ClientSession() as session:

@@ -35,6 +35,7 @@ class Received:
     test_event_code: str | None
     partner_agent: str | None
     event: dict[str, Any]
+    appsecret_proof: str | None = None
 
 
 @dataclass
@@ -181,6 +182,7 @@ class FakeGraph:
                     payload.get("test_event_code"),
                     payload.get("partner_agent"),
                     event,
+                    payload.get("appsecret_proof"),
                 )
             )
         if self.failures and self.failures[0] == "count":

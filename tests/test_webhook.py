@@ -487,3 +487,24 @@ async def test_nul_characters_lose_nothing_else_on_either_engine(client: Client)
     change = messages_change([message("16505550105", "wamid.other")], phone_number_id="10\u00006")
     answer = await post_signed(client, notification(change))
     assert [p["code"] for p in answer["problems"]] == ["unknown_number"]
+
+
+async def test_secrets_ending_in_a_newline_are_read_without_it(
+    make_client: ClientFactory,
+) -> None:
+    # A secret mounted from a file made with `echo` ends in a newline (the access token's
+    # was fixed in 46a797d). The app secret's made every signature from Meta a mismatch: each
+    # notification refused, and its clicks lost once Meta stopped retrying.
+    from tests.conftest import APP_SECRET, ENV
+
+    environ = {
+        **ENV,
+        "CTWA_APP_SECRET": APP_SECRET + "\n",
+        "CTWA_VERIFY_TOKEN": VERIFY_TOKEN + "\n",
+    }
+    client = await make_client(environ=environ)
+    answer = await post_signed(client, fixture("webhook_ctwa_text_message.json"))
+    assert answer["clicksCaptured"] == 1
+    params = {"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "42"}
+    resp = await client.get(URL, params=params)
+    assert (resp.status, await resp.text()) == (200, "42")

@@ -39,7 +39,9 @@ class WebhookSecrets:
     @classmethod
     def from_config(cls, config: WebhookConfig, environ: Mapping[str, str]) -> WebhookSecrets:
         def read(name: str | None) -> bytes | None:
-            value = environ.get(name, "") if name else ""
+            # Without the newline a secret mounted from a file often ends with, as the
+            # [secrets] file's values and the access tokens are read.
+            value = environ.get(name, "").strip() if name else ""
             return value.encode() if value else None
 
         return cls(read(config.verify_token_env), read(config.app_secret_env))

@@ -129,7 +129,7 @@ class MetaCapiSink:
                     f" the token; set it to the token alone (named at {where})"
                 )
         secret = self.config.app_secret_env
-        if secret and not environ.get(secret):
+        if secret and not environ.get(secret, "").strip():
             raise ConfigError(f"{settings.source}: environment variable {secret} is not set")
 
     @hookimpl
@@ -141,7 +141,7 @@ class MetaCapiSink:
             f"access_token:{a}" for a, token in tokens.items() if token != self.tokens.get(a)
         ]
         self.tokens = tokens
-        secret = environ.get(self.config.app_secret_env or "", "")
+        secret = environ.get(self.config.app_secret_env or "", "").strip()
         if self.sender is not None:
             graph = self.sender.graph
             new_secret = secret.encode() if secret else None
@@ -231,7 +231,7 @@ class MetaCapiSink:
         metrics: Metrics,
     ) -> AsyncIterator[None]:
         c = self.config
-        secret = environ.get(c.app_secret_env, "") if c.app_secret_env else ""
+        secret = environ.get(c.app_secret_env, "").strip() if c.app_secret_env else ""
         self.tokens = {a.id: access_token(a, environ) for a in settings.accounts}
         self.stored_datasets = await store.datasets()
         self.store = store

@@ -1333,3 +1333,24 @@ async def test_a_token_with_a_space_or_control_character_inside_stops_startup(
     with pytest.raises(ConfigError, match="CTWA_ACME_TOKEN holds a space or control") as raised:
         await make_client(settings=settings, environ={**ENV, "CTWA_ACME_TOKEN": token})
     assert ACME_TOKEN not in str(raised.value)
+
+
+async def test_an_app_secret_ending_in_a_newline_proves_the_token_without_it(
+    make_client: ClientFactory, config: dict[str, Any], graph_server: TestServer, fake: FakeGraph
+) -> None:
+    # As the token (above): with the newline in the HMAC key, every appsecret_proof was wrong
+    # and Meta refused every conversion (code 100), for good.
+    from plugins.meta_capi.graph import appsecret_proof
+
+    table = {"graph_url": str(graph_server.make_url("")), "app_secret_env": "CTWA_GRAPH_SECRET"}
+    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
+    secret = "0123456789abcdef0123456789abcdef"
+    client = await make_client(
+        settings=settings, environ={**ENV, "CTWA_GRAPH_SECRET": secret + "\n"}
+    )
+    conversation = await add_conversation(store_of(client))
+
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+
+    assert (await resp.json())["status"] == "delivered"
+    assert fake.received[0].appsecret_proof == appsecret_proof(secret.encode(), ACME_TOKEN)
