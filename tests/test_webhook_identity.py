@@ -822,3 +822,28 @@ async def test_a_recycled_number_s_delayed_message_never_joins_its_previous_owne
         assert clid_of(await converted(client, **identity)) == "c-click", identity
     for identity in ({"phoneE164": "+15550001029"}, {"businessScopedUserId": "US.E23"}):
         assert clid_of(await converted(client, **identity)) == "e-click", identity
+
+
+async def test_the_same_when_the_late_move_names_no_new_bsuid(client: Client) -> None:
+    # As the recycled-number case above, in Meta's documented shape (system.user_id absent):
+    # the change is found by its new number alone, which D left before A moved onto it (D's
+    # change was recorded before the time of A's move: the timestamps here are ahead of the
+    # clock, as Meta's may be by a little, so that the recording comes first).
+    now = time.time()
+    await wrote(client, "15550001032", "w.W1", now - 5000, "US.D31", "d-click")
+    await post_signed(client, one(system_message(
+        "w.W2", "user_changed_number", wa_id="15550001032", bsuid="US.D31",
+        new_wa_id="15550001033", previous_bsuid="US.D31", ts=now - 4000)))  # fmt: skip
+    await wrote(client, "15550001031", "w.W3", now - 3500, "US.A31", "a-click")
+    await post_signed(client, one(system_message(
+        "w.W5", "user_changed_user_id", wa_id="15550001033", new_bsuid="US.D33",
+        previous_bsuid="US.D32", ts=now + 2000)))  # fmt: skip
+    late = system_message("w.W4", "user_changed_number", wa_id="15550001031", bsuid="US.A31",
+                          new_wa_id="15550001032", previous_bsuid="US.A31",
+                          ts=now + 1000)  # fmt: skip
+    answer = await post_signed(client, one(late))
+    assert answer["conversationsMerged"] == 0
+    for identity in ({"phoneE164": "+15550001033"}, {"businessScopedUserId": "US.D33"}):
+        assert clid_of(await converted(client, **identity)) == "d-click", identity
+    for identity in ({"phoneE164": "+15550001032"}, {"phoneE164": "+15550001031"}):
+        assert clid_of(await converted(client, **identity)) == "a-click", identity

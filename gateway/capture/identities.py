@@ -48,7 +48,7 @@ class Identities:
         live: list[Conversation],
         *,
         now: float,
-        aliases: Sequence[tuple[str, str, str, str]] = (),
+        aliases: Sequence[Alias] = (),
     ) -> None:
         self.now = now
         self.merged = 0
@@ -63,12 +63,16 @@ class Identities:
         self._bsuid: dict[tuple[str, str], str] = {}
         # Former identifiers of live conversations: (account, kind, value) -> conversation id.
         self._former: dict[tuple[str, str, str], str] = {}
+        # When each was replaced (recorded, not sent): a number left before a change to it
+        # was someone else's, recycled since.
+        self._former_at: dict[tuple[str, str, str], float] = {}
         for conversation in live:
             self.loaded[conversation.id] = conversation
             self._put(conversation)
-        for account_id, kind, value, conversation_id in aliases:
+        for account_id, kind, value, conversation_id, at in aliases:
             if conversation_id in self.by_id:
                 self._former[(account_id, kind, value)] = conversation_id
+                self._former_at[(account_id, kind, value)] = at
 
     # -- the index ------------------------------------------------------------------------
 
@@ -205,6 +209,7 @@ class Identities:
         if value is not None:
             self.aliases.append((c.account_id, kind, value, c.id, self.now))
             self._former[(c.account_id, kind, value)] = c.id
+            self._former_at[(c.account_id, kind, value)] = self.now
 
     def _another_person(self, holder: Conversation, *bsuids: str | None) -> bool:
         """Is ``holder`` (found by phone) someone else than the BSUIDs of this person? Not if
@@ -361,6 +366,8 @@ class Identities:
         change = m.change
         assert change is not None
         new_phone = change.new_phone if change.kind == "number" and not change.new_bsuid else None
+        if self._former_at.get((m.account_id, "phone", new_phone or ""), 0.0) <= m.timestamp:
+            new_phone = None  # left before this change moved onto it: its previous owner
         later = self._formerly(m.account_id, bsuid=change.new_bsuid) or self._formerly(
             m.account_id, phone=new_phone
         )

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import msgspec
 
-from gateway.capture.identities import Identities
+from gateway.capture.identities import Alias, Identities
 from gateway.capture.payload import Referral
 from gateway.capture.records import CaptureBatch, DetectedEvent, InboundMessage, Problem
 from gateway.domain import Conversation
@@ -263,7 +263,7 @@ class CaptureOp(WriteOp[CaptureResult]):
         self,
         fresh: list[InboundMessage],
         live: list[Conversation],
-        aliases: list[tuple[str, str, str, str]],
+        aliases: list[Alias],
         result: CaptureResult,
     ) -> tuple[Identities, list[tuple[str, str, str, float]]]:
         """Apply the messages to the conversations read, in memory; count into ``result``."""
@@ -393,7 +393,7 @@ class CaptureOp(WriteOp[CaptureResult]):
 
     async def _live_conversations(
         self, tx: Tx, messages: list[InboundMessage]
-    ) -> tuple[list[Conversation], list[tuple[str, str, str, str]]]:
+    ) -> tuple[list[Conversation], list[Alias]]:
         """Load the live conversations of every identifier the messages mention, current or
         former (the aliases a re-key left), with those aliases."""
         keys: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -417,12 +417,13 @@ class CaptureOp(WriteOp[CaptureResult]):
                 for row in rows:
                     conversation = conversation_from_row(row)
                     found[conversation.id] = conversation
-        aliases: list[tuple[str, str, str, str]] = []
+        aliases: list[Alias] = []
         for (account_id, column), values in keys.items():
             kind = "phone" if column == "wa_id" else "bsuid"
             for chunk in _chunks(list(dict.fromkeys(values))):
                 aliases += await tx.fetch(
-                    "SELECT account_id, kind, value, conversation_id FROM conversation_aliases"
+                    "SELECT account_id, kind, value, conversation_id, replaced_at"
+                    " FROM conversation_aliases"
                     " WHERE account_id = ? AND kind = ?"
                     f" AND value IN ({','.join('?' * len(chunk))})",
                     [account_id, kind, *chunk],
@@ -450,7 +451,7 @@ class CaptureOp(WriteOp[CaptureResult]):
             for row in rows:
                 conversation = conversation_from_row(row)
                 found[conversation.id] = conversation
-        return list(found.values()), [(a, k, v, c) for a, k, v, c in aliases]
+        return list(found.values()), [(a, k, v, c, float(at)) for a, k, v, c, at in aliases]
 
     async def _automatic_before(
         self, tx: Tx, links: list[tuple[str, str, str, float]], result: CaptureResult
