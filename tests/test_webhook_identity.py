@@ -847,3 +847,30 @@ async def test_the_same_when_the_late_move_names_no_new_bsuid(client: Client) ->
         assert clid_of(await converted(client, **identity)) == "d-click", identity
     for identity in ({"phoneE164": "+15550001032"}, {"phoneE164": "+15550001031"}):
         assert clid_of(await converted(client, **identity)) == "a-click", identity
+
+
+async def test_a_move_off_a_recycled_number_after_its_previous_owner_changed_again(
+    client: Client,
+) -> None:
+    # As the move off a recycled number above, when E changed again after A's move and that
+    # was delivered first: E's conversation, changed after A's move, was taken for A's own
+    # later one. E left the number before A moved off it (recorded before the time of A's
+    # change; timestamps ahead of the clock, as in the test before).
+    now = time.time()
+    await wrote(client, "15550001052", "w.Y1", now - 5000, "US.E51", "e-click")
+    await post_signed(client, one(system_message(
+        "w.Y2", "user_changed_number", wa_id="15550001052", bsuid="US.E51",
+        new_wa_id="15550001059", previous_bsuid="US.E51", ts=now - 4000)))  # fmt: skip
+    await post_signed(client, one(system_message(
+        "w.Y4", "user_changed_user_id", wa_id="15550001059", new_bsuid="US.E53",
+        previous_bsuid="US.E52", ts=now + 2000)))  # fmt: skip
+    answer = await post_signed(client, one(system_message(
+        "w.Y3", "user_changed_number", wa_id="15550001052", bsuid="US.A51",
+        new_wa_id="15550001053", previous_bsuid="US.A51", ts=now + 1000)))  # fmt: skip
+    assert answer["conversationsCreated"] == 1
+    for identity in ({"phoneE164": "+15550001059"}, {"businessScopedUserId": "US.E53"}):
+        assert clid_of(await converted(client, **identity)) == "e-click", identity
+    resp = await client.post("/v1/whatsapp/conversions", headers=AUTH, json={
+        "accountId": "acme", "eventName": "LeadSubmitted", "eventId": "a-new-number-2",
+        "phoneE164": "+15550001053"})  # fmt: skip
+    assert resp.status == 422, await resp.text()  # A clicked no ad: E's click is not A's

@@ -242,7 +242,7 @@ class Identities:
             # By the number only for a message without a BSUID: a number is recycled, and one
             # sent with a BSUID by the person who left the number finds them by that BSUID.
             former = self._formerly(account, bsuid=m.bsuid) or (
-                self._formerly(account, phone=m.phone) if m.bsuid is None else None
+                self._left_after(account, m.phone, m.timestamp) if m.bsuid is None else None
             )
             if former is not None and m.timestamp <= (former.keys_changed_at or 0.0):
                 # Sent under an identifier the person has since changed: theirs, un-re-keyed.
@@ -281,7 +281,7 @@ class Identities:
             [
                 self._formerly(account, bsuid=change.previous_bsuid),
                 self._formerly(account, bsuid=m.bsuid),
-                self._left_later(self._formerly(account, phone=m.phone), m),
+                self._left_after(account, m.phone, m.timestamp),
             ]
         )
         if change.kind == "user_id" and own is not None and change.previous_bsuid:
@@ -366,10 +366,8 @@ class Identities:
         change = m.change
         assert change is not None
         new_phone = change.new_phone if change.kind == "number" and not change.new_bsuid else None
-        if self._former_at.get((m.account_id, "phone", new_phone or ""), 0.0) <= m.timestamp:
-            new_phone = None  # left before this change moved onto it: its previous owner
-        later = self._formerly(m.account_id, bsuid=change.new_bsuid) or self._formerly(
-            m.account_id, phone=new_phone
+        later = self._formerly(m.account_id, bsuid=change.new_bsuid) or self._left_after(
+            m.account_id, new_phone, m.timestamp
         )
         if later is None or (later.keys_changed_at or 0.0) <= m.timestamp:
             return own
@@ -388,12 +386,14 @@ class Identities:
             )
         )
 
-    @staticmethod
-    def _left_later(former: Conversation | None, m: InboundMessage) -> Conversation | None:
-        """``former`` (found by the number ``m`` was sent from, a former one of it) if it
-        changed after ``m``: this person's later change, come first. One that left the number
-        before is its previous owner's: the number was recycled to this person since."""
-        if former is None or (former.keys_changed_at or 0.0) <= m.timestamp:
+    def _left_after(self, account_id: str, phone: str | None, at: float) -> Conversation | None:
+        """Return the live conversation that left ``phone`` after ``at`` (changed, and the
+        change recorded, after it): the person's own later change, come first. One that left
+        the number before is its previous owner's: the number was recycled since."""
+        former = self._formerly(account_id, phone=phone)
+        if former is None or (former.keys_changed_at or 0.0) <= at:
+            return None
+        if self._former_at.get((account_id, "phone", phone or ""), 0.0) <= at:
             return None
         return former
 
