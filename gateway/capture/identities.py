@@ -24,6 +24,9 @@ Rules (README, "Who is who"):
   message sent before the last change and delivered after it (Meta retries for days) joins
   the conversation without re-keying it: what it names becomes an alias. A user_changed_user_id
   that explains a recycled number (the new BSUID wrote first) undoes it: the two are merged.
+- A number a conversation left finds it again (a later change or a late message, by that
+  number alone) only if it left the number after what is applied now was sent: a number left
+  before was someone else's, recycled since.
 """
 
 from __future__ import annotations
