@@ -233,7 +233,14 @@ def restore_store(settings: Settings, args: argparse.Namespace) -> int:
     print(f"restored {args.path} (schema {done.version}) to {store}")
     if done.aside is not None:
         carried = carry_deliveries(done.aside, store)
-        if carried:
+        if carried is None:
+            print(
+                "warning: the store it replaced cannot be read, so the deliveries it made after"
+                " this backup was taken are unknown: those still pending in the backup will be"
+                " sent when the gateway starts, and Meta counts twice any it had received.",
+                file=sys.stderr,
+            )
+        elif carried:
             sinks = ", ".join(f"{sink} {n}" for sink, n in sorted(carried.items()))
             print(
                 f"{sum(carried.values())} deliveries still pending in the backup were made since"

@@ -306,11 +306,12 @@ def erasures_after(replaced: Path, restored: Path) -> list[tuple[int, float, str
     return [(int(pk), float(at), str(account)) for pk, at, account in rows]
 
 
-def carry_deliveries(replaced: Path, restored: Path) -> dict[str, int]:
+def carry_deliveries(replaced: Path, restored: Path) -> dict[str, int] | None:
     """Take over, from the store a restore replaced, the deliveries it made that the restored
     one still has pending (per sink, how many): the destination has them, and Meta does not
     deduplicate, so sending them again would count each conversion twice. The state is taken
-    whole (attempts, trace id, Meta's count); the events' statuses and the counts follow."""
+    whole (attempts, trace id, Meta's count); the events' statuses and the counts follow.
+    None if the replaced store cannot be read (a damaged one, kept aside as its bytes)."""
     conn = sqlite3.connect(f"file:{quote(str(restored))}", uri=True, isolation_level=None)
     try:
         conn.execute("PRAGMA synchronous = FULL")
@@ -325,7 +326,7 @@ def carry_deliveries(replaced: Path, restored: Path) -> dict[str, int]:
             conn.execute("ROLLBACK")
             raise
     except sqlite3.DatabaseError:
-        return {}  # not a store (a restore onto a damaged file): nothing to take over
+        return None  # not a store (a restore onto a damaged file): nothing to compare
     finally:
         conn.close()
     carried: dict[str, int] = {}
