@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import tomli_w
 from aiohttp import web
@@ -43,6 +44,7 @@ from tests.conftest import (
 )
 from tests.payloads import message, messages_change, notification, post_signed, referral
 from tests.store_sql import db_execute, stored_bytes
+from tests.test_store import new_event
 
 # Run on SQLite and on PostgreSQL (tests/conftest.py).
 BOTH_ENGINES = True
@@ -364,6 +366,13 @@ def test_a_restore_onto_a_fresh_host_makes_the_stores_folder(db_path: Path, tmp_
     assert fresh.stat().st_mode & 0o777 == 0o600
 
 
+def config_args(config: dict[str, Any], tmp_path: Path) -> list[str]:
+    """Write ``config`` to a file; return the command line's options naming it."""
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(tomli_w.dumps(config))
+    return ["--config", str(config_file)]
+
+
 async def seed_person(config: dict[str, Any]) -> None:
     """Store a conversation of the person, in the store ``config`` names (no app running)."""
     store = await open_store(parse_settings(config), ENV)
@@ -376,9 +385,7 @@ async def seed_person(config: dict[str, Any]) -> None:
 def test_cli_erase(
     config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config_file = tmp_path / "gateway.toml"
-    config_file.write_text(tomli_w.dumps(config))
-    args = ["--config", str(config_file)]
+    args = config_args(config, tmp_path)
     asyncio.run(seed_person(config))
     assert main(["erase", *args, "--account", "acme", "--phone", PHONE], environ=ENV) == 0
     erased = json.loads(capsys.readouterr().out)
@@ -396,9 +403,7 @@ def test_cli_erase(
 def test_cli_backup_restore_and_stats(
     config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config_file = tmp_path / "gateway.toml"
-    config_file.write_text(tomli_w.dumps(config))
-    args = ["--config", str(config_file)]
+    args = config_args(config, tmp_path)
     asyncio.run(seed_person(config))
     assert main(["stats", "--store", "--json", *args], environ=ENV) == 0
     tables = {
@@ -423,20 +428,9 @@ def test_cli_backup_restore_and_stats(
 
 
 def _event(event_id: str) -> StoredEvent:
-    return StoredEvent(
-        pk=0,
-        status="pending",
-        account_id="acme",
-        event_id=event_id,
-        event_name="Purchase",
-        conversation_id="conv_1",
-        event_time=int(time.time()),
-        event={"event_name": "Purchase", "event_id": event_id},
-        test_event_code=None,
-        received_at=time.time(),
-        duration_ms=1.0,
-        deliveries={"meta_capi": SinkState(status="pending")},
-    )
+    """An event waiting for the Meta sink (an outbox sink: its delivery is pending)."""
+    pending = {"meta_capi": SinkState(status="pending")}
+    return msgspec.structs.replace(new_event(event_id), deliveries=pending)
 
 
 @pytest.mark.sqlite_only("backup and restore are commands of the SQLite file")
@@ -445,9 +439,7 @@ def test_a_restore_takes_over_deliveries_made_since_the_backup(
 ) -> None:
     """Found by review: deliveries pending in a backup but made since by the store it replaced
     were sent to Meta again at the next start, and Meta counts each of them twice."""
-    config_file = tmp_path / "gateway.toml"
-    config_file.write_text(tomli_w.dumps(config))
-    args = ["--config", str(config_file)]
+    args = config_args(config, tmp_path)
     settings = parse_settings(config)
 
     async def accept(*event_ids: str) -> list[int]:
@@ -565,9 +557,7 @@ def test_stats_and_backup_of_a_store_that_cannot_be_read_name_the_store(
     copy = tmp_path / "good.sqlite3"
     backup(store, copy)
     store.write_bytes(b"not a database at all" * 100)
-    config_file = tmp_path / "gateway.toml"
-    config_file.write_text(tomli_w.dumps(config))
-    args = ["--config", str(config_file)]
+    args = config_args(config, tmp_path)
     target = tmp_path / "copy.sqlite3"
     for command in (["stats", "--store"], ["backup", str(target)]):
         assert main([*command, *args], environ=ENV) == 2
@@ -594,9 +584,7 @@ def test_a_restore_replaces_a_damaged_store_and_keeps_its_bytes(
     # Found by review: the store a restore is for, one that is no database any more, was
     # refused (a traceback: its copy aside went through SQLite, which cannot read it), and
     # commands on a damaged one said to free space.
-    config_file = tmp_path / "gateway.toml"
-    config_file.write_text(tomli_w.dumps(config))
-    args = ["--config", str(config_file)]
+    args = config_args(config, tmp_path)
     asyncio.run(seed_person(config))
     copy = tmp_path / "copy.sqlite3"
     assert main(["backup", *args, str(copy)], environ=ENV) == 0
