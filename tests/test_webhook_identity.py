@@ -826,10 +826,11 @@ async def test_a_recycled_number_s_delayed_message_never_joins_its_previous_owne
 
 async def test_the_same_when_the_late_move_names_no_new_bsuid(client: Client) -> None:
     # As the recycled-number case above, in Meta's documented shape (system.user_id absent):
-    # the change is found by its new number alone, which D left before A moved onto it (D's
-    # change was recorded before the time of A's move: the timestamps here are ahead of the
-    # clock, as Meta's may be by a little, so that the recording comes first).
-    now = time.time()
+    # the change is found by its new number alone, which D left before A moved onto it. D's
+    # change is sent before A's move, everything received after it was sent, as from Meta.
+    # (Found by review: the time D left the number was taken as the time it was received,
+    # always after A's move was sent, and the two were still merged.)
+    now = time.time() - 10000
     await wrote(client, "15550001032", "w.W1", now - 5000, "US.D31", "d-click")
     await post_signed(client, one(system_message(
         "w.W2", "user_changed_number", wa_id="15550001032", bsuid="US.D31",
@@ -854,9 +855,9 @@ async def test_a_move_off_a_recycled_number_after_its_previous_owner_changed_aga
 ) -> None:
     # As the move off a recycled number above, when E changed again after A's move and that
     # was delivered first: E's conversation, changed after A's move, was taken for A's own
-    # later one. E left the number before A moved off it (recorded before the time of A's
-    # change; timestamps ahead of the clock, as in the test before).
-    now = time.time()
+    # later one. E left the number before A moved off it (sent before A's change; everything
+    # received after it was sent, as in the test before).
+    now = time.time() - 10000
     await wrote(client, "15550001052", "w.Y1", now - 5000, "US.E51", "e-click")
     await post_signed(client, one(system_message(
         "w.Y2", "user_changed_number", wa_id="15550001052", bsuid="US.E51",

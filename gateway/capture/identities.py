@@ -66,9 +66,12 @@ class Identities:
         self._bsuid: dict[tuple[str, str], str] = {}
         # Former identifiers of live conversations: (account, kind, value) -> conversation id.
         self._former: dict[tuple[str, str, str], str] = {}
-        # When each was replaced (recorded, not sent): a number left before a change to it
-        # was someone else's, recycled since.
+        # When each was last known to be the conversation's (the time the message that
+        # replaced it, or named it as a former one, was sent): a number left before a change
+        # to it was someone else's, recycled since.
         self._former_at: dict[tuple[str, str, str], float] = {}
+        # The time the message being applied was sent (not received: Meta retries for days).
+        self._sent = now
         for conversation in live:
             self.loaded[conversation.id] = conversation
             self._put(conversation)
@@ -210,9 +213,9 @@ class Identities:
 
     def _alias(self, c: Conversation, kind: str, value: str | None) -> None:
         if value is not None:
-            self.aliases.append((c.account_id, kind, value, c.id, self.now))
+            self.aliases.append((c.account_id, kind, value, c.id, self._sent))
             self._former[(c.account_id, kind, value)] = c.id
-            self._former_at[(c.account_id, kind, value)] = self.now
+            self._former_at[(c.account_id, kind, value)] = self._sent
 
     def _another_person(self, holder: Conversation, *bsuids: str | None) -> bool:
         """Is ``holder`` (found by phone) someone else than the BSUIDs of this person? Not if
@@ -231,6 +234,7 @@ class Identities:
 
     def conversation_for(self, m: InboundMessage) -> Conversation:
         """Return the live conversation ``m`` belongs to, creating or merging as the rules say."""
+        self._sent = m.timestamp
         if m.change is not None:
             return self._changed_identity(m)
         account = m.account_id
@@ -390,9 +394,10 @@ class Identities:
         )
 
     def _left_after(self, account_id: str, phone: str | None, at: float) -> Conversation | None:
-        """Return the live conversation that left ``phone`` after ``at`` (changed, and the
-        change recorded, after it): the person's own later change, come first. One that left
-        the number before is its previous owner's: the number was recycled since."""
+        """Return the live conversation that left ``phone`` after ``at`` (changed, and still
+        had the number in a message sent after it): the person's own later change, come first.
+        One that left the number before is its previous owner's: the number was recycled since.
+        Sent, not received: everything is received after it was sent, late ones by days."""
         former = self._formerly(account_id, phone=phone)
         if former is None or (former.keys_changed_at or 0.0) <= at:
             return None
