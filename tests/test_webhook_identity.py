@@ -875,3 +875,28 @@ async def test_a_move_off_a_recycled_number_after_its_previous_owner_changed_aga
         "accountId": "acme", "eventName": "LeadSubmitted", "eventId": "a-new-number-2",
         "phoneE164": "+15550001053"})  # fmt: skip
     assert resp.status == 422, await resp.text()  # A clicked no ad: E's click is not A's
+
+
+async def test_a_late_move_off_a_number_never_joins_the_person_who_moved_onto_it_since(
+    client: Client,
+) -> None:
+    # Found by review: C left 15550001062 (to ...063) and E moved onto it; C's change reached
+    # us after E's. Sent from the number E now held, it took E's conversation for C's own
+    # and merged the two: conversions by C's new number went to E's click.
+    now = time.time() - 10000
+    await wrote(client, "15550001061", "w.Z1", now - 5000, "US.E61", "e-click")
+    await post_signed(
+        client, one(message(None, "w.Z2", ts=now - 4900, bsuid="US.C61", ref=referral("c-click")))
+    )
+    await post_signed(client, one(system_message(
+        "w.Z4", "user_changed_number", wa_id="15550001061", bsuid="US.E61",
+        new_wa_id="15550001062", new_bsuid="US.E62", previous_bsuid="US.E61",
+        ts=now - 3000)))  # fmt: skip
+    answer = await post_signed(client, one(system_message(
+        "w.Z3", "user_changed_number", wa_id="15550001062", bsuid="US.C61",
+        new_wa_id="15550001063", previous_bsuid="US.C61", ts=now - 4000)))  # fmt: skip
+    assert answer["conversationsMerged"] == 0
+    for identity in ({"phoneE164": "+15550001063"}, {"businessScopedUserId": "US.C61"}):
+        assert clid_of(await converted(client, **identity)) == "c-click", identity
+    for identity in ({"phoneE164": "+15550001062"}, {"businessScopedUserId": "US.E62"}):
+        assert clid_of(await converted(client, **identity)) == "e-click", identity

@@ -24,6 +24,8 @@ Rules (README, "Who is who"):
   message sent before the last change and delivered after it (Meta retries for days) joins
   the conversation without re-keying it: what it names becomes an alias. A user_changed_user_id
   that explains a recycled number (the new BSUID wrote first) undoes it: the two are merged.
+  A change does not join the conversation of the number it was sent from when that one is
+  another BSUID's and changed after the change was sent: the sender had left the number.
 - A number a conversation left finds it again (a later change or a late message, by that
   number alone) only if it left the number after what is applied now was sent: a number left
   before was someone else's, recycled since.
@@ -277,12 +279,21 @@ class Identities:
         change = m.change
         assert change is not None
         account = m.account_id
+        sent_from = self._live(account, phone=m.phone)
+        if (
+            sent_from is not None
+            and (sent_from.keys_changed_at or 0.0) > m.timestamp
+            and self._another_person(sent_from, m.bsuid, change.previous_bsuid, change.new_bsuid)
+        ):
+            # Someone else moved onto the number it was sent from after it was sent: the
+            # sender had left it, and this change was delivered late (Meta retries for days).
+            sent_from = None
         own = self._one(
             [
                 self._live(account, bsuid=change.previous_bsuid),
                 self._live(account, bsuid=m.bsuid),
                 self._live(account, bsuid=change.new_bsuid),
-                self._live(account, phone=m.phone),
+                sent_from,
             ]
         ) or self._one(
             [
