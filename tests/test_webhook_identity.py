@@ -900,3 +900,31 @@ async def test_a_late_move_off_a_number_never_joins_the_person_who_moved_onto_it
         assert clid_of(await converted(client, **identity)) == "c-click", identity
     for identity in ({"phoneE164": "+15550001062"}, {"businessScopedUserId": "US.E62"}):
         assert clid_of(await converted(client, **identity)) == "e-click", identity
+
+
+async def test_a_late_message_from_a_number_s_previous_owner_never_takes_it_back(
+    client: Client,
+) -> None:
+    # Found by review: E left 15550001071 and it was recycled to C; E's message from it, sent
+    # before E left, reached us after C's. It was taken for a recycled number the other way
+    # round: E took the number from C, C's next message took it back, and E's change off the
+    # number, delivered last, took C's conversation for E's: conversions by E's new number and
+    # BSUID went to C's click.
+    now = time.time() - 10000
+    await wrote(client, "15550001071", "w.X1", now - 5000, "US.E71", "e-click")
+    await wrote(client, "15550001071", "w.X4", now - 3000, "US.C71", "c-click")
+    await wrote(client, "15550001071", "w.X2", now - 4500, "US.E71")
+    await wrote(client, "15550001071", "w.X5", now - 2000, "US.C71", "c-click-2")
+    await post_signed(client, one(system_message(
+        "w.X3", "user_changed_number", wa_id="15550001071", bsuid="US.E71",
+        new_wa_id="15550001072", new_bsuid="US.E72", previous_bsuid="US.E71",
+        ts=now - 4000)))  # fmt: skip
+    for identity in ({"phoneE164": "+15550001071"}, {"businessScopedUserId": "US.C71"}):
+        assert clid_of(await converted(client, **identity)).startswith("c-click"), identity
+    for identity in ({"phoneE164": "+15550001072"}, {"businessScopedUserId": "US.E72"}):
+        resp = await client.post("/v1/whatsapp/conversions", headers=AUTH, json={
+            "accountId": "acme", "eventName": "LeadSubmitted", "eventId": f"e-{identity}",
+            **identity})  # fmt: skip
+        answer = await resp.json()
+        # E's click, or none found (E's messages split by the late one): never C's.
+        assert resp.status == 422 or clid_of(answer) == "e-click", (identity, answer)

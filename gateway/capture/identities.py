@@ -16,7 +16,9 @@ Rules (README, "Who is who"):
 - A phone whose live conversation has another BSUID and no message from this BSUID yet is a
   recycled number: the new BSUID starts a conversation of its own, which takes the phone over.
   Not if that conversation had this BSUID before a change, nor, for a ``user_changed_number``
-  naming no new BSUID, if it was written to after the change (the person's new BSUID).
+  naming no new BSUID, if it was written to after the change (the person's new BSUID). A
+  message sent before that conversation last wrote or changed is the number's previous
+  owner's, delivered late: the phone stays with its holder, an alias of the sender's.
 - ``user_changed_number`` and ``user_changed_user_id`` re-key the conversation to the new
   identifier, keeping its click and its history; the old identifier is kept as an alias so a
   conversion sent with it still finds the conversation. Arriving before any other message of
@@ -25,7 +27,7 @@ Rules (README, "Who is who"):
   the conversation without re-keying it: what it names becomes an alias. A user_changed_user_id
   that explains a recycled number (the new BSUID wrote first) undoes it: the two are merged.
   A change does not join the conversation of the number it was sent from when that one is
-  another BSUID's and changed after the change was sent: the sender had left the number.
+  another BSUID's and wrote or changed after the change was sent: the sender had left it.
 - A number a conversation left finds it again (a later change or a late message, by that
   number alone) only if it left the number after what is applied now was sent: a number left
   before was someone else's, recycled since.
@@ -228,6 +230,11 @@ class Identities:
             self._former.get((holder.account_id, "bsuid", b)) != holder.id for b in bsuids if b
         )
 
+    @staticmethod
+    def _active_after(c: Conversation, at: float) -> bool:
+        """Did ``c`` write or change after ``at`` (sent times)?"""
+        return max(c.last_inbound_at or 0.0, c.keys_changed_at or 0.0) > at
+
     def _release(self, holder: Conversation, taker: Conversation) -> None:
         """A recycled number: ``holder``'s phone now belongs to ``taker``'s person."""
         released = msgspec.structs.replace(holder, phone_released_at=self.now)
@@ -243,6 +250,12 @@ class Identities:
         by_bsuid = self._live(account, bsuid=m.bsuid)
         by_phone = self._live(account, phone=m.phone)
         if by_phone is not None and self._another_person(by_phone, m.bsuid):
+            if self._active_after(by_phone, m.timestamp):
+                # Sent before the holder wrote: from the number's previous owner, delivered
+                # late (Meta retries for days). Theirs then, an alias; the holder keeps it.
+                mine = by_bsuid or self.start(account, phone=None, bsuid=m.bsuid)
+                self._alias(mine, "phone", m.phone)
+                return self._put(self._with_profile(self.by_id[mine.id], m))
             taker = by_bsuid or self.start(account, phone=None, bsuid=m.bsuid)
             self._release(by_phone, taker)
             by_bsuid, by_phone = self.by_id[taker.id], None
@@ -282,11 +295,11 @@ class Identities:
         sent_from = self._live(account, phone=m.phone)
         if (
             sent_from is not None
-            and (sent_from.keys_changed_at or 0.0) > m.timestamp
+            and self._active_after(sent_from, m.timestamp)
             and self._another_person(sent_from, m.bsuid, change.previous_bsuid, change.new_bsuid)
         ):
-            # Someone else moved onto the number it was sent from after it was sent: the
-            # sender had left it, and this change was delivered late (Meta retries for days).
+            # Someone else had the number it was sent from after it was sent: the sender
+            # had left it, and this change was delivered late (Meta retries for days).
             sent_from = None
         own = self._one(
             [
