@@ -928,3 +928,33 @@ async def test_a_late_message_from_a_number_s_previous_owner_never_takes_it_back
         answer = await resp.json()
         # E's click, or none found (E's messages split by the late one): never C's.
         assert resp.status == 422 or clid_of(answer) == "e-click", (identity, answer)
+
+
+async def test_a_late_move_onto_a_number_someone_moved_onto_since_never_joins_them(
+    client: Client,
+) -> None:
+    # Found by review: E moved onto 15550001084 and off it again, then C moved onto it; C's
+    # move reached us first (its conversation keyed by the number alone, as a move is until
+    # the new BSUID writes). A conversation without a BSUID was never someone else's: E's late
+    # move onto the number, and E's move off it, merged E's conversation into C's.
+    now = time.time() - 10000
+    await post_signed(client, one(system_message(
+        "w.Q5", "user_changed_number", wa_id="15550001083", bsuid="US.C82",
+        new_wa_id="15550001084", previous_bsuid="US.C82", ts=now - 1500)))  # fmt: skip
+    await wrote(client, "15550001083", "w.Q4", now - 2000, "US.C82", "c-click")
+    await wrote(client, "15550001081", "w.Q1", now - 5000, "US.E81", "e-click")
+    answer = await post_signed(client, one(system_message(
+        "w.Q2", "user_changed_number", wa_id="15550001081", bsuid="US.E81",
+        new_wa_id="15550001084", previous_bsuid="US.E81", ts=now - 3000)))  # fmt: skip
+    assert answer["conversationsMerged"] == 0
+    answer = await post_signed(client, one(system_message(
+        "w.Q3", "user_changed_number", wa_id="15550001084", bsuid="US.E82",
+        new_wa_id="15550001085", previous_bsuid="US.E82", ts=now - 2500)))  # fmt: skip
+    assert answer["conversationsMerged"] == 0
+    assert clid_of(await converted(client, phoneE164="+15550001084")) == "c-click"
+    assert clid_of(await converted(client, businessScopedUserId="US.E81")) == "e-click"
+    resp = await client.post("/v1/whatsapp/conversions", headers=AUTH, json={
+        "accountId": "acme", "eventName": "LeadSubmitted", "eventId": "e-new-number",
+        "phoneE164": "+15550001085"})  # fmt: skip
+    # E's new number: nothing links it to E's click but the number C holds now; never C's.
+    assert resp.status == 422, await resp.text()

@@ -28,6 +28,8 @@ Rules (README, "Who is who"):
   that explains a recycled number (the new BSUID wrote first) undoes it: the two are merged.
   A change does not join the conversation of the number it was sent from when that one is
   another BSUID's and wrote or changed after the change was sent: the sender had left it.
+  Nor does a change join (or take) a number's conversation keyed by it alone that changed
+  onto it after the change was sent: someone else moved onto the number the person left.
 - A number a conversation left finds it again (a later change or a late message, by that
   number alone) only if it left the number after what is applied now was sent: a number left
   before was someone else's, recycled since.
@@ -230,6 +232,20 @@ class Identities:
             self._former.get((holder.account_id, "bsuid", b)) != holder.id for b in bsuids if b
         )
 
+    def _moved_on(self, holder: Conversation, m: InboundMessage, *bsuids: str | None) -> bool:
+        """Did ``holder`` of a number change onto it after ``m`` was sent, as someone else?
+
+        Keyed by the number alone (no BSUID since its change, README), with none of
+        ``bsuids`` among its former ones: this person's own later change would have left the
+        number (one moving back onto a number it had is not told apart)."""
+        return (
+            holder.bsuid is None
+            and (holder.keys_changed_at or 0.0) > m.timestamp
+            and all(
+                self._former.get((holder.account_id, "bsuid", b)) != holder.id for b in bsuids if b
+            )
+        )
+
     @staticmethod
     def _active_after(c: Conversation, at: float) -> bool:
         """Did ``c`` write or change after ``at`` (sent times)?"""
@@ -293,10 +309,13 @@ class Identities:
         assert change is not None
         account = m.account_id
         sent_from = self._live(account, phone=m.phone)
-        if (
-            sent_from is not None
-            and self._active_after(sent_from, m.timestamp)
-            and self._another_person(sent_from, m.bsuid, change.previous_bsuid, change.new_bsuid)
+        named = (m.bsuid, change.previous_bsuid, change.new_bsuid)
+        if sent_from is not None and (
+            self._moved_on(sent_from, m, *named)
+            or (
+                self._active_after(sent_from, m.timestamp)
+                and self._another_person(sent_from, *named)
+            )
         ):
             # Someone else had the number it was sent from after it was sent: the sender
             # had left it, and this change was delivered late (Meta retries for days).
@@ -330,6 +349,11 @@ class Identities:
                     change.previous_bsuid,
                     own.bsuid if own else None,
                 )
+                if own is not None and self._moved_on(holder, m, *mine):
+                    # Someone else changed onto the number after this change was sent: the
+                    # person has left it since (that change still to come). Theirs then.
+                    self._alias(own, "phone", new_phone)
+                    return own
                 if self._another_person(holder, *mine) and not self._moved_in(holder, own, m):
                     # The new number was someone else's: it is recycled to this person.
                     own = own or self.start(account, phone=None, bsuid=change.new_bsuid or sender)
