@@ -100,7 +100,8 @@ class Metrics:
         )  # fmt: skip
         self.auth_failures_limited = Counter(
             "ctwa_auth_failures_limited",
-            "Client addresses cut off for too many failed authentications (401s).", registry=r,
+            "Client addresses cut off for too many failed authentications (401s, 403s).",
+            registry=r,
         )  # fmt: skip
         self.store_commit_seconds = Histogram(
             "ctwa_store_commit_seconds",
