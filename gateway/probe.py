@@ -20,7 +20,7 @@ from gateway.draft import EventDraft
 from gateway.errors import ConfigError
 from gateway.plugin_manager import Plugins
 from gateway.wire import ConversionRequest
-from plugins.meta_capi import access_token
+from plugins.meta_capi import access_token, env_secret
 from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT, meta_request_body
 from plugins.meta_capi.graph import DEFAULT_API_VERSION, DEFAULT_GRAPH_URL, GraphClient, explain
 
@@ -82,7 +82,7 @@ async def probe_event_names(
             f"account {account.id!r} has no access token: set the variable its"
             " access_token_env names"
         )
-    secret = environ.get(graph.app_secret_env or "", "").strip()
+    secret = env_secret(environ, graph.app_secret_env)
     results = []
     run = int(time.time())
     async with aiohttp.ClientSession() as session:

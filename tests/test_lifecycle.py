@@ -310,10 +310,7 @@ def test_restore_refuses_a_damaged_copy_and_a_running_gateway(
         restore(bad, db_path)
     good = tmp_path / "good.sqlite3"
 
-    async def make_store() -> None:
-        await (await SqliteStore.open(db_path)).close()
-
-    asyncio.run(make_store())
+    make_store(db_path)
     backup(db_path, good)
     serving = serving_lock(db_path, shared=True)
     assert serving.acquire()
@@ -327,10 +324,7 @@ def test_restore_refuses_a_damaged_copy_and_a_running_gateway(
 def test_a_backup_never_replaces_the_store_or_leaves_a_partial_copy(
     db_path: Path, tmp_path: Path
 ) -> None:
-    async def make_store() -> None:
-        await (await SqliteStore.open(db_path)).close()
-
-    asyncio.run(make_store())
+    make_store(db_path)
     # Swapped in under a serving gateway, a copy would lose what it acknowledged after.
     for target in (
         db_path,
@@ -354,16 +348,22 @@ def test_a_backup_never_replaces_the_store_or_leaves_a_partial_copy(
 
 
 def test_a_restore_onto_a_fresh_host_makes_the_stores_folder(db_path: Path, tmp_path: Path) -> None:
-    async def make_store() -> None:
-        await (await SqliteStore.open(db_path)).close()
-
-    asyncio.run(make_store())
+    make_store(db_path)
     copy = tmp_path / "copy.sqlite3"
     backup(db_path, copy)
     fresh = tmp_path / "new-host" / "var" / "gateway.sqlite3"
     assert restore(copy, fresh).version > 0
     assert fresh.parent.stat().st_mode & 0o777 == 0o700
     assert fresh.stat().st_mode & 0o777 == 0o600
+
+
+def make_store(path: Path) -> None:
+    """Create an empty SQLite store at ``path`` (its schema migrated)."""
+
+    async def made() -> None:
+        await (await SqliteStore.open(path)).close()
+
+    asyncio.run(made())
 
 
 def config_args(config: dict[str, Any], tmp_path: Path) -> list[str]:
@@ -629,10 +629,7 @@ def test_restores_in_the_same_second_keep_each_replaced_store(
     # Found by review: the copy kept aside is named by the second; a second restore within it
     # wrote its copy over the first one's, and the store the first replaced (the only copy
     # of what it held) was gone.
-    async def make_store() -> None:
-        await (await SqliteStore.open(db_path)).close()
-
-    asyncio.run(make_store())
+    make_store(db_path)
     copy = tmp_path / "copy.sqlite3"
     backup(db_path, copy)
     conn = sqlite3.connect(db_path)  # what only the store the first restore replaces holds

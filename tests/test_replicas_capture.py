@@ -92,6 +92,14 @@ def _says(p: int, text: str, *, ts: float, clid: str | None = None) -> dict[str,
     return notification(messages_change([message(_phone(p), text, ts=ts, ref=ref)]))
 
 
+async def _seed(session: aiohttp.ClientSession, hook: str, wamid: str, ts: float) -> None:
+    """A conversation without a click yet for each person (their message ``wamid`` and the
+    person's number), through one replica."""
+    await asyncio.gather(
+        *(_post(session, hook, _says(p, f"{wamid}{p}", ts=ts)) for p in range(PEOPLE))
+    )
+
+
 async def test_two_clicks_at_once_on_two_replicas_capture_one_and_keep_it(
     replicas: Replicas,
 ) -> None:
@@ -99,10 +107,7 @@ async def test_two_clicks_at_once_on_two_replicas_capture_one_and_keep_it(
     hooks = [replicas.url(i, WEBHOOK) for i in range(2)]
     async with aiohttp.ClientSession() as session:
         # A conversation without a click yet for each person.
-        await asyncio.gather(
-            *(_post(session, hooks[0], _says(p, f"wamid.seed{p}", ts=now - 60))
-              for p in range(PEOPLE))
-        )  # fmt: skip
+        await _seed(session, hooks[0], "wamid.seed", now - 60)
         answers = []
         for p in range(PEOPLE):
             a = _says(p, f"wamid.a{p}", ts=now - 10, clid=_clid(f"A{p}"))
@@ -171,10 +176,7 @@ async def test_a_recovered_click_stays_when_a_message_is_captured_at_once_elsewh
     now = float(int(time.time()))  # Meta's timestamps are whole seconds
     hooks = [replicas.url(i, WEBHOOK) for i in range(2)]
     async with aiohttp.ClientSession() as session:
-        await asyncio.gather(
-            *(_post(session, hooks[0], _says(p, f"wamid.s{p}", ts=now - 60))
-              for p in range(PEOPLE))
-        )  # fmt: skip
+        await _seed(session, hooks[0], "wamid.s", now - 60)
         for p in range(PEOPLE):
             # The click of the first message, recovered from Meta's automatic event, while
             # the person's next message (no click of its own) is captured on the other.

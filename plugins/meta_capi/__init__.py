@@ -80,11 +80,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     app_secret_env: EnvName | None = None
 
 
-def access_token(account: AccountConfig, environ: Mapping[str, str]) -> str:
-    """Return the account's Graph API token from ``environ`` ("" if unset), without the
+def env_secret(environ: Mapping[str, str], name: str | None) -> str:
+    """Return the secret in the variable ``name`` ("" if unset or unnamed), without the
     surrounding whitespace a secret mounted from a file often ends with (a newline): the
     [secrets] file's values are read the same way."""
-    return environ.get(account.access_token_env or "", "").strip()
+    return environ.get(name, "").strip() if name else ""
+
+
+def access_token(account: AccountConfig, environ: Mapping[str, str]) -> str:
+    """Return the account's Graph API token from ``environ`` (see :func:`env_secret`)."""
+    return env_secret(environ, account.access_token_env)
 
 
 class MetaCapiSink:
@@ -129,7 +134,7 @@ class MetaCapiSink:
                     f" the token; set it to the token alone (named at {where})"
                 )
         secret = self.config.app_secret_env
-        if secret and not environ.get(secret, "").strip():
+        if secret and not env_secret(environ, secret):
             raise ConfigError(f"{settings.source}: environment variable {secret} is not set")
 
     @hookimpl
@@ -141,7 +146,7 @@ class MetaCapiSink:
             f"access_token:{a}" for a, token in tokens.items() if token != self.tokens.get(a)
         ]
         self.tokens = tokens
-        secret = environ.get(self.config.app_secret_env or "", "").strip()
+        secret = env_secret(environ, self.config.app_secret_env)
         if self.sender is not None:
             graph = self.sender.graph
             new_secret = secret.encode() if secret else None
@@ -231,7 +236,7 @@ class MetaCapiSink:
         metrics: Metrics,
     ) -> AsyncIterator[None]:
         c = self.config
-        secret = environ.get(c.app_secret_env, "").strip() if c.app_secret_env else ""
+        secret = env_secret(environ, c.app_secret_env)
         self.tokens = {a.id: access_token(a, environ) for a in settings.accounts}
         self.stored_datasets = await store.datasets()
         self.store = store
