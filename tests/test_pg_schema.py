@@ -17,6 +17,7 @@ import pytest
 from gateway.domain import STATUS_PRECEDENCE
 from gateway.store.pg_schema import MIGRATION_LOCK_KEY, PG_MIGRATIONS, migrate_pg
 from gateway.store.schema import UPDATE_EVENT_STATUS, migrate
+from tests.conftest import LogCapture
 
 # How SQLite's declared column types are spelled on PostgreSQL.
 _PG_TYPES = {
@@ -153,7 +154,9 @@ def test_the_lock_key_is_derived_from_the_name() -> None:
     assert MIGRATION_LOCK_KEY == -6250742880435866931
 
 
-async def test_replicas_starting_together_apply_each_migration_once(pg_url: str) -> None:
+async def test_replicas_starting_together_apply_each_migration_once(
+    pg_url: str, logs: LogCapture
+) -> None:
     conns = [await asyncpg.connect(pg_url) for _ in range(3)]
     try:
         await asyncio.gather(*(migrate_pg(c) for c in conns))
@@ -169,9 +172,13 @@ async def test_replicas_starting_together_apply_each_migration_once(pg_url: str)
         assert await conns[1].fetchval("SELECT COUNT(*) FROM migration_runs") == 1
         assert await _versions(conns[2]) == list(range(1, len(later) + 1))
 
-        # And an older release, still running beside it, changes nothing.
+        # And an older release, still running beside it, changes nothing (a rolling
+        # upgrade), but says so.
+        assert not logs.events("store_schema_newer")
         await migrate_pg(conns[0])
         assert await _versions(conns[0]) == list(range(1, len(later) + 1))
+        (newer,) = logs.events("store_schema_newer")
+        assert (newer["version"], newer["known"]) == (len(later), len(PG_MIGRATIONS))
     finally:
         for conn in conns:
             await conn.close()

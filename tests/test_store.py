@@ -18,6 +18,7 @@ import pytest
 
 from gateway.config import parse_settings
 from gateway.domain import Resolution, SinkState, StoredEvent
+from gateway.errors import ConfigError
 from gateway.store import database
 from gateway.store.database import SqliteStore, Store, StoreMissing
 from gateway.store.engines import open_store
@@ -206,6 +207,19 @@ async def test_migrations_run_once(db_path: Path) -> None:
     with sqlite3.connect(db_path) as conn:
         versions = conn.execute("SELECT version FROM schema_migrations").fetchall()
     assert versions == [(i + 1,) for i in range(len(MIGRATIONS))]
+
+
+async def test_a_store_a_newer_version_migrated_is_refused_in_one_line(db_path: Path) -> None:
+    """A binary rolled back after an upgrade would write rows without the newer columns and
+    skip their triggers; it stops at start-up, saying what to do, before touching a row."""
+    store = await SqliteStore.open(db_path)
+    await store.close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (?)", (len(MIGRATIONS) + 1,))
+    before = db_path.read_bytes()
+    with pytest.raises(ConfigError, match=rf"{db_path}: .*schema version {len(MIGRATIONS) + 1}"):
+        await SqliteStore.open(db_path)
+    assert db_path.read_bytes() == before
 
 
 async def test_phone_lookup_prefers_clicks_then_recency(store: Store) -> None:

@@ -747,8 +747,9 @@ class SqliteStore(Store):
             writer.close()
             if quick is not None:
                 quick.close()
-            if isinstance(exc, sqlite3.DatabaseError):
-                # Not a database, or a damaged one: one line, not a traceback.
+            if isinstance(exc, sqlite3.DatabaseError | ConfigError):
+                # Not a database, a damaged one, or a newer version's: one line, not a
+                # traceback.
                 raise ConfigError(f"cannot open the store {path}: {exc}") from None
             raise
         await scanner.execute("PRAGMA busy_timeout = 5000")

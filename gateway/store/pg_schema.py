@@ -25,6 +25,7 @@ import hashlib
 from collections.abc import Sequence
 
 import asyncpg
+import structlog
 
 __all__ = ["MIGRATION_LOCK_KEY", "PG_MIGRATIONS", "migrate_pg"]
 
@@ -336,6 +337,18 @@ async def migrate_pg(
                 await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
             )
             if current >= len(migrations):
+                if current > len(migrations):
+                    # A rolling upgrade: a newer replica migrated the database while this
+                    # older one still runs (a newer release's migrations add, they never take
+                    # away). Said at start-up, so an operator sees a rollback that was
+                    # never finished.
+                    structlog.get_logger().warning(
+                        "store_schema_newer",
+                        version=current,
+                        known=len(migrations),
+                        meaning="a newer ctwa-gateway migrated this database; replace this"
+                        " replica with that version",
+                    )
                 return
             # No parameters: a script of several statements goes through the simple query
             # protocol, which runs them all.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from gateway.domain import STATUS_PRECEDENCE
+from gateway.errors import ConfigError
 
 __all__ = ["MIGRATIONS", "UPDATE_EVENT_STATUS", "migrate"]
 
@@ -360,6 +361,15 @@ def migrate(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
     row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
     current = int(row[0]) if row else 0
+    if current > len(MIGRATIONS):
+        # A newer version migrated this store (and the binary was rolled back): this one
+        # would write rows without the newer columns' values and skip their triggers, so the
+        # newer version's counts and states would be wrong when it comes back.
+        raise ConfigError(
+            f"the store has schema version {current}, newer than this version of"
+            f" ctwa-gateway knows ({len(MIGRATIONS)}): a newer version upgraded it. Run that"
+            " version, or restore a backup made by this one (ctwa-gateway restore)"
+        )
     for version, script in enumerate(MIGRATIONS, start=1):
         if version <= current:
             continue
