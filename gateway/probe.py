@@ -20,7 +20,7 @@ from gateway.draft import EventDraft
 from gateway.errors import ConfigError
 from gateway.plugin_manager import Plugins
 from gateway.wire import ConversionRequest
-from plugins.meta_capi import access_token, env_secret
+from plugins.meta_capi import access_token, env_secret, proxy_url
 from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT, meta_request_body
 from plugins.meta_capi.graph import DEFAULT_API_VERSION, DEFAULT_GRAPH_URL, GraphClient, explain
 
@@ -43,6 +43,7 @@ class GraphSettings(msgspec.Struct, frozen=True, kw_only=True):
     timeout_s: float = 10.0
     partner_agent: str = DEFAULT_PARTNER_AGENT
     app_secret_env: str | None = None
+    proxy_env: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GraphSettings:
@@ -83,6 +84,10 @@ async def probe_event_names(
             " access_token_env names"
         )
     secret = env_secret(environ, graph.app_secret_env)
+    try:
+        proxy = proxy_url(environ, graph.proxy_env)
+    except ValueError as exc:
+        raise ConfigError(f"[plugins.meta_capi] proxy_env: {exc}") from None
     results = []
     run = int(time.time())
     async with aiohttp.ClientSession() as session:
@@ -92,6 +97,7 @@ async def probe_event_names(
             api_version=graph.api_version,
             timeout_s=graph.timeout_s,
             app_secret=secret.encode() if secret else None,
+            proxy=proxy,
         )
         for name in names:
             request = ConversionRequest(

@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -78,6 +79,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     claim_lease_s: Annotated[float, msgspec.Meta(ge=1, le=600)] = 10.0
     # For appsecret_proof, when the app requires it.
     app_secret_env: EnvName | None = None
+    # The variable holding the egress proxy's URL (http://[user:password@]host:port), when
+    # Meta is reachable only through one. Named, not read from HTTPS_PROXY by itself: the
+    # proxy may carry credentials, and a machine-wide variable must not redirect the
+    # gateway's traffic unasked.
+    proxy_env: EnvName | None = None
 
 
 def env_secret(environ: Mapping[str, str], name: str | None) -> str:
@@ -85,6 +91,24 @@ def env_secret(environ: Mapping[str, str], name: str | None) -> str:
     surrounding whitespace a secret mounted from a file often ends with (a newline): the
     [secrets] file's values are read the same way."""
     return environ.get(name, "").strip() if name else ""
+
+
+def proxy_url(environ: Mapping[str, str], name: str | None) -> str | None:
+    """Return the egress proxy's URL from the variable ``name`` (None if unnamed or empty);
+    raise ValueError, without the value (it may carry a password), if it is not an
+    http(s) URL with a host."""
+    url = env_secret(environ, name)
+    if not url:
+        return None
+    try:
+        parsed = urlsplit(url)
+        scheme, host = parsed.scheme, parsed.hostname
+        parsed.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        scheme, host = "", None
+    if scheme not in ("http", "https") or not host:
+        raise ValueError(f"environment variable {name} is not an http:// or https:// URL")
+    return url
 
 
 def access_token(account: AccountConfig, environ: Mapping[str, str]) -> str:
@@ -136,6 +160,16 @@ class MetaCapiSink:
         secret = self.config.app_secret_env
         if secret and not env_secret(environ, secret):
             raise ConfigError(f"{settings.source}: environment variable {secret} is not set")
+        proxy = self.config.proxy_env
+        if proxy:
+            try:
+                found = proxy_url(environ, proxy)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{settings.source}: [plugins.meta_capi] proxy_env: {exc}"
+                ) from None
+            if found is None:
+                raise ConfigError(f"{settings.source}: environment variable {proxy} is not set")
 
     @hookimpl
     def gateway_reload_secrets(
@@ -153,6 +187,11 @@ class MetaCapiSink:
             if new_secret != graph.app_secret:
                 changed.append("app_secret")
                 graph.app_secret = new_secret
+            # gateway_check_config has already refused a malformed one.
+            proxy = proxy_url(environ, self.config.proxy_env)
+            if proxy != graph.proxy:
+                changed.append("proxy")
+                graph.proxy = proxy
             # Batches already sent keep the route they were sent with; the next ones use these.
             self.sender.routes.update(self._routes(settings))
         return changed
@@ -248,6 +287,7 @@ class MetaCapiSink:
                 api_version=c.api_version,
                 timeout_s=c.timeout_s,
                 app_secret=secret.encode() if secret else None,
+                proxy=proxy_url(environ, c.proxy_env),
             )
             self.sender = GraphSender(
                 graph,

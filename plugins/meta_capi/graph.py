@@ -168,11 +168,14 @@ class GraphClient:
         api_version: str,
         timeout_s: float,
         app_secret: bytes | None = None,
+        proxy: str | None = None,
     ) -> None:
         self.session = session
         self.base = f"{graph_url.rstrip('/')}/{api_version}"
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.app_secret = app_secret
+        # Every request goes through this egress proxy (CONNECT for https), if set.
+        self.proxy = proxy
 
     async def send_events(self, dataset_id: str, token: str, body: dict[str, Any]) -> GraphReply:
         """POST ``body`` to ``/{dataset_id}/events``."""
@@ -192,7 +195,7 @@ class GraphClient:
         started = time.perf_counter()
         try:
             async with self.session.post(
-                url, data=_encode(payload), headers=headers, timeout=self.timeout
+                url, data=_encode(payload), headers=headers, timeout=self.timeout, proxy=self.proxy
             ) as resp:
                 raw = await resp.read()
                 status = resp.status

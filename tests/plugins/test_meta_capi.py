@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import sys
 import time
@@ -1354,3 +1355,45 @@ async def test_an_app_secret_ending_in_a_newline_proves_the_token_without_it(
 
     assert (await resp.json())["status"] == "delivered"
     assert fake.received[0].appsecret_proof == appsecret_proof(secret.encode(), ACME_TOKEN)
+
+
+async def test_meta_is_reached_through_the_proxy_proxy_env_names(
+    make_client: ClientFactory, config: dict[str, Any], aiohttp_server: Any, fake: FakeGraph
+) -> None:
+    # A deployment whose only way out is an egress proxy: Meta's host does not resolve here,
+    # and the proxy (the fake Graph API, taking proxy requests) does the rest.
+    asked: list[tuple[str, str | None]] = []
+
+    @web.middleware
+    async def proxy(request: web.Request, handler: Any) -> web.StreamResponse:
+        asked.append((str(request.url.host), request.headers.get("Proxy-Authorization")))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app = fake.app()
+    app.middlewares.append(proxy)
+    server = await aiohttp_server(app)
+    table = {"graph_url": "http://graph.invalid", "proxy_env": "CTWA_EGRESS_PROXY"}
+    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
+    proxy_url = f"http://egress:s3cret@127.0.0.1:{server.port}"
+    client = await make_client(settings=settings, environ={**ENV, "CTWA_EGRESS_PROXY": proxy_url})
+    conversation = await add_conversation(store_of(client))
+
+    resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+
+    assert (await resp.json())["status"] == "delivered"
+    assert len(fake.received) == 1
+    assert asked == [("graph.invalid", "Basic " + base64.b64encode(b"egress:s3cret").decode())]
+
+
+@pytest.mark.parametrize("value", ["proxy.internal:3128", "ftp://proxy", "http://user:pw@", "http://h:x"])
+async def test_a_proxy_that_is_not_a_url_stops_startup_without_showing_it(
+    make_client: ClientFactory, config: dict[str, Any], value: str
+) -> None:
+    from gateway.errors import ConfigError
+
+    table = {"proxy_env": "CTWA_EGRESS_PROXY"}
+    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
+    with pytest.raises(ConfigError, match="CTWA_EGRESS_PROXY is not an http") as raised:
+        await make_client(settings=settings, environ={**ENV, "CTWA_EGRESS_PROXY": value})
+    assert value not in str(raised.value)
