@@ -187,11 +187,13 @@ def gateway_send_events(  # type: ignore[empty-body]
     """Send these events; resolve to one :class:`~gateway.SendOutcome` per event, in order
     (outbox sinks).
 
-    Called by the host's dispatcher with up to ``batch_max`` due events of this sink (see
-    :func:`gateway_delivery_options`); the sink decides how many requests that takes. Each
+    Called by the host's dispatcher with up to ``batch_max`` due events of this sink, all of
+    one account and one ``test_event_code`` (see :func:`gateway_delivery_options`; a batch of
+    several is one call for each, at once, each call's outcomes recorded as soon as it
+    returns); the sink decides how many requests that takes. Each
     outcome is ``delivered``, ``retry`` (backoff, optionally ``retry_after_s`` and
     ``hold_account``) or ``failed`` with the reason and what to fix. Raising, hanging past the
-    send timeout or returning the wrong number of outcomes holds the batch back for
+    send timeout or returning the wrong number of outcomes holds that call's events back for
     ``retry_cap_s`` and is logged once with the traceback. An event is sent again only after a
     ``retry``, after such a fault (the receiver may have taken it before the sink failed to say
     so) or after a crash between the send and the recording of its outcome: send each event's

@@ -48,6 +48,8 @@ class FakeGraph:
     datasets_created: list[str] = field(default_factory=list)
     failures: deque[str] = field(default_factory=deque)
     delay_s: float = 0.0
+    # A dataset's own delay, read as each of its requests arrives (instead of delay_s).
+    delays: dict[str, float] = field(default_factory=dict)
     # Report fewer events received than sent, once.
     undercount: int = 0
     url_queries: list[str] = field(default_factory=list)
@@ -148,9 +150,10 @@ class FakeGraph:
         dataset_id = request.match_info["dataset_id"]
         self.versions.append(request.match_info["version"])
         self.url_queries.append(request.query_string)
+        delay_s = self.delays.get(dataset_id, self.delay_s)
         body = await request.read()
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        if delay_s:
+            await asyncio.sleep(delay_s)
         if self.failures and self.failures[0] != "count":
             mode = self.failures.popleft()
             response = await self._failure(request, mode)

@@ -2,17 +2,19 @@
 
 One task per sink and process. It takes due deliveries from the outbox, hands them to the
 sink's ``gateway_send_events`` in batches of up to ``batch_max`` (waiting up to ``linger_ms``
-to fill one while others are in flight), and records every outcome in one transaction per
-batch, with one attempt row per event:
+to fill one while others are in flight), one call per account (and test event code) of the
+batch, all at once, and records each call's outcomes in one transaction as soon as it
+returns, with one attempt row per event (one account's fault or slowness costs the others
+nothing):
 
 - ``delivered`` and ``failed`` are final (a failed one can be replayed by the operator);
 - ``retry`` comes back after exponential backoff with jitter, no sooner than the sink's
   ``retry_after_s``; ``hold_account`` holds that account's other deliveries as long, and
   those this process takes meanwhile (new events) are put back unsent until then;
 - an event older than ``max_age_s`` at its next attempt expires instead;
-- a sink that raises, hangs past its send timeout or answers out of contract holds the batch
-  back for ``retry_cap_s`` (a fault that repeats must not become a busy loop), logged once
-  with its traceback.
+- a sink that raises, hangs past its send timeout or answers out of contract holds that
+  call's events back for ``retry_cap_s`` (a fault that repeats must not become a busy loop),
+  logged once with its traceback.
 
 Several processes may deliver from one store: each claims what it sends (a lease in the row,
 :mod:`gateway.store.outbox`), renews the lease while the batch is in flight and records the
@@ -256,10 +258,46 @@ class Dispatcher:
         return max(claimed_at, self._renewed_at) + self.options.claim_lease_s - self.clock()
 
     async def _send(self, batch: list[QueuedEvent], claimed_at: float) -> None:
+        """Send a batch in one call of the sink per account (and test event code), all at
+        once: each call's outcomes are recorded, and its waiting requests answered, as soon as
+        it returns, whatever becomes of the others (one that raises or is slow costs them
+        nothing)."""
         try:
-            sent = await self._send_and_record(batch, claimed_at)
+            async with self._slots:
+                if self._lease_left(claimed_at) < _LEASE_MARGIN_S:
+                    # This process stalled (a paused VM, a blocked loop) past its lease: another
+                    # may have the batch by now, so it is not sent from here. Unrecorded, its
+                    # claims lapse and whoever holds them sends it.
+                    log.warning("delivery_lease_lapsed", sink=self.sink, events=len(batch))
+                    return
+                # What one request can carry together: one account, one test event code
+                # (request-level at Meta).
+                groups: dict[tuple[str, str | None], list[QueuedEvent]] = {}
+                for item in batch:
+                    groups.setdefault((item.account_id, item.test_event_code), []).append(item)
+                if len(groups) == 1:
+                    # The common case, one account: no task to schedule.
+                    await self._send_group(batch)
+                    return
+                # Each group is awaited to its end: none is left sending once the slot is free.
+                done = await asyncio.gather(
+                    *(self._send_group(group) for group in groups.values()),
+                    return_exceptions=True,
+                )
+                for fault in done:
+                    if isinstance(fault, BaseException):
+                        log.error("dispatcher_group_error", sink=self.sink, exc_info=fault)
         finally:
             self._in_flight.difference_update(item.pk for item in batch)
+            self._wake.set()
+
+    async def _send_group(self, group: list[QueuedEvent]) -> None:
+        """Send one group of a batch (one account, one test code), record its outcomes and act
+        on them."""
+        try:
+            sent = await self._send_and_record(group)
+        finally:
+            self._in_flight.difference_update(item.pk for item in group)
             self._wake.set()
         if sent is None:
             return
@@ -270,41 +308,35 @@ class Dispatcher:
             except Exception:
                 # The outcomes are recorded; the hold is a courtesy to the destination.
                 log.exception("dispatcher_defer_failed", sink=self.sink, account=account)
-        accounts = {item.pk: item.account_id for item in batch}
+        accounts = {item.pk: item.account_id for item in group}
         for result in results:
             outcome = "retry" if result.state.status == "pending" else result.state.status
             self.metrics.events_outcome.labels(accounts[result.pk], self.sink, outcome).inc()
             self._settle(result.pk, result.state)
-        self._report(batch, results)
+        self._report(group, results)
 
     async def _send_and_record(
-        self, batch: list[QueuedEvent], claimed_at: float
+        self, group: list[QueuedEvent]
     ) -> tuple[list[AttemptResult], dict[str, float]] | None:
-        """Send a batch and store its outcomes; None if there are none to act on."""
+        """Send one group of a batch and store its outcomes; None if there are none to act
+        on."""
         try:
-            async with self._slots:
-                if self._lease_left(claimed_at) < _LEASE_MARGIN_S:
-                    # This process stalled (a paused VM, a blocked loop) past its lease: another
-                    # may have the batch by now, so it is not sent from here. Unrecorded, its
-                    # claims lapse and whoever holds them sends it.
-                    log.warning("delivery_lease_lapsed", sink=self.sink, events=len(batch))
-                    return None
-                results, held = await self._round(batch)
+            results, held = await self._round(group)
         except Exception:
-            log.exception("dispatcher_batch_error", sink=self.sink, events=len(batch))
-            # Hold the batch back a while: a fault that repeats must not become a busy loop.
+            log.exception("dispatcher_batch_error", sink=self.sink, events=len(group))
+            # Hold the group back a while: a fault that repeats must not become a busy loop.
             # (Nothing was sent, or the sink said nothing: there is no outcome to keep.)
-            await self._hold(batch, _internal_error_state)
+            await self._hold(group, _internal_error_state)
             return None
         try:
             lost = await self._record(results)
         except Exception:
             # The store refused the outcomes for as long as the tries last, or the dispatcher
-            # stopped meanwhile: the batch is held back as an internal error (it will be sent
+            # stopped meanwhile: the group is held back as an internal error (it will be sent
             # again: the window of a store that fails during a send; see the README) rather
             # than keeping its slot and claims for ever.
-            log.exception("dispatcher_record_failed", sink=self.sink, events=len(batch))
-            await self._hold(batch, _internal_error_state)
+            log.exception("dispatcher_record_failed", sink=self.sink, events=len(group))
+            await self._hold(group, _internal_error_state)
             return None
         if lost:
             log.warning(
@@ -452,8 +484,8 @@ class Dispatcher:
     def _faulted(
         self, fresh: list[QueuedEvent], exc: BaseException, now: float, started: float
     ) -> list[AttemptResult]:
-        """The sink's own fault (or a hang): logged once, with its traceback; the batch is held
-        back for ``retry_cap_s``."""
+        """The sink's own fault (or a hang): logged once, with its traceback; the call's events
+        are held back for ``retry_cap_s``."""
         reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
         log.error(
             "sink_failed",
