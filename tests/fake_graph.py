@@ -61,7 +61,8 @@ class FakeGraph:
         """Queue failure modes, one per request: 500, timeout, html, drop, throttle4,
         throttle17, 429, 429_text (a plain-text 429 asking for 1.5 s), blocked368 (a policy
         block), transient, token190, token_echo, dataset33, permission10, count, keep_none (a
-        200 that kept no event, with the warning Meta gives a future one).
+        200 that kept no event, with the warning Meta gives a future one), pass (answered as
+        usual: the failures after it meet the requests after this one).
         """
         self.failures.extend(modes)
 
@@ -154,7 +155,9 @@ class FakeGraph:
         body = await request.read()
         if delay_s:
             await asyncio.sleep(delay_s)
-        if self.failures and self.failures[0] != "count":
+        if self.failures and self.failures[0] == "pass":
+            self.failures.popleft()
+        elif self.failures and self.failures[0] != "count":
             mode = self.failures.popleft()
             response = await self._failure(request, mode)
             self.requests.append((dataset_id, -1, response.status))

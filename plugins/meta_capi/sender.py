@@ -16,6 +16,8 @@ Splitting takes requests one after another, so a batch has a time budget: once i
 new request starts, and the events not yet sent on their own come back as ``retry`` (Meta
 rejected every request they were in, so nothing of theirs was taken). Outcomes of requests
 that completed are always returned: an event Meta took is never sent again for lack of time.
+Likewise, once Meta throttles one of a split's requests no further one starts: the events not
+yet sent come back as throttled (``hold_account``, Meta's ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from msgspec.structs import replace
@@ -43,6 +45,21 @@ class Route:
 
     dataset_id: str
     token: str
+
+
+@dataclass
+class _Requests:
+    """The requests one group of a batch takes (more than one when it is split)."""
+
+    route: Route
+    # The request-level test_event_code they carry.
+    code: str | None
+    # No request starts after this (time.monotonic()).
+    deadline: float
+    # Requests each event was in so far.
+    tries: dict[int, int] = field(default_factory=dict)
+    # Meta's answer when it throttled one of them: no further request is sent.
+    throttled: GraphReply | None = None
 
 
 class GraphSender:
@@ -89,29 +106,29 @@ class GraphSender:
                 continue
             code = self.forced_test_event_code or event.test_event_code
             groups.setdefault((route, code), []).append(event)
-        tries = {event.pk: 0 for event in events}
         deadline = time.monotonic() + self.budget_s
         if len(groups) == 1:
             # The common case, one account: no task to schedule.
             (((route, code), group),) = groups.items()
-            outcomes.update(await self._attempt(route, code, group, tries, deadline))
+            outcomes.update(await self._attempt(_Requests(route, code, deadline), group))
         else:
             sent = await asyncio.gather(
-                *(self._attempt(r, c, group, tries, deadline) for (r, c), group in groups.items())
+                *(
+                    self._attempt(_Requests(route, code, deadline), group)
+                    for (route, code), group in groups.items()
+                )
             )
             for found in sent:
                 outcomes.update(found)
         return [outcomes[event.pk] for event in events]
 
     async def _attempt(
-        self,
-        route: Route,
-        code: str | None,
-        events: Sequence[QueuedEvent],
-        tries: dict[int, int],
-        deadline: float,
+        self, requests: _Requests, events: Sequence[QueuedEvent]
     ) -> dict[int, SendOutcome]:
-        if time.monotonic() >= deadline:
+        if requests.throttled is not None:
+            # Meta throttled an earlier request of this split: the rest wait with the account.
+            return self._not_sent(requests, requests.throttled, events)
+        if time.monotonic() >= requests.deadline:
             # Out of time while splitting: these were only ever in requests Meta rejected.
             later = SendOutcome(
                 status="retry",
@@ -119,7 +136,10 @@ class GraphSender:
                 " event it refused took longer than one attempt may; the next attempt goes on",
                 code="split_unfinished",
             )
-            return {event.pk: replace(later, tries=tries[event.pk]) for event in events}
+            return {
+                event.pk: replace(later, tries=requests.tries.get(event.pk, 0)) for event in events
+            }
+        route, code, tries = requests.route, requests.code, requests.tries
         body = meta_request_body(
             [event.event for event in events],
             partner_agent=self.partner_agent,
@@ -130,13 +150,14 @@ class GraphSender:
         if reply.kind != "ok":
             self.metrics.meta_errors.labels(reply.error_code()).inc()
         for event in events:
-            tries[event.pk] += 1
+            tries[event.pk] = tries.get(event.pk, 0) + 1
         if reply.kind == "permanent" and len(events) > 1 and reply.is_event_level():
             half = len(events) // 2
-            left = await self._attempt(route, code, events[:half], tries, deadline)
-            right = await self._attempt(route, code, events[half:], tries, deadline)
+            left = await self._attempt(requests, events[:half])
+            right = await self._attempt(requests, events[half:])
             return left | right
         if reply.kind == "throttled":
+            requests.throttled = reply
             log.warning(
                 "meta_throttled",
                 sink=self.sink,
@@ -154,6 +175,22 @@ class GraphSender:
                 made[n] = _outcome(reply, n, warnings, self.throttle_floor_s)
             found[event.pk] = made[n]
         return found
+
+    def _not_sent(
+        self, requests: _Requests, throttled: GraphReply, events: Sequence[QueuedEvent]
+    ) -> dict[int, SendOutcome]:
+        """The events a split did not send after Meta throttled it: held with the account,
+        for as long as the throttled request's outcome says."""
+        held = replace(
+            _outcome(throttled, 0, [], self.throttle_floor_s),
+            reason="not sent yet: Meta rejected the batch they were in for an event it refused,"
+            " then throttled the account while the gateway looked for that event"
+            f" ({explain(throttled)}); the next attempt goes on",
+            http_status=None,
+            trace_id=None,
+            duration_ms=0.0,
+        )
+        return {event.pk: replace(held, tries=requests.tries.get(event.pk, 0)) for event in events}
 
     def _warnings(self, reply: GraphReply, sent: int) -> list[str]:
         warnings = list(reply.warnings)

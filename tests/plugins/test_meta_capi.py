@@ -45,6 +45,7 @@ from tests.conftest import (
     ClientFactory,
     LogCapture,
     add_conversation,
+    event_detail,
     settle,
     sink_state_when,
     sink_states,
@@ -1489,3 +1490,39 @@ async def test_a_slow_account_does_not_delay_the_answers_of_another(
     assert slow.status == 202
     assert (await settle(client, "B1", "other"))["status"] == "delivered"
     assert sorted(fake.event_ids()) == ["A1", "B1", "W"]
+
+
+async def test_a_split_stops_sending_when_meta_throttles(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    # Meta refused a batch for one bad event and, while the gateway split it to find which,
+    # answered the first half with 429: the other half was sent anyway, into the limit.
+    client = await make_meta(respond_within_ms=0, retry_base_s=0.25)  # held for >= 1 s
+    await _app_dispatcher(client).stop()
+    store = store_of(client)
+    good = await add_conversation(store)
+    bad = await add_conversation(store, wa_id="447911123456", clid=BAD_CLID)
+    for i, conversation in enumerate([good, good, good, bad]):
+        await client.post(URL, json=lead(conversation.id, f"E{i}"), headers=AUTH)
+    # The whole batch is refused for E3 as Meta would; its first half meets a 429.
+    fake.fail("pass", "429")
+    dispatcher = _standalone_dispatcher(client, "split")
+    dispatcher.start()
+    try:
+        for _ in range(100):
+            first = [await event_detail(client, f"E{i}") for i in range(4)]
+            if all(d["attempts"] for d in first):
+                break
+            await asyncio.sleep(0.02)
+        assert [status for _, _, status in fake.requests] == [400, 429]
+        for detail in first:
+            (state,) = detail["deliveries"]
+            assert (state["status"], state["errorCode"]) == ("pending", "80004"), state
+        details = [await settle(client, f"E{i}") for i in range(4)]
+    finally:
+        await dispatcher.stop()
+    assert [d["status"] for d in details] == ["delivered"] * 3 + ["failed"]
+    assert sorted(fake.event_ids()) == ["E0", "E1", "E2"]
+    # The rest waited out the hold (>= 1 s) before the split went on.
+    waited = _at(details[2]["attempts"][1]["at"]) - _at(details[2]["attempts"][0]["at"])
+    assert waited >= 0.9, waited
