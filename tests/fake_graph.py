@@ -50,6 +50,8 @@ class FakeGraph:
     delay_s: float = 0.0
     # A dataset's own delay, read as each of its requests arrives (instead of delay_s).
     delays: dict[str, float] = field(default_factory=dict)
+    # A proxy in front with a body limit (nginx's client_max_body_size): a plain 413 past it.
+    max_body_bytes: int | None = None
     # Report fewer events received than sent, once.
     undercount: int = 0
     url_queries: list[str] = field(default_factory=list)
@@ -61,8 +63,9 @@ class FakeGraph:
         """Queue failure modes, one per request: 500, timeout, html, drop, throttle4,
         throttle17, 429, 429_text (a plain-text 429 asking for 1.5 s), blocked368 (a policy
         block), transient, token190, token_echo, dataset33, permission10, count, keep_none (a
-        200 that kept no event, with the warning Meta gives a future one), pass (answered as
-        usual: the failures after it meet the requests after this one).
+        200 that kept no event, with the warning Meta gives a future one), 404_html (what a
+        graph_url that is not the Graph API answers), pass (answered as usual: the failures
+        after it meet the requests after this one).
         """
         self.failures.extend(modes)
 
@@ -104,6 +107,10 @@ class FakeGraph:
         if mode == "html":
             return web.Response(
                 status=502, text="<html><body>Bad Gateway</body></html>", content_type="text/html"
+            )
+        if mode == "404_html":
+            return web.Response(
+                status=404, text="<html><body>Not Found</body></html>", content_type="text/html"
             )
         if mode == "drop":
             assert request.transport is not None
@@ -153,6 +160,13 @@ class FakeGraph:
         self.url_queries.append(request.query_string)
         delay_s = self.delays.get(dataset_id, self.delay_s)
         body = await request.read()
+        if self.max_body_bytes is not None and len(body) > self.max_body_bytes:
+            self.requests.append((dataset_id, -1, 413))
+            return web.Response(
+                status=413,
+                text="<html><body>413 Request Entity Too Large</body></html>",
+                content_type="text/html",
+            )
         if delay_s:
             await asyncio.sleep(delay_s)
         if self.failures and self.failures[0] == "pass":

@@ -86,6 +86,22 @@ class GraphReply(msgspec.Struct, frozen=True, kw_only=True):
             return self.transport
         return f"http_{self.http_status}"
 
+    def is_not_graph_api(self) -> bool:
+        """Tell whether a 4xx came from someone other than the Graph API (a proxy, a wrong
+        graph_url): Graph answers its errors in JSON."""
+        status = self.http_status
+        return (
+            self.transport == "not_json"
+            and status is not None
+            and 400 <= status < 500
+            and status != 429
+        )
+
+    def is_too_large(self) -> bool:
+        """Tell whether the request was refused for its size (HTTP 413): nothing of it was
+        taken, so its halves may go instead."""
+        return self.kind != "ok" and self.http_status == 413
+
     def is_event_level(self) -> bool:
         """Tell whether one bad event could explain the rejection (worth splitting a batch)."""
         e = self.error
@@ -110,11 +126,12 @@ def classify(http_status: int, error: GraphError | None) -> Kind:
 def explain(reply: GraphReply) -> str:
     """Return an actionable reason for a failed reply."""
     e = reply.error
+    if e is None and reply.transport == "not_json":
+        return _not_json(reply.http_status)
     if e is None:
         return {
             "timeout": "Meta did not answer in time",
             "connection": "could not reach Meta (connection failed or was dropped)",
-            "not_json": f"Meta answered HTTP {reply.http_status} with a body that is not JSON",
         }.get(reply.transport or "", f"Meta answered HTTP {reply.http_status}")
     code, sub = e.code, e.error_subcode
     detail = e.error_user_msg or e.message
@@ -145,6 +162,29 @@ def explain(reply: GraphReply) -> str:
     if sub == 2804063:
         return f"messaging_channel is missing ({detail})"
     return detail or f"Meta error {reply.error_code()}"
+
+
+def _not_json(status: int | None) -> str:
+    """Return what an answer that is not JSON likely means: the Graph API answers its errors
+    in JSON, so a 4xx that is not is someone else's (a proxy, a wrong graph_url)."""
+    said = f"Meta answered HTTP {status} with a body that is not JSON"
+    if status == 413:
+        return (
+            "something between the gateway and Meta (a proxy's body limit) refused the request"
+            " as too large (HTTP 413, not a Graph API answer): batches are split to fit; lower"
+            " [plugins.meta_capi] batch_max or raise that limit"
+        )
+    if status == 407:
+        return (
+            "a proxy between the gateway and Meta asks for authentication (HTTP 407, not a"
+            " Graph API answer): let the gateway's host through it"
+        )
+    if status is not None and 400 <= status < 500:
+        return (
+            f"{said}, so not the Graph API's: check [plugins.meta_capi] graph_url (and"
+            " api_version), and any proxy between the gateway and Meta"
+        )
+    return said
 
 
 def appsecret_proof(app_secret: bytes, token: str) -> str:

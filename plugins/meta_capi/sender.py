@@ -7,7 +7,10 @@ Graph reply becomes a :class:`gateway.SendOutcome` per event (META.md §2):
 - ``ok``: delivered, with Meta's ``fbtrace_id`` and any warning ``messages``;
 - a whole-request rejection one bad event can explain (code 100) is split in halves until the
   bad events are alone; they fail with Meta's reason and the good ones go through. Meta rejects
-  the whole request in that case, so nothing is sent twice;
+  the whole request in that case, so nothing is sent twice. A request refused as too large
+  (HTTP 413, a proxy's body limit) is split the same way;
+- a 4xx that is not JSON is not the Graph API's (a proxy, a wrong ``graph_url``): retried, and
+  its likely cause logged once per dataset (``meta_not_graph_api``);
 - ``transient``: retry; ``throttled``: retry no sooner than Meta's ``Retry-After`` and hold the
   account's other deliveries as long;
 - ``permanent``: failed, with what to fix.
@@ -87,6 +90,8 @@ class GraphSender:
         self.metrics = metrics
         # No request starts later than this after the batch began (see the module's doc).
         self.budget_s = budget_s
+        # The (dataset, HTTP status) of 4xx answers not from the Graph API, logged once each.
+        self._told: set[tuple[str, int | None]] = set()
 
     async def send(self, events: list[QueuedEvent]) -> list[SendOutcome]:
         """Return one outcome per event, in order."""
@@ -151,7 +156,9 @@ class GraphSender:
             self.metrics.meta_errors.labels(reply.error_code()).inc()
         for event in events:
             tries[event.pk] = tries.get(event.pk, 0) + 1
-        if reply.kind == "permanent" and len(events) > 1 and reply.is_event_level():
+        if reply.is_not_graph_api():
+            self._not_graph_api(route, reply)
+        if len(events) > 1 and (reply.is_event_level() or reply.is_too_large()):
             half = len(events) // 2
             left = await self._attempt(requests, events[:half])
             right = await self._attempt(requests, events[half:])
@@ -191,6 +198,21 @@ class GraphSender:
             duration_ms=0.0,
         )
         return {event.pk: replace(held, tries=requests.tries.get(event.pk, 0)) for event in events}
+
+    def _not_graph_api(self, route: Route, reply: GraphReply) -> None:
+        """Name, once per dataset and status, the likely cause of a 4xx that is not the Graph
+        API's: its events are retried (fixing the cause delivers them) until they expire."""
+        told = (route.dataset_id, reply.http_status)
+        if told in self._told:
+            return
+        self._told.add(told)
+        log.warning(
+            "meta_not_graph_api",
+            sink=self.sink,
+            dataset_id=route.dataset_id,
+            http_status=reply.http_status,
+            reason=explain(reply),
+        )
 
     def _warnings(self, reply: GraphReply, sent: int) -> list[str]:
         warnings = list(reply.warnings)

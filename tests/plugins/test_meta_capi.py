@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import sys
 import time
@@ -1526,3 +1527,57 @@ async def test_a_split_stops_sending_when_meta_throttles(
     # The rest waited out the hold (>= 1 s) before the split went on.
     waited = _at(details[2]["attempts"][1]["at"]) - _at(details[2]["attempts"][0]["at"])
     assert waited >= 0.9, waited
+
+
+async def test_a_batch_a_proxy_finds_too_large_is_split_not_retried_until_it_expires(
+    make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
+) -> None:
+    # A proxy between the gateway and Meta with a body limit (nginx's is 1 MB, about a full
+    # batch) answered a plain 413: taken for a transient error, the batch was sent again
+    # whole, and one that stays full (a steady flow fills it again) until its events expired,
+    # 7 days later.
+    client = await make_meta(respond_within_ms=0, retry_base_s=0.05, retry_cap_s=0.1)
+    conversation = await add_conversation(store_of(client))
+    await client.post(URL, json=lead(conversation.id, "E0"), headers=AUTH)
+    assert (await settle(client, "E0"))["status"] == "delivered"
+    one = len(json.dumps({"data": [fake.received[0].event]}, separators=(",", ":")))
+    fake.max_body_bytes = 3 * one  # two events fit, four do not
+    await _app_dispatcher(client).stop()
+    for i in range(1, 5):
+        await client.post(URL, json=lead(conversation.id, f"E{i}"), headers=AUTH)
+    dispatcher = _standalone_dispatcher(client, "too-large")
+    dispatcher.start()
+    try:
+        details = [await settle(client, f"E{i}") for i in range(1, 5)]
+    finally:
+        await dispatcher.stop()
+    assert [d["status"] for d in details] == ["delivered"] * 4
+    assert [len(d["attempts"]) for d in details] == [1] * 4
+    assert [status for _, _, status in fake.requests][1:] == [413, 200, 200]
+    assert sorted(fake.event_ids()) == [f"E{i}" for i in range(5)]
+    # The operator hears of the limit once, with what to change.
+    (line,) = logs.events("meta_not_graph_api")
+    assert (line["dataset_id"], line["http_status"]) == (ACME_DATASET, 413)
+    assert "batch_max" in line["reason"]
+
+
+async def test_a_4xx_that_is_not_the_graph_api_is_retried_and_named_once(
+    make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
+) -> None:
+    # A wrong graph_url (or a proxy in between) answers 404 with an HTML page: the events were
+    # retried until they expired with nothing but "HTTP 404 with a body that is not JSON" to
+    # say why. They are still retried (fixing the URL delivers them), and the likely cause is
+    # named: once in the log, and in each event's state.
+    client = await make_meta(respond_within_ms=0, retry_base_s=0.02, retry_cap_s=0.05)
+    conversation = await add_conversation(store_of(client))
+    fake.fail("404_html", "404_html", "404_html")
+    await client.post(URL, json=lead(conversation.id, "E1"), headers=AUTH)
+    state = await sink_state_when(client, "E1", "meta_capi", lambda s: s["attempts"] >= 1)
+    assert state["status"] == "pending"
+    assert "graph_url" in state["error"], state
+    detail = await settle(client, "E1")
+    assert detail["status"] == "delivered"
+    assert [a["outcome"] for a in detail["attempts"]] == ["retry"] * 3 + ["delivered"]
+    (line,) = logs.events("meta_not_graph_api")
+    assert (line["dataset_id"], line["http_status"]) == (ACME_DATASET, 404)
+    assert "graph_url" in line["reason"]
