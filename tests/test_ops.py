@@ -23,10 +23,12 @@ from tests.conftest import (
     ClientFactory,
     LogCapture,
     add_conversation,
+    db_rows,
     sqlite_store_of,
     store_of,
 )
 from tests.payloads import encode, message, messages_change, notification, referral, signed
+from tests.store_sql import add_fault
 
 Client = TestClient[web.Request, web.Application]
 URL = "/v1/whatsapp/conversions"
@@ -238,6 +240,52 @@ async def test_a_full_disk_is_503_and_loses_nothing_acknowledged(client: Client)
     # Room again: the refused ones go through on retry.
     resp = await client.post(URL, json=lead(conversation.id, "d299"), headers=AUTH)
     assert resp.status == 200
+    assert (await client.get("/readyz")).status == 200
+
+
+async def test_readyz_is_503_while_writes_fail_on_a_full_disk(
+    client: Client, logs: LogCapture
+) -> None:
+    # Found by review: the empty transaction /readyz committed goes through on a full disk
+    # (it writes nothing), so a load balancer kept sending conversions to a replica that
+    # answered each with 503 store_unavailable.
+    store = sqlite_store_of(client)
+    conversation = await add_conversation(store)
+    (pages,) = store._writer_conn.execute("PRAGMA page_count").fetchone()
+    store._writer_conn.execute(f"PRAGMA max_page_count = {pages}")
+    statuses = []
+    for i in range(50):
+        resp = await client.post(URL, json=lead(conversation.id, f"f{i}"), headers=AUTH)
+        statuses.append(resp.status)
+        if resp.status == 503:
+            break
+    assert statuses[-1] == 503, statuses
+    for _ in range(2):  # the probe fails too: still full
+        ready = await client.get("/readyz")
+        body = await ready.json()
+        assert ready.status == 503, body
+        assert body["code"] == "not_ready"
+        assert "the disk is full" in body["details"]["checks"]["store"]
+    assert (await client.get("/healthz")).status == 200  # alive: not to be restarted
+    (failing,) = logs.events("store_not_ready")  # once, not per check
+    assert "the disk is full" in failing["reason"]
+    # Room again: ready at the next check, with no conversion needed to find out.
+    store._writer_conn.execute("PRAGMA max_page_count = 1073741823")
+    ready = await client.get("/readyz")
+    assert ready.status == 200, await ready.text()
+    assert logs.events("store_ready_again")
+    assert await db_rows(client, "SELECT COUNT(*) FROM write_probe") == [(0,)]
+    resp = await client.post(URL, json=lead(conversation.id, "after"), headers=AUTH)
+    assert resp.status == 200
+
+
+async def test_a_write_that_fails_for_its_own_reason_leaves_readyz_ready(client: Client) -> None:
+    # A conversion refused for what it is (a fault of its own, as a bug would be) says
+    # nothing about the store: the replica stays in the load balancer's rotation.
+    conversation = await add_conversation(store_of(client))
+    await add_fault(client, "boom", "events", "injected fault")
+    resp = await client.post(URL, json=lead(conversation.id, "own"), headers=AUTH)
+    assert resp.status >= 500
     assert (await client.get("/readyz")).status == 200
 
 

@@ -184,6 +184,48 @@ async def test_a_lost_database_answers_503_and_recovers_without_a_restart(
     assert (await client.get("/readyz")).status == 200
 
 
+async def test_readyz_is_503_while_the_database_takes_no_writes(
+    client: Client, pg_url: str, pg_server: str
+) -> None:
+    # Found by review: /readyz's empty transaction commits on a read-only database (a
+    # primary demoted to a standby, a full disk's emergency setting), so a load balancer kept
+    # sending conversions to a replica that answered each with 503.
+    conversation = await add_conversation(store_of(client))
+    name = urlsplit(pg_url).path.lstrip("/")
+    admin = await asyncpg.connect(pg_server)
+
+    async def sessions_start_read_only(on: bool) -> None:
+        await admin.execute(
+            f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}'
+        )
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid != pg_backend_pid()",
+            name,
+        )
+
+    try:
+        await sessions_start_read_only(True)
+        statuses = [
+            (await client.post(URL, json=_lead(conversation.id, f"ro{i}"), headers=AUTH)).status
+            for i in range(3)
+        ]
+        assert statuses[-1] == 503, statuses
+        ready = await client.get("/readyz")
+        body = await ready.json()
+        assert ready.status == 503, body
+        assert "read-only" in body["details"]["checks"]["store"]
+        assert name not in str(body)
+        await sessions_start_read_only(False)
+    finally:
+        await admin.close()
+    # Writable again: ready at the next check (its probe wrote), no conversion needed.
+    ready = await client.get("/readyz")
+    assert ready.status == 200, await ready.text()
+    resp = await client.post(URL, json=_lead(conversation.id, "ro-after"), headers=AUTH)
+    assert resp.status == 200
+
+
 async def test_a_database_that_stops_answering_is_a_quick_503_not_a_500(
     make_client: ClientFactory, config: dict[str, Any], pg_url: str
 ) -> None:

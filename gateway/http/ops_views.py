@@ -29,12 +29,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """The store takes writes and every plugin that runs in the background is running."""
+    """The store takes writes (after writes failed for want of room or access, a probe
+    writes too) and every plugin that runs in the background is running."""
     problems: dict[str, str] = {}
-    try:
-        await request.app[PIPELINE].store.ping()
-    except Exception as exc:
-        problems["store"] = f"not writable ({type(exc).__name__})"
+    unwritable = await request.app[PIPELINE].store.readiness.problem()
+    if unwritable is not None:
+        problems["store"] = unwritable
     problems.update(request.app[PLUGINS].readiness_problems())
     delivery = request.app[PIPELINE].delivery
     if delivery is not None:

@@ -59,6 +59,7 @@ from gateway.store.erasure import Erase, redact_notification
 from gateway.store.event_insert import InsertEvent
 from gateway.store.lookups import ChangeSignal, LookupCache, Touched, tags_of
 from gateway.store.outbox import Outbox, count_deliveries
+from gateway.store.readiness import Readiness
 from gateway.store.reports import Reports
 from gateway.store.retention import RetentionCutoffs, in_batches, prune_all
 from gateway.store.rows import (
@@ -169,13 +170,6 @@ class _InsertConversation(WriteOp[None]):
         )
 
 
-class _Ping(WriteOp[None]):
-    """Nothing but the writer's own BEGIN IMMEDIATE / COMMIT: proves the file takes writes."""
-
-    async def apply(self, tx: Tx) -> None:
-        return None
-
-
 class _PruneMessages(WriteOp[int]):
     """Forget up to ``limit`` of the webhook message ids received before ``before``."""
 
@@ -239,6 +233,8 @@ class Store:
         self._reader = scan
         self.lookups = lookups
         self.writer = writer
+        # Whether writes go through now (/readyz).
+        self.readiness = Readiness(writer)
         self.outbox = Outbox(scan, writer)
         self.reports = Reports(scan)
         # (account, kind, keyed digest) of suppressed people: checked on every capture and
@@ -345,10 +341,6 @@ class Store:
         """Forget webhook message ids received before ``before``, ``batch_rows`` a transaction
         (conversions' commits wait for none of them long); return how many."""
         return await in_batches(self.writer, lambda: _PruneMessages(before, batch_rows), batch_rows)
-
-    async def ping(self, timeout_s: float = 2.0) -> None:
-        """Commit an empty transaction through the writer; raise if it cannot in time."""
-        await asyncio.wait_for(self.writer.submit(_Ping()), timeout_s)
 
     async def close(self) -> None:
         """Flush pending writes and close the connections."""

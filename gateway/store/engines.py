@@ -11,7 +11,8 @@ import asyncpg
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.store.database import SqliteStore, Store
-from gateway.store.postgres import BROKEN, PostgresStore, StoreUnavailable, redacted_url
+from gateway.store.failures import BROKEN, StoreUnavailable
+from gateway.store.postgres import PostgresStore, redacted_url
 
 __all__ = ["describe", "open_location", "open_store", "store_unavailable"]
 

@@ -38,6 +38,7 @@ import structlog
 
 from gateway.errors import ConfigError
 from gateway.store.database import Store
+from gateway.store.failures import BROKEN, StoreUnavailable
 from gateway.store.lookups import LookupCache, Touched
 from gateway.store.pg_schema import migrate_pg
 from gateway.store.sql import NULL, OUTBOX_CHANNEL, Engine
@@ -208,15 +209,6 @@ class PgWriter(GroupCommitWriter):
     ) -> list[Any]:
         async with connection(self._pool) as conn, conn.transaction():
             return await apply_all(PgTx(conn), ops, in_flight)
-
-
-class StoreUnavailable(Exception):
-    """PostgreSQL cannot be reached (refused, no socket, not answering): nothing was done."""
-
-
-# What a connection whose server went away raises; asyncpg may not have noticed yet, and
-# reports it as a client state error (InternalClientError) on the next query.
-BROKEN = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 @contextlib.asynccontextmanager

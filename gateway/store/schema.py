@@ -345,6 +345,14 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX events_recent;
     CREATE INDEX events_recent ON events (account_id, pk);
     """,
+    # /readyz's write probe (gateway.store.readiness): after writes failed for want of room,
+    # a row of a few pages inserted and deleted in one transaction; empty between probes.
+    """
+    CREATE TABLE write_probe (
+        pk INTEGER PRIMARY KEY,
+        pad BLOB NOT NULL
+    );
+    """,
 )
 
 # overall_status() in SQL: the first status in precedence order that any sink of the event has.

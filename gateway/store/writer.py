@@ -30,14 +30,24 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 import structlog
 
+from gateway.store.failures import unavailable_reason
 from gateway.store.lookups import EVERYTHING, Touched
 from gateway.store.sql import SqliteTx, Tx, run_sync
 
-__all__ = ["GroupCommitWriter", "LostRace", "QueuedWrite", "SqliteWriter", "WriteOp", "apply_all"]
+__all__ = [
+    "GroupCommitWriter",
+    "LostRace",
+    "QueuedWrite",
+    "SqliteWriter",
+    "WriteOp",
+    "WriteTrouble",
+    "apply_all",
+]
 
 T = TypeVar("T")
 log = structlog.get_logger()
@@ -65,6 +75,9 @@ class WriteOp(Generic[T]):
 
     # True for a few rows' worth of writing into hot pages (see the module's docstring).
     inline: ClassVar[bool] = False
+    # Whether committing it shows the store takes writes again after they failed (an op
+    # that writes nothing, the ping, does not: an empty transaction commits on a full disk).
+    writes: ClassVar[bool] = True
 
     async def apply(self, tx: Tx) -> T:
         """Write inside the open transaction and return this op's result."""
@@ -101,6 +114,14 @@ async def apply_all(
     return results
 
 
+@dataclass(frozen=True)
+class WriteTrouble:
+    """Writes fail for a reason of the store's (full, read-only, locked), since ``since``."""
+
+    reason: str
+    since: float
+
+
 class GroupCommitWriter:
     """The queue every write goes through, committed in groups; :meth:`submit` is the only
     way to write. Each engine's writer says how a group is committed (:meth:`_commit`)."""
@@ -122,6 +143,8 @@ class GroupCommitWriter:
         self._closing = False
         self.batches = 0
         self.ops = 0
+        # Set while writes fail for the store's own reasons (:meth:`_note_outcome`).
+        self.trouble: WriteTrouble | None = None
 
     def start(self) -> None:
         """Start the writer; call once, from the running loop that will submit."""
@@ -177,6 +200,7 @@ class GroupCommitWriter:
                     self.on_commit(time.perf_counter() - started, len(batch))
                 # Before any caller hears back: nothing after a write may see the old answers.
                 self._forget_touched([op for op, _ in batch])
+                self._note_outcome(batch, settled)
                 for (_, fut), (result, exc) in zip(batch, settled, strict=True):
                     if fut.done():
                         continue  # the caller gave up (a client gone away)
@@ -186,6 +210,24 @@ class GroupCommitWriter:
                         fut.set_result(result)
         finally:
             self._running = None
+
+    def _note_outcome(
+        self, batch: list[QueuedWrite], settled: list[tuple[Any, BaseException | None]]
+    ) -> None:
+        """Remember whether writes fail for the store's reasons (``/readyz`` says so): set by
+        a write that failed so, cleared by one that committed after it."""
+        failed: str | None = None
+        wrote = False
+        for (op, _), (_, exc) in zip(batch, settled, strict=True):
+            if exc is None:
+                wrote = wrote or op.writes
+            elif failed is None:
+                failed = unavailable_reason(exc)
+        if failed is not None:
+            since = time.time() if self.trouble is None else self.trouble.since
+            self.trouble = WriteTrouble(failed, since)
+        elif wrote:
+            self.trouble = None
 
     def _forget_touched(self, ops: list[WriteOp[Any]]) -> None:
         if self._on_touched is None:
