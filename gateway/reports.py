@@ -180,12 +180,15 @@ class Totals(WireStruct, frozen=True):
     # Conversations started in the period (with or without an ad).
     conversations: int
     # Conversions whose event time is in the period, by status; ``events`` is their sum.
+    # Test events (sent with a test event code) are none: Meta counts them nowhere.
     conversions: StatusCounts
     events: int
     value: list[Money]
     # Of those, sent with a click inside the attribution window (Meta credits the ad).
     within_window: int
     within_window_share: float | None
+    # Test events whose event time is in the period, left out of every number above.
+    test_events: int
 
 
 class DayRow(WireStruct, frozen=True):

@@ -168,4 +168,5 @@ ACME_TOTALS = {
     "value": [{"currency": "USD", "value": 65.0}, {"currency": "EUR", "value": 25.5}],
     "withinWindow": 4,
     "withinWindowShare": 0.8,
+    "testEvents": 0,
 }

@@ -375,6 +375,63 @@ async def test_status_changes_and_pruning_move_the_counts(both: Both) -> None:
     assert await both.counts("delivery_counts") == [("acme", "meta", "delivered", 1)]
 
 
+async def test_test_events_are_counted_nowhere(both: Both) -> None:
+    # Sent with a test event code: Meta counts them nowhere, and neither do the stats. The
+    # insert leaves them out (gateway.store.reports); a status change or a prune moves
+    # nothing either.
+    await both.run(
+        "INSERT INTO events (pk, account_id, event_id, event_name, conversation_id, event_time,"
+        " status, event, test_event_code, received_at, duration_ms, insert_token,"
+        " custom_value, custom_currency)"
+        " VALUES (1, 'acme', 'evt-1', 'Purchase', 'conv_1', 7200, 'pending', ?, 'TEST1', 0, 0,"
+        " '', 99.0, 'USD')",
+        b"{}",
+    )
+    both.events[1] = "acme"
+    await both.insert_delivery(1, "meta", "pending")
+    real = await both.insert_event("acme", "pending", event_time=7205, value=10.0)
+    await both.insert_delivery(real, "meta", "pending")
+    await both.run("UPDATE deliveries SET status = 'delivered'")
+    for pk in (1, real):
+        await both.run(UPDATE_EVENT_STATUS, pk, pk)
+    assert await both.counts("event_hours") == [
+        ("acme", 2, "Purchase", "delivered", "", 0, 1, 10.0)
+    ]
+    # Deliveries are counted as they are: /metrics counts what was sent, tests included.
+    assert await both.counts("delivery_counts") == [("acme", "meta", "delivered", 2)]
+    await both.prune(1)
+    assert await both.counts("event_hours") == [
+        ("acme", 2, "Purchase", "delivered", "", 0, 1, 10.0)
+    ]
+
+
+async def test_upgrading_takes_test_events_out_of_the_counts(pg: asyncpg.Connection) -> None:
+    # A database at the version before, whose counts included a test event.
+    before = PG_MIGRATIONS[:3]
+    await migrate_pg(pg, migrations=before)
+    for pk, code, value in ((1, None, 12.5), (2, "TEST9", 100.0)):
+        await pg.execute(
+            "INSERT INTO events (pk, account_id, event_id, event_name, conversation_id,"
+            " event_time, status, event, test_event_code, received_at, duration_ms,"
+            " insert_token, custom_value, custom_currency) VALUES ($1, 'acme', $2, 'Purchase',"
+            " 'conv_1', 7260, 'delivered', '\\x7b7d', $3, 0, 0, '', $4, 'EUR')",
+            pk,
+            f"evt-{pk}",
+            code,
+            value,
+        )
+    await pg.execute(
+        "INSERT INTO event_hours VALUES ('acme', 2, 'Purchase', 'delivered', 'EUR', 0, 2, 112.5)"
+    )
+    await migrate_pg(pg)
+    assert [tuple(r) for r in await pg.fetch("SELECT * FROM event_hours")] == [
+        ("acme", 2, "Purchase", "delivered", "EUR", 0, 1, 12.5)
+    ]
+    # And from now on a test event's deletion takes nothing away.
+    await pg.execute("DELETE FROM events WHERE pk = 2")
+    assert [tuple(r) for r in await pg.fetch("SELECT events FROM event_hours")] == [(1,)]
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_random_writes_count_the_same_on_both(both: Both, seed: int) -> None:
     rng = random.Random(seed)

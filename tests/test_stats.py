@@ -19,8 +19,10 @@ from tests.conftest import (
     SCOPED_KEY,
     ClientFactory,
     add_conversation,
+    db_rows,
     store_of,
 )
+from tests.console_http import signed_in
 from tests.console_seed import ACME_TOTALS
 from tests.store_sql import db_execute
 
@@ -275,3 +277,98 @@ async def test_pruned_events_leave_the_counts(seeded: Client) -> None:
     assert await db_execute(seeded, "DELETE FROM events") >= 5
     totals = (await stats(seeded))["totals"]
     assert (totals["events"], totals["value"]) == (0, [])
+
+
+async def test_test_events_are_no_conversions(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> None:
+    """Found by review: events sent with a test event code (Meta's Test Events tool, which
+    counts them nowhere) were counted as conversions, with their value, in every number of
+    the stats and the console. They are left out of each, and said apart."""
+    client = await make_client(settings=parse_settings(config))
+    store = store_of(client)
+    real = await add_conversation(store, wa_id="16505550100", clid="clid-real")
+    tried = await add_conversation(store, wa_id="16505550101", clid="clid-tried")
+    now = int(time.time())
+    # Hours ago (counted from the hourly table) and now (from the events themselves).
+    sent = [
+        ("real-1", real.id, now - 3 * 3600, None),
+        ("real-2", real.id, now, None),
+        ("test-1", tried.id, now - 3 * 3600, "TEST123"),
+        ("test-2", real.id, now, "TEST123"),
+    ]
+    for event_id, conversation_id, at, code in sent:
+        body: dict[str, Any] = {
+            "accountId": "acme",
+            "eventName": "Purchase",
+            "eventId": event_id,
+            "conversationId": conversation_id,
+            "eventTime": at,
+            "value": 10 if code is None else 999,
+            "currency": "USD",
+        }
+        if code is not None:
+            body["testCode"] = code
+        resp = await client.post("/v1/whatsapp/conversions", json=body, headers=AUTH)
+        assert resp.status in (200, 202), await resp.text()
+    totals = (await stats(client))["totals"]
+    assert totals["events"] == 2
+    assert totals["value"] == [{"currency": "USD", "value": 20.0}]
+    assert totals["withinWindow"] == 2
+    assert totals["testEvents"] == 2
+    days = (await stats(client))["days"]
+    assert sum(d["conversions"]["dryRun"] for d in days) == 2
+    names = (await stats(client, groupBy="eventName"))["eventNames"]
+    assert [(n["eventName"], n["events"], n["value"]) for n in names] == [
+        ("Purchase", 2, [{"currency": "USD", "value": 20.0}])
+    ]
+    (ad,) = (await stats(client, groupBy="ad"))["ads"]
+    assert (ad["conversations"], ad["converted"], ad["events"]) == (2, 1, 2)
+    assert ad["byEventName"] == {"Purchase": 2}
+    # A pruned test event takes nothing away from the real ones.
+    (pk,) = (await db_rows(client, "SELECT pk FROM events WHERE event_id = 'test-1'"))[0]
+    await db_execute(client, "DELETE FROM delivery_attempts WHERE event_pk = ?", pk)
+    await db_execute(client, "DELETE FROM deliveries WHERE event_pk = ?", pk)
+    await db_execute(client, "DELETE FROM events WHERE pk = ?", pk)
+    totals = (await stats(client))["totals"]
+    assert (totals["events"], totals["testEvents"]) == (2, 1)
+    # The console's overview shows the same numbers, and says what it left out.
+    await signed_in(client)
+    page = await client.get("/console/accounts/acme/overview")
+    html = await page.text()
+    assert page.status == 200
+    assert '<p class="big" data-stat="events">2</p>' in html
+    assert "Not counted: 1 test event " in html
+
+
+@pytest.mark.sqlite_only("upgrades a SQLite store; PostgreSQL's is in test_pg_schema.py")
+async def test_test_events_counted_before_the_upgrade_are_taken_away(
+    make_client: ClientFactory, config: dict[str, Any], db_path: Path
+) -> None:
+    """A store at the version before: its hourly counts included test events; upgrading
+    takes them away, and the real ones stay."""
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)")
+        for version, script in enumerate(MIGRATIONS[:10], start=1):
+            conn.executescript(script)
+            conn.execute("INSERT INTO schema_migrations VALUES (?)", (version,))
+        hour = int(time.time()) // 3600 - 3
+        for event_id, code, value in (("OLD-1", None, 12.5), ("OLD-T", "TEST9", 100.0)):
+            conn.execute(
+                "INSERT INTO events (account_id, event_id, event_name, conversation_id,"
+                " event_time, status, event, test_event_code, received_at, duration_ms,"
+                " insert_token, custom_value, custom_currency) VALUES ('acme', ?, 'Purchase',"
+                " 'conv_old', ?, 'delivered', x'7b7d', ?, ?, 1.0, '', ?, 'EUR')",
+                (event_id, hour * 3600 + 60, code, hour * 3600, value),
+            )
+        # As the version before counted them: both.
+        conn.execute(
+            "INSERT INTO event_hours VALUES ('acme', ?, 'Purchase', 'delivered', 'EUR', 0, 2,"
+            " 112.5)",
+            (hour,),
+        )
+    client = await make_client(settings=parse_settings(config))
+    totals = (await stats(client))["totals"]
+    assert totals["events"] == 1
+    assert totals["value"] == [{"currency": "EUR", "value": 12.5}]
+    assert totals["testEvents"] == 1

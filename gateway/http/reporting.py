@@ -60,7 +60,7 @@ def _status_and_money(
     return counts, dict(values)
 
 
-def _totals(days: dict[int, DayTally]) -> Totals:
+def _totals(days: dict[int, DayTally], test_events: int) -> Totals:
     items = [
         (status, currency, count, value)
         for tally in days.values()
@@ -77,6 +77,7 @@ def _totals(days: dict[int, DayTally]) -> Totals:
         value=money(values),
         within_window=events - expired,
         within_window_share=share(events - expired, events),
+        test_events=test_events,
     )
 
 
@@ -167,7 +168,7 @@ async def stats_answer(
         since=iso_time(period.since),
         until=iso_time(period.until),
         group_by=group_by,
-        totals=_totals(days),
+        totals=_totals(days, await store.reports.test_events(account_id, period)),
     )
     replace = msgspec.structs.replace
     if group_by == "day":

@@ -312,6 +312,29 @@ PG_MIGRATIONS: tuple[str, ...] = (
         pad BYTEA NOT NULL
     );
     """,
+    # As SQLite's: test events are no conversions, and event_hours no longer counts them.
+    """
+    DROP TRIGGER event_hours_status ON events;
+    DROP TRIGGER event_hours_pruned ON events;
+    CREATE TRIGGER event_hours_status AFTER UPDATE OF status ON events
+        FOR EACH ROW
+        WHEN (OLD.status IS DISTINCT FROM NEW.status AND OLD.test_event_code IS NULL)
+        EXECUTE FUNCTION event_hours_follow();
+    CREATE TRIGGER event_hours_pruned AFTER DELETE ON events
+        FOR EACH ROW WHEN (OLD.test_event_code IS NULL)
+        EXECUTE FUNCTION event_hours_follow();
+    INSERT INTO event_hours AS h
+        SELECT account_id, event_time / 3600, event_name, status, COALESCE(custom_currency, ''),
+            attribution_window_expired, -COUNT(*), -COALESCE(SUM(custom_value), 0)
+        FROM events WHERE test_event_code IS NOT NULL GROUP BY 1, 2, 3, 4, 5, 6
+        ON CONFLICT (account_id, hour, event_name, status, currency, expired)
+        DO UPDATE SET events = h.events + excluded.events, value = h.value + excluded.value;
+    DROP INDEX events_by_conversation;
+    CREATE INDEX events_by_conversation ON events (conversation_id, event_time, event_name,
+        status, custom_currency, custom_value, test_event_code);
+    CREATE INDEX events_tests ON events (account_id, event_time)
+        WHERE test_event_code IS NOT NULL;
+    """,
 )
 
 # The advisory lock every migrating process takes: a fixed 64-bit key derived from the name,

@@ -36,11 +36,12 @@ async def count_in_hours(tx: Tx, events: Sequence[tuple[StoredEvent, Money]]) ->
     """Add newly stored events, each with its ``status`` and its :func:`value_and_currency`
     (worked out once, for its row), to ``event_hours``, in the transaction that stores them:
     one statement per distinct hour, name, status and currency of the batch (usually one), in
-    key order (replicas adding to the same rows at once take their locks in one order)."""
-    if not events:
-        return
+    key order (replicas adding to the same rows at once take their locks in one order).
+    Test events (sent with a test event code) are no conversions: not counted."""
     tallies: dict[tuple[str, int, str, str, str, int], list[float]] = {}
     for e, (value, currency) in events:
+        if e.test_event_code is not None:
+            continue
         key = (
             e.account_id,
             e.event_time // HOUR_S,
@@ -54,6 +55,8 @@ async def count_in_hours(tx: Tx, events: Sequence[tuple[StoredEvent, Money]]) ->
             tally = tallies[key] = [0, 0.0]
         tally[0] += 1
         tally[1] += value or 0.0
+    if not tallies:
+        return
     await tx.executemany(
         _ADD_TO_HOURS, [(*key, int(n), v) for key, (n, v) in sorted(tallies.items())]
     )
@@ -177,8 +180,9 @@ class Reports:
         self, account_id: str, period: Period, by: tuple[str, str]
     ) -> dict[tuple[Any, ...], tuple[int, float, int]]:
         """(events, value, events past the window) per group (``_BY_DAY`` or ``_BY_NAME``)
-        of the period's events: its whole UTC hours from event_hours, the partial hours at
-        either end (or a period within one hour) from the events themselves."""
+        of the period's events but test events: its whole UTC hours from event_hours, the
+        partial hours at either end (or a period within one hour) from the events
+        themselves."""
         hourly, direct = by
         first = -(-period.since // HOUR_S)  # the first whole hour
         last = period.until // HOUR_S  # the hour the period ends in (excluded)
@@ -202,7 +206,7 @@ class Reports:
                         f"SELECT {direct}, COUNT(*), COALESCE(SUM(custom_value), 0),"
                         " SUM(attribution_window_expired) FROM events"
                         " WHERE account_id = ? AND event_time >= ? AND event_time < ?"
-                        " GROUP BY 1, 2, 3",
+                        " AND test_event_code IS NULL GROUP BY 1, 2, 3",
                         (account_id, since, until),
                     )
                 )
@@ -218,16 +222,27 @@ class Reports:
         # A status an event left behind keeps its row in event_hours at zero.
         return {key: tally for key, tally in totals.items() if tally[0]}
 
+    async def test_events(self, account_id: str, period: Period) -> int:
+        """Return how many test events (sent with a test event code) the period holds: no
+        conversions, so counted nowhere else."""
+        rows = await self._reader.fetch(
+            "SELECT COUNT(*) FROM events WHERE account_id = ? AND event_time >= ?"
+            " AND event_time < ? AND test_event_code IS NOT NULL",
+            (account_id, period.since, period.until),
+        )
+        return int(rows[0][0])
+
     async def ads(self, account_id: str, period: Period) -> dict[str | None, AdTally]:
         """Return the funnel of the conversations started in the period, per ad (None:
-        without an ad), with every conversion they brought, whenever it happened."""
+        without an ad), with every conversion they brought, whenever it happened (test
+        events are none)."""
         found: dict[str | None, AdTally] = defaultdict(AdTally)
         params = (account_id, period.since, period.until)
         rows = await self._reader.fetch(
             "SELECT c.ctwa_source_id, c.ctwa_headline, c.ctwa_source_url,"
             " c.ctwa_clid IS NOT NULL, COALESCE(c.ctwa_clicked_at, c.ctwa_captured_at,"
             " c.created_at), (SELECT MIN(e.event_time) FROM events e"
-            " WHERE e.conversation_id = c.id)"
+            " WHERE e.conversation_id = c.id AND e.test_event_code IS NULL)"
             " FROM conversations c WHERE c.account_id = ? AND c.created_at >= ?"
             " AND c.created_at < ?",
             params,
@@ -249,7 +264,7 @@ class Reports:
             " SUM(e.custom_value) FROM conversations c"
             " JOIN events e ON e.conversation_id = c.id"
             " WHERE c.account_id = ? AND c.created_at >= ? AND c.created_at < ?"
-            " GROUP BY 1, 2, 3, 4",
+            " AND e.test_event_code IS NULL GROUP BY 1, 2, 3, 4",
             params,
         )
         for ad, name, status, currency, count, value in events:

@@ -353,6 +353,49 @@ MIGRATIONS: tuple[str, ...] = (
         pad BLOB NOT NULL
     );
     """,
+    # Test events (sent with a test event code: Meta shows them in Test Events and counts
+    # them nowhere) are no conversions: event_hours counts only the others (the insert
+    # leaves test events out, the triggers skip them, and those counted so far are taken
+    # away), the funnel's index carries the code so its join still reads no rows, and
+    # events_tests finds a period's test events to say how many were left out.
+    """
+    DROP TRIGGER event_hours_status;
+    DROP TRIGGER event_hours_pruned;
+    CREATE TRIGGER event_hours_status AFTER UPDATE OF status ON events
+        WHEN OLD.status IS NOT NEW.status AND OLD.test_event_code IS NULL
+    BEGIN
+        INSERT INTO event_hours VALUES (OLD.account_id, OLD.event_time / 3600, OLD.event_name,
+            OLD.status, COALESCE(OLD.custom_currency, ''), OLD.attribution_window_expired, -1,
+            -COALESCE(OLD.custom_value, 0))
+            ON CONFLICT DO UPDATE SET events = events + excluded.events,
+                value = value + excluded.value;
+        INSERT INTO event_hours VALUES (NEW.account_id, NEW.event_time / 3600, NEW.event_name,
+            NEW.status, COALESCE(NEW.custom_currency, ''), NEW.attribution_window_expired, 1,
+            COALESCE(NEW.custom_value, 0))
+            ON CONFLICT DO UPDATE SET events = events + excluded.events,
+                value = value + excluded.value;
+    END;
+    CREATE TRIGGER event_hours_pruned AFTER DELETE ON events
+        WHEN OLD.test_event_code IS NULL
+    BEGIN
+        INSERT INTO event_hours VALUES (OLD.account_id, OLD.event_time / 3600, OLD.event_name,
+            OLD.status, COALESCE(OLD.custom_currency, ''), OLD.attribution_window_expired, -1,
+            -COALESCE(OLD.custom_value, 0))
+            ON CONFLICT DO UPDATE SET events = events + excluded.events,
+                value = value + excluded.value;
+    END;
+    INSERT INTO event_hours
+        SELECT account_id, event_time / 3600, event_name, status, COALESCE(custom_currency, ''),
+            attribution_window_expired, -COUNT(*), -COALESCE(SUM(custom_value), 0)
+        FROM events WHERE test_event_code IS NOT NULL GROUP BY 1, 2, 3, 4, 5, 6
+        ON CONFLICT DO UPDATE SET events = events + excluded.events,
+            value = value + excluded.value;
+    DROP INDEX events_by_conversation;
+    CREATE INDEX events_by_conversation ON events (conversation_id, event_time, event_name,
+        status, custom_currency, custom_value, test_event_code);
+    CREATE INDEX events_tests ON events (account_id, event_time)
+        WHERE test_event_code IS NOT NULL;
+    """,
 )
 
 # overall_status() in SQL: the first status in precedence order that any sink of the event has.
