@@ -45,7 +45,8 @@ from gateway.operations import (
 from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
 from gateway.runtime import new_event_loop, running
-from gateway.store.engines import describe, store_unavailable
+from gateway.store.engines import describe
+from gateway.store.failures import unavailable_reason
 from gateway.validation import decode_conversion
 from gateway.wire import printable
 from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT, meta_request_body
@@ -278,7 +279,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as exc:
-        if not store_unavailable(exc):
+        # Only what a wait or free space cures: any other store error (a constraint a
+        # statement broke, a table it names that is not there) is a bug, raised as one.
+        if unavailable_reason(exc) is None:
             raise
         return _store_failed(exc)
 

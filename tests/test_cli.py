@@ -238,6 +238,42 @@ def test_an_address_that_cannot_be_served_is_one_line_and_exit_2(
     assert not (tmp_path / "cli.sqlite3").exists()
 
 
+@pytest.mark.parametrize(
+    ("fault", "raised"),
+    [
+        # A constraint the write broke, as a bug in a statement would.
+        (
+            "CREATE TRIGGER boom BEFORE INSERT ON erasures"
+            " BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+            sqlite3.IntegrityError,
+        ),
+        # A statement naming what is not there.
+        ("DROP TABLE erasures", sqlite3.OperationalError),
+    ],
+)
+def test_a_store_error_that_is_a_bug_is_not_called_unavailable(
+    config_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fault: str,
+    raised: type[Exception],
+) -> None:
+    # Found by review, helper C: every sqlite3.Error was "cannot be written now ... run the
+    # command again", even one no wait or free space would cure. Only a full, read-only,
+    # locked, failing or damaged store says so; anything else is raised, with its traceback.
+    db = tmp_path / "cli.sqlite3"
+    seed(db)
+    with sqlite3.connect(db) as conn:
+        conn.execute(fault)
+    conn.close()
+    with pytest.raises(raised):
+        main(
+            ["erase", "--config", str(config_file), "--account", "acme", "--phone", "+16505551234"],
+            environ=ENV,
+        )
+    assert "cannot be written now" not in capsys.readouterr().err
+
+
 def test_a_store_that_refuses_the_write_is_one_line_and_exit_1(
     config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
