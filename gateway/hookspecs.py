@@ -66,13 +66,15 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def gateway_check_config(
-    config: Any, settings: Settings, environ: Mapping[str, str], base_dir: Path
+    config: Any, settings: Settings, environ: Mapping[str, str], base_dir: Path, delivering: bool
 ) -> None:
     """Check this plugin's settings against the whole configuration at startup.
 
     Raise :class:`gateway.ConfigError` with a message naming the ``$.path`` to stop startup
     (e.g. ``test_mode`` without a ``test_event_code``, or an account whose token variable is
     unset). ``environ`` is where secrets come from; ``base_dir`` is the config file's folder.
+    ``delivering`` is False when nothing will be delivered (``ctwa-gateway send --dry-run``,
+    which only shows what would be sent): a sink then asks for no credentials.
     Any other exception stops startup too, as one line naming the plugin. Called once per
     listed plugin, also by ``ctwa-gateway check-config``.
     """

@@ -268,13 +268,21 @@ class Plugins:
         """Return where each loaded plugin came from (entry point or built-in)."""
         return {name: item.origin for name, item in self._loaded.items()}
 
-    def check_config(self, settings: Settings, environ: Mapping[str, str]) -> None:
-        """Let every plugin check its settings; raises ConfigError naming the plugin, whatever
-        the plugin raised (a missing file is one line, not a traceback)."""
+    def check_config(
+        self, settings: Settings, environ: Mapping[str, str], *, delivering: bool = True
+    ) -> None:
+        """Let every plugin check its settings (``delivering``: whether events will be
+        sent, as :func:`~gateway.hookspecs.gateway_check_config` says); raises ConfigError
+        naming the plugin, whatever the plugin raised (a missing file is one line, not a
+        traceback)."""
         for name, call, config in self._check:
             try:
                 call(
-                    config=config, settings=settings, environ=environ, base_dir=settings.base_dir()
+                    config=config,
+                    settings=settings,
+                    environ=environ,
+                    base_dir=settings.base_dir(),
+                    delivering=delivering,
                 )
             except ConfigError:
                 raise

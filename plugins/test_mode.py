@@ -31,14 +31,16 @@ class TestModeSink(meta_capi.MetaCapiSink):
         return "meta_capi" not in sinks
 
     @hookimpl
-    def gateway_check_config(self, settings: Settings, environ: Mapping[str, str]) -> None:
+    def gateway_check_config(
+        self, settings: Settings, environ: Mapping[str, str], delivering: bool
+    ) -> None:
         if not (self.forced_test_event_code or "").strip():
             raise ConfigError(
                 f"{settings.source}: the test_mode sink needs a test event code: set"
                 " `test_event_code` (from Events Manager > Test events) at"
                 " `$.plugins.test_mode.test_event_code`"
             )
-        super().gateway_check_config(settings, environ)
+        super().gateway_check_config(settings, environ, delivering)
 
 
 def make_plugin(config: Config) -> TestModeSink:

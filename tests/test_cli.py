@@ -91,6 +91,40 @@ def test_dry_run_prints_payload_and_stores_nothing(
     assert asyncio.run(count()) == 0
 
 
+@pytest.mark.parametrize("sink", ["meta_capi", "test_mode"])
+def test_a_dry_run_to_meta_needs_no_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sink: str
+) -> None:
+    # Found by review, helper C: `send --dry-run` with the Meta sink stopped at "environment
+    # variable CTWA_ACME_TOKEN is not set", though a dry run sends nothing: previewing the
+    # payload needed the production token on the machine.
+    raw = base_config(tmp_path / "cli.sqlite3")
+    raw["plugins"] = {
+        "sinks": [sink],
+        sink: {"graph_url": "http://127.0.0.1:9", "app_secret_env": "CTWA_META_APP_SECRET"},
+    }
+    if sink == "test_mode":
+        raw["plugins"][sink]["test_event_code"] = "TEST123"
+    config = tmp_path / "gateway.toml"
+    config.write_bytes(tomli_w.dumps(raw).encode())
+    conversation_id = seed(tmp_path / "cli.sqlite3")
+    events = tmp_path / "event.json"
+    events.write_text(json.dumps(event(conversation_id)))
+    without = {k: v for k, v in ENV.items() if not k.endswith("_TOKEN")}
+
+    code = main(["send", "--config", str(config), "--dry-run", str(events)], environ=without)
+
+    said = capsys.readouterr()
+    assert code == 0, said.err
+    (line,) = [json.loads(text) for text in said.out.splitlines()]
+    assert line["status"] == "dry_run"
+    assert line["payload"]["data"][0]["user_data"]["ctwa_clid"] == CLID
+    # A real send still asks for it, before anything is stored.
+    code = main(["send", "--config", str(config), str(events)], environ=without)
+    assert code == 2
+    assert "CTWA_ACME_TOKEN is not set" in capsys.readouterr().err
+
+
 def test_json_lines_report_each_event(
     config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

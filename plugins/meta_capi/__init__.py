@@ -136,7 +136,9 @@ class MetaCapiSink:
         return account.dataset_id or self.stored_datasets.get(account.id)
 
     @hookimpl
-    def gateway_check_config(self, settings: Settings, environ: Mapping[str, str]) -> None:
+    def gateway_check_config(
+        self, settings: Settings, environ: Mapping[str, str], delivering: bool
+    ) -> None:
         for i, account in enumerate(settings.accounts):
             where = f"`$.accounts[{i}].access_token_env`"
             if not account.access_token_env:
@@ -144,6 +146,8 @@ class MetaCapiSink:
                     f"{settings.source}: account {account.id!r} has no access_token_env; the"
                     f" Meta sink needs a token for every account - at {where}"
                 )
+            if not delivering:
+                continue  # a dry run: where the token will come from is all that is checked
             token = access_token(account, environ)
             if not token:
                 raise ConfigError(
@@ -158,7 +162,7 @@ class MetaCapiSink:
                     f" the token; set it to the token alone (named at {where})"
                 )
         secret = self.config.app_secret_env
-        if secret and not env_secret(environ, secret):
+        if delivering and secret and not env_secret(environ, secret):
             raise ConfigError(f"{settings.source}: environment variable {secret} is not set")
         proxy = self.config.proxy_env
         if proxy:
