@@ -165,7 +165,7 @@ class MetaCapiSink:
         if delivering and secret and not env_secret(environ, secret):
             raise ConfigError(f"{settings.source}: environment variable {secret} is not set")
         proxy = self.config.proxy_env
-        if proxy:
+        if delivering and proxy:
             try:
                 found = proxy_url(environ, proxy)
             except ValueError as exc:
