@@ -219,8 +219,14 @@ async def test_readyz_is_503_while_the_database_takes_no_writes(
         await sessions_start_read_only(False)
     finally:
         await admin.close()
-    # Writable again: ready at the next check (its probe wrote), no conversion needed.
-    ready = await client.get("/readyz")
+    # Writable again: ready once a check's probe writes, no conversion needed. The first check
+    # may still meet a pool connection the switch back terminated ("connection lost"): that
+    # write failed, and the pool's next connection is a new one.
+    for _ in range(20):
+        ready = await client.get("/readyz")
+        if ready.status == 200:
+            break
+        await asyncio.sleep(0.1)
     assert ready.status == 200, await ready.text()
     resp = await client.post(URL, json=_lead(conversation.id, "ro-after"), headers=AUTH)
     assert resp.status == 200
