@@ -246,6 +246,11 @@ class DeliveryOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     # Events per gateway_send_events call; the sink decides how many requests that takes.
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
+    # Whether each call holds one account's events of one test_event_code (what one request
+    # to Meta can carry): a batch of several is then one call for each, at once, each call's
+    # outcomes recorded as soon as it returns (one account's fault or slowness costs the
+    # others nothing). False: one call per batch, max_in_flight calls at once.
+    call_per_account: bool = False
     # How long a partial batch may wait to fill while others are in flight.
     linger_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 0
     # Batches sent at once.

@@ -189,10 +189,11 @@ def gateway_send_events(  # type: ignore[empty-body]
     """Send these events; resolve to one :class:`~gateway.SendOutcome` per event, in order
     (outbox sinks).
 
-    Called by the host's dispatcher with up to ``batch_max`` due events of this sink, all of
-    one account and one ``test_event_code`` (see :func:`gateway_delivery_options`; a batch of
-    several is one call for each, at once, each call's outcomes recorded as soon as it
-    returns); the sink decides how many requests that takes. Each
+    Called by the host's dispatcher with a batch of up to ``batch_max`` due events of this
+    sink, ``max_in_flight`` batches at once (see :func:`gateway_delivery_options`). With
+    ``call_per_account`` a call holds one account's events of one ``test_event_code``
+    instead: a batch of several is one call for each, at once, each call's outcomes recorded
+    as soon as it returns. The sink decides how many requests a call takes. Each
     outcome is ``delivered``, ``retry`` (backoff, optionally ``retry_after_s`` and
     ``hold_account``) or ``failed`` with the reason and what to fix. Raising, hanging past the
     send timeout or returning the wrong number of outcomes holds that call's events back for

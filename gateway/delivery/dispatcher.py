@@ -2,9 +2,10 @@
 
 One task per sink and process. It takes due deliveries from the outbox, hands them to the
 sink's ``gateway_send_events`` in batches of up to ``batch_max`` (waiting up to ``linger_ms``
-to fill one while others are in flight), one call per account (and test event code) of the
-batch, all at once, and records each call's outcomes in one transaction as soon as it
-returns, with one attempt row per event (one account's fault or slowness costs the others
+to fill one while others are in flight), one call per batch (or, for a sink that asks,
+``call_per_account``, one per account and test event code of the batch, all at once), and
+records each call's outcomes in one transaction as soon as it returns, with one attempt row
+per event (with ``call_per_account``, one account's fault or slowness costs the others
 nothing):
 
 - ``delivered`` and ``failed`` are final (a failed one can be replayed by the operator);
@@ -258,10 +259,10 @@ class Dispatcher:
         return max(claimed_at, self._renewed_at) + self.options.claim_lease_s - self.clock()
 
     async def _send(self, batch: list[QueuedEvent], claimed_at: float) -> None:
-        """Send a batch in one call of the sink per account (and test event code), all at
-        once: each call's outcomes are recorded, and its waiting requests answered, as soon as
-        it returns, whatever becomes of the others (one that raises or is slow costs them
-        nothing)."""
+        """Send a batch in one call of the sink, or, if it asked (``call_per_account``), one
+        per account (and test event code), all at once: each call's outcomes are recorded,
+        and its waiting requests answered, as soon as it returns, whatever becomes of the
+        others (one that raises or is slow costs them nothing)."""
         try:
             async with self._slots:
                 if self._lease_left(claimed_at) < _LEASE_MARGIN_S:
@@ -270,13 +271,15 @@ class Dispatcher:
                     # claims lapse and whoever holds them sends it.
                     log.warning("delivery_lease_lapsed", sink=self.sink, events=len(batch))
                     return
-                # What one request can carry together: one account, one test event code
-                # (request-level at Meta).
+                # A sink that asked for it (Meta: what one request can carry) gets one call
+                # per account and test event code; any other, its batch whole.
+                per_account = self.options.call_per_account
                 groups: dict[tuple[str, str | None], list[QueuedEvent]] = {}
                 for item in batch:
-                    groups.setdefault((item.account_id, item.test_event_code), []).append(item)
+                    key = (item.account_id, item.test_event_code) if per_account else ("", None)
+                    groups.setdefault(key, []).append(item)
                 if len(groups) == 1:
-                    # The common case, one account: no task to schedule.
+                    # The common case, one account or one call: no task to schedule.
                     await self._send_group(batch)
                     return
                 # Each group is awaited to its end: none is left sending once the slot is free.
@@ -292,8 +295,7 @@ class Dispatcher:
             self._wake.set()
 
     async def _send_group(self, group: list[QueuedEvent]) -> None:
-        """Send one group of a batch (one account, one test code), record its outcomes and act
-        on them."""
+        """Send one call's events of a batch, record their outcomes and act on them."""
         try:
             sent = await self._send_and_record(group)
         finally:

@@ -223,6 +223,8 @@ class MetaCapiSink:
         c = self.config
         return DeliveryOptions(
             batch_max=c.batch_max,
+            # One Graph request carries one dataset's events of one test code.
+            call_per_account=True,
             linger_ms=c.linger_ms,
             max_in_flight=c.max_in_flight,
             retry_base_s=c.retry_base_s,

@@ -49,6 +49,10 @@ class FakeCrm:
     script: list[str] = field(default_factory=list)
     received: list[dict[str, Any]] = field(default_factory=list)
     calls: int = 0
+    # How long each request takes, and the most requests it had at once.
+    delay_s: float = 0.0
+    in_flight: int = 0
+    most_at_once: int = 0
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -58,6 +62,16 @@ class FakeCrm:
     async def hook(self, request: web.Request) -> web.Response:
         self.calls += 1
         assert request.headers["Authorization"] == f"Bearer {CRM_TOKEN}"
+        self.in_flight += 1
+        self.most_at_once = max(self.most_at_once, self.in_flight)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.Response:
         mode = self.script.pop(0) if self.script else "ok"
         if mode == "hang":
             await asyncio.sleep(3600)
@@ -301,6 +315,40 @@ async def test_a_hanging_webhook_is_cut_off_by_the_host_and_meta_delivers_once(
     assert crm_state["status"] == "pending"
     assert crm_state["error"].startswith("will retry: the http_sink sink failed")
     assert "timed out" in crm_state["error"]
+
+
+async def test_a_third_party_sink_gets_its_batches_whole_one_at_a_time(
+    make_client: ClientFactory,
+    config: dict[str, Any],
+    servers: tuple[str, str],
+    tmp_path: Path,
+    crm: FakeCrm,
+) -> None:
+    # Splitting a batch per account and test code is what one Graph request can carry, not a
+    # webhook's: it got one request per account of a batch, all at once, past the
+    # max_in_flight it asked for (a destination that takes one request at a time, or counts
+    # them, met a burst as wide as the batch's accounts).
+    raw = raw_config(config, servers, tmp_path)
+    raw["plugins"]["http_sink"]["delivery"] |= {"max_in_flight": 1, "respond_within_ms": 0}
+    settings = parse_settings(raw, source=str(tmp_path / "gateway.toml"))
+    client = await make_client(settings=settings, environ=ENVIRON)
+    store = store_of(client)
+    acme = await add_conversation(store)
+    other = await add_conversation(store, account_id="other")
+    crm.delay_s = 0.3
+    # W takes the one slot; the rest, of both accounts and with a test code, wait for it.
+    await client.post(URL, json=lead("W", conversationId=acme.id), headers=AUTH)
+    await asyncio.gather(
+        client.post(URL, json=lead("A1", conversationId=acme.id), headers=AUTH),
+        client.post(URL, json=lead("A2", conversationId=acme.id, testCode="T1"), headers=AUTH),
+        client.post(URL, json=lead("B1", conversationId=other.id, accountId="other"), headers=AUTH),
+    )
+    for _ in range(100):
+        if len(crm.received) == 4:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(crm.event_ids()) == ["A1", "A2", "B1", "W"]
+    assert (crm.calls, crm.most_at_once) == (2, 1)
 
 
 def test_a_missing_export_is_one_line_naming_the_plugin(
