@@ -1,7 +1,8 @@
 """Meta's Graph API as the gateway uses it: POST events and datasets, and what errors mean.
 
 Every reply is classified (META.md §2): ``ok``; ``transient`` (5xx, timeouts, dropped
-connections, non-JSON bodies, ``is_transient``, codes 1, 2, 341) and ``throttled`` (HTTP 429,
+connections, non-JSON bodies, an egress proxy refusing the tunnel, ``is_transient``, codes 1,
+2, 341) and ``throttled`` (HTTP 429,
 whatever its body, codes 4, 17, 32, 368, 613, 80004), both retried; ``permanent`` (code 100
 and its subcodes, 190, 10, 200-299, any other 4xx), never retried. The token travels in the
 ``Authorization`` header, never in a URL, so no access log anywhere sees it.
@@ -71,7 +72,8 @@ class GraphReply(msgspec.Struct, frozen=True, kw_only=True):
     warnings: list[str] = msgspec.field(default_factory=list)
     trace_id: str | None = None
     error: GraphError | None = None
-    # Why a request did not get a Graph answer at all (timeout, connection, not JSON).
+    # Why a request did not get a Graph answer at all (timeout, connection, not JSON, the
+    # egress proxy refused the tunnel).
     transport: str | None = None
     retry_after: float | None = None
     new_id: str | None = None
@@ -91,7 +93,7 @@ class GraphReply(msgspec.Struct, frozen=True, kw_only=True):
         graph_url): Graph answers its errors in JSON."""
         status = self.http_status
         return (
-            self.transport == "not_json"
+            self.transport in ("not_json", "proxy")
             and status is not None
             and 400 <= status < 500
             and status != 429
@@ -128,6 +130,8 @@ def explain(reply: GraphReply) -> str:
     e = reply.error
     if e is None and reply.transport == "not_json":
         return _not_json(reply.http_status)
+    if e is None and reply.transport == "proxy":
+        return _proxy_refused(reply.http_status)
     if e is None:
         return {
             "timeout": "Meta did not answer in time",
@@ -187,6 +191,19 @@ def _not_json(status: int | None) -> str:
     return said
 
 
+def _proxy_refused(status: int | None) -> str:
+    """Return what the egress proxy's refusal to open a tunnel to Meta likely means."""
+    if status == 407:
+        return (
+            "the egress proxy asks for authentication (HTTP 407, not a Graph API answer): check"
+            " the user and password in the URL [plugins.meta_capi] proxy_env names"
+        )
+    return (
+        f"the egress proxy refused to open a connection to Meta (HTTP {status}, not a Graph"
+        " API answer): check that it lets the gateway's host reach graph_url"
+    )
+
+
 def appsecret_proof(app_secret: bytes, token: str) -> str:
     """Return Graph's ``appsecret_proof``: HMAC-SHA256 of the token with the app secret."""
     return hmac.new(app_secret, token.encode(), hashlib.sha256).hexdigest()
@@ -242,6 +259,16 @@ class GraphClient:
                 retry_after = _retry_after(resp.headers.get("Retry-After"))
         except TimeoutError:
             return GraphReply(kind="transient", transport="timeout", duration_ms=_ms(started))
+        except aiohttp.ClientHttpProxyError as exc:
+            # The egress proxy refused the tunnel to Meta (CONNECT, for https): its answer,
+            # not the Graph API's, as a plain 4xx through an http one would be. (Its message
+            # holds the proxy's URL, password included: only the status is kept.)
+            return GraphReply(
+                kind=classify(exc.status, None),
+                http_status=exc.status,
+                transport="proxy",
+                duration_ms=_ms(started),
+            )
         except aiohttp.ClientError:
             return GraphReply(kind="transient", transport="connection", duration_ms=_ms(started))
         # Meta quotes a malformed token back ("Malformed access token EAA..."): its words go

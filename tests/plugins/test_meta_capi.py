@@ -1581,3 +1581,47 @@ async def test_a_4xx_that_is_not_the_graph_api_is_retried_and_named_once(
     (line,) = logs.events("meta_not_graph_api")
     assert (line["dataset_id"], line["http_status"]) == (ACME_DATASET, 404)
     assert "graph_url" in line["reason"]
+
+
+async def test_a_proxy_refusing_to_connect_to_meta_is_named_without_its_password(
+    make_client: ClientFactory, config: dict[str, Any], logs: LogCapture
+) -> None:
+    # Meta is https, so the gateway asks the proxy to CONNECT: a proxy that wants other
+    # credentials (or will not reach graph.facebook.com) refuses the tunnel, and that refusal
+    # was taken for "could not reach Meta (connection failed or was dropped)", with nothing
+    # in the log: the 407 explanation was only ever given to an http graph_url.
+    heads: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(
+            b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+            b'Proxy-Authenticate: Basic realm="egress"\r\nContent-Length: 0\r\n\r\n'
+        )
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    table = {"graph_url": "https://graph.invalid", "proxy_env": "CTWA_EGRESS_PROXY"}
+    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
+    password = "egress-s3cret-pw"
+    environ = {**ENV, "CTWA_EGRESS_PROXY": f"http://egress:{password}@127.0.0.1:{port}"}
+    try:
+        client = await make_client(settings=settings, environ=environ)
+        conversation = await add_conversation(store_of(client))
+        resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
+        answer = await resp.json()
+        state = await sink_state_when(client, "L1", "meta_capi", lambda s: s["attempts"] >= 1)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert heads[0].startswith(b"CONNECT graph.invalid:443 ")
+    assert state["status"] == "pending"
+    assert "HTTP 407" in state["error"], state
+    assert "proxy_env" in state["error"], state
+    assert state["errorCode"] == "proxy"
+    (line,) = logs.events("meta_not_graph_api")
+    assert (line["http_status"], line["reason"]) == (407, state["error"][len("will retry: ") :])
+    assert password not in logs.text
+    assert password not in json.dumps(answer)
