@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import msgspec
@@ -108,6 +108,14 @@ def proxy_url(environ: Mapping[str, str], name: str | None) -> str | None:
         scheme, host = "", None
     if scheme not in ("http", "https") or not host:
         raise ValueError(f"environment variable {name} is not an http:// or https:// URL")
+    try:
+        # As the proxy's Basic authentication carries them (aiohttp's, Latin-1).
+        unquote(f"{parsed.username or ''}:{parsed.password or ''}").encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"environment variable {name}: the proxy's user or password holds a character"
+            " Basic authentication cannot carry (outside Latin-1)"
+        ) from None
     return url
 
 

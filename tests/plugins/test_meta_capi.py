@@ -1625,3 +1625,29 @@ async def test_a_proxy_refusing_to_connect_to_meta_is_named_without_its_password
     assert (line["http_status"], line["reason"]) == (407, state["error"][len("will retry: ") :])
     assert password not in logs.text
     assert password not in json.dumps(answer)
+
+
+async def test_a_proxy_password_basic_auth_cannot_carry_is_refused_at_reload(
+    make_client: ClientFactory, config: dict[str, Any], aiohttp_server: Any, logs: LogCapture
+) -> None:
+    # Basic authentication carries Latin-1 only: a password with another character (a euro
+    # sign, plain or percent-encoded) passed the check, and every send then raised out of
+    # the sink (a sink fault each time, logged with its traceback) until the events expired.
+    from gateway.http.app import reload_secrets
+
+    table = {"graph_url": "http://graph.invalid", "proxy_env": "CTWA_EGRESS_PROXY"}
+    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
+    good = "http://egress:s3cret@127.0.0.1:9"
+    client = await make_client(settings=settings, environ={**ENV, "CTWA_EGRESS_PROXY": good})
+    sink = client.app[PLUGINS].pm.get_plugin("meta_capi")
+    assert isinstance(sink, MetaCapiSink)
+    assert sink.sender is not None
+    for password in ("pr€ss", "pr%E2%82%ACss"):
+        bad = f"http://egress:{password}@127.0.0.1:9"
+        assert not reload_secrets(client.app, {**ENV, "CTWA_EGRESS_PROXY": bad})
+        (line,) = logs.events("secrets_reload_refused")
+        assert "CTWA_EGRESS_PROXY" in line["problem"]
+        assert password not in logs.text
+        assert sink.sender.graph.proxy == good  # the running one is kept
+        logs.stream.truncate(0)
+        logs.stream.seek(0)
