@@ -8,7 +8,8 @@ Graph reply becomes a :class:`gateway.SendOutcome` per event (META.md §2):
 - a whole-request rejection one bad event can explain (code 100) is split in halves until the
   bad events are alone; they fail with Meta's reason and the good ones go through. Meta rejects
   the whole request in that case, so nothing is sent twice. A request refused as too large
-  (HTTP 413, a proxy's body limit) is split the same way;
+  (HTTP 413, a proxy's body limit) is split the same way; an event refused alone is retried,
+  its reason saying to raise that limit;
 - a 4xx that is not JSON is not the Graph API's (a proxy, a wrong ``graph_url``): retried, and
   its likely cause logged once per dataset (``meta_not_graph_api``);
 - ``transient``: retry; ``throttled``: retry no sooner than Meta's ``Retry-After`` and hold the
@@ -163,6 +164,12 @@ class GraphSender:
             left = await self._attempt(requests, events[:half])
             right = await self._attempt(requests, events[half:])
             return left | right
+        if reply.is_too_large() and reply.is_not_graph_api():
+            # One event alone, where a split ends: no batch_max makes it smaller. Retried,
+            # as any answer not from the Graph API (raising the limit delivers it).
+            (event,) = events
+            alone = _outcome(reply, tries[event.pk], [], self.throttle_floor_s)
+            return {event.pk: replace(alone, reason=_TOO_LARGE_ALONE)}
         if reply.kind == "throttled":
             requests.throttled = reply
             log.warning(
@@ -228,6 +235,12 @@ class GraphSender:
                 trace_id=reply.trace_id,
             )
         return warnings
+
+
+_TOO_LARGE_ALONE = (
+    "something between the gateway and Meta (a proxy's body limit) refused this event as too"
+    " large even alone (HTTP 413, not a Graph API answer): raise that limit"
+)
 
 
 def _outcome(

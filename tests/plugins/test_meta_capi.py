@@ -1651,3 +1651,21 @@ async def test_a_proxy_password_basic_auth_cannot_carry_is_refused_at_reload(
         assert sink.sender.graph.proxy == good  # the running one is kept
         logs.stream.truncate(0)
         logs.stream.seek(0)
+
+
+async def test_an_event_too_large_alone_says_so(
+    make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
+) -> None:
+    # The split ends at one event; one the proxy still refuses alone was retried until it
+    # expired, its reason saying "batches are split to fit; lower batch_max": no batch_max
+    # makes a lone event smaller.
+    client = await make_meta(respond_within_ms=0, retry_base_s=0.05, retry_cap_s=0.1)
+    conversation = await add_conversation(store_of(client))
+    fake.max_body_bytes = 64
+    await client.post(URL, json=lead(conversation.id, "E1"), headers=AUTH)
+    state = await sink_state_when(client, "E1", "meta_capi", lambda s: s["attempts"] >= 1)
+    assert state["status"] == "pending"
+    assert "batch_max" not in state["error"], state
+    assert "alone" in state["error"], state
+    fake.max_body_bytes = None
+    assert (await settle(client, "E1"))["status"] == "delivered"
