@@ -64,6 +64,20 @@ class _Requests:
     tries: dict[int, int] = field(default_factory=dict)
     # Meta's answer when it throttled one of them: no further request is sent.
     throttled: GraphReply | None = None
+    # Why they were split: Meta refused an event of theirs, or a request was too large.
+    refused: bool = False
+    too_large: bool = False
+
+    def why_split(self) -> str:
+        """Say why the events of a split were in requests that took none of them."""
+        if self.too_large and not self.refused:
+            return "the batch they were in was refused as too large (HTTP 413)"
+        if self.too_large:
+            return (
+                "the batches they were in were refused, as too large (HTTP 413) and by Meta"
+                " for an event it refused"
+            )
+        return "Meta rejected the batch they were in for an event it refused"
 
 
 class GraphSender:
@@ -138,8 +152,8 @@ class GraphSender:
             # Out of time while splitting: these were only ever in requests Meta rejected.
             later = SendOutcome(
                 status="retry",
-                reason="not sent yet: Meta rejected the batch they were in, and finding the"
-                " event it refused took longer than one attempt may; the next attempt goes on",
+                reason=f"not sent yet: {requests.why_split()}, and splitting it took longer"
+                " than one attempt may; the next attempt goes on",
                 code="split_unfinished",
             )
             return {
@@ -160,6 +174,8 @@ class GraphSender:
         if reply.is_not_graph_api():
             self._not_graph_api(route, reply)
         if len(events) > 1 and (reply.is_event_level() or reply.is_too_large()):
+            requests.too_large |= reply.is_too_large()
+            requests.refused |= not reply.is_too_large()
             half = len(events) // 2
             left = await self._attempt(requests, events[:half])
             right = await self._attempt(requests, events[half:])
@@ -197,9 +213,8 @@ class GraphSender:
         for as long as the throttled request's outcome says."""
         held = replace(
             _outcome(throttled, 0, [], self.throttle_floor_s),
-            reason="not sent yet: Meta rejected the batch they were in for an event it refused,"
-            " then throttled the account while the gateway looked for that event"
-            f" ({explain(throttled)}); the next attempt goes on",
+            reason=f"not sent yet: {requests.why_split()}, then Meta throttled the account"
+            f" while the gateway split it ({explain(throttled)}); the next attempt goes on",
             http_status=None,
             trace_id=None,
             duration_ms=0.0,

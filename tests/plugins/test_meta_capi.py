@@ -1669,3 +1669,36 @@ async def test_an_event_too_large_alone_says_so(
     assert "alone" in state["error"], state
     fake.max_body_bytes = None
     assert (await settle(client, "E1"))["status"] == "delivered"
+
+
+async def test_a_size_split_stopped_by_a_throttle_says_why_its_events_were_not_sent(
+    make_meta: MakeMeta, fake: FakeGraph
+) -> None:
+    # A batch a proxy refused as too large is split like one Meta refused for a bad event;
+    # when Meta throttled a half, the events not sent were told "Meta rejected the batch
+    # they were in for an event it refused", and an operator went looking for a bad event.
+    client = await make_meta(respond_within_ms=0, retry_base_s=0.05, retry_cap_s=0.1)
+    conversation = await add_conversation(store_of(client))
+    await client.post(URL, json=lead(conversation.id, "E0"), headers=AUTH)
+    assert (await settle(client, "E0"))["status"] == "delivered"
+    one = len(json.dumps({"data": [fake.received[0].event]}, separators=(",", ":")))
+    fake.max_body_bytes = 3 * one  # two events fit, four do not
+    await _app_dispatcher(client).stop()
+    for i in range(1, 5):
+        await client.post(URL, json=lead(conversation.id, f"E{i}"), headers=AUTH)
+    fake.fail("429")  # the first half
+    dispatcher = _standalone_dispatcher(client, "size-throttled")
+    dispatcher.start()
+    try:
+        states = [
+            await sink_state_when(client, f"E{i}", "meta_capi", lambda s: s["attempts"] >= 1)
+            for i in range(1, 5)
+        ]
+    finally:
+        await dispatcher.stop()
+    assert [status for _, _, status in fake.requests][1:] == [413, 429]
+    unsent = states[2:]
+    for state in unsent:
+        assert state["status"] == "pending", state
+        assert "an event it refused" not in state["error"], state
+        assert "too large" in state["error"], state
