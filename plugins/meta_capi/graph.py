@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import time
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -136,6 +137,9 @@ def explain(reply: GraphReply) -> str:
         return {
             "timeout": "Meta did not answer in time",
             "connection": "could not reach Meta (connection failed or was dropped)",
+            "proxy_connection": "could not reach the egress proxy (connection failed): check"
+            " that it runs, and the host and port in the URL [plugins.meta_capi] proxy_env"
+            " names",
         }.get(reply.transport or "", f"Meta answered HTTP {reply.http_status}")
     code, sub = e.code, e.error_subcode
     detail = e.error_user_msg or e.message
@@ -269,6 +273,14 @@ class GraphClient:
                 transport="proxy",
                 duration_ms=_ms(started),
             )
+        except aiohttp.ClientConnectorError as exc:
+            # Through a proxy, the connections made are to the proxy (a name that does not
+            # resolve, a port nothing listens on): Meta was never asked.
+            if self.proxy is not None and exc.host == urlsplit(self.proxy).hostname:
+                transport = "proxy_connection"
+            else:
+                transport = "connection"
+            return GraphReply(kind="transient", transport=transport, duration_ms=_ms(started))
         except aiohttp.ClientError:
             return GraphReply(kind="transient", transport="connection", duration_ms=_ms(started))
         # Meta quotes a malformed token back ("Malformed access token EAA..."): its words go

@@ -1702,3 +1702,24 @@ async def test_a_size_split_stopped_by_a_throttle_says_why_its_events_were_not_s
         assert state["status"] == "pending", state
         assert "an event it refused" not in state["error"], state
         assert "too large" in state["error"], state
+
+
+@pytest.mark.parametrize("where", ["127.0.0.1:9", "egress-proxy.invalid:3128"])
+async def test_an_unreachable_proxy_is_named_not_meta(
+    make_client: ClientFactory, config: dict[str, Any], logs: LogCapture, where: str
+) -> None:
+    # The egress proxy down (or a wrong port in its URL) read "could not reach Meta": an
+    # operator looked at Meta's status page rather than at the proxy.
+    table = {"graph_url": "https://graph.invalid", "proxy_env": "CTWA_EGRESS_PROXY"}
+    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
+    password = "egress-s3cret-pw"
+    environ = {**ENV, "CTWA_EGRESS_PROXY": f"http://egress:{password}@{where}"}
+    client = await make_client(settings=settings, environ=environ)
+    conversation = await add_conversation(store_of(client))
+    await client.post(URL, json=lead(conversation.id), headers=AUTH)
+    state = await sink_state_when(client, "L1", "meta_capi", lambda s: s["attempts"] >= 1)
+    assert state["status"] == "pending"
+    assert "egress proxy" in state["error"], state
+    assert "proxy_env" in state["error"], state
+    assert state["errorCode"] == "proxy_connection"
+    assert password not in logs.text
