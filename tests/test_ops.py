@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
+import sqlite3
 import time
 from typing import Any
 
@@ -308,3 +309,27 @@ async def test_readyz_is_503_when_the_dispatcher_is_not_running(
     body = await resp.json()
     assert resp.status == 503
     assert body["details"]["checks"] == {"meta_capi": "its delivery dispatcher is not running"}
+
+
+async def test_readyz_checks_arriving_together_queue_one_write(
+    client: Client, db_path: Any
+) -> None:
+    # Found by review: each /readyz (no key needed) queued an empty transaction of its own
+    # for the writer, left in its queue when the check gave up after 2 s; while the
+    # database's write lock was held, anyone could fill the writer's queue with them, and
+    # the conversions queued behind them waited for each to commit in turn.
+    writer = store_of(client).writer
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        before = writer.ops
+        checks = await asyncio.gather(*(client.get("/readyz") for _ in range(100)))
+        assert {check.status for check in checks} == {503}
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    for _ in range(100):
+        if (await client.get("/readyz")).status == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert writer.ops - before <= 4, writer.ops - before

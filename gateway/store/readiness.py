@@ -51,12 +51,21 @@ class WriteProbe(WriteOp[None]):
         await tx.execute("DELETE FROM write_probe WHERE pk = ?", (rows[0][0],))
 
 
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Retrieve a shared write's outcome if no check waits for it any longer (the writer
+    noted it)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Readiness:
-    """Answers whether the writer's store takes writes; one probe at a time, however many
-    checks arrive together (``/readyz`` needs no key)."""
+    """Answers whether the writer's store takes writes; one ping and one probe at a time,
+    however many checks arrive together (``/readyz`` needs no key: a check that gives up
+    leaves nothing more in the writer's queue)."""
 
     def __init__(self, writer: GroupCommitWriter) -> None:
         self._writer = writer
+        self._ping: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         # What the last check answered, so a change is logged once, not every check.
         self._last: str | None = None
@@ -74,18 +83,16 @@ class Readiness:
         return found
 
     async def _check(self, timeout_s: float) -> str | None:
+        self._ping = self._shared(self._ping, Ping)
         try:
-            await asyncio.wait_for(self._writer.submit(Ping()), timeout_s)
+            await asyncio.wait_for(asyncio.shield(self._ping), timeout_s)
         except TimeoutError:
             return f"the database did not take a write lock within {timeout_s:g} s"
         except Exception as exc:
             return unavailable_reason(exc) or f"not writable ({type(exc).__name__})"
         if self._writer.trouble is None:
             return None
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.create_task(self._writer.submit(WriteProbe()))
-            # Retrieved here if no check waits for it any longer (the writer noted it).
-            self._probe.add_done_callback(lambda task: task.cancelled() or task.exception())
+        self._probe = self._shared(self._probe, WriteProbe)
         # However it fails, the writer noted why: its trouble is the answer.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(self._probe), timeout_s)
@@ -96,3 +103,13 @@ class Readiness:
             f"writes have failed for {time.time() - trouble.since:.0f} s: {trouble.reason};"
             " ready again once a write succeeds"
         )
+
+    def _shared(
+        self, running: asyncio.Task[None] | None, op: type[Ping | WriteProbe]
+    ) -> asyncio.Task[None]:
+        """The write of ``op`` in flight, else a new one that later checks join."""
+        if running is not None and not running.done():
+            return running
+        task = asyncio.create_task(self._writer.submit(op()))
+        task.add_done_callback(_retrieved)
+        return task
