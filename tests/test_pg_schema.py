@@ -9,6 +9,7 @@ import random
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -507,3 +508,36 @@ async def test_random_writes_count_the_same_on_both(both: Both, seed: int) -> No
         " JOIN events e ON e.pk = d.event_pk GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
     ).fetchall()
     assert await both.counts("delivery_counts") == _comparable(deliveries)
+
+
+async def test_an_older_replicas_test_events_stay_counted_until_the_readme_recount(
+    pg: asyncpg.Connection,
+) -> None:
+    # Found by review: in a rolling upgrade, a replica still on the version before counts
+    # the test events it stores (its insert adds every event to event_hours), and the new
+    # triggers never take them away, not even when retention deletes them. The README says
+    # so and gives the statements that count the hours again; they must be exact.
+    await migrate_pg(pg)
+    for pk, code, value in ((1, None, 12.5), (2, "TEST9", 100.0)):
+        await pg.execute(
+            "INSERT INTO events (pk, account_id, event_id, event_name, conversation_id,"
+            " event_time, status, event, test_event_code, received_at, duration_ms,"
+            " insert_token, custom_value, custom_currency) VALUES ($1, 'acme', $2, 'Purchase',"
+            " 'conv_1', 7260, 'pending', '\\x7b7d', $3, 0, 0, '', $4, 'EUR')",
+            pk,
+            f"evt-{pk}",
+            code,
+            value,
+        )
+        # As the older replica's insert counts each.
+        await pg.execute(
+            _numbered(_ADD_TO_HOURS), "acme", 2, "Purchase", "pending", "EUR", 0, 1, value
+        )
+    await pg.execute("DELETE FROM events WHERE pk = 2")  # pruned: still counted
+    counted = "SELECT events, value FROM event_hours WHERE events != 0"
+    assert [tuple(r) for r in await pg.fetch(counted)] == [(2, 112.5)]
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    after = readme[readme.index("count the hours again from the events") :]
+    recount = after[after.index("```sql\n") + 7 : after.index("```", after.index("```sql") + 6)]
+    await pg.execute(recount)
+    assert [tuple(r) for r in await pg.fetch(counted)] == [(1, 12.5)]
