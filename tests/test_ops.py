@@ -280,6 +280,42 @@ async def test_readyz_is_503_while_writes_fail_on_a_full_disk(
     assert resp.status == 200
 
 
+async def test_readyz_stays_503_while_the_dispatcher_finds_nothing_due_on_a_full_disk(
+    make_client: ClientFactory, config: dict[str, Any]
+) -> None:
+    # Found by review: any write that committed made the replica ready again, and one that
+    # finds nothing to write commits on a full disk too: the Meta sink's dispatcher looks for
+    # due deliveries every poll_s (an UPDATE that matched no row), so a few seconds after the
+    # disk filled /readyz said 200 again, and the load balancer sent conversions back to it.
+    plugins = {
+        "sinks": ["meta_capi"],
+        "meta_capi": {"graph_url": "http://127.0.0.1:9", "poll_s": 0.05},
+    }
+    client = await make_client(settings=parse_settings({**config, "plugins": plugins}))
+    store = sqlite_store_of(client)
+    conversation = await add_conversation(store)
+    (pages,) = store._writer_conn.execute("PRAGMA page_count").fetchone()
+    store._writer_conn.execute(f"PRAGMA max_page_count = {pages}")
+    for i in range(50):
+        resp = await client.post(URL, json=lead(conversation.id, f"d{i}"), headers=AUTH)
+        if resp.status == 503:
+            break
+    assert resp.status == 503
+    assert (await client.get("/readyz")).status == 503
+    claims = store.writer.ops
+    for _ in range(100):  # the dispatcher's looks commit meanwhile
+        await asyncio.sleep(0.05)
+        if store.writer.ops >= claims + 3:
+            break
+    assert store.writer.ops >= claims + 3
+    ready = await client.get("/readyz")
+    assert ready.status == 503, await ready.text()
+    resp = await client.post(URL, json=lead(conversation.id, "still-full"), headers=AUTH)
+    assert resp.status == 503
+    store._writer_conn.execute("PRAGMA max_page_count = 1073741823")
+    assert (await client.get("/readyz")).status == 200
+
+
 async def test_a_write_that_fails_for_its_own_reason_leaves_readyz_ready(client: Client) -> None:
     # A conversion refused for what it is (a fault of its own, as a bug would be) says
     # nothing about the store: the replica stays in the load balancer's rotation.

@@ -5,7 +5,9 @@ commits on a full disk too: it writes nothing. So the writer remembers when real
 for the store's own reasons (full, read-only, locked, gone: :attr:`GroupCommitWriter.trouble
 <gateway.store.writer.GroupCommitWriter.trouble>`), and while they do, each check also writes
 a probe, a row of :data:`PROBE_BYTES` inserted and deleted in one transaction: the replica is
-ready again as soon as a write commits, a request's or the probe's, with no traffic needed.
+ready again as soon as a probe commits, with no traffic needed. Another write committing says
+nothing: it may have written nothing (a dispatcher's look that found nothing due, a retried
+event's duplicate), which a full disk lets through as it does the ping.
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ class Ping(WriteOp[None]):
     """Nothing but the writer's own BEGIN / COMMIT: proves the database answers and takes its
     write lock, not that it has room."""
 
-    writes = False
-
     async def apply(self, tx: Tx) -> None:
         return None
 
@@ -43,6 +43,8 @@ class Ping(WriteOp[None]):
 class WriteProbe(WriteOp[None]):
     """Insert a row of :data:`PROBE_BYTES` and delete it again: commits only where the
     database has room and takes writes. The file keeps its size (the pages are reused)."""
+
+    proves_writable = True
 
     async def apply(self, tx: Tx) -> None:
         rows = await tx.fetch(

@@ -75,9 +75,11 @@ class WriteOp(Generic[T]):
 
     # True for a few rows' worth of writing into hot pages (see the module's docstring).
     inline: ClassVar[bool] = False
-    # Whether committing it shows the store takes writes again after they failed (an op
-    # that writes nothing, the ping, does not: an empty transaction commits on a full disk).
-    writes: ClassVar[bool] = True
+    # Whether committing it shows the store takes writes again after they failed: only
+    # /readyz's probe, which always adds a row of a few pages. Any other op may commit having
+    # written nothing (the ping, a dispatcher's look that found nothing due, a retried
+    # event's duplicate), and an empty transaction commits on a full disk.
+    proves_writable: ClassVar[bool] = False
 
     async def apply(self, tx: Tx) -> T:
         """Write inside the open transaction and return this op's result."""
@@ -215,12 +217,12 @@ class GroupCommitWriter:
         self, batch: list[QueuedWrite], settled: list[tuple[Any, BaseException | None]]
     ) -> None:
         """Remember whether writes fail for the store's reasons (``/readyz`` says so): set by
-        a write that failed so, cleared by one that committed after it."""
+        a write that failed so, cleared by the probe committing after it."""
         failed: str | None = None
         wrote = False
         for (op, _), (_, exc) in zip(batch, settled, strict=True):
             if exc is None:
-                wrote = wrote or op.writes
+                wrote = wrote or op.proves_writable
             elif failed is None:
                 failed = unavailable_reason(exc)
         if failed is not None:
