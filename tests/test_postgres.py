@@ -232,6 +232,45 @@ async def test_readyz_is_503_while_the_database_takes_no_writes(
     assert resp.status == 200
 
 
+async def test_a_replica_that_wrote_nothing_is_not_ready_on_a_read_only_database(
+    make_client: ClientFactory, client: Client, pg_url: str, pg_server: str
+) -> None:
+    # Found by review: the ping's empty transaction commits on a read-only database, and
+    # only a write that failed made a replica not ready; with several replicas, each stayed
+    # in the load balancer's rotation until a conversion of its own had failed.
+    other = await make_client()
+    assert (await other.get("/readyz")).status == 200
+    name = urlsplit(pg_url).path.lstrip("/")
+    admin = await asyncpg.connect(pg_server)
+
+    async def sessions_start_read_only(on: bool) -> None:
+        await admin.execute(
+            f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}'
+        )
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid != pg_backend_pid()",
+            name,
+        )
+
+    try:
+        await sessions_start_read_only(True)
+        for replica in (client, other):  # neither has written since
+            ready = await replica.get("/readyz")
+            body = await ready.json()
+            assert ready.status == 503, body
+            assert "read-only" in body["details"]["checks"]["store"]
+        await sessions_start_read_only(False)
+    finally:
+        await admin.close()
+    for replica in (client, other):
+        for _ in range(3):
+            ready = await replica.get("/readyz")
+            if ready.status == 200:
+                break
+        assert ready.status == 200, await ready.text()
+
+
 async def test_a_database_that_stops_answering_is_a_quick_503_not_a_500(
     make_client: ClientFactory, config: dict[str, Any], pg_url: str
 ) -> None:

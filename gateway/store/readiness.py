@@ -17,6 +17,7 @@ import contextlib
 import os
 import time
 
+import asyncpg
 import structlog
 
 from gateway.store.failures import unavailable_reason
@@ -33,11 +34,15 @@ PROBE_BYTES = 16384
 
 
 class Ping(WriteOp[None]):
-    """Nothing but the writer's own BEGIN / COMMIT: proves the database answers and takes its
-    write lock, not that it has room."""
+    """The writer's own BEGIN / COMMIT: proves the database answers and takes its write lock,
+    not that it has room. PostgreSQL is asked too whether the transaction may write: a
+    read-only one (a standby, ``default_transaction_read_only``) commits it all the same."""
 
     async def apply(self, tx: Tx) -> None:
-        return None
+        if tx.engine == "postgresql":
+            rows = await tx.fetch("SELECT current_setting('transaction_read_only')")
+            if rows[0][0] == "on":
+                raise asyncpg.ReadOnlySQLTransactionError("the transaction is read-only")
 
 
 class WriteProbe(WriteOp[None]):
