@@ -46,7 +46,7 @@ from gateway.pipeline import Pipeline, check_normalizers
 from gateway.plugin_manager import Plugins, build_plugins
 from gateway.runtime import new_event_loop, running
 from gateway.store.engines import describe
-from gateway.store.failures import unavailable_reason
+from gateway.store.failures import unavailable_reason, withheld
 from gateway.validation import decode_conversion
 from gateway.wire import printable
 from plugins.meta_capi.body import DEFAULT_PARTNER_AGENT, meta_request_body
@@ -282,7 +282,10 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         # Only what a wait or free space cures: any other store error (a constraint a
         # statement broke, a table it names that is not there) is a bug, raised as one.
         if unavailable_reason(exc) is None:
-            raise
+            shown = withheld(exc)
+            if shown is exc:
+                raise
+            raise shown from None
         return _store_failed(exc)
 
 

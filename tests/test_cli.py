@@ -12,10 +12,12 @@ import sqlite3
 import subprocess
 import sys
 import time
+import traceback
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import tomli_w
 
@@ -25,6 +27,8 @@ from gateway.errors import ConfigError
 from gateway.http.app import create_app
 from gateway.plugin_manager import build_plugins
 from gateway.store.database import SqliteStore
+from gateway.store.engines import open_store
+from gateway.store.failures import StoreBug
 from tests.conftest import ACME_TOKEN, API_KEY, CLID, ENV, WABA_ID, add_conversation, base_config
 
 
@@ -645,3 +649,39 @@ def test_sigterm_right_after_listening_is_a_clean_stop(config_file: Path) -> Non
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+async def test_a_postgresql_error_that_is_a_bug_does_not_quote_the_row(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found by review (helper 38): since the CLI raises store errors that are bugs, a
+    # PostgreSQL one printed its message and detail, which quote the row it refused: here
+    # the phone being erased.
+    raw = {**base_config(tmp_path / "unused.sqlite3"), "store": {"url": pg_url}}
+    config = tmp_path / "gateway.toml"
+    config.write_bytes(tomli_w.dumps(raw).encode())
+    store = await open_store(load_settings(config), ENV)
+    try:
+        await add_conversation(store)
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(
+            "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE"
+            " EXCEPTION 'duplicate key value violates unique constraint'"
+            " USING ERRCODE = 'unique_violation',"
+            " DETAIL = 'Key (account_id, wa_id)=(acme, 16505551234) already exists.'; END $$;"
+            " CREATE TRIGGER boom BEFORE INSERT ON erasures FOR EACH ROW EXECUTE FUNCTION boom()"
+        )
+    finally:
+        await conn.close()
+    argv = ["erase", "--config", str(config), "--account", "acme", "--phone", "+16505551234"]
+
+    with pytest.raises(StoreBug) as raised:
+        await asyncio.to_thread(main, argv, environ=ENV)
+
+    # What Python prints for it: the traceback, and any exception it was raised from.
+    shown = "".join(traceback.format_exception(raised.value)) + capsys.readouterr().err
+    assert "UniqueViolationError (SQLSTATE 23505)" in shown
+    assert "16505551234" not in shown

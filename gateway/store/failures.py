@@ -12,11 +12,16 @@ import sqlite3
 
 import asyncpg
 
-__all__ = ["BROKEN", "StoreUnavailable", "unavailable_reason"]
+__all__ = ["BROKEN", "StoreBug", "StoreUnavailable", "unavailable_reason", "withheld"]
 
 
 class StoreUnavailable(Exception):
     """PostgreSQL cannot be reached (refused, no socket, not answering): nothing was done."""
+
+
+class StoreBug(Exception):
+    """A database error that is not the store being unavailable, as a command shows it: its
+    kind and code, without what the database quoted (:func:`withheld`)."""
 
 
 # What a connection whose server went away raises; asyncpg may not have noticed yet, and
@@ -81,3 +86,16 @@ def unavailable_reason(exc: BaseException) -> str | None:
         # aiosqlite's, for a store that is shutting down.
         return "the database is closed"
     return None
+
+
+def withheld(exc: Exception) -> Exception:
+    """Return ``exc`` as a command may print it. PostgreSQL's message and detail quote the row
+    it refused ("Key (account_id, wa_id)=(acme, 16505551234) already exists"), which may be a
+    person's phone or BSUID: only the error's kind and SQLSTATE are kept. SQLite's messages
+    name tables and columns, never values: its errors are returned as they are."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return StoreBug(
+            f"PostgreSQL refused the work: {type(exc).__name__} (SQLSTATE {exc.sqlstate});"
+            " its message is withheld, as it may quote personal data"
+        )
+    return exc
