@@ -27,6 +27,7 @@ from gateway.http.keys import PIPELINE
 from gateway.store.archive import NewNotification
 from gateway.store.copy import tables
 from gateway.store.database import SqliteStore
+from gateway.store.pg_schema import PG_MIGRATIONS
 from gateway.store.postgres import PgTx, PostgresStore, StoreUnavailable
 from gateway.store.retention import PruneConversations
 from tests.conftest import (
@@ -429,6 +430,30 @@ async def test_store_copy_moves_every_row_into_postgresql_and_refuses_a_full_tar
     code = await asyncio.to_thread(main, argv)
     assert code == 2
     assert "not empty" in capsys.readouterr().err
+
+
+async def test_store_copy_refuses_a_store_a_newer_version_migrated(
+    tmp_path: Any, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found by review (helper 37): an older version runs on a newer PostgreSQL schema (a
+    # rolling upgrade), and its copy would have taken only the columns it knows.
+    store = await PostgresStore.open(pg_url, min_connections=1, max_connections=2)
+    try:
+        await seed(store)
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("INSERT INTO schema_migrations VALUES ($1)", len(PG_MIGRATIONS) + 1)
+    finally:
+        await conn.close()
+
+    argv = ["store", "copy", "--from", pg_url, "--to", f"sqlite:///{tmp_path / 'new.sqlite3'}"]
+    assert await asyncio.to_thread(main, argv) == 2
+
+    err = capsys.readouterr().err
+    assert f"the source store has schema version {len(PG_MIGRATIONS) + 1}" in err
+    assert "nothing was written" in err
 
 
 async def test_a_replicas_new_event_wakes_the_others_dispatchers_at_once(

@@ -18,7 +18,8 @@ from typing import Any
 
 from gateway.errors import ConfigError
 from gateway.store.database import Store
-from gateway.store.schema import migrate
+from gateway.store.pg_schema import PG_MIGRATIONS
+from gateway.store.schema import MIGRATIONS, migrate
 from gateway.store.sql import Engine, Tx, marks
 from gateway.store.writer import WriteOp
 
@@ -143,6 +144,19 @@ async def copy_store(
 ) -> dict[str, int]:
     """Copy every row of ``source`` into ``target``, which must be empty; return the rows
     per table, checked to be equal on both sides."""
+    for side, store in (("source", source), ("target", target)):
+        # An older version would copy only the columns it knows, and drop the newer ones'
+        # values without a word (PostgreSQL lets an older replica run on a newer schema).
+        version = int(
+            (await store.query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))[0][0]
+        )
+        known = len(PG_MIGRATIONS if store.engine == "postgresql" else MIGRATIONS)
+        if version > known:
+            raise ConfigError(
+                f"the {side} store has schema version {version}, newer than this version of"
+                f" ctwa-gateway knows ({known}): copy with the version that upgraded it;"
+                " nothing was written"
+            )
     everything = tables()
     for table in everything:
         if await count_rows(target, table):
