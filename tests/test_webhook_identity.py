@@ -958,3 +958,29 @@ async def test_a_late_move_onto_a_number_someone_moved_onto_since_never_joins_th
         "phoneE164": "+15550001085"})  # fmt: skip
     # E's new number: nothing links it to E's click but the number C holds now; never C's.
     assert resp.status == 422, await resp.text()
+
+
+async def test_a_late_message_from_a_number_someone_moved_onto_since_never_joins_them(
+    client: Client,
+) -> None:
+    # Found with the fuzzer (tests/identity_timelines.py, seed 11): C wrote from 15550001091
+    # with a click and moved to ...094; A then moved onto ...091. A's move reached us first,
+    # its conversation keyed by the number alone (README), then C's move, then C's message.
+    # Keyed by no BSUID, A's conversation was never another person's: C's message, sent
+    # before A moved onto the number, joined it, and conversions by A went to C's click.
+    now = time.time() - 10000
+    await post_signed(client, one(system_message(
+        "w.R3", "user_changed_number", wa_id="15550001093", bsuid="US.A91",
+        new_wa_id="15550001091", previous_bsuid="US.A91", ts=now - 2000)))  # fmt: skip
+    await post_signed(client, one(system_message(
+        "w.R2", "user_changed_number", wa_id="15550001091", bsuid="US.C91",
+        new_wa_id="15550001094", previous_bsuid="US.C91", ts=now - 3000)))  # fmt: skip
+    answer = await wrote(client, "15550001091", "w.R1", now - 4000, "US.C91", "c-click")
+    assert (answer["conversationsCreated"], answer["conversationsMerged"]) == (0, 0)
+    for identity in ({"phoneE164": "+15550001094"}, {"businessScopedUserId": "US.C91"}):
+        assert clid_of(await converted(client, **identity)) == "c-click", identity
+    for identity in ({"phoneE164": "+15550001091"}, {"businessScopedUserId": "US.A91"}):
+        resp = await client.post("/v1/whatsapp/conversions", headers=AUTH, json={
+            "accountId": "acme", "eventName": "LeadSubmitted", "eventId": f"a-{identity}",
+            **identity})  # fmt: skip
+        assert resp.status == 422, await resp.text()  # A clicked no ad: C's click is not A's

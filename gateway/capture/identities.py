@@ -18,7 +18,10 @@ Rules (README, "Who is who"):
   Not if that conversation had this BSUID before a change, nor, for a ``user_changed_number``
   naming no new BSUID, if it was written to after the change (the person's new BSUID). A
   message sent before that conversation last wrote or changed is the number's previous
-  owner's, delivered late: the phone stays with its holder, an alias of the sender's.
+  owner's, delivered late: the phone stays with its holder, an alias of the sender's. So is
+  a message with a BSUID sent before a conversation keyed by its number alone changed onto
+  it (someone else moved onto the number the sender left): it goes to the conversation that
+  had its BSUID before a change, else starts one.
 - ``user_changed_number`` and ``user_changed_user_id`` re-key the conversation to the new
   identifier, keeping its click and its history; the old identifier is kept as an alias so a
   conversion sent with it still finds the conversation. Arriving before any other message of
@@ -265,6 +268,21 @@ class Identities:
         account = m.account_id
         by_bsuid = self._live(account, bsuid=m.bsuid)
         by_phone = self._live(account, phone=m.phone)
+        if (
+            by_phone is not None
+            and m.bsuid is not None
+            and by_bsuid is None
+            and self._moved_on(by_phone, m, m.bsuid)
+        ):
+            # The holder changed onto the number after this was sent, keyed by it alone
+            # (README): the sender is the number's previous owner, delivered late. Their
+            # conversation (by a BSUID they had since changed, if any) gets it.
+            mine = self._formerly(account, bsuid=m.bsuid)
+            if mine is not None and m.timestamp <= (mine.keys_changed_at or 0.0):
+                return self._before_change(mine, m)
+            mine = self.start(account, phone=None, bsuid=m.bsuid)
+            self._alias(mine, "phone", m.phone)
+            return self._put(self._with_profile(self.by_id[mine.id], m))
         if by_phone is not None and self._another_person(by_phone, m.bsuid):
             if self._active_after(by_phone, m.timestamp):
                 # Sent before the holder wrote: from the number's previous owner, delivered
