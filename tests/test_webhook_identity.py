@@ -984,3 +984,61 @@ async def test_a_late_message_from_a_number_someone_moved_onto_since_never_joins
             "accountId": "acme", "eventName": "LeadSubmitted", "eventId": f"a-{identity}",
             **identity})  # fmt: skip
         assert resp.status == 422, await resp.text()  # A clicked no ad: C's click is not A's
+
+
+async def fails_to_convert(client: Client, **identity: str) -> int:
+    """POST a LeadSubmitted that must find no click; return its status (404 or 422)."""
+    resp = await client.post("/v1/whatsapp/conversions", headers=AUTH, json={
+        "accountId": "acme", "eventName": "LeadSubmitted", "eventId": f"lead-{time.time_ns()}",
+        **identity})  # fmt: skip
+    assert resp.status in (404, 422), await resp.text()
+    return resp.status
+
+
+async def test_a_move_off_a_number_another_bsuid_wrote_from_never_joins_them(
+    client: Client,
+) -> None:
+    # Found with the fuzzer (tests/identity_timelines.py, seeds 34 and 97): C wrote from
+    # 15550001102 with a click and moved off it (that change still to come); A, the number's
+    # next owner, moved off it in turn. Sent from the number C's conversation still held, A's
+    # change (naming A's BSUID) re-keyed C's conversation to A's new number: conversions by
+    # A were sent with C's click, and C's own move, when it came, found nothing of C's left.
+    now = time.time() - 10000
+    await wrote(client, "15550001102", "w.S1", now - 5000, "US.C101", "c-click")
+    answer = await post_signed(client, one(system_message(
+        "w.S3", "user_changed_number", wa_id="15550001102", bsuid="US.A101",
+        new_wa_id="15550001104", previous_bsuid="US.A101", ts=now - 3000)))  # fmt: skip
+    assert (answer["conversationsCreated"], answer["conversationsMerged"]) == (1, 0)
+    for identity in ({"phoneE164": "+15550001104"}, {"businessScopedUserId": "US.A101"}):
+        await fails_to_convert(client, **identity)  # A clicked no ad: C's click is not A's
+    await post_signed(client, one(system_message(
+        "w.S2", "user_changed_number", wa_id="15550001102", bsuid="US.C101",
+        new_wa_id="15550001103", previous_bsuid="US.C101", ts=now - 4000)))  # fmt: skip
+    for identity in ({"phoneE164": "+15550001103"}, {"businessScopedUserId": "US.C101"}):
+        assert clid_of(await converted(client, **identity)) == "c-click", identity
+
+
+async def test_a_bsuid_change_from_a_number_another_bsuid_wrote_from_recycles_it(
+    client: Client,
+) -> None:
+    # As above with a user_changed_user_id (the fuzzer's seed 211): A's change of BSUID, sent
+    # from the number C's conversation still held, re-keyed C's conversation to A's BSUID.
+    # It is a recycled number, as for a message: A's conversation takes the number over.
+    now = time.time() - 10000
+    await wrote(client, "15550001112", "w.T1", now - 5000, "US.C111", "c-click")
+    answer = await post_signed(client, one(system_message(
+        "w.T3", "user_changed_user_id", wa_id="15550001112", new_bsuid="US.A112",
+        previous_bsuid="US.A111", ts=now - 3000)))  # fmt: skip
+    assert (answer["conversationsCreated"], answer["conversationsMerged"]) == (1, 0)
+    for identity in (
+        {"phoneE164": "+15550001112"},
+        {"businessScopedUserId": "US.A111"},
+        {"businessScopedUserId": "US.A112"},
+    ):
+        await fails_to_convert(client, **identity)  # A clicked no ad: C's click is not A's
+    assert clid_of(await converted(client, businessScopedUserId="US.C111")) == "c-click"
+    # A writes again under the new BSUID from the number: still A's, not C's.
+    await wrote(client, "15550001112", "w.T4", now - 2000, "US.A112", "a-click")
+    for identity in ({"phoneE164": "+15550001112"}, {"businessScopedUserId": "US.A111"}):
+        assert clid_of(await converted(client, **identity)) == "a-click", identity
+    assert clid_of(await converted(client, businessScopedUserId="US.C111")) == "c-click"

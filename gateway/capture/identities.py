@@ -31,6 +31,9 @@ Rules (README, "Who is who"):
   that explains a recycled number (the new BSUID wrote first) undoes it: the two are merged.
   A change does not join the conversation of the number it was sent from when that one is
   another BSUID's and wrote or changed after the change was sent: the sender had left it.
+  Nor, when the change names the BSUID it was sent under (``previous_user_id``), when that
+  one is another BSUID's at all: a recycled number whose holder's move off it is still to
+  come (a ``user_changed_user_id`` takes the number over, as a message does).
   Nor does a change join (or take) a number's conversation keyed by it alone that changed
   onto it after the change was sent: someone else moved onto the number the person left.
 - A number a conversation left finds it again (a later change or a late message, by that
@@ -338,6 +341,15 @@ class Identities:
             # Someone else had the number it was sent from after it was sent: the sender
             # had left it, and this change was delivered late (Meta retries for days).
             sent_from = None
+        recycled = None
+        if (
+            sent_from is not None
+            and change.previous_bsuid is not None
+            and self._another_person(sent_from, *named)
+        ):
+            # Another BSUID's, last seen before this change was sent under the one it names:
+            # a recycled number, as for a message (the holder's move off it still to come).
+            recycled, sent_from = sent_from, None
         own = self._one(
             [
                 self._live(account, bsuid=change.previous_bsuid),
@@ -380,6 +392,10 @@ class Identities:
                     own = self._one([own, holder])
         else:
             new_phone = m.phone
+            recycled = None if recycled is None else self.by_id[recycled.id]
+            if recycled is not None and recycled.superseded_by is None and recycled != own:
+                own = own or self.start(account, phone=None, bsuid=change.new_bsuid)
+                self._release(recycled, own)
         if own is None:
             fresh = self.start(account, phone=new_phone, bsuid=change.new_bsuid or sender)
             fresh = self._put(msgspec.structs.replace(fresh, keys_changed_at=m.timestamp))
