@@ -1042,3 +1042,38 @@ async def test_a_bsuid_change_from_a_number_another_bsuid_wrote_from_recycles_it
     for identity in ({"phoneE164": "+15550001112"}, {"businessScopedUserId": "US.A111"}):
         assert clid_of(await converted(client, **identity)) == "a-click", identity
     assert clid_of(await converted(client, businessScopedUserId="US.C111")) == "c-click"
+
+
+async def test_an_older_move_onto_a_number_never_takes_it_from_its_holder(
+    client: Client,
+) -> None:
+    # Found with the fuzzer (seed 97): E moved onto 15550001123, which C had left, and off it
+    # again; E's later move reached us first, then E's older move onto the number, which took
+    # it from C's conversation as a recycled number (C's own move off it still to come). That
+    # superseded C's conversation: C's move, when it came, found E's by the number E had
+    # left, and conversions by C's BSUID were sent with E's click.
+    now = time.time() - 10000
+    await wrote(client, "15550001122", "w.U1", now - 5000, "US.C121", "c-click")
+    await post_signed(client, one(system_message(
+        "w.U2", "user_changed_number", wa_id="15550001122", bsuid="US.C121",
+        new_wa_id="15550001123", new_bsuid="US.C122", previous_bsuid="US.C121",
+        ts=now - 4800)))  # fmt: skip
+    await post_signed(client, one(system_message(
+        "w.U6", "user_changed_number", wa_id="15550001123", bsuid="US.E122",
+        new_wa_id="15550001122", new_bsuid="US.E123", previous_bsuid="US.E122",
+        ts=now - 3000)))  # fmt: skip
+    await wrote(client, "15550001121", "w.U3", now - 5100, "US.E121", "e-click")
+    await post_signed(client, one(system_message(
+        "w.U5", "user_changed_number", wa_id="15550001121", bsuid="US.E121",
+        new_wa_id="15550001123", previous_bsuid="US.E121", ts=now - 4000)))  # fmt: skip
+    await post_signed(client, one(system_message(
+        "w.U4", "user_changed_number", wa_id="15550001123", bsuid="US.C122",
+        new_wa_id="15550001124", previous_bsuid="US.C122", ts=now - 4500)))  # fmt: skip
+    for identity in (
+        {"phoneE164": "+15550001124"},
+        {"businessScopedUserId": "US.C121"},
+        {"businessScopedUserId": "US.C122"},
+    ):
+        assert clid_of(await converted(client, **identity)) == "c-click", identity
+    for identity in ({"phoneE164": "+15550001122"}, {"businessScopedUserId": "US.E123"}):
+        assert clid_of(await converted(client, **identity)) == "e-click", identity

@@ -36,6 +36,8 @@ Rules (README, "Who is who"):
   come (a ``user_changed_user_id`` takes the number over, as a message does).
   Nor does a change join (or take) a number's conversation keyed by it alone that changed
   onto it after the change was sent: someone else moved onto the number the person left.
+  A change older than one already applied never takes its new number from another BSUID's
+  conversation as a recycled number: the person has left that number since.
 - A number a conversation left finds it again (a later change or a late message, by that
   number alone) only if it left the number after what is applied now was sent: a number left
   before was someone else's, recycled since.
@@ -385,9 +387,14 @@ class Identities:
                     self._alias(own, "phone", new_phone)
                     return own
                 if self._another_person(holder, *mine) and not self._moved_in(holder, own, m):
-                    # The new number was someone else's: it is recycled to this person.
-                    own = own or self.start(account, phone=None, bsuid=change.new_bsuid or sender)
-                    self._release(holder, own)
+                    if own is None or (own.keys_changed_at or 0.0) <= m.timestamp:
+                        # The new number was someone else's: it is recycled to this person.
+                        own = own or self.start(
+                            account, phone=None, bsuid=change.new_bsuid or sender
+                        )
+                        self._release(holder, own)
+                    # Else an older change: the person has left the number since, and its
+                    # holder (who had it before) may have it again; it stays theirs.
                 else:
                     own = self._one([own, holder])
         else:
