@@ -1077,3 +1077,25 @@ async def test_an_older_move_onto_a_number_never_takes_it_from_its_holder(
         assert clid_of(await converted(client, **identity)) == "c-click", identity
     for identity in ({"phoneE164": "+15550001122"}, {"businessScopedUserId": "US.E123"}):
         assert clid_of(await converted(client, **identity)) == "e-click", identity
+
+
+async def test_a_late_bsuid_change_from_a_number_recycled_since_is_captured(
+    client: Client,
+) -> None:
+    # Found with the fuzzer (seeds 13, 102, 212): E's user_changed_user_id, sent from a number
+    # C has written from since (recycled), reached us after C's message. Not C's, it started
+    # a conversation of its own under the number C holds: two live conversations for one
+    # number, which the store refused, and the whole notification was left pending.
+    now = time.time() - 10000
+    await wrote(client, "15550001131", "w.V1", now - 5000, "US.E131", "e-click")
+    await wrote(client, "15550001131", "w.V3", now - 3000, "US.C131", "c-click")
+    answer = await post_signed(client, one(system_message(
+        "w.V2", "user_changed_user_id", wa_id="15550001131", new_bsuid="US.E132",
+        previous_bsuid="US.E131", ts=now - 4000)))  # fmt: skip
+    assert answer["archiveStatus"] == "processed", answer
+    assert clid_of(await converted(client, phoneE164="+15550001131")) == "c-click"
+    assert clid_of(await converted(client, businessScopedUserId="US.E131")) == "e-click"
+    resp = await client.post("/v1/whatsapp/conversions", headers=AUTH, json={
+        "accountId": "acme", "eventName": "LeadSubmitted", "eventId": "e-new-bsuid",
+        "businessScopedUserId": "US.E132"})  # fmt: skip
+    assert resp.status == 422 or clid_of(await resp.json()) == "e-click", await resp.text()

@@ -30,10 +30,11 @@ Rules (README, "Who is who"):
   the conversation without re-keying it: what it names becomes an alias. A user_changed_user_id
   that explains a recycled number (the new BSUID wrote first) undoes it: the two are merged.
   A change does not join the conversation of the number it was sent from when that one is
-  another BSUID's and wrote or changed after the change was sent: the sender had left it.
-  Nor, when the change names the BSUID it was sent under (``previous_user_id``), when that
-  one is another BSUID's at all: a recycled number whose holder's move off it is still to
-  come (a ``user_changed_user_id`` takes the number over, as a message does).
+  another BSUID's and wrote or changed after the change was sent: the sender had left it (a
+  ``user_changed_user_id`` leaves that one the number, an alias of the sender's). Nor, when
+  the change names the BSUID it was sent under (``previous_user_id``), when that one is
+  another BSUID's at all: a recycled number whose holder's move off it is still to come (a
+  ``user_changed_user_id`` takes the number over, as a message does).
   Nor does a change join (or take) a number's conversation keyed by it alone that changed
   onto it after the change was sent: someone else moved onto the number the person left.
   A change older than one already applied never takes its new number from another BSUID's
@@ -403,6 +404,10 @@ class Identities:
             if recycled is not None and recycled.superseded_by is None and recycled != own:
                 own = own or self.start(account, phone=None, bsuid=change.new_bsuid)
                 self._release(recycled, own)
+            holder = self._live(account, phone=new_phone)
+            if holder is not None and (own is None or holder.id != own.id):
+                # Someone else's since this change was sent (above): the number stays theirs.
+                new_phone = None
         if own is None:
             fresh = self.start(account, phone=new_phone, bsuid=change.new_bsuid or sender)
             fresh = self._put(msgspec.structs.replace(fresh, keys_changed_at=m.timestamp))
