@@ -1099,3 +1099,32 @@ async def test_a_late_bsuid_change_from_a_number_recycled_since_is_captured(
         "accountId": "acme", "eventName": "LeadSubmitted", "eventId": "e-new-bsuid",
         "businessScopedUserId": "US.E132"})  # fmt: skip
     assert resp.status == 422 or clid_of(await resp.json()) == "e-click", await resp.text()
+
+
+async def test_a_late_move_off_a_number_never_joins_its_next_owner_who_left_it_too(
+    client: Client,
+) -> None:
+    # Found with the fuzzer (seeds 53 and 108): E moved off 15550001141, C took it over and
+    # moved off it too; C's move reached us first, then E's. Sent from the number C's
+    # conversation left after E's move was sent, E's move was taken for that conversation's
+    # own older change: what it named joined C's conversation, and conversions by E were
+    # sent with C's click.
+    now = time.time() - 10000
+    await post_signed(client, one(system_message(
+        "w.W4", "user_changed_number", wa_id="15550001141", bsuid="US.C141",
+        new_wa_id="15550001143", new_bsuid="US.C142", previous_bsuid="US.C141",
+        ts=now - 3000)))  # fmt: skip
+    answer = await post_signed(client, one(system_message(
+        "w.W2", "user_changed_number", wa_id="15550001141", bsuid="US.E141",
+        new_wa_id="15550001142", previous_bsuid="US.E141", ts=now - 4500)))  # fmt: skip
+    assert (answer["conversationsCreated"], answer["conversationsMerged"]) == (1, 0)
+    await wrote(client, "15550001141", "w.W1", now - 5000, "US.E141", "e-click")
+    await wrote(client, "15550001141", "w.W3", now - 4000, "US.C141", "c-click")
+    for identity in ({"phoneE164": "+15550001142"}, {"businessScopedUserId": "US.E141"}):
+        assert clid_of(await converted(client, **identity)) == "e-click", identity
+    for identity in (
+        {"phoneE164": "+15550001143"},
+        {"businessScopedUserId": "US.C141"},
+        {"businessScopedUserId": "US.C142"},
+    ):
+        assert clid_of(await converted(client, **identity)) == "c-click", identity

@@ -41,7 +41,9 @@ Rules (README, "Who is who"):
   conversation as a recycled number: the person has left that number since.
 - A number a conversation left finds it again (a later change or a late message, by that
   number alone) only if it left the number after what is applied now was sent: a number left
-  before was someone else's, recycled since.
+  before was someone else's, recycled since. Nor, for a change from that number, when the
+  conversation has another BSUID than the change names: someone else had the number after
+  the change was sent (recycled) and moved off it since.
 """
 
 from __future__ import annotations
@@ -364,7 +366,7 @@ class Identities:
             [
                 self._formerly(account, bsuid=change.previous_bsuid),
                 self._formerly(account, bsuid=m.bsuid),
-                self._left_after(account, m.phone, m.timestamp),
+                self._left_after(account, m.phone, m.timestamp, *named),
             ]
         )
         if change.kind == "user_id" and own is not None and change.previous_bsuid:
@@ -487,17 +489,23 @@ class Identities:
             )
         )
 
-    def _left_after(self, account_id: str, phone: str | None, at: float) -> Conversation | None:
+    def _left_after(
+        self, account_id: str, phone: str | None, at: float, *bsuids: str | None
+    ) -> Conversation | None:
         """Return the live conversation that left ``phone`` after ``at`` (changed, and still
         had the number in a message sent after it): the person's own later change, come first.
         One that left the number before is its previous owner's: the number was recycled since.
-        Sent, not received: everything is received after it was sent, late ones by days."""
+        Sent, not received: everything is received after it was sent, late ones by days.
+
+        Nor one with another BSUID than ``bsuids`` (those the change applied now names), none
+        of them among its former ones: someone else had the number after the change was sent
+        and left it since (the number recycled, its previous owner's move still to come)."""
         former = self._formerly(account_id, phone=phone)
         if former is None or (former.keys_changed_at or 0.0) <= at:
             return None
         if self._former_at.get((account_id, "phone", phone or ""), 0.0) <= at:
             return None
-        return former
+        return None if self._another_person(former, *bsuids) else former
 
     @staticmethod
     def _moved_in(holder: Conversation, own: Conversation | None, m: InboundMessage) -> bool:
