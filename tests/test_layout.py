@@ -16,6 +16,7 @@ PLUGIN_FILES = sorted(
 )
 # Decoding, identity rules, records, hashing, validation, configuration: no HTTP, no SQL.
 PURE = [
+    "gateway/capture/conversation_index.py",
     "gateway/capture/extract.py",
     "gateway/capture/identities.py",
     "gateway/capture/payload.py",
