@@ -1128,3 +1128,26 @@ async def test_a_late_move_off_a_number_never_joins_its_next_owner_who_left_it_t
         {"businessScopedUserId": "US.C142"},
     ):
         assert clid_of(await converted(client, **identity)) == "c-click", identity
+
+
+async def test_a_first_late_move_onto_a_number_someone_moved_onto_since_never_joins_them(
+    client: Client,
+) -> None:
+    # As test_a_late_move_onto_a_number_someone_moved_onto_since_never_joins_them, when the
+    # late move is the first the gateway hears of its person (the fuzzer's seed 294): C moved
+    # onto 15550001153 and off it again, then E moved onto it. E's move reached us first (E's
+    # conversation keyed by the number alone), then C's move onto it, which joined E's
+    # conversation, and C's message, delivered last, brought C's click to it.
+    now = time.time() - 10000
+    await post_signed(client, one(system_message(
+        "w.K4", "user_changed_number", wa_id="15550001151", bsuid="US.E151",
+        new_wa_id="15550001153", previous_bsuid="US.E151", ts=now - 2000)))  # fmt: skip
+    answer = await post_signed(client, one(system_message(
+        "w.K2", "user_changed_number", wa_id="15550001152", bsuid="US.C151",
+        new_wa_id="15550001153", previous_bsuid="US.C151", ts=now - 4000)))  # fmt: skip
+    assert (answer["conversationsCreated"], answer["conversationsMerged"]) == (1, 0)
+    await wrote(client, "15550001152", "w.K1", now - 5000, "US.C151", "c-click")
+    await wrote(client, "15550001151", "w.K0", now - 6000, "US.E151", "e-click")
+    for identity in ({"phoneE164": "+15550001153"}, {"businessScopedUserId": "US.E151"}):
+        assert clid_of(await converted(client, **identity)) == "e-click", identity
+    assert clid_of(await converted(client, businessScopedUserId="US.C151")) == "c-click"

@@ -37,7 +37,8 @@ Rules (README, "Who is who"):
   another BSUID's at all: a recycled number whose holder's move off it is still to come (a
   ``user_changed_user_id`` takes the number over, as a message does).
   Nor does a change join (or take) a number's conversation keyed by it alone that changed
-  onto it after the change was sent: someone else moved onto the number the person left.
+  onto it after the change was sent: someone else moved onto the number the person left (a
+  person first known by that change starts a conversation keyed by a BSUID it names).
   A change older than one already applied never takes its new number from another BSUID's
   conversation as a recycled number: the person has left that number since.
 - A number a conversation left finds it again (a later change or a late message, by that
@@ -205,9 +206,17 @@ class Identities(ConversationIndex):
                     change.previous_bsuid,
                     own.bsuid if own else None,
                 )
-                if own is not None and self._moved_on(holder, m, *mine):
+                key = change.new_bsuid or sender or change.previous_bsuid
+                if self._moved_on(holder, m, *mine) and (own is not None or key is not None):
                     # Someone else changed onto the number after this change was sent: the
-                    # person has left it since (that change still to come). Theirs then.
+                    # person has left it since (that change still to come). Theirs then; a
+                    # person first known by this change is keyed by a BSUID it names.
+                    if own is None:
+                        own = self.start(account, phone=None, bsuid=key)
+                        own = self._put(msgspec.structs.replace(own, keys_changed_at=m.timestamp))
+                        previous = change.previous_bsuid
+                        self._alias(own, "bsuid", previous if previous != key else None)
+                        self._alias(own, "phone", m.phone)
                     self._alias(own, "phone", new_phone)
                     return own
                 if self._another_person(holder, *mine) and not self._moved_in(holder, own, m):
