@@ -1151,3 +1151,30 @@ async def test_a_first_late_move_onto_a_number_someone_moved_onto_since_never_jo
     for identity in ({"phoneE164": "+15550001153"}, {"businessScopedUserId": "US.E151"}):
         assert clid_of(await converted(client, **identity)) == "e-click", identity
     assert clid_of(await converted(client, businessScopedUserId="US.C151")) == "c-click"
+
+
+async def test_a_late_bsuid_change_never_joins_both_its_person_and_a_number_s_next_owner(
+    client: Client,
+) -> None:
+    # Found with the fuzzer (seed 221): E changed BSUID twice from 15550001161, then left the
+    # number; C took it over, wrote with a click and moved off it. E's later change reached us
+    # first, then C's message and move, then E's earlier change: found both by the BSUID the
+    # later one had replaced (E's) and by the number C's conversation had left after it was
+    # sent (keyed by the number alone, nothing to tell C's apart), it merged the two, and
+    # conversions by E's BSUIDs were sent with C's click. The BSUID is the better evidence.
+    now = time.time() - 10000
+    await post_signed(client, one(system_message(
+        "w.J4", "user_changed_user_id", new_bsuid="US.E164", previous_bsuid="US.E163",
+        ts=now - 4000)))  # fmt: skip
+    await wrote(client, "15550001161", "w.J6", now - 2500, "US.C161", "c-click")
+    await post_signed(client, one(system_message(
+        "w.J7", "user_changed_number", wa_id="15550001161", bsuid="US.C161",
+        new_wa_id="15550001163", previous_bsuid="US.C161", ts=now - 2000)))  # fmt: skip
+    answer = await post_signed(client, one(system_message(
+        "w.J3", "user_changed_user_id", wa_id="15550001161", new_bsuid="US.E163",
+        previous_bsuid="US.E162", ts=now - 4500)))  # fmt: skip
+    assert answer["conversationsMerged"] == 0
+    for identity in ({"businessScopedUserId": "US.E164"}, {"businessScopedUserId": "US.E162"}):
+        await fails_to_convert(client, **identity)  # E's click never came: C's is not E's
+    for identity in ({"phoneE164": "+15550001163"}, {"businessScopedUserId": "US.C161"}):
+        assert clid_of(await converted(client, **identity)) == "c-click", identity

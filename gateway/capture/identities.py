@@ -45,7 +45,8 @@ Rules (README, "Who is who"):
   number alone) only if it left the number after what is applied now was sent: a number left
   before was someone else's, recycled since. Nor, for a change from that number, when the
   conversation has another BSUID than the change names: someone else had the number after
-  the change was sent (recycled) and moved off it since.
+  the change was sent (recycled) and moved off it since; nor when a BSUID the change names
+  finds a conversation as a former one (that one is the person's).
 """
 
 from __future__ import annotations
@@ -177,19 +178,25 @@ class Identities(ConversationIndex):
             # Another BSUID's, last seen before this change was sent under the one it names:
             # a recycled number, as for a message (the holder's move off it still to come).
             recycled, sent_from = sent_from, None
-        own = self._one(
-            [
-                self._live(account, bsuid=change.previous_bsuid),
-                self._live(account, bsuid=m.bsuid),
-                self._live(account, bsuid=change.new_bsuid),
-                sent_from,
-            ]
-        ) or self._one(
-            [
-                self._formerly(account, bsuid=change.previous_bsuid),
-                self._formerly(account, bsuid=m.bsuid),
-                self._left_after(account, m.phone, m.timestamp, *named),
-            ]
+        own = (
+            self._one(
+                [
+                    self._live(account, bsuid=change.previous_bsuid),
+                    self._live(account, bsuid=m.bsuid),
+                    self._live(account, bsuid=change.new_bsuid),
+                    sent_from,
+                ]
+            )
+            or self._one(
+                [
+                    self._formerly(account, bsuid=change.previous_bsuid),
+                    self._formerly(account, bsuid=m.bsuid),
+                ]
+            )
+            # By the number it was sent from only when no BSUID it names finds anyone: a
+            # conversation keyed by a number alone cannot be told apart from the number's
+            # next owner's (the two were merged), a former BSUID can.
+            or self._left_after(account, m.phone, m.timestamp, *named)
         )
         if change.kind == "user_id" and own is not None and change.previous_bsuid:
             own = self._restore(own, change.previous_bsuid)
