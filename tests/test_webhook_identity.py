@@ -1178,3 +1178,20 @@ async def test_a_late_bsuid_change_never_joins_both_its_person_and_a_number_s_ne
         await fails_to_convert(client, **identity)  # E's click never came: C's is not E's
     for identity in ({"phoneE164": "+15550001163"}, {"businessScopedUserId": "US.C161"}):
         assert clid_of(await converted(client, **identity)) == "c-click", identity
+
+
+async def test_the_same_in_the_older_shape_without_previous_user_id(client: Client) -> None:
+    # As test_a_move_off_a_number_another_bsuid_wrote_from_never_joins_them, in the shape
+    # without system.previous_user_id (the fuzzer's seed 78): the change is sent under C's old
+    # BSUID and names the new one, so the old one is known all the same.
+    now = time.time() - 10000
+    await wrote(client, "15550001171", "w.H1", now - 5000, "US.E171", "e-click")
+    change = system_message(
+        "w.H9", "user_changed_number", wa_id="15550001171", new_wa_id="15550001172",
+        new_bsuid="US.C172", ts=now - 3000)  # fmt: skip
+    change["from_user_id"] = "US.C171"
+    answer = await post_signed(client, one(change))
+    assert (answer["conversationsCreated"], answer["conversationsMerged"]) == (1, 0)
+    for identity in ({"phoneE164": "+15550001172"}, {"businessScopedUserId": "US.C172"}):
+        await fails_to_convert(client, **identity)  # C clicked no ad: E's click is not C's
+    assert clid_of(await converted(client, businessScopedUserId="US.E171")) == "e-click"

@@ -33,8 +33,9 @@ Rules (README, "Who is who"):
   A change does not join the conversation of the number it was sent from when that one is
   another BSUID's and wrote or changed after the change was sent: the sender had left it (a
   ``user_changed_user_id`` leaves that one the number, an alias of the sender's). Nor, when
-  the change names the BSUID it was sent under (``previous_user_id``), when that one is
-  another BSUID's at all: a recycled number whose holder's move off it is still to come (a
+  the change names the BSUID it was sent under (``previous_user_id``, or in Meta's older
+  shape a sender other than the new BSUID it names), when that one is another BSUID's at
+  all: a recycled number whose holder's move off it is still to come (a
   ``user_changed_user_id`` takes the number over, as a message does).
   Nor does a change join (or take) a number's conversation keyed by it alone that changed
   onto it after the change was sent: someone else moved onto the number the person left (a
@@ -170,9 +171,14 @@ class Identities(ConversationIndex):
             # had left it, and this change was delivered late (Meta retries for days).
             sent_from = None
         recycled = None
+        # The BSUID it was sent under, when known: the previous one, or (Meta's older shape)
+        # the sender's when the change names another as the new one.
+        previous = change.previous_bsuid or (
+            m.bsuid if change.new_bsuid not in (None, m.bsuid) else None
+        )
         if (
             sent_from is not None
-            and change.previous_bsuid is not None
+            and previous is not None
             and self._another_person(sent_from, *named)
         ):
             # Another BSUID's, last seen before this change was sent under the one it names:
