@@ -1195,3 +1195,26 @@ async def test_the_same_in_the_older_shape_without_previous_user_id(client: Clie
     for identity in ({"phoneE164": "+15550001172"}, {"businessScopedUserId": "US.C172"}):
         await fails_to_convert(client, **identity)  # C clicked no ad: E's click is not C's
     assert clid_of(await converted(client, businessScopedUserId="US.E171")) == "e-click"
+
+
+async def test_an_older_move_onto_a_number_never_takes_it_from_one_who_wrote_since(
+    client: Client,
+) -> None:
+    # Found by review (the fuzzer's seed 48): E moved onto 15550001192 naming the new BSUID
+    # and wrote from it with a click, then left it; A, its next owner, wrote from it. A's
+    # message reached us first, then E's, then E's move onto the number: E's conversation,
+    # started by E's late message, had changed nothing yet, so the move took the number from
+    # A's as a recycled one, and conversions by the number were sent with E's click. A wrote
+    # from the number after the move was sent, under another BSUID: E had left it since.
+    now = time.time() - 10000
+    await wrote(client, "15550001192", "w.F5", now - 3000, "US.A191", "a-click")
+    await wrote(client, "15550001192", "w.F3", now - 4500, "US.E192", "e-click")
+    answer = await post_signed(client, one(system_message(
+        "w.F2", "user_changed_number", wa_id="15550001191", bsuid="US.E191",
+        new_wa_id="15550001192", new_bsuid="US.E192", previous_bsuid="US.E191",
+        ts=now - 4900)))  # fmt: skip
+    assert (answer["conversationsCreated"], answer["conversationsMerged"]) == (0, 0)
+    for identity in ({"phoneE164": "+15550001192"}, {"businessScopedUserId": "US.A191"}):
+        assert clid_of(await converted(client, **identity)) == "a-click", identity
+    for identity in ({"businessScopedUserId": "US.E191"}, {"businessScopedUserId": "US.E192"}):
+        assert clid_of(await converted(client, **identity)) == "e-click", identity

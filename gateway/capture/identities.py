@@ -87,6 +87,19 @@ class Identities(ConversationIndex):
             )
         )
 
+    def _wrote_since(self, holder: Conversation, m: InboundMessage, *bsuids: str | None) -> bool:
+        """Did ``holder`` of the new number ``m`` names write from it after ``m`` was sent,
+        under another BSUID than the new one ``m`` names? The number was the person's then:
+        they have left it since and it was recycled (not when ``m`` names no new BSUID: the
+        holder may be the person's new one, :meth:`_moved_in`)."""
+        change = m.change
+        assert change is not None
+        return (
+            change.new_bsuid is not None
+            and (holder.last_inbound_at or 0.0) > m.timestamp
+            and self._another_person(holder, *bsuids)
+        )
+
     @staticmethod
     def _active_after(c: Conversation, at: float) -> bool:
         """Did ``c`` write or change after ``at`` (sent times)?"""
@@ -220,8 +233,11 @@ class Identities(ConversationIndex):
                     own.bsuid if own else None,
                 )
                 key = change.new_bsuid or sender or change.previous_bsuid
-                if self._moved_on(holder, m, *mine) and (own is not None or key is not None):
-                    # Someone else changed onto the number after this change was sent: the
+                if (self._moved_on(holder, m, *mine) or self._wrote_since(holder, m, *mine)) and (
+                    own is not None or key is not None
+                ):
+                    # Someone else changed onto the number after this change was sent, or
+                    # wrote from it under another BSUID than the new one it names: the
                     # person has left it since (that change still to come). Theirs then; a
                     # person first known by this change is keyed by a BSUID it names.
                     if own is None:
@@ -230,6 +246,11 @@ class Identities(ConversationIndex):
                         previous = change.previous_bsuid
                         self._alias(own, "bsuid", previous if previous != key else None)
                         self._alias(own, "phone", m.phone)
+                    else:
+                        # What it names is the person's from before, as for an older change.
+                        self._alias(own, "phone", m.phone if m.phone != own.wa_id else None)
+                        for bsuid in (change.previous_bsuid, m.bsuid):
+                            self._alias(own, "bsuid", bsuid if bsuid != own.bsuid else None)
                     self._alias(own, "phone", new_phone)
                     return own
                 if self._another_person(holder, *mine) and not self._moved_in(holder, own, m):
