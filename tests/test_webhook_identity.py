@@ -1218,3 +1218,25 @@ async def test_an_older_move_onto_a_number_never_takes_it_from_one_who_wrote_sin
         assert clid_of(await converted(client, **identity)) == "a-click", identity
     for identity in ({"businessScopedUserId": "US.E191"}, {"businessScopedUserId": "US.E192"}):
         assert clid_of(await converted(client, **identity)) == "e-click", identity
+
+
+async def test_a_second_move_in_order_keeps_the_previous_bsuid_it_names(client: Client) -> None:
+    # Found by review (the fuzzer's timelines delivered in order, seeds 33, 162 and others): E
+    # moved onto 15550001182 (no new BSUID named, so keyed by the number alone) and moved on
+    # from it naming previous_user_id US.E182, the BSUID E had there and never wrote under.
+    # The conversation kept every identifier but that one: conversions by it found nothing.
+    now = time.time() - 10000
+    await wrote(client, "15550001181", "w.G1", now - 5000, "US.E181", "e-click")
+    await post_signed(client, one(system_message(
+        "w.G2", "user_changed_number", wa_id="15550001181", bsuid="US.E181",
+        new_wa_id="15550001182", previous_bsuid="US.E181", ts=now - 4000)))  # fmt: skip
+    await post_signed(client, one(system_message(
+        "w.G3", "user_changed_number", wa_id="15550001182", new_wa_id="15550001183",
+        new_bsuid="US.E183", previous_bsuid="US.E182", ts=now - 3000)))  # fmt: skip
+    for identity in (
+        {"phoneE164": "+15550001183"},
+        {"businessScopedUserId": "US.E181"},
+        {"businessScopedUserId": "US.E182"},
+        {"businessScopedUserId": "US.E183"},
+    ):
+        assert clid_of(await converted(client, **identity)) == "e-click", identity

@@ -302,6 +302,9 @@ class Identities(ConversationIndex):
                 # The number it was sent from, which the conversation did not have (a user
                 # known by BSUID alone): theirs before the change.
                 self._alias(own, "phone", m.phone)
+            if change.previous_bsuid not in (own.bsuid, new_bsuid, m.bsuid):
+                # One the conversation never had (keyed by phone since a number change).
+                self._alias(own, "bsuid", change.previous_bsuid)
             if new_bsuid is None and own.bsuid is not None:
                 self._alias(own, "bsuid", own.bsuid)
                 own = self._put(msgspec.structs.replace(own, bsuid=None))
