@@ -1240,3 +1240,26 @@ async def test_a_second_move_in_order_keeps_the_previous_bsuid_it_names(client: 
         {"businessScopedUserId": "US.E183"},
     ):
         assert clid_of(await converted(client, **identity)) == "e-click", identity
+
+
+async def test_a_move_onto_a_number_never_joins_its_previous_owner_known_by_it_alone(
+    client: Client,
+) -> None:
+    # Found by review (the fuzzer's timelines delivered in order, older shape, seed 4): E
+    # clicked an ad from 15550001202 before BSUIDs (or moved onto it naming no new BSUID), so
+    # E's conversation was keyed by the number alone; E left the number without a change the
+    # gateway could tie to it (a SIM given up, or a change with the phone withheld), and the
+    # number was recycled to C. C's move onto it, in order, joined E's conversation: only a
+    # holder with a BSUID counted as someone else. The two were merged and conversions by C
+    # were sent with E's click. A holder known by the number alone that neither wrote nor
+    # changed after the move was sent is the number's previous owner: the number is recycled.
+    now = time.time() - 10000
+    await post_signed(client, one(message(
+        "15550001202", "w.D1", ts=now - 5000, ref=referral("e-click"))))  # fmt: skip
+    await wrote(client, "15550001201", "w.D2", now - 4000, "US.C201")
+    answer = await post_signed(client, one(system_message(
+        "w.D3", "user_changed_number", wa_id="15550001201", bsuid="US.C201",
+        new_wa_id="15550001202", previous_bsuid="US.C201", ts=now - 3000)))  # fmt: skip
+    assert answer["conversationsMerged"] == 0
+    for identity in ({"phoneE164": "+15550001202"}, {"businessScopedUserId": "US.C201"}):
+        await fails_to_convert(client, **identity)  # C clicked no ad: E's click is not C's

@@ -41,7 +41,10 @@ Rules (README, "Who is who"):
   onto it after the change was sent: someone else moved onto the number the person left (a
   person first known by that change starts a conversation keyed by a BSUID it names).
   A change older than one already applied never takes its new number from another BSUID's
-  conversation as a recycled number: the person has left that number since.
+  conversation as a recycled number: the person has left that number since. A
+  ``user_changed_number`` onto a number whose conversation is keyed by it alone and neither
+  wrote nor changed after the change was sent takes it as a recycled number: the person was
+  not on it before (that is its previous owner, who left it unseen).
 - A number a conversation left finds it again (a later change or a late message, by that
   number alone) only if it left the number after what is applied now was sent: a number left
   before was someone else's, recycled since. Nor, for a change from that number, when the
@@ -98,6 +101,19 @@ class Identities(ConversationIndex):
             change.new_bsuid is not None
             and (holder.last_inbound_at or 0.0) > m.timestamp
             and self._another_person(holder, *bsuids)
+        )
+
+    def _left_alone(self, holder: Conversation, m: InboundMessage, *bsuids: str | None) -> bool:
+        """Is ``holder`` of the new number ``m`` moves onto, keyed by that number alone, its
+        previous owner? It neither wrote nor changed after the move was sent, and had none
+        of ``bsuids`` before a change: the person was not on the number before the move (one
+        moving back onto a number it had is not told apart)."""
+        return (
+            holder.bsuid is None
+            and not self._active_after(holder, m.timestamp)
+            and all(
+                self._former.get((holder.account_id, "bsuid", b)) != holder.id for b in bsuids if b
+            )
         )
 
     @staticmethod
@@ -253,7 +269,9 @@ class Identities(ConversationIndex):
                             self._alias(own, "bsuid", bsuid if bsuid != own.bsuid else None)
                     self._alias(own, "phone", new_phone)
                     return own
-                if self._another_person(holder, *mine) and not self._moved_in(holder, own, m):
+                if (
+                    self._another_person(holder, *mine) or self._left_alone(holder, m, *mine)
+                ) and not self._moved_in(holder, own, m):
                     if own is None or (own.keys_changed_at or 0.0) <= m.timestamp:
                         # The new number was someone else's: it is recycled to this person.
                         own = own or self.start(
