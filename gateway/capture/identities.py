@@ -41,7 +41,9 @@ Rules (README, "Who is who"):
   onto it after the change was sent: someone else moved onto the number the person left (a
   person first known by that change starts a conversation keyed by a BSUID it names).
   A change older than one already applied never takes its new number from another BSUID's
-  conversation as a recycled number: the person has left that number since. A
+  conversation as a recycled number: the person has left that number since; nor does a
+  ``user_changed_number`` naming the new BSUID when another BSUID wrote from the number
+  after it was sent (that change still to come). A
   ``user_changed_number`` onto a number whose conversation is keyed by it alone and neither
   wrote nor changed after the change was sent takes it as a recycled number: the person was
   not on it before (that is its previous owner, who left it unseen).
