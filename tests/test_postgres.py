@@ -185,6 +185,19 @@ async def test_a_lost_database_answers_503_and_recovers_without_a_restart(
     assert (await client.get("/readyz")).status == 200
 
 
+async def _sessions_start_read_only(admin: asyncpg.Connection, name: str, on: bool) -> None:
+    """Make database ``name``'s sessions read-only (or writable again), ending the open ones
+    so that every new session starts so."""
+    await admin.execute(
+        f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}'
+    )
+    await admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = $1 AND pid != pg_backend_pid()",
+        name,
+    )
+
+
 async def test_readyz_is_503_while_the_database_takes_no_writes(
     client: Client, pg_url: str, pg_server: str
 ) -> None:
@@ -194,19 +207,8 @@ async def test_readyz_is_503_while_the_database_takes_no_writes(
     conversation = await add_conversation(store_of(client))
     name = urlsplit(pg_url).path.lstrip("/")
     admin = await asyncpg.connect(pg_server)
-
-    async def sessions_start_read_only(on: bool) -> None:
-        await admin.execute(
-            f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}'
-        )
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = $1 AND pid != pg_backend_pid()",
-            name,
-        )
-
     try:
-        await sessions_start_read_only(True)
+        await _sessions_start_read_only(admin, name, True)
         statuses = [
             (await client.post(URL, json=_lead(conversation.id, f"ro{i}"), headers=AUTH)).status
             for i in range(3)
@@ -217,7 +219,7 @@ async def test_readyz_is_503_while_the_database_takes_no_writes(
         assert ready.status == 503, body
         assert "read-only" in body["details"]["checks"]["store"]
         assert name not in str(body)
-        await sessions_start_read_only(False)
+        await _sessions_start_read_only(admin, name, False)
     finally:
         await admin.close()
     # Writable again: ready once a check's probe writes, no conversion needed. The first check
@@ -243,19 +245,8 @@ async def test_a_replica_that_wrote_nothing_is_not_ready_on_a_read_only_database
     assert (await other.get("/readyz")).status == 200
     name = urlsplit(pg_url).path.lstrip("/")
     admin = await asyncpg.connect(pg_server)
-
-    async def sessions_start_read_only(on: bool) -> None:
-        await admin.execute(
-            f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}'
-        )
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = $1 AND pid != pg_backend_pid()",
-            name,
-        )
-
     try:
-        await sessions_start_read_only(True)
+        await _sessions_start_read_only(admin, name, True)
         for replica in (client, other):  # neither has written since
             # A check may first meet a pool connection the switch terminated (not ready:
             # "connection lost"); the next ones find the database read-only.
@@ -267,7 +258,7 @@ async def test_a_replica_that_wrote_nothing_is_not_ready_on_a_read_only_database
                     break
                 await asyncio.sleep(0.1)
             assert "read-only" in body["details"]["checks"]["store"], body
-        await sessions_start_read_only(False)
+        await _sessions_start_read_only(admin, name, False)
     finally:
         await admin.close()
     for replica in (client, other):

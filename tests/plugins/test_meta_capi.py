@@ -1529,6 +1529,21 @@ async def test_a_split_stops_sending_when_meta_throttles(
     assert waited >= 0.9, waited
 
 
+async def _four_events_behind_a_body_limit(make_meta: MakeMeta, fake: FakeGraph) -> Client:
+    """A client whose events E1-E4 wait, the app's dispatcher stopped, behind a proxy whose
+    body limit lets two of them through in one request but not four (E0 delivered)."""
+    client = await make_meta(respond_within_ms=0, retry_base_s=0.05, retry_cap_s=0.1)
+    conversation = await add_conversation(store_of(client))
+    await client.post(URL, json=lead(conversation.id, "E0"), headers=AUTH)
+    assert (await settle(client, "E0"))["status"] == "delivered"
+    one = len(json.dumps({"data": [fake.received[0].event]}, separators=(",", ":")))
+    fake.max_body_bytes = 3 * one
+    await _app_dispatcher(client).stop()
+    for i in range(1, 5):
+        await client.post(URL, json=lead(conversation.id, f"E{i}"), headers=AUTH)
+    return client
+
+
 async def test_a_batch_a_proxy_finds_too_large_is_split_not_retried_until_it_expires(
     make_meta: MakeMeta, fake: FakeGraph, logs: LogCapture
 ) -> None:
@@ -1536,15 +1551,7 @@ async def test_a_batch_a_proxy_finds_too_large_is_split_not_retried_until_it_exp
     # batch) answered a plain 413: taken for a transient error, the batch was sent again
     # whole, and one that stays full (a steady flow fills it again) until its events expired,
     # 7 days later.
-    client = await make_meta(respond_within_ms=0, retry_base_s=0.05, retry_cap_s=0.1)
-    conversation = await add_conversation(store_of(client))
-    await client.post(URL, json=lead(conversation.id, "E0"), headers=AUTH)
-    assert (await settle(client, "E0"))["status"] == "delivered"
-    one = len(json.dumps({"data": [fake.received[0].event]}, separators=(",", ":")))
-    fake.max_body_bytes = 3 * one  # two events fit, four do not
-    await _app_dispatcher(client).stop()
-    for i in range(1, 5):
-        await client.post(URL, json=lead(conversation.id, f"E{i}"), headers=AUTH)
+    client = await _four_events_behind_a_body_limit(make_meta, fake)
     dispatcher = _standalone_dispatcher(client, "too-large")
     dispatcher.start()
     try:
@@ -1677,15 +1684,7 @@ async def test_a_size_split_stopped_by_a_throttle_says_why_its_events_were_not_s
     # A batch a proxy refused as too large is split like one Meta refused for a bad event;
     # when Meta throttled a half, the events not sent were told "Meta rejected the batch
     # they were in for an event it refused", and an operator went looking for a bad event.
-    client = await make_meta(respond_within_ms=0, retry_base_s=0.05, retry_cap_s=0.1)
-    conversation = await add_conversation(store_of(client))
-    await client.post(URL, json=lead(conversation.id, "E0"), headers=AUTH)
-    assert (await settle(client, "E0"))["status"] == "delivered"
-    one = len(json.dumps({"data": [fake.received[0].event]}, separators=(",", ":")))
-    fake.max_body_bytes = 3 * one  # two events fit, four do not
-    await _app_dispatcher(client).stop()
-    for i in range(1, 5):
-        await client.post(URL, json=lead(conversation.id, f"E{i}"), headers=AUTH)
+    client = await _four_events_behind_a_body_limit(make_meta, fake)
     fake.fail("429")  # the first half
     dispatcher = _standalone_dispatcher(client, "size-throttled")
     dispatcher.start()
