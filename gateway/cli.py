@@ -302,10 +302,12 @@ def _store_failed(exc: Exception) -> int:
             file=sys.stderr,
         )
         return 1
+    # In the words /readyz uses (full, read-only, locked, unreachable...), which say what
+    # to fix: "free space or wait for the lock" misled for a database that is not reachable.
     print(
-        f"ctwa-gateway: the store cannot be written now ({reason}): what it refused was not"
-        " done. Free space on its disk, or wait for whoever holds it locked, then run the"
-        " command again (safe to repeat)",
+        f"ctwa-gateway: the store cannot be written now: {unavailable_reason(exc) or reason}."
+        " What it refused was not done; run the command again once that is fixed (safe to"
+        " repeat)",
         file=sys.stderr,
     )
     return 1

@@ -333,9 +333,9 @@ def test_a_store_that_refuses_the_write_is_one_line_and_exit_1(
     said = capsys.readouterr()
     assert said.out == ""
     assert said.err.splitlines() == [
-        "ctwa-gateway: the store cannot be written now (database is locked): what it refused"
-        " was not done. Free space on its disk, or wait for whoever holds it locked, then run"
-        " the command again (safe to repeat)"
+        "ctwa-gateway: the store cannot be written now: the database is locked (another"
+        " process holds it past the timeout). What it refused was not done; run the command"
+        " again once that is fixed (safe to repeat)"
     ]
     # Nothing was erased: run again once the store is free, it is.
     assert (
