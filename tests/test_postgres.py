@@ -164,11 +164,7 @@ async def test_a_lost_database_answers_503_and_recovers_without_a_restart(
     try:
         # The database goes away: no new connections, and the pool's are cut.
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = $1 AND pid != pg_backend_pid()",
-            name,
-        )
+        await _end_sessions(admin, name)
         resp = await client.post(URL, json=_lead(conversation.id, "down"), headers=AUTH)
         body = await resp.json()
         assert resp.status == 503, body
@@ -191,6 +187,11 @@ async def _sessions_start_read_only(admin: asyncpg.Connection, name: str, on: bo
     await admin.execute(
         f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}'
     )
+    await _end_sessions(admin, name)
+
+
+async def _end_sessions(admin: asyncpg.Connection, name: str) -> None:
+    """End every session of database ``name`` but ``admin``'s (the gateway's pool included)."""
     await admin.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
         " WHERE datname = $1 AND pid != pg_backend_pid()",

@@ -28,7 +28,7 @@ from gateway import (
     SinkState,
     hookimpl,
 )
-from gateway.config import parse_settings
+from gateway.config import Settings, parse_settings
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.http.keys import PIPELINE, PLUGINS
 from gateway.logs import scrub
@@ -1359,6 +1359,16 @@ async def test_an_app_secret_ending_in_a_newline_proves_the_token_without_it(
     assert fake.received[0].appsecret_proof == appsecret_proof(secret.encode(), ACME_TOKEN)
 
 
+def _behind_proxy(
+    config: dict[str, Any], proxy: str, *, graph_url: str = "http://graph.invalid"
+) -> tuple[Settings, dict[str, str]]:
+    """Settings and environment of a gateway whose only way to Meta (a host that does not
+    resolve here) is the egress proxy at ``proxy``, named by ``proxy_env``."""
+    table = {"graph_url": graph_url, "proxy_env": "CTWA_EGRESS_PROXY"}
+    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
+    return settings, {**ENV, "CTWA_EGRESS_PROXY": proxy}
+
+
 async def test_meta_is_reached_through_the_proxy_proxy_env_names(
     make_client: ClientFactory, config: dict[str, Any], aiohttp_server: Any, fake: FakeGraph
 ) -> None:
@@ -1375,10 +1385,8 @@ async def test_meta_is_reached_through_the_proxy_proxy_env_names(
     app = fake.app()
     app.middlewares.append(proxy)
     server = await aiohttp_server(app)
-    table = {"graph_url": "http://graph.invalid", "proxy_env": "CTWA_EGRESS_PROXY"}
-    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
-    proxy_url = f"http://egress:s3cret@127.0.0.1:{server.port}"
-    client = await make_client(settings=settings, environ={**ENV, "CTWA_EGRESS_PROXY": proxy_url})
+    settings, environ = _behind_proxy(config, f"http://egress:s3cret@127.0.0.1:{server.port}")
+    client = await make_client(settings=settings, environ=environ)
     conversation = await add_conversation(store_of(client))
 
     resp = await client.post(URL, json=lead(conversation.id), headers=AUTH)
@@ -1396,10 +1404,9 @@ async def test_a_proxy_that_is_not_a_url_stops_startup_without_showing_it(
 ) -> None:
     from gateway.errors import ConfigError
 
-    table = {"proxy_env": "CTWA_EGRESS_PROXY"}
-    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
+    settings, environ = _behind_proxy(config, value)
     with pytest.raises(ConfigError, match="CTWA_EGRESS_PROXY is not an http") as raised:
-        await make_client(settings=settings, environ={**ENV, "CTWA_EGRESS_PROXY": value})
+        await make_client(settings=settings, environ=environ)
     assert value not in str(raised.value)
 
 
@@ -1610,10 +1617,10 @@ async def test_a_proxy_refusing_to_connect_to_meta_is_named_without_its_password
 
     server = await asyncio.start_server(proxy, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    table = {"graph_url": "https://graph.invalid", "proxy_env": "CTWA_EGRESS_PROXY"}
-    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
     password = "egress-s3cret-pw"
-    environ = {**ENV, "CTWA_EGRESS_PROXY": f"http://egress:{password}@127.0.0.1:{port}"}
+    settings, environ = _behind_proxy(
+        config, f"http://egress:{password}@127.0.0.1:{port}", graph_url="https://graph.invalid"
+    )
     try:
         client = await make_client(settings=settings, environ=environ)
         conversation = await add_conversation(store_of(client))
@@ -1642,10 +1649,9 @@ async def test_a_proxy_password_basic_auth_cannot_carry_is_refused_at_reload(
     # the sink (a sink fault each time, logged with its traceback) until the events expired.
     from gateway.http.app import reload_secrets
 
-    table = {"graph_url": "http://graph.invalid", "proxy_env": "CTWA_EGRESS_PROXY"}
-    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
     good = "http://egress:s3cret@127.0.0.1:9"
-    client = await make_client(settings=settings, environ={**ENV, "CTWA_EGRESS_PROXY": good})
+    settings, environ = _behind_proxy(config, good)
+    client = await make_client(settings=settings, environ=environ)
     sink = client.app[PLUGINS].pm.get_plugin("meta_capi")
     assert isinstance(sink, MetaCapiSink)
     assert sink.sender is not None
@@ -1709,10 +1715,10 @@ async def test_an_unreachable_proxy_is_named_not_meta(
 ) -> None:
     # The egress proxy down (or a wrong port in its URL) read "could not reach Meta": an
     # operator looked at Meta's status page rather than at the proxy.
-    table = {"graph_url": "https://graph.invalid", "proxy_env": "CTWA_EGRESS_PROXY"}
-    settings = parse_settings({**config, "plugins": {"sinks": ["meta_capi"], "meta_capi": table}})
     password = "egress-s3cret-pw"
-    environ = {**ENV, "CTWA_EGRESS_PROXY": f"http://egress:{password}@{where}"}
+    settings, environ = _behind_proxy(
+        config, f"http://egress:{password}@{where}", graph_url="https://graph.invalid"
+    )
     client = await make_client(settings=settings, environ=environ)
     conversation = await add_conversation(store_of(client))
     await client.post(URL, json=lead(conversation.id), headers=AUTH)
